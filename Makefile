@@ -1,0 +1,56 @@
+# ctcovid — set-up, demo, tests. `make demo` and `make test` work on a fresh clone.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+DEMO := demo
+# Small enough to train in a few minutes on 2 CPU cores; see README "What the demo did".
+DEMO_TRAIN_FLAGS ?= --input-size 64 --epochs 6 --max-slices 8 --weights none --head-epochs 0 \
+	--batch-size 16 --lr 1e-3 --seed 0
+
+.PHONY: install demo test test-all lint fixtures bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[dev,jax]"
+	touch $(STAMP)
+
+$(DEMO)/data/manifest.json: | $(STAMP)
+	$(BIN)/ctcovid fixtures $(DEMO)/data --studies 2 --slices 24 --size 128 --seed 11 \
+		--cov19-per-class 12
+
+$(DEMO)/model/ctcovid.json: $(DEMO)/data/manifest.json
+	$(BIN)/ctcovid train $(DEMO)/data/cov19 --out $(DEMO)/model --run-dir $(DEMO)/run \
+		$(DEMO_TRAIN_FLAGS)
+
+demo: $(DEMO)/model/ctcovid.json
+	@echo "== Classifying the held-out DICOM studies (never seen in training) =="
+	$(BIN)/ctcovid classify $(DEMO)/data/study_000/ct --model $(DEMO)/model \
+		--sr $(DEMO)/out/study_000_sr.dcm --heatmaps $(DEMO)/out/heatmaps_000
+	$(BIN)/ctcovid classify $(DEMO)/data/study_001/ct --model $(DEMO)/model \
+		--sr $(DEMO)/out/study_001_sr.dcm --heatmaps $(DEMO)/out/heatmaps_001
+	@echo "Ground truth: $$(grep -o '"label": "[^"]*"' $(DEMO)/data/manifest.json | tr '\n' ' ')"
+	@echo "Structured Reports and heatmaps are in $(DEMO)/out/. Synthetic data: no clinical value."
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow" --durations=15
+
+test-all: $(STAMP)
+	$(BIN)/python -m pytest -q --durations=15
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check ctcovid dicom_fixtures
+	$(BIN)/mypy ctcovid
+
+fixtures: $(STAMP)
+	$(BIN)/ctcovid fixtures fixtures --studies 6 --seed 0
+
+bench: $(STAMP)
+	$(BIN)/python bench/run.py
+
+clean:
+	rm -rf $(DEMO) fixtures .pytest_cache .mypy_cache .ruff_cache

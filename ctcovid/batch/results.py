@@ -1,0 +1,294 @@
+"""The durable record of a batch run: ``results.csv`` appended row by row, and the run identity.
+
+Every finished series (classified, skipped or failed) becomes one CSV row, written, flushed and
+fsynced before the next one, so an interrupted run loses at most the row it was writing. The CSV is
+the source of truth for ``--resume``: a series with a row is finished; a torn last line (power cut
+in the middle of a write) is cut off and that series is processed again.
+
+``run.json`` names the model (its device UID) that made the results in a folder. One folder holds
+the results of one model: resuming into a folder made by another model is refused, so results of
+two models are never mixed.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import io
+import json
+import logging
+import os
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from ctcovid.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+RESULTS_FILE = "results.csv"
+RUN_FILE = "run.json"
+SUMMARY_FILE = "summary.json"
+INDEX_FILE = "index.sqlite"
+SR_DIR = "sr"
+
+CLASSIFIED = "classified"
+SKIPPED = "skipped"
+FAILED = "failed"
+STATUSES = (CLASSIFIED, SKIPPED, FAILED)
+
+
+@dataclass(frozen=True)
+class ResultRow:
+    """One line of ``results.csv``: what became of one series."""
+
+    study_instance_uid: str
+    series_instance_uid: str
+    patient_id: str
+    status: str  # classified | skipped | failed
+    reason: str = ""
+    probability_covid: float | None = None
+    label: str = ""
+    n_slices_used: int | None = None
+    sr_path: str = ""  # relative to the output folder
+    threshold: float | None = None
+    n_slices_total: int | None = None
+    model_device_uid: str = ""
+    seconds: float | None = None
+    warnings: str = ""  # "; "-joined, e.g. files of the series that could not be decoded
+
+    @classmethod
+    def columns(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+    def to_csv_values(self) -> list[str]:
+        out = []
+        for name, value in asdict(self).items():
+            if value is None:
+                out.append("")
+            elif name == "probability_covid":
+                out.append(repr(float(value)))  # full precision: the CSV must reproduce classify
+            else:
+                out.append(str(value))
+        return out
+
+    @classmethod
+    def from_csv_dict(cls, row: dict[str, str]) -> ResultRow:
+        def opt_float(key: str) -> float | None:
+            return float(row[key]) if row.get(key) else None
+
+        def opt_int(key: str) -> int | None:
+            return int(row[key]) if row.get(key) else None
+
+        return cls(
+            study_instance_uid=row["study_instance_uid"],
+            series_instance_uid=row["series_instance_uid"],
+            patient_id=row.get("patient_id", ""),
+            status=row["status"],
+            reason=row.get("reason", ""),
+            probability_covid=opt_float("probability_covid"),
+            label=row.get("label", ""),
+            n_slices_used=opt_int("n_slices_used"),
+            sr_path=row.get("sr_path", ""),
+            threshold=opt_float("threshold"),
+            n_slices_total=opt_int("n_slices_total"),
+            model_device_uid=row.get("model_device_uid", ""),
+            seconds=opt_float("seconds"),
+            warnings=row.get("warnings", ""),
+        )
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.study_instance_uid, self.series_instance_uid)
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename or a new file in ``path`` durable (POSIX needs the directory synced too)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_json_atomic(data: Any, path: Path) -> None:
+    """Write JSON through a temp file, fsync and rename: a reader sees the old or the new file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(json.dumps(data, indent=2) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def repair_torn_tail(path: Path) -> int:
+    """Cut a last line that lacks its newline (a write torn by a crash); bytes removed."""
+    size = path.stat().st_size
+    if size == 0:
+        return 0
+    with open(path, "rb+") as fh:
+        fh.seek(-1, os.SEEK_END)
+        if fh.read(1) == b"\n":
+            return 0
+        # Walk back to the last complete line; rows are short, read the tail in blocks.
+        pos = size
+        block = 1 << 16
+        while pos > 0:
+            start = max(0, pos - block)
+            fh.seek(start)
+            chunk = fh.read(pos - start)
+            nl = chunk.rfind(b"\n")
+            if nl >= 0:
+                keep = start + nl + 1
+                break
+            pos = start
+        else:
+            keep = 0
+        fh.truncate(keep)
+        fh.flush()
+        os.fsync(fh.fileno())
+    logger.warning("%s: removed a torn last line (%d bytes) left by an interrupted run",
+                   path, size - keep)
+    return size - keep
+
+
+def read_results(path: Path) -> list[ResultRow]:
+    """Every complete row of a results CSV (the header line first)."""
+    if not path.exists():
+        return []
+    text = path.read_text(encoding="utf-8")
+    if text and not text.endswith("\n"):
+        text = text[: text.rfind("\n") + 1]
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    rows = []
+    for line_no, raw in enumerate(reader, start=2):
+        try:
+            rows.append(ResultRow.from_csv_dict(raw))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ConfigError(f"{path}: line {line_no} is not a valid result row ({exc})") from exc
+    return rows
+
+
+class ResultsWriter:
+    """Appends rows to ``results.csv``; each row is on disk (fsync) when :meth:`append` returns.
+
+    Rows already in the file (from an earlier, interrupted run) are loaded as finished; appending a
+    row for a finished series is refused, so a resumed run cannot duplicate rows.
+    """
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        columns = ResultRow.columns()
+        new = not self.path.exists() or self.path.stat().st_size == 0
+        if not new:
+            repair_torn_tail(self.path)
+            with open(self.path, encoding="utf-8", newline="") as fh:
+                header = next(csv.reader(fh), None)
+            if header is None:
+                new = True
+            elif header[: len(columns)] != columns:
+                raise ConfigError(
+                    f"{self.path}: columns {header} are not those of this ctcovid version "
+                    f"({columns}); write to a new --out folder"
+                )
+        self.rows: list[ResultRow] = [] if new else read_results(self.path)
+        self.done: set[tuple[str, str]] = {row.key for row in self.rows}
+        self._fh = open(self.path, "a", encoding="utf-8", newline="")  # noqa: SIM115
+        if new:
+            self._fh.truncate(0)
+            self._write_line(columns)
+            fsync_dir(self.path.parent)
+
+    def _write_line(self, values: Iterable[str]) -> None:
+        buf = io.StringIO()
+        csv.writer(buf, lineterminator="\n").writerow(list(values))
+        self._fh.write(buf.getvalue())
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+
+    def append(self, row: ResultRow) -> None:
+        if row.status not in STATUSES:
+            raise ValueError(f"status must be one of {STATUSES}. Received: {row.status!r}.")
+        if row.key in self.done:
+            raise ValueError(
+                f"Series {row.series_instance_uid} already has a row in {self.path}"
+            )
+        self._write_line(row.to_csv_values())
+        self.done.add(row.key)
+        self.rows.append(row)
+
+    def close(self) -> None:
+        self._fh.close()
+
+    def __enter__(self) -> ResultsWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """``run.json``: which model made the results of an output folder, and from which archive."""
+
+    model_device_uid: str
+    model_name: str
+    model_version: str
+    model_path: str
+    archive: str
+    created: str
+
+    @classmethod
+    def new(cls, *, device_uid: str, name: str, version: str, model_path: Path,
+            archive: Path) -> RunInfo:
+        return cls(
+            model_device_uid=device_uid,
+            model_name=name,
+            model_version=version,
+            model_path=str(model_path),
+            archive=str(archive),
+            created=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        )
+
+
+def prepare_output(out: Path, run: RunInfo, *, resume: bool) -> RunInfo:
+    """Create or check an output folder for ``run``; the run that owns the folder.
+
+    A folder with results is only entered with ``resume`` and only by the model that made them.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    run_file = out / RUN_FILE
+    results = out / RESULTS_FILE
+    if run_file.exists():
+        try:
+            previous = RunInfo(**json.loads(run_file.read_text(encoding="utf-8")))
+        except (OSError, ValueError, TypeError) as exc:
+            raise ConfigError(f"{run_file}: unreadable ({exc}); use a new --out folder") from exc
+        if previous.model_device_uid != run.model_device_uid:
+            raise ConfigError(
+                f"{out} holds results of another model (device UID {previous.model_device_uid}, "
+                f"{previous.model_path}); this model's device UID is {run.model_device_uid}. "
+                "Results of two models are never mixed: write to a new --out folder"
+            )
+        if not resume:
+            raise ConfigError(
+                f"{out} already holds a batch run; pass --resume to finish it, or choose a new "
+                "--out folder"
+            )
+        if Path(previous.archive).resolve() != Path(run.archive).resolve():
+            raise ConfigError(
+                f"{out} was made from archive {previous.archive}, not {run.archive}; "
+                "resume with the same archive or choose a new --out folder"
+            )
+        return previous
+    if results.exists() and results.stat().st_size:
+        raise ConfigError(f"{results} exists but {run_file} does not; choose a new --out folder")
+    write_json_atomic(asdict(run), run_file)
+    return run

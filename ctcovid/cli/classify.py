@@ -1,0 +1,109 @@
+"""``ctcovid classify SERIES_DIR``: one CT series -> scan-level P(COVID), optionally an SR."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from ctcovid.cli.common import handle_errors, print_json, quiet_keras, setup_logging, stdout
+
+
+@handle_errors
+def classify(
+    series_dir: Annotated[
+        Path, typer.Argument(exists=True, help="Folder (or file) holding one CT series.")
+    ],
+    model: Annotated[
+        Path | None,
+        typer.Option(help="Model folder. Default: $CTCOVID_MODEL, else ~/.local/share/ctcovid/model."),
+    ] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    sr: Annotated[
+        Path | None, typer.Option("--sr", help="Write the DICOM Structured Report here.")
+    ] = None,
+    heatmaps: Annotated[
+        Path | None,
+        typer.Option(help="Write class-activation overlays (PNG) of the key slices here."),
+    ] = None,
+    heatmaps_dicom: Annotated[
+        bool,
+        typer.Option(help="With --heatmaps, also write them as a DICOM Secondary Capture series."),
+    ] = False,
+    batch_size: Annotated[int, typer.Option(help="Slices per model batch.")] = 32,
+    verbose: Annotated[int, typer.Option("-v", count=True, help="More logging.")] = 0,
+) -> None:
+    """Classify one CT series: mean of slice probabilities, thresholded into covid / non-covid.
+
+    Examples:
+
+      ctcovid classify study/ct --model models/demo
+
+      ctcovid classify study/ct --json --sr result.dcm --heatmaps heatmaps/
+    """
+    setup_logging(verbose)
+    quiet_keras()
+    from ctcovid.dicom import load_series
+    from ctcovid.inference import Classifier
+    from ctcovid.model.artifact import default_model_path, missing_model_message
+    from ctcovid.errors import ModelError
+
+    model_path = model or default_model_path()
+    if not model_path.exists():
+        raise ModelError(missing_model_message(model_path))
+    classifier = Classifier.from_file(model_path, batch_size=batch_size)
+    series = load_series(series_dir, classifier.ingest_config)
+    prepared = classifier.prepare(series)
+    import time
+
+    start = time.perf_counter()
+    probs = classifier.predict_slices(prepared.used.slices)
+    result = classifier.result(prepared, probs, time.perf_counter() - start)
+    out: dict[str, Any] = result.to_json_dict()
+    if sr is not None:
+        from ctcovid.report import build_sr, write_sr
+
+        write_sr(build_sr(result, series), sr)
+        out["sr_path"] = str(sr)
+    if heatmaps is not None:
+        out["heatmaps"] = write_heatmaps(classifier, prepared, result, heatmaps, heatmaps_dicom)
+    if json_out:
+        print_json(out)
+        return
+    verdict = "COVID-19 findings" if result.label == "covid" else "no COVID-19 findings"
+    stdout.print(
+        f"{result.series_instance_uid}: P(COVID) = {result.probability_covid:.3f} "
+        f"(threshold {result.threshold:.2f}) -> [bold]{result.label}[/] ({verdict}); "
+        f"{result.n_slices_used} of {result.n_slices_total} slices, {result.seconds:.1f} s",
+        highlight=False,
+    )
+    if sr is not None:
+        stdout.print(f"SR written to {sr}", highlight=False)
+    for w in result.warnings:
+        stdout.print(f"warning: {w}", highlight=False)
+
+
+def write_heatmaps(
+    classifier: Any, prepared: Any, result: Any, folder: Path, as_dicom: bool
+) -> list[str]:
+    """CAM overlays of the key slices as PNG (and optionally Secondary Capture) files."""
+    from ctcovid.report import build_heatmap_secondary_captures, overlay_rgb, write_png
+
+    folder.mkdir(parents=True, exist_ok=True)
+    keys = result.key_slice_indices
+    slices = prepared.used.slices[keys]
+    cams = classifier.class_activation_maps(slices)
+    overlays = [overlay_rgb(s, c) for s, c in zip(slices, cams, strict=True)]
+    paths = []
+    for rank, (idx, rgb) in enumerate(zip(keys, overlays, strict=True), start=1):
+        name = f"key{rank}_slice{idx:04d}_p{result.slice_probabilities[idx]:.3f}.png"
+        paths.append(str(write_png(rgb, folder / name)))
+    if as_dicom:
+        for i, ds in enumerate(
+            build_heatmap_secondary_captures(overlays, prepared.series, result, slice_indices=keys)
+        ):
+            path = folder / f"heatmap_{i + 1:02d}.dcm"
+            ds.save_as(path, enforce_file_format=True)
+            paths.append(str(path))
+    return paths

@@ -1,0 +1,126 @@
+"""``ctcovid listen``: run the DICOM node (receive CT, classify complete series, send SRs)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ctcovid.cli.common import handle_errors, setup_logging
+
+
+@handle_errors
+def listen(
+    config: Annotated[
+        Path | None,
+        typer.Option("--config", exists=True, dir_okay=False, help="TOML file with node settings."),
+    ] = None,
+    port: Annotated[
+        int | None, typer.Option(help="TCP port to listen on (0: any free port). Default 11112.")
+    ] = None,
+    host: Annotated[str | None, typer.Option(help="Address to bind. Default 0.0.0.0.")] = None,
+    ae_title: Annotated[str | None, typer.Option(help="Our AE title. Default CTCOVID.")] = None,
+    peer: Annotated[
+        str | None, typer.Option(help="Where SRs go, HOST:PORT:AET (usually PACS).")
+    ] = None,
+    store: Annotated[
+        Path | None, typer.Option(help="Folder for received instances, SRs and the job database.")
+    ] = None,
+    model: Annotated[
+        Path | None,
+        typer.Option(
+            help="Model folder. Default: $CTCOVID_MODEL, else ~/.local/share/ctcovid/model."
+        ),
+    ] = None,
+    allow_aet: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Calling AE title allowed to associate (repeatable); others are rejected."
+        ),
+    ] = None,
+    stable_seconds: Annotated[
+        float | None,
+        typer.Option(help="Quiet time after the last instance before a series is complete."),
+    ] = None,
+    retry_seconds: Annotated[
+        float | None, typer.Option(help="First wait before re-sending an SR; doubles each try.")
+    ] = None,
+    max_attempts: Annotated[
+        int | None, typer.Option(help="Send attempts before a job is 'failed'.")
+    ] = None,
+    max_associations: Annotated[
+        int | None, typer.Option(help="Associations served at once; more are rejected.")
+    ] = None,
+    min_free_mb: Annotated[
+        float | None, typer.Option(help="Refuse instances (0xA700) below this much free disk.")
+    ] = None,
+    tls_cert: Annotated[
+        Path | None, typer.Option(exists=True, dir_okay=False, help="Our TLS certificate (PEM).")
+    ] = None,
+    tls_key: Annotated[
+        Path | None, typer.Option(exists=True, dir_okay=False, help="Its private key (PEM).")
+    ] = None,
+    tls_ca: Annotated[
+        Path | None,
+        typer.Option(
+            exists=True,
+            dir_okay=False,
+            help="CA (PEM) that callers' and the peer's certificates must be signed by.",
+        ),
+    ] = None,
+    peer_tls: Annotated[
+        bool | None,
+        typer.Option(
+            "--peer-tls/--no-peer-tls",
+            help="TLS towards the peer. Default: when --tls-cert is given.",
+            show_default=False,
+        ),
+    ] = None,
+    metrics_port: Annotated[
+        int | None, typer.Option(help="Serve Prometheus metrics on this port.")
+    ] = None,
+    verbose: Annotated[int, typer.Option("-v", count=True, help="More logging (-vv: debug).")] = 0,
+) -> None:
+    """Run the DICOM node: C-STORE CT in, one SR per complete CT series out to --peer.
+
+    Logs go to stderr as key=value lines with study and series UIDs (never patient names).
+    Stop it with SIGTERM or Ctrl-C: it stops accepting, finishes the current job and exits 0;
+    after a crash it resumes every unfinished job on start.
+
+    Examples:
+
+      ctcovid listen --store /var/lib/ctcovid --port 11112 --ae-title CTCOVID --peer pacs:104:PACS
+
+      ctcovid listen --config node.toml --allow-aet PACS --allow-aet ROUTER --metrics-port 9108
+    """
+    # A service logs its activity by default; -v adds debug detail.
+    setup_logging(verbose + 1)
+    from ctcovid.node.config import load_config
+    from ctcovid.node.service import Node
+
+    node_config = load_config(
+        config,
+        {
+            "port": port,
+            "host": host,
+            "ae_title": ae_title,
+            "peer": peer,
+            "store": store,
+            "model": model,
+            "allow_aet": tuple(allow_aet) if allow_aet else None,
+            "stable_seconds": stable_seconds,
+            "retry_seconds": retry_seconds,
+            "max_attempts": max_attempts,
+            "max_associations": max_associations,
+            "min_free_mb": min_free_mb,
+            "tls_cert": tls_cert,
+            "tls_key": tls_key,
+            "tls_ca": tls_ca,
+            "peer_tls": peer_tls,
+            "metrics_port": metrics_port,
+        },
+    )
+    level = logging.DEBUG if verbose >= 1 else logging.INFO
+    raise typer.Exit(code=Node(node_config, log_level=level).run())

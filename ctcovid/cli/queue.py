@@ -1,0 +1,108 @@
+"""``ctcovid queue``: the DICOM node's series and jobs, and re-queueing failed ones."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from ctcovid.cli.common import handle_errors, print_json, setup_logging, stdout
+
+
+def _when(timestamp: float | None) -> str:
+    if not timestamp:
+        return ""
+    return dt.datetime.fromtimestamp(timestamp).isoformat(timespec="seconds")
+
+
+@handle_errors
+def queue(
+    store: Annotated[
+        Path, typer.Option(exists=True, file_okay=False, help="The node's store folder.")
+    ],
+    json_out: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    retry: Annotated[
+        str | None, typer.Option(help="Re-queue this failed series (SeriesInstanceUID).")
+    ] = None,
+    retry_all_failed: Annotated[
+        bool, typer.Option("--retry-all-failed", help="Re-queue every failed series.")
+    ] = False,
+    verbose: Annotated[int, typer.Option("-v", count=True, help="More logging.")] = 0,
+) -> None:
+    """List the node's series with their job state, revision, attempts and reasons.
+
+    A failed send is re-queued for sending (attempts reset); a failed classification is
+    classified again. A running node picks re-queued jobs up by itself.
+
+    Examples:
+
+      ctcovid queue --store /var/lib/ctcovid
+
+      ctcovid queue --store /var/lib/ctcovid --retry-all-failed --json
+    """
+    setup_logging(verbose)
+    from ctcovid.errors import InvalidInputError
+    from ctcovid.node.store import FAILED, Store
+
+    if not (store / "node.sqlite").is_file():
+        raise InvalidInputError(f"{store}: not a node store (no node.sqlite)")
+    if retry is not None and retry_all_failed:
+        raise InvalidInputError("give either --retry SERIES_UID or --retry-all-failed, not both")
+    node_store = Store(store)
+    requeued: list[str] | None = None
+    try:
+        if retry is not None:
+            record = node_store.get(retry)
+            if record is None:
+                raise InvalidInputError(f"Series {retry}: not in the store {store}")
+            if record.state != FAILED:
+                raise InvalidInputError(
+                    f"Series {retry}: state is {record.state}, only failed jobs can be retried"
+                )
+            requeued = node_store.retry(retry)
+        elif retry_all_failed:
+            requeued = node_store.retry(None)
+        records = node_store.list_series()
+        counts = node_store.counts_by_state()
+        n_instances = node_store.count_instances()
+    finally:
+        node_store.close()
+
+    if json_out:
+        out: dict[str, Any] = {
+            "store": str(store),
+            "instances": n_instances,
+            "counts": counts,
+            "series": [r.to_dict() for r in records],
+        }
+        if requeued is not None:
+            out["requeued"] = requeued
+        print_json(out)
+        return
+    if requeued is not None:
+        stdout.print(f"re-queued {len(requeued)} series", highlight=False)
+    from rich.table import Table
+
+    table = Table(title=f"{store}: {n_instances} instances, {len(records)} series")
+    for column in ("series", "state", "inst.", "rev.", "sent", "tries", "P(COVID)", "reason"):
+        table.add_column(column, overflow="fold")
+    for r in records:
+        reason = r.reason
+        if r.state == "classified" and r.next_try:
+            reason = (reason + "; " if reason else "") + f"next try {_when(r.next_try)}"
+        table.add_row(
+            r.series_instance_uid,
+            r.state,
+            str(r.n_instances),
+            str(r.revision or ""),
+            str(r.sent_revision or ""),
+            str(r.attempts or ""),
+            f"{r.probability_covid:.3f}" if r.probability_covid is not None else "",
+            reason,
+        )
+    stdout.print(table)
+    stdout.print(
+        " ".join(f"{state}={count}" for state, count in counts.items()), highlight=False
+    )

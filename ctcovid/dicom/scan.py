@@ -1,0 +1,239 @@
+"""Header-only scan of a folder tree: find DICOM instances and group them into series.
+
+Nothing here decodes pixels. Files that are not DICOM or are broken are reported with their path
+and a reason, never raised.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+
+from ctcovid.dicom.types import BadFile, Instance, Series
+
+logger = logging.getLogger(__name__)
+
+# Everything the ingest, the SR (patient and study modules) and the node need; nothing else is
+# parsed, which keeps a header scan of a large archive cheap.
+HEADER_TAGS: list[str] = [
+    "SOPClassUID",
+    "SOPInstanceUID",
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+    "FrameOfReferenceUID",
+    "Modality",
+    "InstanceNumber",
+    "ImageType",
+    "Rows",
+    "Columns",
+    "PixelSpacing",
+    "ImagePositionPatient",
+    "ImageOrientationPatient",
+    "SliceThickness",
+    "NumberOfFrames",
+    "SharedFunctionalGroupsSequence",
+    "PerFrameFunctionalGroupsSequence",
+    "RescaleSlope",
+    "RescaleIntercept",
+    "BitsAllocated",
+    "PixelRepresentation",
+    # patient, study and series modules, copied into the SR
+    "PatientName",
+    "PatientID",
+    "IssuerOfPatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "PatientAge",
+    "StudyDate",
+    "StudyTime",
+    "StudyID",
+    "AccessionNumber",
+    "ReferringPhysicianName",
+    "StudyDescription",
+    "SeriesNumber",
+    "SeriesDescription",
+    "SeriesDate",
+    "SeriesTime",
+    "BodyPartExamined",
+    "Manufacturer",
+    "SpecificCharacterSet",
+]
+
+
+@dataclass
+class ScanReport:
+    """What a scan found: series (unjudged, see :func:`ctcovid.dicom.series.assess`) and bad files."""
+
+    series: list[Series] = field(default_factory=list)
+    bad_files: list[BadFile] = field(default_factory=list)
+    n_files: int = 0
+
+
+def iter_files(root: Path) -> Iterator[Path]:
+    """Every regular file under ``root`` (or ``root`` itself), in a stable order."""
+    if root.is_file():
+        yield root
+        return
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        for name in sorted(filenames):
+            yield Path(dirpath) / name
+
+
+def _floats(value: object, n: int) -> tuple[float, ...] | None:
+    if value is None:
+        return None
+    try:
+        seq = [float(v) for v in value]  # type: ignore[attr-defined]
+    except (TypeError, ValueError):
+        return None
+    return tuple(seq) if len(seq) == n else None
+
+
+def _int_or_none(value: object) -> int | None:
+    try:
+        return int(value) if value not in (None, "") else None  # type: ignore[call-overload]
+    except (TypeError, ValueError):
+        return None
+
+
+def _enhanced_geometry(
+    ds: Dataset,
+) -> tuple[tuple[float, float] | None, tuple[float, ...] | None, float | None]:
+    """Pixel spacing, orientation and thickness of an enhanced image from its functional groups."""
+    spacing = orientation = thickness = None
+    groups: list[Dataset] = []
+    shared = ds.get("SharedFunctionalGroupsSequence")
+    if shared:
+        groups.append(shared[0])
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence")
+    if per_frame:
+        groups.append(per_frame[0])
+    for group in groups:
+        measures = group.get("PixelMeasuresSequence")
+        if measures and spacing is None:
+            spacing = _floats(measures[0].get("PixelSpacing"), 2)
+            thickness = _float_or_none(measures[0].get("SliceThickness"))
+        plane = group.get("PlaneOrientationSequence")
+        if plane and orientation is None:
+            orientation = _floats(plane[0].get("ImageOrientationPatient"), 6)
+    return spacing, orientation, thickness  # type: ignore[return-value]
+
+
+def _float_or_none(value: object) -> float | None:
+    try:
+        return float(value) if value not in (None, "") else None  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+
+
+def instance_from_header(path: Path, ds: Dataset) -> Instance:
+    """Build an :class:`Instance` from a header dataset; raises ``ValueError`` naming what lacks."""
+    missing = [
+        kw for kw in ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID") if kw not in ds
+    ]
+    if missing:
+        raise ValueError(f"lacks {', '.join(missing)}")
+    sop_class = str(ds.get("SOPClassUID", "") or ds.file_meta.get("MediaStorageSOPClassUID", ""))
+    transfer_syntax = str(getattr(ds, "file_meta", Dataset()).get("TransferSyntaxUID", ""))
+    spacing = _floats(ds.get("PixelSpacing"), 2)
+    orientation = _floats(ds.get("ImageOrientationPatient"), 6)
+    thickness = _float_or_none(ds.get("SliceThickness"))
+    if "PerFrameFunctionalGroupsSequence" in ds or "SharedFunctionalGroupsSequence" in ds:
+        e_spacing, e_orientation, e_thickness = _enhanced_geometry(ds)
+        spacing = spacing or e_spacing  # type: ignore[assignment]
+        orientation = orientation or e_orientation  # type: ignore[assignment]
+        thickness = thickness if thickness is not None else e_thickness
+    image_type = ds.get("ImageType") or ()
+    if isinstance(image_type, str):
+        image_type = (image_type,)
+    return Instance(
+        path=path,
+        sop_instance_uid=str(ds.SOPInstanceUID),
+        sop_class_uid=sop_class,
+        study_instance_uid=str(ds.StudyInstanceUID),
+        series_instance_uid=str(ds.SeriesInstanceUID),
+        modality=str(ds.get("Modality", "")),
+        transfer_syntax_uid=transfer_syntax,
+        instance_number=_int_or_none(ds.get("InstanceNumber")),
+        image_type=tuple(str(v).upper() for v in image_type),
+        rows=_int_or_none(ds.get("Rows")),
+        columns=_int_or_none(ds.get("Columns")),
+        pixel_spacing=spacing,  # type: ignore[arg-type]
+        image_position=_floats(ds.get("ImagePositionPatient"), 3),  # type: ignore[arg-type]
+        image_orientation=orientation,  # type: ignore[arg-type]
+        slice_thickness=thickness,
+        number_of_frames=_int_or_none(ds.get("NumberOfFrames")) or 1,
+        header=ds,
+    )
+
+
+def read_header(path: Path) -> Instance | BadFile:
+    """Read one file's header (no pixel data); a :class:`BadFile` if it cannot be used."""
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=HEADER_TAGS)
+    except InvalidDicomError:
+        return BadFile(path, "not a DICOM file (no DICM preamble and no readable dataset)")
+    except (OSError, EOFError) as exc:
+        return BadFile(path, f"unreadable: {exc}")
+    except Exception as exc:  # pydicom raises many types on corrupt input
+        return BadFile(path, f"corrupt DICOM header: {type(exc).__name__}: {exc}")
+    try:
+        return instance_from_header(path, ds)
+    except ValueError as exc:
+        return BadFile(path, f"not usable as an image instance: {exc}")
+    except Exception as exc:
+        return BadFile(path, f"corrupt DICOM header: {type(exc).__name__}: {exc}")
+
+
+def group_instances(instances: Iterable[Instance]) -> tuple[list[Series], int]:
+    """Group instances by (Study, Series) UID; the same SOPInstanceUID twice counts once.
+
+    Returns the series, in order of first appearance, and the number of duplicates dropped.
+    """
+    by_series: dict[tuple[str, str], Series] = {}
+    seen: set[str] = set()
+    n_duplicates = 0
+    for inst in instances:
+        if inst.sop_instance_uid in seen:
+            n_duplicates += 1
+            key = (inst.study_instance_uid, inst.series_instance_uid)
+            if key in by_series:
+                by_series[key].duplicates += 1
+            logger.debug("duplicate SOPInstanceUID %s at %s", inst.sop_instance_uid, inst.path)
+            continue
+        seen.add(inst.sop_instance_uid)
+        key = (inst.study_instance_uid, inst.series_instance_uid)
+        series = by_series.get(key)
+        if series is None:
+            series = Series(
+                study_instance_uid=inst.study_instance_uid,
+                series_instance_uid=inst.series_instance_uid,
+                modality=inst.modality,
+                instances=[],
+            )
+            by_series[key] = series
+        series.instances.append(inst)
+    return list(by_series.values()), n_duplicates
+
+
+def scan_files(paths: Sequence[Path]) -> ScanReport:
+    """Read the headers of ``paths`` and group them into series (unjudged)."""
+    report = ScanReport(n_files=len(paths))
+    instances: list[Instance] = []
+    for path in paths:
+        result = read_header(path)
+        if isinstance(result, BadFile):
+            logger.info("skipping %s: %s", path, result.reason)
+            report.bad_files.append(result)
+        else:
+            instances.append(result)
+    report.series, _ = group_instances(instances)
+    return report

@@ -1,0 +1,177 @@
+"""Scan-level classification: slices in batches through the Res-Dense Net, mean probability.
+
+``Classifier.from_file(path).classify(series)`` is the one code path that ``ctcovid classify``,
+the DICOM node and batch reprocessing share.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ctcovid.config import IngestConfig
+from ctcovid.dicom.types import Series
+from ctcovid.errors import InvalidInputError
+from ctcovid.model.artifact import ModelArtifact, default_model_path, load_model
+from ctcovid.preprocess import PreprocessedSeries, preprocess_series, select_slices
+from ctcovid.results import ScanResult
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_BATCH_SIZE = 32
+KEY_SLICES = 5
+
+
+def batches(items: np.ndarray, size: int) -> Iterator[np.ndarray]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+@dataclass
+class PreparedScan:
+    """A preprocessed series after the slice policy: exactly what the model will see."""
+
+    series: Series
+    all_slices: PreprocessedSeries
+    used: PreprocessedSeries
+    warnings: list[str]
+
+
+class Classifier:
+    """A loaded model with the preprocessing its artifact prescribes."""
+
+    def __init__(self, model: Any, artifact: ModelArtifact, *, batch_size: int = DEFAULT_BATCH_SIZE):
+        self.model = model
+        self.artifact = artifact
+        self.batch_size = batch_size
+        self._cam_model: Any = None
+
+    @classmethod
+    def from_file(cls, path: Path | str | None = None, **kwargs: Any) -> Classifier:
+        model, artifact = load_model(Path(path) if path else default_model_path())
+        return cls(model, artifact, **kwargs)
+
+    @property
+    def ingest_config(self) -> IngestConfig:
+        return self.artifact.ingest_config
+
+    @property
+    def threshold(self) -> float:
+        return self.artifact.threshold
+
+    # -- slices -> probabilities ------------------------------------------------------------
+
+    def predict_slices(self, slices: np.ndarray) -> np.ndarray:
+        """P(COVID) per slice for uint8 slices (N, S, S); batches of a fixed size.
+
+        The last batch is padded to the batch size so that one compiled shape serves every call.
+        """
+        slices = np.asarray(slices)
+        if slices.ndim != 3:
+            raise ValueError(f"slices must have shape (N, S, S). Received: {slices.shape}.")
+        size = self.artifact.model_config.input_size
+        if slices.shape[1:] != (size, size):
+            raise ValueError(
+                f"slices must be {size}x{size} for this model. Received: {slices.shape[1:]}."
+            )
+        out = np.empty(len(slices), np.float32)
+        for start in range(0, len(slices), self.batch_size):
+            chunk = slices[start : start + self.batch_size]
+            n = len(chunk)
+            if n < self.batch_size:
+                pad = np.zeros((self.batch_size - n, size, size), chunk.dtype)
+                chunk = np.concatenate([chunk, pad])
+            x = chunk[..., np.newaxis].astype(np.float32)
+            out[start : start + n] = np.asarray(self.model.predict_on_batch(x), np.float32).reshape(-1)[:n]
+        return out
+
+    def class_activation_maps(self, slices: np.ndarray) -> np.ndarray:
+        """CAM of the positive class per slice, (N, h, w) in [0, 1] on the feature grid.
+
+        The head is GAP -> Dense, so the CAM is the fused feature map weighted by the Dense
+        kernel (Zhou et al., 2016); ReLU then per-slice max normalisation.
+        """
+        from ctcovid.model.build import cam_model
+
+        if self._cam_model is None:
+            self._cam_model = cam_model(self.model)
+        kernel = np.asarray(self.model.get_layer("p_covid").kernel, np.float32)[:, 0]
+        maps = []
+        for chunk in batches(np.asarray(slices), self.batch_size):
+            features, _ = self._cam_model(
+                [chunk[..., np.newaxis].astype(np.float32)], training=False
+            )
+            cam = np.tensordot(np.asarray(features, np.float32), kernel, axes=([-1], [0]))
+            maps.append(cam)
+        cams = np.maximum(np.concatenate(maps), 0.0)
+        peak = cams.reshape(len(cams), -1).max(axis=1)
+        return cams / np.where(peak > 0, peak, 1.0)[:, None, None]
+
+    # -- series -> result ---------------------------------------------------------------------
+
+    def prepare(self, series: Series, preprocessed: PreprocessedSeries | None = None) -> PreparedScan:
+        """Preprocess a series (unless given) and apply the model's slice policy."""
+        if not series.usable:
+            raise InvalidInputError(
+                f"Series {series.series_instance_uid} is not usable: {series.reason}"
+            )
+        pp = preprocessed if preprocessed is not None else preprocess_series(
+            series, self.ingest_config
+        )
+        indices, warnings = select_slices(pp.slices, self.ingest_config)
+        used = pp.subset(indices)
+        if len(used) < self.ingest_config.min_slices:
+            raise InvalidInputError(
+                f"Series {series.series_instance_uid}: {len(used)} decodable slice(s) left, "
+                f"at least {self.ingest_config.min_slices} needed"
+            )
+        return PreparedScan(series, pp, used, list(pp.warnings) + warnings)
+
+    def result(
+        self, prepared: PreparedScan, probabilities: np.ndarray, seconds: float
+    ) -> ScanResult:
+        """Turn slice probabilities into the scan-level result (mean probability, threshold)."""
+        probs = np.asarray(probabilities, np.float64)
+        p_scan = float(probs.mean())
+        order = np.argsort(-probs, kind="stable")[:KEY_SLICES]
+        used = prepared.used
+        return ScanResult(
+            study_instance_uid=prepared.series.study_instance_uid,
+            series_instance_uid=prepared.series.series_instance_uid,
+            probability_covid=p_scan,
+            label=self.artifact.positive_class
+            if p_scan >= self.threshold
+            else self.artifact.negative_class,
+            threshold=self.threshold,
+            n_slices_total=len(prepared.all_slices),
+            n_slices_used=len(used),
+            slice_probabilities=[float(p) for p in probs],
+            sop_instance_uids=list(used.sop_instance_uids),
+            frame_numbers=list(used.frame_numbers),
+            z_mm=[None if np.isnan(z) else float(z) for z in used.z_mm],  # type: ignore[misc]
+            key_slice_indices=[int(i) for i in order],
+            model=self.artifact.info,
+            window_center_hu=self.ingest_config.window_center_hu,
+            window_width_hu=self.ingest_config.window_width_hu,
+            slice_policy=self.ingest_config.slice_policy,
+            seconds=round(seconds, 3),
+            warnings=prepared.warnings,
+        )
+
+    def classify(self, series: Series) -> ScanResult:
+        """Classify one assessed, usable series."""
+        start = time.perf_counter()
+        prepared = self.prepare(series)
+        probs = self.predict_slices(prepared.used.slices)
+        return self.result(prepared, probs, time.perf_counter() - start)
+
+    def classify_many(self, series_list: Iterable[Series]) -> Iterator[ScanResult]:
+        for series in series_list:
+            yield self.classify(series)
+

@@ -1,0 +1,12 @@
+"""The DICOM node: receive CT by C-STORE, classify complete series, send the SR back.
+
+``config`` (NodeConfig, TOML) -> ``scp`` (listener, durable receive) -> ``store`` (files and
+the SQLite job database) -> ``worker`` (classify, build the SR) -> ``sender`` (C-STORE to the
+peer); ``service`` runs the listener and the worker process, ``metrics`` the optional
+Prometheus endpoint.
+"""
+
+from ctcovid.node.config import NodeConfig, Peer, load_config
+from ctcovid.node.store import STATES, SeriesRecord, Store, valid_uid
+
+__all__ = ["STATES", "NodeConfig", "Peer", "SeriesRecord", "Store", "load_config", "valid_uid"]

@@ -1,0 +1,198 @@
+"""Settings of the DICOM node: one frozen dataclass, read from TOML and overridden by flags.
+
+A TOML file holds the same keys as :class:`NodeConfig` (``port``, ``ae_title``, ``peer``,
+``store``, ``allow_aet``, ``stable_seconds`` ...), at top level or under a ``[node]`` table;
+``peer`` is ``"HOST:PORT:AET"``. Command-line flags win over the file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ctcovid.errors import ConfigError
+
+# PS3.5 6.2: an AE title is at most 16 characters, no backslash and no control characters.
+_AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")
+
+
+def check_ae_title(value: str, what: str) -> str:
+    """Return ``value`` stripped; a :class:`ConfigError` if it is not a valid AE title."""
+    title = value.strip()
+    if not _AE_TITLE.match(title):
+        raise ConfigError(
+            f"{what} must be 1 to 16 printable characters without backslash. Received: {value!r}."
+        )
+    return title
+
+
+@dataclass(frozen=True)
+class Peer:
+    """Where the SRs go: a DICOM storage SCP (usually PACS)."""
+
+    host: str
+    port: int
+    ae_title: str
+
+    @classmethod
+    def parse(cls, text: str) -> Peer:
+        """Parse ``HOST:PORT:AET`` (an IPv6 host goes in brackets: ``[::1]:104:PACS``)."""
+        match = re.match(r"^(\[[^\]]+\]|[^:]+):(\d+):(.+)$", text.strip())
+        if not match:
+            raise ConfigError(f"peer must look like HOST:PORT:AET. Received: {text!r}.")
+        host, port, aet = match.groups()
+        port_number = int(port)
+        if not 0 < port_number < 65536:
+            raise ConfigError(f"peer port must be 1-65535. Received: {text!r}.")
+        return cls(host.strip("[]"), port_number, check_ae_title(aet, "peer AE title"))
+
+    def __str__(self) -> str:
+        return f"{self.host}:{self.port}:{self.ae_title}"
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """Everything ``ctcovid listen`` needs; see DESIGN.md, "The DICOM node"."""
+
+    store: Path
+    port: int = 11112
+    host: str = "0.0.0.0"
+    ae_title: str = "CTCOVID"
+    peer: Peer | None = None
+    model: Path | None = None
+    allow_aet: tuple[str, ...] = ()
+    stable_seconds: float = 30.0
+    retry_seconds: float = 30.0
+    max_retry_seconds: float = 3600.0
+    max_attempts: int = 8
+    max_associations: int = 10
+    max_pdu_bytes: int = 262_144
+    min_free_mb: float = 1024.0
+    network_timeout_seconds: float = 60.0
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_ca: Path | None = None
+    # None: use TLS towards the peer exactly when TLS is configured for receiving.
+    peer_tls: bool | None = None
+    metrics_port: int | None = None
+    poll_seconds: float = 0.5
+    batch_size: int = 32
+    extra: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "store", Path(self.store))
+        object.__setattr__(self, "ae_title", check_ae_title(self.ae_title, "ae_title"))
+        object.__setattr__(
+            self, "allow_aet", tuple(check_ae_title(a, "allow_aet") for a in self.allow_aet)
+        )
+        if isinstance(self.peer, str):
+            object.__setattr__(self, "peer", Peer.parse(self.peer))
+        for name in ("model", "tls_cert", "tls_key", "tls_ca"):
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, Path(value))
+        if not 0 <= self.port < 65536:
+            raise ConfigError(f"port must be 0-65535. Received: port={self.port}.")
+        if self.metrics_port is not None and not 0 <= self.metrics_port < 65536:
+            raise ConfigError(f"metrics_port must be 0-65535. Received: {self.metrics_port}.")
+        for name in ("stable_seconds", "retry_seconds", "min_free_mb", "poll_seconds"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0. Received: {getattr(self, name)}.")
+        if self.network_timeout_seconds <= 0:
+            raise ConfigError(
+                "network_timeout_seconds must be positive. "
+                f"Received: {self.network_timeout_seconds}."
+            )
+        if self.max_retry_seconds < self.retry_seconds:
+            raise ConfigError(
+                f"max_retry_seconds ({self.max_retry_seconds}) must be >= retry_seconds "
+                f"({self.retry_seconds})."
+            )
+        for name in ("max_attempts", "max_associations", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1. Received: {getattr(self, name)}.")
+        # PS3.8 D.3.3.2.1: 0 means unlimited, which a node facing the network must not offer.
+        if not 4096 <= self.max_pdu_bytes <= 16 * 1024 * 1024:
+            raise ConfigError(
+                f"max_pdu_bytes must be 4096 to 16 MiB. Received: {self.max_pdu_bytes}."
+            )
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ConfigError("tls_cert and tls_key go together: give both or neither.")
+        if self.tls_ca is not None and self.tls_cert is None:
+            raise ConfigError("tls_ca needs tls_cert and tls_key (the node's own certificate).")
+
+    @property
+    def tls(self) -> bool:
+        """Whether the listener requires TLS."""
+        return self.tls_cert is not None
+
+    @property
+    def send_tls(self) -> bool:
+        """Whether the SR goes to the peer over TLS."""
+        return self.tls if self.peer_tls is None else self.peer_tls
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain values (paths and the peer as strings), e.g. to hand to the worker process."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, Path | Peer):
+                value = str(value)
+            elif isinstance(value, tuple):
+                value = list(value)
+            out[f.name] = value
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> NodeConfig:
+        """Build from plain values; unknown keys are an error naming them (a typo is not silent)."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(
+                f"unknown node setting(s): {', '.join(unknown)}. Known: {', '.join(sorted(known))}."
+            )
+        kw = dict(data)
+        if "store" not in kw or kw["store"] in (None, ""):
+            raise ConfigError("store is required: the folder for received instances and jobs.")
+        if "allow_aet" in kw:
+            value = kw["allow_aet"]
+            kw["allow_aet"] = (value,) if isinstance(value, str) else tuple(value)
+        try:
+            return cls(**kw)
+        except TypeError as exc:
+            raise ConfigError(f"invalid node settings: {exc}") from None
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    """The node settings in a TOML file (top level, or the ``[node]`` table when present)."""
+    try:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such configuration file") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    if "node" in data and isinstance(data["node"], dict):
+        data = data["node"]
+    # Relative paths in a file mean relative to that file, as a reader of the file expects.
+    base = Path(path).resolve().parent
+    for key in ("store", "model", "tls_cert", "tls_key", "tls_ca"):
+        if isinstance(data.get(key), str) and data[key]:
+            value = Path(data[key]).expanduser()
+            data[key] = str(value if value.is_absolute() else base / value)
+    return data
+
+
+def load_config(path: Path | None, overrides: dict[str, Any]) -> NodeConfig:
+    """The TOML file's settings (if any) with ``overrides`` applied; ``None`` values are unset."""
+    data = read_toml(path) if path is not None else {}
+    for key, value in overrides.items():
+        if value is None or (key == "allow_aet" and not value):
+            continue
+        data[key] = value
+    return NodeConfig.from_dict(data)

@@ -1,0 +1,98 @@
+"""Send an SR to the peer (PACS) by C-STORE, optionally over TLS.
+
+Success and the warning statuses 0xB000 (coercion of data elements), 0xB006 (elements
+discarded) and 0xB007 (data set does not match SOP class) count as delivered: the peer has
+stored the object (PS3.4 B.2.3). Anything else raises :class:`~ctcovid.errors.PacsError`
+with the reason, which the worker records before backing off.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+from pathlib import Path
+
+import pydicom
+from pynetdicom import AE
+from pynetdicom.sop_class import Comprehensive3DSRStorage
+
+from ctcovid.errors import PacsError
+from ctcovid.node.config import NodeConfig, Peer
+
+logger = logging.getLogger(__name__)
+
+DELIVERED_STATUSES = frozenset({0x0000, 0xB000, 0xB006, 0xB007})
+_SR_TRANSFER_SYNTAXES = ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"]
+
+
+def client_ssl_context(config: NodeConfig) -> ssl.SSLContext:
+    """TLS for sending: verify the peer against ``tls_ca`` and show our certificate."""
+    context = ssl.create_default_context(
+        ssl.Purpose.SERVER_AUTH, cafile=str(config.tls_ca) if config.tls_ca else None
+    )
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if config.tls_cert is not None and config.tls_key is not None:
+        context.load_cert_chain(str(config.tls_cert), str(config.tls_key))
+    return context
+
+
+def send_file(
+    path: Path,
+    peer: Peer,
+    *,
+    calling_ae_title: str,
+    ssl_context: ssl.SSLContext | None = None,
+    timeout_seconds: float = 60.0,
+    max_pdu_bytes: int = 262_144,
+) -> int:
+    """C-STORE the DICOM file at ``path`` to ``peer``; returns the (delivered) status.
+
+    Raises
+    ------
+    PacsError
+        When the association is refused or lost, or the peer answers with a failure status.
+    """
+    ds = pydicom.dcmread(path)
+    ae = AE(ae_title=calling_ae_title)
+    ae.acse_timeout = timeout_seconds
+    ae.dimse_timeout = timeout_seconds
+    ae.network_timeout = timeout_seconds
+    ae.connection_timeout = timeout_seconds
+    transfer_syntax = str(ds.file_meta.TransferSyntaxUID)
+    syntaxes = [transfer_syntax, *[t for t in _SR_TRANSFER_SYNTAXES if t != transfer_syntax]]
+    ae.add_requested_context(Comprehensive3DSRStorage, syntaxes)
+    tls_args = (ssl_context, peer.host) if ssl_context is not None else None
+    assoc = ae.associate(
+        peer.host,
+        peer.port,
+        ae_title=peer.ae_title,
+        max_pdu=max_pdu_bytes,
+        tls_args=tls_args,
+    )
+    if not assoc.is_established:
+        why = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "failed"
+        raise PacsError(f"association with {peer} {why}")
+    try:
+        status = assoc.send_c_store(ds)
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    if not status or "Status" not in status:
+        raise PacsError(
+            f"{peer}: no C-STORE response for SR {ds.SOPInstanceUID} (timeout or abort)"
+        )
+    code = int(status.Status)
+    if code not in DELIVERED_STATUSES:
+        comment = str(status.get("ErrorComment", "")).strip()
+        raise PacsError(
+            f"{peer} answered C-STORE of SR {ds.SOPInstanceUID} with status 0x{code:04X}"
+            + (f" ({comment})" if comment else "")
+        )
+    if code != 0:
+        logger.warning(
+            "event=sr_stored_with_warning peer=%s sop=%s status=0x%04X",
+            peer,
+            ds.SOPInstanceUID,
+            code,
+        )
+    return code

@@ -1,0 +1,176 @@
+"""From Hounsfield units to the model's currency: lung-windowed uint8 square slices.
+
+Pure numpy functions, plus :func:`preprocess_series` that runs them over a DICOM series. The same
+functions serve training (COV19-CT-DB JPGs are already windowed uint8) and inference.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+from PIL import Image
+from scipy import ndimage
+
+from ctcovid.config import IngestConfig
+from ctcovid.dicom.pixels import iter_hu
+from ctcovid.dicom.types import Series
+from ctcovid.errors import InvalidInputError
+
+logger = logging.getLogger(__name__)
+
+AIR_HU = -1000.0
+LUNG_MAX_HU = -400.0  # aerated lung and ground glass up to here; soft tissue above
+BODY_MIN_HU = -500.0
+
+
+def lung_window(hu: np.ndarray, center_hu: float, width_hu: float) -> np.ndarray:
+    """Linear window to [0, 255] (float32), clipped: ``center - width/2`` -> 0, ``+ width/2`` -> 255."""
+    low = center_hu - width_hu / 2.0
+    out = (np.asarray(hu, np.float32) - np.float32(low)) * np.float32(255.0 / width_hu)
+    return np.clip(out, 0.0, 255.0, out=out)
+
+
+def hu_to_level(hu: float, center_hu: float, width_hu: float) -> float:
+    """The windowed level [0, 255] of one HU value (for thresholds on windowed images)."""
+    return float(np.clip((hu - (center_hu - width_hu / 2.0)) * 255.0 / width_hu, 0.0, 255.0))
+
+
+def pad_to_square(img: np.ndarray, fill: float) -> np.ndarray:
+    """Centre ``img`` in a square canvas filled with ``fill`` (no-op for square images)."""
+    rows, cols = img.shape
+    if rows == cols:
+        return img
+    side = max(rows, cols)
+    out = np.full((side, side), fill, dtype=img.dtype)
+    r0, c0 = (side - rows) // 2, (side - cols) // 2
+    out[r0 : r0 + rows, c0 : c0 + cols] = img
+    return out
+
+
+def area_resize(img: np.ndarray, size: int) -> np.ndarray:
+    """Area-averaging resize of a square float image to ``size`` x ``size`` (float32)."""
+    side = img.shape[0]
+    if side == size:
+        return img.astype(np.float32, copy=False)
+    if side % size == 0:  # exact block mean: the common 512 -> 256 case, and the fastest
+        k = side // size
+        return img.reshape(size, k, size, k).mean(axis=(1, 3), dtype=np.float32)
+    pil = Image.fromarray(np.ascontiguousarray(img, dtype=np.float32), mode="F")
+    box = Image.Resampling.BOX if side > size else Image.Resampling.BILINEAR
+    return np.asarray(pil.resize((size, size), box), dtype=np.float32)
+
+
+def window_slice(hu: np.ndarray, config: IngestConfig) -> np.ndarray:
+    """One HU slice -> lung-windowed, square, resized uint8 slice of ``config.image_size``."""
+    windowed = lung_window(hu, config.window_center_hu, config.window_width_hu)
+    air = hu_to_level(AIR_HU, config.window_center_hu, config.window_width_hu)
+    square = pad_to_square(windowed, air)
+    return np.rint(area_resize(square, config.image_size)).astype(np.uint8)
+
+
+def resize_uint8(img: np.ndarray, size: int) -> np.ndarray:
+    """An already windowed 8-bit slice (e.g. a COV19-CT-DB JPG) -> square uint8 of ``size``."""
+    img = np.asarray(img)
+    if img.ndim == 3:  # RGB JPG of a grayscale slice
+        img = img[..., :3].mean(axis=-1)
+    square = pad_to_square(img.astype(np.float32), 0.0)
+    return np.rint(area_resize(square, size)).astype(np.uint8)
+
+
+def lung_fraction(slice_u8: np.ndarray, config: IngestConfig) -> float:
+    """Fraction of a windowed slice that is lung: low density, inside the body, off the border.
+
+    Works on the windowed uint8 slice so that DICOM and JPG inputs are judged identically.
+    """
+    c, w = config.window_center_hu, config.window_width_hu
+    body = slice_u8 > hu_to_level(BODY_MIN_HU, c, w)
+    labels, n = ndimage.label(body)
+    if n == 0:
+        return 0.0
+    sizes = ndimage.sum_labels(body, labels, index=np.arange(1, n + 1))
+    body = ndimage.binary_fill_holes(labels == (int(np.argmax(sizes)) + 1))
+    low = (slice_u8 <= hu_to_level(LUNG_MAX_HU, c, w)) & body
+    # Air connected to the image border (outside the body, or an open fill) is not lung.
+    lung_labels, n_lung = ndimage.label(low)
+    if n_lung == 0:
+        return 0.0
+    border = np.unique(
+        np.concatenate(
+            [lung_labels[0], lung_labels[-1], lung_labels[:, 0], lung_labels[:, -1]]
+        )
+    )
+    lung = low & ~np.isin(lung_labels, border[border > 0])
+    return float(lung.mean())
+
+
+def select_slices(slices: np.ndarray, config: IngestConfig) -> tuple[np.ndarray, list[str]]:
+    """Indices of the slices the slice policy keeps, in order, and any warnings.
+
+    ``lung`` keeps slices whose lung fraction reaches ``config.lung_min_fraction`` (all of them,
+    with a warning, if none does); ``max_slices`` then samples evenly along z.
+    """
+    warnings: list[str] = []
+    idx = np.arange(len(slices))
+    if config.slice_policy == "lung" and len(slices):
+        fractions = np.array([lung_fraction(s, config) for s in slices])
+        keep = idx[fractions >= config.lung_min_fraction]
+        if len(keep) == 0:
+            warnings.append(
+                "slice policy 'lung': no slice reaches the lung-area minimum "
+                f"({config.lung_min_fraction:g}); all slices used"
+            )
+        else:
+            idx = keep
+    if config.max_slices is not None and len(idx) > config.max_slices:
+        pick = np.linspace(0, len(idx) - 1, config.max_slices).round().astype(int)
+        idx = idx[np.unique(pick)]
+    return idx, warnings
+
+
+@dataclass
+class PreprocessedSeries:
+    """A series as model input: slices in z order with what identifies each of them."""
+
+    slices: np.ndarray  # (N, S, S) uint8
+    z_mm: np.ndarray  # (N,) float, NaN when ordered by InstanceNumber
+    sop_instance_uids: list[str]
+    frame_numbers: list[int]
+    warnings: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.sop_instance_uids)
+
+    def subset(self, indices: Sequence[int] | np.ndarray) -> PreprocessedSeries:
+        idx = np.asarray(indices, dtype=int)
+        return PreprocessedSeries(
+            slices=self.slices[idx],
+            z_mm=self.z_mm[idx],
+            sop_instance_uids=[self.sop_instance_uids[i] for i in idx],
+            frame_numbers=[self.frame_numbers[i] for i in idx],
+            warnings=list(self.warnings),
+        )
+
+
+def preprocess_series(series: Series, config: IngestConfig | None = None) -> PreprocessedSeries:
+    """Decode every slice of an assessed series and window it; undecodable files are skipped."""
+    config = config or IngestConfig()
+    errors: list[str] = []
+    out = np.empty((series.n_slices, config.image_size, config.image_size), np.uint8)
+    z: list[float] = []
+    uids: list[str] = []
+    frames: list[int] = []
+    for ref, hu in iter_hu(series.slices, errors):
+        out[len(uids)] = window_slice(hu, config)
+        z.append(np.nan if ref.z_mm is None else ref.z_mm)
+        uids.append(ref.sop_instance_uid)
+        frames.append(ref.frame_number)
+    if not uids:
+        detail = f": {errors[0]}" if errors else ""
+        raise InvalidInputError(
+            f"Series {series.series_instance_uid}: no slice could be decoded{detail}"
+        )
+    warnings = list(series.warnings) + [f"skipped {e}" for e in errors]
+    return PreprocessedSeries(out[: len(uids)], np.asarray(z, float), uids, frames, warnings)

@@ -1,0 +1,31 @@
+"""The result as DICOM for PACS: a TID 1500 Structured Report and heatmap Secondary Captures.
+
+``build_sr`` turns a ``ScanResult`` and its source ``Series`` into a validated Comprehensive 3D
+SR (IHE AI Results); ``write_sr`` stores it; ``sr_summary`` reads one back into plain values.
+"""
+
+from ctcovid.report.heatmap import (
+    HEATMAP_SERIES_NUMBER,
+    build_heatmap_secondary_captures,
+    overlay_rgb,
+    write_png,
+)
+from ctcovid.report.sr import SR_SERIES_NUMBER, build_sr, write_sr
+from ctcovid.report.uids import derive_uid, heatmap_uids, sr_uids, tracking_uid
+from ctcovid.report.validate import sr_summary, validate_sr
+
+__all__ = [
+    "HEATMAP_SERIES_NUMBER",
+    "SR_SERIES_NUMBER",
+    "build_heatmap_secondary_captures",
+    "build_sr",
+    "derive_uid",
+    "heatmap_uids",
+    "overlay_rgb",
+    "sr_summary",
+    "sr_uids",
+    "tracking_uid",
+    "validate_sr",
+    "write_png",
+    "write_sr",
+]

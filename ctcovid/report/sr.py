@@ -1,0 +1,300 @@
+"""The DICOM Structured Report of one classified series: a Comprehensive 3D SR, TID 1500.
+
+The document follows the IHE AI Results profile: it files into the source study, is made by a
+device observer (the model), names the model in the Contributing Equipment Sequence, lists every
+analysed instance as evidence and carries one measurement group with the COVID-19 finding, its
+qualitative evaluation, the probability and references to the key slices.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import highdicom as hd
+from pydicom.dataset import Dataset
+from pydicom.uid import Comprehensive3DSRStorage
+
+from ctcovid import __version__
+from ctcovid.dicom.types import Instance, Series
+from ctcovid.errors import ReportError
+from ctcovid.report import codes
+from ctcovid.report.equipment import (
+    MANUFACTURER,
+    MANUFACTURER_MODEL_NAME,
+    add_algorithm_equipment,
+)
+from ctcovid.report.uids import sr_uids, tracking_uid
+from ctcovid.report.validate import validate_sr
+from ctcovid.results import ScanResult
+
+logger = logging.getLogger(__name__)
+
+SR_SERIES_NUMBER = 9001
+SR_SERIES_DESCRIPTION = "ctcovid COVID-19 AI result"
+TRACKING_IDENTIFIER = "COVID-19 classification"
+DEFAULT_KEY_SLICE_COUNT = 5
+
+
+def build_sr(
+    result: ScanResult,
+    series: Series,
+    *,
+    revision: int = 1,
+    predecessor: Dataset | None = None,
+    indeterminate: bool = False,
+    key_slice_count: int = DEFAULT_KEY_SLICE_COUNT,
+) -> hd.sr.Comprehensive3DSR:
+    """Build and validate the SR that reports ``result`` for ``series``.
+
+    Parameters
+    ----------
+    result
+        The scan-level result; its ``sop_instance_uids`` must all belong to ``series``.
+    series
+        The source series; its instance headers give the patient and study modules and the
+        evidence.
+    revision
+        1 for the first report of this series and model, 2, 3, ... for revised ones (for
+        example after late instances arrived). Together with the source series and the model's
+        device UID it determines the SR's UIDs, so building the same report twice gives the
+        same SOP instance.
+    predecessor
+        The SR this one replaces. When ``revision > 1`` and it is not given, the predecessor
+        is the report with ``revision - 1`` of the same series and model, whose UIDs are known.
+    indeterminate
+        Report the finding as indeterminate instead of present/absent, for a result the caller
+        does not trust (for example too few usable slices). The probability is still reported.
+    key_slice_count
+        How many of ``result.key_slice_indices`` (highest slice probability first) to reference
+        as source images of the measurement group.
+
+    Returns
+    -------
+    highdicom.sr.Comprehensive3DSR
+        The validated report.
+
+    Raises
+    ------
+    ReportError
+        If the result does not fit the series or the built report fails ``validate_sr``.
+    ValueError
+        If ``revision`` or ``key_slice_count`` is out of range.
+    """
+    if key_slice_count < 0:
+        raise ValueError(
+            f"key_slice_count must be >= 0. Received: key_slice_count={key_slice_count}."
+        )
+    _check_result_matches_series(result, series)
+    evidence = _evidence(result, series)
+    sr_series_uid, sr_sop_uid = sr_uids(
+        result.series_instance_uid, result.model.device_uid, revision
+    )
+    if predecessor is None and revision > 1:
+        predecessor = _derived_predecessor(result, revision - 1)
+
+    report = hd.sr.MeasurementReport(
+        observation_context=_observation_context(result),
+        procedure_reported=codes.CT_CHEST,
+        imaging_measurements=[_measurement_group(result, series, indeterminate, key_slice_count)],
+    )
+    sr = hd.sr.Comprehensive3DSR(
+        evidence=evidence,
+        content=report[0],
+        series_instance_uid=sr_series_uid,
+        series_number=SR_SERIES_NUMBER,
+        sop_instance_uid=sr_sop_uid,
+        instance_number=revision,
+        manufacturer=MANUFACTURER,
+        is_complete=True,
+        is_final=False,
+        is_verified=False,
+        previous_versions=[predecessor] if predecessor is not None else None,
+        series_description=SR_SERIES_DESCRIPTION,
+        manufacturer_model_name=MANUFACTURER_MODEL_NAME,
+        software_versions=f"ctcovid {__version__}",
+    )
+    add_algorithm_equipment(sr, result.model)
+    validate_sr(sr, result)
+    logger.debug(
+        "Built SR %s (revision %d) for series %s",
+        sr_sop_uid,
+        revision,
+        result.series_instance_uid,
+    )
+    return sr
+
+
+def write_sr(ds: Dataset, path: str | Path) -> Path:
+    """Write ``ds`` as a DICOM Part 10 file (with preamble and file meta) and return the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def _check_result_matches_series(result: ScanResult, series: Series) -> None:
+    if result.series_instance_uid != series.series_instance_uid:
+        raise ReportError(
+            f"Result is for series {result.series_instance_uid} but the source series is "
+            f"{series.series_instance_uid}; cannot build its SR."
+        )
+    if result.study_instance_uid != series.study_instance_uid:
+        raise ReportError(
+            f"Series {series.series_instance_uid}: result names study "
+            f"{result.study_instance_uid} but the series belongs to {series.study_instance_uid}."
+        )
+    n = len(result.sop_instance_uids)
+    for name in ("slice_probabilities", "frame_numbers"):
+        if len(getattr(result, name)) != n:
+            raise ReportError(
+                f"Series {series.series_instance_uid}: result has {n} sop_instance_uids but "
+                f"{len(getattr(result, name))} {name}."
+            )
+    if n == 0:
+        raise ReportError(
+            f"Series {series.series_instance_uid}: the result lists no analysed instances; an SR "
+            "needs evidence."
+        )
+    bad = [i for i in result.key_slice_indices if not 0 <= i < n]
+    if bad:
+        raise ReportError(
+            f"Series {series.series_instance_uid}: key_slice_indices {bad} are outside the "
+            f"{n} analysed slices."
+        )
+
+
+def _instances_by_uid(series: Series) -> dict[str, Instance]:
+    return {instance.sop_instance_uid: instance for instance in series.instances}
+
+
+def _evidence(result: ScanResult, series: Series) -> list[Dataset]:
+    """Headers of the analysed instances, once each, in the order of the result."""
+    by_uid = _instances_by_uid(series)
+    evidence = []
+    for uid in dict.fromkeys(result.sop_instance_uids):
+        instance = by_uid.get(uid)
+        if instance is None:
+            raise ReportError(
+                f"Series {series.series_instance_uid}: analysed instance {uid} is not among the "
+                "series' instances; cannot reference it as evidence."
+            )
+        evidence.append(instance.header)
+    return evidence
+
+
+def _derived_predecessor(result: ScanResult, revision: int) -> Dataset:
+    """The identifying attributes of an earlier revision, which this module itself built."""
+    series_uid, sop_uid = sr_uids(result.series_instance_uid, result.model.device_uid, revision)
+    ds = Dataset()
+    ds.StudyInstanceUID = result.study_instance_uid
+    ds.SeriesInstanceUID = series_uid
+    ds.SOPInstanceUID = sop_uid
+    ds.SOPClassUID = Comprehensive3DSRStorage
+    return ds
+
+
+def _observation_context(result: ScanResult) -> hd.sr.ObservationContext:
+    device = hd.sr.DeviceObserverIdentifyingAttributes(
+        uid=result.model.device_uid,
+        name=result.model.name,
+        manufacturer_name=MANUFACTURER,
+        model_name=result.model.name,
+    )
+    return hd.sr.ObservationContext(
+        observer_device_context=hd.sr.ObserverContext(
+            observer_type=codes.OBSERVER_DEVICE,
+            observer_identifying_attributes=device,
+        )
+    )
+
+
+def algorithm_parameters(result: ScanResult) -> list[str]:
+    """The settings that decide the result, as ``name=value`` texts for TID 4019."""
+    return [
+        f"window_center_hu={result.window_center_hu:g}",
+        f"window_width_hu={result.window_width_hu:g}",
+        f"threshold={result.threshold:g}",
+        f"slice_policy={result.slice_policy}",
+        f"n_slices_used={result.n_slices_used}",
+        f"n_slices_total={result.n_slices_total}",
+    ]
+
+
+def _algorithm_identification(result: ScanResult) -> hd.sr.AlgorithmIdentification:
+    return hd.sr.AlgorithmIdentification(
+        name=result.model.name,
+        version=result.model.version,
+        family=codes.ARTIFICIAL_INTELLIGENCE,
+        manufacturer=MANUFACTURER,
+        parameters=algorithm_parameters(result),
+    )
+
+
+def evaluation_value(result: ScanResult, indeterminate: bool) -> hd.sr.CodedConcept:
+    """Present, absent or indeterminate, as the result and the caller decide."""
+    if indeterminate:
+        return codes.INDETERMINATE
+    if result.label == "covid":
+        return codes.PRESENT
+    if result.label == "non-covid":
+        return codes.ABSENT
+    raise ReportError(
+        f"Series {result.series_instance_uid}: label {result.label!r} is neither 'covid' nor "
+        "'non-covid'."
+    )
+
+
+def key_slices(result: ScanResult, count: int) -> list[int]:
+    """The first ``count`` key slice indices, highest slice probability first."""
+    ranked = sorted(
+        dict.fromkeys(result.key_slice_indices),
+        key=lambda i: -result.slice_probabilities[i],
+    )
+    return ranked[:count]
+
+
+def _key_slice_references(
+    result: ScanResult, series: Series, count: int
+) -> list[hd.sr.SourceImageForMeasurementGroup]:
+    """One IMAGE item per instance holding a key slice; frame numbers for multi-frame only."""
+    by_uid = _instances_by_uid(series)
+    frames_by_uid: dict[str, list[int]] = {}
+    for i in key_slices(result, count):
+        frames_by_uid.setdefault(result.sop_instance_uids[i], []).append(result.frame_numbers[i])
+    references = []
+    for uid, frames in frames_by_uid.items():
+        instance = by_uid[uid]
+        references.append(
+            hd.sr.SourceImageForMeasurementGroup(
+                referenced_sop_class_uid=instance.sop_class_uid,
+                referenced_sop_instance_uid=uid,
+                referenced_frame_numbers=sorted(frames) if instance.number_of_frames > 1 else None,
+            )
+        )
+    return references
+
+
+def _measurement_group(
+    result: ScanResult, series: Series, indeterminate: bool, key_slice_count: int
+) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    probability = hd.sr.Measurement(
+        name=codes.PROBABILITY,
+        value=float(result.probability_covid),
+        unit=codes.UNIT_NO_UNITS,
+    )
+    evaluation = hd.sr.QualitativeEvaluation(
+        name=codes.COVID_19, value=evaluation_value(result, indeterminate)
+    )
+    return hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=tracking_uid(result.series_instance_uid, result.model.device_uid),
+            identifier=TRACKING_IDENTIFIER,
+        ),
+        finding_type=codes.COVID_19,
+        finding_sites=[hd.sr.FindingSite(anatomic_location=codes.LUNG)],
+        algorithm_id=_algorithm_identification(result),
+        measurements=[probability],
+        qualitative_evaluations=[evaluation],
+        source_images=_key_slice_references(result, series, key_slice_count) or None,
+    )

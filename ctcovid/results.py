@@ -1,0 +1,52 @@
+"""The scan-level result that classify, the DICOM node and batch all produce."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """Identity of the model that produced a result (goes into JSON and the SR)."""
+
+    name: str
+    version: str
+    device_uid: str
+
+    def to_dict(self) -> dict[str, str]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class ScanResult:
+    """One series, classified.
+
+    ``probability_covid`` is the mean of ``slice_probabilities``; ``label`` applies ``threshold``.
+    ``sop_instance_uids`` lists the instances analysed, in the order of ``slice_probabilities``
+    (for an enhanced multi-frame series the same UID repeats with ``frame_numbers``).
+    """
+
+    study_instance_uid: str
+    series_instance_uid: str
+    probability_covid: float
+    label: str  # "covid" | "non-covid"
+    threshold: float
+    n_slices_total: int
+    n_slices_used: int
+    slice_probabilities: list[float]
+    sop_instance_uids: list[str]
+    frame_numbers: list[int]
+    z_mm: list[float]
+    key_slice_indices: list[int]
+    model: ModelInfo
+    window_center_hu: float
+    window_width_hu: float
+    slice_policy: str
+    seconds: float
+    warnings: list[str] = field(default_factory=list)
+
+    def to_json_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["model"] = self.model.to_dict()
+        return d

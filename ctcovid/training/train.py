@@ -1,0 +1,636 @@
+"""Train a Res-Dense Net the paper's way, with its faults fixed, judged at scan level.
+
+Read top to bottom: :class:`TrainConfig` (every setting, saved with the model and in the run
+folder), the slice feed, the two stages (frozen backbones with Adam, then each backbone unfrozen
+except its first layers with RMSprop), :func:`train_one_epoch`, :func:`validate` (scan-level macro
+F1 in inference mode) and :func:`train`, which ties them together and saves the best epoch as a
+model artifact whose threshold was tuned on validation.
+
+BatchNormalization trap: from scratch, the moving statistics (momentum 0.99) lag far behind the
+weights in a short run, so inference-mode predictions come out constant although training
+accuracy looks fine. With pretrained weights the backbones' BN layers stay in inference mode
+(Keras' fine-tuning guidance); from scratch the statistics are re-estimated over training batches
+before every validation (:func:`recalibrate_batchnorm`).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import platform
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+
+from ctcovid import __version__
+from ctcovid.config import IngestConfig, ModelConfig
+from ctcovid.errors import ConfigError
+from ctcovid.model.artifact import ModelArtifact, save_model
+from ctcovid.model.build import backbone_models, build_res_dense, parse_backbones
+from ctcovid.training.cache import SliceCache, build_cache
+from ctcovid.training.data import CLASSES, POSITIVE, DataSet, discover
+from ctcovid.training.metrics import binary_metrics, scan_scores, tune_threshold
+from ctcovid.training.progress import NullProgress, Progress
+from ctcovid.training.split import split_scans
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_HEAD_EPOCHS = 5  # stage-1 epochs when the backbones are pretrained
+SETTINGS_FILE = "settings.json"
+METRICS_FILE = "metrics.csv"
+SPLIT_FILE = "split.csv"
+SUMMARY_FILE = "summary.json"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Every setting of a training run. Saved in the run folder and inside the model artifact.
+
+    ``epochs`` counts both stages; the first ``head_epochs`` of them train the head with both
+    backbones frozen (``None``: 5 with pretrained weights, 0 from scratch, where a frozen random
+    backbone would teach the head nothing).
+    """
+
+    epochs: int = 20
+    head_epochs: int | None = None
+    batch_size: int = 32
+    input_size: int = 256
+    weights: str = "imagenet"  # "imagenet" | "none" | folder of Keras no-top weight files
+    backbones: tuple[str, str] = ("resnet101", "densenet121")
+    dropout: float = 0.5
+    lr: float = 1e-4
+    frozen_layers: int = 100  # first layers of each backbone kept frozen in stage 2
+    class_weights: bool = False
+    augment: bool = True  # random horizontal flip and rotation, training only
+    rotation: float = 0.2  # fraction of a full turn, as keras.layers.RandomRotation
+    slice_policy: str = "all"
+    max_slices: int | None = None
+    min_slices: int = 8
+    window_center_hu: float = -600.0
+    window_width_hu: float = 1500.0
+    val_fraction: float = 0.25
+    seed: int = 0
+    bn_batches: int = 16  # training batches that re-estimate BN statistics (from scratch only)
+    jit_compile: str = "auto"  # "auto" (XLA where an accelerator is present) | "true" | "false"
+    layout: str = "auto"
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.epochs < 1:
+            problems.append(f"epochs must be at least 1. Received: {self.epochs}.")
+        if self.head_epochs is not None and not 0 <= self.head_epochs <= self.epochs:
+            problems.append(
+                f"head_epochs must be between 0 and epochs ({self.epochs}). "
+                f"Received: {self.head_epochs}."
+            )
+        if self.batch_size < 1:
+            problems.append(f"batch_size must be at least 1. Received: {self.batch_size}.")
+        if self.lr <= 0:
+            problems.append(f"lr must be positive. Received: {self.lr}.")
+        if self.jit_compile not in ("auto", "true", "false"):
+            problems.append(
+                f"jit_compile must be auto, true or false. Received: {self.jit_compile!r}."
+            )
+        if problems:
+            raise ConfigError(" ".join(problems))
+        # Validate the derived settings now, before anything slow starts.
+        self.ingest_config()
+        self.model_config()
+        parse_backbones(self.backbones)
+
+    @property
+    def pretrained(self) -> bool:
+        return self.weights not in ("none", "")
+
+    @property
+    def stage1_epochs(self) -> int:
+        if self.head_epochs is not None:
+            return self.head_epochs
+        return min(DEFAULT_HEAD_EPOCHS, self.epochs - 1) if self.pretrained else 0
+
+    def ingest_config(self) -> IngestConfig:
+        """The preprocessing this model will prescribe to inference."""
+        return IngestConfig(
+            window_center_hu=self.window_center_hu,
+            window_width_hu=self.window_width_hu,
+            image_size=self.input_size,
+            min_slices=self.min_slices,
+            slice_policy=self.slice_policy,
+            max_slices=self.max_slices,
+        )
+
+    def model_config(self) -> ModelConfig:
+        return ModelConfig(
+            input_size=self.input_size,
+            backbones=tuple(parse_backbones(self.backbones)),
+            dropout=self.dropout,
+            weights=None if not self.pretrained else self.weights,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["backbones"] = list(self.backbones)
+        d["stage1_epochs"] = self.stage1_epochs
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        kw = {k: v for k, v in data.items() if k in known}
+        if "backbones" in kw:
+            kw["backbones"] = tuple(kw["backbones"])
+        return cls(**kw)
+
+
+# -- the slice feed --------------------------------------------------------------------------------
+
+
+class SliceBatches(keras.utils.PyDataset):
+    """Shuffled training batches read from the memory-mapped cache.
+
+    Every batch has exactly ``batch_size`` slices (the remainder of an epoch is dropped, and
+    reshuffled into the next) so that one compiled training step serves the whole run.
+    """
+
+    def __init__(
+        self,
+        slices: np.ndarray,
+        indices: np.ndarray,
+        targets: np.ndarray,
+        batch_size: int,
+        *,
+        class_weight: dict[int, float] | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(workers=1, use_multiprocessing=False)
+        if len(indices) == 0:
+            raise ConfigError("no training slices")
+        self.slices = slices
+        self.indices = np.asarray(indices, np.int64)
+        self.targets = np.asarray(targets, np.float32)
+        self.batch_size = min(batch_size, len(indices))
+        weights = class_weight or {0: 1.0, 1: 1.0}
+        self.weights = np.where(self.targets >= 0.5, weights[1], weights[0]).astype(np.float32)
+        self.seed = seed
+        self.order = np.arange(len(self.indices))
+        self.shuffle(0)
+
+    def shuffle(self, epoch: int) -> None:
+        self.order = np.random.default_rng([self.seed, epoch]).permutation(len(self.indices))
+
+    def __len__(self) -> int:
+        return len(self.indices) // self.batch_size
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        pick = np.sort(self.order[i * self.batch_size : (i + 1) * self.batch_size])
+        # Sorted reads are sequential in the memory map; the pairing with targets is kept.
+        x = np.asarray(self.slices[self.indices[pick]], np.float32)[..., np.newaxis]
+        return x, self.targets[pick, np.newaxis], self.weights[pick]
+
+
+def input_rate(feed: SliceBatches, max_batches: int = 20) -> float:
+    """Slices per second the feed delivers on its own (no model): the input pipeline's ceiling."""
+    n = min(len(feed), max_batches)
+    start = time.perf_counter()
+    for i in range(n):
+        feed[i]
+    seconds = time.perf_counter() - start
+    return n * feed.batch_size / seconds if seconds > 0 else math.inf
+
+
+# -- the model being trained ---------------------------------------------------------------------
+
+
+def batchnorm_layers(model: keras.Layer) -> list[keras.layers.BatchNormalization]:
+    """Every BatchNormalization layer inside ``model``, nested models included."""
+    out: list[keras.layers.BatchNormalization] = []
+    for layer in getattr(model, "layers", []):
+        if isinstance(layer, keras.layers.BatchNormalization):
+            out.append(layer)
+        else:
+            out.extend(batchnorm_layers(layer))
+    return out
+
+
+def training_model(core: keras.Model, config: TrainConfig) -> keras.Model:
+    """``core`` behind the training-only augmentation; the saved model is ``core`` alone."""
+    size = config.input_size
+    inputs = keras.Input((size, size, 1), name="slice")
+    x = inputs
+    if config.augment:
+        x = keras.layers.RandomFlip("horizontal", seed=config.seed, name="random_flip")(x)
+        x = keras.layers.RandomRotation(
+            config.rotation, fill_mode="nearest", seed=config.seed + 1, name="random_rotation"
+        )(x)
+    return keras.Model(inputs, core(x), name="res_dense_net_training")
+
+
+def set_stage(core: keras.Model, stage: int, config: TrainConfig) -> None:
+    """Stage 1: both backbones frozen. Stage 2: each unfrozen except its first layers.
+
+    With pretrained weights every BN layer stays frozen, hence in inference mode: fine-tuning
+    with batch statistics would wreck the ImageNet statistics on small batches.
+    """
+    for backbone in backbone_models(core):
+        backbone.trainable = stage == 2
+        if stage == 2:
+            for layer in backbone.layers[: config.frozen_layers]:
+                layer.trainable = False
+            if config.pretrained:
+                for bn in batchnorm_layers(backbone):
+                    bn.trainable = False
+
+
+def _jit_compile(config: TrainConfig) -> bool:
+    if keras.config.backend() == "jax":
+        return True  # without jit JAX runs op by op
+    if config.jit_compile != "auto":
+        return config.jit_compile == "true"
+    if keras.config.backend() == "tensorflow":
+        import tensorflow as tf  # guarded: only on the TensorFlow backend
+
+        return bool(tf.config.list_physical_devices("GPU"))
+    return False
+
+
+def compile_stage(trainer: keras.Model, stage: int, config: TrainConfig) -> None:
+    """One compile per stage; every epoch of the stage reuses the same compiled step."""
+    optimizer = (
+        keras.optimizers.Adam(config.lr) if stage == 1 else keras.optimizers.RMSprop(config.lr)
+    )
+    trainer.compile(
+        optimizer=optimizer,
+        loss=keras.losses.BinaryCrossentropy(),
+        metrics=[keras.metrics.BinaryAccuracy(name="accuracy")],
+        jit_compile=_jit_compile(config),
+    )
+
+
+class _TrainingModeForward(keras.Model):
+    """Calls the core in training mode, so a compiled predict updates the BN moving statistics."""
+
+    def __init__(self, core: keras.Model) -> None:
+        super().__init__(name="bn_recalibration")
+        self.core = core
+
+    def call(self, x: Any) -> Any:
+        return self.core(x, training=True)
+
+
+def recalibrate_batchnorm(
+    forward: keras.Model, core: keras.Model, feed: SliceBatches, n_batches: int
+) -> int:
+    """Set every trainable BN layer's moving statistics to their average over training batches.
+
+    Momentum is set to 0 while ``forward`` runs (it is compiled on first use with that value), so
+    each batch leaves its own statistics in the moving variables; they are averaged here, then the
+    momentum is restored. Returns the number of batches used.
+    """
+    layers = [bn for bn in batchnorm_layers(core) if bn.trainable]
+    if not layers or n_batches < 1:
+        return 0
+    momenta = [bn.momentum for bn in layers]
+    sums = [(np.zeros(bn.moving_mean.shape), np.zeros(bn.moving_variance.shape)) for bn in layers]
+    n = min(n_batches, len(feed))
+    try:
+        for bn in layers:
+            bn.momentum = 0.0
+        for i in range(n):
+            x, _, _ = feed[i]
+            forward.predict_on_batch(x)
+            for (mean, var), bn in zip(sums, layers, strict=True):
+                mean += keras.ops.convert_to_numpy(bn.moving_mean)
+                var += keras.ops.convert_to_numpy(bn.moving_variance)
+        for (mean, var), bn in zip(sums, layers, strict=True):
+            bn.moving_mean.assign(mean / n)
+            bn.moving_variance.assign(var / n)
+    finally:
+        for bn, m in zip(layers, momenta, strict=True):
+            bn.momentum = m
+    return n
+
+
+# -- one epoch, one validation -------------------------------------------------------------------
+
+
+class ProgressCallback(keras.callbacks.Callback):
+    """Advances a progress bar per batch and times the steps (the first one includes compiling)."""
+
+    def __init__(self, progress: Progress, batch_size: int) -> None:
+        super().__init__()
+        self.progress = progress
+        self.batch_size = batch_size
+        self.step_seconds: list[float] = []
+        self._t0 = 0.0
+
+    def on_train_batch_begin(self, batch: int, logs: dict[str, Any] | None = None) -> None:
+        self._t0 = time.perf_counter()
+
+    def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
+        self.step_seconds.append(time.perf_counter() - self._t0)
+        logs = logs or {}
+        self.progress.advance(
+            1, **{k: float(v) for k, v in logs.items() if k in ("loss", "accuracy")}
+        )
+
+
+def train_one_epoch(
+    trainer: keras.Model,
+    feed: SliceBatches,
+    epoch: int,
+    progress: Progress,
+    description: str,
+) -> dict[str, float]:
+    """One pass over the training slices; returns loss, accuracy and timings."""
+    feed.shuffle(epoch)
+    callback = ProgressCallback(progress, feed.batch_size)
+    progress.start(description, total=len(feed), unit="batches")
+    start = time.perf_counter()
+    history = trainer.fit(feed, epochs=1, verbose=0, callbacks=[callback])
+    seconds = time.perf_counter() - start
+    progress.finish()
+    steps = callback.step_seconds
+    # The first step of a freshly compiled function includes tracing; leave it out of the rate.
+    timed = steps[1:] if len(steps) > 1 else steps
+    return {
+        "train_loss": float(history.history["loss"][-1]),
+        "train_accuracy": float(history.history["accuracy"][-1]),
+        "seconds": seconds,
+        "first_step_seconds": steps[0] if steps else 0.0,
+        "slices_per_second": len(timed) * feed.batch_size / sum(timed) if timed else 0.0,
+    }
+
+
+def predict_scans(
+    classifier: Any,
+    cache: SliceCache,
+    scan_ids: Sequence[str],
+    progress: Progress | None = None,
+    description: str = "predicting",
+    chunk_slices: int = 1024,
+) -> np.ndarray:
+    """Scan scores (mean slice P(COVID)) through the inference code path, in bounded memory."""
+    progress = progress or NullProgress()
+    indices, owners = cache.slice_table(list(scan_ids))
+    probs = np.empty(len(indices), np.float32)
+    progress.start(description, total=len(indices), unit="slices")
+    for start in range(0, len(indices), chunk_slices):
+        chunk = indices[start : start + chunk_slices]
+        probs[start : start + len(chunk)] = classifier.predict_slices(cache.slices[chunk])
+        progress.advance(len(chunk))
+    progress.finish()
+    return scan_scores(probs, owners, len(scan_ids))
+
+
+def validate(
+    classifier: Any, cache: SliceCache, val_ids: Sequence[str], targets: np.ndarray
+) -> tuple[dict[str, Any], np.ndarray]:
+    """Scan-level metrics in inference mode at 0.5 and at the threshold tuned on these scans."""
+    scores = predict_scans(classifier, cache, val_ids)
+    at_half = binary_metrics(targets, scores, 0.5)
+    threshold, tuned_f1 = tune_threshold(targets, scores)
+    metrics = {
+        "val_macro_f1": at_half["macro_f1"],
+        "val_macro_f1_tuned": tuned_f1,
+        "val_threshold": threshold,
+        "val_roc_auc": at_half["roc_auc"],
+        "val_score_std": float(np.std(scores)),
+    }
+    return metrics, scores
+
+
+# -- the run ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainResult:
+    """What a finished run produced and measured."""
+
+    model_dir: Path
+    run_dir: Path
+    artifact: ModelArtifact
+    best_epoch: int
+    val_metrics: dict[str, Any]
+    split_counts: dict[str, Any]
+    history: list[dict[str, Any]]
+    cache_dir: Path
+    skipped: list[dict[str, str]]
+    scan_warnings: dict[str, list[str]]
+    input_slices_per_second: float
+    train_slices_per_second: float
+    seconds: float
+    notes: list[str] = field(default_factory=list)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "model": str(self.model_dir),
+            "run_dir": str(self.run_dir),
+            "device_uid": self.artifact.device_uid,
+            "threshold": self.artifact.threshold,
+            "best_epoch": self.best_epoch,
+            **{k: self.val_metrics[k] for k in (
+                "f1_covid", "f1_non_covid", "macro_f1", "confusion", "n_scans", "roc_auc"
+            )},
+            "validation": self.val_metrics,
+            "split": self.split_counts,
+            "cache": str(self.cache_dir),
+            "skipped": self.skipped,
+            "scan_warnings": self.scan_warnings,
+            "input_slices_per_second": round(self.input_slices_per_second, 1),
+            "train_slices_per_second": round(self.train_slices_per_second, 2),
+            "epochs": self.history,
+            "seconds": round(self.seconds, 1),
+            "notes": self.notes,
+        }
+
+
+def _class_weight(targets: np.ndarray) -> dict[int, float]:
+    from sklearn.utils.class_weight import compute_class_weight
+
+    present = np.unique(targets.astype(int))
+    weights = compute_class_weight("balanced", classes=present, y=targets.astype(int))
+    out = {0: 1.0, 1: 1.0}
+    out.update({int(c): float(w) for c, w in zip(present, weights, strict=True)})
+    return out
+
+
+def _environment() -> dict[str, str]:
+    return {
+        "ctcovid": __version__,
+        "keras": keras.__version__,
+        "backend": keras.config.backend(),
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+    }
+
+
+def _write_metrics_row(path: Path, row: dict[str, Any]) -> None:
+    new = not path.exists()
+    with open(path, "a", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(row))
+        if new:
+            writer.writeheader()
+        writer.writerow(row)
+
+
+def train(
+    data_dir: Path | str,
+    out: Path | str,
+    config: TrainConfig | None = None,
+    *,
+    run_dir: Path | str | None = None,
+    cache_dir: Path | str | None = None,
+    progress: Progress | None = None,
+) -> TrainResult:
+    """Train on ``data_dir`` and save the best epoch as a model artifact in ``out``.
+
+    The run folder (default ``out/run``) receives settings.json, split.csv, metrics.csv (one row
+    per epoch) and summary.json. Weight problems (e.g. no network for ImageNet weights) surface
+    before any slice is cached.
+    """
+    config = config or TrainConfig()
+    progress = progress or NullProgress()
+    started = time.perf_counter()
+    out = Path(out)
+    run = Path(run_dir) if run_dir is not None else out / "run"
+    ingest = config.ingest_config()
+    keras.utils.set_random_seed(config.seed)
+
+    data: DataSet = discover(data_dir, config.layout, ingest=ingest)
+    split = split_scans(data.items, val_fraction=config.val_fraction, seed=config.seed)
+    progress.message(split.describe())
+
+    # Build first: an unreachable ImageNet download fails here, in seconds, not after caching.
+    core = build_res_dense(config.model_config())
+
+    used = DataSet(data.root, data.layout, split.train + split.val, data.skipped)
+    cache = build_cache(used, ingest, cache_dir, progress=progress)
+    train_ids = [i.scan_id for i in split.train if i.scan_id in cache]
+    val_ids = [i.scan_id for i in split.val if i.scan_id in cache]
+    if not train_ids or not val_ids:
+        raise ConfigError(
+            f"nothing left to {'train' if not train_ids else 'validate'} on after caching "
+            f"({len(cache.skipped)} scan(s) skipped, e.g. {cache.skipped[:1]})"
+        )
+    label_of = {i.scan_id: i.label for i in split.train + split.val}
+    val_targets = np.array([CLASSES.index(label_of[s]) for s in val_ids])  # type: ignore[arg-type]
+    train_idx, train_owner = cache.slice_table(train_ids)
+    slice_targets = np.array(
+        [float(label_of[train_ids[o]] == POSITIVE) for o in train_owner], np.float32
+    )
+    class_weight = _class_weight(slice_targets) if config.class_weights else None
+    feed = SliceBatches(
+        cache.slices, train_idx, slice_targets, config.batch_size,
+        class_weight=class_weight, seed=config.seed,
+    )
+    feed_rate = input_rate(feed)
+
+    run.mkdir(parents=True, exist_ok=True)
+    split.write_csv(run / SPLIT_FILE)
+    (run / METRICS_FILE).unlink(missing_ok=True)
+    settings = {
+        "train": config.to_dict(),
+        "model": config.model_config().to_dict(),
+        "ingest": ingest.to_dict(),
+        "data": {"root": str(data.root), "layout": data.layout, "scans": data.counts()},
+        "split": split.counts(),
+        "cache": str(cache.folder),
+        "class_weight": class_weight,
+        "environment": _environment(),
+    }
+    (run / SETTINGS_FILE).write_text(json.dumps(settings, indent=2) + "\n")
+
+    from ctcovid.inference import Classifier
+
+    artifact = ModelArtifact(model_config=config.model_config(), ingest_config=ingest)
+    classifier = Classifier(core, artifact, batch_size=feed.batch_size)
+    trainer = training_model(core, config)
+    bn_forward = _TrainingModeForward(core) if not config.pretrained else None
+
+    stages = [(1, config.stage1_epochs), (2, config.epochs - config.stage1_epochs)]
+    best: dict[str, Any] = {"key": (-1.0, -1.0), "epoch": 0, "weights": None, "scores": None}
+    history: list[dict[str, Any]] = []
+    rates: list[float] = []
+    notes: list[str] = []
+    epoch = 0
+    for stage, n_epochs in stages:
+        if n_epochs == 0:
+            continue
+        set_stage(core, stage, config)
+        compile_stage(trainer, stage, config)
+        for _ in range(n_epochs):
+            epoch += 1
+            desc = f"epoch {epoch}/{config.epochs} (stage {stage})"
+            row: dict[str, Any] = {"epoch": epoch, "stage": stage, "lr": config.lr}
+            row |= train_one_epoch(trainer, feed, epoch, progress, desc)
+            if row["slices_per_second"] and (epoch > 1 or len(feed) > 1):
+                rates.append(row["slices_per_second"])
+            if bn_forward is not None:
+                row["bn_batches"] = recalibrate_batchnorm(bn_forward, core, feed, config.bn_batches)
+            val, scores = validate(classifier, cache, val_ids, val_targets)
+            row |= val
+            key = (val["val_macro_f1_tuned"], val["val_roc_auc"] or 0.0)
+            row["best"] = key > best["key"]
+            if row["best"]:
+                best = {"key": key, "epoch": epoch, "weights": core.get_weights(), "scores": scores}
+            if val["val_score_std"] < 1e-4:
+                note = (
+                    f"epoch {epoch}: validation scores are constant ({float(scores[0]):.4f}); "
+                    "the model has not learned anything usable yet"
+                )
+                notes.append(note)
+                logger.warning("%s", note)
+            row["seconds"] = round(row["seconds"], 2)
+            history.append(row)
+            _write_metrics_row(run / METRICS_FILE, row)
+            progress.message(
+                f"epoch {epoch}: loss {row['train_loss']:.4f} acc {row['train_accuracy']:.3f} | "
+                f"val macro F1 {val['val_macro_f1']:.3f} (tuned {val['val_macro_f1_tuned']:.3f} "
+                f"at {val['val_threshold']:.3f}) AUC "
+                + (f"{val['val_roc_auc']:.3f}" if val["val_roc_auc"] is not None else "n/a")
+                + (" *" if row["best"] else "")
+            )
+
+    core.set_weights(best["weights"])
+    threshold, _ = tune_threshold(val_targets, best["scores"])
+    val_metrics = binary_metrics(val_targets, best["scores"], threshold)
+    train_rate = float(np.median(rates)) if rates else 0.0
+    training_info = {
+        "config": config.to_dict(),
+        "best_epoch": best["epoch"],
+        "validation": val_metrics,
+        "split": split.counts(),
+        "data": {"root": str(data.root), "layout": data.layout},
+        "train_slices_per_second": round(train_rate, 2),
+        "environment": _environment(),
+    }
+    artifact = save_model(
+        core,
+        replace(artifact, threshold=threshold, training=training_info),
+        out,
+    )
+    result = TrainResult(
+        model_dir=out,
+        run_dir=run,
+        artifact=artifact,
+        best_epoch=best["epoch"],
+        val_metrics=val_metrics,
+        split_counts=split.counts(),
+        history=history,
+        cache_dir=cache.folder,
+        skipped=cache.skipped,
+        scan_warnings={s.scan_id: list(s.warnings) for s in cache.scans if s.warnings},
+        input_slices_per_second=feed_rate,
+        train_slices_per_second=train_rate,
+        seconds=time.perf_counter() - started,
+        notes=notes,
+    )
+    (run / SUMMARY_FILE).write_text(json.dumps(result.summary(), indent=2, default=str) + "\n")
+    return result

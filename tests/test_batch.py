@@ -1,0 +1,302 @@
+"""``ctcovid batch``: archive index, one row per series, SRs, equality with classify, resume, Ray."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from ctcovid.batch import (
+    CLASSIFIED,
+    FAILED,
+    SKIPPED,
+    BatchOptions,
+    ResultRow,
+    ResultsWriter,
+    read_results,
+    run_batch,
+)
+from ctcovid.batch.results import RESULTS_FILE
+from ctcovid.cli.main import app
+
+N_SLICES = 8
+SIZE = 64
+
+
+def _truncate_pixels(paths: list[Path]) -> None:
+    """Cut every file in the middle of its pixel data: the header reads, the pixels do not."""
+    for path in paths:
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) - (SIZE * SIZE)])
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """A messy archive: nested folders, a duplicated series, a localizer, an MR series, junk and
+    truncated files, a series too short to classify and one whose pixels are all broken."""
+    from dicom_fixtures import StudySpec, write_study
+
+    root = tmp_path_factory.mktemp("archive")
+    a = write_study(
+        root / "site1" / "2020" / "A",
+        StudySpec(positive=True, n_slices=N_SLICES, size=SIZE, add_localizer=True,
+                  add_mr_series=True, add_junk=True),
+        seed=11, index=0,
+    )
+    b = write_study(root / "site2" / "deep" / "er" / "B",
+                    StudySpec(positive=False, n_slices=N_SLICES, size=SIZE), seed=11, index=1)
+    shutil.copytree(b.ct_dir, root / "exports" / "B_again")  # every instance twice
+    c = write_study(root / "site2" / "C", StudySpec(positive=True, n_slices=3, size=SIZE),
+                    seed=11, index=2)
+    d = write_study(root / "site3" / "D", StudySpec(positive=False, n_slices=6, size=SIZE),
+                    seed=11, index=3)
+    _truncate_pixels(d.paths)
+    import pydicom
+
+    localizer_uid = str(pydicom.dcmread(a.localizer_path).SeriesInstanceUID)
+    mr_uid = str(pydicom.dcmread(a.mr_paths[0]).SeriesInstanceUID)
+    expected = {
+        a.ct_series_instance_uid: CLASSIFIED,
+        b.ct_series_instance_uid: CLASSIFIED,
+        localizer_uid: SKIPPED,
+        mr_uid: SKIPPED,
+        c.ct_series_instance_uid: SKIPPED,
+        d.ct_series_instance_uid: FAILED,
+    }
+    return {"root": root, "expected": expected, "a": a, "b": b, "c": c, "d": d}
+
+
+@pytest.fixture(scope="module")
+def local_run(archive: dict, tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+              ) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("batch") / "run"
+    summary = run_batch(BatchOptions(archive["root"], out, tiny_model_dir, workers=1))
+    return out, summary
+
+
+def _rows(out: Path) -> dict[str, ResultRow]:
+    rows = read_results(out / RESULTS_FILE)
+    return {r.series_instance_uid: r for r in rows}
+
+
+def test_one_row_per_series_with_its_status(archive: dict, local_run: tuple[Path, dict]) -> None:
+    out, _ = local_run
+    rows = read_results(out / RESULTS_FILE)
+    assert sorted(r.series_instance_uid for r in rows) == sorted(archive["expected"])
+    assert {r.series_instance_uid: r.status for r in rows} == archive["expected"]
+
+
+def test_rows_say_why_a_series_was_skipped_or_failed(archive: dict, local_run: tuple) -> None:
+    rows = _rows(local_run[0])
+    assert any("ImageType is LOCALIZER" in r.reason for r in rows.values())
+    assert any("modality MR is not CT" in r.reason for r in rows.values())
+    assert rows[archive["c"].ct_series_instance_uid].reason.startswith("too few slices: 3")
+    failed = rows[archive["d"].ct_series_instance_uid]
+    assert "no slice could be decoded" in failed.reason
+    assert failed.probability_covid is None and failed.sr_path == ""
+
+
+def test_csv_has_the_contract_columns(local_run: tuple[Path, dict]) -> None:
+    with open(local_run[0] / RESULTS_FILE, newline="") as fh:
+        header = next(csv.reader(fh))
+    assert header[:9] == [
+        "study_instance_uid", "series_instance_uid", "patient_id", "status", "reason",
+        "probability_covid", "label", "n_slices_used", "sr_path",
+    ]
+
+
+def test_index_records_bad_files_and_duplicates(archive: dict, local_run: tuple) -> None:
+    out, summary = local_run
+    with sqlite3.connect(out / "index.sqlite") as conn:
+        bad = dict(conn.execute("SELECT path, reason FROM bad_files").fetchall())
+        dups = conn.execute("SELECT path FROM duplicates").fetchall()
+        n_b = conn.execute(
+            "SELECT n_instances, duplicates FROM series WHERE series_instance_uid = ?",
+            (archive["b"].ct_series_instance_uid,),
+        ).fetchone()
+    junk = archive["a"].junk
+    assert "not a DICOM file" in bad[str(junk["text"])]
+    assert str(junk["empty"]) in bad
+    # B's eight instances plus its eight copies, and A's duplicate file: counted once each.
+    assert len(dups) == N_SLICES + 1
+    assert n_b == (N_SLICES, N_SLICES)
+    assert summary["index"]["bad_files"] == len(bad)
+
+
+def test_one_sr_per_classified_series(archive: dict, local_run: tuple, tiny_model_dir: Path
+                                      ) -> None:
+    import pydicom
+
+    from ctcovid.model.artifact import read_artifact
+    from ctcovid.report import sr_summary
+
+    out, _ = local_run
+    rows = _rows(out)
+    classified = [r for r in rows.values() if r.status == CLASSIFIED]
+    assert len(list((out / "sr").glob("*.dcm"))) == len(classified) == 2
+    device_uid = read_artifact(tiny_model_dir).device_uid
+    for row in classified:
+        sr = sr_summary(pydicom.dcmread(out / row.sr_path))
+        assert sr["study_instance_uid"] == row.study_instance_uid
+        assert sr["probability_covid"] == pytest.approx(row.probability_covid, abs=1e-6)
+        assert sr["device_uid"] == device_uid
+
+
+def test_batch_gives_the_numbers_of_classify(archive: dict, local_run: tuple,
+                                             tiny_model_dir: Path) -> None:
+    from ctcovid.dicom import load_series
+    from ctcovid.inference import Classifier
+
+    rows = _rows(local_run[0])
+    classifier = Classifier.from_file(tiny_model_dir)
+    for study in (archive["a"], archive["b"]):
+        result = classifier.classify(load_series(study.ct_dir, classifier.ingest_config))
+        row = rows[study.ct_series_instance_uid]
+        assert row.probability_covid == pytest.approx(result.probability_covid, abs=1e-6)
+        assert (row.label, row.n_slices_used) == (result.label, result.n_slices_used)
+
+
+def test_summary_counts_statuses(local_run: tuple) -> None:
+    out, summary = local_run
+    on_disk = json.loads((out / "summary.json").read_text())
+    assert on_disk["counts"] == summary["counts"] == {CLASSIFIED: 2, SKIPPED: 3, FAILED: 1}
+    assert on_disk["this_run"]["slices_classified"] == 2 * N_SLICES
+
+
+def test_torn_last_line_is_cut_and_rows_stay_unique(tmp_path: Path) -> None:
+    path = tmp_path / RESULTS_FILE
+    with ResultsWriter(path) as writer:
+        writer.append(ResultRow("1.2", "1.2.3", "P1", SKIPPED, reason="modality MR is not CT"))
+    with open(path, "a") as fh:
+        fh.write("1.2,1.2.4,P1,classi")  # a power cut in the middle of a row
+    with ResultsWriter(path) as writer:
+        assert writer.done == {("1.2", "1.2.3")}
+        with pytest.raises(ValueError, match=r"1\.2\.3 already has a row"):
+            writer.append(ResultRow("1.2", "1.2.3", "P1", SKIPPED))
+        writer.append(ResultRow("1.2", "1.2.4", "P1", FAILED, reason="broken"))
+    assert [r.series_instance_uid for r in read_results(path)] == ["1.2.3", "1.2.4"]
+
+
+def test_out_folder_of_another_model_is_refused(local_run: tuple, archive: dict,
+                                                tiny_model_dir: Path, tmp_path: Path) -> None:
+    other = tmp_path / "other_model"
+    shutil.copytree(tiny_model_dir, other)
+    meta = json.loads((other / "ctcovid.json").read_text())
+    meta["weights_sha256"] = "0" * 64  # another model identity (device UID)
+    (other / "ctcovid.json").write_text(json.dumps(meta))
+    out = local_run[0]
+    result = CliRunner().invoke(
+        app, ["batch", str(archive["root"]), "--out", str(out), "--model", str(other),
+              "--resume", "--quiet"],
+    )
+    assert result.exit_code == 1
+    assert "another model" in result.output
+    assert "new --out" in result.output
+
+
+def test_out_folder_with_results_needs_resume(local_run: tuple, archive: dict,
+                                              tiny_model_dir: Path) -> None:
+    result = CliRunner().invoke(
+        app, ["batch", str(archive["root"]), "--out", str(local_run[0]), "--model",
+              str(tiny_model_dir), "--quiet"],
+    )
+    assert result.exit_code == 1
+    assert "--resume" in result.output
+
+
+def test_resume_is_a_no_op_when_everything_is_done(local_run: tuple, archive: dict,
+                                                   tiny_model_dir: Path) -> None:
+    out = local_run[0]
+    before = (out / RESULTS_FILE).read_bytes()
+    summary = run_batch(BatchOptions(archive["root"], out, tiny_model_dir, resume=True,
+                                     workers=1))
+    assert (out / RESULTS_FILE).read_bytes() == before
+    assert summary["this_run"]["series"] == 0
+    assert summary["index"]["reused"] is True
+
+
+@pytest.fixture(scope="module")
+def big_archive(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Eight plain series: enough work after the first row that a kill lands midway."""
+    from dicom_fixtures import generate_studies
+
+    root = tmp_path_factory.mktemp("big_archive")
+    generate_studies(root, 8, seed=5, n_slices=N_SLICES, size=SIZE)
+    (root / "manifest.json").unlink()  # not DICOM; keep the archive to the studies
+    return root
+
+
+def test_kill_9_then_resume_finishes_without_duplicates(big_archive: Path, tiny_model_dir: Path,
+                                                        tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "ctcovid.cli.main", "batch", str(big_archive), "--out",
+           str(out), "--model", str(tiny_model_dir), "--workers", "0", "--batch-size", "2",
+           "--quiet"]
+    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    results = out / RESULTS_FILE
+    deadline = time.monotonic() + 300
+    killed_midway = False
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            if results.exists() and CLASSIFIED in results.read_text():
+                os.killpg(proc.pid, signal.SIGKILL)
+                killed_midway = True
+                break
+            time.sleep(0.02)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    assert killed_midway or proc.returncode == 0, proc.stderr.read().decode()[-2000:]
+    rows_before = read_results(results)
+    if len(rows_before) == 8:  # finished before the kill landed: cut it back ourselves
+        lines = results.read_text().splitlines(keepends=True)
+        results.write_text("".join(lines[:3]))
+        rows_before = read_results(results)
+    assert 0 < len(rows_before) < 8
+    with open(results, "a") as fh:
+        fh.write("2.25.1,2.25.2,FX,classif")  # and a row torn by the power going
+    summary = run_batch(BatchOptions(big_archive, out, tiny_model_dir, resume=True, workers=1))
+    rows = read_results(results)
+    uids = [r.series_instance_uid for r in rows]
+    assert len(uids) == len(set(uids)) == 8
+    assert rows[: len(rows_before)] == rows_before  # finished rows were not redone
+    assert all(r.status == CLASSIFIED for r in rows)
+    assert summary["resumed_rows"] == len(rows_before)
+    assert len(list((out / "sr").glob("*.dcm"))) == 8
+    assert not list((out / "sr").glob(".*"))  # no temp files left by the kill
+
+
+def test_ray_engine_gives_the_results_of_the_local_engine(
+    archive: dict, local_run: tuple, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'ctcovid[ray]')")
+    pytest.importorskip("ray.data", reason="Ray Data is not installed")
+    out = tmp_path / "ray_run"
+    try:
+        summary = run_batch(BatchOptions(archive["root"], out, tiny_model_dir, engine="ray",
+                                         workers=1, ray_num_cpus=2))
+    finally:
+        ray.shutdown()
+    local = _rows(local_run[0])
+    remote = _rows(out)
+    assert summary["counts"] == local_run[1]["counts"]
+    assert remote.keys() == local.keys()
+    for uid, row in local.items():
+        other = remote[uid]
+        assert (other.status, other.reason, other.label, other.n_slices_used, other.sr_path) == (
+            row.status, row.reason, row.label, row.n_slices_used, row.sr_path
+        )
+        if row.probability_covid is not None:
+            assert other.probability_covid == pytest.approx(row.probability_covid, abs=1e-6)

@@ -1,0 +1,294 @@
+"""The node's store and job states, its settings, and ``ctcovid queue`` (no network, no model)."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pydicom
+import pytest
+from typer.testing import CliRunner
+
+from ctcovid.cli.main import app
+from ctcovid.errors import ConfigError
+from ctcovid.node.config import NodeConfig, Peer, load_config
+from ctcovid.node.store import (
+    CLASSIFIED,
+    CLASSIFYING,
+    FAILED,
+    RECEIVED,
+    SENT,
+    WAITING,
+    InvalidUidError,
+    OutOfSpaceError,
+    Store,
+    valid_uid,
+)
+
+
+def _ct_files(studies_root: Path) -> list[Path]:
+    return sorted((studies_root / "study_000" / "ct").glob("*.dcm"))
+
+
+def _put(store: Store, path: Path) -> bool:
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    return store.put_instance(
+        path.read_bytes(),
+        study_instance_uid=ds.StudyInstanceUID,
+        series_instance_uid=ds.SeriesInstanceUID,
+        sop_instance_uid=ds.SOPInstanceUID,
+        sop_class_uid=ds.SOPClassUID,
+    )
+
+
+def _classified(store: Store, series_uid: str, revision: int = 1) -> None:
+    """Walk one series through the worker's store calls up to 'classified'."""
+    store.promote_stable(0.0)
+    record = store.claim_next()
+    assert record is not None and record.series_instance_uid == series_uid
+    sr = store.sr_path(series_uid, f"2.25.{revision}")
+    store.write_file(sr, b"sr")
+    assert store.finish_classified(
+        record, revision=revision, sr_path=sr, sr_sop_instance_uid=f"2.25.{revision}",
+        probability_covid=0.5, label="covid", classify_seconds=1.0,
+    )
+
+
+@pytest.mark.parametrize(
+    ("uid", "ok"),
+    [
+        ("1.2.840.10008.5.1.4.1.1.2", True),
+        ("2.25.123", True),
+        ("../../etc", False),
+        ("1.2/3", False),
+        ("1." + "2" * 63, False),  # 65 characters
+        ("1.2.", False),
+        ("", False),
+        ("1.2\x00", False),
+    ],
+)
+def test_only_digit_and_dot_uids_of_at_most_64_chars_are_valid(uid: str, ok: bool) -> None:
+    assert valid_uid(uid) is ok
+
+
+def test_instance_is_stored_under_its_uids_and_recorded(tmp_path: Path, studies_root: Path):
+    store = Store(tmp_path / "store")
+    src = _ct_files(studies_root)[0]
+    ds = pydicom.dcmread(src, stop_before_pixels=True)
+
+    assert _put(store, src) is True
+    assert _put(store, src) is False  # the same instance again is not new
+
+    path = store.root / "instances" / ds.StudyInstanceUID / ds.SeriesInstanceUID
+    assert (path / f"{ds.SOPInstanceUID}.dcm").read_bytes() == src.read_bytes()
+    assert list(store.tmp_dir.iterdir()) == []
+    record = store.get(ds.SeriesInstanceUID)
+    assert record is not None and (record.state, record.n_instances) == (RECEIVED, 1)
+
+
+def test_crafted_uid_is_refused_before_anything_is_written(tmp_path: Path):
+    store = Store(tmp_path / "store")
+    with pytest.raises(InvalidUidError, match="SOPInstanceUID"):
+        store.put_instance(
+            b"x", study_instance_uid="1.2", series_instance_uid="1.2.3",
+            sop_instance_uid="../../../escaped", sop_class_uid="1.2",
+        )
+    with pytest.raises(InvalidUidError, match="StudyInstanceUID"):
+        store.put_instance(
+            b"x", study_instance_uid="/tmp", series_instance_uid="1.2.3",
+            sop_instance_uid="1.2.3.4", sop_class_uid="1.2",
+        )
+    assert [p for p in tmp_path.rglob("*") if p.is_file() and p.suffix != ".sqlite"
+            and "sqlite" not in p.name] == []
+    assert store.count_instances() == 0
+
+
+def test_free_space_floor_refuses_to_write(tmp_path: Path):
+    store = Store(tmp_path / "store", min_free_mb=1e12)  # more than any disk has
+    with pytest.raises(OutOfSpaceError, match="floor"):
+        store.put_instance(
+            b"x", study_instance_uid="1.2", series_instance_uid="1.2.3",
+            sop_instance_uid="1.2.3.4", sop_class_uid="1.2",
+        )
+    assert not (store.instances_dir / "1.2").exists()
+
+
+def test_series_is_queued_only_after_stable_seconds_of_quiet(tmp_path: Path, studies_root: Path):
+    store = Store(tmp_path / "store")
+    _put(store, _ct_files(studies_root)[0])
+    assert store.promote_stable(60.0) == 0
+    assert store.promote_stable(60.0, now=time.time() + 61) == 1
+    assert store.list_series()[0].state == WAITING
+
+
+def test_jobs_are_claimed_in_arrival_order(tmp_path: Path, studies_root: Path):
+    store = Store(tmp_path / "store")
+    first = _ct_files(studies_root)[0]
+    second = sorted((studies_root / "study_001" / "ct").glob("*.dcm"))[0]
+    _put(store, first)
+    _put(store, second)
+    store.promote_stable(0.0)
+    claimed = store.claim_next()
+    assert claimed is not None
+    assert claimed.series_instance_uid == pydicom.dcmread(first).SeriesInstanceUID
+    assert claimed.state == CLASSIFYING
+
+
+def test_late_instance_reopens_a_sent_series_for_the_next_revision(
+    tmp_path: Path, studies_root: Path
+):
+    store = Store(tmp_path / "store")
+    files = _ct_files(studies_root)
+    series_uid = pydicom.dcmread(files[0]).SeriesInstanceUID
+    _put(store, files[0])
+    _classified(store, series_uid)
+    store.mark_sent(store.due_sends()[0])
+    assert store.get(series_uid).state == SENT  # type: ignore[union-attr]
+
+    _put(store, files[1])
+
+    record = store.get(series_uid)
+    assert record is not None
+    assert (record.state, record.sent_revision, record.n_instances) == (RECEIVED, 1, 2)
+
+
+def test_result_of_a_series_that_changed_while_classifying_is_discarded(
+    tmp_path: Path, studies_root: Path
+):
+    store = Store(tmp_path / "store")
+    files = _ct_files(studies_root)
+    series_uid = pydicom.dcmread(files[0]).SeriesInstanceUID
+    _put(store, files[0])
+    store.promote_stable(0.0)
+    record = store.claim_next()
+    assert record is not None
+    _put(store, files[1])  # arrives while the worker classifies
+
+    kept = store.finish_classified(
+        record, revision=1, sr_path=store.sr_path(series_uid, "2.25.1"),
+        sr_sop_instance_uid="2.25.1", probability_covid=0.5, label="covid", classify_seconds=1,
+    )
+
+    assert kept is False
+    assert store.get(series_uid).state == RECEIVED  # type: ignore[union-attr]
+
+
+def test_send_failures_back_off_exponentially_then_fail(tmp_path: Path, studies_root: Path):
+    store = Store(tmp_path / "store")
+    files = _ct_files(studies_root)
+    series_uid = pydicom.dcmread(files[0]).SeriesInstanceUID
+    _put(store, files[0])
+    _classified(store, series_uid)
+    waits = []
+    for _ in range(2):
+        record = store.list_series(CLASSIFIED)[0]
+        before = time.time()
+        state, next_try = store.mark_send_failed(
+            record, "refused", retry_seconds=10, max_retry_seconds=100, max_attempts=3
+        )
+        assert state == CLASSIFIED and next_try is not None
+        waits.append(next_try - before)
+    assert waits[0] == pytest.approx(10, abs=1) and waits[1] == pytest.approx(20, abs=1)
+
+    state, next_try = store.mark_send_failed(
+        store.list_series(CLASSIFIED)[0], "refused", retry_seconds=10, max_retry_seconds=100,
+        max_attempts=3,
+    )
+
+    record = store.get(series_uid)
+    assert (state, next_try) == (FAILED, None)
+    assert record is not None and record.state == FAILED and "3 time(s)" in record.reason
+
+
+def test_resume_puts_interrupted_jobs_back_in_the_queue(tmp_path: Path, studies_root: Path):
+    store = Store(tmp_path / "store")
+    _put(store, _ct_files(studies_root)[0])
+    store.promote_stable(0.0)
+    assert store.claim_next() is not None
+    store.close()
+
+    reopened = Store(tmp_path / "store")  # as after kill -9 of the node
+    assert reopened.resume(max_classify_attempts=3) == 1
+    assert reopened.list_series()[0].state == WAITING
+
+
+def test_reconcile_records_files_the_database_missed(tmp_path: Path, studies_root: Path):
+    store = Store(tmp_path / "store")
+    src = _ct_files(studies_root)[0]
+    ds = pydicom.dcmread(src, stop_before_pixels=True)
+    # A crash between rename and commit: the file is in place, the row is not.
+    store.write_file(store.instance_path(ds.StudyInstanceUID, ds.SeriesInstanceUID,
+                                         ds.SOPInstanceUID), src.read_bytes())
+    (store.tmp_dir / "half.part").write_bytes(b"half")
+
+    assert store.reconcile() == 1
+    assert store.count_instances() == 1
+    assert list(store.tmp_dir.iterdir()) == []
+
+
+def test_toml_settings_are_overridden_by_flags(tmp_path: Path):
+    toml = tmp_path / "node.toml"
+    toml.write_text(
+        '[node]\nstore = "data"\nport = 4242\nae_title = "FROMFILE"\n'
+        'peer = "pacs.example:104:PACS"\nallow_aet = ["A", "B"]\nstable_seconds = 5\n'
+    )
+
+    config = load_config(toml, {"port": 11112, "ae_title": None, "allow_aet": None})
+
+    assert config.port == 11112
+    assert config.ae_title == "FROMFILE"
+    assert config.store == tmp_path / "data"  # relative to the file
+    assert config.peer == Peer("pacs.example", 104, "PACS")
+    assert config.allow_aet == ("A", "B")
+    assert config.stable_seconds == 5
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"store": "s", "peer": "nohost"}, "HOST:PORT:AET"),
+        ({"store": "s", "ae_title": "A" * 17}, "16"),
+        ({"store": "s", "stable_secnds": 3}, "stable_secnds"),
+        ({"store": "s", "tls_cert": "c.pem"}, "tls_key"),
+        ({"port": 1}, "store is required"),
+        ({"store": "s", "max_pdu_bytes": 0}, "max_pdu_bytes"),
+    ],
+)
+def test_bad_settings_are_refused_with_the_setting_named(settings: dict, message: str):
+    with pytest.raises(ConfigError, match=message):
+        NodeConfig.from_dict(settings)
+
+
+def test_queue_lists_jobs_and_retries_failed_sends(tmp_path: Path, studies_root: Path):
+    store = Store(tmp_path / "store")
+    files = _ct_files(studies_root)
+    series_uid = pydicom.dcmread(files[0]).SeriesInstanceUID
+    _put(store, files[0])
+    _classified(store, series_uid)
+    store.mark_send_failed(
+        store.due_sends()[0], "association rejected", retry_seconds=1, max_retry_seconds=1,
+        max_attempts=1,
+    )
+    store.close()
+    runner = CliRunner()
+
+    listed = runner.invoke(app, ["queue", "--store", str(tmp_path / "store"), "--json"])
+    retried = runner.invoke(
+        app, ["queue", "--store", str(tmp_path / "store"), "--json", "--retry", series_uid]
+    )
+
+    assert listed.exit_code == 0, listed.output
+    data = json.loads(listed.stdout)
+    assert data["counts"][FAILED] == 1 and data["instances"] == 1
+    assert "association rejected" in data["series"][0]["reason"]
+    assert retried.exit_code == 0, retried.output
+    after = json.loads(retried.stdout)
+    assert after["requeued"] == [series_uid]
+    assert after["series"][0]["state"] == CLASSIFIED and after["series"][0]["attempts"] == 0
+
+
+def test_queue_on_a_folder_that_is_no_store_exits_1(tmp_path: Path):
+    result = CliRunner().invoke(app, ["queue", "--store", str(tmp_path)])
+    assert result.exit_code == 1
+    assert "not a node store" in result.output
