@@ -28,7 +28,9 @@ class IngestConfig:
 
     def __post_init__(self) -> None:
         if self.window_width_hu <= 0:
-            raise ConfigError(f"window_width_hu must be positive. Received: {self.window_width_hu}.")
+            raise ConfigError(
+                f"window_width_hu must be positive. Received: {self.window_width_hu}."
+            )
         if self.image_size < 16:
             raise ConfigError(f"image_size must be at least 16. Received: {self.image_size}.")
         if self.min_slices < 1:

@@ -22,4 +22,4 @@ class ConfigError(CtCovidError):
 
 
 class ReportError(CtCovidError):
-    """A DICOM SR (or other produced object) failed its own validation before leaving the process."""
+    """A produced DICOM object (SR, Secondary Capture) failed validation before leaving."""

@@ -46,7 +46,9 @@ class PreparedScan:
 class Classifier:
     """A loaded model with the preprocessing its artifact prescribes."""
 
-    def __init__(self, model: Any, artifact: ModelArtifact, *, batch_size: int = DEFAULT_BATCH_SIZE):
+    def __init__(
+        self, model: Any, artifact: ModelArtifact, *, batch_size: int = DEFAULT_BATCH_SIZE
+    ):
         self.model = model
         self.artifact = artifact
         self.batch_size = batch_size
@@ -88,7 +90,9 @@ class Classifier:
                 pad = np.zeros((self.batch_size - n, size, size), chunk.dtype)
                 chunk = np.concatenate([chunk, pad])
             x = chunk[..., np.newaxis].astype(np.float32)
-            out[start : start + n] = np.asarray(self.model.predict_on_batch(x), np.float32).reshape(-1)[:n]
+            out[start : start + n] = np.asarray(self.model.predict_on_batch(x), np.float32).reshape(
+                -1
+            )[:n]
         return out
 
     def class_activation_maps(self, slices: np.ndarray) -> np.ndarray:
@@ -115,14 +119,18 @@ class Classifier:
 
     # -- series -> result ---------------------------------------------------------------------
 
-    def prepare(self, series: Series, preprocessed: PreprocessedSeries | None = None) -> PreparedScan:
+    def prepare(
+        self, series: Series, preprocessed: PreprocessedSeries | None = None
+    ) -> PreparedScan:
         """Preprocess a series (unless given) and apply the model's slice policy."""
         if not series.usable:
             raise InvalidInputError(
                 f"Series {series.series_instance_uid} is not usable: {series.reason}"
             )
-        pp = preprocessed if preprocessed is not None else preprocess_series(
-            series, self.ingest_config
+        pp = (
+            preprocessed
+            if preprocessed is not None
+            else preprocess_series(series, self.ingest_config)
         )
         indices, warnings = select_slices(pp.slices, self.ingest_config)
         used = pp.subset(indices)
@@ -174,4 +182,3 @@ class Classifier:
     def classify_many(self, series_list: Iterable[Series]) -> Iterator[ScanResult]:
         for series in series_list:
             yield self.classify(series)
-

@@ -27,7 +27,7 @@ BODY_MIN_HU = -500.0
 
 
 def lung_window(hu: np.ndarray, center_hu: float, width_hu: float) -> np.ndarray:
-    """Linear window to [0, 255] (float32), clipped: ``center - width/2`` -> 0, ``+ width/2`` -> 255."""
+    """Linear window to [0, 255] (float32), clipped: ``center -/+ width/2`` -> 0 / 255."""
     low = center_hu - width_hu / 2.0
     out = (np.asarray(hu, np.float32) - np.float32(low)) * np.float32(255.0 / width_hu)
     return np.clip(out, 0.0, 255.0, out=out)
@@ -98,9 +98,7 @@ def lung_fraction(slice_u8: np.ndarray, config: IngestConfig) -> float:
     if n_lung == 0:
         return 0.0
     border = np.unique(
-        np.concatenate(
-            [lung_labels[0], lung_labels[-1], lung_labels[:, 0], lung_labels[:, -1]]
-        )
+        np.concatenate([lung_labels[0], lung_labels[-1], lung_labels[:, 0], lung_labels[:, -1]])
     )
     lung = low & ~np.isin(lung_labels, border[border > 0])
     return float(lung.mean())

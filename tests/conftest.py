@@ -55,3 +55,57 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         out,
     )
     return out
+
+
+TRAINED_INPUT_SIZE = 32
+TRAINED_EPOCHS = 6
+TRAINED_MAX_SLICES = 8
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The suite's one training run, through ``ctcovid train``: a from-scratch Res-Dense Net
+    (default architecture) at 32 px on an easy COV19-CT-DB-layout fixture set.
+
+    Returns the CLI's JSON summary with the paths and settings tests need, and a loaded
+    ``Classifier`` for tests that predict without going through the CLI again.
+    """
+    import json
+
+    from typer.testing import CliRunner
+
+    import dicom_fixtures
+    from ctcovid.cli.main import app
+    from ctcovid.inference import Classifier
+
+    root = tmp_path_factory.mktemp("trained")
+    data = root / "cov19"
+    # Ten slices a scan, eight kept by the slice policy: 128 training slices, 4 steps an epoch.
+    dicom_fixtures.write_cov19_layout(data, n_per_class=8, n_slices=10, size=64, seed=11)
+    dicom_fixtures.write_cov19_layout(
+        data, n_per_class=4, n_slices=10, size=64, seed=12, split="val"
+    )
+    model, cache = root / "model", root / "cache"
+    result = CliRunner().invoke(app, [
+        "train", str(data), "--out", str(model), "--weights", "none",
+        "--input-size", str(TRAINED_INPUT_SIZE), "--epochs", str(TRAINED_EPOCHS),
+        "--max-slices", str(TRAINED_MAX_SLICES), "--min-slices", "4", "--lr", "1e-4",
+        "--seed", "0", "--cache", str(cache), "--json",
+    ])
+    assert result.exit_code == 0, result.output
+    return {
+        "summary": json.loads(result.stdout),
+        "data_dir": data,
+        "model_dir": model,
+        "cache_dir": cache,
+        "epochs": TRAINED_EPOCHS,
+        "max_slices": TRAINED_MAX_SLICES,
+        "n_val": 8,
+        "classifier": Classifier.from_file(model),
+    }
+
+
+@pytest.fixture(scope="session")
+def trained_model_dir(trained_run: dict) -> Path:
+    """A Res-Dense Net trained (briefly, from scratch, 32 px) to tell the fixture classes apart."""
+    return trained_run["model_dir"]

@@ -78,11 +78,12 @@ class NodeProcess:
     def __init__(self, store: Path, model: Path, log: Path, *args: str) -> None:
         self.log = log
         env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1")
-        self._log_fh = open(log, "ab")
+        self._log_fh = open(log, "ab")  # noqa: SIM115 - open for the life of the process
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "ctcovid.cli.main", "listen", "--store", str(store),
              "--model", str(model), "--host", "127.0.0.1", "--ae-title", NODE_AET, *args],
             stdout=self._log_fh, stderr=subprocess.STDOUT, env=env,
+            start_new_session=True,  # its own process group, as under a service manager
         )
         match = wait_for(self._listening, 120, "the node to listen")
         self.port = int(match.group(1))
@@ -105,8 +106,9 @@ class NodeProcess:
         self.proc.wait(timeout=30)
 
     def terminate(self, timeout: float = 180) -> int:
+        """SIGTERM to the whole process group (listener and worker), as systemd or timeout do."""
         if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
+            os.killpg(self.proc.pid, signal.SIGTERM)
         try:
             return self.proc.wait(timeout=timeout)
         finally:
@@ -114,7 +116,8 @@ class NodeProcess:
 
     def close(self) -> None:
         if self.proc.poll() is None:
-            self.proc.kill()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(timeout=30)
         self._log_fh.close()
 
@@ -145,10 +148,12 @@ def _port_open(port: int) -> bool:
 class Orthanc:
     """Orthanc started with a generated configuration on free loopback ports."""
 
-    def __init__(self, work: Path, node_port: int, aet: str = "ORTHANC") -> None:
+    def __init__(
+        self, work: Path, node_port: int, *, dicom_port: int | None = None, aet: str = "ORTHANC"
+    ) -> None:
         binary = require_tool("Orthanc")
         self.aet = aet
-        self.http_port, self.dicom_port = free_port(), free_port()
+        self.http_port, self.dicom_port = free_port(), dicom_port or free_port()
         storage = work / "orthanc-db"
         storage.mkdir(parents=True, exist_ok=True)
         config = {
@@ -167,7 +172,7 @@ class Orthanc:
         }
         config_path = work / "orthanc.json"
         config_path.write_text(json.dumps(config, indent=2))
-        self._log = open(work / "orthanc.log", "ab")
+        self._log = open(work / "orthanc.log", "ab")  # noqa: SIM115 - lives with the process
         self.proc = subprocess.Popen(
             ["timeout", "900", binary, str(config_path)], stdout=self._log, stderr=self._log
         )

@@ -1,4 +1,4 @@
-"""``ctcovid batch``: archive index, one row per series, SRs, equality with classify, resume, Ray."""
+"""``ctcovid batch``: archive index, one row per series, SRs, equality with classify, resume."""
 
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ from ctcovid.batch import (
 )
 from ctcovid.batch.results import RESULTS_FILE
 from ctcovid.cli.main import app
+from ctcovid.inference import Classifier
 
 N_SLICES = 8
 SIZE = 64
@@ -77,10 +78,17 @@ def archive(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 
 @pytest.fixture(scope="module")
-def local_run(archive: dict, tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
-              ) -> tuple[Path, dict]:
+def classifier(tiny_model_dir: Path) -> Classifier:
+    """The tiny model, loaded once for the module (loading is most of a small run's time)."""
+    return Classifier.from_file(tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
+def local_run(archive: dict, tiny_model_dir: Path, classifier: Classifier,
+              tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("batch") / "run"
-    summary = run_batch(BatchOptions(archive["root"], out, tiny_model_dir, workers=1))
+    summary = run_batch(BatchOptions(archive["root"], out, tiny_model_dir, workers=1),
+                        classifier=classifier)
     return out, summary
 
 
@@ -153,12 +161,10 @@ def test_one_sr_per_classified_series(archive: dict, local_run: tuple, tiny_mode
 
 
 def test_batch_gives_the_numbers_of_classify(archive: dict, local_run: tuple,
-                                             tiny_model_dir: Path) -> None:
+                                             classifier: Classifier) -> None:
     from ctcovid.dicom import load_series
-    from ctcovid.inference import Classifier
 
     rows = _rows(local_run[0])
-    classifier = Classifier.from_file(tiny_model_dir)
     for study in (archive["a"], archive["b"]):
         result = classifier.classify(load_series(study.ct_dir, classifier.ingest_config))
         row = rows[study.ct_series_instance_uid]
@@ -225,6 +231,31 @@ def test_resume_is_a_no_op_when_everything_is_done(local_run: tuple, archive: di
     assert summary["index"]["reused"] is True
 
 
+def test_resume_after_an_interruption_finishes_the_rest(
+    archive: dict, local_run: tuple, tiny_model_dir: Path, classifier: Classifier, tmp_path: Path
+) -> None:
+    full_out = local_run[0]
+    out = tmp_path / "run"
+    shutil.copytree(full_out, out)
+    lines = (out / RESULTS_FILE).read_text().splitlines(keepends=True)
+    # An interrupted run: header and two finished rows, then a row torn by a power cut.
+    (out / RESULTS_FILE).write_text("".join(lines[:3]) + lines[3][:25])
+    summary = run_batch(BatchOptions(archive["root"], out, tiny_model_dir, resume=True, workers=1),
+                        classifier=classifier)
+    rows = read_results(out / RESULTS_FILE)
+    uids = [r.series_instance_uid for r in rows]
+    assert len(uids) == len(set(uids))
+    assert summary["resumed_rows"] == 2
+    full = _rows(full_out)
+    assert sorted(uids) == sorted(full)
+    for row in rows:
+        assert row.status == full[row.series_instance_uid].status
+        if row.probability_covid is not None:
+            assert row.probability_covid == pytest.approx(
+                full[row.series_instance_uid].probability_covid, abs=1e-6
+            )
+
+
 @pytest.fixture(scope="module")
 def big_archive(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Eight plain series: enough work after the first row that a kill lands midway."""
@@ -236,8 +267,10 @@ def big_archive(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+@pytest.mark.slow  # a real process loads the model: about 75 s on two cores
 def test_kill_9_then_resume_finishes_without_duplicates(big_archive: Path, tiny_model_dir: Path,
-                                                        tmp_path: Path) -> None:
+                                                        classifier: Classifier, tmp_path: Path
+                                                        ) -> None:
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "ctcovid.cli.main", "batch", str(big_archive), "--out",
            str(out), "--model", str(tiny_model_dir), "--workers", "0", "--batch-size", "2",
@@ -265,9 +298,11 @@ def test_kill_9_then_resume_finishes_without_duplicates(big_archive: Path, tiny_
         results.write_text("".join(lines[:3]))
         rows_before = read_results(results)
     assert 0 < len(rows_before) < 8
+    print(f"killed midway: {killed_midway}, rows before resume: {len(rows_before)}")
     with open(results, "a") as fh:
         fh.write("2.25.1,2.25.2,FX,classif")  # and a row torn by the power going
-    summary = run_batch(BatchOptions(big_archive, out, tiny_model_dir, resume=True, workers=1))
+    summary = run_batch(BatchOptions(big_archive, out, tiny_model_dir, resume=True, workers=1),
+                        classifier=classifier)
     rows = read_results(results)
     uids = [r.series_instance_uid for r in rows]
     assert len(uids) == len(set(uids)) == 8

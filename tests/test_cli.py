@@ -38,7 +38,11 @@ def test_series_json_lists_every_series_with_usability(studies_root, study_infos
     assert uids == {s["series_instance_uid"] for s in study_infos}
     for s in data["series"]:
         assert set(s) >= {
-            "series_instance_uid", "study_instance_uid", "modality", "n_instances", "usable",
+            "series_instance_uid",
+            "study_instance_uid",
+            "modality",
+            "n_instances",
+            "usable",
             "reason",
         }
         assert s["usable"] is True and s["modality"] == "CT"
@@ -68,23 +72,41 @@ def test_classify_json_has_the_contract_keys(studies_root, study_infos, tiny_mod
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     for key in (
-        "series_instance_uid", "study_instance_uid", "probability_covid", "label", "threshold",
-        "n_slices_total", "n_slices_used", "slice_probabilities", "model", "seconds",
+        "series_instance_uid",
+        "study_instance_uid",
+        "probability_covid",
+        "label",
+        "threshold",
+        "n_slices_total",
+        "n_slices_used",
+        "slice_probabilities",
+        "model",
+        "seconds",
     ):
         assert key in data
     assert data["series_instance_uid"] == study_infos[0]["series_instance_uid"]
     assert data["probability_covid"] == pytest.approx(np.mean(data["slice_probabilities"]))
-    assert data["label"] == ("covid" if data["probability_covid"] >= data["threshold"] else "non-covid")
+    assert data["label"] == (
+        "covid" if data["probability_covid"] >= data["threshold"] else "non-covid"
+    )
     assert data["n_slices_used"] == len(data["slice_probabilities"]) == 12
     assert set(data["model"]) == {"name", "version", "device_uid"}
 
 
-def test_classify_writes_a_readable_sr_and_heatmaps(studies_root, study_infos, tiny_model_dir,
-                                                    tmp_path):
+def test_classify_writes_a_readable_sr_and_heatmaps(
+    studies_root, study_infos, tiny_model_dir, tmp_path
+):
     sr = tmp_path / "sr.dcm"
     result = invoke(
-        "classify", ct_dir(studies_root, study_infos, 1), "--model", tiny_model_dir, "--json",
-        "--sr", sr, "--heatmaps", tmp_path / "hm",
+        "classify",
+        ct_dir(studies_root, study_infos, 1),
+        "--model",
+        tiny_model_dir,
+        "--json",
+        "--sr",
+        sr,
+        "--heatmaps",
+        tmp_path / "hm",
     )
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
@@ -95,8 +117,9 @@ def test_classify_writes_a_readable_sr_and_heatmaps(studies_root, study_infos, t
     assert len(pngs) == min(5, data["n_slices_used"])
 
 
-def test_classify_without_a_model_says_how_to_get_one(studies_root, study_infos, tmp_path,
-                                                      monkeypatch):
+def test_classify_without_a_model_says_how_to_get_one(
+    studies_root, study_infos, tmp_path, monkeypatch
+):
     monkeypatch.setenv("CTCOVID_MODEL", str(tmp_path / "missing"))
     result = invoke("classify", ct_dir(studies_root, study_infos, 0))
     assert result.exit_code == 1
@@ -117,12 +140,22 @@ def test_classify_a_folder_without_usable_ct_exits_1_with_one_line(tmp_path, tin
 
 def test_fixtures_command_writes_studies_and_cov19_layout(tmp_path):
     result = invoke(
-        "fixtures", tmp_path, "--studies", "2", "--slices", "4", "--size", "32",
-        "--cov19-per-class", "1", "--json",
+        "fixtures",
+        tmp_path,
+        "--studies",
+        "2",
+        "--slices",
+        "4",
+        "--size",
+        "32",
+        "--cov19-per-class",
+        "1",
+        "--json",
     )
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     assert [s["label"] for s in data["studies"]] == ["covid", "non-covid"]
     assert sorted(p.name for p in (tmp_path / "cov19" / "train").iterdir()) == [
-        "covid", "non-covid"
+        "covid",
+        "non-covid",
     ]

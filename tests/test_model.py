@@ -84,7 +84,7 @@ def test_unknown_backbone_is_a_clear_error():
 
 
 def test_local_weights_folder_without_the_file_names_it(tmp_path):
-    with pytest.raises(ModelError, match="resnet101_weights_tf_dim_ordering_tf_kernels_notop.h5"):
+    with pytest.raises(ModelError, match=r"resnet101_weights_tf_dim_ordering_tf_kernels_notop\.h5"):
         build_res_dense(ModelConfig(input_size=32, weights=str(tmp_path)))
 
 
@@ -117,7 +117,9 @@ def test_artifact_round_trip_keeps_predictions_and_settings(tiny, tmp_path):
 
 
 def test_device_uid_changes_with_the_weights(tiny, tmp_path):
-    first = save_model(tiny, ModelArtifact(ModelConfig(input_size=32), IngestConfig()), tmp_path / "a")
+    first = save_model(
+        tiny, ModelArtifact(ModelConfig(input_size=32), IngestConfig()), tmp_path / "a"
+    )
     dense = tiny.get_layer("p_covid")
     kernel, bias = dense.get_weights()
     dense.set_weights([kernel, bias + 1.0])
@@ -161,9 +163,17 @@ def test_jax_backend_gives_the_same_probabilities(tiny, tmp_path):
     np.save(tmp_path / "x.npy", x)
     env = dict(os.environ, KERAS_BACKEND="jax")
     subprocess.run(
-        [sys.executable, "-c", JAX_SCRIPT, str(tmp_path / "m"), str(tmp_path / "x.npy"),
-         str(tmp_path / "y.npy")],
-        check=True, env=env, timeout=300,
+        [
+            sys.executable,
+            "-c",
+            JAX_SCRIPT,
+            str(tmp_path / "m"),
+            str(tmp_path / "x.npy"),
+            str(tmp_path / "y.npy"),
+        ],
+        check=True,
+        env=env,
+        timeout=300,
     )
     np.testing.assert_allclose(np.load(tmp_path / "y.npy"), tiny.predict_on_batch(x), atol=1e-4)
 

@@ -9,6 +9,7 @@ judges it. The classify phase reads its work list from this index.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import multiprocessing
@@ -129,10 +130,14 @@ def process_pool(workers: int) -> ProcessPoolExecutor:
 
 
 def read_archive(
-    paths: Sequence[str], workers: int, progress: ProgressFn | None = None
+    paths: Sequence[str],
+    workers: int,
+    progress: ProgressFn | None = None,
+    pool: ProcessPoolExecutor | None = None,
 ) -> list[Instance | BadFile]:
     """Header-read ``paths`` with ``workers`` processes (in this process when ``workers <= 1``);
-    results in the order of ``paths``, so grouping does not depend on scheduling."""
+    results in the order of ``paths``, so grouping does not depend on scheduling. A ``pool``
+    given is used and left open (the classify phase reuses its warm workers)."""
     total = len(paths)
     done = 0
     if workers <= 1 or total <= CHUNK_FILES:
@@ -145,12 +150,12 @@ def read_archive(
         return out
     chunks = list(_chunks(paths, CHUNK_FILES))
     results: list[list[Instance | BadFile] | None] = [None] * len(chunks)
-    with process_pool(workers) as pool:
+    with contextlib.nullcontext(pool) if pool else process_pool(workers) as executor:
         pending = {}
         todo = iter(enumerate(chunks))
         # A bounded number of chunks in flight keeps memory flat on archives of any size.
         for i, chunk in todo:
-            pending[pool.submit(read_headers, chunk)] = i
+            pending[executor.submit(read_headers, chunk)] = i
             if len(pending) >= 4 * workers:
                 break
         while pending:
@@ -163,7 +168,7 @@ def read_archive(
                     progress(done, total)
                 nxt = next(todo, None)
                 if nxt is not None:
-                    pending[pool.submit(read_headers, nxt[1])] = nxt[0]
+                    pending[executor.submit(read_headers, nxt[1])] = nxt[0]
     return [item for chunk_result in results for item in chunk_result or []]
 
 
@@ -257,6 +262,7 @@ def build_index(
     workers: int = 1,
     progress: ProgressFn | None = None,
     on_total: Callable[[int], None] | None = None,
+    pool: ProcessPoolExecutor | None = None,
 ) -> IndexSummary:
     """Index every file under ``archive`` into ``db_path`` (replacing any earlier index)."""
     import time
@@ -268,7 +274,7 @@ def build_index(
     paths = [str(p) for p in iter_files(archive)]
     if on_total:
         on_total(len(paths))
-    items = read_archive(paths, workers, progress)
+    items = read_archive(paths, workers, progress, pool)
     instances = [it for it in items if isinstance(it, Instance)]
     bad_files = [it for it in items if isinstance(it, BadFile)]
     series_list, _ = group_instances(instances)

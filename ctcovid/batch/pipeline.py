@@ -11,13 +11,14 @@ and SR builder as ``ctcovid classify``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
 import time
 from collections import deque
 from collections.abc import Iterable
-from concurrent.futures import FIRST_COMPLETED, Future, wait
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -108,6 +109,10 @@ def decode_entry(entry: SeriesEntry, artifact: ModelArtifact) -> Decoded:
         prepared.all_slices, slices=prepared.all_slices.slices[:0]
     )
     return Decoded(entry, prepared=prepared)
+
+
+def warm_up() -> None:
+    """Worker task that does nothing: unpickling it imports this module and its dependencies."""
 
 
 # -- results and SRs (driver side) --------------------------------------------------------------
@@ -254,8 +259,10 @@ def run_local(
     sink: BatchSink,
     *,
     workers: int,
+    pool: ProcessPoolExecutor | None = None,
 ) -> None:
-    """Decode in ``workers`` processes (in this process when 0) while this process infers."""
+    """Decode in ``workers`` processes (in this process when 0) while this process infers;
+    ``pool``, when given, is used and left open."""
     batcher = SliceBatcher(classifier)
     artifact = classifier.artifact
 
@@ -285,15 +292,15 @@ def run_local(
     # decoded slices do not pile up in memory.
     max_in_flight = 2 * workers + 1
     pending: set[Future[Decoded]] = set()
-    with process_pool(workers) as pool:
+    with contextlib.nullcontext(pool) if pool else process_pool(workers) as executor:
         exhausted = False
         while True:
             while not exhausted and len(pending) < max_in_flight:
-                entry = next(todo, None)
-                if entry is None:
+                following = next(todo, None)
+                if following is None:
                     exhausted = True
                     break
-                pending.add(pool.submit(decode_entry, entry, artifact))
+                pending.add(executor.submit(decode_entry, following, artifact))
             if not pending and exhausted:
                 break
             # Wait for a decoder only when there is no full batch to work on meanwhile.
@@ -321,9 +328,18 @@ class BatchOptions:
     ray_num_cpus: int | None = None
 
 
-def run_batch(options: BatchOptions, progress: BatchProgress | None = None) -> dict[str, Any]:
+def run_batch(
+    options: BatchOptions,
+    progress: BatchProgress | None = None,
+    *,
+    classifier: Classifier | None = None,
+) -> dict[str, Any]:
     """Index ``options.archive`` and classify every usable series; the summary (also written to
-    ``out/summary.json``)."""
+    ``out/summary.json``).
+
+    ``classifier``, when given, must be the model of ``options.model_path`` already loaded (the
+    local engine then skips loading it); by default it is loaded only if there is work for it.
+    """
     progress = progress or BatchProgress()
     if options.engine not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}. Received: {options.engine!r}.")
@@ -331,12 +347,37 @@ def run_batch(options: BatchOptions, progress: BatchProgress | None = None) -> d
     out = Path(options.out)
     archive = Path(options.archive)
     artifact = read_artifact(options.model_path)
+    if classifier is not None and classifier.artifact.device_uid != artifact.device_uid:
+        raise ValueError(
+            f"classifier is model {classifier.artifact.device_uid}, not the model of "
+            f"{options.model_path} ({artifact.device_uid})"
+        )
     prepare_output(
         out,
         RunInfo.new(device_uid=artifact.device_uid, name=artifact.name, version=artifact.version,
                     model_path=options.model_path, archive=archive),
         resume=options.resume,
     )
+    # One pool of workers for both phases: the decoders start warm (modules imported) while the
+    # model loads.
+    local_pool = options.engine == "local" and options.workers > 0
+    with process_pool(options.workers) if local_pool else contextlib.nullcontext() as pool:
+        if pool is not None:
+            for _ in range(options.workers):
+                pool.submit(warm_up)
+        return _run(options, progress, classifier, artifact, pool, wall_start)
+
+
+def _run(
+    options: BatchOptions,
+    progress: BatchProgress,
+    classifier: Classifier | None,
+    artifact: ModelArtifact,
+    pool: ProcessPoolExecutor | None,
+    wall_start: float,
+) -> dict[str, Any]:
+    out = Path(options.out)
+    archive = Path(options.archive)
     db_path = out / INDEX_FILE
     config = artifact.ingest_config
     if options.resume and index_is_complete(db_path, archive, config):
@@ -344,7 +385,8 @@ def run_batch(options: BatchOptions, progress: BatchProgress | None = None) -> d
         logger.info("reusing the complete archive index %s", db_path)
     else:
         index = build_index(archive, db_path, config, workers=max(1, options.workers),
-                            progress=progress.index_advanced, on_total=progress.index_started)
+                            progress=progress.index_advanced, on_total=progress.index_started,
+                            pool=pool)
 
     with ResultsWriter(out / RESULTS_FILE) as writer:
         n_done_before = len(writer.done)
@@ -362,13 +404,18 @@ def run_batch(options: BatchOptions, progress: BatchProgress | None = None) -> d
             classify_start = time.perf_counter()
             run_ray(usable, options, artifact, sink)
         else:
-            classifier = Classifier.from_file(options.model_path, batch_size=options.batch_size)
+            if classifier is None:
+                classifier = (
+                    Classifier.from_file(options.model_path, batch_size=options.batch_size)
+                    if usable
+                    else Classifier(None, artifact)  # nothing to infer: do not load the network
+                )
             sink = BatchSink(out, classifier, writer, progress)
             for entry in entries:
                 if not entry.usable:
                     sink.skipped(entry)
             classify_start = time.perf_counter()
-            run_local(usable, classifier, sink, workers=options.workers)
+            run_local(usable, classifier, sink, workers=options.workers, pool=pool)
         classify_seconds = time.perf_counter() - classify_start
         rows = list(writer.rows)
 

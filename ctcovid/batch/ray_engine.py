@@ -81,7 +81,7 @@ class SliceScorer:
         probs = np.full(len(k), np.nan, np.float32)
         ok = k >= 0
         if ok.any():
-            probs[ok] = self.classifier.predict_slices(np.stack(batch["slice"][ok]))
+            probs[ok] = self.classifier.predict_slices(np.stack(list(batch["slice"][ok])))
         # The pixels stay here: the driver needs only the probabilities.
         return {"idx": batch["idx"], "k": k, "n": batch["n"], "prob": probs,
                 "meta": batch["meta"], "error": batch["error"]}
@@ -111,7 +111,9 @@ def run_ray(
         return
     ray = import_ray()
     if not logger.isEnabledFor(logging.DEBUG):
-        logging.getLogger("ray").setLevel(logging.WARNING)  # its per-stage chatter is noise here
+        # Its per-stage chatter is noise in a batch job's output.
+        for name in ("ray", "ray.data"):
+            logging.getLogger(name).setLevel(logging.WARNING)
     _init_ray(ray, options)
     from ray.data import ActorPoolStrategy
 

@@ -46,9 +46,8 @@ def _progress_bars(quiet: bool) -> tuple[Any, Any]:
         TextColumn("{task.fields[unit]}"),
         TextColumn("[cyan]{task.fields[rate]}"),
         TimeElapsedColumn(),
-        TextColumn("ETA"),
+        TextColumn("eta"),
         TimeRemainingColumn(),
-        TextColumn("{task.fields[detail]}"),
         console=console,
         transient=False,
     )
@@ -60,21 +59,20 @@ def _progress_bars(quiet: bool) -> tuple[Any, Any]:
 
         def index_started(self, n_files: int) -> None:
             self.index_task = bars.add_task(
-                "indexing", total=n_files, unit="files", rate="", detail=""
+                "indexing", total=n_files, unit="files", rate=""
             )
 
         def index_advanced(self, n_done: int, n_total: int) -> None:
             task = bars.tasks[self.index_task]
             speed = task.finished_speed or task.speed
             bars.update(self.index_task, completed=n_done,
-                        rate=f"{speed:.0f} files/s" if speed else "")
+                        rate=f"{speed:.0f}/s" if speed else "")
 
         def classify_started(self, n_series: int, n_slices: int) -> None:
             self.counts = {"classified": 0, "skipped": 0, "failed": 0}
             self.n_series = n_series
             self.classify_task = bars.add_task(
-                "classifying", total=n_slices, unit="slices", rate="",
-                detail=f"0/{n_series} series",
+                f"classifying 0/{n_series} series", total=n_slices, unit="slices", rate=""
             )
 
         def series_finished(self, row: Any, n_slices: int) -> None:
@@ -84,9 +82,9 @@ def _progress_bars(quiet: bool) -> tuple[Any, Any]:
             done = sum(self.counts.values())
             bars.update(
                 self.classify_task,
-                rate=f"{task.speed:.1f} slices/s" if task.speed else "",
-                detail=f"{done}/{self.n_series} series ({self.counts['classified']} classified, "
-                f"{self.counts['skipped']} skipped, {self.counts['failed']} failed)",
+                rate=f"{task.speed:.1f}/s" if task.speed else "",
+                description=f"classifying {done}/{self.n_series} series "
+                f"({self.counts['failed']} failed)",
             )
 
     return bars, Bars()

@@ -17,7 +17,9 @@ def classify(
     ],
     model: Annotated[
         Path | None,
-        typer.Option(help="Model folder. Default: $CTCOVID_MODEL, else ~/.local/share/ctcovid/model."),
+        typer.Option(
+            help="Model folder. Default: $CTCOVID_MODEL, else ~/.local/share/ctcovid/model."
+        ),
     ] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
     sr: Annotated[
@@ -45,9 +47,9 @@ def classify(
     setup_logging(verbose)
     quiet_keras()
     from ctcovid.dicom import load_series
+    from ctcovid.errors import ModelError
     from ctcovid.inference import Classifier
     from ctcovid.model.artifact import default_model_path, missing_model_message
-    from ctcovid.errors import ModelError
 
     model_path = model or default_model_path()
     if not model_path.exists():

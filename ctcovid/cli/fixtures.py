@@ -1,4 +1,4 @@
-"""``ctcovid fixtures OUT``: synthetic chest CT studies for tests, the demo and trying things out."""
+"""``ctcovid fixtures OUT``: synthetic chest CT studies for tests and the demo."""
 
 from __future__ import annotations
 
@@ -19,7 +19,9 @@ def fixtures(
     size: Annotated[int, typer.Option(help="Rows and columns of each slice.")] = 128,
     cov19_per_class: Annotated[
         int,
-        typer.Option(help="Also write a COV19-CT-DB layout (OUT/cov19/train/...) with N scans a class."),
+        typer.Option(
+            help="Also write a COV19-CT-DB layout (OUT/cov19/train/...) with N scans a class."
+        ),
     ] = 0,
     json_out: Annotated[bool, typer.Option("--json", help="Machine-readable summary.")] = False,
 ) -> None:
@@ -36,15 +38,21 @@ def fixtures(
     import dicom_fixtures
 
     setup_logging()
-    infos = dicom_fixtures.generate_studies(
-        out, studies, seed=seed, n_slices=slices, size=size
-    ) if studies else []
+    infos = (
+        dicom_fixtures.generate_studies(out, studies, seed=seed, n_slices=slices, size=size)
+        if studies
+        else []
+    )
     scans = []
     if cov19_per_class:
         for split in ("train", "val"):
             scans += dicom_fixtures.write_cov19_layout(
-                out / "cov19", n_per_class=cov19_per_class, n_slices=min(slices, 16),
-                size=size, seed=seed + (0 if split == "train" else 1000), split=split,
+                out / "cov19",
+                n_per_class=cov19_per_class,
+                n_slices=min(slices, 16),
+                size=size,
+                seed=seed + (0 if split == "train" else 1000),
+                split=split,
             )
     summary = {
         "out": str(out),

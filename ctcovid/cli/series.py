@@ -15,9 +15,7 @@ from ctcovid.cli.common import handle_errors, print_json, setup_logging, stdout
 def series(
     path: Annotated[Path, typer.Argument(exists=True, help="A DICOM file or folder tree.")],
     json_out: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
-    min_slices: Annotated[
-        int, typer.Option(help="Slices a series needs to be classified.")
-    ] = 8,
+    min_slices: Annotated[int, typer.Option(help="Slices a series needs to be classified.")] = 8,
     verbose: Annotated[int, typer.Option("-v", count=True, help="More logging.")] = 0,
 ) -> None:
     """List every series found under PATH: UIDs, modality, instances, usable or not and why.

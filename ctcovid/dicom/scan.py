@@ -69,7 +69,7 @@ HEADER_TAGS: list[str] = [
 
 @dataclass
 class ScanReport:
-    """What a scan found: series (unjudged, see :func:`ctcovid.dicom.series.assess`) and bad files."""
+    """What a scan found: series (not yet assessed) and the files it skipped."""
 
     series: list[Series] = field(default_factory=list)
     bad_files: list[BadFile] = field(default_factory=list)

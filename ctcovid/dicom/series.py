@@ -62,8 +62,7 @@ def order_slices(series: Series) -> tuple[list[SliceRef], str, list[str]]:
     if orientation is not None and all(pos is not None for _, _, pos in candidates):
         normal = slice_normal(orientation)
         refs = [
-            SliceRef(inst, i, float(np.dot(np.asarray(pos), normal)))
-            for inst, i, pos in candidates
+            SliceRef(inst, i, float(np.dot(np.asarray(pos), normal))) for inst, i, pos in candidates
         ]
         refs.sort(key=lambda r: (r.z_mm, r.instance.instance_number or 0, r.frame_index))
         z = np.array([r.z_mm for r in refs])
@@ -76,8 +75,10 @@ def order_slices(series: Series) -> tuple[list[SliceRef], str, list[str]]:
                 )
         return refs, "position", warnings
     lacking = next((inst for inst, _, pos in candidates if pos is None), series.instances[0])
-    what = "ImageOrientationPatient (0020,0037)" if orientation is None else (
-        "ImagePositionPatient (0020,0032)"
+    what = (
+        "ImageOrientationPatient (0020,0037)"
+        if orientation is None
+        else ("ImagePositionPatient (0020,0032)")
     )
     warnings.append(
         f"Series {series.series_instance_uid}: instance {lacking.sop_instance_uid} lacks {what}; "
@@ -142,7 +143,7 @@ def assess(series: Series, config: IngestConfig) -> Series:
 
 
 def scan(path: Path | str, config: IngestConfig | None = None) -> ScanReport:
-    """Scan a file or folder tree: every series found, assessed, plus the files that were skipped."""
+    """Scan a file or folder tree: every series found, assessed, and the skipped files."""
     config = config or IngestConfig()
     root = Path(path)
     if not root.exists():
@@ -154,7 +155,7 @@ def scan(path: Path | str, config: IngestConfig | None = None) -> ScanReport:
 
 
 def convertible(series: Series) -> bool:
-    """True when a series can be turned into slices (usable, or usable but for the slice minimum)."""
+    """True when a series can be turned into slices (usable, or short of slices only)."""
     return series.usable or series.reason.startswith(TOO_FEW_SLICES)
 
 

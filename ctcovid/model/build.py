@@ -37,27 +37,67 @@ def _app(name: str) -> Callable[..., keras.Model]:
 BACKBONES: dict[str, Backbone] = {
     b.name: b
     for b in [
-        Backbone("resnet50", _app("ResNet50"), "caffe",
-                 "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5"),
-        Backbone("resnet101", _app("ResNet101"), "caffe",
-                 "resnet101_weights_tf_dim_ordering_tf_kernels_notop.h5"),
-        Backbone("resnet152", _app("ResNet152"), "caffe",
-                 "resnet152_weights_tf_dim_ordering_tf_kernels_notop.h5"),
-        Backbone("resnet50v2", _app("ResNet50V2"), "tf",
-                 "resnet50v2_weights_tf_dim_ordering_tf_kernels_notop.h5"),
-        Backbone("resnet101v2", _app("ResNet101V2"), "tf",
-                 "resnet101v2_weights_tf_dim_ordering_tf_kernels_notop.h5"),
-        Backbone("resnet152v2", _app("ResNet152V2"), "tf",
-                 "resnet152v2_weights_tf_dim_ordering_tf_kernels_notop.h5"),
-        Backbone("mobilenetv2", _app("MobileNetV2"), "tf",
-                 "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5"),
+        Backbone(
+            "resnet50",
+            _app("ResNet50"),
+            "caffe",
+            "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5",
+        ),
+        Backbone(
+            "resnet101",
+            _app("ResNet101"),
+            "caffe",
+            "resnet101_weights_tf_dim_ordering_tf_kernels_notop.h5",
+        ),
+        Backbone(
+            "resnet152",
+            _app("ResNet152"),
+            "caffe",
+            "resnet152_weights_tf_dim_ordering_tf_kernels_notop.h5",
+        ),
+        Backbone(
+            "resnet50v2",
+            _app("ResNet50V2"),
+            "tf",
+            "resnet50v2_weights_tf_dim_ordering_tf_kernels_notop.h5",
+        ),
+        Backbone(
+            "resnet101v2",
+            _app("ResNet101V2"),
+            "tf",
+            "resnet101v2_weights_tf_dim_ordering_tf_kernels_notop.h5",
+        ),
+        Backbone(
+            "resnet152v2",
+            _app("ResNet152V2"),
+            "tf",
+            "resnet152v2_weights_tf_dim_ordering_tf_kernels_notop.h5",
+        ),
+        Backbone(
+            "mobilenetv2",
+            _app("MobileNetV2"),
+            "tf",
+            "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5",
+        ),
         Backbone("efficientnetb0", _app("EfficientNetB0"), "none", "efficientnetb0_notop.h5"),
-        Backbone("densenet121", _app("DenseNet121"), "torch",
-                 "densenet121_weights_tf_dim_ordering_tf_kernels_notop.h5"),
-        Backbone("densenet169", _app("DenseNet169"), "torch",
-                 "densenet169_weights_tf_dim_ordering_tf_kernels_notop.h5"),
-        Backbone("densenet201", _app("DenseNet201"), "torch",
-                 "densenet201_weights_tf_dim_ordering_tf_kernels_notop.h5"),
+        Backbone(
+            "densenet121",
+            _app("DenseNet121"),
+            "torch",
+            "densenet121_weights_tf_dim_ordering_tf_kernels_notop.h5",
+        ),
+        Backbone(
+            "densenet169",
+            _app("DenseNet169"),
+            "torch",
+            "densenet169_weights_tf_dim_ordering_tf_kernels_notop.h5",
+        ),
+        Backbone(
+            "densenet201",
+            _app("DenseNet201"),
+            "torch",
+            "densenet201_weights_tf_dim_ordering_tf_kernels_notop.h5",
+        ),
     ]
 }
 
@@ -75,9 +115,7 @@ def parse_backbones(text: str | tuple[str, ...] | list[str]) -> tuple[str, str]:
         raise ModelError(f"backbones must name exactly two networks. Received: {text!r}.")
     for n in names:
         if n not in BACKBONES:
-            raise ModelError(
-                f"unknown backbone {n!r}; choose from {', '.join(sorted(BACKBONES))}."
-            )
+            raise ModelError(f"unknown backbone {n!r}; choose from {', '.join(sorted(BACKBONES))}.")
     return names[0], names[1]
 
 

@@ -21,12 +21,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from pydicom.uid import CTImageStorage, EnhancedCTImageStorage
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
-from pynetdicom.sop_class import (
-    CTImageStorage,
-    EnhancedCTImageStorage,
-    Verification,
-)
 from pynetdicom.transport import ThreadedAssociationServer
 
 from ctcovid.node.config import NodeConfig
@@ -42,6 +38,12 @@ STATUS_INVALID_UID = 0xC211
 STATUS_PROCESSING_FAILURE = 0x0110
 
 STORAGE_CLASSES = (CTImageStorage, EnhancedCTImageStorage)
+VERIFICATION = "1.2.840.10008.1.1"
+# pynetdicom accepts, from one proposed context, the first syntax in *our* order. Explicit VR
+# first keeps the VRs of private elements, which Implicit VR (the library's first) would lose.
+TRANSFER_SYNTAXES = ["1.2.840.10008.1.2.1"] + [
+    uid for uid in ALL_TRANSFER_SYNTAXES if uid != "1.2.840.10008.1.2.1"
+]
 _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 
 
@@ -217,8 +219,8 @@ def build_ae(config: NodeConfig) -> AE:
         # pynetdicom rejects any other calling AE at association (A-ASSOCIATE-RJ, reason 3).
         ae.require_calling_aet = list(config.allow_aet)
     for sop_class in STORAGE_CLASSES:
-        ae.add_supported_context(sop_class, ALL_TRANSFER_SYNTAXES)
-    ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES)
+        ae.add_supported_context(sop_class, TRANSFER_SYNTAXES)
+    ae.add_supported_context(VERIFICATION, TRANSFER_SYNTAXES)
     return ae
 
 

@@ -13,8 +13,8 @@ import ssl
 from pathlib import Path
 
 import pydicom
+from pydicom.uid import Comprehensive3DSRStorage
 from pynetdicom import AE
-from pynetdicom.sop_class import Comprehensive3DSRStorage
 
 from ctcovid.errors import PacsError
 from ctcovid.node.config import NodeConfig, Peer

@@ -15,7 +15,6 @@ import logging
 import multiprocessing
 import queue
 import signal
-import threading
 import time
 from typing import Any
 
@@ -46,7 +45,9 @@ class Node:
     def __init__(self, config: NodeConfig, *, log_level: int = logging.INFO) -> None:
         self.config = config
         self.log_level = log_level
-        self._stopping = threading.Event()
+        # A plain flag: a signal handler that took a lock (Event.set) could deadlock against
+        # the same thread's Event.wait, which it interrupts.
+        self._stop_requested = False
         self._mp = multiprocessing.get_context("spawn")
         self._worker_stop: Any = None
         self._events: Any = None
@@ -54,7 +55,7 @@ class Node:
         self.metrics: Any = None
 
     def request_stop(self, *_: Any) -> None:
-        self._stopping.set()
+        self._stop_requested = True
 
     def _check_model(self) -> None:
         from ctcovid.model.artifact import default_model_path, read_artifact
@@ -133,7 +134,8 @@ class Node:
         restarts = 0
         restart_at: float | None = None
         try:
-            while not self._stopping.wait(0.5):
+            while not self._stop_requested:
+                time.sleep(0.25)
                 self._drain_events()
                 if worker is not None and not worker.is_alive():
                     restarts += 1

@@ -204,6 +204,33 @@ class Worker:
         )
 
 
+class SignalStop:
+    """Stop flag of the worker process: the listener's event, or SIGTERM to this process.
+
+    The signal handler only sets a plain attribute; setting a multiprocessing Event there
+    could deadlock against this same thread waiting on it.
+    """
+
+    def __init__(self, event: Any) -> None:
+        self.event = event
+        self.signalled = False
+
+    def handle_signal(self, signum: int, frame: Any) -> None:
+        self.signalled = True
+
+    def is_set(self) -> bool:
+        return self.signalled or bool(self.event.is_set())
+
+    def wait(self, timeout: float | None = None) -> bool:
+        deadline = time.monotonic() + (timeout if timeout is not None else 1e9)
+        while not self.is_set():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            time.sleep(min(0.1, remaining))
+        return True
+
+
 def _die_with_parent() -> None:
     """Ask Linux to kill this process when the listener dies, even by ``kill -9``.
 
@@ -264,8 +291,9 @@ def run_worker(
 
     quiet_libraries(log_level)
     # The listener decides when to stop: SIGTERM here only asks to finish the current job.
+    stop = SignalStop(stop)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
+    signal.signal(signal.SIGTERM, stop.handle_signal)
     parent = multiprocessing.parent_process()
 
     def parent_alive() -> bool:

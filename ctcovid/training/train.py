@@ -232,6 +232,18 @@ def training_model(core: keras.Model, config: TrainConfig) -> keras.Model:
     return keras.Model(inputs, core(x), name="res_dense_net_training")
 
 
+def zero_head(core: keras.Model) -> None:
+    """Start the head at P(COVID) = 0.5 for every slice: zero kernel and bias of ``p_covid``.
+
+    A randomly initialised head on the fused features gives logits of a few units for random
+    reasons, so training starts from confident guesses; a zero head starts at the chance loss
+    and only grows where the gradient points.
+    """
+    head = core.get_layer("p_covid")
+    head.kernel.assign(np.zeros(head.kernel.shape, "float32"))
+    head.bias.assign(np.zeros(head.bias.shape, "float32"))
+
+
 def set_stage(core: keras.Model, stage: int, config: TrainConfig) -> None:
     """Stage 1: both backbones frozen. Stage 2: each unfrozen except its first layers.
 
@@ -509,6 +521,7 @@ def train(
 
     # Build first: an unreachable ImageNet download fails here, in seconds, not after caching.
     core = build_res_dense(config.model_config())
+    zero_head(core)
 
     used = DataSet(data.root, data.layout, split.train + split.val, data.skipped)
     cache = build_cache(used, ingest, cache_dir, progress=progress)
