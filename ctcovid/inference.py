@@ -16,10 +16,16 @@ from typing import Any
 import numpy as np
 
 from ctcovid.config import IngestConfig
-from ctcovid.dicom.types import Series
+from ctcovid.dicom.types import Series, SliceRef
 from ctcovid.errors import InvalidInputError
 from ctcovid.model.artifact import ModelArtifact, default_model_path, load_model
-from ctcovid.preprocess import PreprocessedSeries, preprocess_series, select_slices
+from ctcovid.preprocess import (
+    PreprocessedSeries,
+    assemble_series,
+    iter_windowed,
+    preprocess_series,
+    select_slices,
+)
 from ctcovid.results import ScanResult
 
 logger = logging.getLogger(__name__)
@@ -174,10 +180,46 @@ class Classifier:
 
     def classify(self, series: Series) -> ScanResult:
         """Classify one assessed, usable series."""
+        return self.run(series)[1]
+
+    def run(self, series: Series) -> tuple[PreparedScan, ScanResult]:
+        """Classify one series and return what the model saw with the result (for heatmaps).
+
+        With the slice policy ``all`` and no ``max_slices`` every decoded slice is used, so each
+        batch goes to the model as soon as it is decoded while decode threads work on the next
+        ones. Other policies choose slices from the whole series, so it is decoded first.
+        """
         start = time.perf_counter()
-        prepared = self.prepare(series)
-        probs = self.predict_slices(prepared.used.slices)
-        return self.result(prepared, probs, time.perf_counter() - start)
+        config = self.ingest_config
+        if config.slice_policy != "all" or config.max_slices is not None:
+            prepared = self.prepare(series)
+            probs = self.predict_slices(prepared.used.slices)
+            return prepared, self.result(prepared, probs, time.perf_counter() - start)
+        if not series.usable:
+            raise InvalidInputError(
+                f"Series {series.series_instance_uid} is not usable: {series.reason}"
+            )
+        errors: list[str] = []
+        parts: list[np.ndarray] = []
+        windowed = iter_windowed(series.slices, config, errors, lookahead=2 * self.batch_size)
+        pp = assemble_series(series, config, self._scored(windowed, parts), errors)
+        prepared = self.prepare(series, preprocessed=pp)
+        probs = np.concatenate(parts)[: len(prepared.used)]
+        return prepared, self.result(prepared, probs, time.perf_counter() - start)
+
+    def _scored(
+        self, windowed: Iterable[tuple[SliceRef, np.ndarray]], parts: list[np.ndarray]
+    ) -> Iterator[tuple[SliceRef, np.ndarray]]:
+        """Pass slices through, scoring them batch by batch into ``parts`` on the way."""
+        batch: list[np.ndarray] = []
+        for ref, u8 in windowed:
+            batch.append(u8)
+            yield ref, u8
+            if len(batch) == self.batch_size:
+                parts.append(self.predict_slices(np.stack(batch)))
+                batch = []
+        if batch:
+            parts.append(self.predict_slices(np.stack(batch)))
 
     def classify_many(self, series_list: Iterable[Series]) -> Iterator[ScanResult]:
         for series in series_list:

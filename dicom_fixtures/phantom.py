@@ -108,9 +108,7 @@ class _Tube:
     zc: float | None = None  # spherical profile centre for nodules
 
 
-def _box(
-    cy: float, cx: float, ry: float, rx: float, size: int
-) -> tuple[slice, slice] | None:
+def _box(cy: float, cx: float, ry: float, rx: float, size: int) -> tuple[slice, slice] | None:
     """Bounding box of an ellipse, clipped to the image; None when outside."""
     y0 = max(int(np.floor(cy - ry)) - 1, 0)
     y1 = min(int(np.ceil(cy + ry)) + 2, size)
@@ -141,8 +139,12 @@ def _ellipse(
     return box, mask
 
 
-def _paint(img: np.ndarray, shape: tuple[tuple[slice, slice], np.ndarray] | None, value: float,
-           where: np.ndarray | None = None) -> None:
+def _paint(
+    img: np.ndarray,
+    shape: tuple[tuple[slice, slice], np.ndarray] | None,
+    value: float,
+    where: np.ndarray | None = None,
+) -> None:
     """Set ``img`` to ``value`` inside ``shape`` (and inside ``where`` if given)."""
     if shape is None:
         return
@@ -311,10 +313,12 @@ def chest_phantom(
     heart_cx = c + s * 0.04
     heart_cy = c - s * 0.06
     # Angles measured from the patient's right; -pi/2 is anterior (row 0).
-    rib_angles = np.concatenate([
-        np.linspace(-0.38 * np.pi, 0.3 * np.pi, 6),
-        np.linspace(0.7 * np.pi, 1.38 * np.pi, 6),
-    ]) + rng.normal(0, 0.03, 12)
+    rib_angles = np.concatenate(
+        [
+            np.linspace(-0.38 * np.pi, 0.3 * np.pi, 6),
+            np.linspace(0.7 * np.pi, 1.38 * np.pi, 6),
+        ]
+    ) + rng.normal(0, 0.03, 12)
 
     lesions = _make_lesions(n_slices, rng, consolidation) if positive else []
     vessels = _make_vessels(n_slices, rng)
@@ -383,16 +387,29 @@ def chest_phantom(
                 _paint(std, disc, _NOISE_STD, where=lungs_img)
 
             if lesions:
-                _paint_lesions(img, lesion_mask[k], lungs_img, lesions, lesion_levels, li,
-                               centres, axes, grid, s)
+                _paint_lesions(
+                    img,
+                    lesion_mask[k],
+                    lungs_img,
+                    lesions,
+                    lesion_levels,
+                    li,
+                    centres,
+                    axes,
+                    grid,
+                    s,
+                )
 
             # Ribs: small bony discs just inside the fat rim, none over the
             # sternum or the spine.
             ry = body_ry - fat - s * 0.02
             rx = body_rx - fat - s * 0.02
             for a in rib_angles:
-                _paint(img, _ellipse(grid, c + ry * np.sin(a), c + rx * np.cos(a),
-                                     s * 0.012, s * 0.018), 450.0)
+                _paint(
+                    img,
+                    _ellipse(grid, c + ry * np.sin(a), c + rx * np.cos(a), s * 0.012, s * 0.018),
+                    450.0,
+                )
             lung_mask[k] = lungs_img
 
         # Spine: cortical shell, trabecular core, spinal canal behind it.
@@ -409,7 +426,11 @@ def chest_phantom(
 
     logger.debug(
         "phantom %d slices %dx%d positive=%s: %d lesion slices",
-        total, size, size, positive, int(lesion_mask.any(axis=(1, 2)).sum()),
+        total,
+        size,
+        size,
+        positive,
+        int(lesion_mask.any(axis=(1, 2)).sum()),
     )
     return Phantom(hu=hu, lesion_mask=lesion_mask, lung_mask=lung_mask)
 

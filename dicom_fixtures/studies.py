@@ -149,8 +149,11 @@ def write_study(out_dir: Path, spec: StudySpec, *, seed: int, index: int = 0) ->
     )
     if spec.add_localizer:
         info.localizer_path = write_localizer(
-            out_dir / "localizer", identity, hu=phantom.hu,
-            pixel_spacing_mm=spec.pixel_spacing_mm[1], slice_spacing_mm=spec.slice_thickness_mm,
+            out_dir / "localizer",
+            identity,
+            hu=phantom.hu,
+            pixel_spacing_mm=spec.pixel_spacing_mm[1],
+            slice_spacing_mm=spec.slice_thickness_mm,
         )
     if spec.add_mr_series:
         info.mr_paths = write_mr_series(out_dir / "mr", identity)
@@ -254,8 +257,12 @@ def write_cov19_layout(
         for n in range(n_per_class):
             rng = np.random.default_rng([seed, c, n, 2])
             phantom = chest_phantom(
-                n_slices, size, positive=positive, rng=rng,
-                nodules=not positive and n % 2 == 1, consolidation=positive and n % 2 == 1,
+                n_slices,
+                size,
+                positive=positive,
+                rng=rng,
+                nodules=not positive and n % 2 == 1,
+                consolidation=positive and n % 2 == 1,
             )
             scan_dir = out / split / label / f"ct_scan_{n}"
             scan_dir.mkdir(parents=True, exist_ok=True)

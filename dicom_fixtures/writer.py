@@ -309,8 +309,9 @@ def write_ct_series(
     if phantom_hu.ndim != 3:
         raise ValueError(f"expected (slices, rows, cols), got shape {phantom_hu.shape}")
     if transfer_syntax not in TRANSFER_SYNTAXES:
-        raise ValueError(f"unknown transfer syntax {transfer_syntax!r}; "
-                         f"choose from {sorted(TRANSFER_SYNTAXES)}")
+        raise ValueError(
+            f"unknown transfer syntax {transfer_syntax!r}; choose from {sorted(TRANSFER_SYNTAXES)}"
+        )
     if rescale_intercept is None:
         rescale_intercept = 0.0 if signed else -1024.0
     spacing = slice_thickness_mm if spacing_between_mm is None else spacing_between_mm
@@ -330,11 +331,20 @@ def write_ct_series(
     if enhanced:
         return [
             _write_enhanced(
-                stored, out_dir, study=study, series_uid=series_instance_uid,
-                series_number=series_number, description=series_description,
-                geometry=geometry, bits_stored=bits_stored, signed=signed, rescale=rescale,
-                transfer_syntax=transfer_syntax, head_first=reverse_instance_numbers,
-                shuffle_names=shuffle_names, rng=rng,
+                stored,
+                out_dir,
+                study=study,
+                series_uid=series_instance_uid,
+                series_number=series_number,
+                description=series_description,
+                geometry=geometry,
+                bits_stored=bits_stored,
+                signed=signed,
+                rescale=rescale,
+                transfer_syntax=transfer_syntax,
+                head_first=reverse_instance_numbers,
+                shuffle_names=shuffle_names,
+                rng=rng,
             )
         ]
 
@@ -347,9 +357,16 @@ def write_ct_series(
     # never mutated) plus its own per-slice elements. This roughly halves the
     # Python overhead per file compared with setting ~70 attributes each time.
     template = Dataset()
-    _set_series(template, study, modality="CT", series_uid=series_instance_uid,
-                series_number=series_number, description=series_description,
-                sop_class=CT_IMAGE_STORAGE, sop_instance="1.2")
+    _set_series(
+        template,
+        study,
+        modality="CT",
+        series_uid=series_instance_uid,
+        series_number=series_number,
+        description=series_description,
+        sop_class=CT_IMAGE_STORAGE,
+        sop_instance="1.2",
+    )
     del template.SOPInstanceUID
     template.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
     template.AcquisitionNumber = 1
@@ -457,9 +474,16 @@ def _write_enhanced(
     ds = Dataset()
     ts_uid = TRANSFER_SYNTAXES[transfer_syntax]
     ds.file_meta = _file_meta(ENHANCED_CT_IMAGE_STORAGE, sop_uid, ts_uid)
-    _set_series(ds, study, modality="CT", series_uid=series_uid, series_number=series_number,
-                description=description, sop_class=ENHANCED_CT_IMAGE_STORAGE,
-                sop_instance=sop_uid)
+    _set_series(
+        ds,
+        study,
+        modality="CT",
+        series_uid=series_uid,
+        series_number=series_number,
+        description=description,
+        sop_class=ENHANCED_CT_IMAGE_STORAGE,
+        sop_instance=sop_uid,
+    )
     # Enhanced objects carry AcquisitionDateTime instead.
     del ds.AcquisitionDate, ds.AcquisitionTime
     ds.DeviceSerialNumber = "0000"
@@ -485,38 +509,65 @@ def _write_enhanced(
     ds.DimensionOrganizationSequence = [_item(DimensionOrganizationUID=dim_uid)]
     ds.DimensionOrganizationType = "3D"
     ds.DimensionIndexSequence = [
-        _item(DimensionOrganizationUID=dim_uid, DimensionIndexPointer=0x00209056,
-              FunctionalGroupPointer=0x00209111, DimensionDescriptionLabel="Stack ID"),
-        _item(DimensionOrganizationUID=dim_uid, DimensionIndexPointer=0x00209057,
-              FunctionalGroupPointer=0x00209111,
-              DimensionDescriptionLabel="In-Stack Position Number"),
+        _item(
+            DimensionOrganizationUID=dim_uid,
+            DimensionIndexPointer=0x00209056,
+            FunctionalGroupPointer=0x00209111,
+            DimensionDescriptionLabel="Stack ID",
+        ),
+        _item(
+            DimensionOrganizationUID=dim_uid,
+            DimensionIndexPointer=0x00209057,
+            FunctionalGroupPointer=0x00209111,
+            DimensionDescriptionLabel="In-Stack Position Number",
+        ),
     ]
 
     slope, intercept = rescale
     shared = _item(
-        PixelMeasuresSequence=[_item(PixelSpacing=geometry.pixel_spacing,
-                                     SliceThickness=geometry.thickness,
-                                     SpacingBetweenSlices=geometry.spacing)],
+        PixelMeasuresSequence=[
+            _item(
+                PixelSpacing=geometry.pixel_spacing,
+                SliceThickness=geometry.thickness,
+                SpacingBetweenSlices=geometry.spacing,
+            )
+        ],
         PlaneOrientationSequence=[_item(ImageOrientationPatient=_AXIAL_IOP)],
-        PixelValueTransformationSequence=[_item(RescaleIntercept=intercept,
-                                                RescaleSlope=slope, RescaleType="HU")],
-        CTImageFrameTypeSequence=[_item(FrameType=["ORIGINAL", "PRIMARY", "AXIAL", "NONE"],
-                                        PixelPresentation="MONOCHROME",
-                                        VolumetricProperties="VOLUME",
-                                        VolumeBasedCalculationTechnique="NONE")],
-        CTAcquisitionTypeSequence=[_item(AcquisitionType="SPIRAL",
-                                         ConstantVolumeFlag="NO", FluoroscopyFlag="NO")],
-        CTXRayDetailsSequence=[_item(KVP=120, FilterType="BODY", FilterMaterial="ALUMINUM",
-                                     FocalSpots=[1.2])],
-        FrameAnatomySequence=[_item(
-            FrameLaterality="B",
-            AnatomicRegionSequence=[_item(CodeValue="51185008", CodingSchemeDesignator="SCT",
-                                          CodeMeaning="Thorax")],
-        )],
-        IrradiationEventIdentificationSequence=[_item(
-            IrradiationEventUID=make_uid(series_uid, "irradiation-event"))],
-        FrameVOILUTSequence=[_item(WindowCenter=_LUNG_WINDOW[0], WindowWidth=_LUNG_WINDOW[1],
-                                   WindowCenterWidthExplanation="LUNG")],
+        PixelValueTransformationSequence=[
+            _item(RescaleIntercept=intercept, RescaleSlope=slope, RescaleType="HU")
+        ],
+        CTImageFrameTypeSequence=[
+            _item(
+                FrameType=["ORIGINAL", "PRIMARY", "AXIAL", "NONE"],
+                PixelPresentation="MONOCHROME",
+                VolumetricProperties="VOLUME",
+                VolumeBasedCalculationTechnique="NONE",
+            )
+        ],
+        CTAcquisitionTypeSequence=[
+            _item(AcquisitionType="SPIRAL", ConstantVolumeFlag="NO", FluoroscopyFlag="NO")
+        ],
+        CTXRayDetailsSequence=[
+            _item(KVP=120, FilterType="BODY", FilterMaterial="ALUMINUM", FocalSpots=[1.2])
+        ],
+        FrameAnatomySequence=[
+            _item(
+                FrameLaterality="B",
+                AnatomicRegionSequence=[
+                    _item(CodeValue="51185008", CodingSchemeDesignator="SCT", CodeMeaning="Thorax")
+                ],
+            )
+        ],
+        IrradiationEventIdentificationSequence=[
+            _item(IrradiationEventUID=make_uid(series_uid, "irradiation-event"))
+        ],
+        FrameVOILUTSequence=[
+            _item(
+                WindowCenter=_LUNG_WINDOW[0],
+                WindowWidth=_LUNG_WINDOW[1],
+                WindowCenterWidthExplanation="LUNG",
+            )
+        ],
     )
     ds.SharedFunctionalGroupsSequence = [shared]
 
@@ -527,17 +578,20 @@ def _write_enhanced(
         in_stack = k + 1
         per_frame.append(
             _item(
-                PlanePositionSequence=[_item(ImagePositionPatient=[
-                    round(geometry.x0, 4), round(geometry.y0, 4), z])],
-                FrameContentSequence=[_item(
-                    FrameAcquisitionNumber=1,
-                    FrameReferenceDateTime=ds.AcquisitionDateTime,
-                    FrameAcquisitionDateTime=ds.AcquisitionDateTime,
-                    FrameAcquisitionDuration=10.0,
-                    StackID="1",
-                    InStackPositionNumber=in_stack,
-                    DimensionIndexValues=[1, in_stack],
-                )],
+                PlanePositionSequence=[
+                    _item(ImagePositionPatient=[round(geometry.x0, 4), round(geometry.y0, 4), z])
+                ],
+                FrameContentSequence=[
+                    _item(
+                        FrameAcquisitionNumber=1,
+                        FrameReferenceDateTime=ds.AcquisitionDateTime,
+                        FrameAcquisitionDateTime=ds.AcquisitionDateTime,
+                        FrameAcquisitionDuration=10.0,
+                        StackID="1",
+                        InStackPositionNumber=in_stack,
+                        DimensionIndexValues=[1, in_stack],
+                    )
+                ],
             )
         )
     ds.PerFrameFunctionalGroupsSequence = per_frame
@@ -588,8 +642,16 @@ def write_localizer(
     stored, bits = hu_to_stored(proj, signed=True, slope=1.0, intercept=0.0)
     ds = Dataset()
     ds.file_meta = _file_meta(CT_IMAGE_STORAGE, sop_uid, TRANSFER_SYNTAXES[transfer_syntax])
-    _set_series(ds, study, modality="CT", series_uid=series_uid, series_number=series_number,
-                description="Topogram", sop_class=CT_IMAGE_STORAGE, sop_instance=sop_uid)
+    _set_series(
+        ds,
+        study,
+        modality="CT",
+        series_uid=series_uid,
+        series_number=series_number,
+        description="Topogram",
+        sop_class=CT_IMAGE_STORAGE,
+        sop_instance=sop_uid,
+    )
     ds.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]
     ds.InstanceNumber = 1
     ds.AcquisitionNumber = 1
@@ -635,8 +697,16 @@ def write_mr_series(
         sop_uid = make_uid(series_uid, "sop", k)
         ds = Dataset()
         ds.file_meta = _file_meta(MR_IMAGE_STORAGE, sop_uid, ExplicitVRLittleEndian)
-        _set_series(ds, study, modality="MR", series_uid=series_uid, series_number=series_number,
-                    description="T2 AX", sop_class=MR_IMAGE_STORAGE, sop_instance=sop_uid)
+        _set_series(
+            ds,
+            study,
+            modality="MR",
+            series_uid=series_uid,
+            series_number=series_number,
+            description="T2 AX",
+            sop_class=MR_IMAGE_STORAGE,
+            sop_instance=sop_uid,
+        )
         ds.ImageType = ["ORIGINAL", "PRIMARY", "OTHER"]
         ds.InstanceNumber = k + 1
         ds.ImagePositionPatient = [-(size - 1) / 2.0, -(size - 1) / 2.0, 5.0 * k]

@@ -20,6 +20,8 @@ from typing import Any
 import pytest
 
 NODE_AET = "CTCOVID"
+# Loopback only: never route the tests' REST calls through a proxy from the environment.
+LOOPBACK = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 PACS_AET = "PACS"
 # Worker start = TensorFlow import + model build; on a busy 2-core machine that can take a minute.
 WORKER_READY_SECONDS = 240.0
@@ -190,7 +192,7 @@ class Orthanc:
         req = urllib.request.Request(
             f"http://127.0.0.1:{self.http_port}{path}", data=body, method=method
         )
-        with urllib.request.urlopen(req, timeout=120) as resp:
+        with LOOPBACK.open(req, timeout=120) as resp:
             return json.loads(resp.read() or b"null")
 
     def get(self, path: str) -> Any:

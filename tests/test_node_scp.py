@@ -328,7 +328,8 @@ def test_metrics_endpoint_reports_instances_jobs_and_latencies(
         storescu(listener.port, ct_files(studies_root)[:3])
         metrics.observe("classify_seconds", 1.5)
         url = f"http://127.0.0.1:{metrics.port}/metrics"
-        with urllib.request.urlopen(url, timeout=30) as resp:
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        with opener.open(url, timeout=30) as resp:
             text = resp.read().decode()
     finally:
         metrics.close()

@@ -218,9 +218,19 @@ def _write_index(
             "INSERT INTO series VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
             [
                 (
-                    s.study_instance_uid, s.series_instance_uid, s.patient_id, s.modality,
-                    s.series_description, s.n_instances, s.n_slices, s.duplicates,
-                    int(s.usable), s.reason, s.ordering, json.dumps(s.warnings), i,
+                    s.study_instance_uid,
+                    s.series_instance_uid,
+                    s.patient_id,
+                    s.modality,
+                    s.series_description,
+                    s.n_instances,
+                    s.n_slices,
+                    s.duplicates,
+                    int(s.usable),
+                    s.reason,
+                    s.ordering,
+                    json.dumps(s.warnings),
+                    i,
                 )
                 for i, s in enumerate(series_list)
             ],
@@ -228,8 +238,13 @@ def _write_index(
         conn.executemany(
             "INSERT INTO instances VALUES (?,?,?,?,?)",
             [
-                (inst.sop_instance_uid, inst.study_instance_uid, inst.series_instance_uid,
-                 str(inst.path), i)
+                (
+                    inst.sop_instance_uid,
+                    inst.study_instance_uid,
+                    inst.series_instance_uid,
+                    str(inst.path),
+                    i,
+                )
                 for s in series_list
                 for i, inst in enumerate(s.instances)
             ],
@@ -287,8 +302,7 @@ def build_index(
     seconds = time.perf_counter() - start
     conn = connect(db_path)
     try:
-        _write_index(conn, archive, config, series_list, duplicates, bad_files, len(paths),
-                     seconds)
+        _write_index(conn, archive, config, series_list, duplicates, bad_files, len(paths), seconds)
     finally:
         conn.close()
     return IndexSummary(
@@ -335,14 +349,25 @@ def iter_series(db_path: Path) -> Iterator[SeriesEntry]:
         ).fetchall()
         for study, series_uid, patient_id, modality, n_inst, n_slices, usable, reason, dup in rows:
             paths = tuple(
-                p for (p,) in conn.execute(
+                p
+                for (p,) in conn.execute(
                     "SELECT path FROM instances WHERE study_instance_uid = ? AND "
                     "series_instance_uid = ? ORDER BY ordinal",
                     (study, series_uid),
                 )
             )
-            yield SeriesEntry(study, series_uid, patient_id, modality, n_inst, n_slices,
-                              bool(usable), reason, paths, dup)
+            yield SeriesEntry(
+                study,
+                series_uid,
+                patient_id,
+                modality,
+                n_inst,
+                n_slices,
+                bool(usable),
+                reason,
+                paths,
+                dup,
+            )
     finally:
         conn.close()
 
@@ -357,10 +382,7 @@ def load_entry_series(entry: SeriesEntry, config: IngestConfig) -> Series:
     bad = [it for it in items if isinstance(it, BadFile)]
     instances = [it for it in items if isinstance(it, Instance)]
     series_list, _ = group_instances(instances)
-    match = [
-        s for s in series_list
-        if (s.study_instance_uid, s.series_instance_uid) == entry.key
-    ]
+    match = [s for s in series_list if (s.study_instance_uid, s.series_instance_uid) == entry.key]
     if not match:
         detail = f"; {bad[0].path}: {bad[0].reason}" if bad else ""
         raise InvalidInputError(

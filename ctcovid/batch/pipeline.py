@@ -121,8 +121,9 @@ def warm_up() -> None:
 class BatchSink:
     """Writes each finished series: SR first (atomically), then its row in ``results.csv``."""
 
-    def __init__(self, out: Path, classifier: Classifier, writer: ResultsWriter,
-                 progress: BatchProgress):
+    def __init__(
+        self, out: Path, classifier: Classifier, writer: ResultsWriter, progress: BatchProgress
+    ):
         self.out = out
         self.sr_dir = out / SR_DIR
         self.sr_dir.mkdir(parents=True, exist_ok=True)
@@ -136,20 +137,33 @@ class BatchSink:
         self.progress.series_finished(row, n_slices)
 
     def skipped(self, entry: SeriesEntry) -> None:
-        self._append(ResultRow(entry.study_instance_uid, entry.series_instance_uid,
-                               entry.patient_id, SKIPPED, reason=entry.reason))
+        self._append(
+            ResultRow(
+                entry.study_instance_uid,
+                entry.series_instance_uid,
+                entry.patient_id,
+                SKIPPED,
+                reason=entry.reason,
+            )
+        )
 
     def failed(self, entry: SeriesEntry, reason: str) -> None:
         logger.warning("series %s failed: %s", entry.series_instance_uid, reason)
         self._append(
-            ResultRow(entry.study_instance_uid, entry.series_instance_uid, entry.patient_id,
-                      FAILED, reason=reason,
-                      model_device_uid=self.classifier.artifact.device_uid),
+            ResultRow(
+                entry.study_instance_uid,
+                entry.series_instance_uid,
+                entry.patient_id,
+                FAILED,
+                reason=reason,
+                model_device_uid=self.classifier.artifact.device_uid,
+            ),
             entry.n_slices,
         )
 
-    def classified(self, entry: SeriesEntry, prepared: PreparedScan, probs: np.ndarray,
-                   seconds: float) -> None:
+    def classified(
+        self, entry: SeriesEntry, prepared: PreparedScan, probs: np.ndarray, seconds: float
+    ) -> None:
         from ctcovid.report import build_sr, write_sr
 
         try:
@@ -275,8 +289,9 @@ def run_local(
     def score(final: bool) -> None:
         while batcher.full or (final and batcher.n_queued):
             for item in batcher.step():
-                sink.classified(item.entry, item.prepared, item.probs,
-                                time.perf_counter() - item.started)
+                sink.classified(
+                    item.entry, item.prepared, item.probs, time.perf_counter() - item.started
+                )
             if not final:
                 return  # one batch, then look after the decoders again
 
@@ -304,8 +319,9 @@ def run_local(
             if not pending and exhausted:
                 break
             # Wait for a decoder only when there is no full batch to work on meanwhile.
-            done, pending = wait(pending, timeout=0 if batcher.full else None,
-                                 return_when=FIRST_COMPLETED)
+            done, pending = wait(
+                pending, timeout=0 if batcher.full else None, return_when=FIRST_COMPLETED
+            )
             for fut in done:
                 take(fut.result())
             score(final=False)
@@ -354,8 +370,13 @@ def run_batch(
         )
     prepare_output(
         out,
-        RunInfo.new(device_uid=artifact.device_uid, name=artifact.name, version=artifact.version,
-                    model_path=options.model_path, archive=archive),
+        RunInfo.new(
+            device_uid=artifact.device_uid,
+            name=artifact.name,
+            version=artifact.version,
+            model_path=options.model_path,
+            archive=archive,
+        ),
         resume=options.resume,
     )
     # One pool of workers for both phases: the decoders start warm (modules imported) while the
@@ -384,9 +405,15 @@ def _run(
         index = index_summary(db_path)
         logger.info("reusing the complete archive index %s", db_path)
     else:
-        index = build_index(archive, db_path, config, workers=max(1, options.workers),
-                            progress=progress.index_advanced, on_total=progress.index_started,
-                            pool=pool)
+        index = build_index(
+            archive,
+            db_path,
+            config,
+            workers=max(1, options.workers),
+            progress=progress.index_advanced,
+            on_total=progress.index_started,
+            pool=pool,
+        )
 
     with ResultsWriter(out / RESULTS_FILE) as writer:
         n_done_before = len(writer.done)
@@ -419,8 +446,9 @@ def _run(
         classify_seconds = time.perf_counter() - classify_start
         rows = list(writer.rows)
 
-    counts = {status: sum(r.status == status for r in rows) for status in (CLASSIFIED, SKIPPED,
-                                                                             FAILED)}
+    counts = {
+        status: sum(r.status == status for r in rows) for status in (CLASSIFIED, SKIPPED, FAILED)
+    }
     wall = time.perf_counter() - wall_start
     summary: dict[str, Any] = {
         "archive": str(archive),
@@ -438,7 +466,8 @@ def _run(
             "slices_classified": sink.n_slices_classified,
             "classify_seconds": round(classify_seconds, 3),
             "slices_per_second": round(sink.n_slices_classified / classify_seconds, 3)
-            if classify_seconds > 0 else None,
+            if classify_seconds > 0
+            else None,
             "wall_seconds": round(wall, 3),
         },
         "results_csv": str(out / RESULTS_FILE),

@@ -55,15 +55,29 @@ def decode_rows(row: dict[str, Any], artifact: ModelArtifact) -> list[dict[str, 
     decoded = decode_entry(entry, artifact)
     size = artifact.model_config.input_size
     if decoded.prepared is None:
-        return [{"idx": row["idx"], "k": -1, "n": 0, "slice": np.zeros((size, size), np.uint8),
-                 "meta": pickle.dumps(decoded), "error": decoded.error}]
+        return [
+            {
+                "idx": row["idx"],
+                "k": -1,
+                "n": 0,
+                "slice": np.zeros((size, size), np.uint8),
+                "meta": pickle.dumps(decoded),
+                "error": decoded.error,
+            }
+        ]
     used = decoded.prepared.used
     slices = used.slices
     decoded.prepared.used = dataclasses.replace(used, slices=slices[:0])
     meta = pickle.dumps(decoded)
     return [
-        {"idx": row["idx"], "k": k, "n": len(slices), "slice": slices[k],
-         "meta": meta if k == 0 else b"", "error": ""}
+        {
+            "idx": row["idx"],
+            "k": k,
+            "n": len(slices),
+            "slice": slices[k],
+            "meta": meta if k == 0 else b"",
+            "error": "",
+        }
         for k in range(len(slices))
     ]
 
@@ -83,8 +97,14 @@ class SliceScorer:
         if ok.any():
             probs[ok] = self.classifier.predict_slices(np.stack(list(batch["slice"][ok])))
         # The pixels stay here: the driver needs only the probabilities.
-        return {"idx": batch["idx"], "k": k, "n": batch["n"], "prob": probs,
-                "meta": batch["meta"], "error": batch["error"]}
+        return {
+            "idx": batch["idx"],
+            "k": k,
+            "n": batch["n"],
+            "prob": probs,
+            "meta": batch["meta"],
+            "error": batch["error"],
+        }
 
 
 def _init_ray(ray: Any, options: BatchOptions) -> None:
@@ -99,8 +119,11 @@ def _init_ray(ray: Any, options: BatchOptions) -> None:
     if options.ray_address:
         ray.init(address=options.ray_address, **kwargs)
     else:
-        ray.init(num_cpus=options.ray_num_cpus or max(2, options.workers + 1),
-                 include_dashboard=False, **kwargs)
+        ray.init(
+            num_cpus=options.ray_num_cpus or max(2, options.workers + 1),
+            include_dashboard=False,
+            **kwargs,
+        )
 
 
 def run_ray(
@@ -129,8 +152,10 @@ def run_ray(
         .flat_map(decode_rows, fn_kwargs={"artifact": artifact}, num_cpus=1)
         .map_batches(
             SliceScorer,
-            fn_constructor_kwargs={"model_path": str(options.model_path),
-                                   "batch_size": options.batch_size},
+            fn_constructor_kwargs={
+                "model_path": str(options.model_path),
+                "batch_size": options.batch_size,
+            },
             batch_size=options.batch_size,
             batch_format="numpy",
             compute=ActorPoolStrategy(size=n_scorers),
@@ -144,7 +169,12 @@ def run_ray(
     metas: dict[int, Decoded] = {}
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         for idx, k, n, prob, meta, error in zip(
-            batch["idx"], batch["k"], batch["n"], batch["prob"], batch["meta"], batch["error"],
+            batch["idx"],
+            batch["k"],
+            batch["n"],
+            batch["prob"],
+            batch["meta"],
+            batch["error"],
             strict=True,
         ):
             idx, k, n = int(idx), int(k), int(n)
@@ -162,8 +192,12 @@ def run_ray(
             if counts[idx] == n and idx in metas:
                 decoded = metas.pop(idx)
                 assert decoded.prepared is not None
-                sink.classified(entries[idx], decoded.prepared, probs.pop(idx),
-                                time.perf_counter() - started.pop(idx))
+                sink.classified(
+                    entries[idx],
+                    decoded.prepared,
+                    probs.pop(idx),
+                    time.perf_counter() - started.pop(idx),
+                )
                 del counts[idx]
     if probs:
         missing = ", ".join(entries[i].series_instance_uid for i in probs)

@@ -154,8 +154,9 @@ def repair_torn_tail(path: Path) -> int:
         fh.truncate(keep)
         fh.flush()
         os.fsync(fh.fileno())
-    logger.warning("%s: removed a torn last line (%d bytes) left by an interrupted run",
-                   path, size - keep)
+    logger.warning(
+        "%s: removed a torn last line (%d bytes) left by an interrupted run", path, size - keep
+    )
     return size - keep
 
 
@@ -217,9 +218,7 @@ class ResultsWriter:
         if row.status not in STATUSES:
             raise ValueError(f"status must be one of {STATUSES}. Received: {row.status!r}.")
         if row.key in self.done:
-            raise ValueError(
-                f"Series {row.series_instance_uid} already has a row in {self.path}"
-            )
+            raise ValueError(f"Series {row.series_instance_uid} already has a row in {self.path}")
         self._write_line(row.to_csv_values())
         self.done.add(row.key)
         self.rows.append(row)
@@ -246,8 +245,9 @@ class RunInfo:
     created: str
 
     @classmethod
-    def new(cls, *, device_uid: str, name: str, version: str, model_path: Path,
-            archive: Path) -> RunInfo:
+    def new(
+        cls, *, device_uid: str, name: str, version: str, model_path: Path, archive: Path
+    ) -> RunInfo:
         return cls(
             model_device_uid=device_uid,
             model_name=name,

@@ -58,15 +58,12 @@ def _progress_bars(quiet: bool) -> tuple[Any, Any]:
         counts: dict[str, int]
 
         def index_started(self, n_files: int) -> None:
-            self.index_task = bars.add_task(
-                "indexing", total=n_files, unit="files", rate=""
-            )
+            self.index_task = bars.add_task("indexing", total=n_files, unit="files", rate="")
 
         def index_advanced(self, n_done: int, n_total: int) -> None:
             task = bars.tasks[self.index_task]
             speed = task.finished_speed or task.speed
-            bars.update(self.index_task, completed=n_done,
-                        rate=f"{speed:.0f}/s" if speed else "")
+            bars.update(self.index_task, completed=n_done, rate=f"{speed:.0f}/s" if speed else "")
 
         def classify_started(self, n_series: int, n_slices: int) -> None:
             self.counts = {"classified": 0, "skipped": 0, "failed": 0}
@@ -107,16 +104,19 @@ def batch(
     ] = False,
     workers: Annotated[
         int | None,
-        typer.Option(min=0, help="Decode processes (0: decode in the inference process). "
-                     "Default: cores - 1."),
+        typer.Option(
+            min=0, help="Decode processes (0: decode in the inference process). Default: cores - 1."
+        ),
     ] = None,
     engine: Annotated[Engine, typer.Option(help="local: this machine; ray: a Ray cluster.")] = (
         Engine.local
     ),
     ray_address: Annotated[
         str | None,
-        typer.Option(help="Ray cluster to join (e.g. ray://head:10001 or auto). "
-                     "Default: a local Ray instance."),
+        typer.Option(
+            help="Ray cluster to join (e.g. ray://head:10001 or auto). "
+            "Default: a local Ray instance."
+        ),
     ] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Slices per model batch.")] = 32,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,

@@ -56,12 +56,7 @@ def classify(
         raise ModelError(missing_model_message(model_path))
     classifier = Classifier.from_file(model_path, batch_size=batch_size)
     series = load_series(series_dir, classifier.ingest_config)
-    prepared = classifier.prepare(series)
-    import time
-
-    start = time.perf_counter()
-    probs = classifier.predict_slices(prepared.used.slices)
-    result = classifier.result(prepared, probs, time.perf_counter() - start)
+    prepared, result = classifier.run(series)
     out: dict[str, Any] = result.to_json_dict()
     if sr is not None:
         from ctcovid.report import build_sr, write_sr

@@ -103,6 +103,4 @@ def queue(
             reason,
         )
     stdout.print(table)
-    stdout.print(
-        " ".join(f"{state}={count}" for state, count in counts.items()), highlight=False
-    )
+    stdout.print(" ".join(f"{state}={count}" for state, count in counts.items()), highlight=False)

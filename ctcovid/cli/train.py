@@ -67,6 +67,15 @@ def train(
     class_weights: Annotated[
         bool, typer.Option(help="Weight the loss by inverse class frequency.")
     ] = False,
+    frozen_layers: Annotated[
+        int | None,
+        typer.Option(help="Stage 2 keeps each backbone's first N layers frozen. "
+                          "Default: 100 pretrained, 0 from scratch."),
+    ] = None,
+    augment: Annotated[
+        bool,
+        typer.Option("--augment/--no-augment", help="Random flip and rotation while training."),
+    ] = True,
     val_fraction: Annotated[
         float, typer.Option(help="Validation share when the data has no val folder.")
     ] = 0.25,
@@ -109,6 +118,8 @@ def train(
         backbones=tuple(b.strip() for b in backbones.split(",")),  # type: ignore[arg-type]
         lr=lr,
         class_weights=class_weights,
+        augment=augment,
+        frozen_layers=frozen_layers,
         slice_policy=slice_policy.value,
         max_slices=max_slices,
         min_slices=min_slices,

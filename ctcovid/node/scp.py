@@ -116,8 +116,7 @@ def _store_instance(event: Any, store: Store) -> int:
         problem = "lacks PixelData (7FE0,0010)"
     if problem:
         logger.warning(
-            "event=store_refused status=0xA900 calling_aet=%s study=%s series=%s sop=%s "
-            "reason=%r",
+            "event=store_refused status=0xA900 calling_aet=%s study=%s series=%s sop=%s reason=%r",
             calling,
             study,
             series,
@@ -184,8 +183,9 @@ def handle_echo(event: Any) -> int:
 def handle_accepted(event: Any) -> None:
     try:
         address = event.assoc.requestor.address
-        logger.info("event=association_accepted calling_aet=%s from=%s", _calling_aet(event),
-                    address)
+        logger.info(
+            "event=association_accepted calling_aet=%s from=%s", _calling_aet(event), address
+        )
     except Exception:  # logging must never break an association
         pass
 
@@ -253,8 +253,7 @@ class Listener:
             evt_handlers=handlers,
         )
         logger.info(
-            "event=listening ae_title=%s host=%s port=%d tls=%s allow_aet=%s "
-            "max_associations=%d",
+            "event=listening ae_title=%s host=%s port=%d tls=%s allow_aet=%s max_associations=%d",
             self.config.ae_title,
             self.config.host,
             self.port,
@@ -280,8 +279,6 @@ class Listener:
         while self.ae.active_associations and time.monotonic() < deadline:
             time.sleep(0.1)
         if self.ae.active_associations:
-            logger.warning(
-                "event=associations_aborted count=%d", len(self.ae.active_associations)
-            )
+            logger.warning("event=associations_aborted count=%d", len(self.ae.active_associations))
         self.ae.shutdown()
         logger.info("event=listener_stopped")

@@ -328,8 +328,15 @@ class Store:
                     "reason = CASE WHEN state = ? THEN reason ELSE '' END, "
                     "classify_attempts = CASE WHEN state = ? THEN classify_attempts ELSE 0 END "
                     "WHERE series_instance_uid = ?",
-                    (now, now, CLASSIFYING, RECEIVED, CLASSIFYING, CLASSIFYING,
-                     series_instance_uid),
+                    (
+                        now,
+                        now,
+                        CLASSIFYING,
+                        RECEIVED,
+                        CLASSIFYING,
+                        CLASSIFYING,
+                        series_instance_uid,
+                    ),
                 )
             elif row["state"] == RECEIVED:
                 # The same instance again (a resend) still means the series is not quiet.
@@ -350,9 +357,7 @@ class Store:
             with contextlib.suppress(OSError):
                 part.unlink()
         with self._lock:
-            known = {
-                r[0] for r in self._conn.execute("SELECT sop_instance_uid FROM instances")
-            }
+            known = {r[0] for r in self._conn.execute("SELECT sop_instance_uid FROM instances")}
         recovered = 0
         for path in sorted(self.instances_dir.glob("*/*/*.dcm")):
             sop, series, study = path.stem, path.parent.name, path.parent.parent.name
@@ -373,9 +378,7 @@ class Store:
                 received_at=path.stat().st_mtime,
             )
             recovered += 1
-            logger.info(
-                "event=instance_recovered study=%s series=%s sop=%s", study, series, sop
-            )
+            logger.info("event=instance_recovered study=%s series=%s sop=%s", study, series, sop)
         return recovered
 
     def instance_paths(self, series_instance_uid: str) -> list[Path]:

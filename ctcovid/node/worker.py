@@ -186,12 +186,19 @@ class Worker:
             if next_try is None:
                 logger.error(
                     "event=send_failed %s peer=%s attempts=%d state=%s error=%r",
-                    log_ids, self.config.peer, record.attempts + 1, state, str(exc),
+                    log_ids,
+                    self.config.peer,
+                    record.attempts + 1,
+                    state,
+                    str(exc),
                 )
             else:
                 logger.warning(
                     "event=send_retry %s peer=%s attempt=%d next_try_in=%.1fs error=%r",
-                    log_ids, self.config.peer, record.attempts + 1, next_try - time.time(),
+                    log_ids,
+                    self.config.peer,
+                    record.attempts + 1,
+                    next_try - time.time(),
                     str(exc),
                 )
             return
@@ -200,7 +207,10 @@ class Worker:
         self.observe("send_seconds", seconds)
         logger.info(
             "event=sr_sent %s peer=%s status=0x%04X seconds=%.2f",
-            log_ids, self.config.peer, status, seconds,
+            log_ids,
+            self.config.peer,
+            status,
+            seconds,
         )
 
 
@@ -323,4 +333,3 @@ def run_worker(
         )
         Worker(config, store, classifier, observe).run(stop, parent_alive)
     store.close()
-

@@ -55,7 +55,11 @@ class TrainConfig:
 
     ``epochs`` counts both stages; the first ``head_epochs`` of them train the head with both
     backbones frozen (``None``: 5 with pretrained weights, 0 from scratch, where a frozen random
-    backbone would teach the head nothing).
+    backbone would teach the head nothing). Stage 2 keeps the first ``frozen_layers`` layers of
+    each backbone frozen (``None``: the paper's 100 with pretrained weights, 0 from scratch:
+    frozen random layers keep nothing worth keeping, and their BatchNormalization statistics,
+    never estimated, pass unnormalised activations on; measured here, that made training-mode
+    and inference-mode features disagree and validation fail).
     """
 
     epochs: int = 20
@@ -66,7 +70,7 @@ class TrainConfig:
     backbones: tuple[str, str] = ("resnet101", "densenet121")
     dropout: float = 0.5
     lr: float = 1e-4
-    frozen_layers: int = 100  # first layers of each backbone kept frozen in stage 2
+    frozen_layers: int | None = None  # first layers of each backbone frozen in stage 2
     class_weights: bool = False
     augment: bool = True  # random horizontal flip and rotation, training only
     rotation: float = 0.2  # fraction of a full turn, as keras.layers.RandomRotation
@@ -110,6 +114,12 @@ class TrainConfig:
         return self.weights not in ("none", "")
 
     @property
+    def stage2_frozen_layers(self) -> int:
+        if self.frozen_layers is not None:
+            return self.frozen_layers
+        return 100 if self.pretrained else 0
+
+    @property
     def stage1_epochs(self) -> int:
         if self.head_epochs is not None:
             return self.head_epochs
@@ -138,6 +148,7 @@ class TrainConfig:
         d = asdict(self)
         d["backbones"] = list(self.backbones)
         d["stage1_epochs"] = self.stage1_epochs
+        d["stage2_frozen_layers"] = self.stage2_frozen_layers
         return d
 
     @classmethod
@@ -245,7 +256,8 @@ def zero_head(core: keras.Model) -> None:
 
 
 def set_stage(core: keras.Model, stage: int, config: TrainConfig) -> None:
-    """Stage 1: both backbones frozen. Stage 2: each unfrozen except its first layers.
+    """Stage 1: both backbones frozen. Stage 2: each unfrozen except its first layers
+    (``config.stage2_frozen_layers``).
 
     With pretrained weights every BN layer stays frozen, hence in inference mode: fine-tuning
     with batch statistics would wreck the ImageNet statistics on small batches.
@@ -253,7 +265,7 @@ def set_stage(core: keras.Model, stage: int, config: TrainConfig) -> None:
     for backbone in backbone_models(core):
         backbone.trainable = stage == 2
         if stage == 2:
-            for layer in backbone.layers[: config.frozen_layers]:
+            for layer in backbone.layers[: config.stage2_frozen_layers]:
                 layer.trainable = False
             if config.pretrained:
                 for bn in batchnorm_layers(backbone):

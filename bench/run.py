@@ -1,0 +1,538 @@
+"""Benchmark harness: every figure side by side with its plain baseline, in the same run.
+
+``make bench`` runs it; it writes ``bench/results/<machine>.json`` and prints a table. These
+machines are shared and noisy, so each optimised path is timed alternately with its baseline over
+several repeats and reported as a ratio of medians.
+
+Sections (``--sections``, default all but ``gpu``):
+
+- ``ingest``: decode + window a 300-slice 512x512 series, ``preprocess_series`` (the code behind
+  ``ctcovid preprocess``) vs a plain per-file loop (pydicom read, modality LUT, window, PIL
+  resize), for an uncompressed and for compressed series;
+- ``inference``: ``Classifier.predict_slices`` vs plain ``model.predict`` (batch 32), same model,
+  same slices, per Keras backend (each in its own process: the backend is fixed at import);
+- ``e2e``: ``ctcovid classify`` of a 300-slice series, slice policy ``all`` (default) and
+  ``lung``, wall seconds of the command;
+- ``memory``: peak RSS of ``ctcovid classify`` on a 700-slice series (small model input);
+- ``hooks``: ``bench/node_bench.py`` and ``bench/batch_bench.py`` when present (JSON on stdout);
+- ``gpu``: the GPU path (bf16 policy, jit, large fixed batches) vs fp32 ``model.predict``, and
+  DICOM folder to result; run by ``bench/gpu.sh``.
+
+Sizes come from environment variables (``BENCH_*``, see ``SETTINGS``) so that a slow machine can
+measure fewer slices; the results file records the settings used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+logger = logging.getLogger("bench")
+
+BENCH_DIR = Path(__file__).resolve().parent
+ROOT = BENCH_DIR.parent
+
+SETTINGS: dict[str, tuple[str, str]] = {
+    # name: (default, meaning)
+    "BENCH_REPEATS": ("3", "repeats per figure (median)"),
+    "BENCH_INGEST_SLICES": ("300", "slices of the ingest series"),
+    "BENCH_PIXELS": ("512", "rows and columns of the fixture series"),
+    "BENCH_SYNTAXES": ("explicit,rle,jpegls", "transfer syntaxes of the ingest series"),
+    "BENCH_INFER_SLICES": ("32", "slices per inference measurement"),
+    "BENCH_INPUT_SIZE": ("256", "model input size for inference and end to end"),
+    "BENCH_BACKENDS": ("tensorflow,jax", "Keras backends for inference (skipped if absent)"),
+    "BENCH_E2E_SLICES": ("300", "slices of the end-to-end series (30% without lung)"),
+    "BENCH_E2E_POLICIES": ("all,lung", "slice policies timed end to end"),
+    "BENCH_MEMORY_SLICES": ("700", "slices of the memory series"),
+    "BENCH_MEMORY_INPUT_SIZE": ("64", "model input size for the memory measurement"),
+    "BENCH_GPU_BATCH": ("256", "GPU batch size"),
+    "BENCH_GPU_SLICES": ("4096", "slices per GPU throughput measurement"),
+    "BENCH_HOOK_TIMEOUT_S": ("600", "limit for each of node_bench.py and batch_bench.py"),
+    "BENCH_DATA": ("", "where fixture series and models are cached (default bench/.data)"),
+}
+
+
+def setting(name: str) -> str:
+    return os.environ.get(name, SETTINGS[name][0])
+
+
+def int_setting(name: str) -> int:
+    return int(setting(name))
+
+
+def data_dir() -> Path:
+    path = Path(setting("BENCH_DATA") or BENCH_DIR / ".data")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def machine_name() -> str:
+    return os.environ.get("BENCH_MACHINE") or f"cpu{os.cpu_count()}-{platform.machine()}"
+
+
+def machine_description() -> dict[str, Any]:
+    cpu = platform.processor() or ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions: dict[str, str] = {}
+    for pkg in ("numpy", "pydicom", "keras", "tensorflow-cpu", "tensorflow", "jax", "jaxlib",
+                "torch", "openvino"):
+        try:
+            versions[pkg] = version(pkg)
+        except PackageNotFoundError:
+            continue
+    return {
+        "name": machine_name(),
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "versions": versions,
+    }
+
+
+# -- timing -------------------------------------------------------------------------------------
+
+
+def side_by_side(
+    baseline: Callable[[], Any], candidate: Callable[[], Any], repeats: int
+) -> dict[str, float]:
+    """Median seconds of both, alternating which runs first so drift hits both equally."""
+    base_s: list[float] = []
+    cand_s: list[float] = []
+    for i in range(repeats):
+        order = [(baseline, base_s), (candidate, cand_s)]
+        for fn, sink in order if i % 2 == 0 else order[::-1]:
+            start = time.perf_counter()
+            fn()
+            sink.append(time.perf_counter() - start)
+    base, cand = statistics.median(base_s), statistics.median(cand_s)
+    return {
+        "baseline_s": round(base, 4),
+        "candidate_s": round(cand, 4),
+        "ratio": round(base / cand, 2),
+        "baseline_runs_s": [round(t, 4) for t in base_s],
+        "candidate_runs_s": [round(t, 4) for t in cand_s],
+    }
+
+
+# -- fixtures -----------------------------------------------------------------------------------
+
+
+def fixture_series(
+    name: str, n_slices: int, *, pixels: int, syntax: str = "explicit", margin: int = 0
+) -> Path:
+    """A cached synthetic CT series folder (``n_slices`` in all, ``margin`` lung-free each end)."""
+    from dicom_fixtures import StudySpec, write_study
+
+    out = data_dir() / f"{name}-{syntax}-{n_slices}x{pixels}"
+    ct = out / "ct"
+    if (out / ".done").exists():
+        return ct
+    logger.info("writing fixture series %s", out)
+    spec = StudySpec(
+        positive=True,
+        n_slices=n_slices - 2 * margin,
+        size=pixels,
+        transfer_syntax=syntax,
+        lung_margin_slices=margin,
+    )
+    write_study(out, spec, seed=11)
+    (out / ".done").write_text("")
+    return ct
+
+
+def fixture_model(input_size: int, slice_policy: str = "all") -> Path:
+    """A cached untrained Res-Dense Net artifact: speed does not depend on the weights."""
+    out = data_dir() / f"model-{input_size}-{slice_policy}"
+    if (out / "ctcovid.json").exists():
+        return out
+    code = (
+        "import sys, keras\n"
+        "from ctcovid.config import IngestConfig, ModelConfig\n"
+        "from ctcovid.model.artifact import ModelArtifact, save_model\n"
+        "from ctcovid.model.build import build_res_dense\n"
+        "keras.utils.set_random_seed(0)\n"
+        "size, policy, out = int(sys.argv[1]), sys.argv[2], sys.argv[3]\n"
+        "config = ModelConfig(input_size=size)\n"
+        "ingest = IngestConfig(image_size=size, slice_policy=policy)\n"
+        "save_model(build_res_dense(config), ModelArtifact(config, ingest), __import__('pathlib')"
+        ".Path(out))\n"
+    )
+    subprocess.run(
+        [sys.executable, "-c", code, str(input_size), slice_policy, str(out)],
+        check=True,
+        env=quiet_env(),
+    )
+    return out
+
+
+def quiet_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    env.update(extra)
+    return env
+
+
+# -- ingest -------------------------------------------------------------------------------------
+
+
+def plain_ingest(files: list[Path], size: int, center_hu: float, width_hu: float) -> np.ndarray:
+    """The baseline: one file after another, as a straightforward script would do it."""
+    import pydicom
+    from PIL import Image
+    from pydicom.pixels import apply_modality_lut
+
+    out = []
+    low = center_hu - width_hu / 2
+    for f in files:
+        ds = pydicom.dcmread(f)
+        hu = apply_modality_lut(ds.pixel_array, ds)
+        windowed = np.clip((hu - low) / width_hu * 255.0, 0, 255).astype(np.float32)
+        img = Image.fromarray(windowed, mode="F").resize((size, size), Image.Resampling.BOX)
+        out.append(np.rint(np.asarray(img)).astype(np.uint8))
+    return np.stack(out)
+
+
+def bench_ingest(repeats: int) -> list[dict[str, Any]]:
+    from ctcovid.config import IngestConfig
+    from ctcovid.dicom import load_series
+    from ctcovid.preprocess import preprocess_series
+
+    config = IngestConfig()
+    rows = []
+    n, pixels = int_setting("BENCH_INGEST_SLICES"), int_setting("BENCH_PIXELS")
+    for syntax in setting("BENCH_SYNTAXES").split(","):
+        try:
+            ct = fixture_series("ingest", n, pixels=pixels, syntax=syntax)
+        except Exception as exc:  # an encoder missing here: say so in the results
+            rows.append({"figure": f"ingest {syntax}", "skipped": f"{type(exc).__name__}: {exc}"})
+            continue
+        series = load_series(ct, config, for_classification=False)
+        files = [ref.instance.path for ref in series.slices]
+        fast = preprocess_series(series, config)
+        plain = plain_ingest(files, config.image_size, config.window_center_hu,
+                             config.window_width_hu)
+        timing = side_by_side(
+            lambda files=files: plain_ingest(
+                files, config.image_size, config.window_center_hu, config.window_width_hu
+            ),
+            lambda series=series: preprocess_series(series, config),
+            repeats,
+        )
+        rows.append({
+            "figure": f"ingest {syntax} {n}x{pixels}",
+            "baseline": "per-file loop",
+            "candidate": "preprocess_series",
+            "unit": "slices/s",
+            "baseline_rate": round(n / timing["baseline_s"], 1),
+            "candidate_rate": round(n / timing["candidate_s"], 1),
+            "max_level_difference": int(np.abs(fast.slices.astype(int) - plain).max()),
+            **timing,
+        })
+    return rows
+
+
+# -- inference ----------------------------------------------------------------------------------
+
+
+def inference_worker(input_size: int, n_slices: int, repeats: int) -> dict[str, Any]:
+    """Runs in a child process whose KERAS_BACKEND is already set; prints one JSON row."""
+    import keras
+
+    from ctcovid.config import IngestConfig, ModelConfig
+    from ctcovid.inference import Classifier
+    from ctcovid.model.artifact import ModelArtifact
+    from ctcovid.model.build import build_res_dense
+
+    keras.utils.set_random_seed(0)
+    config = ModelConfig(input_size=input_size)
+    model = build_res_dense(config)
+    classifier = Classifier(model, ModelArtifact(config, IngestConfig(image_size=input_size)))
+    slices = np.random.default_rng(0).integers(0, 256, (n_slices, input_size, input_size),
+                                               dtype=np.uint8)
+
+    def plain() -> np.ndarray:
+        return model.predict(slices[..., None].astype(np.float32), batch_size=32, verbose=0)
+
+    def fast() -> np.ndarray:
+        return classifier.predict_slices(slices)
+
+    start = time.perf_counter()
+    reference, candidate = plain().reshape(-1), fast()  # warm-up: tracing and compilation
+    warmup = time.perf_counter() - start
+    timing = side_by_side(plain, fast, repeats)
+    return {
+        "figure": f"inference {keras.backend.backend()} {n_slices}x{input_size}px",
+        "baseline": "model.predict batch 32",
+        "candidate": "Classifier.predict_slices",
+        "unit": "slices/s",
+        "baseline_rate": round(n_slices / timing["baseline_s"], 2),
+        "candidate_rate": round(n_slices / timing["candidate_s"], 2),
+        "max_probability_difference": float(np.abs(reference - candidate).max()),
+        "warmup_s": round(warmup, 1),
+        **timing,
+    }
+
+
+def bench_inference(repeats: int) -> list[dict[str, Any]]:
+    rows = []
+    for backend in setting("BENCH_BACKENDS").split(","):
+        proc = subprocess.run(
+            [sys.executable, __file__, "--inference-worker"],
+            capture_output=True,
+            text=True,
+            env=quiet_env(KERAS_BACKEND=backend, BENCH_REPEATS=str(repeats)),
+        )
+        if proc.returncode != 0:
+            last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+            rows.append({"figure": f"inference {backend}", "skipped": last})
+            continue
+        rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    return rows
+
+
+# -- end to end and memory ----------------------------------------------------------------------
+
+
+def run_classify(ct: Path, model: Path, *extra: str) -> tuple[float, dict[str, Any], int]:
+    """Wall seconds of ``ctcovid classify --json``, its JSON, and its own peak RSS in MiB."""
+    import tempfile
+
+    cmd = [sys.executable, "-m", "ctcovid.cli.main", "classify", str(ct), "--model", str(model),
+           "--json", *extra]
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        start = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=quiet_env())
+        # wait4 gives this child's own rusage (ru_maxrss in KiB on Linux).
+        _, status, usage = os.wait4(proc.pid, 0)
+        seconds = time.perf_counter() - start
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}): {err.read()[-500:]}")
+        return seconds, json.loads(out.read()), usage.ru_maxrss // 1024
+
+
+def bench_e2e() -> list[dict[str, Any]]:
+    n = int_setting("BENCH_E2E_SLICES")
+    size = int_setting("BENCH_INPUT_SIZE")
+    ct = fixture_series("e2e", n, pixels=int_setting("BENCH_PIXELS"), margin=int(n * 0.15))
+    rows = []
+    for policy in setting("BENCH_E2E_POLICIES").split(","):
+        seconds, out, _ = run_classify(ct, fixture_model(size, policy))
+        rows.append({
+            "figure": f"e2e classify {n} slices, policy {policy}, {size}px",
+            "unit": "s",
+            "seconds": round(seconds, 1),
+            "classify_seconds": out["seconds"],
+            "n_slices_used": out["n_slices_used"],
+            "slices_per_s": round(out["n_slices_used"] / out["seconds"], 2),
+        })
+    return rows
+
+
+def bench_memory() -> list[dict[str, Any]]:
+    size = int_setting("BENCH_MEMORY_INPUT_SIZE")
+    n = int_setting("BENCH_MEMORY_SLICES")
+    model = fixture_model(size)
+    rows = []
+    for count in (n // 7, n):  # how peak memory grows with the series length
+        ct = fixture_series("memory", count, pixels=int_setting("BENCH_PIXELS"))
+        seconds, out, peak = run_classify(ct, model)
+        rows.append({
+            "figure": f"memory classify {count} slices, {size}px input",
+            "unit": "MiB",
+            "peak_rss_mib": peak,
+            "seconds": round(seconds, 1),
+            "n_slices_used": out["n_slices_used"],
+        })
+    return rows
+
+
+# -- hooks for the node and batch benchmarks ----------------------------------------------------
+
+
+def bench_hooks() -> list[dict[str, Any]]:
+    rows = []
+    for script in ("node_bench.py", "batch_bench.py"):
+        path = BENCH_DIR / script
+        if not path.exists():
+            continue
+        try:
+            proc = subprocess.run([sys.executable, str(path)], capture_output=True, text=True,
+                                  env=quiet_env(), timeout=int_setting("BENCH_HOOK_TIMEOUT_S"))
+        except subprocess.TimeoutExpired:
+            rows.append({"figure": script,
+                         "skipped": f"timed out after {setting('BENCH_HOOK_TIMEOUT_S')} s"})
+            continue
+        if proc.returncode != 0:
+            rows.append({"figure": script, "skipped": proc.stderr.strip()[-300:]})
+            continue
+        try:
+            rows.append({"figure": script, "result": json.loads(proc.stdout)})
+        except json.JSONDecodeError as exc:
+            rows.append({"figure": script, "skipped": f"output is not JSON: {exc}"})
+    return rows
+
+
+# -- GPU ----------------------------------------------------------------------------------------
+
+
+def bench_gpu(repeats: int) -> list[dict[str, Any]]:
+    """bf16 + jit + large fixed batches vs fp32 ``model.predict``; then DICOM folder to result.
+
+    Meant for ``KERAS_BACKEND=jax`` on one NVIDIA GPU (bench/gpu.sh); runs on CPU too, slowly.
+    """
+    import keras
+
+    from ctcovid.config import IngestConfig, ModelConfig
+    from ctcovid.dicom import load_series
+    from ctcovid.inference import Classifier
+    from ctcovid.model.artifact import load_model
+
+    size = int_setting("BENCH_INPUT_SIZE")
+    batch = int_setting("BENCH_GPU_BATCH")
+    n = int_setting("BENCH_GPU_SLICES")
+    model_dir = fixture_model(size)
+    slices = np.random.default_rng(0).integers(0, 256, (n, size, size), dtype=np.uint8)
+
+    fp32_model, _ = load_model(model_dir)
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    bf16 = Classifier.from_file(model_dir, batch_size=batch)
+    keras.mixed_precision.set_global_policy("float32")
+
+    def plain() -> np.ndarray:
+        return fp32_model.predict(slices[..., None].astype(np.float32), batch_size=32, verbose=0)
+
+    def fast() -> np.ndarray:
+        return bf16.predict_slices(slices)
+
+    start = time.perf_counter()
+    reference, candidate = plain().reshape(-1), fast()
+    warmup = time.perf_counter() - start
+    timing = side_by_side(plain, fast, repeats)
+    rows: list[dict[str, Any]] = [{
+        "figure": f"gpu inference {keras.backend.backend()} {n}x{size}px",
+        "baseline": "fp32 model.predict batch 32",
+        "candidate": f"bf16 Classifier.predict_slices batch {batch}",
+        "unit": "slices/s",
+        "baseline_rate": round(n / timing["baseline_s"], 1),
+        "candidate_rate": round(n / timing["candidate_s"], 1),
+        "max_probability_difference": float(np.abs(reference - candidate).max()),
+        "warmup_s": round(warmup, 1),
+        **timing,
+    }]
+    ct = fixture_series("e2e", int_setting("BENCH_E2E_SLICES"),
+                        pixels=int_setting("BENCH_PIXELS"),
+                        margin=int(int_setting("BENCH_E2E_SLICES") * 0.15))
+    config: IngestConfig = bf16.ingest_config
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = bf16.classify(load_series(ct, config))
+        times.append(time.perf_counter() - start)
+    rows.append({
+        "figure": f"gpu DICOM folder to result, {result.n_slices_total} slices",
+        "unit": "s",
+        "seconds": round(statistics.median(times), 3),
+        "runs_s": [round(t, 3) for t in times],
+        "model_config": ModelConfig(input_size=size).to_dict(),
+    })
+    return rows
+
+
+# -- table and main -----------------------------------------------------------------------------
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    lines = [f"{'figure':58s} {'baseline':>10s} {'candidate':>10s} {'unit':>9s} {'ratio':>7s}"]
+    for r in rows:
+        if "skipped" in r:
+            lines.append(f"{r['figure']:58s} skipped: {r['skipped'][:60]}")
+        elif "ratio" in r:
+            lines.append(
+                f"{r['figure']:58s} {r['baseline_rate']:>10} {r['candidate_rate']:>10} "
+                f"{r['unit']:>9s} {r['ratio']:>6}x"
+            )
+        elif "peak_rss_mib" in r:
+            lines.append(f"{r['figure']:58s} peak RSS {r['peak_rss_mib']} MiB ({r['seconds']} s)")
+        elif "seconds" in r:
+            extra = f", {r['n_slices_used']} slices used" if "n_slices_used" in r else ""
+            lines.append(f"{r['figure']:58s} {r['seconds']} s{extra}")
+        else:
+            lines.append(f"{r['figure']:58s} {json.dumps(r.get('result'))[:80]}")
+    return "\n".join(lines)
+
+
+SECTIONS = ("ingest", "inference", "e2e", "memory", "hooks")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sections", default=",".join(SECTIONS),
+                        help=f"comma-separated, from {', '.join((*SECTIONS, 'gpu'))}")
+    parser.add_argument("--out", type=Path, help="results file (default bench/results/<machine>)")
+    parser.add_argument("--inference-worker", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    repeats = int_setting("BENCH_REPEATS")
+    if args.inference_worker:
+        row = inference_worker(int_setting("BENCH_INPUT_SIZE"), int_setting("BENCH_INFER_SLICES"),
+                               repeats)
+        print(json.dumps(row))
+        return 0
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    runners: dict[str, Callable[[], list[dict[str, Any]]]] = {
+        "ingest": lambda: bench_ingest(repeats),
+        "inference": lambda: bench_inference(repeats),
+        "e2e": bench_e2e,
+        "memory": bench_memory,
+        "hooks": bench_hooks,
+        "gpu": lambda: bench_gpu(repeats),
+    }
+    rows: list[dict[str, Any]] = []
+    started = time.perf_counter()
+    for name in args.sections.split(","):
+        logger.info("section %s", name)
+        section_start = time.perf_counter()
+        rows.extend(runners[name]())
+        logger.info("section %s took %.0f s", name, time.perf_counter() - section_start)
+    out = args.out or BENCH_DIR / "results" / f"{machine_name()}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    report = {
+        "machine": machine_description(),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+        "settings": {k: setting(k) for k in SETTINGS},
+        "total_s": round(time.perf_counter() - started, 1),
+        "rows": rows,
+    }
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(table(rows))
+    print(f"\nwritten to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
+    sys.exit(main())
