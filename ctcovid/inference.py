@@ -140,10 +140,15 @@ class Classifier:
         )
         indices, warnings = select_slices(pp.slices, self.ingest_config)
         used = pp.subset(indices)
-        if len(used) < self.ingest_config.min_slices:
+        # A model trained on max_slices N samples N slices by design; the minimum guards against
+        # series that lost slices (undecodable files), not against that sampling.
+        needed = self.ingest_config.min_slices
+        if self.ingest_config.max_slices is not None:
+            needed = min(needed, self.ingest_config.max_slices)
+        if len(used) < needed:
             raise InvalidInputError(
                 f"Series {series.series_instance_uid}: {len(used)} decodable slice(s) left, "
-                f"at least {self.ingest_config.min_slices} needed"
+                f"at least {needed} needed"
             )
         return PreparedScan(series, pp, used, list(pp.warnings) + warnings)
 
