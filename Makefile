@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 DEMO := demo
 # Small enough to train in a few minutes on 2 CPU cores; see README "What the demo did".
-DEMO_TRAIN_FLAGS ?= --input-size 32 --epochs 6 --max-slices 4 --weights none --head-epochs 0 \
+DEMO_TRAIN_FLAGS ?= --input-size 64 --epochs 4 --max-slices 4 --weights none --head-epochs 0 \
 	--batch-size 32 --lr 1e-3 --seed 0
 
 .PHONY: install demo test test-all lint fixtures bench clean
@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 
 $(DEMO)/data/manifest.json: | $(STAMP)
 	$(BIN)/ctcovid fixtures $(DEMO)/data --studies 2 --slices 24 --size 128 --seed 11 \
-		--cov19-per-class 32
+		--cov19-per-class 32 --cov19-slices 6
 
 $(DEMO)/model/ctcovid.json: $(DEMO)/data/manifest.json
 	$(BIN)/ctcovid train $(DEMO)/data/cov19 --out $(DEMO)/model --run-dir $(DEMO)/run \

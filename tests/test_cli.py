@@ -150,6 +150,8 @@ def test_fixtures_command_writes_studies_and_cov19_layout(tmp_path):
         "32",
         "--cov19-per-class",
         "1",
+        "--cov19-slices",
+        "3",
         "--json",
     )
     assert result.exit_code == 0, result.output
@@ -159,3 +161,5 @@ def test_fixtures_command_writes_studies_and_cov19_layout(tmp_path):
         "covid",
         "non-covid",
     ]
+    scan = tmp_path / "cov19" / "val" / "covid" / "ct_scan_0"
+    assert sorted(p.name for p in scan.iterdir()) == ["0.jpg", "1.jpg", "2.jpg"]

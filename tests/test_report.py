@@ -549,6 +549,38 @@ def test_write_png_round_trips(tmp_path: Path) -> None:
     np.testing.assert_array_equal(np.asarray(Image.open(path)), rgb)
 
 
+def test_cam_of_the_trained_model_is_higher_on_lesions_than_on_lesion_free_lung(
+    trained_run: dict,
+) -> None:
+    """Where the heatmap looks, judged on the CAM grid itself: on fresh fixture positives (lesion
+    and lung masks from the phantom), grid cells holding lesion pixels score higher than cells of
+    lesion-free lung. The trained model is 64 px, so its CAM grid is 2 x 2 (stride 32); measured
+    on three sets of positives: 0.47-0.56 against 0.18-0.29.
+    """
+    from dicom_fixtures import chest_phantom, lung_window_uint8
+
+    classifier = trained_run["classifier"]
+    size = classifier.ingest_config.image_size
+    on_lesions, on_clear_lung = [], []
+    for n in range(12):
+        phantom = chest_phantom(
+            6, size, positive=True, rng=np.random.default_rng([2024, n]), consolidation=n % 2 == 1
+        )
+        cams = classifier.class_activation_maps(lung_window_uint8(phantom.hu))
+        grid = size // 32
+        assert cams.shape[1:] == (grid, grid)
+        cell = size // grid
+        for k in phantom.lesion_slices:
+            # Pixels of each mask per grid cell.
+            lesion = phantom.lesion_mask[k].reshape(grid, cell, grid, cell).sum(axis=(1, 3))
+            lung = phantom.lung_mask[k].reshape(grid, cell, grid, cell).sum(axis=(1, 3))
+            on_lesions += list(cams[k][lesion > 0])
+            on_clear_lung += list(cams[k][(lesion == 0) & (lung > 0.1 * cell * cell)])
+    assert len(on_lesions) >= 50 and len(on_clear_lung) >= 20
+    lesion_mean, clear_mean = np.mean(on_lesions), np.mean(on_clear_lung)
+    assert lesion_mean > 1.5 * clear_mean, (lesion_mean, clear_mean)
+
+
 @pytest.fixture
 def heatmaps(series: Series, result: ScanResult) -> list[Dataset]:
     grey = np.full((16, 16), 100, dtype=np.uint8)

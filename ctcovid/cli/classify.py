@@ -94,7 +94,8 @@ def write_heatmaps(
     overlays = [overlay_rgb(s, c) for s, c in zip(slices, cams, strict=True)]
     paths = []
     for rank, (idx, rgb) in enumerate(zip(keys, overlays, strict=True), start=1):
-        name = f"key{rank}_slice{idx:04d}_p{result.slice_probabilities[idx]:.3f}.png"
+        # No score in the name: classifying again (say with a new model) overwrites the files.
+        name = f"key{rank}_slice{idx:04d}.png"
         paths.append(str(write_png(rgb, folder / name)))
     if as_dicom:
         for i, ds in enumerate(

@@ -44,8 +44,10 @@ def evaluate(
     ] = Layout.auto,
     split: Annotated[
         EvalSplit,
-        typer.Option(help="Which folder of a train/val/test layout (auto: val, or test with "
-                          "--predict-only; all scans when the data has no such folders)."),
+        typer.Option(
+            help="Which folder of a train/val/test layout (auto: val, or test with "
+            "--predict-only; all scans when the data has no such folders)."
+        ),
     ] = EvalSplit.auto,
     predictions: Annotated[
         Path | None,
@@ -84,23 +86,33 @@ def evaluate(
     quiet_keras()
     from ctcovid.errors import ModelError
     from ctcovid.model.artifact import default_model_path, missing_model_message
+    from ctcovid.training.evaluate import Evaluation
     from ctcovid.training.evaluate import evaluate as run_evaluation
-    from ctcovid.training.progress import NullProgress, RichProgress
+    from ctcovid.training.progress import NullProgress, Progress, RichProgress
 
     if out_dir is not None and not predict_only:
         raise fail("--out-dir writes the challenge files and needs --predict-only")
     model_path = model or default_model_path()
     if not model_path.exists():
         raise ModelError(missing_model_message(model_path))
-    kwargs = dict(
-        layout=layout.value, split=split.value, predict_only=predict_only, cache_dir=cache,
-        batch_size=batch_size,
-    )
+
+    def run(progress: Progress) -> Evaluation:
+        return run_evaluation(
+            data_dir,
+            model_path,
+            layout=layout.value,
+            split=split.value,
+            predict_only=predict_only,
+            cache_dir=cache,
+            batch_size=batch_size,
+            progress=progress,
+        )
+
     if json_out:
-        result = run_evaluation(data_dir, model_path, progress=NullProgress(), **kwargs)
+        result = run(NullProgress())
     else:
         with RichProgress(console) as progress:
-            result = run_evaluation(data_dir, model_path, progress=progress, **kwargs)
+            result = run(progress)
     summary = result.summary()
     if predictions is not None:
         result.write_predictions(predictions)

@@ -23,6 +23,10 @@ def fixtures(
             help="Also write a COV19-CT-DB layout (OUT/cov19/train/...) with N scans a class."
         ),
     ] = 0,
+    cov19_slices: Annotated[
+        int | None,
+        typer.Option(help="Slices per COV19-CT-DB scan. Default: --slices, at most 16."),
+    ] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Machine-readable summary.")] = False,
 ) -> None:
     """Write synthetic chest CT studies (positives with ground-glass opacities, negatives clean).
@@ -33,7 +37,7 @@ def fixtures(
 
       ctcovid fixtures fixtures/ --studies 6 --seed 1
 
-      ctcovid fixtures data/ --studies 0 --cov19-per-class 10
+      ctcovid fixtures data/ --studies 0 --cov19-per-class 10 --cov19-slices 6
     """
     import dicom_fixtures
 
@@ -49,7 +53,7 @@ def fixtures(
             scans += dicom_fixtures.write_cov19_layout(
                 out / "cov19",
                 n_per_class=cov19_per_class,
-                n_slices=min(slices, 16),
+                n_slices=cov19_slices if cov19_slices is not None else min(slices, 16),
                 size=size,
                 seed=seed + (0 if split == "train" else 1000),
                 split=split,

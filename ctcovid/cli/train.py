@@ -24,6 +24,11 @@ class Layout(StrEnum):
     dicom = "dicom"
 
 
+class Optimizer(StrEnum):
+    adam = "adam"
+    rmsprop = "rmsprop"
+
+
 class SlicePolicy(StrEnum):
     all = "all"
     lung = "lung"
@@ -64,13 +69,21 @@ def train(
     ] = 8,
     seed: Annotated[int, typer.Option(help="Seed of the split, shuffling and augmentation.")] = 0,
     lr: Annotated[float, typer.Option(help="Learning rate of both stages.")] = 1e-4,
+    optimizer: Annotated[
+        Optimizer | None,
+        typer.Option(
+            help="Stage-2 optimizer. Default: rmsprop (the paper's) pretrained, adam from scratch."
+        ),
+    ] = None,
     class_weights: Annotated[
         bool, typer.Option(help="Weight the loss by inverse class frequency.")
     ] = False,
     frozen_layers: Annotated[
         int | None,
-        typer.Option(help="Stage 2 keeps each backbone's first N layers frozen. "
-                          "Default: 100 pretrained, 0 from scratch."),
+        typer.Option(
+            help="Stage 2 keeps each backbone's first N layers frozen. "
+            "Default: 100 pretrained, 0 from scratch."
+        ),
     ] = None,
     augment: Annotated[
         bool,
@@ -101,7 +114,7 @@ def train(
 
       ctcovid train labelled_dicom/ --out models/site --weights /opt/keras-weights --max-slices 64
 
-      ctcovid train demo/cov19 --out demo/model --input-size 64 --weights none --lr 1e-3
+      ctcovid train demo/data/cov19 --out demo/model --input-size 64 --weights none --lr 1e-3
     """
     setup_logging(verbose)
     quiet_keras()
@@ -117,6 +130,7 @@ def train(
         weights=weights,
         backbones=tuple(b.strip() for b in backbones.split(",")),  # type: ignore[arg-type]
         lr=lr,
+        optimizer=optimizer.value if optimizer is not None else None,
         class_weights=class_weights,
         augment=augment,
         frozen_layers=frozen_layers,
@@ -128,13 +142,15 @@ def train(
         layout=layout.value,
     )
     if json_out:
-        result = run_training(data_dir, out, config, run_dir=run_dir, cache_dir=cache,
-                              progress=NullProgress())
+        result = run_training(
+            data_dir, out, config, run_dir=run_dir, cache_dir=cache, progress=NullProgress()
+        )
         print_json(result.summary())
         return
     with RichProgress(console) as progress:
-        result = run_training(data_dir, out, config, run_dir=run_dir, cache_dir=cache,
-                              progress=progress)
+        result = run_training(
+            data_dir, out, config, run_dir=run_dir, cache_dir=cache, progress=progress
+        )
     m = result.val_metrics
     auc = f"{m['roc_auc']:.3f}" if m["roc_auc"] is not None else "n/a"
     stdout.print(

@@ -41,6 +41,14 @@ def jet(values: np.ndarray) -> np.ndarray:
     return np.clip(1.5 - np.abs(4.0 * (x - centres)), 0.0, 1.0)
 
 
+def resize_cam(cam: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Resize a class-activation map from the feature grid to (height, width), bilinearly."""
+    if cam.ndim != 2:
+        raise ValueError(f"cam must be a 2D array. Received: shape={cam.shape}.")
+    cam_image = Image.fromarray(np.nan_to_num(cam.astype(np.float32)), mode="F")
+    return np.asarray(cam_image.resize((width, height), Image.Resampling.BILINEAR))
+
+
 def overlay_rgb(
     slice_uint8: np.ndarray, cam: np.ndarray, *, alpha: float = DEFAULT_ALPHA
 ) -> np.ndarray:
@@ -65,13 +73,9 @@ def overlay_rgb(
             f"slice_uint8 must be a 2D uint8 array. Received: shape={slice_uint8.shape}, "
             f"dtype={slice_uint8.dtype}."
         )
-    if cam.ndim != 2:
-        raise ValueError(f"cam must be a 2D array. Received: shape={cam.shape}.")
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1]. Received: alpha={alpha}.")
-    height, width = slice_uint8.shape
-    cam_image = Image.fromarray(np.nan_to_num(cam.astype(np.float32)), mode="F")
-    cam_resized = np.asarray(cam_image.resize((width, height), Image.Resampling.BILINEAR))
+    cam_resized = resize_cam(cam, *slice_uint8.shape)
     grey = (slice_uint8.astype(np.float32) / 255.0)[..., np.newaxis]
     blended = (1.0 - alpha) * grey + alpha * jet(cam_resized)
     return np.round(np.clip(blended, 0.0, 1.0) * 255.0).astype(np.uint8)

@@ -34,8 +34,14 @@ INDEX_FILE = "index.json"
 # The ingest fields that change the cached slices (min_slices and the axial tolerance only decide
 # which DICOM series are usable, which the input file list already reflects).
 _KEYED_INGEST = (
-    "window_center_hu", "window_width_hu", "image_size", "slice_policy", "max_slices",
-    "lung_min_fraction", "min_slices", "axial_tolerance_deg",
+    "window_center_hu",
+    "window_width_hu",
+    "image_size",
+    "slice_policy",
+    "max_slices",
+    "lung_min_fraction",
+    "min_slices",
+    "axial_tolerance_deg",
 )
 
 
@@ -74,15 +80,14 @@ class SliceCache:
             raise InvalidInputError(f"{folder}: unreadable slice cache ({exc})") from exc
         self.index: dict[str, Any] = index
         self.image_size = int(index["image_size"])
-        self.scans = [
-            CachedScan(**{**s, "warnings": tuple(s["warnings"])}) for s in index["scans"]
-        ]
+        self.scans = [CachedScan(**{**s, "warnings": tuple(s["warnings"])}) for s in index["scans"]]
         self.skipped: list[dict[str, str]] = list(index["skipped"])
         n = int(index["n_slices"])
         shape = (n, self.image_size, self.image_size)
         self.slices: np.ndarray = (
             np.memmap(folder / SLICES_FILE, dtype=np.uint8, mode="r", shape=shape)
-            if n else np.zeros(shape, np.uint8)
+            if n
+            else np.zeros(shape, np.uint8)
         )
         self._by_id = {s.scan_id: s for s in self.scans}
 
@@ -165,24 +170,28 @@ def build_cache(
                     progress.advance(1)
                     continue
                 if item.kind == "dicom" and len(loaded.slices) < ingest.min_slices:
-                    skipped.append({
-                        "scan": item.scan_id,
-                        "reason": f"{len(loaded.slices)} slice(s) after the slice policy, "
-                                  f"at least {ingest.min_slices} needed (as at inference)",
-                    })
+                    skipped.append(
+                        {
+                            "scan": item.scan_id,
+                            "reason": f"{len(loaded.slices)} slice(s) after the slice policy, "
+                            f"at least {ingest.min_slices} needed (as at inference)",
+                        }
+                    )
                     progress.advance(1)
                     continue
                 fh.write(np.ascontiguousarray(loaded.slices, np.uint8).tobytes())
-                scans.append({
-                    "scan_id": item.scan_id,
-                    "label": item.label,
-                    "patient_id": item.patient_id,
-                    "split": item.split,
-                    "start": offset,
-                    "count": len(loaded.slices),
-                    "n_slices_total": loaded.n_slices_total,
-                    "warnings": loaded.warnings,
-                })
+                scans.append(
+                    {
+                        "scan_id": item.scan_id,
+                        "label": item.label,
+                        "patient_id": item.patient_id,
+                        "split": item.split,
+                        "start": offset,
+                        "count": len(loaded.slices),
+                        "n_slices_total": loaded.n_slices_total,
+                        "warnings": loaded.warnings,
+                    }
+                )
                 offset += len(loaded.slices)
                 progress.advance(1)
             fh.flush()
@@ -213,6 +222,10 @@ def build_cache(
     cache = SliceCache(folder)
     logger.info(
         "cached %d slices of %d scans in %s (%.1f s, %d skipped)",
-        offset, len(scans), folder, index["seconds"], len(skipped),
+        offset,
+        len(scans),
+        folder,
+        index["seconds"],
+        len(skipped),
     )
     return cache

@@ -43,10 +43,17 @@ FEW_SLICES = 3  # scans with fewer slices than this are reported (they occur in 
 
 # Spellings of the two classes accepted in folder names and labels.csv.
 _LABEL_ALIASES = {
-    "covid": POSITIVE, "covid-19": POSITIVE, "covid19": POSITIVE, "positive": POSITIVE,
+    "covid": POSITIVE,
+    "covid-19": POSITIVE,
+    "covid19": POSITIVE,
+    "positive": POSITIVE,
     "1": POSITIVE,
-    "non-covid": NEGATIVE, "non_covid": NEGATIVE, "noncovid": NEGATIVE, "non-covid-19": NEGATIVE,
-    "negative": NEGATIVE, "0": NEGATIVE,
+    "non-covid": NEGATIVE,
+    "non_covid": NEGATIVE,
+    "noncovid": NEGATIVE,
+    "non-covid-19": NEGATIVE,
+    "negative": NEGATIVE,
+    "0": NEGATIVE,
 }
 
 
@@ -192,9 +199,7 @@ def _numeric_key(path: Path) -> tuple[int, float, str]:
 
 def image_files(scan_dir: Path) -> list[Path]:
     """The slice images of one COV19-CT-DB scan folder, in slice-number order."""
-    files = [
-        p for p in scan_dir.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-    ]
+    files = [p for p in scan_dir.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
     return sorted(files, key=_numeric_key)
 
 
@@ -246,7 +251,8 @@ def _discover_dicom(root: Path, ingest: IngestConfig, labelled: bool) -> DataSet
         sources = _read_labels_csv(csv_path)
     else:
         class_dirs = [
-            (p, lab) for p in sorted(root.iterdir())
+            (p, lab)
+            for p in sorted(root.iterdir())
             if p.is_dir() and (lab := _label_of_folder(p.name)) is not None
         ]
         if class_dirs:
@@ -304,7 +310,7 @@ def _read_labels_csv(path: Path) -> list[tuple[Path, str | None]]:
         raise InvalidInputError(f"{path}: unreadable ({exc})") from exc
     if not rows or not {"path", "label"} <= set(rows[0]):
         raise InvalidInputError(f"{path}: expected a header 'path,label' and one row per series")
-    out = []
+    out: list[tuple[Path, str | None]] = []
     for n, row in enumerate(rows, start=2):
         target = (path.parent / row["path"].strip()).resolve()
         if not target.exists():

@@ -151,8 +151,11 @@ def evaluate(
     if not items:
         raise InvalidInputError(
             f"{data.root}: none of {len(data.items)} scan(s) could be used"
-            + (f" (e.g. {cache.skipped[0]['scan']}: {cache.skipped[0]['reason']})"
-               if cache.skipped else "")
+            + (
+                f" (e.g. {cache.skipped[0]['scan']}: {cache.skipped[0]['reason']})"
+                if cache.skipped
+                else ""
+            )
         )
     predict_start = time.perf_counter()
     scores = predict_scans(

@@ -81,8 +81,11 @@ def tune_threshold(
         return default, 0.0
     distinct = np.unique(s)
     candidates = np.concatenate(
-        [[max(0.0, distinct[0] - 1e-6)], (distinct[:-1] + distinct[1:]) / 2.0,
-         [min(1.0, distinct[-1] + 1e-6)]]
+        [
+            [max(0.0, distinct[0] - 1e-6)],
+            (distinct[:-1] + distinct[1:]) / 2.0,
+            [min(1.0, distinct[-1] + 1e-6)],
+        ]
     )
     results = [(macro_f1(y, s, t), -abs(t - default), t) for t in candidates]
     best_f1, _, best_t = max(results)

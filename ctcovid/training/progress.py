@@ -88,9 +88,13 @@ class RichProgress:
     def advance(self, n: int = 1, **fields: Any) -> None:
         if self._task is None:
             return
-        info = " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                        for k, v in fields.items())
-        self._progress.update(self._task, advance=n, **({"info": info} if fields else {}))
+        info = " ".join(
+            f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in fields.items()
+        )
+        if fields:
+            self._progress.update(self._task, advance=n, info=info)
+        else:
+            self._progress.update(self._task, advance=n)
 
     def finish(self) -> None:
         if self._task is not None:

@@ -103,7 +103,8 @@ def split_scans(
     val_groups: set[str] = set()
     for cls in CLASSES:
         names = sorted(
-            g for g, members in groups.items()
+            g
+            for g, members in groups.items()
             if Counter(m.label for m in members).most_common(1)[0][0] == cls
         )
         if len(names) < 2:
