@@ -150,10 +150,9 @@ class TrainConfig:
         )
 
     def model_config(self) -> ModelConfig:
-        first, second = parse_backbones(self.backbones)
         return ModelConfig(
             input_size=self.input_size,
-            backbones=(first, second),
+            backbones=parse_backbones(self.backbones),
             dropout=self.dropout,
             weights=None if not self.pretrained else self.weights,
         )
