@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,34 +18,18 @@ from ctcovid.config import IngestConfig
 from ctcovid.dicom.types import Series, SliceRef
 from ctcovid.errors import InvalidInputError
 from ctcovid.model.artifact import ModelArtifact, default_model_path, load_model
-from ctcovid.preprocess import (
-    PreprocessedSeries,
-    assemble_series,
-    iter_windowed,
-    preprocess_series,
-    select_slices,
-)
+from ctcovid.preprocess import PreprocessedSeries, assemble_series, iter_windowed
 from ctcovid.results import ScanResult
+from ctcovid.scans import PreparedScan, prepare_scan, scan_result
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_BATCH_SIZE = 32
-KEY_SLICES = 5
 
 
 def batches(items: np.ndarray, size: int) -> Iterator[np.ndarray]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
-
-
-@dataclass
-class PreparedScan:
-    """A preprocessed series after the slice policy: exactly what the model will see."""
-
-    series: Series
-    all_slices: PreprocessedSeries
-    used: PreprocessedSeries
-    warnings: list[str]
 
 
 class Classifier:
@@ -128,59 +111,21 @@ class Classifier:
     def prepare(
         self, series: Series, preprocessed: PreprocessedSeries | None = None
     ) -> PreparedScan:
-        """Preprocess a series (unless given) and apply the model's slice policy."""
-        if not series.usable:
-            raise InvalidInputError(
-                f"Series {series.series_instance_uid} is not usable: {series.reason}"
-            )
-        pp = (
-            preprocessed
-            if preprocessed is not None
-            else preprocess_series(series, self.ingest_config)
-        )
-        indices, warnings = select_slices(pp.slices, self.ingest_config)
-        used = pp.subset(indices)
-        # A model trained on max_slices N samples N slices by design; the minimum guards against
-        # series that lost slices (undecodable files), not against that sampling.
-        needed = self.ingest_config.min_slices
-        if self.ingest_config.max_slices is not None:
-            needed = min(needed, self.ingest_config.max_slices)
-        if len(used) < needed:
-            raise InvalidInputError(
-                f"Series {series.series_instance_uid}: {len(used)} decodable slice(s) left, "
-                f"at least {needed} needed"
-            )
-        return PreparedScan(series, pp, used, list(pp.warnings) + warnings)
+        """What this model sees of ``series`` (see :func:`ctcovid.scans.prepare_scan`)."""
+        return prepare_scan(series, self.ingest_config, preprocessed)
 
     def result(
         self, prepared: PreparedScan, probabilities: np.ndarray, seconds: float
     ) -> ScanResult:
-        """Turn slice probabilities into the scan-level result (mean probability, threshold)."""
-        probs = np.asarray(probabilities, np.float64)
-        p_scan = float(probs.mean())
-        order = np.argsort(-probs, kind="stable")[:KEY_SLICES]
-        used = prepared.used
-        return ScanResult(
-            study_instance_uid=prepared.series.study_instance_uid,
-            series_instance_uid=prepared.series.series_instance_uid,
-            probability_covid=p_scan,
-            label=self.artifact.positive_class
-            if p_scan >= self.threshold
-            else self.artifact.negative_class,
+        """The scan-level result under this model's threshold and classes."""
+        return scan_result(
+            prepared,
+            probabilities,
+            ingest=self.ingest_config,
             threshold=self.threshold,
-            n_slices_total=len(prepared.all_slices),
-            n_slices_used=len(used),
-            slice_probabilities=[float(p) for p in probs],
-            sop_instance_uids=list(used.sop_instance_uids),
-            frame_numbers=list(used.frame_numbers),
-            z_mm=[None if np.isnan(z) else float(z) for z in used.z_mm],  # type: ignore[misc]
-            key_slice_indices=[int(i) for i in order],
+            classes=(self.artifact.positive_class, self.artifact.negative_class),
             model=self.artifact.info,
-            window_center_hu=self.ingest_config.window_center_hu,
-            window_width_hu=self.ingest_config.window_width_hu,
-            slice_policy=self.ingest_config.slice_policy,
-            seconds=round(seconds, 3),
-            warnings=prepared.warnings,
+            seconds=seconds,
         )
 
     def classify(self, series: Series) -> ScanResult:
@@ -200,7 +145,7 @@ class Classifier:
             prepared = self.prepare(series)
             probs = self.predict_slices(prepared.used.slices)
             return prepared, self.result(prepared, probs, time.perf_counter() - start)
-        if not series.usable:
+        if not series.usable:  # refuse before decoding anything
             raise InvalidInputError(
                 f"Series {series.series_instance_uid} is not usable: {series.reason}"
             )
@@ -225,7 +170,3 @@ class Classifier:
                 batch = []
         if batch:
             parts.append(self.predict_slices(np.stack(batch)))
-
-    def classify_many(self, series_list: Iterable[Series]) -> Iterator[ScanResult]:
-        for series in series_list:
-            yield self.classify(series)

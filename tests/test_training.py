@@ -434,6 +434,40 @@ def test_evaluate_reads_labelled_dicom_through_the_models_ingest(
     assert all(p.n_slices == trained_run["max_slices"] for p in result.predictions)
 
 
+def test_evaluate_with_the_demos_slice_settings_uses_every_dicom_series(
+    tiny_model_dir: Path, dicom_root: Path, tmp_path: Path
+) -> None:
+    """The demo trains with ``--max-slices 4`` and the default 8-slice minimum. Inference has
+    always classified such a model's DICOM series (4 sampled slices are not 4 lost ones); the
+    training cache used to apply the minimum to the sampled slices and skipped every scan, so
+    ``ctcovid evaluate`` on a DICOM folder found nothing. Both now call ``ctcovid.scans``."""
+    from typer.testing import CliRunner
+
+    from ctcovid.cli.main import app
+    from ctcovid.model.artifact import METADATA_FILE
+
+    model = tmp_path / "model"
+    model.mkdir()
+    for f in tiny_model_dir.iterdir():
+        (model / f.name).write_bytes(f.read_bytes())
+    meta = json.loads((model / METADATA_FILE).read_text())
+    meta["ingest"] = IngestConfig(image_size=32, max_slices=4).to_dict()  # min_slices: default 8
+    (model / METADATA_FILE).write_text(json.dumps(meta))
+
+    result = CliRunner().invoke(app, [
+        "evaluate", str(dicom_root), "--model", str(model), "--cache", str(tmp_path / "cache"),
+        "--predictions", str(tmp_path / "p.csv"), "--json",
+    ])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["n_scans"] == 4 and summary["skipped"] == []
+    with open(tmp_path / "p.csv", newline="") as fh:
+        assert len(list(csv.DictReader(fh))) == 4
+    cache = build_cache(discover(dicom_root, ingest=IngestConfig(image_size=32, max_slices=4)),
+                        IngestConfig(image_size=32, max_slices=4), tmp_path / "cache")
+    assert [s.count for s in cache.scans] == [4, 4, 4, 4]
+
+
 @pytest.mark.slow
 def test_training_runs_under_the_jax_backend(cov19_root: Path, tmp_path: Path) -> None:
     """The training code is backend-agnostic: a short run with small backbones under JAX."""

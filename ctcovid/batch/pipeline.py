@@ -50,8 +50,9 @@ from ctcovid.batch.results import (
     write_json_atomic,
 )
 from ctcovid.errors import CtCovidError
-from ctcovid.inference import Classifier, PreparedScan
+from ctcovid.inference import Classifier
 from ctcovid.model.artifact import ModelArtifact, read_artifact
+from ctcovid.scans import PreparedScan, prepare_scan
 
 logger = logging.getLogger(__name__)
 
@@ -93,12 +94,11 @@ class Decoded:
 def decode_entry(entry: SeriesEntry, artifact: ModelArtifact) -> Decoded:
     """Worker task: read, judge, decode, window and select the slices of one indexed series.
 
-    A classifier without a network does the preparing: ``Classifier.prepare`` needs only the
-    artifact's ingest settings, and the worker must not load a model.
+    Preparing needs only the artifact's ingest settings: the worker never loads a model.
     """
     try:
         series = load_entry_series(entry, artifact.ingest_config)
-        prepared = Classifier(None, artifact).prepare(series)
+        prepared = prepare_scan(series, artifact.ingest_config)
     except CtCovidError as exc:
         return Decoded(entry, error=str(exc))
     except Exception as exc:  # one broken series must not stop an archive

@@ -28,7 +28,7 @@ from ctcovid.training.progress import NullProgress, Progress
 
 logger = logging.getLogger(__name__)
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: DICOM scans prepared by ctcovid.scans.prepare_scan
 SLICES_FILE = "slices.u8"
 INDEX_FILE = "index.json"
 # The ingest fields that change the cached slices (min_slices and the axial tolerance only decide
@@ -140,8 +140,8 @@ def build_cache(
 ) -> SliceCache:
     """The cache entry for ``data`` under ``ingest``: reused if present, else built (with progress).
 
-    A scan that cannot be decoded (or, for DICOM, keeps fewer than ``ingest.min_slices`` slices
-    after the slice policy, so inference would refuse it) is skipped and listed with its reason.
+    A scan that cannot be decoded, or that inference would refuse (see
+    :func:`ctcovid.training.data.load_scan`), is skipped and listed with its reason.
     """
     progress = progress or NullProgress()
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
@@ -167,16 +167,6 @@ def build_cache(
                     loaded = load_scan(item, ingest)
                 except CtCovidError as exc:
                     skipped.append({"scan": item.scan_id, "reason": str(exc)})
-                    progress.advance(1)
-                    continue
-                if item.kind == "dicom" and len(loaded.slices) < ingest.min_slices:
-                    skipped.append(
-                        {
-                            "scan": item.scan_id,
-                            "reason": f"{len(loaded.slices)} slice(s) after the slice policy, "
-                            f"at least {ingest.min_slices} needed (as at inference)",
-                        }
-                    )
                     progress.advance(1)
                     continue
                 fh.write(np.ascontiguousarray(loaded.slices, np.uint8).tobytes())

@@ -28,7 +28,8 @@ from PIL import Image
 
 from ctcovid.config import IngestConfig
 from ctcovid.errors import InvalidInputError
-from ctcovid.preprocess import resize_uint8, select_slices
+from ctcovid.preprocess import resize_uint8
+from ctcovid.scans import PreparedScan, model_slices, prepare_scan
 
 logger = logging.getLogger(__name__)
 
@@ -332,12 +333,18 @@ class LoadedScan:
 
 
 def load_scan(item: ScanItem, ingest: IngestConfig) -> LoadedScan:
-    """Decode one scan into model input, exactly as inference would (slice policy included)."""
-    if item.kind == "jpg":
-        slices, warnings = load_jpg_slices(item, ingest.image_size)
-    else:
-        slices, warnings = _load_dicom_slices(item, ingest)
-    indices, policy_warnings = select_slices(slices, ingest)
+    """Decode one scan into model input, exactly as inference would.
+
+    Both kinds go through :func:`ctcovid.scans.model_slices` (the slice policy). A DICOM series
+    goes through :func:`ctcovid.scans.prepare_scan`, so the slice minimum is the one inference
+    applies and a series that inference would refuse raises ``InvalidInputError`` here too. A
+    COV19-CT-DB scan has no minimum: the data set defines its scans, some of one or two slices.
+    """
+    if item.kind == "dicom":
+        prepared = _prepare_dicom(item, ingest)
+        return LoadedScan(prepared.used.slices, len(prepared.all_slices), prepared.warnings)
+    slices, warnings = load_jpg_slices(item, ingest.image_size)
+    indices, policy_warnings = model_slices(slices, ingest, name=f"scan {item.scan_id}")
     return LoadedScan(slices[indices], len(slices), warnings + policy_warnings)
 
 
@@ -385,18 +392,16 @@ def load_jpg_slices(item: ScanItem, size: int) -> tuple[np.ndarray, list[str]]:
     return np.stack(slices), warnings
 
 
-def _load_dicom_slices(item: ScanItem, ingest: IngestConfig) -> tuple[np.ndarray, list[str]]:
+def _prepare_dicom(item: ScanItem, ingest: IngestConfig) -> PreparedScan:
     from ctcovid.dicom import scan
-    from ctcovid.preprocess import preprocess_series
 
     report = scan(item.source, ingest)
     series = next(
         (s for s in report.series if s.series_instance_uid == item.series_instance_uid), None
     )
-    if series is None or not series.usable:
-        why = series.reason if series is not None else "no longer found"
+    if series is None:
         raise InvalidInputError(
-            f"scan {item.scan_id}: series {item.series_instance_uid} is not usable: {why}"
+            f"scan {item.scan_id}: series {item.series_instance_uid} is no longer found "
+            f"in {item.source}"
         )
-    pp = preprocess_series(series, ingest)
-    return pp.slices, list(pp.warnings)
+    return prepare_scan(series, ingest)

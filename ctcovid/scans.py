@@ -1,0 +1,156 @@
+"""What the model sees of a scan, and what its slice probabilities mean: written once.
+
+Inference (:class:`ctcovid.inference.Classifier`), the training cache, evaluation and batch all
+call these functions, so that a model is trained, validated and used on the same slices:
+
+- :func:`model_slices` applies the slice policy and the slice minimum to any stack of
+  model-ready slices (a DICOM series after preprocessing, or a COV19-CT-DB scan's JPGs);
+- :func:`prepare_scan` does that for a DICOM series and keeps what identifies each slice;
+- :func:`scan_probability` and :func:`scan_result` turn slice probabilities into the scan's
+  probability, label and result.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ctcovid.config import IngestConfig
+from ctcovid.dicom.types import Series
+from ctcovid.errors import InvalidInputError
+from ctcovid.preprocess import PreprocessedSeries, preprocess_series, select_slices
+from ctcovid.results import ModelInfo, ScanResult
+
+KEY_SLICES = 5  # slices named as key images in the result and the SR
+
+
+@dataclass
+class PreparedScan:
+    """A preprocessed series after the slice policy: exactly what the model will see."""
+
+    series: Series
+    all_slices: PreprocessedSeries
+    used: PreprocessedSeries
+    warnings: list[str]
+
+
+def slice_minimum(ingest: IngestConfig) -> int:
+    """Slices a DICOM series must keep after the slice policy to be classified.
+
+    A model trained with ``max_slices`` N samples N slices by design; the minimum guards against
+    series that lost slices (undecodable files), not against that sampling.
+    """
+    if ingest.max_slices is not None:
+        return min(ingest.min_slices, ingest.max_slices)
+    return ingest.min_slices
+
+
+def model_slices(
+    slices: np.ndarray, ingest: IngestConfig, *, name: str, minimum: int | None = None
+) -> tuple[np.ndarray, list[str]]:
+    """Indices of the slices the model sees, in order, and the slice policy's warnings.
+
+    Parameters
+    ----------
+    slices
+        Model-ready uint8 slices ``(N, S, S)`` in z order.
+    ingest
+        The model's ingest settings (slice policy, ``max_slices``).
+    name
+        What the slices are (``"Series 1.2.3"``, ``"scan ct_scan_7"``), for the error message.
+    minimum
+        Slices that must remain; ``None`` for no minimum.
+
+    Raises
+    ------
+    InvalidInputError
+        If fewer than ``minimum`` slices remain.
+    """
+    indices, warnings = select_slices(slices, ingest)
+    if minimum is not None and len(indices) < minimum:
+        raise InvalidInputError(
+            f"{name}: {len(indices)} decodable slice(s) left after the slice policy, "
+            f"at least {minimum} needed"
+        )
+    return indices, warnings
+
+
+def prepare_scan(
+    series: Series, ingest: IngestConfig, preprocessed: PreprocessedSeries | None = None
+) -> PreparedScan:
+    """Preprocess a usable series (unless ``preprocessed`` is given) and apply the slice policy
+    and the slice minimum (:func:`slice_minimum`).
+
+    Raises
+    ------
+    InvalidInputError
+        If the series is not usable, no slice decodes, or too few slices remain.
+    """
+    if not series.usable:
+        raise InvalidInputError(
+            f"Series {series.series_instance_uid} is not usable: {series.reason}"
+        )
+    pp = preprocessed if preprocessed is not None else preprocess_series(series, ingest)
+    indices, warnings = model_slices(
+        pp.slices,
+        ingest,
+        name=f"Series {series.series_instance_uid}",
+        minimum=slice_minimum(ingest),
+    )
+    return PreparedScan(series, pp, pp.subset(indices), list(pp.warnings) + warnings)
+
+
+def scan_probability(slice_probabilities: np.ndarray) -> float:
+    """The scan's P(COVID): the mean of its slice probabilities (never a vote of rounded ones)."""
+    probs = np.asarray(slice_probabilities, np.float64)
+    if probs.size == 0:
+        raise ValueError("a scan needs at least one slice probability.")
+    return float(probs.mean())
+
+
+def scan_result(
+    prepared: PreparedScan,
+    slice_probabilities: np.ndarray,
+    *,
+    ingest: IngestConfig,
+    threshold: float,
+    classes: tuple[str, str],
+    model: ModelInfo,
+    seconds: float,
+) -> ScanResult:
+    """The scan-level result of a prepared series from its slice probabilities.
+
+    ``classes`` is ``(positive, negative)``; the label is the positive class when the scan
+    probability reaches ``threshold``.
+    """
+    probs = np.asarray(slice_probabilities, np.float64)
+    used = prepared.used
+    if len(probs) != len(used):
+        raise ValueError(
+            f"{len(probs)} slice probabilities for {len(used)} slices of series "
+            f"{prepared.series.series_instance_uid}."
+        )
+    p_scan = scan_probability(probs)
+    order = np.argsort(-probs, kind="stable")[:KEY_SLICES]
+    positive, negative = classes
+    return ScanResult(
+        study_instance_uid=prepared.series.study_instance_uid,
+        series_instance_uid=prepared.series.series_instance_uid,
+        probability_covid=p_scan,
+        label=positive if p_scan >= threshold else negative,
+        threshold=threshold,
+        n_slices_total=len(prepared.all_slices),
+        n_slices_used=len(used),
+        slice_probabilities=[float(p) for p in probs],
+        sop_instance_uids=list(used.sop_instance_uids),
+        frame_numbers=list(used.frame_numbers),
+        z_mm=[None if np.isnan(z) else float(z) for z in used.z_mm],  # type: ignore[misc]
+        key_slice_indices=[int(i) for i in order],
+        model=model,
+        window_center_hu=ingest.window_center_hu,
+        window_width_hu=ingest.window_width_hu,
+        slice_policy=ingest.slice_policy,
+        seconds=round(seconds, 3),
+        warnings=prepared.warnings,
+    )
