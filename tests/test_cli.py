@@ -163,3 +163,44 @@ def test_fixtures_command_writes_studies_and_cov19_layout(tmp_path):
     ]
     scan = tmp_path / "cov19" / "val" / "covid" / "ct_scan_0"
     assert sorted(p.name for p in scan.iterdir()) == ["0.jpg", "1.jpg", "2.jpg"]
+
+
+def test_exit_codes_tell_bad_usage_from_internal_failure(tmp_path):
+    """0 success, 1 bad usage or bad input, 2 internal failure (Click alone would say 2 for a
+    bad flag too)."""
+    from ctcovid.cli.common import handle_errors
+
+    assert invoke("classify", "--no-such-flag", tmp_path).exit_code == 1
+    assert invoke("no-such-command").exit_code == 1
+    assert invoke("classify").exit_code == 1  # missing argument
+    assert invoke("series", tmp_path / "missing").exit_code == 1  # bad input
+
+    @handle_errors
+    def broken() -> None:
+        raise RuntimeError("a bug")
+
+    import typer
+
+    with pytest.raises(typer.Exit) as caught:
+        broken()
+    assert caught.value.exit_code == 2
+
+
+def test_progress_in_a_pipe_is_plain_lines_not_redrawn_bars():
+    from io import StringIO
+
+    from rich.console import Console
+
+    from ctcovid.training.progress import LineProgress, console_progress
+
+    out = StringIO()
+    console = Console(file=out, width=60)
+    progress = console_progress(console)
+    assert isinstance(progress, LineProgress)
+    with progress:
+        progress.start("caching slices", total=3, unit="scans")
+        for _ in range(3):
+            progress.advance(1, loss=0.25)
+    text = out.getvalue()
+    assert text.startswith("caching slices: 3/3 scans, 0 s, loss 0.25")
+    assert "━" not in text and "…" not in text

@@ -9,6 +9,7 @@ from typing import Annotated, Any
 import typer
 
 from ctcovid.cli.common import (
+    ModelOption,
     console,
     handle_errors,
     print_json,
@@ -93,12 +94,7 @@ def batch(
         Path, typer.Argument(exists=True, help="Folder tree of DICOM files (any layout).")
     ],
     out: Annotated[Path, typer.Option("--out", help="Output folder (results, SRs, index).")],
-    model: Annotated[
-        Path | None,
-        typer.Option(
-            help="Model folder. Default: $CTCOVID_MODEL, else ~/.local/share/ctcovid/model."
-        ),
-    ] = None,
+    model: ModelOption = None,
     resume: Annotated[
         bool, typer.Option(help="Finish an interrupted run in --out (same model and archive).")
     ] = False,
@@ -157,7 +153,8 @@ def batch(
         batch_size=batch_size,
         ray_address=ray_address,
     )
-    bars, progress = _progress_bars(quiet or json_out)
+    # Redrawn bars come out as broken lines in a log or a pipe: bars only on a terminal.
+    bars, progress = _progress_bars(quiet or json_out or not console.is_terminal)
     if bars is not None:
         with bars:
             summary = run_batch(options, progress)

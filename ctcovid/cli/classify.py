@@ -7,7 +7,14 @@ from typing import Annotated, Any
 
 import typer
 
-from ctcovid.cli.common import handle_errors, print_json, quiet_keras, setup_logging, stdout
+from ctcovid.cli.common import (
+    ModelOption,
+    handle_errors,
+    print_json,
+    quiet_keras,
+    setup_logging,
+    stdout,
+)
 
 
 @handle_errors
@@ -15,12 +22,7 @@ def classify(
     series_dir: Annotated[
         Path, typer.Argument(exists=True, help="Folder (or file) holding one CT series.")
     ],
-    model: Annotated[
-        Path | None,
-        typer.Option(
-            help="Model folder. Default: $CTCOVID_MODEL, else ~/.local/share/ctcovid/model."
-        ),
-    ] = None,
+    model: ModelOption = None,
     json_out: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
     sr: Annotated[
         Path | None, typer.Option("--sr", help="Write the DICOM Structured Report here.")

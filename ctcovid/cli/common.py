@@ -8,7 +8,7 @@ import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
@@ -16,6 +16,15 @@ from rich.console import Console
 from ctcovid.errors import CtCovidError
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+# The --model option of every command that runs a model.
+ModelOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--model",
+        help="Model folder. Default: $CTCOVID_MODEL, else ~/.local/share/ctcovid/model.",
+    ),
+]
 
 console = Console(stderr=True)
 stdout = Console()

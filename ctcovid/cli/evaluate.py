@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from ctcovid.cli.common import (
+    ModelOption,
     console,
     fail,
     handle_errors,
@@ -33,12 +34,7 @@ def evaluate(
     data_dir: Annotated[
         Path, typer.Argument(exists=True, file_okay=False, help="Labelled (or test) scans.")
     ],
-    model: Annotated[
-        Path | None,
-        typer.Option(
-            help="Model folder. Default: $CTCOVID_MODEL, else ~/.local/share/ctcovid/model."
-        ),
-    ] = None,
+    model: ModelOption = None,
     layout: Annotated[
         Layout, typer.Option(help="Data layout (auto: JPG slices -> cov19-ct-db, else dicom).")
     ] = Layout.auto,
@@ -88,7 +84,7 @@ def evaluate(
     from ctcovid.model.artifact import default_model_path, missing_model_message
     from ctcovid.training.evaluate import Evaluation
     from ctcovid.training.evaluate import evaluate as run_evaluation
-    from ctcovid.training.progress import NullProgress, Progress, RichProgress
+    from ctcovid.training.progress import NullProgress, Progress, console_progress
 
     if out_dir is not None and not predict_only:
         raise fail("--out-dir writes the challenge files and needs --predict-only")
@@ -111,7 +107,7 @@ def evaluate(
     if json_out:
         result = run(NullProgress())
     else:
-        with RichProgress(console) as progress:
+        with console_progress(console) as progress:
             result = run(progress)
     summary = result.summary()
     if predictions is not None:

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from ctcovid.cli.common import handle_errors, setup_logging
+from ctcovid.cli.common import ModelOption, handle_errors, setup_logging
 
 
 @handle_errors
@@ -28,12 +28,7 @@ def listen(
     store: Annotated[
         Path | None, typer.Option(help="Folder for received instances, SRs and the job database.")
     ] = None,
-    model: Annotated[
-        Path | None,
-        typer.Option(
-            help="Model folder. Default: $CTCOVID_MODEL, else ~/.local/share/ctcovid/model."
-        ),
-    ] = None,
+    model: ModelOption = None,
     allow_aet: Annotated[
         list[str] | None,
         typer.Option(

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import typer
+from typer.core import TyperGroup
 
 from ctcovid import __version__
 from ctcovid.cli import (
@@ -17,7 +20,36 @@ from ctcovid.cli import (
     train,
 )
 
+USAGE_ERROR = 1
+# Typer ships its own copy of Click; its usage error is the base class of typer.BadParameter.
+_UsageError: type[Exception] = typer.BadParameter.__mro__[1]
+
+
+class _Commands(TyperGroup):
+    """The command group, with Click's usage errors (bad flag, missing argument) exiting 1.
+
+    Exit codes: 0 success, 1 bad usage or bad input (a one-line reason), 2 internal failure,
+    130 interrupted. Click's own default for usage errors is 2, which a script could not tell
+    from an internal failure.
+    """
+
+    def make_context(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().make_context(*args, **kwargs)
+        except _UsageError as exc:
+            exc.exit_code = USAGE_ERROR  # type: ignore[attr-defined]
+            raise
+
+    def invoke(self, ctx: Any) -> Any:
+        try:
+            return super().invoke(ctx)
+        except _UsageError as exc:
+            exc.exit_code = USAGE_ERROR  # type: ignore[attr-defined]
+            raise
+
+
 app = typer.Typer(
+    cls=_Commands,
     name="ctcovid",
     help="COVID-19 detection in chest CT: DICOM in, Res-Dense Net, DICOM Structured Report out.",
     no_args_is_help=True,

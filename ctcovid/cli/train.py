@@ -118,7 +118,7 @@ def train(
     """
     setup_logging(verbose)
     quiet_keras()
-    from ctcovid.training.progress import NullProgress, RichProgress
+    from ctcovid.training.progress import NullProgress, console_progress
     from ctcovid.training.train import TrainConfig
     from ctcovid.training.train import train as run_training
 
@@ -147,7 +147,7 @@ def train(
         )
         print_json(result.summary())
         return
-    with RichProgress(console) as progress:
+    with console_progress(console) as progress:
         result = run_training(
             data_dir, out, config, run_dir=run_dir, cache_dir=cache, progress=progress
         )

@@ -193,7 +193,3 @@ def cam_model(model: keras.Model) -> keras.Model:
     """A model returning (fused feature map, P(COVID)) for class-activation maps."""
     fused = model.get_layer("fusion").output
     return keras.Model(model.inputs, [fused, model.output], name="res_dense_cam")
-
-
-def describe(model: keras.Model) -> dict[str, Any]:
-    return {"name": model.name, "parameters": int(model.count_params())}

@@ -1,12 +1,13 @@
 """Progress reporting for the long steps (caching, training, evaluation), free of any UI.
 
-Library code calls a :class:`Progress`; the CLI passes :class:`RichProgress` (bars with ETA on
-stderr) and everything else gets :class:`NullProgress`.
+Library code calls a :class:`Progress`; the CLI passes :func:`console_progress` (bars with ETA on
+a terminal, plain lines in a log or a pipe) and everything else gets :class:`NullProgress`.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from types import TracebackType
 from typing import Any, Protocol
 
@@ -103,3 +104,67 @@ class RichProgress:
 
     def message(self, text: str) -> None:
         self._progress.console.print(text, highlight=False, soft_wrap=True)
+
+
+class LineProgress:
+    """Plain progress lines for a log or a pipe, where redrawn bars come out as broken lines.
+
+    One line when a task finishes, and one every ``every_seconds`` while it runs.
+    """
+
+    def __init__(self, console: Any, every_seconds: float = 30.0) -> None:
+        self._console = console
+        self._every = every_seconds
+        self._task: dict[str, Any] | None = None
+
+    def __enter__(self) -> LineProgress:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.finish()
+
+    def start(self, description: str, total: int, unit: str = "") -> None:
+        self.finish()
+        now = time.monotonic()
+        self._task = {"description": description, "total": total, "unit": unit, "done": 0,
+                      "started": now, "printed": now, "info": ""}  # fmt: skip
+
+    def advance(self, n: int = 1, **fields: Any) -> None:
+        task = self._task
+        if task is None:
+            return
+        task["done"] += n
+        if fields:
+            task["info"] = " ".join(
+                f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in fields.items()
+            )
+        if time.monotonic() - task["printed"] >= self._every:
+            self._line(task)
+
+    def finish(self) -> None:
+        if self._task is not None:
+            self._line(self._task)
+            self._task = None
+
+    def message(self, text: str) -> None:
+        self._console.print(text, highlight=False, soft_wrap=True)
+
+    def _line(self, task: dict[str, Any]) -> None:
+        now = time.monotonic()
+        task["printed"] = now
+        text = (
+            f"{task['description']}: {task['done']}/{task['total']} {task['unit']}".rstrip()
+            + f", {now - task['started']:.0f} s"
+            + (f", {task['info']}" if task["info"] else "")
+        )
+        self.message(text)
+
+
+def console_progress(console: Any) -> RichProgress | LineProgress:
+    """Bars on a terminal, plain lines otherwise (``make demo`` output, CI logs, pipes)."""
+    return RichProgress(console) if console.is_terminal else LineProgress(console)
