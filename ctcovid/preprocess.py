@@ -2,6 +2,11 @@
 
 Pure numpy functions, plus :func:`preprocess_series` that runs them over a DICOM series. The same
 functions serve training (COV19-CT-DB JPGs are already windowed uint8) and inference.
+
+SimpleITK was measured against these functions (40 slices of a 512 px phantom, one process): its
+BinShrink gives the same 512 -> 256 block means and its connected components + hole filling the
+same lung fractions, but 3.2x and 1.2x slower, since every slice is copied into an image and
+back; numpy and scipy stay, and SimpleITK is not a dependency.
 """
 
 from __future__ import annotations
