@@ -247,10 +247,11 @@ def test_stage_two_keeps_pretrained_layers_and_batchnorm_frozen_but_not_random_o
 
     from ctcovid.config import ModelConfig
     from ctcovid.model.build import backbone_models, build_res_dense
-    from ctcovid.training.train import TrainConfig, batchnorm_layers, set_stage
+    from ctcovid.training.stages import batchnorm_layers, set_stage
+    from ctcovid.training.train import TrainConfig
 
     core = build_res_dense(ModelConfig(input_size=32))
-    pretrained = TrainConfig(input_size=32, weights="imagenet")
+    pretrained = TrainConfig.create(input_size=32, weights="imagenet")
     set_stage(core, 2, pretrained)
     for backbone in backbone_models(core):
         assert not any(layer.trainable for layer in backbone.layers[:100])
@@ -260,7 +261,7 @@ def test_stage_two_keeps_pretrained_layers_and_batchnorm_frozen_but_not_random_o
     assert not any(b.trainable for b in backbone_models(core))
     assert core.get_layer("p_covid").trainable
 
-    set_stage(core, 2, TrainConfig(input_size=32, weights="none"))
+    set_stage(core, 2, TrainConfig.create(input_size=32, weights="none"))
     for backbone in backbone_models(core):
         bns = batchnorm_layers(backbone)
         assert bns and all(bn.trainable for bn in bns)
@@ -272,23 +273,24 @@ def test_stage_two_optimizer_is_rmsprop_pretrained_adam_from_scratch_or_as_asked
     import keras
 
     from ctcovid.errors import ConfigError
-    from ctcovid.training.train import TrainConfig, compile_stage
+    from ctcovid.training.stages import compile_stage
+    from ctcovid.training.train import TrainConfig
 
     model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1, activation="sigmoid")])
     adam, rmsprop = keras.optimizers.Adam, keras.optimizers.RMSprop
     cases = [
-        (TrainConfig(input_size=32, weights="imagenet"), 1, adam),
-        (TrainConfig(input_size=32, weights="imagenet"), 2, rmsprop),
-        (TrainConfig(input_size=32, weights="none"), 2, adam),
-        (TrainConfig(input_size=32, weights="none", optimizer="rmsprop"), 2, rmsprop),
+        (TrainConfig.create(input_size=32, weights="imagenet"), 1, adam),
+        (TrainConfig.create(input_size=32, weights="imagenet"), 2, rmsprop),
+        (TrainConfig.create(input_size=32, weights="none"), 2, adam),
+        (TrainConfig.create(input_size=32, weights="none", optimizer="rmsprop"), 2, rmsprop),
     ]
     for config, stage, expected in cases:
         compile_stage(model, stage, config)
-        assert type(model.optimizer) is expected, (config.optimizer, config.weights, stage)
+        assert type(model.optimizer) is expected, (config.optimizer, config.model.weights, stage)
         assert float(model.optimizer.learning_rate) == pytest.approx(config.lr)
-    assert TrainConfig(weights="none").to_dict()["stage2_optimizer"] == "adam"
+    assert TrainConfig.create(weights="none").to_dict()["stage2_optimizer"] == "adam"
     with pytest.raises(ConfigError, match="optimizer must be adam or rmsprop"):
-        TrainConfig(optimizer="sgd")
+        TrainConfig.create(optimizer="sgd")
 
 
 # -- weights --------------------------------------------------------------------------------------
@@ -344,8 +346,8 @@ def test_run_folder_records_settings_metrics_and_split(trained_run: dict) -> Non
     run = Path(trained_run["summary"]["run_dir"])
     settings = json.loads((run / "settings.json").read_text())
     assert settings["train"]["epochs"] == trained_run["epochs"]
-    assert settings["train"]["weights"] == "none"
-    assert settings["ingest"]["image_size"] == settings["train"]["input_size"] == 64
+    assert settings["model"]["weights"] is None  # from scratch (--weights none)
+    assert settings["ingest"]["image_size"] == settings["model"]["input_size"] == 64
     assert settings["train"]["stage2_optimizer"] == "adam"  # from scratch
     with open(run / "metrics.csv") as fh:
         rows = list(csv.DictReader(fh))
@@ -484,3 +486,21 @@ def test_training_runs_under_the_jax_backend(cov19_root: Path, tmp_path: Path) -
     summary = json.loads(proc.stdout)
     assert summary["n_scans"] == 4 and summary["best_epoch"] == 1
     assert (tmp_path / "model" / "ctcovid.json").is_file()
+
+
+def test_train_config_holds_the_ingest_and_model_settings_it_trains_with() -> None:
+    """Every ingest setting can be trained with: the config holds an IngestConfig and a
+    ModelConfig (the model carries both) instead of copies of some of their fields."""
+    from ctcovid.errors import ConfigError
+    from ctcovid.training.train import TrainConfig
+
+    config = TrainConfig.create(
+        input_size=64, weights="none", ingest={"window_center_hu": -500.0, "max_slices": 4}
+    )
+    assert config.ingest == IngestConfig(image_size=64, window_center_hu=-500.0, max_slices=4)
+    assert config.model.input_size == 64 and config.model.weights is None
+    assert TrainConfig.from_dict(config.to_dict()) == config
+    with pytest.raises(ConfigError, match="no_such_setting"):
+        TrainConfig.create(ingest={"no_such_setting": 1})
+    with pytest.raises(ConfigError, match="image_size"):
+        TrainConfig.create(input_size=64, ingest={"image_size": 32})

@@ -73,6 +73,22 @@ def handle_errors(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def parse_settings(pairs: list[str] | None, option: str) -> dict[str, Any]:
+    """``["a=1", "b=lung", "c=null"]`` -> ``{"a": 1, "b": "lung", "c": None}`` (JSON values,
+    else strings); a pair without ``=`` is a usage error naming the option."""
+    out: dict[str, Any] = {}
+    for pair in pairs or []:
+        key, sep, text = pair.partition("=")
+        if not sep or not key.strip():
+            raise typer.BadParameter(f"expected KEY=VALUE, got {pair!r}", param_hint=option)
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            value = text
+        out[key.strip()] = value
+    return out
+
+
 def _default(obj: Any) -> Any:
     if isinstance(obj, Path):
         return str(obj)

@@ -11,6 +11,7 @@ import typer
 from ctcovid.cli.common import (
     console,
     handle_errors,
+    parse_settings,
     print_json,
     quiet_keras,
     setup_logging,
@@ -89,6 +90,14 @@ def train(
         bool,
         typer.Option("--augment/--no-augment", help="Random flip and rotation while training."),
     ] = True,
+    ingest_setting: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--ingest",
+            help="Any other ingest setting the model will carry, as KEY=VALUE (repeatable), "
+            "e.g. --ingest window_center_hu=-500 --ingest lung_min_fraction=0.05.",
+        ),
+    ] = None,
     val_fraction: Annotated[
         float, typer.Option(help="Validation share when the data has no val folder.")
     ] = 0.25,
@@ -122,21 +131,24 @@ def train(
     from ctcovid.training.train import TrainConfig
     from ctcovid.training.train import train as run_training
 
-    config = TrainConfig(
+    config = TrainConfig.create(
+        input_size=input_size,
+        weights=weights,
+        backbones=[b.strip() for b in backbones.split(",")],
+        ingest={
+            "slice_policy": slice_policy.value,
+            "max_slices": max_slices,
+            "min_slices": min_slices,
+            **parse_settings(ingest_setting, "--ingest"),
+        },
         epochs=epochs,
         head_epochs=head_epochs,
         batch_size=batch_size,
-        input_size=input_size,
-        weights=weights,
-        backbones=tuple(b.strip() for b in backbones.split(",")),  # type: ignore[arg-type]
         lr=lr,
         optimizer=optimizer.value if optimizer is not None else None,
         class_weights=class_weights,
         augment=augment,
         frozen_layers=frozen_layers,
-        slice_policy=slice_policy.value,
-        max_slices=max_slices,
-        min_slices=min_slices,
         val_fraction=val_fraction,
         seed=seed,
         layout=layout.value,

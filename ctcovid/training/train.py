@@ -1,16 +1,12 @@
 """Train a Res-Dense Net the paper's way, with its faults fixed, judged at scan level.
 
 Read top to bottom: :class:`TrainConfig` (every setting, saved with the model and in the run
-folder), the slice feed, the two stages (frozen backbones with Adam, then each backbone unfrozen
-except its first layers with RMSprop), :func:`train_one_epoch`, :func:`validate` (scan-level macro
-F1 in inference mode) and :func:`train`, which ties them together and saves the best epoch as a
-model artifact whose threshold was tuned on validation.
-
-BatchNormalization trap: from scratch, the moving statistics (momentum 0.99) lag far behind the
-weights in a short run, so inference-mode predictions come out constant although training
-accuracy looks fine. With pretrained weights the backbones' BN layers stay in inference mode
-(Keras' fine-tuning guidance); from scratch the statistics are re-estimated over training batches
-before every validation (:func:`recalibrate_batchnorm`).
+folder), :func:`train_one_epoch`, :func:`validate` (scan-level macro F1 in inference mode), then
+the run in three steps that :func:`train` ties together: :func:`prepare_run` (split, network,
+slice cache, settings), :func:`fit_stages` (frozen backbones with Adam, then each backbone
+unfrozen except its first layers; best epoch by validation) and :func:`save_best` (the best epoch
+as a model artifact whose threshold was tuned on validation). The feed of training batches is in
+:mod:`.feed`, the freezing, compiling and BatchNormalization re-estimation in :mod:`.stages`.
 """
 
 from __future__ import annotations
@@ -18,11 +14,10 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import math
 import platform
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -33,12 +28,21 @@ from ctcovid import __version__
 from ctcovid.config import IngestConfig, ModelConfig
 from ctcovid.errors import ConfigError
 from ctcovid.model.artifact import ModelArtifact, save_model
-from ctcovid.model.build import backbone_models, build_res_dense, parse_backbones
+from ctcovid.model.build import build_res_dense, parse_backbones
 from ctcovid.training.cache import SliceCache, build_cache
 from ctcovid.training.data import CLASSES, POSITIVE, DataSet, discover
+from ctcovid.training.feed import SliceBatches, input_rate
 from ctcovid.training.metrics import binary_metrics, scan_scores, tune_threshold
 from ctcovid.training.progress import NullProgress, Progress
 from ctcovid.training.split import split_scans
+from ctcovid.training.stages import (
+    TrainingModeForward,
+    compile_stage,
+    recalibrate_batchnorm,
+    set_stage,
+    training_model,
+    zero_head,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +57,10 @@ SUMMARY_FILE = "summary.json"
 class TrainConfig:
     """Every setting of a training run. Saved in the run folder and inside the model artifact.
 
+    ``ingest`` and ``model`` are the settings the trained model will carry (every ingest setting
+    can be trained with); the rest shape the run only. :meth:`create` builds one from flat
+    keyword arguments as the command line has them.
+
     ``epochs`` counts both stages; the first ``head_epochs`` of them train the head with both
     backbones frozen (``None``: 5 with pretrained weights, 0 from scratch, where a frozen random
     backbone would teach the head nothing). Stage 2 keeps the first ``frozen_layers`` layers of
@@ -66,24 +74,17 @@ class TrainConfig:
     training accuracy stuck at 0.5, while Adam at the same rate reached validation ROC AUC 0.95).
     """
 
+    ingest: IngestConfig = field(default_factory=IngestConfig)
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(weights="imagenet"))
     epochs: int = 20
     head_epochs: int | None = None
     batch_size: int = 32
-    input_size: int = 256
-    weights: str = "imagenet"  # "imagenet" | "none" | folder of Keras no-top weight files
-    backbones: tuple[str, str] = ("resnet101", "densenet121")
-    dropout: float = 0.5
     lr: float = 1e-4
     optimizer: str | None = None  # stage 2: "rmsprop" (the paper's) | "adam"
     frozen_layers: int | None = None  # first layers of each backbone frozen in stage 2
     class_weights: bool = False
     augment: bool = True  # random horizontal flip and rotation, training only
     rotation: float = 0.2  # fraction of a full turn, as keras.layers.RandomRotation
-    slice_policy: str = "all"
-    max_slices: int | None = None
-    min_slices: int = 8
-    window_center_hu: float = -600.0
-    window_width_hu: float = 1500.0
     val_fraction: float = 0.25
     seed: int = 0
     bn_batches: int = 16  # training batches that re-estimate BN statistics (from scratch only)
@@ -109,16 +110,57 @@ class TrainConfig:
             problems.append(
                 f"jit_compile must be auto, true or false. Received: {self.jit_compile!r}."
             )
+        if self.ingest.image_size != self.model.input_size:
+            problems.append(
+                "ingest image_size and model input_size must agree. Received: "
+                f"{self.ingest.image_size} and {self.model.input_size}."
+            )
         if problems:
             raise ConfigError(" ".join(problems))
-        # Validate the derived settings now, before anything slow starts.
-        self.ingest_config()
-        self.model_config()
-        parse_backbones(self.backbones)
+        # Validate the backbones now, before anything slow starts.
+        parse_backbones(self.model.backbones)
+
+    @classmethod
+    def create(
+        cls,
+        *,
+        input_size: int = 256,
+        weights: str = "imagenet",
+        backbones: Sequence[str] = ("resnet101", "densenet121"),
+        dropout: float = 0.5,
+        ingest: dict[str, Any] | None = None,
+        **run: Any,
+    ) -> TrainConfig:
+        """A config from flat options: ``input_size`` sets both the slice size and the model
+        input; ``weights`` is ``imagenet``, ``none`` or a folder; ``ingest`` holds any other
+        :class:`IngestConfig` setting; the remaining keywords are the run's own fields."""
+        ingest_kw = {**(ingest or {})}
+        if ingest_kw.setdefault("image_size", input_size) != input_size:
+            raise ConfigError(
+                f"the ingest image_size ({ingest_kw['image_size']}) is the input size: "
+                f"use input_size. Received: input_size={input_size}."
+            )
+        unknown = set(ingest_kw) - {f.name for f in fields(IngestConfig)}
+        if unknown:
+            raise ConfigError(
+                f"unknown ingest setting(s): {', '.join(sorted(unknown))}. Known: "
+                + ", ".join(f.name for f in fields(IngestConfig))
+            )
+        model = ModelConfig(
+            input_size=input_size,
+            backbones=parse_backbones(tuple(backbones)),
+            dropout=dropout,
+            weights=None if weights in ("none", "") else weights,
+        )
+        return cls(ingest=IngestConfig(**ingest_kw), model=model, **run)
+
+    @property
+    def input_size(self) -> int:
+        return self.model.input_size
 
     @property
     def pretrained(self) -> bool:
-        return self.weights not in ("none", "")
+        return self.model.weights is not None
 
     @property
     def stage2_frozen_layers(self) -> int:
@@ -138,222 +180,28 @@ class TrainConfig:
             return self.head_epochs
         return min(DEFAULT_HEAD_EPOCHS, self.epochs - 1) if self.pretrained else 0
 
-    def ingest_config(self) -> IngestConfig:
-        """The preprocessing this model will prescribe to inference."""
-        return IngestConfig(
-            window_center_hu=self.window_center_hu,
-            window_width_hu=self.window_width_hu,
-            image_size=self.input_size,
-            min_slices=self.min_slices,
-            slice_policy=self.slice_policy,
-            max_slices=self.max_slices,
-        )
-
-    def model_config(self) -> ModelConfig:
-        return ModelConfig(
-            input_size=self.input_size,
-            backbones=parse_backbones(self.backbones),
-            dropout=self.dropout,
-            weights=None if not self.pretrained else self.weights,
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["backbones"] = list(self.backbones)
+    def run_dict(self) -> dict[str, Any]:
+        """The run's own settings, with the stage settings they resolve to."""
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in _NESTED}
         d["stage1_epochs"] = self.stage1_epochs
         d["stage2_frozen_layers"] = self.stage2_frozen_layers
         d["stage2_optimizer"] = self.stage2_optimizer
         return d
 
+    def to_dict(self) -> dict[str, Any]:
+        return {"ingest": self.ingest.to_dict(), "model": self.model.to_dict(), **self.run_dict()}
+
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        known = {f.name for f in fields(cls)}
-        kw = {k: v for k, v in data.items() if k in known}
-        if "backbones" in kw:
-            kw["backbones"] = tuple(kw["backbones"])
-        return cls(**kw)
+        known = {f.name for f in fields(cls)} - _NESTED
+        return cls(
+            ingest=IngestConfig.from_dict(data.get("ingest", {})),
+            model=ModelConfig.from_dict(data.get("model", {})),
+            **{k: v for k, v in data.items() if k in known},
+        )
 
 
-# -- the slice feed --------------------------------------------------------------------------------
-
-
-class SliceBatches(keras.utils.PyDataset):
-    """Shuffled training batches read from the memory-mapped cache.
-
-    Every batch has exactly ``batch_size`` slices (the remainder of an epoch is dropped, and
-    reshuffled into the next) so that one compiled training step serves the whole run.
-    """
-
-    def __init__(
-        self,
-        slices: np.ndarray,
-        indices: np.ndarray,
-        targets: np.ndarray,
-        batch_size: int,
-        *,
-        class_weight: dict[int, float] | None = None,
-        seed: int = 0,
-    ) -> None:
-        super().__init__(workers=1, use_multiprocessing=False)
-        if len(indices) == 0:
-            raise ConfigError("no training slices")
-        self.slices = slices
-        self.indices = np.asarray(indices, np.int64)
-        self.targets = np.asarray(targets, np.float32)
-        self.batch_size = min(batch_size, len(indices))
-        weights = class_weight or {0: 1.0, 1: 1.0}
-        self.weights = np.where(self.targets >= 0.5, weights[1], weights[0]).astype(np.float32)
-        self.seed = seed
-        self.order = np.arange(len(self.indices))
-        self.shuffle(0)
-
-    def shuffle(self, epoch: int) -> None:
-        self.order = np.random.default_rng([self.seed, epoch]).permutation(len(self.indices))
-
-    def __len__(self) -> int:
-        return len(self.indices) // self.batch_size
-
-    def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        pick = np.sort(self.order[i * self.batch_size : (i + 1) * self.batch_size])
-        # Sorted reads are sequential in the memory map; the pairing with targets is kept.
-        x = np.asarray(self.slices[self.indices[pick]], np.float32)[..., np.newaxis]
-        return x, self.targets[pick, np.newaxis], self.weights[pick]
-
-
-def input_rate(feed: SliceBatches, max_batches: int = 20) -> float:
-    """Slices per second the feed delivers on its own (no model): the input pipeline's ceiling."""
-    n = min(len(feed), max_batches)
-    start = time.perf_counter()
-    for i in range(n):
-        feed[i]
-    seconds = time.perf_counter() - start
-    return n * feed.batch_size / seconds if seconds > 0 else math.inf
-
-
-# -- the model being trained ---------------------------------------------------------------------
-
-
-def batchnorm_layers(model: keras.Layer) -> list[keras.layers.BatchNormalization]:
-    """Every BatchNormalization layer inside ``model``, nested models included."""
-    out: list[keras.layers.BatchNormalization] = []
-    for layer in getattr(model, "layers", []):
-        if isinstance(layer, keras.layers.BatchNormalization):
-            out.append(layer)
-        else:
-            out.extend(batchnorm_layers(layer))
-    return out
-
-
-def training_model(core: keras.Model, config: TrainConfig) -> keras.Model:
-    """``core`` behind the training-only augmentation; the saved model is ``core`` alone."""
-    size = config.input_size
-    inputs = keras.Input((size, size, 1), name="slice")
-    x = inputs
-    if config.augment:
-        x = keras.layers.RandomFlip("horizontal", seed=config.seed, name="random_flip")(x)
-        x = keras.layers.RandomRotation(
-            config.rotation, fill_mode="nearest", seed=config.seed + 1, name="random_rotation"
-        )(x)
-    return keras.Model(inputs, core(x), name="res_dense_net_training")
-
-
-def zero_head(core: keras.Model) -> None:
-    """Start the head at P(COVID) = 0.5 for every slice: zero kernel and bias of ``p_covid``.
-
-    A randomly initialised head on the fused features gives logits of a few units for random
-    reasons, so training starts from confident guesses; a zero head starts at the chance loss
-    and only grows where the gradient points.
-    """
-    head = core.get_layer("p_covid")
-    head.kernel.assign(np.zeros(head.kernel.shape, "float32"))
-    head.bias.assign(np.zeros(head.bias.shape, "float32"))
-
-
-def set_stage(core: keras.Model, stage: int, config: TrainConfig) -> None:
-    """Stage 1: both backbones frozen. Stage 2: each unfrozen except its first layers
-    (``config.stage2_frozen_layers``).
-
-    With pretrained weights every BN layer stays frozen, hence in inference mode: fine-tuning
-    with batch statistics would wreck the ImageNet statistics on small batches.
-    """
-    for backbone in backbone_models(core):
-        backbone.trainable = stage == 2
-        if stage == 2:
-            for layer in backbone.layers[: config.stage2_frozen_layers]:
-                layer.trainable = False
-            if config.pretrained:
-                for bn in batchnorm_layers(backbone):
-                    bn.trainable = False
-
-
-def _jit_compile(config: TrainConfig) -> bool:
-    if keras.config.backend() == "jax":
-        return True  # without jit JAX runs op by op
-    if config.jit_compile != "auto":
-        return config.jit_compile == "true"
-    if keras.config.backend() == "tensorflow":
-        import tensorflow as tf  # guarded: only on the TensorFlow backend
-
-        return bool(tf.config.list_physical_devices("GPU"))
-    return False
-
-
-def compile_stage(trainer: keras.Model, stage: int, config: TrainConfig) -> None:
-    """One compile per stage; every epoch of the stage reuses the same compiled step."""
-    name = "adam" if stage == 1 else config.stage2_optimizer
-    optimizer = (
-        keras.optimizers.Adam(config.lr) if name == "adam" else keras.optimizers.RMSprop(config.lr)
-    )
-    trainer.compile(
-        optimizer=optimizer,
-        loss=keras.losses.BinaryCrossentropy(),
-        metrics=[keras.metrics.BinaryAccuracy(name="accuracy")],
-        jit_compile=_jit_compile(config),
-    )
-
-
-class _TrainingModeForward(keras.Model):
-    """Calls the core in training mode, so a compiled predict updates the BN moving statistics."""
-
-    def __init__(self, core: keras.Model) -> None:
-        super().__init__(name="bn_recalibration")
-        self.core = core
-
-    def call(self, x: Any) -> Any:
-        return self.core(x, training=True)
-
-
-def recalibrate_batchnorm(
-    forward: keras.Model, core: keras.Model, feed: SliceBatches, n_batches: int
-) -> int:
-    """Set every trainable BN layer's moving statistics to their average over training batches.
-
-    Momentum is set to 0 while ``forward`` runs (it is compiled on first use with that value), so
-    each batch leaves its own statistics in the moving variables; they are averaged here, then the
-    momentum is restored. Returns the number of batches used.
-    """
-    layers = [bn for bn in batchnorm_layers(core) if bn.trainable]
-    if not layers or n_batches < 1:
-        return 0
-    momenta = [bn.momentum for bn in layers]
-    sums = [(np.zeros(bn.moving_mean.shape), np.zeros(bn.moving_variance.shape)) for bn in layers]
-    n = min(n_batches, len(feed))
-    try:
-        for bn in layers:
-            bn.momentum = 0.0
-        for i in range(n):
-            x, _, _ = feed[i]
-            forward.predict_on_batch(x)
-            for (mean, var), bn in zip(sums, layers, strict=True):
-                mean += keras.ops.convert_to_numpy(bn.moving_mean)
-                var += keras.ops.convert_to_numpy(bn.moving_variance)
-        for (mean, var), bn in zip(sums, layers, strict=True):
-            bn.moving_mean.assign(mean / n)
-            bn.moving_variance.assign(var / n)
-    finally:
-        for bn, m in zip(layers, momenta, strict=True):
-            bn.momentum = m
-    return n
+_NESTED = frozenset({"ingest", "model"})
 
 
 # -- one epoch, one validation -------------------------------------------------------------------
@@ -520,35 +368,58 @@ def _write_metrics_row(path: Path, row: dict[str, Any]) -> None:
         writer.writerow(row)
 
 
-def train(
-    data_dir: Path | str,
-    out: Path | str,
-    config: TrainConfig | None = None,
-    *,
-    run_dir: Path | str | None = None,
-    cache_dir: Path | str | None = None,
-    progress: Progress | None = None,
-) -> TrainResult:
-    """Train on ``data_dir`` and save the best epoch as a model artifact in ``out``.
+@dataclass
+class PreparedRun:
+    """A run ready to fit: data split and cached, the network built, the settings written."""
 
-    The run folder (default ``out/run``) receives settings.json, split.csv, metrics.csv (one row
-    per epoch) and summary.json. Weight problems (e.g. no network for ImageNet weights) surface
-    before any slice is cached.
+    config: TrainConfig
+    out: Path
+    run: Path
+    data: DataSet
+    split: Any  # ctcovid.training.split.Split
+    core: keras.Model
+    cache: SliceCache
+    feed: SliceBatches
+    val_ids: list[str]
+    val_targets: np.ndarray
+    feed_rate: float
+
+
+@dataclass
+class Fit:
+    """What fitting the stages produced: the best epoch (by scan-level validation) and the log."""
+
+    best_epoch: int
+    best_weights: list[Any]
+    best_scores: np.ndarray
+    history: list[dict[str, Any]]
+    rates: list[float]
+    notes: list[str]
+
+
+def prepare_run(
+    data_dir: Path | str,
+    out: Path,
+    config: TrainConfig,
+    *,
+    run_dir: Path | str | None,
+    cache_dir: Path | str | None,
+    progress: Progress,
+) -> PreparedRun:
+    """Seed, discover and split the data, build the network, cache the slices, write settings.
+
+    The network is built before any slice is cached, so an unreachable ImageNet download fails
+    in seconds, not after caching.
     """
-    config = config or TrainConfig()
-    progress = progress or NullProgress()
-    started = time.perf_counter()
-    out = Path(out)
     run = Path(run_dir) if run_dir is not None else out / "run"
-    ingest = config.ingest_config()
+    ingest = config.ingest
     keras.utils.set_random_seed(config.seed)
 
     data: DataSet = discover(data_dir, config.layout, ingest=ingest)
     split = split_scans(data.items, val_fraction=config.val_fraction, seed=config.seed)
     progress.message(split.describe())
 
-    # Build first: an unreachable ImageNet download fails here, in seconds, not after caching.
-    core = build_res_dense(config.model_config())
+    core = build_res_dense(config.model)
     zero_head(core)
 
     used = DataSet(data.root, data.layout, split.train + split.val, data.skipped)
@@ -583,8 +454,8 @@ def train(
     split.write_csv(run / SPLIT_FILE)
     (run / METRICS_FILE).unlink(missing_ok=True)
     settings = {
-        "train": config.to_dict(),
-        "model": config.model_config().to_dict(),
+        "train": config.run_dict(),
+        "model": config.model.to_dict(),
         "ingest": ingest.to_dict(),
         "data": {"root": str(data.root), "layout": data.layout, "scans": data.counts()},
         "split": split.counts(),
@@ -593,13 +464,22 @@ def train(
         "environment": _environment(),
     }
     (run / SETTINGS_FILE).write_text(json.dumps(settings, indent=2) + "\n")
+    return PreparedRun(
+        config, out, run, data, split, core, cache, feed, val_ids, val_targets, feed_rate
+    )
 
+
+def fit_stages(prepared: PreparedRun, progress: Progress) -> Fit:
+    """Both stages, one compile each; after every epoch, validation at scan level in inference
+    mode picks the best epoch (tuned macro F1, then ROC AUC)."""
     from ctcovid.inference import Classifier
 
-    artifact = ModelArtifact(model_config=config.model_config(), ingest_config=ingest)
+    config, core, feed, cache = prepared.config, prepared.core, prepared.feed, prepared.cache
+    run = prepared.run
+    artifact = ModelArtifact(model_config=config.model, ingest_config=config.ingest)
     classifier = Classifier(core, artifact, batch_size=feed.batch_size)
     trainer = training_model(core, config)
-    bn_forward = _TrainingModeForward(core) if not config.pretrained else None
+    bn_forward = TrainingModeForward(core) if not config.pretrained else None
 
     stages = [(1, config.stage1_epochs), (2, config.epochs - config.stage1_epochs)]
     best: dict[str, Any] = {"key": (-1.0, -1.0), "epoch": 0, "weights": None, "scores": None}
@@ -621,7 +501,7 @@ def train(
                 rates.append(row["slices_per_second"])
             if bn_forward is not None:
                 row["bn_batches"] = recalibrate_batchnorm(bn_forward, core, feed, config.bn_batches)
-            val, scores = validate(classifier, cache, val_ids, val_targets)
+            val, scores = validate(classifier, cache, prepared.val_ids, prepared.val_targets)
             row |= val
             key = (val["val_macro_f1_tuned"], val["val_roc_auc"] or 0.0)
             row["best"] = key > best["key"]
@@ -644,14 +524,19 @@ def train(
                 + (f"{val['val_roc_auc']:.3f}" if val["val_roc_auc"] is not None else "n/a")
                 + (" *" if row["best"] else "")
             )
+    return Fit(best["epoch"], best["weights"], best["scores"], history, rates, notes)
 
-    core.set_weights(best["weights"])
-    threshold, _ = tune_threshold(val_targets, best["scores"])
-    val_metrics = binary_metrics(val_targets, best["scores"], threshold)
-    train_rate = float(np.median(rates)) if rates else 0.0
+
+def save_best(prepared: PreparedRun, fit: Fit, started: float) -> TrainResult:
+    """Restore the best epoch, tune its threshold on validation, save the artifact and summary."""
+    config, core, data, split = prepared.config, prepared.core, prepared.data, prepared.split
+    core.set_weights(fit.best_weights)
+    threshold, _ = tune_threshold(prepared.val_targets, fit.best_scores)
+    val_metrics = binary_metrics(prepared.val_targets, fit.best_scores, threshold)
+    train_rate = float(np.median(fit.rates)) if fit.rates else 0.0
     training_info = {
         "config": config.to_dict(),
-        "best_epoch": best["epoch"],
+        "best_epoch": fit.best_epoch,
         "validation": val_metrics,
         "split": split.counts(),
         "data": {"root": str(data.root), "layout": data.layout},
@@ -660,24 +545,56 @@ def train(
     }
     artifact = save_model(
         core,
-        replace(artifact, threshold=threshold, training=training_info),
-        out,
+        ModelArtifact(
+            model_config=config.model,
+            ingest_config=config.ingest,
+            threshold=threshold,
+            training=training_info,
+        ),
+        prepared.out,
     )
+    cache = prepared.cache
     result = TrainResult(
-        model_dir=out,
-        run_dir=run,
+        model_dir=prepared.out,
+        run_dir=prepared.run,
         artifact=artifact,
-        best_epoch=best["epoch"],
+        best_epoch=fit.best_epoch,
         val_metrics=val_metrics,
         split_counts=split.counts(),
-        history=history,
+        history=fit.history,
         cache_dir=cache.folder,
         skipped=cache.skipped,
         scan_warnings={s.scan_id: list(s.warnings) for s in cache.scans if s.warnings},
-        input_slices_per_second=feed_rate,
+        input_slices_per_second=prepared.feed_rate,
         train_slices_per_second=train_rate,
         seconds=time.perf_counter() - started,
-        notes=notes,
+        notes=fit.notes,
     )
-    (run / SUMMARY_FILE).write_text(json.dumps(result.summary(), indent=2, default=str) + "\n")
+    (prepared.run / SUMMARY_FILE).write_text(
+        json.dumps(result.summary(), indent=2, default=str) + "\n"
+    )
     return result
+
+
+def train(
+    data_dir: Path | str,
+    out: Path | str,
+    config: TrainConfig | None = None,
+    *,
+    run_dir: Path | str | None = None,
+    cache_dir: Path | str | None = None,
+    progress: Progress | None = None,
+) -> TrainResult:
+    """Train on ``data_dir`` and save the best epoch as a model artifact in ``out``.
+
+    The run folder (default ``out/run``) receives settings.json, split.csv, metrics.csv (one row
+    per epoch) and summary.json. Weight problems (e.g. no network for ImageNet weights) surface
+    before any slice is cached.
+    """
+    config = config or TrainConfig()
+    progress = progress or NullProgress()
+    started = time.perf_counter()
+    prepared = prepare_run(
+        data_dir, Path(out), config, run_dir=run_dir, cache_dir=cache_dir, progress=progress
+    )
+    return save_best(prepared, fit_stages(prepared, progress), started)
