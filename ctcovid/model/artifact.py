@@ -20,6 +20,7 @@ from typing import Any
 from ctcovid import __version__
 from ctcovid.config import IngestConfig, ModelConfig
 from ctcovid.errors import ModelError
+from ctcovid.fsio import write_atomic
 from ctcovid.report.uids import derive_uid
 from ctcovid.results import ModelInfo
 
@@ -126,20 +127,14 @@ class ModelArtifact:
 
 def save_model(model: Any, artifact: ModelArtifact, out: Path) -> ModelArtifact:
     """Write weights and metadata into folder ``out`` (weights first, metadata last, atomically)."""
-    out.mkdir(parents=True, exist_ok=True)
-    weights = out / WEIGHTS_FILE
-    tmp_weights = out / f".tmp-{os.getpid()}.weights.h5"
-    model.save_weights(tmp_weights)
-    os.replace(tmp_weights, weights)
+    weights = write_atomic(out / WEIGHTS_FILE, lambda tmp: model.save_weights(tmp))
     artifact = replace(
         artifact,
         weights_sha256=sha256_file(weights),
         created=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         model_config=replace(artifact.model_config, weights=None),
     )
-    tmp_meta = out / f".{METADATA_FILE}.tmp"
-    tmp_meta.write_text(json.dumps(artifact.to_json(), indent=2) + "\n")
-    os.replace(tmp_meta, out / METADATA_FILE)
+    write_atomic(out / METADATA_FILE, json.dumps(artifact.to_json(), indent=2) + "\n")
     return artifact
 
 
