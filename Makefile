@@ -12,11 +12,13 @@ DEMO_TRAIN_FLAGS ?= --input-size 64 --epochs 4 --max-slices 4 --weights none --h
 
 install: $(STAMP)
 
+# -qq: errors only; a failed install still prints pip's reason and stops make.
 $(STAMP): pyproject.toml
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[dev,jax,ray,metrics]"
-	touch $(STAMP)
+	@echo "== Installing ctcovid and its dependencies into $(VENV) (a few minutes the first time) =="
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@$(BIN)/python -m pip install -qq --upgrade pip
+	@$(BIN)/python -m pip install -qq -e ".[dev,jax,ray,metrics]"
+	@touch $(STAMP)
 
 $(DEMO)/data/manifest.json: | $(STAMP)
 	$(BIN)/ctcovid fixtures $(DEMO)/data --studies 2 --slices 24 --size 128 --seed 11 \

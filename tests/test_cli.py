@@ -204,3 +204,23 @@ def test_progress_in_a_pipe_is_plain_lines_not_redrawn_bars():
     text = out.getvalue()
     assert text.startswith("caching slices: 3/3 scans, 0 s, loss 0.25")
     assert "━" not in text and "…" not in text
+
+
+def test_classify_in_a_fresh_process_keeps_stderr_free_of_library_chatter(
+    studies_root, study_infos, tiny_model_dir
+):
+    """At default verbosity stderr holds our own lines only: no TensorFlow, absl or oneDNN
+    start-up lines (the environment's TF_CPP_MIN_LOG_LEVEL is removed to test our set-up)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "ctcovid.cli.main", "classify",
+         str(ct_dir(studies_root, study_infos, 0)), "--model", str(tiny_model_dir), "--json"],
+        env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["n_slices_used"] > 0
+    assert proc.stderr == ""

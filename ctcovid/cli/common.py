@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -14,6 +15,7 @@ import typer
 from rich.console import Console
 
 from ctcovid.errors import CtCovidError
+from ctcovid.logs import configure_logging, tensorflow_log_level
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -31,20 +33,8 @@ stdout = Console()
 
 
 def setup_logging(verbose: int = 0, quiet: bool = False) -> None:
-    """Log to stderr; the library itself only adds a NullHandler."""
-    level = logging.WARNING - 10 * verbose
-    if quiet:
-        level = logging.ERROR
-    logging.basicConfig(
-        level=max(level, logging.DEBUG),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    # TensorFlow and absl are chatty at import; keep them to errors unless debugging.
-    if verbose < 2:
-        import os
-
-        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    """Log to stderr (see :func:`ctcovid.logs.configure_logging`)."""
+    configure_logging(verbose, quiet=quiet)
 
 
 def fail(message: str, code: int = 1) -> typer.Exit:
@@ -106,8 +96,7 @@ def print_json(data: Any) -> None:
 
 
 def quiet_keras() -> None:
-    """Silence TensorFlow's start-up chatter before Keras is imported."""
-    import os
-
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    """Silence TensorFlow's start-up chatter before Keras is imported (when logging was not set
+    up by :func:`setup_logging`, which already does)."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", tensorflow_log_level(0))
     logging.getLogger("absl").setLevel(logging.ERROR)
