@@ -130,6 +130,10 @@ CLINICAL_TRIAL_STUDY_MODULE: tuple[str, ...] = (
     "ConsentForClinicalTrialUseSequence",
 )
 
+#: Of the Clinical Trial Series Module (PS3.3 C.7.3.2), what every series of a trial shares; the
+#: series' own ID and description name the source series, not the derived one, and stay behind.
+CLINICAL_TRIAL_SERIES_SHARED: tuple[str, ...] = ("ClinicalTrialCoordinatingCenterName",)
+
 #: The modules a derived object copies from its source, in order.
 COPIED_MODULES: dict[str, tuple[str, ...]] = {
     "Patient": PATIENT_MODULE,
@@ -137,6 +141,7 @@ COPIED_MODULES: dict[str, tuple[str, ...]] = {
     "General Study": GENERAL_STUDY_MODULE,
     "Patient Study": PATIENT_STUDY_MODULE,
     "Clinical Trial Study": CLINICAL_TRIAL_STUDY_MODULE,
+    "Clinical Trial Series (shared)": CLINICAL_TRIAL_SERIES_SHARED,
 }
 
 #: Every attribute copied from the source, once each.
