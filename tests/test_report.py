@@ -1143,3 +1143,21 @@ def test_heatmap_uids_follow_content_pixels_and_revision(
     for other in (changed_result, changed_pixels, revised):
         assert not set(base) & {d.SOPInstanceUID for d in other}
         assert {d.SeriesInstanceUID for d in other} == {heatmaps[0].SeriesInstanceUID}
+
+
+def test_copied_modules_list_every_attribute_of_ps3_3() -> None:
+    """The keyword lists against the standard's module tables as highdicom ships them."""
+    standard = pytest.importorskip("highdicom._standard_utils")
+    from ctcovid.dicom import modules
+    from ctcovid.dicom.scan import HEADER_TAGS
+
+    table = standard.get_module_attribute_map()
+    for key, ours in [
+        ("patient", modules.PATIENT_MODULE),
+        ("clinical-trial-subject", modules.CLINICAL_TRIAL_SUBJECT_MODULE),
+        ("general-study", modules.GENERAL_STUDY_MODULE),
+        ("patient-study", modules.PATIENT_STUDY_MODULE),
+        ("clinical-trial-study", modules.CLINICAL_TRIAL_STUDY_MODULE),
+    ]:
+        assert set(ours) == {a["keyword"] for a in table[key] if not a["path"]}, key
+    assert set(modules.REPORT_HEADER_KEYWORDS) <= set(HEADER_TAGS)
