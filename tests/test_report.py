@@ -1161,3 +1161,12 @@ def test_copied_modules_list_every_attribute_of_ps3_3() -> None:
     ]:
         assert set(ours) == {a["keyword"] for a in table[key] if not a["path"]}, key
     assert set(modules.REPORT_HEADER_KEYWORDS) <= set(HEADER_TAGS)
+
+
+def test_an_invalid_source_time_zone_is_not_repeated(tmp_path: Path) -> None:
+    datasets = [_ct_dataset(i) for i in range(len(SLICE_PROBABILITIES))]
+    for ds in datasets:
+        ds.TimezoneOffsetFromUTC = "+2500"
+    series = _scan_series(tmp_path / "tz", datasets)
+    sr = build_sr(_result_for(series), series)
+    assert "TimezoneOffsetFromUTC" not in sr

@@ -9,6 +9,7 @@ Clinical Trial Subject, General Study, Patient Study and Clinical Trial Study mo
 from __future__ import annotations
 
 import copy
+import dataclasses
 import datetime
 import hashlib
 import logging
@@ -32,7 +33,8 @@ HEATMAP_SERIES_NUMBER = 950000
 SERIES_NUMBER_SPAN = 50000
 
 _LO_MAX_CHARS = 64
-_TIMEZONE = re.compile(r"^([+-])(\d\d)(\d\d)$")
+_TIMEZONE = re.compile(r"^([+-])(\d\d)([0-5]\d)$")
+_MAX_OFFSET = datetime.timedelta(hours=14)  # PS3.5 Table 6.2-1: -1200 to +1400
 
 
 def copy_source_modules(target: Dataset, source: Dataset) -> list[str]:
@@ -118,7 +120,12 @@ def stack_text(result: ScanResult) -> str:
         return ""
     if isinstance(stack, str):
         return stack
-    fields = stack if isinstance(stack, dict) else getattr(stack, "__dict__", {})
+    if isinstance(stack, dict):
+        fields = stack
+    elif dataclasses.is_dataclass(stack) and not isinstance(stack, type):
+        fields = dataclasses.asdict(stack)
+    else:
+        fields = getattr(stack, "__dict__", {})
     parts = []
     kernel = fields.get("kernel") or fields.get("convolution_kernel")
     if kernel:
@@ -154,19 +161,20 @@ def source_time_zone(source: Dataset) -> datetime.timezone | None:
     if not value:
         return None
     match = _TIMEZONE.match(value)
-    if match is None:
+    offset = None
+    if match is not None:
+        sign, hours, minutes = match.groups()
+        offset = datetime.timedelta(hours=int(hours), minutes=int(minutes))
+        offset = -offset if sign == "-" else offset
+    if offset is None or not -_MAX_OFFSET <= offset <= _MAX_OFFSET:
         logger.warning(
-            "Source SOP instance %s: TimezoneOffsetFromUTC (0008,0201) %r is not &ZZXX; the "
-            "report's dates and times are local.",
+            "Source SOP instance %s: TimezoneOffsetFromUTC (0008,0201) %r is not a valid &ZZXX "
+            "offset; the report states no time zone and its own times are local.",
             source.get("SOPInstanceUID", "?"),
             value,
         )
         return None
-    sign, hours, minutes = match.groups()
-    offset = datetime.timedelta(hours=int(hours), minutes=int(minutes))
-    if offset > datetime.timedelta(hours=14):
-        return None
-    return datetime.timezone(-offset if sign == "-" else offset)
+    return datetime.timezone(offset)
 
 
 def apply_time_zone(target: Dataset, source: Dataset, now: datetime.datetime | None = None) -> None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterable
+from collections.abc import Sequence as AbcSequence
 from typing import Any
 
 from pydicom.dataset import Dataset
@@ -79,12 +80,13 @@ def result_fingerprint(result: ScanResult) -> str:
 
 
 def _element_text(value: Any) -> Any:
+    """A data element's value as JSON-ready text: sequences item by item, bytes by digest."""
     if isinstance(value, bytes):
         return hashlib.sha256(value).hexdigest()
     if isinstance(value, Dataset):
         return _dataset_items(value)
-    if isinstance(value, list | tuple) or type(value).__name__ in ("MultiValue", "Sequence"):
-        return [_element_text(v) for v in value]
+    if isinstance(value, AbcSequence) and not isinstance(value, str):
+        return [_element_text(v) for v in value]  # pydicom's Sequence and MultiValue
     return str(value)
 
 
