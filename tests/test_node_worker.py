@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -154,3 +155,76 @@ def test_unreachable_peer_is_retried_then_the_job_fails_visibly(
     assert (record.state, record.attempts) == (FAILED, 2)
     assert "2 time(s)" in record.reason
     assert (worker.store.root / record.sr_path).is_file()  # kept for a retry
+
+
+class _UpdatedModel:
+    """The same classifier presenting another model (device UID, version): a model update."""
+
+    def __init__(self, inner) -> None:
+        self._inner = inner
+
+    def __getattr__(self, name: str):
+        return getattr(self._inner, name)
+
+    def classify(self, series):
+        result = self._inner.classify(series)
+        model = dataclasses.replace(
+            result.model, version="updated", device_uid=result.model.device_uid + ".7"
+        )
+        return dataclasses.replace(result, model=model)
+
+
+def _predecessor_uids(sr: pydicom.Dataset) -> tuple[str, str]:
+    (study,) = sr.PredecessorDocumentsSequence
+    (series,) = study.ReferencedSeriesSequence
+    (ref,) = series.ReferencedSOPSequence
+    return str(series.SeriesInstanceUID), str(ref.ReferencedSOPInstanceUID)
+
+
+def test_a_revision_after_a_model_change_names_the_sr_the_pacs_received(
+    tmp_path: Path, studies_root: Path, classifier, pacs
+):
+    peer, received = pacs
+    worker = make_worker(tmp_path, classifier, peer)
+    files = ct_files(studies_root, "study_001")
+    for path in files[:-1]:
+        put(worker.store, path)
+    run_until_idle(worker)
+
+    worker.classifier = _UpdatedModel(classifier)
+    put(worker.store, files[-1])
+    run_until_idle(worker)
+
+    first, revised = received
+    assert revised.InstanceNumber == 2
+    # Another model reports in another SR series, and still names the SR the PACS holds.
+    assert revised.SeriesInstanceUID != first.SeriesInstanceUID
+    assert _predecessor_uids(revised) == (first.SeriesInstanceUID, first.SOPInstanceUID)
+
+
+def test_a_revision_names_the_sent_sr_not_a_later_one_that_never_left(
+    tmp_path: Path, studies_root: Path, classifier, pacs
+):
+    peer, received = pacs
+    worker = make_worker(tmp_path, classifier, peer, max_attempts=1, network_timeout_seconds=5)
+    files = ct_files(studies_root, "study_001")
+    for path in files[:-2]:
+        put(worker.store, path)
+    run_until_idle(worker)  # revision 1 sent
+
+    worker.config = dataclasses.replace(worker.config, peer=Peer("127.0.0.1", free_port(), "PACS"))
+    put(worker.store, files[-2])
+    run_until_idle(worker)  # revision 2 built, its only send fails
+    (unsent,) = worker.store.list_series()
+    assert (unsent.state, unsent.revision, unsent.sent_revision) == (FAILED, 2, 1)
+
+    worker.config = dataclasses.replace(worker.config, peer=peer)
+    put(worker.store, files[-1])
+    run_until_idle(worker)  # revision 2 built again from all files, and sent
+
+    first, revised = received
+    assert revised.InstanceNumber == 2
+    assert revised.SOPInstanceUID != unsent.sr_sop_instance_uid
+    assert _predecessor_uids(revised) == (first.SeriesInstanceUID, first.SOPInstanceUID)
+    (record,) = worker.store.list_series()
+    assert record.sent_sr_path == record.sr_path

@@ -193,6 +193,18 @@ def _roundtrip(ds: Dataset) -> Dataset:
     return pydicom.dcmread(BytesIO(buffer.getvalue()))
 
 
+def _revise(result: ScanResult, series: Series, previous: Dataset, **options: object) -> Dataset:
+    """The next revision of ``previous`` (as sent) for ``result``."""
+    return build_sr(
+        result,
+        series,
+        revision=int(previous.InstanceNumber) + 1,
+        predecessor_sop_instance_uid=previous.SOPInstanceUID,
+        predecessor_series_instance_uid=previous.SeriesInstanceUID,
+        **options,  # type: ignore[arg-type]
+    )
+
+
 def _code(item: Dataset, keyword: str = "ConceptNameCodeSequence") -> tuple[str, str, str]:
     code = item[keyword][0]
     return code.CodeValue, code.CodingSchemeDesignator, code.CodeMeaning
@@ -261,8 +273,9 @@ def test_sr_files_into_the_source_study(sr: Dataset, series: Series) -> None:
 
 
 def test_sr_series_and_flags(sr: Dataset) -> None:
-    assert sr.SeriesNumber == 9001
-    assert sr.SeriesDescription == "ctcovid COVID-19 AI result"
+    # The source is series 3: its SR is series 900000 + 3 and says which series it reports on.
+    assert sr.SeriesNumber == 900003
+    assert sr.SeriesDescription == "ctcovid COVID-19 of series 3"
     assert sr.Manufacturer == "ctcovid"
     assert sr.CompletionFlag == "COMPLETE"
     assert sr.VerificationFlag == "UNVERIFIED"
@@ -313,7 +326,7 @@ def test_measurement_group_has_deterministic_tracking(
     identifier = _group_child(sr, "112039", "DCM")
     uid = _group_child(sr, "112040", "DCM")
     assert identifier.TextValue == "COVID-19 classification"
-    again = build_sr(result, series, revision=2)
+    again = _revise(result, series, sr)
     assert _group_child(again, "112040", "DCM").UID == uid.UID
 
 
@@ -331,6 +344,7 @@ def test_finding_is_covid_19_in_the_lung(sr: Dataset) -> None:
         ("non-covid", False, "272519000"),
         ("covid", True, "82334004"),
         ("non-covid", True, "82334004"),
+        ("indeterminate", False, "82334004"),
     ],
 )
 def test_qualitative_evaluation_follows_label(
@@ -432,7 +446,8 @@ def test_same_result_twice_gives_the_same_uids(result: ScanResult, series: Serie
         second.SeriesInstanceUID,
         second.SOPInstanceUID,
     )
-    assert (first.SeriesInstanceUID, first.SOPInstanceUID) == sr_uids(SERIES_UID, DEVICE_UID, 1)
+    assert first.SeriesInstanceUID == sr_uids(result)[0]
+    assert UID(first.SOPInstanceUID).is_valid
 
 
 def test_another_model_gives_other_uids(result: ScanResult, series: Series) -> None:
@@ -447,7 +462,7 @@ def test_revision_is_a_new_instance_in_the_same_sr_series(
     result: ScanResult, series: Series
 ) -> None:
     first = build_sr(result, series)
-    revised = build_sr(result, series, revision=2)
+    revised = _revise(result, series, first)
     assert revised.SOPInstanceUID != first.SOPInstanceUID
     assert revised.SeriesInstanceUID == first.SeriesInstanceUID
     assert revised.InstanceNumber == 2
@@ -456,7 +471,7 @@ def test_revision_is_a_new_instance_in_the_same_sr_series(
 
 def test_revision_names_its_predecessor(result: ScanResult, series: Series) -> None:
     first = build_sr(result, series)
-    revised = _roundtrip(build_sr(result, series, revision=2, predecessor=first))
+    revised = _roundtrip(_revise(result, series, first))
     (study,) = revised.PredecessorDocumentsSequence
     assert study.StudyInstanceUID == STUDY_UID
     (ref_series,) = study.ReferencedSeriesSequence
@@ -466,14 +481,17 @@ def test_revision_names_its_predecessor(result: ScanResult, series: Series) -> N
     assert ref.ReferencedSOPClassUID == Comprehensive3DSRStorage
 
 
-def test_revision_without_predecessor_derives_it(result: ScanResult, series: Series) -> None:
-    first = build_sr(result, series)
-    revised = build_sr(result, series, revision=3)
-    assert sr_summary(revised)["predecessor_sop_instance_uids"] == [
-        sr_uids(SERIES_UID, DEVICE_UID, 2)[1]
-    ]
-    second = build_sr(result, series, revision=2)
-    assert sr_summary(second)["predecessor_sop_instance_uids"] == [first.SOPInstanceUID]
+def test_revision_must_name_the_sr_it_replaces(result: ScanResult, series: Series) -> None:
+    # The predecessor is the SR that was sent, which only the caller knows: never rebuilt here.
+    with pytest.raises(ValueError, match="revision 2 must name the SR it replaces"):
+        build_sr(result, series, revision=2)
+    with pytest.raises(ValueError, match="Revision 1 has no predecessor"):
+        build_sr(
+            result,
+            series,
+            predecessor_sop_instance_uid="1.2.3",
+            predecessor_series_instance_uid="1.2",
+        )
 
 
 def test_revision_must_be_positive(result: ScanResult, series: Series) -> None:
@@ -622,7 +640,7 @@ def test_heatmaps_are_secondary_captures_in_the_study(
         assert read.SOPClassUID == SecondaryCaptureImageStorage
         assert read.StudyInstanceUID == STUDY_UID
         assert read.PatientID == "PID-0001"
-        assert read.SeriesNumber == 9002
+        assert read.SeriesNumber == 950003  # 950000 + the source's SeriesNumber
         assert read.PhotometricInterpretation == "RGB"
         assert read.BodyPartExamined == "CHEST"
         assert read.pixel_array.shape == (16, 16, 3)
@@ -679,7 +697,7 @@ def test_dciodvfy_finds_no_errors_in_the_sr(sr: Dataset, tmp_path: Path) -> None
 def test_dciodvfy_finds_no_errors_in_a_revised_sr(
     result: ScanResult, series: Series, tmp_path: Path
 ) -> None:
-    revised = build_sr(result, series, revision=2, indeterminate=True)
+    revised = _revise(result, series, build_sr(result, series), indeterminate=True)
     errors, output = _dciodvfy_errors(write_sr(revised, tmp_path / "sr2.dcm"))
     assert errors == [], output
 
@@ -699,3 +717,481 @@ def test_dsr2xml_reads_the_sr(sr: Dataset, tmp_path: Path) -> None:
     run = subprocess.run([program, str(path)], capture_output=True, text=True, check=False)
     assert run.returncode == 0, run.stderr
     assert "840539006" in run.stdout
+
+
+# --- the source's character set, modules and series ------------------------------------------
+
+
+def _scan_series(directory: Path, datasets: list[Dataset]) -> Series:
+    """Write ``datasets`` and read them back through the header scan, as the node and batch do."""
+    from ctcovid.dicom.scan import read_header
+
+    directory.mkdir(parents=True, exist_ok=True)
+    instances = []
+    for ds in datasets:
+        path = directory / f"{ds.SOPInstanceUID}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        instance = read_header(path)
+        assert isinstance(instance, Instance), instance
+        instances.append(instance)
+    slices = [
+        SliceRef(instance=instance, frame_index=frame, z_mm=0.0)
+        for instance in instances
+        for frame in range(instance.number_of_frames)
+    ]
+    return Series(
+        study_instance_uid=instances[0].study_instance_uid,
+        series_instance_uid=instances[0].series_instance_uid,
+        modality="CT",
+        instances=instances,
+        usable=True,
+        slices=slices,
+    )
+
+
+def _heatmap_for(series: Series, result: ScanResult) -> Dataset:
+    grey = np.full((16, 16), 100, dtype=np.uint8)
+    overlay = overlay_rgb(grey, np.eye(4, dtype=np.float32))
+    (image,) = build_heatmap_secondary_captures([overlay], series, result, slice_indices=[0])
+    return image
+
+
+# PS3.5 Annex H and I examples, and a Latin-1 and a UTF-8 name.
+CHARACTER_SETS = [
+    ("ISO_IR 100", "Buc^Jérôme", "Poumon"),
+    ("ISO_IR 192", "Wang^XiaoDong=王^小東", "肺 Lung"),
+    ("\\ISO 2022 IR 87", "Yamada^Tarou=山田^太郎=やまだ^たろう", "肺 Lung"),
+    ("\\ISO 2022 IR 149", "Hong^Gildong=洪^吉洞=홍^길동", "폐 Lung"),
+    ("ISO 2022 IR 6\\ISO 2022 IR 87", "Yamada^Tarou=山田^太郎=やまだ^たろう", "肺 Lung"),
+]
+
+
+@pytest.mark.parametrize(
+    ("character_set", "patient_name", "description"),
+    CHARACTER_SETS,
+    ids=[c[0] for c in CHARACTER_SETS],
+)
+def test_sr_and_heatmap_keep_the_source_character_set(
+    tmp_path: Path, character_set: str, patient_name: str, description: str
+) -> None:
+    datasets = [_ct_dataset(i) for i in range(len(SLICE_PROBABILITIES))]
+    for ds in datasets:
+        ds.SpecificCharacterSet = character_set.split("\\")
+        ds.PatientName = patient_name
+        ds.SeriesDescription = description
+    series = _scan_series(tmp_path / "ct", datasets)
+    source = pydicom.dcmread(series.instances[0].path)
+    result = _result_for(series)
+    sr_path = write_sr(build_sr(result, series), tmp_path / "sr.dcm")
+    sc_path = write_sr(_heatmap_for(series, result), tmp_path / "sc.dcm")
+
+    for path in (sr_path, sc_path):
+        read = pydicom.dcmread(path)
+        assert read.SpecificCharacterSet == source.SpecificCharacterSet
+        assert str(read.PatientName) == str(source.PatientName) == patient_name
+        assert description in read.SeriesDescription
+        errors, output = _dciodvfy_errors(path)
+        assert errors == [], output
+
+
+def test_sr_of_the_real_japanese_file(tmp_path: Path) -> None:
+    """J2K_pixelrep_mismatch.dcm of pydicom-data: ISO 2022 IR 13 / IR 87, as a scanner wrote it."""
+    from pydicom.data import get_testdata_file
+
+    original = get_testdata_file("J2K_pixelrep_mismatch.dcm")
+    if original is None:
+        pytest.skip("pydicom-data is not installed")
+    folder = tmp_path / "ct"
+    folder.mkdir()
+    shutil.copy(original, folder / "ct.dcm")
+    from ctcovid.dicom.scan import read_header
+
+    instance = read_header(folder / "ct.dcm")
+    assert isinstance(instance, Instance), instance
+    series = Series(
+        study_instance_uid=instance.study_instance_uid,
+        series_instance_uid=instance.series_instance_uid,
+        modality="CT",
+        instances=[instance],
+        usable=True,
+        slices=[SliceRef(instance=instance, frame_index=0, z_mm=0.0)],
+    )
+    source = pydicom.dcmread(original, stop_before_pixels=True)
+    result = _result_for(series, key_slice_indices=[0])
+    sr_path = write_sr(build_sr(result, series), tmp_path / "sr.dcm")
+    sc_path = write_sr(_heatmap_for(series, result), tmp_path / "sc.dcm")
+
+    for path in (sr_path, sc_path):
+        read = pydicom.dcmread(path)
+        assert list(read.SpecificCharacterSet) == ["ISO 2022 IR 13", "ISO 2022 IR 87"]
+        assert str(read.PatientName) == str(source.PatientName)
+        assert read.PatientAge == source.PatientAge
+        errors, output = _dciodvfy_errors(path)
+        assert errors == [], output
+
+
+def _code_item(value: str, scheme: str, meaning: str) -> Dataset:
+    item = Dataset()
+    item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = value, scheme, meaning
+    return item
+
+
+def _issuer(local: str) -> Dataset:
+    item = Dataset()
+    item.LocalNamespaceEntityID = local
+    return item
+
+
+def _rich_source(index: int) -> Dataset:
+    """A CT instance with every patient- and study-level attribute the issue names."""
+    ds = _ct_dataset(index)
+    ds.IssuerOfPatientID = "HOSP-A"
+    qualifiers = Dataset()
+    qualifiers.UniversalEntityID = "1.2.3.4.5"
+    qualifiers.UniversalEntityIDType = "ISO"
+    qualifiers.IdentifierTypeCode = "MR"
+    ds.IssuerOfPatientIDQualifiersSequence = [qualifiers]
+    other_id = Dataset()
+    other_id.PatientID = "OTHER-7"
+    other_id.IssuerOfPatientID = "HOSP-B"
+    other_id.TypeOfPatientID = "TEXT"
+    ds.OtherPatientIDsSequence = [other_id]
+    ds.PatientIdentityRemoved = "YES"
+    ds.DeidentificationMethod = "Basic Application Confidentiality Profile"
+    ds.DeidentificationMethodCodeSequence = [
+        _code_item("113100", "DCM", "Basic Application Confidentiality Profile")
+    ]
+    ds.ClinicalTrialSponsorName = "Sponsor"
+    ds.ClinicalTrialProtocolID = "PROTO-1"
+    ds.ClinicalTrialProtocolName = "Chest CT trial"
+    ds.ClinicalTrialSiteID = "SITE-9"
+    ds.ClinicalTrialSiteName = "Site Nine"
+    ds.ClinicalTrialSubjectID = "SUBJ-12"
+    ds.ClinicalTrialTimePointID = "BASELINE"
+    ds.ClinicalTrialTimePointDescription = "Baseline visit"
+    ds.ClinicalTrialCoordinatingCenterName = "Coordinating Centre"
+    ds.IssuerOfAccessionNumberSequence = [_issuer("RIS-A")]
+    ds.PatientAge = "063Y"
+    ds.PatientSize = "1.72"
+    ds.PatientWeight = "70.5"
+    ds.AdditionalPatientHistory = "Fever, cough"
+    ds.TimezoneOffsetFromUTC = "+0900"
+    request = Dataset()
+    request.RequestedProcedureID = "RP-5"
+    request.RequestedProcedureDescription = "CT chest without contrast"
+    request.ScheduledProcedureStepID = "SPS-5"
+    request.AccessionNumber = "ACC-42"
+    ds.RequestAttributesSequence = [request]
+    return ds
+
+
+ITEM_4_KEYWORDS = [
+    "OtherPatientIDsSequence",
+    "IssuerOfPatientID",
+    "IssuerOfPatientIDQualifiersSequence",
+    "IssuerOfAccessionNumberSequence",
+    "PatientIdentityRemoved",
+    "DeidentificationMethod",
+    "DeidentificationMethodCodeSequence",
+    "ClinicalTrialSponsorName",
+    "ClinicalTrialProtocolID",
+    "ClinicalTrialProtocolName",
+    "ClinicalTrialSiteID",
+    "ClinicalTrialSiteName",
+    "ClinicalTrialSubjectID",
+    "ClinicalTrialTimePointID",
+    "ClinicalTrialTimePointDescription",
+    "ClinicalTrialCoordinatingCenterName",
+    "PatientAge",
+    "PatientSize",
+    "PatientWeight",
+    "AdditionalPatientHistory",
+    "TimezoneOffsetFromUTC",
+]
+
+
+@pytest.fixture
+def rich_series(tmp_path: Path) -> Series:
+    return _scan_series(
+        tmp_path / "rich", [_rich_source(i) for i in range(len(SLICE_PROBABILITIES))]
+    )
+
+
+def test_sr_and_heatmap_copy_the_patient_and_study_modules(
+    rich_series: Series, tmp_path: Path
+) -> None:
+    source = pydicom.dcmread(rich_series.instances[0].path)
+    result = _result_for(rich_series)
+    sr_path = write_sr(build_sr(result, rich_series), tmp_path / "sr.dcm")
+    sc_path = write_sr(_heatmap_for(rich_series, result), tmp_path / "sc.dcm")
+    for path in (sr_path, sc_path):
+        read = pydicom.dcmread(path)
+        for keyword in ITEM_4_KEYWORDS:
+            assert keyword in read, (path.name, keyword)
+            assert read[keyword].value == source[keyword].value, (path.name, keyword)
+        errors, output = _dciodvfy_errors(path)
+        assert errors == [], output
+
+
+def test_sr_references_the_request_of_the_source(rich_series: Series) -> None:
+    read = _roundtrip(build_sr(_result_for(rich_series), rich_series))
+    (request,) = read.ReferencedRequestSequence
+    assert request.StudyInstanceUID == STUDY_UID
+    assert request.AccessionNumber == "ACC-42"
+    assert request.RequestedProcedureID == "RP-5"
+    assert request.RequestedProcedureDescription == "CT chest without contrast"
+    assert request.PlacerOrderNumberImagingServiceRequest == ""
+
+
+def test_sr_content_time_is_in_the_source_time_zone(rich_series: Series) -> None:
+    import datetime
+
+    read = _roundtrip(build_sr(_result_for(rich_series), rich_series))
+    assert read.TimezoneOffsetFromUTC == "+0900"
+    zone = datetime.timezone(datetime.timedelta(hours=9))
+    stated = datetime.datetime.strptime(
+        read.ContentDate + read.ContentTime.split(".")[0], "%Y%m%d%H%M%S"
+    ).replace(tzinfo=zone)
+    assert abs(stated - datetime.datetime.now(datetime.UTC)) < datetime.timedelta(minutes=5)
+    assert (read.InstanceCreationDate, read.InstanceCreationTime) == (
+        read.ContentDate,
+        read.ContentTime,
+    )
+
+
+def test_without_a_time_zone_nothing_is_claimed(sr: Dataset) -> None:
+    assert "TimezoneOffsetFromUTC" not in sr
+    assert "ReferencedRequestSequence" not in sr
+
+
+def _other_series(index: int, series_number: int | None, description: str) -> Dataset:
+    ds = _ct_dataset(index)
+    ds.SeriesInstanceUID = f"{SERIES_UID}.{100 + (series_number or 0)}"
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = (
+        f"{ds.SeriesInstanceUID}.{index + 1}"
+    )
+    if series_number is None:
+        del ds.SeriesNumber
+    else:
+        ds.SeriesNumber = series_number
+    ds.SeriesDescription = description
+    return ds
+
+
+def test_each_source_series_gets_its_own_sr_series_number_and_description(
+    tmp_path: Path,
+) -> None:
+    lung = _scan_series(tmp_path / "lung", [_other_series(i, 3, "Lung 1.0 B70f") for i in range(4)])
+    soft = _scan_series(tmp_path / "soft", [_other_series(i, 4, "Soft 3.0 B30f") for i in range(4)])
+    sr_lung = build_sr(_result_for(lung), lung)
+    sr_soft = build_sr(_result_for(soft), soft)
+    assert (sr_lung.SeriesNumber, sr_soft.SeriesNumber) == (900003, 900004)
+    assert sr_lung.SeriesDescription == "ctcovid COVID-19 of series 3 Lung 1.0 B70f"
+    assert sr_soft.SeriesDescription == "ctcovid COVID-19 of series 4 Soft 3.0 B30f"
+    assert sr_lung.SeriesInstanceUID != sr_soft.SeriesInstanceUID
+
+
+def test_series_number_without_a_source_number_is_derived_from_the_series_uid(
+    tmp_path: Path,
+) -> None:
+    unnumbered = _scan_series(tmp_path / "n", [_other_series(i, None, "") for i in range(4)])
+    first = build_sr(_result_for(unnumbered), unnumbered)
+    again = build_sr(_result_for(unnumbered), unnumbered)
+    assert 900000 <= first.SeriesNumber < 950000
+    assert first.SeriesNumber == again.SeriesNumber
+    assert first.SeriesDescription == "ctcovid COVID-19 of series"
+
+
+def test_series_description_fits_a_long_string(tmp_path: Path) -> None:
+    long = _scan_series(tmp_path / "l", [_other_series(i, 12, "X" * 64) for i in range(4)])
+    sr = build_sr(_result_for(long), long)
+    assert len(sr.SeriesDescription) == 64
+    assert sr.SeriesDescription.startswith("ctcovid COVID-19 of series 12 XXX")
+
+
+@dataclasses.dataclass(frozen=True)
+class _ResultWithLaterFields(ScanResult):
+    """A result with fields the ingest and runtime work add to ScanResult."""
+
+    stack: dict | None = None
+    n_slices_lost: int = 0
+    runtime: str = "keras"
+
+
+def _later(result: ScanResult, **changes: object) -> ScanResult:
+    fields = {f.name: getattr(result, f.name) for f in dataclasses.fields(result)}
+    return _ResultWithLaterFields(**{**fields, **changes})  # type: ignore[arg-type]
+
+
+def test_series_description_names_the_chosen_stack(series: Series, result: ScanResult) -> None:
+    stacked = _later(result, stack={"kernel": "B70f", "slice_thickness_mm": 1.0, "n_slices": 4})
+    sr = build_sr(stacked, series)
+    assert sr.SeriesDescription == "ctcovid COVID-19 of series 3 [B70f 1 mm]"
+    parameters = {
+        item.TextValue
+        for item in _measurement_group(sr).ContentSequence
+        if _code(item)[:2] == ("111002", "DCM")
+    }
+    assert "stack=B70f 1 mm" in parameters
+
+
+# --- UID identity: the same content, the same UID; any change, a new one ---------------------
+
+
+def _fewer_slices(result: ScanResult) -> ScanResult:
+    return dataclasses.replace(
+        result,
+        slice_probabilities=result.slice_probabilities[:3],
+        sop_instance_uids=result.sop_instance_uids[:3],
+        frame_numbers=result.frame_numbers[:3],
+        z_mm=result.z_mm[:3],
+        n_slices_used=3,
+        probability_covid=float(np.mean(result.slice_probabilities[:3])),
+    )
+
+
+CONTENT_CHANGES = {
+    "probabilities": lambda r: dataclasses.replace(
+        r, slice_probabilities=[0.2, 0.9, 0.7, 0.5], probability_covid=0.575
+    ),
+    "evidence": _fewer_slices,
+    "n_slices_total": lambda r: dataclasses.replace(r, n_slices_total=10),
+    "n_slices_used": lambda r: dataclasses.replace(r, n_slices_used=3),
+    "threshold": lambda r: dataclasses.replace(r, threshold=0.6),
+    "label": lambda r: dataclasses.replace(r, label="non-covid"),
+    "window_center": lambda r: dataclasses.replace(r, window_center_hu=-500.0),
+    "window_width": lambda r: dataclasses.replace(r, window_width_hu=1600.0),
+    "slice_policy": lambda r: dataclasses.replace(r, slice_policy="lung"),
+    "key_slices": lambda r: dataclasses.replace(r, key_slice_indices=[1, 3]),
+    "model_version": lambda r: dataclasses.replace(
+        r, model=dataclasses.replace(r.model, version="2024.2")
+    ),
+    "stack": lambda r: _later(r, stack={"kernel": "B30f", "slice_thickness_mm": 3.0}),
+    "n_slices_lost": lambda r: _later(r, n_slices_lost=2),
+    "runtime": lambda r: _later(r, runtime="onnx"),
+}
+
+
+def test_every_content_change_gives_a_new_sop_instance_in_the_same_series(
+    result: ScanResult, series: Series
+) -> None:
+    base = build_sr(result, series)
+    uids = {"base": base.SOPInstanceUID}
+    for name, change in CONTENT_CHANGES.items():
+        changed = build_sr(change(result), series)
+        uids[name] = changed.SOPInstanceUID
+        assert changed.SeriesInstanceUID == base.SeriesInstanceUID, name
+        assert _group_child(changed, "112040", "DCM").UID == _group_child(base, "112040", "DCM").UID
+    assert len(set(uids.values())) == len(uids), uids
+
+
+def test_other_report_settings_give_new_sop_instances(
+    result: ScanResult, series: Series, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    base = build_sr(result, series)
+    uids = {
+        "base": base.SOPInstanceUID,
+        "revision": _revise(result, series, base).SOPInstanceUID,
+        "indeterminate": build_sr(result, series, indeterminate=True).SOPInstanceUID,
+        "key_slice_count": build_sr(result, series, key_slice_count=1).SOPInstanceUID,
+    }
+    import ctcovid
+
+    monkeypatch.setattr(ctcovid, "__version__", "99.0.0")
+    uids["software_version"] = build_sr(result, series).SOPInstanceUID
+    assert len(set(uids.values())) == len(uids), uids
+
+
+def test_a_new_source_header_gives_a_new_sop_instance(tmp_path: Path) -> None:
+    first = _scan_series(tmp_path / "a", [_ct_dataset(i) for i in range(4)])
+    renamed = [_ct_dataset(i) for i in range(4)]
+    for ds in renamed:
+        ds.PatientName = "Corrected^Name"
+    second = _scan_series(tmp_path / "b", renamed)
+    assert (
+        build_sr(_result_for(first), first).SOPInstanceUID
+        != build_sr(_result_for(second), second).SOPInstanceUID
+    )
+
+
+def test_time_taken_and_notes_do_not_change_the_uid(result: ScanResult, series: Series) -> None:
+    base = build_sr(result, series)
+    again = build_sr(
+        dataclasses.replace(result, seconds=99.0, warnings=["skipped a.dcm: not DICOM"]), series
+    )
+    assert again.SOPInstanceUID == base.SOPInstanceUID
+
+
+def test_another_model_is_another_sr_series(result: ScanResult, series: Series) -> None:
+    other_model = dataclasses.replace(result.model, device_uid=DEVICE_UID + ".2")
+    other = build_sr(dataclasses.replace(result, model=other_model), series)
+    first = build_sr(result, series)
+    assert other.SeriesInstanceUID != first.SeriesInstanceUID
+    assert _group_child(other, "112040", "DCM").UID != _group_child(first, "112040", "DCM").UID
+
+
+def test_ten_and_eight_slice_results_of_one_series_are_different_instances(
+    tmp_path: Path,
+) -> None:
+    """The issue's case: a series classified with 10 and then 8 of its slices."""
+    full = _scan_series(tmp_path / "s", [_ct_dataset(i) for i in range(10)])
+
+    def result_of(n: int) -> ScanResult:
+        return _result_for(
+            full,
+            slice_probabilities=[0.5] * n,
+            sop_instance_uids=[s.sop_instance_uid for s in full.slices[:n]],
+            frame_numbers=[1] * n,
+            z_mm=[0.0] * n,
+            n_slices_total=n,
+            n_slices_used=n,
+            probability_covid=0.5,
+            key_slice_indices=[0],
+        )
+
+    ten, eight = build_sr(result_of(10), full), build_sr(result_of(8), full)
+    assert ten.SOPInstanceUID != eight.SOPInstanceUID
+
+
+def test_heatmap_uids_follow_content_pixels_and_revision(
+    heatmaps: list[Dataset], series: Series, result: ScanResult
+) -> None:
+    grey = np.full((16, 16), 100, dtype=np.uint8)
+    overlays = [overlay_rgb(grey, np.eye(4, dtype=np.float32)) for _ in result.key_slice_indices]
+    base = [d.SOPInstanceUID for d in heatmaps]
+    changed_result = build_heatmap_secondary_captures(
+        overlays, series, dataclasses.replace(result, threshold=0.6)
+    )
+    brighter = [overlay_rgb(grey + 1, np.eye(4, dtype=np.float32)) for _ in overlays]
+    changed_pixels = build_heatmap_secondary_captures(brighter, series, result)
+    revised = build_heatmap_secondary_captures(overlays, series, result, revision=2)
+    for other in (changed_result, changed_pixels, revised):
+        assert not set(base) & {d.SOPInstanceUID for d in other}
+        assert {d.SeriesInstanceUID for d in other} == {heatmaps[0].SeriesInstanceUID}
+
+
+def test_copied_modules_list_every_attribute_of_ps3_3() -> None:
+    """The keyword lists against the standard's module tables as highdicom ships them."""
+    standard = pytest.importorskip("highdicom._standard_utils")
+    from ctcovid.dicom import modules
+    from ctcovid.dicom.scan import HEADER_TAGS
+
+    table = standard.get_module_attribute_map()
+    for key, ours in [
+        ("patient", modules.PATIENT_MODULE),
+        ("clinical-trial-subject", modules.CLINICAL_TRIAL_SUBJECT_MODULE),
+        ("general-study", modules.GENERAL_STUDY_MODULE),
+        ("patient-study", modules.PATIENT_STUDY_MODULE),
+        ("clinical-trial-study", modules.CLINICAL_TRIAL_STUDY_MODULE),
+    ]:
+        assert set(ours) == {a["keyword"] for a in table[key] if not a["path"]}, key
+    assert set(modules.REPORT_HEADER_KEYWORDS) <= set(HEADER_TAGS)
+
+
+def test_an_invalid_source_time_zone_is_not_repeated(tmp_path: Path) -> None:
+    datasets = [_ct_dataset(i) for i in range(len(SLICE_PROBABILITIES))]
+    for ds in datasets:
+        ds.TimezoneOffsetFromUTC = "+2500"
+    series = _scan_series(tmp_path / "tz", datasets)
+    sr = build_sr(_result_for(series), series)
+    assert "TimezoneOffsetFromUTC" not in sr

@@ -16,6 +16,7 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
+from ctcovid.dicom.modules import REPORT_HEADER_KEYWORDS
 from ctcovid.dicom.types import BadFile, Instance, Series
 
 logger = logging.getLogger(__name__)
@@ -65,6 +66,9 @@ HEADER_TAGS: list[str] = [
     "Manufacturer",
     "SpecificCharacterSet",
 ]
+# The report copies the Patient, Clinical Trial Subject, General Study, Patient Study and Clinical
+# Trial Study modules in full (ctcovid.dicom.modules), so the scan reads all of them.
+HEADER_TAGS += [kw for kw in REPORT_HEADER_KEYWORDS if kw not in HEADER_TAGS]
 
 
 @dataclass

@@ -19,12 +19,13 @@ Each series is one job with a state:
 ``waiting``      complete, queued for the worker (arrival order)
 ``classifying``  the worker has it; back to ``waiting`` if the worker dies
 ``classified``   SR built and stored, to be sent (``attempts``, ``next_try``)
-``sent``         the peer accepted the SR (revision ``sent_revision``)
+``sent``         the peer accepted the SR (revision ``sent_revision``, file ``sent_sr_path``)
 ``failed``       classification error, or sending gave up; ``reason`` says which
 ``unusable``     not a classifiable CT series; ``reason`` says why
 
 A new instance for a series in any later state moves it back to ``received``: it is classified
-again and, when an SR was already delivered, sent as revision ``sent_revision + 1``.
+again and, when an SR was already delivered, sent as revision ``sent_revision + 1`` that names
+the SR in ``sent_sr_path`` as its predecessor.
 """
 
 from __future__ import annotations
@@ -89,7 +90,8 @@ CREATE TABLE IF NOT EXISTS series (
     attempts INTEGER NOT NULL DEFAULT 0,
     next_try REAL NOT NULL DEFAULT 0,
     classify_seconds REAL,
-    updated_at REAL NOT NULL
+    updated_at REAL NOT NULL,
+    sent_sr_path TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS series_state ON series(state);
 """
@@ -142,6 +144,8 @@ class SeriesRecord:
     next_try: float
     classify_seconds: float | None
     updated_at: float
+    # The SR file of revision sent_revision, as the peer received it: a revision's predecessor.
+    sent_sr_path: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -193,6 +197,19 @@ class Store:
         self._conn.execute("PRAGMA busy_timeout=30000")
         with self._lock:
             self._conn.executescript(SCHEMA)
+            self._add_missing_columns()
+
+    def _add_missing_columns(self) -> None:
+        """Bring a store made by an older version up to the schema (new columns only)."""
+        present = {row[1] for row in self._conn.execute("PRAGMA table_info(series)")}
+        if "sent_sr_path" not in present:
+            try:
+                self._conn.execute(
+                    "ALTER TABLE series ADD COLUMN sent_sr_path TEXT NOT NULL DEFAULT ''"
+                )
+            except sqlite3.OperationalError as exc:  # the other process added it first
+                if "duplicate column" not in str(exc):
+                    raise
 
     def close(self) -> None:
         with self._lock:
@@ -527,9 +544,10 @@ class Store:
         now = time.time()
         with self._transaction() as db:
             db.execute(
-                "UPDATE series SET sent_revision = MAX(sent_revision, ?), updated_at = ? "
+                "UPDATE series SET sent_revision = MAX(sent_revision, ?), updated_at = ?, "
+                "sent_sr_path = CASE WHEN ? >= sent_revision THEN ? ELSE sent_sr_path END "
                 "WHERE series_instance_uid = ?",
-                (record.revision, now, record.series_instance_uid),
+                (record.revision, now, record.revision, record.sr_path, record.series_instance_uid),
             )
             db.execute(
                 "UPDATE series SET state = ?, reason = '', attempts = attempts + 1 "

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
-from ctcovid.errors import InvalidInputError
+from ctcovid.errors import InvalidInputError, ReportError
 from ctcovid.node.config import NodeConfig
 from ctcovid.node.store import SeriesRecord, Store
 
@@ -97,9 +97,16 @@ class Worker:
                 return
             result = self.classifier.classify(series)
             revision = record.sent_revision + 1
+            predecessor_series, predecessor_sop = self._sent_sr_uids(record)
             from ctcovid.report import build_sr
 
-            sr = build_sr(result, series, revision=revision)
+            sr = build_sr(
+                result,
+                series,
+                revision=revision,
+                predecessor_sop_instance_uid=predecessor_sop,
+                predecessor_series_instance_uid=predecessor_series,
+            )
             buffer = io.BytesIO()
             sr.save_as(buffer, enforce_file_format=True)
             sr_path = self.store.sr_path(uid, str(sr.SOPInstanceUID))
@@ -137,6 +144,38 @@ class Worker:
             seconds,
             sr.SOPInstanceUID,
         )
+
+    def _sent_sr_uids(self, record: SeriesRecord) -> tuple[str | None, str | None]:
+        """Series and SOP Instance UID of the SR the peer received last, from its stored file.
+
+        A revision names this SR, whatever model or ctcovid version built it (PS3.3 C.17.2.3).
+        ``(None, None)`` before the first send.
+        """
+        if record.sent_revision < 1:
+            return None, None
+        path = record.sent_sr_path
+        if not path and record.revision == record.sent_revision:
+            path = record.sr_path  # a store from before sent_sr_path: the last SR built was sent
+        if not path:
+            raise ReportError(
+                f"Series {record.series_instance_uid}: revision {record.sent_revision} was sent "
+                "but the node database does not record its SR file; cannot name the predecessor"
+            )
+        import pydicom
+
+        try:
+            sent = pydicom.dcmread(
+                self.store.root / path,
+                stop_before_pixels=True,
+                specific_tags=["SeriesInstanceUID", "SOPInstanceUID"],
+            )
+            return str(sent.SeriesInstanceUID), str(sent.SOPInstanceUID)
+        except Exception as exc:
+            raise ReportError(
+                f"Series {record.series_instance_uid}: the SR sent as revision "
+                f"{record.sent_revision} ({path}) cannot be read for its SeriesInstanceUID and "
+                f"SOPInstanceUID: {exc}"
+            ) from exc
 
     def _assessed_series(self, record: SeriesRecord) -> Any:
         from ctcovid.dicom import scan

@@ -4,14 +4,25 @@
 SR (IHE AI Results); ``write_sr`` stores it; ``sr_summary`` reads one back into plain values.
 """
 
-from ctcovid.report.heatmap import (
+from ctcovid.report.header import (
     HEATMAP_SERIES_NUMBER,
+    SR_SERIES_NUMBER,
+    heatmap_series_number,
+    sr_series_number,
+)
+from ctcovid.report.heatmap import (
     build_heatmap_secondary_captures,
     overlay_rgb,
     write_png,
 )
-from ctcovid.report.sr import SR_SERIES_NUMBER, build_sr, write_sr
-from ctcovid.report.uids import derive_uid, heatmap_uids, sr_uids, tracking_uid
+from ctcovid.report.sr import build_sr, write_sr
+from ctcovid.report.uids import (
+    derive_uid,
+    heatmap_uids,
+    result_fingerprint,
+    sr_uids,
+    tracking_uid,
+)
 from ctcovid.report.validate import sr_summary, validate_sr
 
 __all__ = [
@@ -20,8 +31,11 @@ __all__ = [
     "build_heatmap_secondary_captures",
     "build_sr",
     "derive_uid",
+    "heatmap_series_number",
     "heatmap_uids",
     "overlay_rgb",
+    "result_fingerprint",
+    "sr_series_number",
     "sr_summary",
     "sr_uids",
     "tracking_uid",

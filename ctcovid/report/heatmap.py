@@ -6,6 +6,7 @@ DICOM Secondary Capture images that file into the source study next to the SR.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,13 +25,20 @@ from ctcovid.report.equipment import (
     MANUFACTURER_MODEL_NAME,
     add_algorithm_equipment,
 )
+from ctcovid.report.header import (
+    apply_character_set,
+    apply_time_zone,
+    copy_source_modules,
+    heatmap_series_number,
+    series_description,
+    source_context,
+)
 from ctcovid.report.uids import heatmap_uids
 from ctcovid.results import ScanResult
 
 logger = logging.getLogger(__name__)
 
-HEATMAP_SERIES_NUMBER = 9002
-HEATMAP_SERIES_DESCRIPTION = "ctcovid COVID-19 AI heatmaps"
+HEATMAP_SERIES_DESCRIPTION = "ctcovid COVID-19 heatmaps"
 DEFAULT_ALPHA = 0.4
 
 
@@ -140,7 +148,8 @@ def build_heatmap_secondary_captures(
     result
         The result the heatmaps explain.
     revision
-        As for ``build_sr``; part of the images' UIDs.
+        As for ``build_sr``. Each image's SOP Instance UID derives from the result's content,
+        the ctcovid version, the revision, its slice, its pixels and the source header.
     slice_indices
         For each overlay, its index into the result's per-slice lists; by default
         ``result.key_slice_indices`` in their order.
@@ -163,9 +172,16 @@ def build_heatmap_secondary_captures(
             f"Got {len(overlays)} overlays for {len(indices)} slice indices; they must pair up."
         )
     by_uid = {instance.sop_instance_uid: instance for instance in series.instances}
+    source = series.header
+    digests = [
+        hashlib.sha256(np.ascontiguousarray(o).tobytes() + str(o.shape).encode()).hexdigest()
+        for o in overlays
+    ]
     series_uid, sop_uids = heatmap_uids(
-        result.series_instance_uid, result.model.device_uid, revision, indices
+        result, revision, indices, digests, context=(source_context(source),)
     )
+    number_of_series = heatmap_series_number(source)
+    description = series_description(HEATMAP_SERIES_DESCRIPTION, source, result)
     images = []
     for number, (overlay, index, sop_uid) in enumerate(
         zip(overlays, indices, sop_uids, strict=True), start=1
@@ -193,17 +209,22 @@ def build_heatmap_secondary_captures(
             bits_allocated=8,
             coordinate_system="PATIENT",
             series_instance_uid=series_uid,
-            series_number=HEATMAP_SERIES_NUMBER,
+            series_number=number_of_series,
             sop_instance_uid=sop_uid,
             instance_number=number,
             manufacturer=MANUFACTURER,
             patient_orientation=_patient_orientation(instance),
             transfer_syntax_uid=ExplicitVRLittleEndian,
-            series_description=HEATMAP_SERIES_DESCRIPTION,
+            series_description=description,
             manufacturer_model_name=MANUFACTURER_MODEL_NAME,
             software_versions=f"ctcovid {__version__}",
+            # As for the SR: the source's own SpecificCharacterSet is set below.
+            specific_character_set=None,
         )
-        image.copy_patient_and_study_information(instance.header)
+        apply_character_set(image, source)
+        # The series' representative header, as for the SR, so both file alike.
+        copy_source_modules(image, source)
+        apply_time_zone(image, source)
         add_algorithm_equipment(image, result.model)
         image.SourceImageSequence = [_source_image_item(instance, result.frame_numbers[index])]
         image.DerivationDescription = (

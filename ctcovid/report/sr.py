@@ -24,14 +24,23 @@ from ctcovid.report.equipment import (
     MANUFACTURER_MODEL_NAME,
     add_algorithm_equipment,
 )
+from ctcovid.report.header import (
+    apply_character_set,
+    apply_time_zone,
+    copy_source_modules,
+    referenced_requests,
+    series_description,
+    source_context,
+    sr_series_number,
+    stack_text,
+)
 from ctcovid.report.uids import sr_uids, tracking_uid
 from ctcovid.report.validate import validate_sr
 from ctcovid.results import ScanResult
 
 logger = logging.getLogger(__name__)
 
-SR_SERIES_NUMBER = 9001
-SR_SERIES_DESCRIPTION = "ctcovid COVID-19 AI result"
+SR_SERIES_DESCRIPTION = "ctcovid COVID-19"
 TRACKING_IDENTIFIER = "COVID-19 classification"
 DEFAULT_KEY_SLICE_COUNT = 5
 
@@ -41,7 +50,8 @@ def build_sr(
     series: Series,
     *,
     revision: int = 1,
-    predecessor: Dataset | None = None,
+    predecessor_sop_instance_uid: str | None = None,
+    predecessor_series_instance_uid: str | None = None,
     indeterminate: bool = False,
     key_slice_count: int = DEFAULT_KEY_SLICE_COUNT,
 ) -> hd.sr.Comprehensive3DSR:
@@ -52,19 +62,20 @@ def build_sr(
     result
         The scan-level result; its ``sop_instance_uids`` must all belong to ``series``.
     series
-        The source series; its instance headers give the patient and study modules and the
-        evidence.
+        The source series; its first instance's header gives the patient and study modules
+        (copied in full), the character set, the time zone and the requests.
     revision
-        1 for the first report of this series and model, 2, 3, ... for revised ones (for
-        example after late instances arrived). Together with the source series and the model's
-        device UID it determines the SR's UIDs, so building the same report twice gives the
-        same SOP instance.
-    predecessor
-        The SR this one replaces. When ``revision > 1`` and it is not given, the predecessor
-        is the report with ``revision - 1`` of the same series and model, whose UIDs are known.
+        1 for the first report of this series, 2, 3, ... for revised ones (for example after
+        late instances arrived). Part of the SOP Instance UID, which also derives from the
+        result's content, the ctcovid version and the source header (``ctcovid.report.uids``):
+        building the same report twice gives the same SOP instance, any change a new one.
+    predecessor_sop_instance_uid, predecessor_series_instance_uid
+        The SR this one replaces, as it was sent (PS3.3 C.17.2.3): required when
+        ``revision > 1``, and only then. It is in the source study and is a Comprehensive 3D SR.
     indeterminate
         Report the finding as indeterminate instead of present/absent, for a result the caller
-        does not trust (for example too few usable slices). The probability is still reported.
+        does not trust. A result labelled ``indeterminate`` is reported so anyway. The
+        probability is still reported.
     key_slice_count
         How many of ``result.key_slice_indices`` (highest slice probability first) to reference
         as source images of the measurement group.
@@ -79,19 +90,29 @@ def build_sr(
     ReportError
         If the result does not fit the series or the built report fails ``validate_sr``.
     ValueError
-        If ``revision`` or ``key_slice_count`` is out of range.
+        If ``revision`` or ``key_slice_count`` is out of range, or the predecessor is missing
+        for a revision (or given for a first report).
     """
     if key_slice_count < 0:
         raise ValueError(
             f"key_slice_count must be >= 0. Received: key_slice_count={key_slice_count}."
         )
+    predecessor = _predecessor(
+        result, revision, predecessor_sop_instance_uid, predecessor_series_instance_uid
+    )
     _check_result_matches_series(result, series)
     evidence = _evidence(result, series)
+    source = series.header
     sr_series_uid, sr_sop_uid = sr_uids(
-        result.series_instance_uid, result.model.device_uid, revision
+        result,
+        revision,
+        context=(
+            f"key_slice_count={key_slice_count}",
+            f"indeterminate={indeterminate}",
+            f"predecessor={predecessor_sop_instance_uid or ''}",
+            source_context(source),
+        ),
     )
-    if predecessor is None and revision > 1:
-        predecessor = _derived_predecessor(result, revision - 1)
 
     report = hd.sr.MeasurementReport(
         observation_context=_observation_context(result),
@@ -102,7 +123,7 @@ def build_sr(
         evidence=evidence,
         content=report[0],
         series_instance_uid=sr_series_uid,
-        series_number=SR_SERIES_NUMBER,
+        series_number=sr_series_number(source),
         sop_instance_uid=sr_sop_uid,
         instance_number=revision,
         manufacturer=MANUFACTURER,
@@ -110,10 +131,19 @@ def build_sr(
         is_final=False,
         is_verified=False,
         previous_versions=[predecessor] if predecessor is not None else None,
-        series_description=SR_SERIES_DESCRIPTION,
+        series_description=series_description(SR_SERIES_DESCRIPTION, source, result),
         manufacturer_model_name=MANUFACTURER_MODEL_NAME,
         software_versions=f"ctcovid {__version__}",
+        # highdicom accepts only some spellings of SpecificCharacterSet (not an empty first
+        # value, PS3.3 C.12.1.1.2); the source's own value is set below instead.
+        specific_character_set=None,
     )
+    apply_character_set(sr, source)
+    copy_source_modules(sr, source)
+    requests = referenced_requests(source)
+    if requests:
+        sr.ReferencedRequestSequence = requests
+    apply_time_zone(sr, source)
     add_algorithm_equipment(sr, result.model)
     validate_sr(sr, result)
     logger.debug(
@@ -183,13 +213,35 @@ def _evidence(result: ScanResult, series: Series) -> list[Dataset]:
     return evidence
 
 
-def _derived_predecessor(result: ScanResult, revision: int) -> Dataset:
-    """The identifying attributes of an earlier revision, which this module itself built."""
-    series_uid, sop_uid = sr_uids(result.series_instance_uid, result.model.device_uid, revision)
+def _predecessor(
+    result: ScanResult,
+    revision: int,
+    sop_instance_uid: str | None,
+    series_instance_uid: str | None,
+) -> Dataset | None:
+    """The identifying attributes of the SR a revision replaces, for highdicom."""
+    if not isinstance(revision, int) or isinstance(revision, bool) or revision < 1:
+        raise ValueError(f"revision must be an integer >= 1. Received: revision={revision!r}.")
+    if (sop_instance_uid is None) != (series_instance_uid is None):
+        raise ValueError(
+            "predecessor_sop_instance_uid and predecessor_series_instance_uid go together. "
+            f"Received: {sop_instance_uid!r} and {series_instance_uid!r}."
+        )
+    if revision == 1:
+        if sop_instance_uid is not None:
+            raise ValueError(
+                f"Revision 1 has no predecessor. Received: predecessor {sop_instance_uid}."
+            )
+        return None
+    if sop_instance_uid is None or series_instance_uid is None:
+        raise ValueError(
+            f"Series {result.series_instance_uid}: revision {revision} must name the SR it "
+            "replaces, as sent (predecessor_sop_instance_uid, predecessor_series_instance_uid)."
+        )
     ds = Dataset()
     ds.StudyInstanceUID = result.study_instance_uid
-    ds.SeriesInstanceUID = series_uid
-    ds.SOPInstanceUID = sop_uid
+    ds.SeriesInstanceUID = series_instance_uid
+    ds.SOPInstanceUID = sop_instance_uid
     ds.SOPClassUID = Comprehensive3DSRStorage
     return ds
 
@@ -218,6 +270,7 @@ def algorithm_parameters(result: ScanResult) -> list[str]:
         f"slice_policy={result.slice_policy}",
         f"n_slices_used={result.n_slices_used}",
         f"n_slices_total={result.n_slices_total}",
+        *([f"stack={stack}"] if (stack := stack_text(result)) else []),
     ]
 
 
@@ -233,15 +286,15 @@ def _algorithm_identification(result: ScanResult) -> hd.sr.AlgorithmIdentificati
 
 def evaluation_value(result: ScanResult, indeterminate: bool) -> hd.sr.CodedConcept:
     """Present, absent or indeterminate, as the result and the caller decide."""
-    if indeterminate:
+    if indeterminate or result.label == "indeterminate":
         return codes.INDETERMINATE
     if result.label == "covid":
         return codes.PRESENT
     if result.label == "non-covid":
         return codes.ABSENT
     raise ReportError(
-        f"Series {result.series_instance_uid}: label {result.label!r} is neither 'covid' nor "
-        "'non-covid'."
+        f"Series {result.series_instance_uid}: label {result.label!r} is none of 'covid', "
+        "'non-covid' and 'indeterminate'."
     )
 
 

@@ -1,16 +1,41 @@
 """Deterministic UIDs for everything the report module produces.
 
-A result sent twice must land as the same SOP instance, so that PACS stores it once: every UID is
-derived from the source series, the model's device UID and the revision, never drawn at random.
+PACS keep the first copy of a SOP Instance UID (PS3.3 C.12.1.1.1, PS3.5 9), so the same UID must
+mean the same content and any change of content must get a new UID. Every UID is therefore
+derived, never drawn at random:
+
+- a **SOP Instance UID** (SR or heatmap Secondary Capture) from everything that shapes the
+  instance: the whole result (``ScanResult.to_json_dict()`` as canonical JSON: evidence UIDs,
+  probabilities, slice counts, threshold, label, window, slice policy, model and device UID, and
+  any field added later) except the keys in ``NON_CONTENT_KEYS``, the ctcovid version, the
+  revision, the report's own options and a fingerprint of the source header it copies. A resend
+  of the same result is harmless; a corrected result is a new instance.
+- a **Series Instance UID** from the source study and series and the model's device UID only, so
+  that every revision of one result sits in one series;
+- the **Tracking UID** of the finding from the source series and the device UID, the same
+  across revisions.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+from collections.abc import Iterable
+from collections.abc import Sequence as AbcSequence
+from typing import Any
+
+from pydicom.dataset import Dataset
+
+import ctcovid
+from ctcovid.results import ScanResult
 
 # The UUID-derived root of PS3.5 B.2: "2.25." followed by a 128-bit integer in decimal.
 _ROOT = "2.25."
 _SEPARATOR = "\x1f"  # cannot occur in a UID or a version string, so parts never run together
+
+#: Result keys that do not shape the report: how long it took, and free-text notes for people
+#: (they name files, whose names differ between the node, batch and classify).
+NON_CONTENT_KEYS = frozenset({"seconds", "warnings"})
 
 
 def derive_uid(*parts: str) -> str:
@@ -31,20 +56,84 @@ def derive_uid(*parts: str) -> str:
 
 
 def _check_revision(revision: int) -> None:
-    if not isinstance(revision, int) or revision < 1:
+    if not isinstance(revision, int) or isinstance(revision, bool) or revision < 1:
         raise ValueError(f"revision must be an integer >= 1. Received: revision={revision!r}.")
 
 
-def sr_uids(series_instance_uid: str, device_uid: str, revision: int) -> tuple[str, str]:
-    """Return ``(series_instance_uid, sop_instance_uid)`` of the SR for one source series.
+def _jsonable(value: Any) -> Any:
+    """numpy scalars and arrays as plain values; anything else by its text."""
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    return str(value)
 
-    The SR series depends on the source series and the model only, so that every revision of
-    one result sits in one series; the SOP instance also depends on the revision.
+
+def result_fingerprint(result: ScanResult) -> str:
+    """SHA-256 (hex) of the result's content: its JSON without ``NON_CONTENT_KEYS``.
+
+    Canonical JSON (sorted keys, no spaces, exact float text), so the same result always gives
+    the same fingerprint and fields added to ``ScanResult`` later take part without a change
+    here.
+    """
+    content = {k: v for k, v in result.to_json_dict().items() if k not in NON_CONTENT_KEYS}
+    text = json.dumps(content, sort_keys=True, separators=(",", ":"), default=_jsonable)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _element_text(value: Any) -> Any:
+    """A data element's value as JSON-ready text: sequences item by item, bytes by digest."""
+    if isinstance(value, bytes):
+        return hashlib.sha256(value).hexdigest()
+    if isinstance(value, Dataset):
+        return _dataset_items(value)
+    if isinstance(value, AbcSequence) and not isinstance(value, str):
+        return [_element_text(v) for v in value]  # pydicom's Sequence and MultiValue
+    return str(value)
+
+
+def _dataset_items(ds: Dataset) -> list[Any]:
+    return [[f"{elem.tag:08X}", elem.VR, _element_text(elem.value)] for elem in ds]
+
+
+def header_fingerprint(source: Dataset, keywords: Iterable[str]) -> str:
+    """SHA-256 (hex) of the source attributes named by ``keywords`` that the report copies."""
+    items = []
+    for keyword in keywords:
+        if keyword in source:
+            elem = source[keyword]
+            items.append([keyword, elem.VR, _element_text(elem.value)])
+    text = json.dumps(items, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def sr_series_uid(study_instance_uid: str, series_instance_uid: str, device_uid: str) -> str:
+    """The SR series of one source series and model: the same for every revision."""
+    return derive_uid("ctcovid-sr-series", study_instance_uid, series_instance_uid, device_uid)
+
+
+def sr_sop_instance_uid(result: ScanResult, revision: int, *, context: Iterable[str] = ()) -> str:
+    """The SR's SOP Instance UID: result content, ctcovid version, revision and ``context``.
+
+    ``context`` carries what else shapes the document (report options, the source header's
+    fingerprint); callers pass the same texts for the same document.
     """
     _check_revision(revision)
-    series_uid = derive_uid("ctcovid-sr-series", series_instance_uid, device_uid)
-    sop_uid = derive_uid("ctcovid-sr", series_instance_uid, device_uid, str(revision))
-    return series_uid, sop_uid
+    return derive_uid(
+        "ctcovid-sr",
+        ctcovid.__version__,
+        str(revision),
+        result_fingerprint(result),
+        *context,
+    )
+
+
+def sr_uids(
+    result: ScanResult, revision: int = 1, *, context: Iterable[str] = ()
+) -> tuple[str, str]:
+    """Return ``(series_instance_uid, sop_instance_uid)`` of the SR reporting ``result``."""
+    series_uid = sr_series_uid(
+        result.study_instance_uid, result.series_instance_uid, result.model.device_uid
+    )
+    return series_uid, sr_sop_instance_uid(result, revision, context=context)
 
 
 def tracking_uid(series_instance_uid: str, device_uid: str) -> str:
@@ -53,13 +142,42 @@ def tracking_uid(series_instance_uid: str, device_uid: str) -> str:
 
 
 def heatmap_uids(
-    series_instance_uid: str, device_uid: str, revision: int, slice_indices: list[int]
+    result: ScanResult,
+    revision: int,
+    slice_indices: list[int],
+    pixel_digests: list[str],
+    *,
+    context: Iterable[str] = (),
 ) -> tuple[str, list[str]]:
-    """Return the Secondary Capture series UID and one SOP instance UID per slice index."""
+    """Return the Secondary Capture series UID and one SOP Instance UID per heatmap.
+
+    The series depends on the source series and the model only; each instance on the result's
+    content, the ctcovid version, the revision, its slice, its pixels (``pixel_digests``, one
+    per slice) and ``context``.
+    """
     _check_revision(revision)
-    series_uid = derive_uid("ctcovid-heatmap-series", series_instance_uid, device_uid)
+    if len(slice_indices) != len(pixel_digests):
+        raise ValueError(
+            f"Got {len(pixel_digests)} pixel digests for {len(slice_indices)} slice indices."
+        )
+    series_uid = derive_uid(
+        "ctcovid-heatmap-series",
+        result.study_instance_uid,
+        result.series_instance_uid,
+        result.model.device_uid,
+    )
+    fingerprint = result_fingerprint(result)
+    context = tuple(context)
     sop_uids = [
-        derive_uid("ctcovid-heatmap", series_instance_uid, device_uid, str(revision), str(i))
-        for i in slice_indices
+        derive_uid(
+            "ctcovid-heatmap",
+            ctcovid.__version__,
+            str(revision),
+            fingerprint,
+            str(index),
+            digest,
+            *context,
+        )
+        for index, digest in zip(slice_indices, pixel_digests, strict=True)
     ]
     return series_uid, sop_uids
