@@ -37,12 +37,13 @@ from ctcovid.report.header import (
 from ctcovid.report.uids import sr_uids, tracking_uid
 from ctcovid.report.validate import validate_sr
 from ctcovid.results import ScanResult
+from ctcovid.scans import KEY_SLICES
 
 logger = logging.getLogger(__name__)
 
 SR_SERIES_DESCRIPTION = "ctcovid COVID-19"
 TRACKING_IDENTIFIER = "COVID-19 classification"
-DEFAULT_KEY_SLICE_COUNT = 5
+DEFAULT_KEY_SLICE_COUNT = KEY_SLICES  # the key slices the result names
 
 
 def build_sr(
