@@ -98,12 +98,13 @@ def test_localizer_mr_and_junk_are_reported_not_fatal(tmp_path):
     # the duplicate file counts once
     ct = usable[0]
     assert ct.duplicates == 1
-    # files without pixel data / truncated are skipped at decode with their path
-    errors: list[str] = []
-    decoded = list(iter_hu(ct.slices, errors))
-    assert len(decoded) == len(ct.slices) - 2
-    assert any("lacks PixelData" in e for e in errors)
-    assert any(str(info.junk["truncated"]) in e for e in errors)
+    # files without pixel data or truncated are dropped for cause from the headers, by path
+    assert (ct.n_slices, ct.n_slices_dropped, ct.n_slices_total) == (8, 2, 10)
+    dropped = "; ".join(ct.stack.dropped)
+    assert f"{info.junk['no_pixel_data']}: lacks PixelData (7FE0,0010)" in dropped
+    assert f"{info.junk['truncated']}: PixelData (7FE0,0010) declares" in dropped
+    assert any("2 instance(s) (2 slice(s)) dropped for cause" in w for w in ct.warnings)
+    assert len(list(iter_hu(ct.slices))) == 8
 
 
 def test_load_series_picks_the_ct_series_among_others(tmp_path):
@@ -191,6 +192,11 @@ def test_real_ct_files_decode_to_hu_like_pydicom(name):
                 )
                 for i, f in enumerate(frames)
             ]
+    if "PixelPaddingValue" in ds:  # padding becomes air (PS3.3 C.7.5.1.1.2)
+        expected = [
+            np.where(f == ds.PixelPaddingValue, -1000.0, e)
+            for f, e in zip(frames, expected, strict=True)
+        ]
     # order may differ from storage order: compare as a set of slices
     got = sorted(float(h.sum()) for h in decoded)
     want = sorted(float(np.asarray(e, np.float32).sum()) for e in expected)

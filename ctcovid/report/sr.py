@@ -233,7 +233,7 @@ def _algorithm_identification(result: ScanResult) -> hd.sr.AlgorithmIdentificati
 
 def evaluation_value(result: ScanResult, indeterminate: bool) -> hd.sr.CodedConcept:
     """Present, absent or indeterminate, as the result and the caller decide."""
-    if indeterminate:
+    if indeterminate or result.label == "indeterminate":
         return codes.INDETERMINATE
     if result.label == "covid":
         return codes.PRESENT
