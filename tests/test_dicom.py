@@ -201,3 +201,334 @@ def test_real_ct_files_decode_to_hu_like_pydicom(name):
     got = sorted(float(h.sum()) for h in decoded)
     want = sorted(float(np.asarray(e, np.float32).sum()) for e in expected)
     np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+# -- real hospital data: stacks, localizers, non-HU images, padding, geometry, limits ----------
+
+IDENTITY = dicom_fixtures.make_identity(11, 0)
+MIXED_UID = dicom_fixtures.make_uid(IDENTITY.study_instance_uid, "mixed-series")
+
+
+def recon(root: Path, name: str, *, n: int = 8, **kw) -> list[Path]:
+    """One reconstruction of the shared series MIXED_UID, written into ``root/name``."""
+    hu = np.full((n, 16, 16), -1000, np.int16)
+    hu[:, 4:12, 4:12] = 40
+    return dicom_fixtures.write_ct_series(
+        hu, root / name, study=IDENTITY, series_instance_uid=MIXED_UID, sop_uid_seed=name, **kw
+    )
+
+
+def one_series(path: Path, config: IngestConfig = CONFIG):
+    report = scan(path, config)
+    assert len(report.series) == 1
+    return report.series[0]
+
+
+def edit_all(paths, **attrs) -> None:
+    for path in paths:
+        ds = pydicom.dcmread(path)
+        for key, value in attrs.items():
+            setattr(ds, key, value)
+        ds.save_as(path)
+
+
+def test_two_kernels_at_the_same_positions_are_two_stacks_never_mixed(tmp_path):
+    recon(tmp_path, "lung", n=8, convolution_kernel="LUNG")
+    recon(tmp_path, "soft", n=10, convolution_kernel="STANDARD")
+    series = one_series(tmp_path)
+    assert series.usable and len(series.stacks) == 2
+    assert {ref.instance.convolution_kernel for ref in series.slices} == {"STANDARD"}
+    assert series.n_slices == 10  # same thickness, both ORIGINAL: the most slices win
+    assert series.stack.to_dict() == {
+        "kernel": "STANDARD",
+        "slice_thickness_mm": 1.25,
+        "image_type": ["ORIGINAL", "PRIMARY", "AXIAL"],
+        "acquisition_number": None,
+        "n_slices": 10,
+    }
+    assert any("stack set aside (kernel LUNG, 1.25 mm" in w for w in series.warnings)
+    assert not any("share a position" in w for w in series.warnings)
+
+
+def test_interleaved_thicknesses_choose_the_thinnest_within_range_by_a_changeable_rule(tmp_path):
+    recon(tmp_path, "thin", n=16, slice_thickness_mm=1.25)
+    recon(tmp_path, "thick", n=4, slice_thickness_mm=5.0)
+    assert one_series(tmp_path).stack.slice_thickness == 1.25
+    thickest = IngestConfig(min_slices=4, stack_rule="thickest")
+    assert one_series(tmp_path, thickest).stack.slice_thickness == 5.0
+    above_thin = IngestConfig(min_slices=4, min_thickness_mm=2.0)
+    assert one_series(tmp_path, above_thin).stack.slice_thickness == 5.0
+
+
+def test_original_before_derived_unless_the_rule_says_otherwise(tmp_path):
+    recon(tmp_path, "orig", n=8, slice_thickness_mm=5.0)
+    recon(tmp_path, "derived", n=16, image_type=("DERIVED", "SECONDARY", "AXIAL"))
+    assert one_series(tmp_path).stack.image_type[0] == "ORIGINAL"
+    thinnest = IngestConfig(min_slices=4, stack_rule="thinnest,most")
+    assert one_series(tmp_path, thinnest).stack.image_type[0] == "DERIVED"
+
+
+def test_acquisition_number_splits_repeated_volumes_only(tmp_path):
+    recon(tmp_path / "repeat", "a1", acquisition_number=1)
+    recon(tmp_path / "repeat", "a2", acquisition_number=2)
+    repeated = one_series(tmp_path / "repeat")
+    assert [st.acquisition_number for st in repeated.stacks] == [1, 2]
+    assert repeated.n_slices == 8
+    recon(tmp_path / "steps", "a1", acquisition_number=1, z0_mm=-200.0)
+    recon(tmp_path / "steps", "a2", acquisition_number=2, z0_mm=-190.0)
+    side_by_side = one_series(tmp_path / "steps")
+    assert len(side_by_side.stacks) == 1 and side_by_side.n_slices == 16
+    assert not any("gap" in w for w in side_by_side.warnings)
+
+
+def test_stack_rule_is_validated():
+    from ctcovid.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="stack_rule"):
+        IngestConfig(stack_rule="newest")
+
+
+def test_a_localizer_inside_the_axial_series_is_dropped_with_a_warning(tmp_path):
+    info = write(tmp_path)
+    scout = dicom_fixtures.write_localizer(
+        info.ct_dir / "scout",
+        dicom_fixtures.make_identity(3, 0),
+        series_instance_uid=info.ct_series_instance_uid,
+    )
+    edit_all([scout], SOPInstanceUID="1.2.3.4.5.6.8")  # its own instance, not slice 1's UID
+    series = one_series(info.ct_dir)
+    assert series.usable and series.n_slices == 8
+    assert any("1 LOCALIZER image(s) dropped" in w for w in series.warnings)
+
+
+def test_a_lone_non_axial_image_is_set_aside_and_the_axial_remainder_judged(tmp_path):
+    info = write(tmp_path)
+    ds = pydicom.dcmread(info.paths[0])
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = "1.2.3.4.5.6.7"
+    ds.ImageOrientationPatient = [1, 0, 0, 0, 0, -1]
+    (info.ct_dir / "reformat").mkdir()
+    ds.save_as(info.ct_dir / "reformat" / "coronal.dcm")
+    series = one_series(info.ct_dir)
+    assert series.usable and series.n_slices == 8
+    assert any("stack set aside" in w and "not axial" in w for w in series.warnings)
+
+
+def _rgb(ds: pydicom.Dataset) -> None:
+    ds.SamplesPerPixel = 3
+    ds.PhotometricInterpretation = "RGB"
+    ds.PlanarConfiguration = 0
+    ds.BitsAllocated = ds.BitsStored = 8
+    ds.HighBit = 7
+    ds.PixelRepresentation = 0
+    ds.PixelData = bytes(ds.Rows * ds.Columns * 3)
+    ds["PixelData"].VR = "OB"
+
+
+@pytest.mark.parametrize(
+    ("change", "attribute"),
+    [
+        ({"RescaleType": "US"}, "RescaleType (0028,1054) is US"),
+        ({"ImageType": ["DERIVED", "SECONDARY", "AXIAL", "MIP"]}, "ImageType (0008,0008)"),
+        ({"PhotometricInterpretation": "PALETTE COLOR"}, "PhotometricInterpretation (0028,0004)"),
+        ("rgb", "SamplesPerPixel (0028,0002) is 3"),
+    ],
+)
+def test_images_that_are_not_ct_slices_in_hu_are_refused_naming_the_attribute(
+    tmp_path, change, attribute
+):
+    info = write(tmp_path)
+    for path in info.paths:
+        ds = pydicom.dcmread(path)
+        if change == "rgb":
+            _rgb(ds)
+        else:
+            for key, value in change.items():
+                setattr(ds, key, value)
+        ds.save_as(path)
+    series = one_series(info.ct_dir)
+    assert not series.usable
+    assert attribute in series.reason
+    with pytest.raises(InvalidInputError, match=attribute.split(" ")[0]):
+        load_series(info.ct_dir, CONFIG)
+
+
+def real_file(name: str) -> Path:
+    from pydicom.data import get_testdata_file
+
+    path = get_testdata_file(name)
+    if path is None:
+        pytest.skip(f"{name} is not available (install pydicom-data)")
+    return Path(path)
+
+
+def test_real_perfusion_map_is_refused_for_its_rescale_type():
+    series = one_series(real_file("eCT_Supplemental.dcm"))
+    assert not series.usable
+    assert "RescaleType (0028,1054) is US, not HU" in series.reason
+
+
+def test_real_pixel_padding_becomes_air():
+    path = real_file("693_UNCR.dcm")
+    ds = pydicom.dcmread(path)
+    assert ds.PixelPaddingValue == -2000 and ds.RescaleIntercept == -1024
+    stored = ds.pixel_array
+    padding = stored == -2000
+    assert padding.mean() > 0.1  # the scanner's circle of padding
+    [(_, hu)] = list(iter_hu(one_series(path).slices))
+    assert not (hu <= -3000).any()
+    assert (hu[padding] == -1000).all()
+    np.testing.assert_array_equal(hu[~padding], apply_modality_lut(stored, ds)[~padding])
+
+
+def test_padding_in_the_high_bits_of_unsigned_12_bit_data_becomes_air_not_bone(tmp_path):
+    info = write(tmp_path, signed=False)
+    ds = pydicom.dcmread(info.paths[0])
+    assert (ds.BitsStored, ds.PixelRepresentation, ds.RescaleIntercept) == (12, 0, -1024)
+    words = ds.pixel_array.astype(np.uint16)
+    words[:4, :] = 0xF830  # the scanner's -2000 padding as a 16-bit word
+    words[32, 32] = 0x0830  # a body pixel with the same low 12 bits: +1072 HU, kept
+    ds.PixelData = words.astype("<u2").tobytes()
+    ds.add_new(0x00280120, "US", 0xF830)  # PixelPaddingValue
+    ds.save_as(info.paths[0])
+    ref = next(r for r in one_series(info.ct_dir).slices if r.instance.path == info.paths[0])
+    [(_, hu)] = list(iter_hu([ref]))
+    assert (hu[:4] == -1000).all()
+    assert hu[32, 32] == 1072
+
+
+def test_padding_range_limit_covers_the_stored_values_between(tmp_path):
+    info = write(tmp_path, signed=False)
+    ds = pydicom.dcmread(info.paths[0])
+    words = ds.pixel_array.astype(np.uint16)
+    words[0, :3] = [0, 24, 25]
+    ds.PixelData = words.astype("<u2").tobytes()
+    ds.add_new(0x00280120, "US", 24)  # PixelPaddingValue
+    ds.add_new(0x00280121, "US", 0)  # PixelPaddingRangeLimit
+    ds.save_as(info.paths[0])
+    ref = next(r for r in one_series(info.ct_dir).slices if r.instance.path == info.paths[0])
+    [(_, hu)] = list(iter_hu([ref]))
+    assert list(hu[0, :3]) == [-1000, -1000, 25 - 1024]
+
+
+def test_enhanced_ct_padding_becomes_air_in_every_frame(tmp_path):
+    info = write(tmp_path, enhanced=True)
+    ds = pydicom.dcmread(info.paths[0])
+    frames = ds.pixel_array.copy()
+    frames[:, :2, :2] = -2000
+    ds.PixelData = frames.astype("<i2").tobytes()
+    ds.add_new(0x00280120, "SS", -2000)
+    ds.save_as(info.paths[0])
+    volume = hu_volume(one_series(info.ct_dir))
+    assert (volume[:, :2, :2] == -1000).all()
+
+
+def test_orientation_is_compared_with_a_tolerance(tmp_path):
+    info = write(tmp_path)
+    ds = pydicom.dcmread(info.paths[3])
+    ds.ImageOrientationPatient = [1.0, 1e-7, 0.0, 0.0, 1.0, -1e-7]
+    ds.save_as(info.paths[3])
+    series = one_series(info.ct_dir)
+    assert series.usable and len(series.stacks) == 1 and series.n_slices == 8
+
+
+def test_gaps_are_warned_with_their_positions(tmp_path):
+    info = write(tmp_path, n_slices=10)
+    for path in info.paths[4:6]:
+        path.unlink()
+    series = one_series(info.ct_dir)
+    assert series.usable
+    gaps = [w for w in series.warnings if "gap" in w]
+    assert len(gaps) == 1
+    assert "1 gap(s)" in gaps[0] and "3.75 mm between z=-196.25 and z=-192.50" in gaps[0]
+
+
+def test_enhanced_ct_checks_the_orientation_of_every_frame(tmp_path):
+    from pydicom.dataset import Dataset
+
+    info = write(tmp_path, enhanced=True)
+    ds = pydicom.dcmread(info.paths[0])
+    plane = Dataset()
+    plane.ImageOrientationPatient = [1, 0, 0, 0, 0, -1]
+    ds.PerFrameFunctionalGroupsSequence[3].PlaneOrientationSequence = [plane]
+    ds.save_as(info.paths[0])
+    series = one_series(info.ct_dir)
+    assert not series.usable
+    assert "frame 4 ImageOrientationPatient (0020,0037)" in series.reason
+
+
+# -- lost slices ---------------------------------------------------------------------------------
+
+
+def _break_rle_segments(path: Path) -> None:
+    """Make an RLE file's header declare 3 segments: a decode-time refusal."""
+    from pydicom.encaps import encapsulate, generate_frames
+
+    ds = pydicom.dcmread(path)
+    [frame] = list(generate_frames(ds.PixelData, number_of_frames=1))
+    ds.PixelData = encapsulate([(3).to_bytes(4, "little") + frame[4:]])
+    ds.save_as(path)
+
+
+def _truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) - 100])
+
+
+def _lost_slices_study(tmp_path):
+    if "rle" not in dicom_fixtures.available_transfer_syntaxes():
+        pytest.skip("no RLE encoder here")
+    info = write(tmp_path, n_slices=24, size=32, transfer_syntax="rle")
+    for path in info.paths[2:6]:
+        _truncate(path)  # dropped for cause at the header scan
+    for path in info.paths[10:14]:
+        _break_rle_segments(path)  # refused when decoded
+    return info
+
+
+def test_lost_slices_are_counted_named_and_make_the_label_indeterminate(tmp_path):
+    from ctcovid.report.sr import evaluation_value
+    from ctcovid.results import ModelInfo
+    from ctcovid.scans import prepare_scan, scan_result
+
+    info = _lost_slices_study(tmp_path)
+    series = load_series(info.ct_dir, CONFIG)
+    assert (series.n_slices_total, series.n_slices, series.n_slices_dropped) == (24, 20, 4)
+    prepared = prepare_scan(series, CONFIG)
+    assert len(prepared.all_slices) == 16
+    args = {
+        "threshold": 0.5,
+        "classes": ("covid", "non-covid"),
+        "model": ModelInfo("m", "1", "1.2.3"),
+        "seconds": 0.0,
+    }
+    probs = np.full(len(prepared.used), 0.9)
+    result = scan_result(prepared, probs, ingest=CONFIG, **args)
+    assert (result.n_slices_total, result.n_slices_used, result.n_slices_lost) == (24, 16, 8)
+    assert result.label == "indeterminate"
+    assert result.probability_covid == pytest.approx(0.9)
+    assert any("8 of 24 slice(s) lost" in w for w in result.warnings)
+    named = " ".join(result.warnings)
+    assert all(str(p) in named for p in info.paths[2:6] + info.paths[10:14])
+    assert "RLE header declares 3 segment(s)" in named
+    assert result.to_json_dict()["n_slices_lost"] == 8
+    assert evaluation_value(result, indeterminate=False).value == "82334004"
+    lenient = IngestConfig(min_slices=4, max_lost_fraction=0.5)
+    assert scan_result(prepared, probs, ingest=lenient, **args).label == "covid"
+
+
+def test_results_csv_gains_n_slices_lost_last_and_old_files_resume(tmp_path):
+    from ctcovid.batch.results import ResultRow, ResultsWriter, read_results
+
+    columns = ResultRow.columns()
+    assert columns[-1] == "n_slices_lost"
+    old = tmp_path / "results.csv"
+    old.write_text(",".join(columns[:-1]) + "\n" + "1.2,1.2.3,p,skipped,why" + ",," * 4 + ",,\n")
+    with ResultsWriter(old) as writer:
+        assert len(writer.rows) == 1
+        writer.append(ResultRow("1.2", "1.2.4", "p", "classified", n_slices_lost=3))
+    rows = read_results(old)
+    assert [r.series_instance_uid for r in rows] == ["1.2.3", "1.2.4"]
+    new = tmp_path / "new.csv"
+    with ResultsWriter(new) as writer:
+        writer.append(ResultRow("1.2", "1.2.4", "p", "classified", n_slices_lost=3))
+    assert read_results(new)[0].n_slices_lost == 3

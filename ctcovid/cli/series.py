@@ -16,9 +16,20 @@ def series(
     path: Annotated[Path, typer.Argument(exists=True, help="A DICOM file or folder tree.")],
     json_out: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
     min_slices: Annotated[int, typer.Option(help="Slices a series needs to be classified.")] = 8,
+    stack_rule: Annotated[
+        str,
+        typer.Option(
+            help="How one stack (reconstruction) of a series is chosen: criteria in order, "
+            "from original, thinnest, thickest, most."
+        ),
+    ] = "original,thinnest,most",
     verbose: Annotated[int, typer.Option("-v", count=True, help="More logging.")] = 0,
 ) -> None:
     """List every series found under PATH: UIDs, modality, instances, usable or not and why.
+
+    A series holding several reconstructions is split into stacks (kernel, slice thickness,
+    ImageType, orientation, repeated acquisitions); each stack is listed, and the one that
+    would be classified is marked.
 
     Examples:
 
@@ -30,7 +41,7 @@ def series(
     from ctcovid.dicom import scan
 
     setup_logging(verbose)
-    report = scan(path, IngestConfig(min_slices=min_slices))
+    report = scan(path, IngestConfig(min_slices=min_slices, stack_rule=stack_rule))
     rows = [
         {
             "study_instance_uid": s.study_instance_uid,
@@ -43,6 +54,12 @@ def series(
             "usable": s.usable,
             "reason": s.reason,
             "ordering": s.ordering,
+            "stack": s.stack.to_dict() if s.stack is not None else None,
+            "stacks": [
+                st.to_dict() | {"chosen": st is s.stack, "usable": st.usable, "reason": st.reason}
+                for st in s.stacks
+            ],
+            "n_slices_dropped": s.n_slices_dropped,
             "warnings": s.warnings,
         }
         for s in report.series
@@ -55,16 +72,22 @@ def series(
     table.add_column("series UID", no_wrap=True)
     for col in ("modality", "instances", "slices", "thickness", "usable", "reason"):
         table.add_column(col, overflow="fold")
-    for r in rows:
+    for s, r in zip(report.series, rows, strict=True):
+        thickness = s.stack.slice_thickness if s.stack is not None else r["slice_thickness_mm"]
         table.add_row(
             str(r["series_instance_uid"]),
             str(r["modality"]),
             str(r["n_instances"]),
             str(r["n_slices"]),
-            "" if r["slice_thickness_mm"] is None else f"{r['slice_thickness_mm']:g} mm",
+            "" if thickness is None else f"{thickness:g} mm",
             "yes" if r["usable"] else "no",
             str(r["reason"]),
         )
+        if len(s.stacks) > 1:
+            for st in s.stacks:
+                mark = "*" if st is s.stack else " "
+                state = "usable" if st.usable else st.reason
+                table.add_row(f"  {mark} stack", "", "", "", "", "", f"{st.describe()}: {state}")
     stdout.print(table)
     for b in bad:
         stdout.print(f"skipped {b['path']}: {b['reason']}", highlight=False)

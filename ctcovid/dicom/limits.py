@@ -140,13 +140,17 @@ def bounds_reason(inst: Instance, config: IngestConfig) -> str:
     assert inst.rows is not None and inst.columns is not None
     available = inst.file_size - inst.pixel_data_offset
     frames = inst.number_of_frames
-    if inst.pixel_data_length is None:  # encapsulated: at least an 8-byte item per frame
+    if inst.pixel_data_length is None:  # encapsulated: at least one item per frame
         if syntax in NATIVE_TRANSFER_SYNTAXES:
             return "PixelData (7FE0,0010) has undefined length in a native transfer syntax"
-        if available < 8 * (frames + 1):
+        items = inst.pixel_data_items
+        if items is not None and items < 0:
+            return "encapsulated PixelData (7FE0,0010) is truncated (file ends inside it)"
+        fragments = max(0, items - 1) if items is not None else available // 8
+        if fragments < frames:
             return (
-                f"NumberOfFrames (0028,0008) is {frames}, but the file holds only {available} "
-                "bytes of encapsulated PixelData (7FE0,0010)"
+                f"NumberOfFrames (0028,0008) is {frames}, but encapsulated PixelData "
+                f"(7FE0,0010) holds only {fragments} fragment(s)"
             )
         return ""
     declared = _bytes_per_frame(ds, inst.rows, inst.columns) * frames

@@ -206,40 +206,68 @@ def instance_from_header(path: Path, ds: Dataset) -> Instance:
     )
 
 
+MAX_FRAGMENTS_WALKED = 20_000
+
+
+def count_fragments(fh: BinaryIO, little: bool) -> int | None:
+    """Items of encapsulated pixel data from ``fh``'s position (just after the element header).
+
+    Reads only the 8-byte item headers, seeking over their values. Returns the number of items
+    (the basic offset table included), or ``-1`` when the file ends before the sequence
+    delimiter (truncated), or ``None`` when there are more than :data:`MAX_FRAGMENTS_WALKED`.
+    """
+    order: Literal["little", "big"] = "little" if little else "big"
+    size = os.fstat(fh.fileno()).st_size
+    for count in range(MAX_FRAGMENTS_WALKED):
+        head = fh.read(8)
+        if len(head) < 8:
+            return -1
+        group = int.from_bytes(head[0:2], order)
+        element = int.from_bytes(head[2:4], order)
+        length = int.from_bytes(head[4:8], order)
+        if (group, element) == (0xFFFE, 0xE0DD):
+            return count
+        if (group, element) != (0xFFFE, 0xE000) or length == 0xFFFFFFFF:
+            return -1
+        if fh.seek(length, os.SEEK_CUR) > size:
+            return -1
+    return None
+
+
 PIXEL_DATA_TAGS = (0x7FE00010, 0x7FE00008, 0x7FE00009)  # Pixel, Float and Double Float Pixel Data
 _LONG_VRS = (b"OB", b"OW", b"OF", b"OD", b"OL", b"OV", b"UN", b"UT", b"SQ")
 
 
-def locate_pixel_data(fh: BinaryIO, ds: Dataset) -> tuple[int | None, int | None]:
-    """Offset and declared length of the pixel data element at ``fh``'s position.
+def locate_pixel_data(fh: BinaryIO, ds: Dataset) -> tuple[int | None, int | None, int | None]:
+    """Offset, declared length and (encapsulated) item count of the pixel data element.
 
     ``fh`` is where a read with ``stop_before_pixels`` left it: at the tag of the pixel data
-    element when there is one. Only its few header bytes are read (never the pixel data), so a
-    header scan can bound what the file declares. Returns ``(None, None)`` when no pixel data
-    element follows; the length is ``None`` when undefined (encapsulated pixel data).
+    element when there is one. Only element and item headers are read (never the pixel data),
+    so a header scan can bound what the file declares. Returns ``(None, None, None)`` when no
+    pixel data element follows; the length is ``None`` when undefined (encapsulated), and only
+    then is the item count given (see :func:`count_fragments`).
     """
     offset = fh.tell()
     head = fh.read(12)
-    if len(head) < 8:
-        return None, None
     syntax = getattr(ds, "file_meta", Dataset()).get("TransferSyntaxUID", "")
-    if syntax == "1.2.840.10008.1.2.1.99":  # deflated: file offsets say nothing
-        return None, None
+    if len(head) < 8 or syntax == "1.2.840.10008.1.2.1.99":  # deflated: offsets say nothing
+        return None, None, None
     little = syntax != "1.2.840.10008.1.2.2"
     order: Literal["little", "big"] = "little" if little else "big"
     group = int.from_bytes(head[0:2], order)
     element = int.from_bytes(head[2:4], order)
     if (group << 16) | element not in PIXEL_DATA_TAGS:
-        return None, None
+        return None, None, None
     if syntax == "1.2.840.10008.1.2":  # implicit VR: tag, then a 4-byte length
-        length = int.from_bytes(head[4:8], order)
-    elif head[4:6] in _LONG_VRS:
-        if len(head) < 12:
-            return offset, None
-        length = int.from_bytes(head[8:12], order)
+        length, header_size = int.from_bytes(head[4:8], order), 8
+    elif head[4:6] in _LONG_VRS and len(head) == 12:
+        length, header_size = int.from_bytes(head[8:12], order), 12
     else:  # a malformed short-VR pixel data element
-        length = int.from_bytes(head[6:8], order)
-    return offset, None if length == 0xFFFFFFFF else length
+        length, header_size = int.from_bytes(head[6:8], order), 8
+    if length != 0xFFFFFFFF:
+        return offset, length, None
+    fh.seek(offset + header_size)
+    return offset, None, count_fragments(fh, little)
 
 
 def read_header(path: Path) -> Instance | BadFile:
@@ -247,7 +275,7 @@ def read_header(path: Path) -> Instance | BadFile:
     try:
         with open(path, "rb") as fh:
             ds = pydicom.dcmread(fh, stop_before_pixels=True, specific_tags=HEADER_TAGS)
-            pixel_offset, pixel_length = locate_pixel_data(fh, ds)
+            pixel_offset, pixel_length, pixel_items = locate_pixel_data(fh, ds)
             file_size = os.fstat(fh.fileno()).st_size
     except InvalidDicomError:
         return BadFile(path, "not a DICOM file (no DICM preamble and no readable dataset)")
@@ -259,6 +287,7 @@ def read_header(path: Path) -> Instance | BadFile:
         inst = instance_from_header(path, ds)
         inst.pixel_data_offset = pixel_offset
         inst.pixel_data_length = pixel_length
+        inst.pixel_data_items = pixel_items
         inst.file_size = file_size
         return inst
     except ValueError as exc:

@@ -35,10 +35,12 @@ class Instance:
     number_of_frames: int
     header: Dataset
     # Where the header scan found the pixel data element (None: not looked for, or absent):
-    # its tag's byte offset, its declared value length (None when undefined, i.e. encapsulated)
-    # and the file size, so that what the header declares can be bounded before decoding.
+    # its tag's byte offset, its declared value length (None when undefined, i.e. encapsulated),
+    # for encapsulated data its item count (-1: truncated) and the file size, so that what the
+    # header declares can be bounded before decoding.
     pixel_data_offset: int | None = None
     pixel_data_length: int | None = None
+    pixel_data_items: int | None = None
     file_size: int | None = None
     acquisition_number: int | None = None
     convolution_kernel: str = ""
