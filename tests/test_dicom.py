@@ -12,7 +12,14 @@ from pydicom.pixels import apply_modality_lut
 
 import dicom_fixtures
 from ctcovid.config import IngestConfig
-from ctcovid.dicom import iter_hu, load_series, scan
+from ctcovid.dicom import (
+    DECODABLE_TRANSFER_SYNTAXES,
+    decode_instance_hu,
+    iter_hu,
+    load_series,
+    read_header,
+    scan,
+)
 from ctcovid.errors import InvalidInputError
 
 CONFIG = IngestConfig(min_slices=4)
@@ -532,3 +539,180 @@ def test_results_csv_gains_n_slices_lost_last_and_old_files_resume(tmp_path):
     with ResultsWriter(new) as writer:
         writer.append(ResultRow("1.2", "1.2.4", "p", "classified", n_slices_lost=3))
     assert read_results(new)[0].n_slices_lost == 3
+
+
+# -- decompression and header bombs ------------------------------------------------------------
+
+_MEASURE = """
+import json, resource, sys
+from pathlib import Path
+from ctcovid.config import IngestConfig
+from ctcovid.dicom import iter_hu, scan
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+series = scan(Path(sys.argv[1]), IngestConfig(min_slices=1)).series[0]
+errors = []
+decoded = len(list(iter_hu(series.slices, errors))) if series.usable else 0
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({"reason": series.reason, "usable": series.usable, "decoded": decoded,
+                  "errors": errors, "warnings": series.warnings, "extra_mb": (peak - base) / 1024}))
+"""
+
+
+def measured_scan(path: Path) -> dict:
+    """Scan (and decode what is usable) in a fresh process; its peak memory above the imports."""
+    import json
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-c", _MEASURE, str(path)],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _tiny_ct(path: Path, **attrs) -> Path:
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = dicom_fixtures.CT_IMAGE_STORAGE
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = "1.2.3.4.1"
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.Modality = "1.2.3.4", "1.2.3.4.0", "CT"
+    ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+    ds.ImagePositionPatient = [0, 0, 0]
+    ds.PixelSpacing = [1, 1]
+    ds.Rows = ds.Columns = 8
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+    ds.PixelData = bytes(128)
+    ds["PixelData"].VR = "OW"
+    for key, value in attrs.items():
+        setattr(ds, key, value)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def test_a_tiny_file_declaring_a_million_frames_is_refused_cheaply(tmp_path):
+    path = _tiny_ct(tmp_path / "bomb" / "frames.dcm", NumberOfFrames=1_000_000)
+    assert path.stat().st_size < 1024
+    got = measured_scan(path.parent)
+    assert not got["usable"]
+    assert "NumberOfFrames (0028,0008) is 1000000, above the limit 5000" in got["reason"]
+    assert got["extra_mb"] < 200
+
+
+def test_frames_beyond_what_the_file_holds_are_refused_even_within_the_limit(tmp_path):
+    series = one_series(_tiny_ct(tmp_path / "f.dcm", NumberOfFrames=4000).parent)
+    assert "PixelData (7FE0,0010) holds 128" in series.reason
+
+
+def test_rows_and_columns_above_the_limit_drop_the_instance_for_cause(tmp_path):
+    info = write(tmp_path)
+    edit_all(info.paths[:1], Rows=8192, Columns=8192)
+    series = one_series(info.ct_dir)
+    assert series.usable and series.n_slices_dropped == 1 and series.n_slices_total == 8
+    assert "Rows (0028,0010) is 8192, above the limit 4096" in series.stack.dropped[0]
+    small = IngestConfig(min_slices=4, max_rows_columns=32)
+    assert "above the limit 32" in one_series(info.ct_dir, small).reason
+
+
+def test_a_jpeg_ls_codestream_declaring_8192_squared_is_refused_before_decoding(tmp_path):
+    if "jpegls" not in dicom_fixtures.available_transfer_syntaxes():
+        pytest.skip("no JPEG-LS encoder here")
+    info = write(tmp_path, n_slices=1, size=64, transfer_syntax="jpegls")
+    data = bytearray(info.paths[0].read_bytes())
+    sof = data.find(b"\xff\xf7")  # JPEG-LS SOF55: length, precision, rows, columns
+    assert sof > 0 and data[sof + 5 : sof + 9] == (64).to_bytes(2, "big") * 2
+    data[sof + 5 : sof + 9] = (8192).to_bytes(2, "big") * 2
+    info.paths[0].write_bytes(bytes(data))
+    assert len(data) < 16_000
+    got = measured_scan(info.ct_dir)
+    assert got["decoded"] == 0
+    assert "codestream declares 8192 x 8192 pixels" in got["errors"][0]
+    assert "Rows (0028,0010) x Columns (0028,0011) is 64 x 64" in got["errors"][0]
+    assert got["extra_mb"] < 200
+
+
+# -- the transfer syntaxes the ingest decodes ---------------------------------------------------
+
+
+def _pillow_jpeg_baseline(path: Path) -> Path:
+    """An 8-bit grayscale JPEG baseline frame made by Pillow, encapsulated in a CT header."""
+    import io
+
+    from PIL import Image
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import JPEGBaseline8Bit
+
+    img = np.add.outer(np.arange(32), np.arange(32)).astype(np.uint8) * 4
+    buf = io.BytesIO()
+    Image.fromarray(img, mode="L").save(buf, format="JPEG", quality=95)
+    _tiny_ct(path, Rows=32, Columns=32, BitsAllocated=8, BitsStored=8, HighBit=7)
+    ds = pydicom.dcmread(path)
+    ds.PixelRepresentation = 0
+    ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
+    ds.PixelData = encapsulate([buf.getvalue()])
+    ds["PixelData"].VR = "OB"
+    ds.save_as(path)
+    return path
+
+
+def _syntax_fixture(uid: str, tmp_path: Path) -> Path:
+    """A real file in transfer syntax ``uid``: pydicom-data, the fixture writer, or Pillow."""
+    from pydicom.uid import JPEGLossless
+
+    writer = {str(u): name for name, u in dicom_fixtures.TRANSFER_SYNTAXES.items()}
+    if uid in writer and writer[uid] in dicom_fixtures.available_transfer_syntaxes():
+        return write(tmp_path, n_slices=1, transfer_syntax=writer[uid]).paths[0]
+    if uid == "1.2.840.10008.1.2.4.50":
+        return _pillow_jpeg_baseline(tmp_path / "baseline.dcm")
+    names = {
+        "1.2.840.10008.1.2.2": "MR_small_bigendian.dcm",
+        "1.2.840.10008.1.2.4.51": "JPGExtended.dcm",
+        "1.2.840.10008.1.2.4.57": "JPEG-LL.dcm",  # SV1 is a process-14 codestream: relabelled
+        "1.2.840.10008.1.2.4.70": "JPEG-LL.dcm",
+        "1.2.840.10008.1.2.4.80": "MR_small_jpeg_ls_lossless.dcm",
+        "1.2.840.10008.1.2.4.81": "JPEGLSNearLossless_16.dcm",
+        "1.2.840.10008.1.2.4.90": "MR_small_jp2klossless.dcm",
+        "1.2.840.10008.1.2.4.91": "693_J2KI.dcm",
+    }
+    ds = pydicom.dcmread(real_file(names[uid]))
+    if uid == "1.2.840.10008.1.2.4.57":
+        ds.file_meta.TransferSyntaxUID = JPEGLossless
+    for keyword in ("StudyInstanceUID", "SeriesInstanceUID"):
+        if keyword not in ds:
+            setattr(ds, keyword, f"1.2.3.{len(keyword)}")
+    path = tmp_path / "fixture.dcm"
+    ds.save_as(path)
+    return path
+
+
+@pytest.mark.parametrize("uid", sorted(DECODABLE_TRANSFER_SYNTAXES))
+def test_every_decodable_transfer_syntax_decodes_a_real_file(tmp_path, uid):
+    from ctcovid.dicom.limits import bounds_reason
+
+    path = _syntax_fixture(uid, tmp_path)
+    inst = read_header(path)
+    assert inst.transfer_syntax_uid == uid
+    assert bounds_reason(inst, IngestConfig()) == ""
+    hu = decode_instance_hu(inst)  # the codestream check and the decoder both pass
+    ds = pydicom.dcmread(path)
+    frames = ds.pixel_array.reshape(hu.shape)
+    expected = np.stack([apply_modality_lut(f, ds) for f in frames]).astype(np.float32)
+    if "PixelPaddingValue" in ds:
+        expected[frames == ds.PixelPaddingValue] = -1000.0
+    np.testing.assert_array_equal(hu, expected)
+
+
+def test_deflated_and_undecodable_syntaxes_are_not_offered():
+    assert "1.2.840.10008.1.2.1.99" not in DECODABLE_TRANSFER_SYNTAXES  # Deflated
+    assert "1.2.840.10008.1.2.4.110" not in DECODABLE_TRANSFER_SYNTAXES  # JPEG XL
+    assert {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1"} <= DECODABLE_TRANSFER_SYNTAXES
