@@ -83,11 +83,13 @@ def series(
             "yes" if r["usable"] else "no",
             str(r["reason"]),
         )
-        if len(s.stacks) > 1:
+    stdout.print(table)
+    for s in report.series:
+        if len(s.stacks) > 1:  # several reconstructions: which one would be classified
+            stdout.print(f"{s.series_instance_uid}: {len(s.stacks)} stacks", highlight=False)
             for st in s.stacks:
                 mark = "*" if st is s.stack else " "
                 state = "usable" if st.usable else st.reason
-                table.add_row(f"  {mark} stack", "", "", "", "", "", f"{st.describe()}: {state}")
-    stdout.print(table)
+                stdout.print(f"  {mark} {st.describe()}: {state}", highlight=False, soft_wrap=True)
     for b in bad:
         stdout.print(f"skipped {b['path']}: {b['reason']}", highlight=False)
