@@ -120,8 +120,9 @@ def bounds_reason(inst: Instance, config: IngestConfig) -> str:
     """
     ds = inst.header
     syntax = inst.transfer_syntax_uid
-    if syntax not in DECODABLE_TRANSFER_SYNTAXES:
-        return f"transfer syntax {syntax or '(none)'} (0002,0010) cannot be decoded here"
+    # A file meta without a syntax leaves the choice to pydicom (it decodes native data).
+    if syntax and syntax not in DECODABLE_TRANSFER_SYNTAXES:
+        return f"transfer syntax {syntax} (0002,0010) cannot be decoded here"
     limit = config.max_rows_columns
     for value, name in ((inst.rows, "Rows (0028,0010)"), (inst.columns, "Columns (0028,0011)")):
         if not value or value < 1:
@@ -159,7 +160,7 @@ def bounds_reason(inst: Instance, config: IngestConfig) -> str:
             f"PixelData (7FE0,0010) declares {inst.pixel_data_length} bytes, the file holds "
             f"{available} (truncated)"
         )
-    if syntax in NATIVE_TRANSFER_SYNTAXES and inst.pixel_data_length < declared:
+    if (not syntax or syntax in NATIVE_TRANSFER_SYNTAXES) and inst.pixel_data_length < declared:
         return (
             f"Rows x Columns x NumberOfFrames ({inst.rows} x {inst.columns} x {frames}) declare "
             f"{declared} bytes, PixelData (7FE0,0010) holds {inst.pixel_data_length}"
@@ -216,7 +217,7 @@ def check_codestreams(ds: Dataset, inst: Instance) -> None:
         header cannot be read.
     """
     syntax = inst.transfer_syntax_uid
-    if syntax in NATIVE_TRANSFER_SYNTAXES or "PixelData" not in ds:
+    if not syntax or syntax in NATIVE_TRANSFER_SYNTAXES or "PixelData" not in ds:
         return
     rows, cols = int(ds.Rows), int(ds.Columns)
     frames = int(ds.get("NumberOfFrames") or 1)

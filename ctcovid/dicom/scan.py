@@ -252,13 +252,17 @@ def locate_pixel_data(fh: BinaryIO, ds: Dataset) -> tuple[int | None, int | None
     syntax = getattr(ds, "file_meta", Dataset()).get("TransferSyntaxUID", "")
     if len(head) < 8 or syntax == "1.2.840.10008.1.2.1.99":  # deflated: offsets say nothing
         return None, None, None
-    little = syntax != "1.2.840.10008.1.2.2"
+    # The encoding pydicom found the dataset in (also right when the file meta lacks a syntax).
+    implicit, little = ds.original_encoding
+    if implicit is None or little is None:
+        implicit = syntax == "1.2.840.10008.1.2"
+        little = syntax != "1.2.840.10008.1.2.2"
     order: Literal["little", "big"] = "little" if little else "big"
     group = int.from_bytes(head[0:2], order)
     element = int.from_bytes(head[2:4], order)
     if (group << 16) | element not in PIXEL_DATA_TAGS:
         return None, None, None
-    if syntax == "1.2.840.10008.1.2":  # implicit VR: tag, then a 4-byte length
+    if implicit:  # implicit VR: tag, then a 4-byte length
         length, header_size = int.from_bytes(head[4:8], order), 8
     elif head[4:6] in _LONG_VRS and len(head) == 12:
         length, header_size = int.from_bytes(head[8:12], order), 12

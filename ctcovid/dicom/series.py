@@ -1,4 +1,5 @@
-"""Judge each series (usable for classification or not, and why) and order its slices."""
+"""Judge each series (usable for classification or not, and why): split it into stacks
+(:mod:`ctcovid.dicom.stacks`), choose the one to classify, and find the one series of a folder."""
 
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ def _listed(items: Sequence[str], limit: int = 10) -> str:
     return "; ".join(items[:limit]) + more
 
 
-def _series_reason(series: Series, config: IngestConfig) -> str:
+def _series_reason(series: Series) -> str:
     """Why the series as a whole cannot be classified, before it is split (``""`` if it may)."""
     if series.modality != "CT":
         return f"modality {series.modality or 'missing'} is not CT"
@@ -61,7 +62,7 @@ def assess(series: Series, config: IngestConfig) -> Series:
         series.warnings.append(
             f"{name}: {series.duplicates} duplicate instance(s) (same SOPInstanceUID) counted once"
         )
-    series.reason = _series_reason(series, config)
+    series.reason = _series_reason(series)
     if series.reason:
         if all(i.number_of_frames <= config.max_frames for i in series.instances):
             series.slices, series.ordering, _ = order_slices(series.instances, name)
