@@ -169,7 +169,14 @@ def test_folder_without_dicom_is_a_clear_error(tmp_path):
 
 
 # Real CT files shipped with pydicom (and pydicom-data): uncompressed, JPEG 2000, enhanced.
-REAL_FILES = ["693_UNCI.dcm", "693_J2KR.dcm", "eCT_Supplemental.dcm", "CT_small.dcm"]
+REAL_FILES = [
+    "693_UNCR.dcm",
+    "693_UNCI.dcm",
+    "693_J2KR.dcm",
+    "J2K_pixelrep_mismatch.dcm",
+    "eCT_Supplemental.dcm",
+    "CT_small.dcm",
+]
 
 
 @pytest.mark.parametrize("name", REAL_FILES)
