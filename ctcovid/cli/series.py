@@ -50,7 +50,7 @@ def series(
             "series_description": s.series_description,
             "n_instances": s.n_instances,
             "n_slices": s.n_slices,
-            "slice_thickness_mm": s.instances[0].slice_thickness,
+            "slice_thickness_mm": (s.stack or s.instances[0]).slice_thickness,
             "usable": s.usable,
             "reason": s.reason,
             "ordering": s.ordering,
@@ -72,8 +72,8 @@ def series(
     table.add_column("series UID", no_wrap=True)
     for col in ("modality", "instances", "slices", "thickness", "usable", "reason"):
         table.add_column(col, overflow="fold")
-    for s, r in zip(report.series, rows, strict=True):
-        thickness = s.stack.slice_thickness if s.stack is not None else r["slice_thickness_mm"]
+    for r in rows:
+        thickness = r["slice_thickness_mm"]
         table.add_row(
             str(r["series_instance_uid"]),
             str(r["modality"]),
