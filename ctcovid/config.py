@@ -8,6 +8,8 @@ from typing import Any
 from ctcovid.errors import ConfigError
 
 SLICE_POLICIES = ("all", "lung")
+# Criteria of IngestConfig.stack_rule, applied in the order given (see ctcovid.dicom.stacks).
+STACK_CRITERIA = ("original", "thinnest", "thickest", "most")
 
 
 @dataclass(frozen=True)
@@ -25,6 +27,18 @@ class IngestConfig:
     slice_policy: str = "all"
     max_slices: int | None = None
     lung_min_fraction: float = 0.02
+    # A series holding several reconstructions is split into stacks; one is classified, chosen by
+    # these criteria in order: "original" (ORIGINAL before DERIVED), "thinnest" (thinnest slices
+    # within [min_thickness_mm, max_thickness_mm] first), "thickest", "most" (most slices).
+    stack_rule: str = "original,thinnest,most"
+    min_thickness_mm: float = 1.0
+    max_thickness_mm: float = 5.0
+    # Above this fraction of the chosen stack's slices lost (undecodable or dropped for cause),
+    # the label is "indeterminate" (the probability is still reported).
+    max_lost_fraction: float = 0.10
+    # What a file may declare before anything is decoded (decompression and header bombs).
+    max_rows_columns: int = 4096
+    max_frames: int = 5000
 
     def __post_init__(self) -> None:
         if self.window_width_hu <= 0:
@@ -42,6 +56,32 @@ class IngestConfig:
             )
         if self.max_slices is not None and self.max_slices < 1:
             raise ConfigError(f"max_slices must be at least 1. Received: {self.max_slices}.")
+        criteria = self.stack_criteria
+        unknown = [c for c in criteria if c not in STACK_CRITERIA]
+        if not criteria or unknown:
+            raise ConfigError(
+                f"stack_rule must be a comma-separated list of {', '.join(STACK_CRITERIA)}. "
+                f"Received: {self.stack_rule!r}."
+            )
+        if not 0.0 <= self.min_thickness_mm <= self.max_thickness_mm:
+            raise ConfigError(
+                "min_thickness_mm must be in [0, max_thickness_mm]. "
+                f"Received: {self.min_thickness_mm}, {self.max_thickness_mm}."
+            )
+        if not 0.0 <= self.max_lost_fraction <= 1.0:
+            raise ConfigError(
+                f"max_lost_fraction must be in [0, 1]. Received: {self.max_lost_fraction}."
+            )
+        if self.max_rows_columns < 1 or self.max_frames < 1:
+            raise ConfigError(
+                "max_rows_columns and max_frames must be at least 1. "
+                f"Received: {self.max_rows_columns}, {self.max_frames}."
+            )
+
+    @property
+    def stack_criteria(self) -> tuple[str, ...]:
+        """The criteria of :attr:`stack_rule`, in order."""
+        return tuple(c.strip().lower() for c in self.stack_rule.split(",") if c.strip())
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

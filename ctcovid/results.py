@@ -22,7 +22,9 @@ class ModelInfo:
 class ScanResult:
     """One series, classified.
 
-    ``probability_covid`` is the mean of ``slice_probabilities``; ``label`` applies ``threshold``.
+    ``probability_covid`` is the mean of ``slice_probabilities``; ``label`` applies ``threshold``,
+    or is ``"indeterminate"`` when more than the ingest's ``max_lost_fraction`` of the slices
+    were lost (the probability is still reported).
     ``sop_instance_uids`` lists the instances analysed, in the order of ``slice_probabilities``
     (for an enhanced multi-frame series the same UID repeats with ``frame_numbers``).
     """
@@ -30,7 +32,7 @@ class ScanResult:
     study_instance_uid: str
     series_instance_uid: str
     probability_covid: float
-    label: str  # "covid" | "non-covid"
+    label: str  # "covid" | "non-covid" | "indeterminate" (too many slices lost)
     threshold: float
     n_slices_total: int
     n_slices_used: int
@@ -45,6 +47,11 @@ class ScanResult:
     slice_policy: str
     seconds: float
     warnings: list[str] = field(default_factory=list)
+    # Slices of the chosen stack (``n_slices_total``, from the headers) that were not decoded or
+    # were dropped for cause; above the ingest's ``max_lost_fraction`` the label is indeterminate.
+    n_slices_lost: int = 0
+    # The reconstruction classified: kernel, slice thickness, image type, number of slices.
+    stack: dict[str, Any] | None = None
 
     def to_json_dict(self) -> dict[str, Any]:
         d = asdict(self)

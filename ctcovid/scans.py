@@ -7,7 +7,7 @@ call these functions, so that a model is trained, validated and used on the same
   model-ready slices (a DICOM series after preprocessing, or a COV19-CT-DB scan's JPGs);
 - :func:`prepare_scan` does that for a DICOM series and keeps what identifies each slice;
 - :func:`scan_probability` and :func:`scan_result` turn slice probabilities into the scan's
-  probability, label and result.
+  probability, label and result; :func:`lost_slices` counts what the result did not see.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from ctcovid.preprocess import PreprocessedSeries, preprocess_series, select_sli
 from ctcovid.results import ModelInfo, ScanResult
 
 KEY_SLICES = 5  # slices named as key images in the result and the SR
+INDETERMINATE = "indeterminate"
 
 
 @dataclass
@@ -101,6 +102,33 @@ def prepare_scan(
     return PreparedScan(series, pp, pp.subset(indices), list(pp.warnings) + warnings)
 
 
+def lost_slices(prepared: PreparedScan) -> tuple[int, int]:
+    """``(n_slices_total, n_slices_lost)`` of a prepared series.
+
+    The total counts the chosen stack's slices from the headers (dropped ones included); lost
+    are those dropped for cause before decoding plus those that did not decode.
+    """
+    total = max(prepared.series.n_slices_total, len(prepared.all_slices))
+    return total, total - len(prepared.all_slices)
+
+
+def scan_label(
+    p_scan: float,
+    *,
+    threshold: float,
+    classes: tuple[str, str],
+    n_slices_total: int,
+    n_slices_lost: int,
+    max_lost_fraction: float,
+) -> str:
+    """The positive class at or above ``threshold``, else the negative one; ``indeterminate``
+    when more than ``max_lost_fraction`` of the slices were lost."""
+    if n_slices_total and n_slices_lost / n_slices_total > max_lost_fraction:
+        return INDETERMINATE
+    positive, negative = classes
+    return positive if p_scan >= threshold else negative
+
+
 def scan_probability(slice_probabilities: np.ndarray) -> float:
     """The scan's P(COVID): the mean of its slice probabilities (never a vote of rounded ones)."""
     probs = np.asarray(slice_probabilities, np.float64)
@@ -133,14 +161,34 @@ def scan_result(
         )
     p_scan = scan_probability(probs)
     order = np.argsort(-probs, kind="stable")[:KEY_SLICES]
-    positive, negative = classes
+    n_total, n_lost = lost_slices(prepared)
+    label = scan_label(
+        p_scan,
+        threshold=threshold,
+        classes=classes,
+        n_slices_total=n_total,
+        n_slices_lost=n_lost,
+        max_lost_fraction=ingest.max_lost_fraction,
+    )
+    warnings = list(prepared.warnings)
+    if n_lost:
+        verdict = (
+            f"above {ingest.max_lost_fraction:.0%}: label {INDETERMINATE}"
+            if label == INDETERMINATE
+            else f"within the {ingest.max_lost_fraction:.0%} allowed"
+        )
+        warnings.append(
+            f"Series {prepared.series.series_instance_uid}: {n_lost} of {n_total} slice(s) lost "
+            f"(undecodable or dropped for cause, named above), {verdict}"
+        )
+    stack = prepared.series.stack
     return ScanResult(
         study_instance_uid=prepared.series.study_instance_uid,
         series_instance_uid=prepared.series.series_instance_uid,
         probability_covid=p_scan,
-        label=positive if p_scan >= threshold else negative,
+        label=label,
         threshold=threshold,
-        n_slices_total=len(prepared.all_slices),
+        n_slices_total=n_total,
         n_slices_used=len(used),
         slice_probabilities=[float(p) for p in probs],
         sop_instance_uids=list(used.sop_instance_uids),
@@ -152,5 +200,7 @@ def scan_result(
         window_width_hu=ingest.window_width_hu,
         slice_policy=ingest.slice_policy,
         seconds=round(seconds, 3),
-        warnings=prepared.warnings,
+        warnings=warnings,
+        n_slices_lost=n_lost,
+        stack=stack.to_dict() if stack is not None else None,
     )

@@ -266,6 +266,10 @@ def write_ct_series(
     reverse_instance_numbers: bool = False,
     enhanced: bool = False,
     rng: np.random.Generator | None = None,
+    convolution_kernel: str = "STANDARD",
+    image_type: Sequence[str] = ("ORIGINAL", "PRIMARY", "AXIAL"),
+    acquisition_number: int = 1,
+    sop_uid_seed: str | None = None,
 ) -> list[Path]:
     """Write an axial CT volume as a DICOM series.
 
@@ -300,6 +304,11 @@ def write_ct_series(
         Write one Enhanced CT multi-frame instance instead.
     rng : numpy.random.Generator, optional
         Used only for shuffled names; derived from the series UID if omitted.
+    convolution_kernel, image_type, acquisition_number : optional
+        ConvolutionKernel, ImageType and AcquisitionNumber of every slice (classic CT only).
+    sop_uid_seed : str, optional
+        Seed of the SOP Instance UIDs instead of the series UID, so that several
+        reconstructions (written into separate folders) can share one series.
 
     Returns
     -------
@@ -368,13 +377,14 @@ def write_ct_series(
         sop_instance="1.2",
     )
     del template.SOPInstanceUID
-    template.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
-    template.AcquisitionNumber = 1
+    template.ImageType = list(image_type)
+    template.AcquisitionNumber = acquisition_number
     template.ImageOrientationPatient = _AXIAL_IOP
     template.PixelSpacing = [float(v) for v in pixel_spacing_mm]
     template.SliceThickness = slice_thickness_mm
     template.SpacingBetweenSlices = spacing
     _set_ct_acquisition(template)
+    template.ConvolutionKernel = convolution_kernel
     _set_pixel_module(template, rows, cols, signed=signed, bits_stored=bits_stored)
     template.RescaleIntercept = rescale_intercept
     template.RescaleSlope = rescale_slope
@@ -385,7 +395,7 @@ def write_ct_series(
 
     paths = []
     for k in range(n):
-        sop_uid = make_uid(series_instance_uid, "sop", k)
+        sop_uid = make_uid(sop_uid_seed or series_instance_uid, "sop", k)
         ds = Dataset(dict(shared))
         ds.file_meta = _file_meta(CT_IMAGE_STORAGE, sop_uid, ts_uid)
         ds.SOPInstanceUID = sop_uid

@@ -34,11 +34,16 @@ N_SLICES = 8
 SIZE = 64
 
 
-def _truncate_pixels(paths: list[Path]) -> None:
-    """Cut every file in the middle of its pixel data: the header reads, the pixels do not."""
+def _break_pixels(paths: list[Path]) -> None:
+    """Make every RLE file's header declare 3 segments: the header reads, the pixels do not."""
+    import pydicom
+    from pydicom.encaps import encapsulate, generate_frames
+
     for path in paths:
-        data = path.read_bytes()
-        path.write_bytes(data[: len(data) - (SIZE * SIZE)])
+        ds = pydicom.dcmread(path)
+        [frame] = generate_frames(ds.PixelData, number_of_frames=1)
+        ds.PixelData = encapsulate([(3).to_bytes(4, "little") + frame[4:]])
+        ds.save_as(path)
 
 
 @pytest.fixture(scope="module")
@@ -59,9 +64,9 @@ def archive(tmp_path_factory: pytest.TempPathFactory) -> dict:
     shutil.copytree(b.ct_dir, root / "exports" / "B_again")  # every instance twice
     c = write_study(root / "site2" / "C", StudySpec(positive=True, n_slices=3, size=SIZE),
                     seed=11, index=2)
-    d = write_study(root / "site3" / "D", StudySpec(positive=False, n_slices=6, size=SIZE),
-                    seed=11, index=3)
-    _truncate_pixels(d.paths)
+    d = write_study(root / "site3" / "D", StudySpec(positive=False, n_slices=6, size=SIZE,
+                                                     transfer_syntax="rle"), seed=11, index=3)
+    _break_pixels(d.paths)
     import pydicom
 
     localizer_uid = str(pydicom.dcmread(a.localizer_path).SeriesInstanceUID)

@@ -91,6 +91,8 @@ def test_classify_json_has_the_contract_keys(studies_root, study_infos, tiny_mod
     )
     assert data["n_slices_used"] == len(data["slice_probabilities"]) == 12
     assert set(data["model"]) == {"name", "version", "device_uid"}
+    assert data["n_slices_lost"] == 0 and data["n_slices_total"] == 12
+    assert data["stack"]["n_slices"] == 12 and data["stack"]["image_type"][0] == "ORIGINAL"
 
 
 def test_classify_writes_a_readable_sr_and_heatmaps(
@@ -224,3 +226,32 @@ def test_classify_in_a_fresh_process_keeps_stderr_free_of_library_chatter(
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["n_slices_used"] > 0
     assert proc.stderr == ""
+
+
+def test_series_lists_the_stacks_of_a_series_and_the_rule_changes_the_choice(tmp_path):
+    import dicom_fixtures
+
+    identity = dicom_fixtures.make_identity(12, 0)
+    series_uid = dicom_fixtures.make_uid(identity.study_instance_uid, "two-kernels")
+    for name, kernel, n in (("lung", "LUNG", 10), ("soft", "STANDARD", 9)):
+        hu = np.full((n, 16, 16), -1000, np.int16)
+        dicom_fixtures.write_ct_series(
+            hu,
+            tmp_path / name,
+            study=identity,
+            series_instance_uid=series_uid,
+            convolution_kernel=kernel,
+            sop_uid_seed=name,
+        )
+    data = json.loads(invoke("series", tmp_path, "--json").stdout)
+    [s] = data["series"]
+    assert [(st["kernel"], st["n_slices"], st["chosen"]) for st in s["stacks"]] == [
+        ("LUNG", 10, True),
+        ("STANDARD", 9, False),
+    ]
+    assert s["stack"]["kernel"] == "LUNG" and s["n_slices"] == 10
+    assert any("stack set aside (kernel STANDARD" in w for w in s["warnings"])
+    text = invoke("series", tmp_path)
+    assert text.exit_code == 0 and "stack" in text.output and "STANDARD" in text.output
+    bad = invoke("series", tmp_path, "--stack-rule", "newest")
+    assert bad.exit_code == 1 and "stack_rule" in bad.output

@@ -194,6 +194,7 @@ class BatchSink:
                 sr_path=str(final.relative_to(self.out)),
                 threshold=result.threshold,
                 n_slices_total=result.n_slices_total,
+                n_slices_lost=result.n_slices_lost,
                 model_device_uid=result.model.device_uid,
                 seconds=result.seconds,
                 warnings="; ".join(result.warnings),

@@ -57,6 +57,7 @@ class ResultRow:
     model_device_uid: str = ""
     seconds: float | None = None
     warnings: str = ""  # "; "-joined, e.g. files of the series that could not be decoded
+    n_slices_lost: int | None = None  # last: results.csv files of earlier versions stay readable
 
     @classmethod
     def columns(cls) -> list[str]:
@@ -96,6 +97,7 @@ class ResultRow:
             model_device_uid=row.get("model_device_uid", ""),
             seconds=opt_float("seconds"),
             warnings=row.get("warnings", ""),
+            n_slices_lost=opt_int("n_slices_lost"),
         )
 
     @property
@@ -194,11 +196,12 @@ class ResultsWriter:
                 header = next(csv.reader(fh), None)
             if header is None:
                 new = True
-            elif header[: len(columns)] != columns:
+            elif header != columns[: len(header)]:  # a file of an earlier version: its columns
                 raise ConfigError(
                     f"{self.path}: columns {header} are not those of this ctcovid version "
                     f"({columns}); write to a new --out folder"
                 )
+        self.n_columns = len(columns) if new or header is None else len(header)
         self.rows: list[ResultRow] = [] if new else read_results(self.path)
         self.done: set[tuple[str, str]] = {row.key for row in self.rows}
         self._fh = open(self.path, "a", encoding="utf-8", newline="")  # noqa: SIM115
@@ -219,7 +222,7 @@ class ResultsWriter:
             raise ValueError(f"status must be one of {STATUSES}. Received: {row.status!r}.")
         if row.key in self.done:
             raise ValueError(f"Series {row.series_instance_uid} already has a row in {self.path}")
-        self._write_line(row.to_csv_values())
+        self._write_line(row.to_csv_values()[: self.n_columns])
         self.done.add(row.key)
         self.rows.append(row)
 

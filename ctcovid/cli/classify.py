@@ -70,7 +70,10 @@ def classify(
     if json_out:
         print_json(out)
         return
-    verdict = "COVID-19 findings" if result.label == "covid" else "no COVID-19 findings"
+    verdict = {
+        "covid": "COVID-19 findings",
+        "indeterminate": f"{result.n_slices_lost} of {result.n_slices_total} slices lost",
+    }.get(result.label, "no COVID-19 findings")
     stdout.print(
         f"{result.series_instance_uid}: P(COVID) = {result.probability_covid:.3f} "
         f"(threshold {result.threshold:.2f}) -> [bold]{result.label}[/] ({verdict}); "

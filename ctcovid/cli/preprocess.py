@@ -17,6 +17,13 @@ def preprocess(
     center: Annotated[float, typer.Option(help="Window center (HU).")] = -600.0,
     width: Annotated[float, typer.Option(help="Window width (HU).")] = 1500.0,
     size: Annotated[int, typer.Option(help="Output slice size (pixels).")] = 256,
+    stack_rule: Annotated[
+        str,
+        typer.Option(
+            help="How one stack (reconstruction) of the series is chosen: criteria in order, "
+            "from original, thinnest, thickest, most."
+        ),
+    ] = "original,thinnest,most",
     json_out: Annotated[bool, typer.Option("--json", help="Machine-readable summary.")] = False,
     verbose: Annotated[int, typer.Option("-v", count=True, help="More logging.")] = 0,
 ) -> None:
@@ -36,7 +43,9 @@ def preprocess(
     from ctcovid.preprocess import preprocess_series
 
     setup_logging(verbose)
-    config = IngestConfig(window_center_hu=center, window_width_hu=width, image_size=size)
+    config = IngestConfig(
+        window_center_hu=center, window_width_hu=width, image_size=size, stack_rule=stack_rule
+    )
     s = load_series(series_dir, config, for_classification=False)
     pp = preprocess_series(s, config)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -52,6 +61,8 @@ def preprocess(
         "series_instance_uid": s.series_instance_uid,
         "n_slices": len(pp),
         "ordering": s.ordering,
+        "stack": s.stack.to_dict() if s.stack is not None else None,
+        "n_slices_total": s.n_slices_total,
         "warnings": pp.warnings,
     }
     if json_out:

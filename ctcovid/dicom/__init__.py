@@ -3,14 +3,17 @@
 from ctcovid.dicom.pixels import decode_instance_hu, iter_hu, to_hu
 from ctcovid.dicom.scan import ScanReport, read_header, scan_files
 from ctcovid.dicom.series import assess, convertible, load_series, scan, select_series
-from ctcovid.dicom.types import BadFile, Instance, Series, SliceRef
+from ctcovid.dicom.syntaxes import DECODABLE_TRANSFER_SYNTAXES
+from ctcovid.dicom.types import BadFile, Instance, Series, SliceRef, Stack
 
 __all__ = [
+    "DECODABLE_TRANSFER_SYNTAXES",
     "BadFile",
     "Instance",
     "ScanReport",
     "Series",
     "SliceRef",
+    "Stack",
     "assess",
     "convertible",
     "decode_instance_hu",

@@ -11,6 +11,7 @@ import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO, Literal
 
 import pydicom
 from pydicom.dataset import Dataset
@@ -43,8 +44,19 @@ HEADER_TAGS: list[str] = [
     "PerFrameFunctionalGroupsSequence",
     "RescaleSlope",
     "RescaleIntercept",
+    "RescaleType",
+    "ModalityLUTSequence",
     "BitsAllocated",
+    "BitsStored",
+    "HighBit",
     "PixelRepresentation",
+    "SamplesPerPixel",
+    "PhotometricInterpretation",
+    "PixelPaddingValue",
+    "PixelPaddingRangeLimit",
+    "ConvolutionKernel",
+    "AcquisitionNumber",
+    "VolumeBasedCalculationTechnique",
     # patient, study and series modules, copied into the SR
     "PatientName",
     "PatientID",
@@ -131,6 +143,23 @@ def _enhanced_geometry(
     return spacing, orientation, thickness  # type: ignore[return-value]
 
 
+def _kernel(ds: Dataset) -> str:
+    """ConvolutionKernel, at the top level or (enhanced CT) in the CT Reconstruction group."""
+    value = ds.get("ConvolutionKernel")
+    if value in (None, "") and ("SharedFunctionalGroupsSequence" in ds):
+        for kw in ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence"):
+            groups = ds.get(kw)
+            recon = groups[0].get("CTReconstructionSequence") if groups else None
+            if recon and recon[0].get("ConvolutionKernel") not in (None, ""):
+                value = recon[0].ConvolutionKernel
+                break
+    if value in (None, ""):
+        return ""
+    if isinstance(value, str):
+        return value.strip()
+    return "\\".join(str(v).strip() for v in value)  # type: ignore[attr-defined]
+
+
 def _float_or_none(value: object) -> float | None:
     try:
         return float(value) if value not in (None, "") else None  # type: ignore[arg-type]
@@ -167,7 +196,7 @@ def instance_from_header(path: Path, ds: Dataset) -> Instance:
         modality=str(ds.get("Modality", "")),
         transfer_syntax_uid=transfer_syntax,
         instance_number=_int_or_none(ds.get("InstanceNumber")),
-        image_type=tuple(str(v).upper() for v in image_type),
+        image_type=tuple(str(v).strip().upper() for v in image_type),
         rows=_int_or_none(ds.get("Rows")),
         columns=_int_or_none(ds.get("Columns")),
         pixel_spacing=spacing,  # type: ignore[arg-type]
@@ -176,13 +205,86 @@ def instance_from_header(path: Path, ds: Dataset) -> Instance:
         slice_thickness=thickness,
         number_of_frames=_int_or_none(ds.get("NumberOfFrames")) or 1,
         header=ds,
+        acquisition_number=_int_or_none(ds.get("AcquisitionNumber")),
+        convolution_kernel=_kernel(ds),
     )
+
+
+MAX_FRAGMENTS_WALKED = 20_000
+
+
+def count_fragments(fh: BinaryIO, little: bool) -> int | None:
+    """Items of encapsulated pixel data from ``fh``'s position (just after the element header).
+
+    Reads only the 8-byte item headers, seeking over their values. Returns the number of items
+    (the basic offset table included), or ``-1`` when the file ends before the sequence
+    delimiter (truncated), or ``None`` when there are more than :data:`MAX_FRAGMENTS_WALKED`.
+    """
+    order: Literal["little", "big"] = "little" if little else "big"
+    size = os.fstat(fh.fileno()).st_size
+    for count in range(MAX_FRAGMENTS_WALKED):
+        head = fh.read(8)
+        if len(head) < 8:
+            return -1
+        group = int.from_bytes(head[0:2], order)
+        element = int.from_bytes(head[2:4], order)
+        length = int.from_bytes(head[4:8], order)
+        if (group, element) == (0xFFFE, 0xE0DD):
+            return count
+        if (group, element) != (0xFFFE, 0xE000) or length == 0xFFFFFFFF:
+            return -1
+        if fh.seek(length, os.SEEK_CUR) > size:
+            return -1
+    return None
+
+
+PIXEL_DATA_TAGS = (0x7FE00010, 0x7FE00008, 0x7FE00009)  # Pixel, Float and Double Float Pixel Data
+_LONG_VRS = (b"OB", b"OW", b"OF", b"OD", b"OL", b"OV", b"UN", b"UT", b"SQ")
+
+
+def locate_pixel_data(fh: BinaryIO, ds: Dataset) -> tuple[int | None, int | None, int | None]:
+    """Offset, declared length and (encapsulated) item count of the pixel data element.
+
+    ``fh`` is where a read with ``stop_before_pixels`` left it: at the tag of the pixel data
+    element when there is one. Only element and item headers are read (never the pixel data),
+    so a header scan can bound what the file declares. Returns ``(None, None, None)`` when no
+    pixel data element follows; the length is ``None`` when undefined (encapsulated), and only
+    then is the item count given (see :func:`count_fragments`).
+    """
+    offset = fh.tell()
+    head = fh.read(12)
+    syntax = getattr(ds, "file_meta", Dataset()).get("TransferSyntaxUID", "")
+    if len(head) < 8 or syntax == "1.2.840.10008.1.2.1.99":  # deflated: offsets say nothing
+        return None, None, None
+    # The encoding pydicom found the dataset in (also right when the file meta lacks a syntax).
+    implicit, little = ds.original_encoding
+    if implicit is None or little is None:
+        implicit = syntax == "1.2.840.10008.1.2"
+        little = syntax != "1.2.840.10008.1.2.2"
+    order: Literal["little", "big"] = "little" if little else "big"
+    group = int.from_bytes(head[0:2], order)
+    element = int.from_bytes(head[2:4], order)
+    if (group << 16) | element not in PIXEL_DATA_TAGS:
+        return None, None, None
+    if implicit:  # implicit VR: tag, then a 4-byte length
+        length, header_size = int.from_bytes(head[4:8], order), 8
+    elif head[4:6] in _LONG_VRS and len(head) == 12:
+        length, header_size = int.from_bytes(head[8:12], order), 12
+    else:  # a malformed short-VR pixel data element
+        length, header_size = int.from_bytes(head[6:8], order), 8
+    if length != 0xFFFFFFFF:
+        return offset, length, None
+    fh.seek(offset + header_size)
+    return offset, None, count_fragments(fh, little)
 
 
 def read_header(path: Path) -> Instance | BadFile:
     """Read one file's header (no pixel data); a :class:`BadFile` if it cannot be used."""
     try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=HEADER_TAGS)
+        with open(path, "rb") as fh:
+            ds = pydicom.dcmread(fh, stop_before_pixels=True, specific_tags=HEADER_TAGS)
+            pixel_offset, pixel_length, pixel_items = locate_pixel_data(fh, ds)
+            file_size = os.fstat(fh.fileno()).st_size
     except InvalidDicomError:
         return BadFile(path, "not a DICOM file (no DICM preamble and no readable dataset)")
     except (OSError, EOFError) as exc:
@@ -190,7 +292,12 @@ def read_header(path: Path) -> Instance | BadFile:
     except Exception as exc:  # pydicom raises many types on corrupt input
         return BadFile(path, f"corrupt DICOM header: {type(exc).__name__}: {exc}")
     try:
-        return instance_from_header(path, ds)
+        inst = instance_from_header(path, ds)
+        inst.pixel_data_offset = pixel_offset
+        inst.pixel_data_length = pixel_length
+        inst.pixel_data_items = pixel_items
+        inst.file_size = file_size
+        return inst
     except ValueError as exc:
         return BadFile(path, f"not usable as an image instance: {exc}")
     except Exception as exc:

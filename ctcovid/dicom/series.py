@@ -1,144 +1,115 @@
-"""Judge each series (usable for classification or not, and why) and order its slices."""
+"""Judge each series (usable for classification or not, and why): split it into stacks
+(:mod:`ctcovid.dicom.stacks`), choose the one to classify, and find the one series of a folder."""
 
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
-
 from ctcovid.config import IngestConfig
 from ctcovid.dicom.scan import ScanReport, iter_files, scan_files
-from ctcovid.dicom.types import CT_STORAGE_CLASSES, Instance, Series, SliceRef
+from ctcovid.dicom.stacks import (
+    TOO_FEW_SLICES,
+    choose_stack,
+    judge_stack,
+    order_slices,
+    rule_key,
+    slice_normal,
+    split_stacks,
+)
+from ctcovid.dicom.types import CT_STORAGE_CLASSES, Series
 from ctcovid.errors import InvalidInputError
+
+__all__ = [
+    "TOO_FEW_SLICES",
+    "assess",
+    "convertible",
+    "load_series",
+    "scan",
+    "select_series",
+    "slice_normal",
+]
 
 logger = logging.getLogger(__name__)
 
-# A series failing only this rule can still be converted (``ctcovid preprocess``); the slice
-# minimum belongs to classification.
-TOO_FEW_SLICES = "too few slices"
+
+def _listed(items: Sequence[str], limit: int = 10) -> str:
+    more = f"; and {len(items) - limit} more" if len(items) > limit else ""
+    return "; ".join(items[:limit]) + more
 
 
-def slice_normal(orientation: Sequence[float]) -> np.ndarray:
-    """Unit normal of the image plane: row direction x column direction (PS3.3 C.7.6.2.1.1)."""
-    row = np.asarray(orientation[:3], dtype=float)
-    col = np.asarray(orientation[3:6], dtype=float)
-    normal = np.cross(row, col)
-    norm = np.linalg.norm(normal)
-    return normal / norm if norm > 0 else normal
-
-
-def _frame_positions(inst: Instance) -> list[tuple[float, float, float] | None]:
-    """ImagePositionPatient of each frame of an instance (one entry for a single-frame image)."""
-    if inst.number_of_frames <= 1 and "PerFrameFunctionalGroupsSequence" not in inst.header:
-        return [inst.image_position]
-    per_frame = inst.header.get("PerFrameFunctionalGroupsSequence") or []
-    positions: list[tuple[float, float, float] | None] = []
-    for i in range(inst.number_of_frames):
-        pos = None
-        if i < len(per_frame):
-            plane = per_frame[i].get("PlanePositionSequence")
-            if plane and "ImagePositionPatient" in plane[0]:
-                pos = tuple(float(v) for v in plane[0].ImagePositionPatient)
-        positions.append(pos)  # type: ignore[arg-type]
-    return positions
-
-
-def order_slices(series: Series) -> tuple[list[SliceRef], str, list[str]]:
-    """Order the slices of a series along the slice normal (feet to head for axial CT).
-
-    Position is ImagePositionPatient projected on the normal of ImageOrientationPatient. Only when
-    a position or the orientation is missing do we fall back to InstanceNumber, and say so.
-    Returns the slices, the ordering used ("position" | "instance_number") and warnings.
-    """
-    warnings: list[str] = []
-    orientation = series.instances[0].image_orientation
-    candidates: list[tuple[Instance, int, tuple[float, float, float] | None]] = []
-    for inst in series.instances:
-        for i, pos in enumerate(_frame_positions(inst)):
-            candidates.append((inst, i, pos))
-    if orientation is not None and all(pos is not None for _, _, pos in candidates):
-        normal = slice_normal(orientation)
-        refs = [
-            SliceRef(inst, i, float(np.dot(np.asarray(pos), normal))) for inst, i, pos in candidates
-        ]
-        refs.sort(key=lambda r: (r.z_mm, r.instance.instance_number or 0, r.frame_index))
-        z = np.array([r.z_mm for r in refs])
-        if len(z) > 1:
-            n_same = int(np.sum(np.diff(z) < 1e-3))
-            if n_same:
-                warnings.append(
-                    f"Series {series.series_instance_uid}: {n_same} slice(s) share a position "
-                    "with another slice"
-                )
-        return refs, "position", warnings
-    lacking = next((inst for inst, _, pos in candidates if pos is None), series.instances[0])
-    what = (
-        "ImageOrientationPatient (0020,0037)"
-        if orientation is None
-        else ("ImagePositionPatient (0020,0032)")
-    )
-    warnings.append(
-        f"Series {series.series_instance_uid}: instance {lacking.sop_instance_uid} lacks {what}; "
-        "slices ordered by InstanceNumber instead"
-    )
-    refs = [SliceRef(inst, i, None) for inst, i, _ in candidates]
-    refs.sort(key=lambda r: (r.instance.instance_number or 0, r.frame_index))
-    return refs, "instance_number", warnings
-
-
-def _axial_angle_deg(orientation: Sequence[float]) -> float:
-    normal = slice_normal(orientation)
-    return math.degrees(math.acos(min(1.0, abs(float(normal[2])))))
-
-
-def unusable_reason(series: Series, config: IngestConfig) -> str:
-    """Why a series cannot be classified, or ``""`` when it can (slice order must be known)."""
-    first = series.instances[0]
+def _series_reason(series: Series) -> str:
+    """Why the series as a whole cannot be classified, before it is split (``""`` if it may)."""
     if series.modality != "CT":
         return f"modality {series.modality or 'missing'} is not CT"
     classes = {inst.sop_class_uid for inst in series.instances}
     if not classes <= set(CT_STORAGE_CLASSES):
         return f"SOP class {', '.join(sorted(classes))} is not CT or Enhanced CT Image Storage"
-    if any("LOCALIZER" in inst.image_type for inst in series.instances):
-        return "ImageType is LOCALIZER (scout image)"
-    if first.image_orientation is None:
-        return "lacks ImageOrientationPatient (0020,0037)"
-    angle = _axial_angle_deg(first.image_orientation)
-    if angle > config.axial_tolerance_deg:
-        return (
-            f"not axial: slice normal is {angle:.1f} degrees from the patient's z axis "
-            f"(tolerance {config.axial_tolerance_deg:g})"
-        )
-    for attr, label in (
-        ("rows", "Rows"),
-        ("columns", "Columns"),
-        ("pixel_spacing", "PixelSpacing"),
-        ("image_orientation", "ImageOrientationPatient"),
-    ):
-        values = {getattr(inst, attr) for inst in series.instances}
-        if len(values) > 1:
-            return f"inconsistent {label} across instances: {sorted(map(str, values))[:4]}"
-        if None in values and attr != "image_orientation":
-            return f"lacks {label}"
-    if series.n_slices < config.min_slices:
-        return f"{TOO_FEW_SLICES}: {series.n_slices} (at least {config.min_slices} needed)"
     return ""
 
 
 def assess(series: Series, config: IngestConfig) -> Series:
-    """Order the slices of ``series`` and set its usability and reason, in place."""
-    series.slices, series.ordering, warnings = order_slices(series)
-    series.warnings.extend(warnings)
+    """Split ``series`` into stacks, judge them, choose one and set the series' verdict, in place.
+
+    ``series.slices`` are the chosen stack's slices in order; ``series.reason`` is ``""`` when it
+    can be classified, else why not (naming the attribute). Localizers are dropped with a
+    warning; stacks set aside and instances dropped for cause are named in the warnings.
+    """
+    uid = series.series_instance_uid
+    name = f"Series {uid}"
     if series.duplicates:
         series.warnings.append(
-            f"Series {series.series_instance_uid}: {series.duplicates} duplicate instance(s) "
-            "(same SOPInstanceUID) counted once"
+            f"{name}: {series.duplicates} duplicate instance(s) (same SOPInstanceUID) counted once"
         )
-    series.reason = unusable_reason(series, config)
+    series.reason = _series_reason(series)
+    if series.reason:
+        if all(i.number_of_frames <= config.max_frames for i in series.instances):
+            series.slices, series.ordering, _ = order_slices(series.instances, name)
+        series.usable = False
+        return series
+    localizers = [i for i in series.instances if "LOCALIZER" in i.image_type]
+    images = [i for i in series.instances if "LOCALIZER" not in i.image_type]
+    if not images:
+        series.reason = "ImageType is LOCALIZER (scout image)"
+        series.usable = False
+        return series
+    if localizers:
+        series.warnings.append(
+            f"{name}: {len(localizers)} LOCALIZER image(s) dropped: "
+            + _listed([i.sop_instance_uid for i in localizers])
+        )
+    series.stacks = [judge_stack(st, name, config) for st in split_stacks(images, config)]
+    chosen = choose_stack(series.stacks, config)
+    if chosen is None:  # nothing to classify: report the stack the rule would have taken
+        best = min(series.stacks, key=lambda st: rule_key(st, config))
+        series.stack, series.slices, series.ordering = best, best.slices, best.ordering
+        if len(series.stacks) == 1:
+            series.reason = best.reason
+        else:
+            series.reason = f"none of {len(series.stacks)} stacks is usable: " + "; ".join(
+                f"({st.describe()}) {st.reason}" for st in series.stacks[:3]
+            )
+        series.usable = False
+        return series
+    series.stack, series.slices, series.ordering = chosen, chosen.slices, chosen.ordering
+    series.reason = chosen.reason
     series.usable = not series.reason
+    series.warnings.extend(chosen.warnings)
+    if chosen.dropped:
+        series.warnings.append(
+            f"{name}: {len(chosen.dropped)} instance(s) ({chosen.n_slices_dropped} slice(s)) "
+            "dropped for cause: " + _listed(chosen.dropped)
+        )
+    others = [st for st in series.stacks if st is not chosen]
+    if others:
+        series.warnings.append(
+            f"{name}: {len(series.stacks)} stacks; classified ({chosen.describe()}), "
+            f"chosen by stack_rule {config.stack_rule!r}"
+        )
+        for st in others:
+            why = st.reason or f"not chosen by stack_rule {config.stack_rule!r}"
+            series.warnings.append(f"{name}: stack set aside ({st.describe()}): {why}")
     return series
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from pydicom.dataset import Dataset
 
@@ -33,6 +34,16 @@ class Instance:
     slice_thickness: float | None
     number_of_frames: int
     header: Dataset
+    # Where the header scan found the pixel data element (None: not looked for, or absent):
+    # its tag's byte offset, its declared value length (None when undefined, i.e. encapsulated),
+    # for encapsulated data its item count (-1: truncated) and the file size, so that what the
+    # header declares can be bounded before decoding.
+    pixel_data_offset: int | None = None
+    pixel_data_length: int | None = None
+    pixel_data_items: int | None = None
+    file_size: int | None = None
+    acquisition_number: int | None = None
+    convolution_kernel: str = ""
 
     @property
     def is_enhanced(self) -> bool:
@@ -66,6 +77,68 @@ class BadFile:
 
 
 @dataclass
+class Stack:
+    """One reconstruction inside a series: the slices that belong in one volume.
+
+    A series may hold several (two kernels, thin and thick slices, repeated acquisitions, a
+    reformat); they are never mixed. ``instances`` are those to decode; ``dropped`` names
+    ("path: reason") the instances of this stack refused for cause before decoding, which count
+    as lost slices (``n_slices_dropped``).
+    """
+
+    image_type: tuple[str, ...]
+    kernel: str
+    slice_thickness: float | None
+    orientation: tuple[float, ...] | None
+    acquisition_number: int | None
+    instances: list[Instance]
+    slices: list[SliceRef] = field(default_factory=list)
+    ordering: str = "position"  # "position" | "instance_number"
+    reason: str = ""
+    dropped: list[str] = field(default_factory=list)
+    n_slices_dropped: int = 0
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def usable(self) -> bool:
+        return not self.reason
+
+    @property
+    def n_slices(self) -> int:
+        """Slices to decode (instances dropped for cause excluded)."""
+        return len(self.slices)
+
+    @property
+    def n_slices_total(self) -> int:
+        """Slices of the stack according to the headers, dropped ones included."""
+        return len(self.slices) + self.n_slices_dropped
+
+    def describe(self) -> str:
+        """One line naming the stack: kernel, thickness, ImageType, acquisition, slices."""
+        thickness = (
+            "thickness ?" if self.slice_thickness is None else f"{self.slice_thickness:g} mm"
+        )
+        acquisition = (
+            "" if self.acquisition_number is None else f", acquisition {self.acquisition_number}"
+        )
+        image_type = "\\".join(self.image_type) or "?"
+        return (
+            f"kernel {self.kernel or '?'}, {thickness}, {image_type}{acquisition}, "
+            f"{self.n_slices_total} slices"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The stack as the result JSON and ``ctcovid series --json`` report it."""
+        return {
+            "kernel": self.kernel,
+            "slice_thickness_mm": self.slice_thickness,
+            "image_type": list(self.image_type),
+            "acquisition_number": self.acquisition_number,
+            "n_slices": self.n_slices_total,
+        }
+
+
+@dataclass
 class Series:
     """All instances of one SeriesInstanceUID, with its usability verdict and slice order."""
 
@@ -79,6 +152,19 @@ class Series:
     ordering: str = "position"  # "position" | "instance_number"
     duplicates: int = 0
     warnings: list[str] = field(default_factory=list)
+    # Every reconstruction found, and the one chosen (its slices are ``slices``).
+    stacks: list[Stack] = field(default_factory=list)
+    stack: Stack | None = None
+
+    @property
+    def n_slices_total(self) -> int:
+        """Slices of the chosen stack according to the headers, dropped ones included."""
+        return self.stack.n_slices_total if self.stack is not None else len(self.slices)
+
+    @property
+    def n_slices_dropped(self) -> int:
+        """Slices of the chosen stack refused for cause before decoding."""
+        return self.stack.n_slices_dropped if self.stack is not None else 0
 
     @property
     def header(self) -> Dataset:
