@@ -52,6 +52,8 @@ class ScanResult:
     n_slices_lost: int = 0
     # The reconstruction classified: kernel, slice thickness, image type, number of slices.
     stack: dict[str, Any] | None = None
+    # Every ingest setting of the model (IngestConfig.to_dict()): part of what shaped the result.
+    ingest: dict[str, Any] = field(default_factory=dict)
 
     def to_json_dict(self) -> dict[str, Any]:
         d = asdict(self)

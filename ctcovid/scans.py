@@ -203,4 +203,5 @@ def scan_result(
         warnings=warnings,
         n_slices_lost=n_lost,
         stack=stack.to_dict() if stack is not None else None,
+        ingest=ingest.to_dict(),
     )

@@ -1069,6 +1069,7 @@ CONTENT_CHANGES = {
     "stack": lambda r: _later(r, stack={"kernel": "B30f", "slice_thickness_mm": 3.0}),
     "n_slices_lost": lambda r: _later(r, n_slices_lost=2),
     "runtime": lambda r: _later(r, runtime="onnx"),
+    "ingest_setting": lambda r: dataclasses.replace(r, ingest={"lung_min_fraction": 0.05}),
 }
 
 
