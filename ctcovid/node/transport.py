@@ -224,10 +224,11 @@ class _Guard:
         """Replaces ``DULServiceProvider._read_pdu_data``: bounded in length and time."""
         dul = self.assoc.dul
         assoc_socket = dul.socket
-        raw: socket.socket | None = getattr(assoc_socket, "socket", None)
-        if raw is None or self.cut:
+        maybe_raw: socket.socket | None = getattr(assoc_socket, "socket", None)
+        if maybe_raw is None or self.cut:
             dul.event_queue.put("Evt17")
             return
+        raw: socket.socket = maybe_raw
         timeout = self.limits.network_timeout_seconds
         deadline = time.monotonic() + timeout
         try:
