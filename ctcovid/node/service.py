@@ -162,8 +162,9 @@ class Node:
                     worker, restart_at = self._start_worker(), None
         finally:
             logger.info("event=node_stopping")
-            self.listener.stop(LISTENER_DRAIN_SECONDS)
+            # The worker winds down (and exits) while the listener drains, not after it.
             self._worker_stop.set()
+            self.listener.stop(LISTENER_DRAIN_SECONDS)
             if worker is not None:
                 worker.join(WORKER_STOP_SECONDS)
                 if worker.is_alive():
