@@ -716,3 +716,40 @@ def test_node_exits_within_10_seconds_of_sigterm_whatever_peers_do(
     assert code == 0
     assert seconds < 10, f"SIGTERM took {seconds:.1f} s"
     assert list((tmp_path / "store" / "tmp").glob("recv-*")) == []
+
+
+@pytest.mark.parametrize("ending", ["A-ABORT", "connection closed"])
+def test_c_store_cut_off_by_its_peer_leaves_no_spool_file(
+    start_listener, studies_root: Path, ending: str
+):
+    listener = start_listener()
+    ds = pydicom.dcmread(ct_files(studies_root)[0])
+    sock = raw_associate(listener.port, contexts=((CTImageStorage, (EXPLICIT_LE,)),))
+    pdus = c_store_pdus(encode_dataset(ds), sop_class=CTImageStorage,
+                        sop_instance=ds.SOPInstanceUID, max_pdu=4096)
+    for pdu in pdus[: len(pdus) // 2]:
+        sock.sendall(pdu)
+    spool_dir = listener.store.tmp_dir
+    wait_for(lambda: list(spool_dir.glob("recv-*")), 10, "the spool file")
+
+    if ending == "A-ABORT":
+        sock.sendall(b"\x07\x00\x00\x00\x00\x04\x00\x00\x00\x00")
+    sock.close()
+
+    wait_for(lambda: not list(spool_dir.glob("recv-*")), 10, "the spool file to go")
+    assert listener.store.count_instances() == 0
+    assert echoscu(listener.port).returncode == 0
+
+
+def test_established_association_that_goes_quiet_is_ended_after_the_network_timeout(
+    start_listener,
+):
+    listener = start_listener(network_timeout_seconds=2)
+    quiet = raw_associate(listener.port)
+    silent = socket.create_connection(("127.0.0.1", listener.port), timeout=30)  # no bytes
+
+    assert closed_by_peer(quiet, 15)
+    assert closed_by_peer(silent, 15)
+    quiet.close()
+    silent.close()
+    wait_for(lambda: not listener.ae.active_associations, 10, "the slots to be free")
