@@ -44,6 +44,7 @@ from ctcovid.node.transport import (
     GuardedServer,
     Limits,
     Spool,
+    check_library,
     discard_spool,
     force_close,
 )
@@ -484,6 +485,7 @@ class Listener:
         record_refusal(self.stats, reason, address, calling)
 
     def start(self) -> None:
+        check_library()
         self._clear_spools()
         handlers: list[Any] = [
             (evt.EVT_C_STORE, handle_store, [self.store, self.stats]),

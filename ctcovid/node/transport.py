@@ -18,6 +18,9 @@ spend has a bound:
 - threads: connections beyond ``max_connections`` (associations and handshakes in progress)
   are closed at once.
 
+Spool files of data sets that never reached the handler (an association cut in between) are
+deleted when the connection closes, and any left by a killed process at the next start.
+
 The hooks sit on pynetdicom 3's DUL (``_read_pdu_data``) and DIMSE provider
 (``receive_primitive``) of each acceptor association; they are installed per association, so
 nothing global in the library changes.
@@ -115,7 +118,7 @@ class Spool:
             return len(data)
         if self.dataset_bytes + len(data) > self.max_bytes:
             self.oversize = True
-            self._close()
+            self.discard()  # free the disk now; the rest of the data set is read and dropped
             return len(data)
         try:
             self._fh.write(data)
@@ -335,6 +338,31 @@ class _Guard:
         spool = Spool(self.limits, meta)
         message._data_set_file = spool  # type: ignore[assignment]
         message._data_set_path = spool.path
+
+
+def check_library() -> None:
+    """Fail at start, not under attack, if pynetdicom no longer has the hooks used here."""
+    from pynetdicom.dimse import DIMSEServiceProvider
+    from pynetdicom.dimse_messages import DIMSEMessage
+    from pynetdicom.dul import DULServiceProvider
+
+    missing = [
+        name
+        for owner, name in (
+            (DULServiceProvider, "_read_pdu_data"),
+            (DULServiceProvider, "_decode_pdu"),
+            (DIMSEServiceProvider, "receive_primitive"),
+            (DIMSEMessage(), "_data_set_file"),
+        )
+        if not hasattr(owner, name)
+    ]
+    if missing:
+        import pynetdicom
+
+        raise RuntimeError(
+            f"pynetdicom {pynetdicom.__version__} lacks {', '.join(missing)}: the listener's "
+            "bounds cannot be installed; use pynetdicom 3.0"
+        )
 
 
 def guard_association(assoc: Any, limits: Limits, on_refused: RefusalHook) -> None:
