@@ -753,3 +753,30 @@ def test_established_association_that_goes_quiet_is_ended_after_the_network_time
     quiet.close()
     silent.close()
     wait_for(lambda: not listener.ae.active_associations, 10, "the slots to be free")
+
+
+def test_header_bomb_is_refused_without_parsing_it_all(
+    start_listener, studies_root: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """Millions of tiny elements would keep a handler busy for minutes: parsing is bounded."""
+    from ctcovid.node import scp
+
+    monkeypatch.setattr(scp, "MAX_HEADER_READS", 10_000)  # the real bound, scaled down
+    listener = start_listener()
+    ds = pydicom.dcmread(ct_files(studies_root)[0])
+    data = encode_dataset(ds)
+    # 20,000 private elements (0009,1010) between the header and the pixel data.
+    at = data.index(b"\xe0\x7f\x10\x00")
+    bomb = data[:at] + b"\x09\x00\x10\x10LO\x02\x00ab" * 20_000 + data[at:]
+    sock = raw_associate(listener.port, contexts=((CTImageStorage, (EXPLICIT_LE,)),))
+    try:
+        bomb_status = raw_c_store(sock, bomb, sop_class=CTImageStorage,
+                                  sop_instance=ds.SOPInstanceUID)
+        plain_status = raw_c_store(sock, data, sop_class=CTImageStorage,
+                                   sop_instance=ds.SOPInstanceUID, message_id=2)
+    finally:
+        release(sock)
+
+    assert bomb_status == 0xC210
+    assert plain_status == 0x0000
+    assert listener.store.count_instances() == 1
