@@ -1,7 +1,9 @@
 """The listener with real associations: dcmtk and pynetdicom clients, statuses, TLS, the sender.
 
 The listener runs in this process on a free loopback port (it needs no model); every client
-is a real DICOM peer.
+is a real DICOM peer. Where memory or signals are measured it runs alone in a child process
+(``listener_process.py``), or as the whole ``ctcovid listen``. Hostile peers speak over raw
+sockets so that any byte can be sent (``node_helpers.raw_associate`` and friends).
 """
 
 from __future__ import annotations
