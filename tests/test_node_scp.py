@@ -782,3 +782,29 @@ def test_header_bomb_is_refused_without_parsing_it_all(
     assert bomb_status == 0xC210
     assert plain_status == 0x0000
     assert listener.store.count_instances() == 1
+
+
+def test_library_records_are_reduced_to_tags_and_vr():
+    import logging
+
+    from ctcovid.node.scp import RedactLibraryRecords
+
+    def reduced(name: str, level: int, msg: str, exc: BaseException | None = None) -> str:
+        exc_info = (type(exc), exc, None) if exc else None
+        record = logging.LogRecord(name, level, __file__, 1, msg, (), exc_info)
+        assert RedactLibraryRecords().filter(record)
+        return record.getMessage() + (record.exc_text or "") + str(record.exc_info or "")
+
+    leak = "Invalid value for VR UI: '1.2.3\\x10\\x00\\x10\\x00PN\\x08\\x00DOE^JOHN' in (0008,0018)"
+    warning = f"/x/pydicom/valuerep.py:440: UserWarning: {leak}"
+
+    assert reduced("pydicom.valuerep", logging.WARNING, leak) == (
+        "event=library_message source=pydicom.valuerep vr=UI tags=(0008,0018)"
+    )
+    assert "DOE" not in reduced("py.warnings", logging.WARNING, warning)
+    assert "category=UserWarning" in reduced("py.warnings", logging.WARNING, warning)
+    assert reduced("pynetdicom.dul", logging.ERROR, "x", ValueError("DOE^JOHN")) == (
+        "event=library_message source=pynetdicom.dul error=ValueError"
+    )
+    assert reduced("pynetdicom.acse", logging.DEBUG, "Calling AE: PACS") == "Calling AE: PACS"
+    assert reduced("ctcovid.node.scp", logging.WARNING, "our own") == "our own"

@@ -344,15 +344,15 @@ class RedactLibraryRecords(logging.Filter):
     malformed element can swallow its neighbours, so the quoted value may hold the patient's
     name. A log handler with this filter passes such a record as ``event=library_message`` with
     the logger, the warning category, the VR and the tags ``(gggg,eeee)`` the text names,
-    without the text itself or an exception's message. pynetdicom's debug records (PDU and
-    command set dumps, asked for with ``-vv``) pass unchanged.
+    without the text itself or an exception's message. pynetdicom's info and debug records
+    (association events, PDU and command set dumps, asked for with ``-v``) pass unchanged.
     """
 
     def filter(self, record: logging.LogRecord) -> bool:
         name = record.name
         if not any(name == lib or name.startswith(lib + ".") for lib in _REDACTED_LOGGERS):
             return True
-        if name.startswith("pynetdicom") and record.levelno < logging.INFO:
+        if name.startswith("pynetdicom") and record.levelno < logging.WARNING:
             return True
         try:
             text = record.getMessage()
