@@ -483,7 +483,7 @@ def test_large_instances_go_to_disk_and_beyond_the_cap_are_refused(
 
 
 def test_stalled_peers_lose_their_slot_after_the_network_timeout(start_listener):
-    listener = start_listener(max_associations=2, network_timeout_seconds=2)
+    listener = start_listener(max_associations=2, network_timeout_seconds=4)
     stallers = []
     for _ in range(3):
         sock = socket.create_connection(("127.0.0.1", listener.port), timeout=30)
