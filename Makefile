@@ -8,7 +8,7 @@ DEMO := demo
 DEMO_TRAIN_FLAGS ?= --input-size 64 --epochs 4 --max-slices 4 --weights none --head-epochs 0 \
 	--batch-size 32 --lr 1e-3 --seed 0
 
-.PHONY: install demo test test-all lint fixtures bench clean
+.PHONY: install demo test test-all lint fixtures bench fuzz clean
 
 install: $(STAMP)
 
@@ -53,6 +53,14 @@ fixtures: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/run.py
+
+# Malformed and edge-case C-STOREs against the listener on 127.0.0.1 (see tests/fuzz_node.py).
+FUZZ_COUNT ?= 2000
+FUZZ_SEED ?= 0
+FUZZ_SECONDS ?= 900
+fuzz: $(STAMP)
+	$(BIN)/python tests/fuzz_node.py --count $(FUZZ_COUNT) --seed $(FUZZ_SEED) \
+		--time-limit $(FUZZ_SECONDS)
 
 clean:
 	rm -rf $(DEMO) fixtures .pytest_cache .mypy_cache .ruff_cache

@@ -9,6 +9,7 @@ import re
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -229,3 +230,240 @@ def make_test_ca(folder: Path) -> dict[str, Path]:
     run("x509", "-req", "-in", str(csr), "-CA", str(ca_cert), "-CAkey", str(ca_key),
         "-CAcreateserial", "-out", str(cert), "-days", "2", "-extfile", str(ext))
     return {"ca": ca_cert, "cert": cert, "key": key}
+
+
+# -- the listener alone as a process, its memory, raw PDUs ----------------------------------
+
+LISTENER_SCRIPT = Path(__file__).with_name("listener_process.py")
+
+
+def proc_status_mb(pid: int, field: str) -> float:
+    """A memory line of /proc/PID/status (VmHWM: peak resident set, VmRSS: now) in MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise KeyError(field)
+
+
+class ListenerProcess:
+    """The node's listener alone in a child process (no worker, no model); see its script."""
+
+    def __init__(
+        self, store: Path, log: Path, *, extra_env: dict[str, str] | None = None, **settings: Any
+    ) -> None:
+        self.store = store
+        self.log = log
+        config = {"store": str(store), "host": "127.0.0.1", "port": 0, "ae_title": NODE_AET,
+                  "min_free_mb": 0, **settings}
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **(extra_env or {}))
+        root = str(Path(__file__).resolve().parents[1])
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+        self._log_fh = open(log, "ab")  # noqa: SIM115 - open for the life of the process
+        self.proc = subprocess.Popen(
+            [sys.executable, str(LISTENER_SCRIPT), json.dumps(config)],
+            stdout=self._log_fh, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+        )
+        match = wait_for(self._listening, 60, "the listener to listen", interval=0.1)
+        self.port = int(match.group(1))
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def _listening(self) -> re.Match[str] | None:
+        if self.proc.poll() is not None:
+            pytest.fail(f"the listener exited with {self.proc.returncode}:\n{self.text()[-3000:]}")
+        return re.search(r"event=listening .*?port=(\d+)", self.text())
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def peak_rss_mb(self) -> float:
+        return proc_status_mb(self.proc.pid, "VmHWM")
+
+    def rss_mb(self) -> float:
+        return proc_status_mb(self.proc.pid, "VmRSS")
+
+    def terminate(self, timeout: float = 60) -> int:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout=timeout)
+        finally:
+            self._log_fh.close()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=30)
+        self._log_fh.close()
+
+
+def associate_rq_pdu(
+    *, calling: str = "RAWSCU", called: str = NODE_AET,
+    contexts: tuple[tuple[str, tuple[str, ...]], ...] = (
+        ("1.2.840.10008.1.1", ("1.2.840.10008.1.2",)),
+    ),
+    max_pdu: int = 16384,
+) -> bytes:
+    """An encoded A-ASSOCIATE-RQ PDU, to speak to the listener over a raw socket."""
+    from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID
+    from pynetdicom.pdu import A_ASSOCIATE_RQ
+    from pynetdicom.pdu_primitives import (
+        A_ASSOCIATE,
+        ImplementationClassUIDNotification,
+        MaximumLengthNotification,
+    )
+    from pynetdicom.presentation import build_context
+
+    primitive = A_ASSOCIATE()
+    primitive.application_context_name = "1.2.840.10008.3.1.1.1"
+    primitive.calling_ae_title = calling
+    primitive.called_ae_title = called
+    presentation = []
+    for index, (abstract, syntaxes) in enumerate(contexts):
+        cx = build_context(abstract, list(syntaxes))
+        cx.context_id = 2 * index + 1
+        presentation.append(cx)
+    primitive.presentation_context_definition_list = presentation
+    max_length = MaximumLengthNotification()
+    max_length.maximum_length_received = max_pdu
+    implementation = ImplementationClassUIDNotification()
+    implementation.implementation_class_uid = PYNETDICOM_IMPLEMENTATION_UID
+    primitive.user_information = [max_length, implementation]
+    pdu = A_ASSOCIATE_RQ()
+    pdu.from_primitive(primitive)
+    return bytes(pdu.encode())
+
+
+def raw_associate(port: int, *, host: str = "127.0.0.1", **kwargs: Any) -> socket.socket:
+    """A raw TCP socket with an accepted association (the A-ASSOCIATE-AC read and checked)."""
+    sock = socket.create_connection((host, port), timeout=30)
+    sock.sendall(associate_rq_pdu(**kwargs))
+    header = recv_exactly(sock, 6)
+    assert header[0] == 0x02, f"expected A-ASSOCIATE-AC, got PDU type 0x{header[0]:02X}"
+    recv_exactly(sock, int.from_bytes(header[2:6], "big"))
+    return sock
+
+
+def recv_exactly(sock: socket.socket, size: int) -> bytes:
+    data = b""
+    while len(data) < size:
+        chunk = sock.recv(size - len(data))
+        if not chunk:
+            raise ConnectionError(f"closed after {len(data)} of {size} bytes")
+        data += chunk
+    return data
+
+
+def closed_by_peer(sock: socket.socket, timeout: float) -> bool:
+    """True when the other end closes (or resets) the connection within ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        sock.settimeout(max(0.05, deadline - time.monotonic()))
+        try:
+            if not sock.recv(65536):
+                return True
+        except TimeoutError:
+            return False
+        except OSError:
+            return True
+    return False
+
+
+def _command_element(tag: int, value: bytes | int) -> bytes:
+    """One Implicit VR Little Endian element of a command set (US as int, UI as bytes)."""
+    if isinstance(value, int):
+        raw = value.to_bytes(2 if tag != 0x00000000 else 4, "little")
+    else:
+        raw = value + (b"\0" if len(value) % 2 else b"")
+    return struct.pack("<HHI", tag >> 16, tag & 0xFFFF, len(raw)) + raw
+
+
+def command_set(command_field: int, message_id: int, sop_class: str,
+                sop_instance: str | None, has_dataset: bool) -> bytes:
+    """An encoded DIMSE request command set (PS3.7 E.1), whatever its UIDs look like."""
+    body = _command_element(0x00000002, sop_class.encode("latin-1"))
+    body += _command_element(0x00000100, command_field)
+    body += _command_element(0x00000110, message_id)
+    if command_field == 0x0001:
+        body += _command_element(0x00000700, 0)  # priority
+    body += _command_element(0x00000800, 0x0000 if has_dataset else 0x0101)
+    if sop_instance is not None:
+        body += _command_element(0x00001000, sop_instance.encode("latin-1"))
+    return _command_element(0x00000000, len(body)) + body
+
+
+def p_data_pdus(
+    command: bytes, dataset: bytes | None, context_id: int, max_pdu: int
+) -> list[bytes]:
+    """Command and data set fragmented into P-DATA-TF PDUs of at most ``max_pdu`` bytes."""
+    room = max_pdu - 6  # PDV item: length (4), context ID (1), control header (1)
+    pdus = []
+    for payload, is_command in ((command, True), (dataset, False)):
+        if payload is None:
+            continue
+        chunks = [payload[i:i + room] for i in range(0, len(payload), room)] or [b""]
+        for index, chunk in enumerate(chunks):
+            control = (1 if is_command else 0) | (2 if index == len(chunks) - 1 else 0)
+            item = (len(chunk) + 2).to_bytes(4, "big") + bytes([context_id, control]) + chunk
+            pdus.append(b"\x04\x00" + len(item).to_bytes(4, "big") + item)
+    return pdus
+
+
+def c_store_pdus(
+    dataset: bytes, *, sop_class: str, sop_instance: str, context_id: int = 1,
+    max_pdu: int = 16384, message_id: int = 1,
+) -> list[bytes]:
+    """The P-DATA-TF PDUs of one C-STORE-RQ carrying ``dataset`` (encoded, no file meta) as is.
+
+    Lets a test send exactly the bytes it wants, malformed or not (UIDs included), and stop
+    wherever it likes.
+    """
+    command = command_set(0x0001, message_id, sop_class, sop_instance, has_dataset=True)
+    return p_data_pdus(command, dataset, context_id, max_pdu)
+
+
+def c_echo_pdus(context_id: int, message_id: int = 1) -> list[bytes]:
+    command = command_set(0x0030, message_id, "1.2.840.10008.1.1", None, has_dataset=False)
+    return p_data_pdus(command, None, context_id, 16384)
+
+
+def read_dimse_status(sock: socket.socket) -> int:
+    """Read P-DATA-TF PDUs up to the end of a response's command set; its Status."""
+    from io import BytesIO
+
+    from pynetdicom.dsutils import decode
+
+    command = b""
+    while True:
+        header = recv_exactly(sock, 6)
+        if header[0] != 0x04:
+            raise ConnectionError(f"expected P-DATA-TF, got PDU type 0x{header[0]:02X}")
+        body = recv_exactly(sock, int.from_bytes(header[2:6], "big"))
+        offset, last = 0, False
+        while offset < len(body):
+            length = int.from_bytes(body[offset:offset + 4], "big")
+            control, value = body[offset + 5], body[offset + 6:offset + 4 + length]
+            offset += 4 + length
+            if control & 1:
+                command += value
+                last = bool(control & 2)
+        if last:
+            return int(decode(BytesIO(command), True, True).Status)
+
+
+def raw_c_store(sock: socket.socket, dataset: bytes, **kwargs: Any) -> int:
+    """C-STORE over an association opened by :func:`raw_associate`; the response status."""
+    for pdu in c_store_pdus(dataset, **kwargs):
+        sock.sendall(pdu)
+    return read_dimse_status(sock)
+
+
+def release(sock: socket.socket) -> None:
+    """A-RELEASE-RQ, wait for the reply (bounded), close."""
+    with contextlib.suppress(OSError):
+        sock.sendall(b"\x05\x00\x00\x00\x00\x04\x00\x00\x00\x00")
+        sock.settimeout(5)
+        sock.recv(64)
+    sock.close()

@@ -76,11 +76,31 @@ def listen(
     metrics_port: Annotated[
         int | None, typer.Option(help="Serve Prometheus metrics on this port.")
     ] = None,
+    metrics_host: Annotated[
+        str | None,
+        typer.Option(help="Address of the metrics page (not authenticated). Default 127.0.0.1."),
+    ] = None,
+    network_timeout: Annotated[
+        float | None,
+        typer.Option(
+            help="Seconds a peer may take to send one PDU or stay idle; then it is cut. Default 60."
+        ),
+    ] = None,
+    max_instance_mb: Annotated[
+        float | None,
+        typer.Option(help="Larger C-STORE data sets are refused (0xA700). Default 1024."),
+    ] = None,
+    max_pdu_bytes: Annotated[
+        int | None,
+        typer.Option(help="Largest PDU we accept (offered at association). Default 262144."),
+    ] = None,
     verbose: Annotated[int, typer.Option("-v", count=True, help="More logging (-vv: debug).")] = 0,
 ) -> None:
     """Run the DICOM node: C-STORE CT in, one SR per complete CT series out to --peer.
 
     Logs go to stderr as key=value lines with study and series UIDs (never patient names).
+    The calling AE title is not authentication: use --tls-ca (client certificates) and a
+    firewall to choose who may send (see the README, "Securing a node").
     Stop it with SIGTERM or Ctrl-C: it stops accepting, finishes the current job and exits 0;
     after a crash it resumes every unfinished job on start.
 
@@ -89,6 +109,8 @@ def listen(
       ctcovid listen --store /var/lib/ctcovid --port 11112 --ae-title CTCOVID --peer pacs:104:PACS
 
       ctcovid listen --config node.toml --allow-aet PACS --allow-aet ROUTER --metrics-port 9108
+
+      ctcovid listen --store /srv/ctcovid --tls-cert node.pem --tls-key node.key --tls-ca ca.pem
     """
     # A service logs its activity by default; -v adds debug detail.
     setup_logging(verbose + 1)
@@ -115,6 +137,10 @@ def listen(
             "tls_ca": tls_ca,
             "peer_tls": peer_tls,
             "metrics_port": metrics_port,
+            "metrics_host": metrics_host,
+            "network_timeout_seconds": network_timeout,
+            "max_instance_mb": max_instance_mb,
+            "max_pdu_bytes": max_pdu_bytes,
         },
     )
     level = logging.DEBUG if verbose >= 1 else logging.INFO

@@ -72,13 +72,18 @@ class NodeConfig:
     max_associations: int = 10
     max_pdu_bytes: int = 262_144
     min_free_mb: float = 1024.0
+    # Each PDU must arrive whole within this time; idle associations end after it too.
     network_timeout_seconds: float = 60.0
+    # A C-STORE data set larger than this is refused (0xA700); it never sits in memory.
+    max_instance_mb: float = 1024.0
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_ca: Path | None = None
     # None: use TLS towards the peer exactly when TLS is configured for receiving.
     peer_tls: bool | None = None
     metrics_port: int | None = None
+    # Loopback unless told otherwise: the metrics page is not authenticated.
+    metrics_host: str = "127.0.0.1"
     poll_seconds: float = 0.5
     batch_size: int = 32
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
@@ -106,6 +111,10 @@ class NodeConfig:
             raise ConfigError(
                 "network_timeout_seconds must be positive. "
                 f"Received: {self.network_timeout_seconds}."
+            )
+        if self.max_instance_mb <= 0:
+            raise ConfigError(
+                f"max_instance_mb must be positive. Received: {self.max_instance_mb}."
             )
         if self.max_retry_seconds < self.retry_seconds:
             raise ConfigError(

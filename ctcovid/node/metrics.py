@@ -1,6 +1,7 @@
 """Optional Prometheus endpoint of the node (``--metrics-port``; needs ``prometheus-client``).
 
 Exposes ``ctcovid_instances_received_total``, ``ctcovid_instances_refused_total{status}``,
+``ctcovid_associations_rejected_total{reason}`` (associations rejected and connections cut),
 ``ctcovid_jobs{state}`` (read from the job database at scrape time) and the histograms
 ``ctcovid_classify_seconds`` and ``ctcovid_send_seconds`` (observed by the worker process and
 forwarded to the listener).
@@ -45,6 +46,15 @@ class _NodeCollector:
             for status, count in sorted(self.stats.refused.items()):
                 refused.add_metric([f"0x{status:04X}"], count)
         yield refused
+        rejected = CounterMetricFamily(
+            "ctcovid_associations_rejected",
+            "Associations rejected or connections cut by the listener, by reason.",
+            labels=["reason"],
+        )
+        with self.stats.lock:
+            for reason, count in sorted(self.stats.rejected.items()):
+                rejected.add_metric([reason], count)
+        yield rejected
         jobs = GaugeMetricFamily("ctcovid_jobs", "Series (jobs) by state.", labels=["state"])
         try:
             for state, count in self.store.counts_by_state().items():

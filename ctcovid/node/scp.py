@@ -1,10 +1,14 @@
 """The listener: a pynetdicom storage SCP that writes CT instances durably and answers C-ECHO.
 
+Data sets arrive on disk (a spool file in the store's ``tmp`` folder) and only their UIDs are
+parsed here; :mod:`ctcovid.node.transport` bounds what a peer can make the listener spend.
+
 Handlers get their dependencies as arguments and answer with DICOM status codes; they never
 raise, so nothing a peer sends can take the listener down. Storage statuses (PS3.4 B.2.3):
 
 ``0x0000``  stored (file fsynced and renamed, recorded in the job database)
-``0xA700``  out of resources: below the free-space floor, or the disk failed
+``0xA700``  out of resources: below the free-space floor, the disk failed, or the data set is
+            larger than ``max_instance_mb`` (received to disk up to that size, the rest dropped)
 ``0xA900``  data set does not match the SOP class (no pixel data, missing or mismatched UIDs)
 ``0xC210``  cannot understand: the data set could not be decoded
 ``0xC211``  cannot understand: a UID that is not a valid UID (nothing is written)
@@ -13,20 +17,37 @@ raise, so nothing a peer sends can take the listener down. Storage statuses (PS3
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
+import mmap
+import re
 import sqlite3
 import ssl
 import threading
 import time
+import traceback
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from pydicom.uid import CTImageStorage, EnhancedCTImageStorage
-from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
-from pynetdicom.transport import ThreadedAssociationServer
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.tag import Tag
+from pydicom.uid import UID, CTImageStorage, EnhancedCTImageStorage
+from pynetdicom import AE, evt
 
 from ctcovid.node.config import NodeConfig
-from ctcovid.node.store import InvalidUidError, OutOfSpaceError, Store, check_uid
+from ctcovid.node.store import OutOfSpaceError, Store, valid_uid
+from ctcovid.node.transport import (
+    SPOOL_PREFIX,
+    GuardedServer,
+    Limits,
+    Spool,
+    check_library,
+    discard_spool,
+    force_close,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -39,12 +60,63 @@ STATUS_PROCESSING_FAILURE = 0x0110
 
 STORAGE_CLASSES = (CTImageStorage, EnhancedCTImageStorage)
 VERIFICATION = "1.2.840.10008.1.1"
-# pynetdicom accepts, from one proposed context, the first syntax in *our* order. Explicit VR
-# first keeps the VRs of private elements, which Implicit VR (the library's first) would lose.
-TRANSFER_SYNTAXES = ["1.2.840.10008.1.2.1"] + [
-    uid for uid in ALL_TRANSFER_SYNTAXES if uid != "1.2.840.10008.1.2.1"
-]
+MIB = 1024 * 1024
+# The transfer syntaxes the ingest decodes (pydicom with the pylibjpeg and pyjpegls plugins),
+# offered only where a decoder is installed. Deflated syntaxes are left out on purpose: a few
+# hundred KiB of deflate inflate without bound. pynetdicom accepts, from one proposed context,
+# the first syntax in *our* order: Explicit VR first keeps the VRs of private elements, which
+# Implicit VR (the library's first) would lose.
+CANDIDATE_TRANSFER_SYNTAXES = (
+    "1.2.840.10008.1.2.1",  # Explicit VR Little Endian
+    "1.2.840.10008.1.2",  # Implicit VR Little Endian
+    "1.2.840.10008.1.2.2",  # Explicit VR Big Endian (retired, still sent by old modalities)
+    "1.2.840.10008.1.2.4.50",  # JPEG Baseline
+    "1.2.840.10008.1.2.4.51",  # JPEG Extended (12 bit)
+    "1.2.840.10008.1.2.4.57",  # JPEG Lossless
+    "1.2.840.10008.1.2.4.70",  # JPEG Lossless, first-order prediction
+    "1.2.840.10008.1.2.4.80",  # JPEG-LS Lossless
+    "1.2.840.10008.1.2.4.81",  # JPEG-LS Near-Lossless
+    "1.2.840.10008.1.2.4.90",  # JPEG 2000 Lossless
+    "1.2.840.10008.1.2.4.91",  # JPEG 2000
+    "1.2.840.10008.1.2.4.201",  # HTJ2K Lossless
+    "1.2.840.10008.1.2.4.202",  # HTJ2K Lossless RPCL
+    "1.2.840.10008.1.2.4.203",  # HTJ2K
+    "1.2.840.10008.1.2.5",  # RLE Lossless
+)
+DEFLATED_TRANSFER_SYNTAXES = ("1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.8.1")
+
+
+def decodable_transfer_syntaxes() -> list[str]:
+    """The candidate syntaxes for which pydicom has a working decoder here, in our order."""
+    from pydicom.pixels import get_decoder
+
+    accepted = []
+    for uid in CANDIDATE_TRANSFER_SYNTAXES:
+        if not UID(uid).is_compressed:
+            accepted.append(uid)
+            continue
+        try:
+            if get_decoder(uid).is_available:
+                accepted.append(uid)
+        except NotImplementedError:
+            pass
+    return accepted
+
+
+TRANSFER_SYNTAXES = decodable_transfer_syntaxes()
 _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+# The only elements the listener reads; everything else is skipped by the parser, so a data set
+# of millions of tiny elements costs no memory here.
+_IDENTITY_TAGS = [
+    Tag(keyword)
+    for keyword in (
+        "SOPClassUID",
+        "SOPInstanceUID",
+        "StudyInstanceUID",
+        "SeriesInstanceUID",
+        *_PIXEL_KEYWORDS,
+    )
+]
 
 
 @dataclass
@@ -53,6 +125,8 @@ class ReceiveStats:
 
     stored: int = 0
     refused: dict[int, int] = field(default_factory=dict)
+    # Associations rejected or connections cut, by reason (calling_aet_not_allowed, ...).
+    rejected: dict[str, int] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def count(self, status: int) -> None:
@@ -62,6 +136,10 @@ class ReceiveStats:
             else:
                 self.refused[status] = self.refused.get(status, 0) + 1
 
+    def count_rejected(self, reason: str) -> None:
+        with self.lock:
+            self.rejected[reason] = self.rejected.get(reason, 0) + 1
+
 
 def _calling_aet(event: Any) -> str:
     try:
@@ -70,63 +148,159 @@ def _calling_aet(event: Any) -> str:
         return ""
 
 
+def _peer_address(event: Any) -> str:
+    try:
+        return f"{event.assoc.requestor.address}:{event.assoc.requestor.port}"
+    except Exception:
+        return ""
+
+
+def _shown_uid(value: object) -> str:
+    """A UID for a log line; anything that is not a UID (it may be patient data) is not shown."""
+    text = str(value or "")
+    return text if valid_uid(text) else "<invalid>"
+
+
+# Parsing skips unwanted elements one read each; a data set of millions of tiny elements would
+# keep a handler busy for minutes. An Enhanced CT of 1000 frames takes about a hundred reads.
+MAX_HEADER_READS = 1_000_000
+
+
+class HeaderBombError(ValueError):
+    """A data set with more elements than :data:`MAX_HEADER_READS` allows to parse."""
+
+
+class _CountedReads:
+    """A binary file whose reads are counted; parsing stops past ``max_reads``."""
+
+    def __init__(self, fh: Any, max_reads: int) -> None:
+        self._fh = fh
+        self._left = max_reads
+
+    def read(self, *args: Any) -> bytes:
+        self._left -= 1
+        if self._left < 0:
+            raise HeaderBombError(f"more than {MAX_HEADER_READS} elements to parse")
+        return bytes(self._fh.read(*args))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._fh, name)
+
+
+def _read_identity(source: Path | bytes) -> Dataset:
+    """The UIDs and whether pixel data is present; bulk values stay on disk (deferred)."""
+    if isinstance(source, bytes):
+        return dcmread(
+            _CountedReads(io.BytesIO(source), MAX_HEADER_READS),  # type: ignore[arg-type]
+            defer_size=4096,
+            specific_tags=_IDENTITY_TAGS,
+        )
+    with open(source, "rb") as fh:
+        return dcmread(
+            _CountedReads(fh, MAX_HEADER_READS),  # type: ignore[arg-type]
+            defer_size=4096,
+            specific_tags=_IDENTITY_TAGS,
+        )
+
+
+def _put(store: Store, source: Path | bytes, **identity: str) -> bool:
+    """Store the received file; a spooled one is mapped, never read into memory whole."""
+    if isinstance(source, bytes):
+        return store.put_instance(source, **identity)
+    with open(source, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+        view = memoryview(mapped)
+        try:
+            return store.put_instance(view, **identity)  # type: ignore[arg-type]
+        finally:
+            # A slice still referenced keeps the mapping open until it is freed.
+            with contextlib.suppress(BufferError):
+                view.release()
+
+
+def _refuse(status: int, calling: str, reason: str, **uids: str) -> int:
+    fields = " ".join(f"{k}={v}" for k, v in uids.items())
+    log = logger.error if status == STATUS_OUT_OF_RESOURCES else logger.warning
+    log(
+        "event=store_refused status=0x%04X calling_aet=%s %s reason=%r",
+        status,
+        calling,
+        fields,
+        reason,
+    )
+    return status
+
+
 def _store_instance(event: Any, store: Store) -> int:
     """The body of the C-STORE handler; may raise, :func:`handle_store` guards it."""
     request = event.request
     calling = _calling_aet(event)
+    request_sop = _shown_uid(getattr(request, "AffectedSOPInstanceUID", ""))
+    spool = getattr(request, "_dataset_file", None)
+    source: Path | bytes
+    if isinstance(spool, Spool):
+        spool.close()
+        if spool.invalid_request:
+            return _refuse(
+                STATUS_INVALID_UID,
+                calling,
+                "the request's AffectedSOPClassUID or AffectedSOPInstanceUID is not a valid UID",
+            )
+        if spool.oversize:
+            return _refuse(
+                STATUS_OUT_OF_RESOURCES,
+                calling,
+                f"data set larger than max_instance_mb ({spool.max_bytes // MIB} MiB)",
+                sop=request_sop,
+            )
+        if spool.error:
+            return _refuse(STATUS_OUT_OF_RESOURCES, calling, spool.error, sop=request_sop)
+        source = spool.path
+    else:  # received in memory (a listener without the transport guard)
+        source = event.encoded_dataset(include_meta=True)
     try:
-        ds = event.dataset
+        ds = _read_identity(source)
         sop_instance_uid = ds.get("SOPInstanceUID")
         study_uid = ds.get("StudyInstanceUID")
         series_uid = ds.get("SeriesInstanceUID")
         sop_class_uid = ds.get("SOPClassUID")
         has_pixels = any(kw in ds for kw in _PIXEL_KEYWORDS)
     except Exception as exc:  # pydicom raises many types on corrupt input
-        logger.warning(
-            "event=store_refused status=0xC210 calling_aet=%s sop=%.64r error=%s: %s",
-            calling,
-            str(getattr(request, "AffectedSOPInstanceUID", "")),
-            type(exc).__name__,
-            exc,
-        )
-        return STATUS_CANNOT_UNDERSTAND
-    try:
-        sop = check_uid(str(sop_instance_uid or ""), "SOPInstanceUID (0008,0018)")
-        study = check_uid(str(study_uid or ""), "StudyInstanceUID (0020,000D)")
-        series = check_uid(str(series_uid or ""), "SeriesInstanceUID (0020,000E)")
-    except InvalidUidError as exc:
-        missing = sop_instance_uid is None or study_uid is None or series_uid is None
-        status = STATUS_DATASET_MISMATCH if missing else STATUS_INVALID_UID
-        logger.warning(
-            "event=store_refused status=0x%04X calling_aet=%s reason=%s", status, calling, exc
-        )
-        return status
+        # The exception's text may quote received values: its type is enough.
+        reason = str(exc) if isinstance(exc, HeaderBombError) else type(exc).__name__
+        return _refuse(STATUS_CANNOT_UNDERSTAND, calling, f"unreadable: {reason}", sop=request_sop)
+    for value, attribute in (
+        (sop_instance_uid, "SOPInstanceUID (0008,0018)"),
+        (study_uid, "StudyInstanceUID (0020,000D)"),
+        (series_uid, "SeriesInstanceUID (0020,000E)"),
+    ):
+        if value is None:
+            return _refuse(STATUS_DATASET_MISMATCH, calling, f"lacks {attribute}", sop=request_sop)
+        if not valid_uid(str(value)):
+            return _refuse(
+                STATUS_INVALID_UID,
+                calling,
+                f"{attribute} is not a valid UID (digits and dots, at most 64 characters)",
+                sop=request_sop,
+            )
+    sop, study, series = str(sop_instance_uid), str(study_uid), str(series_uid)
     problem = ""
     if str(request.AffectedSOPInstanceUID) != sop:
-        problem = (
-            f"SOPInstanceUID {sop} differs from the request's AffectedSOPInstanceUID "
-            f"{str(request.AffectedSOPInstanceUID)[:64]!r}"
-        )
+        problem = "SOPInstanceUID differs from the request's AffectedSOPInstanceUID"
     elif str(sop_class_uid) != str(request.AffectedSOPClassUID):
         problem = (
-            f"SOPClassUID {str(sop_class_uid)[:64]!r} differs from the request's "
-            f"AffectedSOPClassUID {request.AffectedSOPClassUID}"
+            f"SOPClassUID {_shown_uid(sop_class_uid)} differs from the request's "
+            f"AffectedSOPClassUID {_shown_uid(request.AffectedSOPClassUID)}"
         )
     elif not has_pixels:
         problem = "lacks PixelData (7FE0,0010)"
     if problem:
-        logger.warning(
-            "event=store_refused status=0xA900 calling_aet=%s study=%s series=%s sop=%s reason=%r",
-            calling,
-            study,
-            series,
-            sop,
-            problem,
+        return _refuse(
+            STATUS_DATASET_MISMATCH, calling, problem, study=study, series=series, sop=sop
         )
-        return STATUS_DATASET_MISMATCH
     try:
-        new = store.put_instance(
-            event.encoded_dataset(include_meta=True),
+        new = _put(
+            store,
+            source,
             study_instance_uid=study,
             series_instance_uid=series,
             sop_instance_uid=sop,
@@ -134,24 +308,18 @@ def _store_instance(event: Any, store: Store) -> int:
             calling_aet=calling,
         )
     except OutOfSpaceError as exc:
-        logger.error(
-            "event=store_refused status=0xA700 study=%s series=%s sop=%s reason=%r",
-            study,
-            series,
-            sop,
-            str(exc),
+        return _refuse(
+            STATUS_OUT_OF_RESOURCES, calling, str(exc), study=study, series=series, sop=sop
         )
-        return STATUS_OUT_OF_RESOURCES
     except (OSError, sqlite3.Error) as exc:
-        logger.error(
-            "event=store_refused status=0xA700 study=%s series=%s sop=%s error=%s: %s",
-            study,
-            series,
-            sop,
-            type(exc).__name__,
-            exc,
+        return _refuse(
+            STATUS_OUT_OF_RESOURCES,
+            calling,
+            f"{type(exc).__name__}: {exc}",
+            study=study,
+            series=series,
+            sop=sop,
         )
-        return STATUS_OUT_OF_RESOURCES
     logger.debug(
         "event=stored calling_aet=%s study=%s series=%s sop=%s new=%s",
         calling,
@@ -163,12 +331,65 @@ def _store_instance(event: Any, store: Store) -> int:
     return STATUS_SUCCESS
 
 
+_TAG_TEXT = re.compile(r"\(\s*([0-9A-Fa-f]{4})\s*,\s*([0-9A-Fa-f]{4})\s*\)")
+_VR_TEXT = re.compile(r"\bVR:? ([A-Z]{2})\b")
+_CATEGORY_TEXT = re.compile(r"\b([A-Z][A-Za-z]*Warning)\b")
+_REDACTED_LOGGERS = ("pydicom", "py.warnings", "pynetdicom")
+
+
+class RedactLibraryRecords(logging.Filter):
+    """Reduce what pydicom and pynetdicom log, and Python warnings, to the tags they name.
+
+    Their messages quote received values (``Invalid value for VR UI: '<value>'``), and a
+    malformed element can swallow its neighbours, so the quoted value may hold the patient's
+    name. A log handler with this filter passes such a record as ``event=library_message`` with
+    the logger, the warning category, the VR and the tags ``(gggg,eeee)`` the text names,
+    without the text itself or an exception's message. pynetdicom's info and debug records
+    (association events, PDU and command set dumps, asked for with ``-v``) pass unchanged.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        name = record.name
+        if not any(name == lib or name.startswith(lib + ".") for lib in _REDACTED_LOGGERS):
+            return True
+        if name.startswith("pynetdicom") and record.levelno < logging.WARNING:
+            return True
+        try:
+            text = record.getMessage()
+        except Exception:
+            text = str(record.msg)
+        parts = [f"event=library_message source={name}"]
+        category = _CATEGORY_TEXT.search(text)
+        if category:
+            parts.append(f"category={category.group(1)}")
+        vr = _VR_TEXT.search(text)
+        if vr:
+            parts.append(f"vr={vr.group(1)}")
+        tags = sorted({f"({g.upper()},{e.upper()})" for g, e in _TAG_TEXT.findall(text)})
+        if tags:
+            parts.append("tags=" + ",".join(tags))
+        if record.exc_info and record.exc_info[0] is not None:
+            parts.append(f"error={record.exc_info[0].__name__}")
+        record.msg = " ".join(parts)
+        record.args = ()
+        record.exc_info = None
+        record.exc_text = None
+        record.stack_info = None
+        return True
+
+
 def handle_store(event: Any, store: Store, stats: ReceiveStats) -> int:
     """EVT_C_STORE: write the instance durably, then answer; never raises."""
     try:
         status = _store_instance(event, store)
-    except Exception:
-        logger.exception("event=store_error calling_aet=%s", _calling_aet(event))
+    except Exception as exc:
+        # The traceback's frames, not the exception's text (it may quote received values).
+        logger.error(
+            "event=store_error calling_aet=%s error=%s\n%s",
+            _calling_aet(event),
+            type(exc).__name__,
+            "".join(traceback.format_tb(exc.__traceback__)).rstrip(),
+        )
         status = STATUS_PROCESSING_FAILURE
     stats.count(status)
     return status
@@ -181,17 +402,51 @@ def handle_echo(event: Any) -> int:
 
 
 def handle_accepted(event: Any) -> None:
+    logger.info(
+        "event=association_accepted calling_aet=%s from=%s",
+        _calling_aet(event),
+        _peer_address(event),
+    )
+
+
+# A-ASSOCIATE-RJ (result source, diagnostic) -> reason (PS3.8 9.3.4).
+_REJECT_REASONS = {
+    (1, 3): "calling_aet_not_allowed",
+    (1, 7): "called_aet_not_recognised",
+    (1, 2): "application_context_not_supported",
+    (2, 2): "protocol_version_not_supported",
+    (3, 1): "temporary_congestion",
+    (3, 2): "too_many_associations",
+}
+
+
+def handle_rejected(event: Any, stats: ReceiveStats) -> None:
+    """EVT_REJECTED: log who was turned away and why (never anything they sent but the AE)."""
     try:
-        address = event.assoc.requestor.address
-        logger.info(
-            "event=association_accepted calling_aet=%s from=%s", _calling_aet(event), address
-        )
-    except Exception:  # logging must never break an association
-        pass
+        primitive = event.assoc.acceptor.primitive
+        key = (int(primitive.result_source), int(primitive.diagnostic))
+    except Exception:
+        key = (0, 0)
+    record_refusal(
+        stats, _REJECT_REASONS.get(key, "rejected"), _peer_address(event), _calling_aet(event)
+    )
+
+
+def record_refusal(stats: ReceiveStats, reason: str, address: str, calling: str) -> None:
+    """Log and count an association rejected or a connection cut by the listener."""
+    stats.count_rejected(reason)
+    logger.warning(
+        "event=association_rejected reason=%s from=%s calling_aet=%s", reason, address, calling
+    )
 
 
 def handle_released(event: Any) -> None:
     logger.debug("event=association_released calling_aet=%s", _calling_aet(event))
+
+
+def handle_conn_closed(event: Any) -> None:
+    """EVT_CONN_CLOSE: a C-STORE cut off half-way leaves no spool file behind."""
+    discard_spool(event.assoc)
 
 
 def server_ssl_context(config: NodeConfig) -> ssl.SSLContext | None:
@@ -224,8 +479,21 @@ def build_ae(config: NodeConfig) -> AE:
     return ae
 
 
+def transport_limits(config: NodeConfig, store: Store) -> Limits:
+    """The listener's bounds on every connection (see :mod:`ctcovid.node.transport`)."""
+    return Limits(
+        network_timeout_seconds=config.network_timeout_seconds,
+        max_pdu_bytes=config.max_pdu_bytes,
+        max_instance_bytes=int(config.max_instance_mb * MIB),
+        # Room for A-ASSOCIATE-RJ answers beyond the association limit, and for handshakes.
+        max_connections=2 * config.max_associations + 8,
+        spool_dir=store.tmp_dir,
+        check_space=store.check_free_space,
+    )
+
+
 class Listener:
-    """The running SCP: start, stop accepting, wait for open associations to end."""
+    """The running SCP: start, stop accepting, wait (bounded) for open associations to end."""
 
     def __init__(
         self,
@@ -237,29 +505,58 @@ class Listener:
         self.store = store
         self.stats = stats or ReceiveStats()
         self.ae = build_ae(config)
-        self.server: ThreadedAssociationServer | None = None
+        self.server: GuardedServer | None = None
+        self._thread: threading.Thread | None = None
+
+    def _clear_spools(self) -> None:
+        """Spool files of a previous run (killed mid-transfer) are incomplete: delete them."""
+        for path in self.store.tmp_dir.glob(f"{SPOOL_PREFIX}*"):
+            try:
+                path.unlink()
+            except OSError:
+                logger.warning("event=spool_not_removed path=%s", path)
+
+    def _refused(self, reason: str, address: str, calling: str) -> None:
+        record_refusal(self.stats, reason, address, calling)
 
     def start(self) -> None:
+        check_library()
+        self._clear_spools()
         handlers: list[Any] = [
             (evt.EVT_C_STORE, handle_store, [self.store, self.stats]),
             (evt.EVT_C_ECHO, handle_echo),
             (evt.EVT_ACCEPTED, handle_accepted),
+            (evt.EVT_REJECTED, handle_rejected, [self.stats]),
             (evt.EVT_RELEASED, handle_released),
+            (evt.EVT_CONN_CLOSE, handle_conn_closed),
         ]
-        self.server = self.ae.start_server(
+        server: GuardedServer = self.ae.make_server(  # type: ignore[assignment]
             (self.config.host, self.config.port),
-            block=False,
             ssl_context=server_ssl_context(self.config),
             evt_handlers=handlers,
+            server_class=GuardedServer,
+            limits=transport_limits(self.config, self.store),
+            on_refused=self._refused,
         )
+        self.server = server
+        self._thread = threading.Thread(
+            target=server.serve_forever, name="ctcovid-accept", daemon=True
+        )
+        self._thread.start()
         logger.info(
-            "event=listening ae_title=%s host=%s port=%d tls=%s allow_aet=%s max_associations=%d",
+            "event=listening ae_title=%s host=%s port=%d tls=%s client_certificates=%s "
+            "allow_aet=%s max_associations=%d network_timeout=%.0fs max_pdu_bytes=%d "
+            "max_instance_mb=%.0f",
             self.config.ae_title,
             self.config.host,
             self.port,
             self.config.tls,
+            self.config.tls_ca is not None,
             ",".join(self.config.allow_aet) or "*",
             self.config.max_associations,
+            self.config.network_timeout_seconds,
+            self.config.max_pdu_bytes,
+            self.config.max_instance_mb,
         )
 
     @property
@@ -269,16 +566,22 @@ class Listener:
             return self.config.port
         return int(self.server.server_address[1])
 
-    def stop(self, drain_seconds: float = 30.0) -> None:
-        """Stop accepting associations, let open ones finish (bounded), then abort the rest."""
+    def stop(self, drain_seconds: float = 5.0) -> None:
+        """Stop accepting, let open associations finish for ``drain_seconds``, then cut them.
+
+        Returns within about ``drain_seconds + 3`` seconds whatever the peers do.
+        """
         if self.server is None:
             return
         self.server.shutdown()
         self.server = None
+        if self._thread is not None:
+            self._thread.join(5)
         deadline = time.monotonic() + drain_seconds
         while self.ae.active_associations and time.monotonic() < deadline:
             time.sleep(0.1)
-        if self.ae.active_associations:
-            logger.warning("event=associations_aborted count=%d", len(self.ae.active_associations))
-        self.ae.shutdown()
+        remaining = self.ae.active_associations
+        if remaining:
+            logger.warning("event=associations_aborted count=%d", len(remaining))
+            force_close(remaining, wait_seconds=2.0)
         logger.info("event=listener_stopped")

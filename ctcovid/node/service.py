@@ -20,7 +20,7 @@ from typing import Any
 
 from ctcovid.errors import ConfigError
 from ctcovid.node.config import NodeConfig
-from ctcovid.node.scp import Listener, ReceiveStats
+from ctcovid.node.scp import Listener, ReceiveStats, RedactLibraryRecords
 from ctcovid.node.store import Store
 from ctcovid.node.worker import run_worker
 
@@ -28,15 +28,25 @@ logger = logging.getLogger(__name__)
 
 NODE_LOCK_FILE = "node.lock"
 WORKER_STOP_SECONDS = 300.0
-LISTENER_DRAIN_SECONDS = 30.0
+# Open associations get this long to finish after SIGTERM, then they are cut (the peer resends).
+LISTENER_DRAIN_SECONDS = 5.0
 MAX_WORKER_RESTART_DELAY_SECONDS = 60.0
 
 
 def quiet_libraries(level: int) -> None:
-    """pynetdicom and highdicom log every PDU and copied module at INFO: keep that for debug."""
+    """pynetdicom and highdicom log every PDU and copied module at INFO: keep that for debug.
+
+    Library records and Python warnings that could quote a received value are reduced to the
+    tags they name (:class:`~ctcovid.node.scp.RedactLibraryRecords`) on every root handler.
+    """
     library_level = logging.DEBUG if level <= logging.DEBUG else logging.WARNING
     for name in ("pynetdicom", "highdicom"):
         logging.getLogger(name).setLevel(library_level)
+    # Warnings go through logging (and so through the filter), not straight to stderr.
+    logging.captureWarnings(True)
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, RedactLibraryRecords) for f in handler.filters):
+            handler.addFilter(RedactLibraryRecords())
 
 
 class Node:
@@ -123,7 +133,7 @@ class Node:
         if config.metrics_port is not None:
             from ctcovid.node.metrics import Metrics
 
-            self.metrics = Metrics(config.metrics_port, config.host, store, stats)
+            self.metrics = Metrics(config.metrics_port, config.metrics_host, store, stats)
         self._worker_stop = self._mp.Event()
         self._events = self._mp.Queue()
         for signum in (signal.SIGTERM, signal.SIGINT):
@@ -152,8 +162,9 @@ class Node:
                     worker, restart_at = self._start_worker(), None
         finally:
             logger.info("event=node_stopping")
-            self.listener.stop(LISTENER_DRAIN_SECONDS)
+            # The worker winds down (and exits) while the listener drains, not after it.
             self._worker_stop.set()
+            self.listener.stop(LISTENER_DRAIN_SECONDS)
             if worker is not None:
                 worker.join(WORKER_STOP_SECONDS)
                 if worker.is_alive():
