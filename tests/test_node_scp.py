@@ -422,6 +422,29 @@ def test_deflated_transfer_syntaxes_are_refused_at_association(start_listener):
     assert accepted == [(Verification, EXPLICIT_LE)]
 
 
+def test_the_node_accepts_exactly_the_syntaxes_the_ingest_decodes(start_listener):
+    """One proposed context per transfer syntax pynetdicom knows (46): the CT contexts accepted
+    are exactly ctcovid.dicom.DECODABLE_TRANSFER_SYNTAXES, so a sender whose first choice cannot
+    be decoded falls back to one that can, instead of storing series that never classify."""
+    from pynetdicom import ALL_TRANSFER_SYNTAXES
+
+    from ctcovid.dicom import DECODABLE_TRANSFER_SYNTAXES
+
+    listener = start_listener()
+    accepted: set[str] = set()
+    syntaxes = list(ALL_TRANSFER_SYNTAXES)
+    for start in range(0, len(syntaxes), 100):  # at most 128 contexts an association
+        ae = AE(ae_title="TESTSCU")
+        for uid in syntaxes[start : start + 100]:
+            ae.add_requested_context(CTImageStorage, [uid])
+        assoc = ae.associate("127.0.0.1", listener.port, ae_title=NODE_AET)
+        try:
+            accepted |= {str(cx.transfer_syntax[0]) for cx in assoc.accepted_contexts}
+        finally:
+            assoc.release()
+    assert accepted == {str(uid) for uid in DECODABLE_TRANSFER_SYNTAXES}
+
+
 @pytest.mark.parametrize("when", ["before association", "after association"])
 def test_pdu_longer_than_the_maximum_is_refused_before_it_is_read(listener_process, when: str):
     listener = listener_process()

@@ -34,9 +34,10 @@ from typing import Any
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.tag import Tag
-from pydicom.uid import UID, CTImageStorage, EnhancedCTImageStorage
+from pydicom.uid import CTImageStorage, EnhancedCTImageStorage
 from pynetdicom import AE, evt
 
+from ctcovid.dicom import DECODABLE_TRANSFER_SYNTAXES
 from ctcovid.node.config import NodeConfig
 from ctcovid.node.store import OutOfSpaceError, Store, valid_uid
 from ctcovid.node.transport import (
@@ -61,12 +62,13 @@ STATUS_PROCESSING_FAILURE = 0x0110
 STORAGE_CLASSES = (CTImageStorage, EnhancedCTImageStorage)
 VERIFICATION = "1.2.840.10008.1.1"
 MIB = 1024 * 1024
-# The transfer syntaxes the ingest decodes (pydicom with the pylibjpeg and pyjpegls plugins),
-# offered only where a decoder is installed. Deflated syntaxes are left out on purpose: a few
-# hundred KiB of deflate inflate without bound. pynetdicom accepts, from one proposed context,
-# the first syntax in *our* order: Explicit VR first keeps the VRs of private elements, which
-# Implicit VR (the library's first) would lose.
-CANDIDATE_TRANSFER_SYNTAXES = (
+# The node accepts exactly the transfer syntaxes the ingest decodes
+# (ctcovid.dicom.DECODABLE_TRANSFER_SYNTAXES: a decoder installed and verified on a real file), so
+# a sender falls back to one that decodes; Deflated syntaxes are not among them (a few hundred KiB
+# of deflate inflate without bound). pynetdicom accepts, from one proposed context, the first
+# syntax in *our* order: Explicit VR first keeps the VRs of private elements, which Implicit VR
+# (the library's first) would lose.
+_PREFERRED_ORDER = (
     "1.2.840.10008.1.2.1",  # Explicit VR Little Endian
     "1.2.840.10008.1.2",  # Implicit VR Little Endian
     "1.2.840.10008.1.2.2",  # Explicit VR Big Endian (retired, still sent by old modalities)
@@ -78,32 +80,13 @@ CANDIDATE_TRANSFER_SYNTAXES = (
     "1.2.840.10008.1.2.4.81",  # JPEG-LS Near-Lossless
     "1.2.840.10008.1.2.4.90",  # JPEG 2000 Lossless
     "1.2.840.10008.1.2.4.91",  # JPEG 2000
-    "1.2.840.10008.1.2.4.201",  # HTJ2K Lossless
-    "1.2.840.10008.1.2.4.202",  # HTJ2K Lossless RPCL
-    "1.2.840.10008.1.2.4.203",  # HTJ2K
     "1.2.840.10008.1.2.5",  # RLE Lossless
 )
 DEFLATED_TRANSFER_SYNTAXES = ("1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.8.1")
-
-
-def decodable_transfer_syntaxes() -> list[str]:
-    """The candidate syntaxes for which pydicom has a working decoder here, in our order."""
-    from pydicom.pixels import get_decoder
-
-    accepted = []
-    for uid in CANDIDATE_TRANSFER_SYNTAXES:
-        if not UID(uid).is_compressed:
-            accepted.append(uid)
-            continue
-        try:
-            if get_decoder(uid).is_available:
-                accepted.append(uid)
-        except NotImplementedError:
-            pass
-    return accepted
-
-
-TRANSFER_SYNTAXES = decodable_transfer_syntaxes()
+TRANSFER_SYNTAXES = [
+    *(uid for uid in _PREFERRED_ORDER if uid in DECODABLE_TRANSFER_SYNTAXES),
+    *sorted(set(DECODABLE_TRANSFER_SYNTAXES) - set(_PREFERRED_ORDER)),
+]
 _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 # The only elements the listener reads; everything else is skipped by the parser, so a data set
 # of millions of tiny elements costs no memory here.
