@@ -36,6 +36,8 @@ AUTH_ENV = "CTCOVID_DICOMWEB_AUTH"
 STOW_AUTH_ENV = "CTCOVID_STOW_AUTH"
 # Ask for the stored transfer syntax: the archive sends its files as they are, no transcoding.
 ORIGINAL_SYNTAX = (("application/dicom", "*"),)
+PAGE_SIZE = 500
+MAX_MATCHES = 100_000
 
 
 @dataclass(frozen=True)
@@ -139,6 +141,34 @@ def _http_error(url: str, what: str, exc: Exception) -> PacsError:
     return PacsError(f"{url}: {what} failed ({detail})")
 
 
+def search_all(search: Any, uid_keyword: str, what: str, url: str, **kwargs: Any) -> list[dict]:
+    """Every match of a QIDO-RS search, page by page (``limit``/``offset``).
+
+    Paging stops at a short page, and also at a page without a new UID: some servers ignore
+    ``offset``, and following them would ask for the same page forever.
+    """
+    seen: set[str] = set()
+    out: list[dict] = []
+    offset = 0
+    while True:
+        try:
+            page = search(limit=PAGE_SIZE, offset=offset, **kwargs) or []
+        except Exception as exc:  # requests' errors: refused, TLS, HTTP status
+            raise _http_error(url, what, exc) from exc
+        new = [item for item in page if _first(item, uid_keyword) not in seen]
+        for item in new:
+            seen.add(_first(item, uid_keyword))
+        out.extend(new)
+        if len(out) > MAX_MATCHES:
+            raise PacsError(
+                f"{url}: {what} returned more than {MAX_MATCHES} matches; narrow the query "
+                "(e.g. a shorter StudyDate range)"
+            )
+        if len(page) < PAGE_SIZE or not new:
+            return out
+        offset += len(page)
+
+
 class DicomWebArchive:
     """Query (QIDO-RS) and retrieve (WADO-RS, multipart) from a DICOMweb service."""
 
@@ -162,14 +192,16 @@ class DicomWebArchive:
     def find_studies(self, keys: dict[str, str]) -> list[StudyMatch]:
         # QIDO-RS lists several values with commas where C-FIND uses backslashes.
         filters = {k: v.replace("\\", ",") for k, v in keys.items()}
-        try:
-            found = self.client.search_for_studies(
-                fields=list(STUDY_RETURN_KEYS), search_filters=filters, get_remaining=True
-            )
-        except Exception as exc:  # requests' errors: refused, TLS, HTTP status
-            raise _http_error(self.url, f"QIDO-RS studies {filters}", exc) from exc
+        found = search_all(
+            self.client.search_for_studies,
+            "StudyInstanceUID",
+            f"QIDO-RS studies {filters}",
+            self.url,
+            fields=list(STUDY_RETURN_KEYS),
+            search_filters=filters,
+        )
         out = []
-        for item in found or []:
+        for item in found:
             uid = _first(item, "StudyInstanceUID")
             if uid:
                 out.append(
@@ -183,18 +215,16 @@ class DicomWebArchive:
         return out
 
     def find_series(self, study: StudyMatch) -> list[SeriesMatch]:
-        try:
-            found = self.client.search_for_series(
-                study_instance_uid=study.study_instance_uid,
-                fields=list(SERIES_RETURN_KEYS),
-                get_remaining=True,
-            )
-        except Exception as exc:
-            raise _http_error(
-                self.url, f"QIDO-RS series of study {study.study_instance_uid}", exc
-            ) from exc
+        found = search_all(
+            self.client.search_for_series,
+            "SeriesInstanceUID",
+            f"QIDO-RS series of study {study.study_instance_uid}",
+            self.url,
+            study_instance_uid=study.study_instance_uid,
+            fields=list(SERIES_RETURN_KEYS),
+        )
         out = []
-        for item in found or []:
+        for item in found:
             uid = _first(item, "SeriesInstanceUID")
             if not uid:
                 continue
