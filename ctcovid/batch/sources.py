@@ -319,8 +319,8 @@ class _Releasing(BatchProgress):
         self.inner.classify_started(n_series, n_slices)
 
     def series_finished(self, row: ResultRow, n_slices: int) -> None:
-        self.cache.discard(row.key)
         self.inner.series_finished(row, n_slices)
+        self.cache.discard(row.key)
 
 
 class _Retriever:

@@ -13,7 +13,6 @@ more than its bound, whatever the PACS sends.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -142,10 +141,13 @@ class SeriesCache:
 
     def discard(self, key: Key) -> None:
         """Remove series ``key`` (classified, failed or partial) and give its bytes back."""
-        folder = self.series_dir(key)
+        try:
+            folder = self.series_dir(key)
+        except ValueError:
+            return  # an invalid UID never became a path: nothing was written
+        # The study folder stays (another retrieval may be creating a series in it); empty
+        # study folders are removed by ``recover``.
         shutil.rmtree(folder, ignore_errors=True)
-        with contextlib.suppress(OSError):  # the study folder, when this was its last series
-            folder.parent.rmdir()
         with self._lock:
             self.used_bytes -= self._sizes.pop(key, 0)
             self._complete.discard(key)
