@@ -175,12 +175,9 @@ def batch(
 
       ctcovid batch /shared/archive --out /shared/runs/a --engine ray --ray-address auto
 
-      ctcovid batch --from-pacs pacs.example.org:104:PACS --query StudyDate=20200301-20210630
-      --out runs/covid-2020 --send-to pacs.example.org:104:PACS
+      ctcovid batch --from-pacs pacs:104:PACS --query StudyDate=20200301-20210630 --out runs/c
 
-      CTCOVID_DICOMWEB_AUTH='Bearer ...' ctcovid batch --from-dicomweb
-      https://vna.example.org/dicom-web --accessions acc.txt --out runs/a --stow
-      https://vna.example.org/dicom-web
+      ctcovid batch --from-dicomweb https://vna/dicom-web --accessions acc.txt --out runs/a
 
     From a PACS, DIR/pacs.sqlite lists the series found, DIR/cache/ holds retrieved series
     until they are classified (at most --cache-gb), and nothing on the PACS is changed.
