@@ -132,7 +132,6 @@ class PacsSource:
         cache_bytes: int,
         max_retrievals: int = 1,
         pause_seconds: float = 0.5,
-        identity: str | None = None,
     ):
         if max_retrievals < 1:
             raise ConfigError(f"--max-retrievals must be at least 1. Received: {max_retrievals}.")
@@ -142,7 +141,7 @@ class PacsSource:
         self.cache_bytes = cache_bytes
         self.max_retrievals = max_retrievals
         self.pacer = Pacer(pause_seconds)
-        self.identity = identity or archive.describe()
+        self.identity = archive.identity()
         self._matches: dict[tuple[str, str], SeriesMatch] = {}
         self._entries: list[SeriesEntry] = []
         self._n_studies = 0

@@ -228,7 +228,6 @@ def pacs_source(
         archive = DimseArchive(
             Peer.parse(from_pacs), calling_ae_title=calling, move_receiver=receiver
         )
-        identity = f"dicom://{Peer.parse(from_pacs)}"
     else:
         from ctcovid.pacs.dicomweb import AUTH_ENV, DicomWebArchive, HttpAuth
 
@@ -238,7 +237,6 @@ def pacs_source(
         archive = DicomWebArchive(
             from_dicomweb, HttpAuth.load(AUTH_ENV, auth_file), ca_file=ca_file
         )
-        identity = from_dicomweb.rstrip("/")
     return PacsSource(
         archive,  # type: ignore[arg-type]
         study_query,
@@ -246,7 +244,6 @@ def pacs_source(
         cache_bytes=int(cache_gb * 1e9),
         max_retrievals=max_retrievals,
         pause_seconds=query_pause,
-        identity=identity,
     )
 
 
