@@ -462,3 +462,26 @@ def test_kill_9_then_resume_retrieves_no_classified_series_again(
     source = summary["source"]
     assert source["retrieved_series"] + source["reused_from_cache"] == len(left)
     assert not list((out / "cache").rglob("*.dcm"))
+
+
+def test_undelivered_srs_fail_with_the_reason_and_are_sent_on_resume(
+    dimse_run: tuple, pacs: Orthanc, tmp_path: Path
+) -> None:
+    from ctcovid.batch.destinations import SrForwarder
+
+    out = tmp_path / "run"
+    shutil.copytree(dimse_run[0], out)
+    (out / "sent.sqlite").unlink()
+    down = f"127.0.0.1:{free_port()}:NOBODY"  # nothing listens there
+    forwarder = SrForwarder(out, (Destination.c_store(down, calling_ae_title=OUR_AET),),
+                            max_attempts=2, retry_seconds=0.05)
+    outcome = forwarder.close()[f"c-store {down}"]
+    assert (outcome["sent"], outcome["failed"]) == (0, 2)
+    assert all(down in error for error in outcome["errors"])
+    # The next run (--resume) sends what was not delivered, to the same or another peer.
+    up = f"127.0.0.1:{pacs.dicom_port}:{pacs.aet}"
+    again = SrForwarder(out, (Destination.c_store(down, calling_ae_title=OUR_AET),
+                              Destination.c_store(up, calling_ae_title=OUR_AET)),
+                        max_attempts=1, retry_seconds=0.05).close()
+    assert again[f"c-store {up}"]["sent"] == 2
+    assert again[f"c-store {down}"]["failed"] == 2
