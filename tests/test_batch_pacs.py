@@ -167,6 +167,7 @@ def dimse_source(pacs: Orthanc, *, cache_bytes: int = 10**9, move: MoveReceiver 
 
 
 def dicomweb_source(pacs: Orthanc, auth: HttpAuth | None) -> PacsSource:
+    pytest.importorskip("dicomweb_client", reason="pip install 'ctcovid[dicomweb]'")
     url = f"http://127.0.0.1:{pacs.http_port}/dicom-web"
     return PacsSource(DicomWebArchive(url, auth, timeout_seconds=20), StudyQuery(),
                       SeriesRules(), cache_bytes=10**9, pause_seconds=0.0)
@@ -262,8 +263,10 @@ def test_dicomweb_batch_with_stow_gives_the_same_rows(
     pacs: Orthanc, tiny_model_dir: Path, classifier: Classifier, folder_rows: dict,
     tmp_path: Path
 ) -> None:
+    pytest.importorskip("dicomweb_client", reason="pip install 'ctcovid[dicomweb]'")
     secret = tmp_path / "auth"
     secret.write_text(f"Basic {USER[0]}:{USER[1]}\n")
+    secret.chmod(0o600)
     auth = HttpAuth.load("CTCOVID_UNSET_VARIABLE", secret)
     url = f"http://127.0.0.1:{pacs.http_port}/dicom-web"
     summary = run_from(dicomweb_source(pacs, auth), tmp_path / "run", tiny_model_dir, classifier,
@@ -395,6 +398,7 @@ def test_resume_reuses_the_query_and_a_retrieved_series_in_the_cache(
     assert not list((out / "cache").rglob("*.dcm"))
 
 
+@pytest.mark.slow  # the command loads the model itself: about a minute on two busy cores
 def test_cli_batch_from_pacs(pacs: Orthanc, tiny_model_dir: Path, folder_rows: dict,
                              tmp_path: Path) -> None:
     out = tmp_path / "run"
@@ -406,6 +410,17 @@ def test_cli_batch_from_pacs(pacs: Orthanc, tiny_model_dir: Path, folder_rows: d
     ])
     assert result.exit_code == 0, result.output
     assert_same_rows(rows_of(out), folder_rows)
+
+
+def test_cli_reports_an_unreachable_pacs_in_one_line(tmp_path: Path, tiny_model_dir: Path
+                                                     ) -> None:
+    port = free_port()  # nothing listens there
+    result = CliRunner().invoke(app, [
+        "batch", "--from-pacs", f"127.0.0.1:{port}:PACS", "--query", "StudyDate=20200301-",
+        "--body-part", "CHEST", "--out", str(tmp_path / "o"), "--model", str(tiny_model_dir),
+        "--quiet"])
+    assert result.exit_code == 1
+    assert f"association with 127.0.0.1:{port}:PACS" in result.output
 
 
 def test_cli_refuses_an_archive_and_a_pacs_together(tmp_path: Path, tiny_model_dir: Path
