@@ -14,7 +14,8 @@ Sections (``--sections``, default all but ``gpu``):
 - ``e2e``: ``ctcovid classify`` of a 300-slice series, slice policy ``all`` (default) and
   ``lung``, wall seconds of the command;
 - ``memory``: peak RSS of ``ctcovid classify`` on a 700-slice series (small model input);
-- ``hooks``: ``bench/node_bench.py`` and ``bench/batch_bench.py`` when present (JSON on stdout);
+- ``hooks``: ``bench/node_bench.py``, ``bench/batch_bench.py`` and ``bench/pacs_bench.py`` when
+  present (JSON on stdout);
 - ``gpu``: the GPU path (bf16 policy, jit, large fixed batches) vs fp32 ``model.predict``, and
   DICOM folder to result; run by ``bench/gpu.sh``.
 
@@ -375,7 +376,7 @@ def bench_memory() -> list[dict[str, Any]]:
 
 def bench_hooks() -> list[dict[str, Any]]:
     rows = []
-    for script in ("node_bench.py", "batch_bench.py"):
+    for script in ("node_bench.py", "batch_bench.py", "pacs_bench.py"):
         path = BENCH_DIR / script
         if not path.exists():
             continue

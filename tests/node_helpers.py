@@ -152,7 +152,8 @@ class Orthanc:
     """Orthanc started with a generated configuration on free loopback ports."""
 
     def __init__(
-        self, work: Path, node_port: int, *, dicom_port: int | None = None, aet: str = "ORTHANC"
+        self, work: Path, node_port: int, *, dicom_port: int | None = None, aet: str = "ORTHANC",
+        extra_config: dict[str, Any] | None = None, basic_auth: tuple[str, str] | None = None,
     ) -> None:
         binary = require_tool("Orthanc")
         self.aet = aet
@@ -173,6 +174,11 @@ class Orthanc:
             "Plugins": [],
             "DicomModalities": {"ctcovid": [NODE_AET, "127.0.0.1", node_port]},
         }
+        config.update(extra_config or {})
+        self.basic_auth = basic_auth
+        if basic_auth is not None:
+            config["AuthenticationEnabled"] = True
+            config["RegisteredUsers"] = {basic_auth[0]: basic_auth[1]}
         config_path = work / "orthanc.json"
         config_path.write_text(json.dumps(config, indent=2))
         self._log = open(work / "orthanc.log", "ab")  # noqa: SIM115 - lives with the process
@@ -193,6 +199,11 @@ class Orthanc:
         req = urllib.request.Request(
             f"http://127.0.0.1:{self.http_port}{path}", data=body, method=method
         )
+        if self.basic_auth is not None:
+            import base64
+
+            token = base64.b64encode(":".join(self.basic_auth).encode()).decode()
+            req.add_header("Authorization", f"Basic {token}")
         with LOOPBACK.open(req, timeout=120) as resp:
             return json.loads(resp.read() or b"null")
 

@@ -21,7 +21,7 @@ from collections.abc import Iterable
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -49,10 +49,14 @@ from ctcovid.batch.results import (
     prepare_output,
     write_json_atomic,
 )
-from ctcovid.errors import CtCovidError
+from ctcovid.errors import ConfigError, CtCovidError
 from ctcovid.inference import Classifier
 from ctcovid.model.artifact import ModelArtifact, read_artifact
 from ctcovid.scans import PreparedScan, prepare_scan
+
+if TYPE_CHECKING:
+    from ctcovid.batch.destinations import Destination
+    from ctcovid.batch.sources import PacsSource
 
 logger = logging.getLogger(__name__)
 
@@ -343,6 +347,10 @@ class BatchOptions:
     batch_size: int = 32
     ray_address: str | None = None
     ray_num_cpus: int | None = None
+    # A PACS in place of the archive folder (``sources.py``); ``archive`` is then its cache.
+    source: PacsSource | None = None
+    # Where every SR also goes, by C-STORE or STOW-RS (``destinations.py``).
+    destinations: tuple[Destination, ...] = ()
 
 
 def run_batch(
@@ -360,6 +368,8 @@ def run_batch(
     progress = progress or BatchProgress()
     if options.engine not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}. Received: {options.engine!r}.")
+    if options.source is not None and options.engine != "local":
+        raise ConfigError("a PACS source runs with the local engine (--engine local)")
     wall_start = time.perf_counter()
     out = Path(options.out)
     archive = Path(options.archive)
@@ -383,11 +393,24 @@ def run_batch(
     # One pool of workers for both phases: the decoders start warm (modules imported) while the
     # model loads.
     local_pool = options.engine == "local" and options.workers > 0
-    with process_pool(options.workers) if local_pool else contextlib.nullcontext() as pool:
-        if pool is not None:
-            for _ in range(options.workers):
-                pool.submit(warm_up)
-        return _run(options, progress, classifier, artifact, pool, wall_start)
+    forwarder = None
+    if options.destinations:
+        from ctcovid.batch.destinations import SrForwarder
+
+        forwarder = SrForwarder(out, options.destinations)
+        progress = forwarder.watch(progress)
+    try:
+        with process_pool(options.workers) if local_pool else contextlib.nullcontext() as pool:
+            if pool is not None:
+                for _ in range(options.workers):
+                    pool.submit(warm_up)
+            summary = _run(options, progress, classifier, artifact, pool, wall_start)
+    finally:
+        sent = forwarder.close() if forwarder is not None else None
+    if sent is not None:
+        summary["sent"] = sent
+        write_json_atomic(summary, out / SUMMARY_FILE)
+    return summary
 
 
 def _run(
@@ -402,7 +425,9 @@ def _run(
     archive = Path(options.archive)
     db_path = out / INDEX_FILE
     config = artifact.ingest_config
-    if options.resume and index_is_complete(db_path, archive, config):
+    if options.source is not None:
+        index = options.source.plan(out, resume=options.resume)
+    elif options.resume and index_is_complete(db_path, archive, config):
         index = index_summary(db_path)
         logger.info("reusing the complete archive index %s", db_path)
     else:
@@ -418,7 +443,8 @@ def _run(
 
     with ResultsWriter(out / RESULTS_FILE) as writer:
         n_done_before = len(writer.done)
-        entries = [e for e in iter_series(db_path) if e.key not in writer.done]
+        listed = options.source.entries() if options.source is not None else iter_series(db_path)
+        entries = [e for e in listed if e.key not in writer.done]
         usable = [e for e in entries if e.usable]
         progress.classify_started(len(entries), sum(e.n_slices for e in usable))
         if options.engine == "ray":
@@ -443,7 +469,12 @@ def _run(
                 if not entry.usable:
                     sink.skipped(entry)
             classify_start = time.perf_counter()
-            run_local(usable, classifier, sink, workers=options.workers, pool=pool)
+            if options.source is not None:
+                options.source.classify(
+                    usable, classifier, sink, out=out, workers=options.workers, pool=pool
+                )
+            else:
+                run_local(usable, classifier, sink, workers=options.workers, pool=pool)
         classify_seconds = time.perf_counter() - classify_start
         rows = list(writer.rows)
 
@@ -474,5 +505,7 @@ def _run(
         "results_csv": str(out / RESULTS_FILE),
         "sr_dir": str(out / SR_DIR),
     }
+    if options.source is not None:
+        summary["source"] = options.source.summary()
     write_json_atomic(summary, out / SUMMARY_FILE)
     return summary

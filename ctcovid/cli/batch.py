@@ -8,6 +8,27 @@ from typing import Annotated, Any
 
 import typer
 
+from ctcovid.cli.batch_pacs import (
+    AccessionsOption,
+    AeTitleOption,
+    AuthFileOption,
+    BodyPartOption,
+    CacheGbOption,
+    CaFileOption,
+    DescriptionOption,
+    FromDicomWebOption,
+    FromPacsOption,
+    MaxRetrievalsOption,
+    ModalityOption,
+    MoveDestOption,
+    QueryOption,
+    QueryPauseOption,
+    SendToOption,
+    StowAuthFileOption,
+    StowOption,
+    destinations,
+    pacs_source,
+)
 from ctcovid.cli.common import (
     ModelOption,
     console,
@@ -90,10 +111,13 @@ def _progress_bars(quiet: bool) -> tuple[Any, Any]:
 
 @handle_errors
 def batch(
-    archive: Annotated[
-        Path, typer.Argument(exists=True, help="Folder tree of DICOM files (any layout).")
-    ],
     out: Annotated[Path, typer.Option("--out", help="Output folder (results, SRs, index).")],
+    archive: Annotated[
+        Path | None,
+        typer.Argument(
+            exists=True, help="Folder tree of DICOM files (any layout); not with --from-pacs."
+        ),
+    ] = None,
     model: ModelOption = None,
     resume: Annotated[
         bool, typer.Option(help="Finish an interrupted run in --out (same model and archive).")
@@ -118,6 +142,23 @@ def batch(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
     verbose: Annotated[int, typer.Option("-v", count=True, help="More logging.")] = 0,
+    from_pacs: FromPacsOption = None,
+    from_dicomweb: FromDicomWebOption = None,
+    query: QueryOption = None,
+    modality: ModalityOption = None,
+    accessions: AccessionsOption = None,
+    body_part: BodyPartOption = None,
+    series_description: DescriptionOption = None,
+    cache_gb: CacheGbOption = 10.0,
+    max_retrievals: MaxRetrievalsOption = 1,
+    query_pause: QueryPauseOption = 0.5,
+    ae_title: AeTitleOption = "CTCOVID",
+    move_port: MoveDestOption = None,
+    auth_file: AuthFileOption = None,
+    ca_file: CaFileOption = None,
+    send_to: SendToOption = None,
+    stow: StowOption = None,
+    stow_auth_file: StowAuthFileOption = None,
 ) -> None:
     """Classify every usable CT series of an archive; one row per series in DIR/results.csv.
 
@@ -133,18 +174,51 @@ def batch(
       ctcovid batch /archive/ct --out runs/2024-06 --model models/v1 --resume
 
       ctcovid batch /shared/archive --out /shared/runs/a --engine ray --ray-address auto
+
+      ctcovid batch --from-pacs pacs:104:PACS --query StudyDate=20200301-20210630 --out runs/c
+
+      ctcovid batch --from-dicomweb https://vna/dicom-web --accessions acc.txt --out runs/a
+
+    From a PACS, DIR/pacs.sqlite lists the series found, DIR/cache/ holds retrieved series
+    until they are classified (at most --cache-gb), and nothing on the PACS is changed.
     """
     setup_logging(verbose, quiet=quiet)
     quiet_keras()
     from ctcovid.batch.pipeline import BatchOptions, default_workers, run_batch
-    from ctcovid.errors import ModelError
+    from ctcovid.errors import ConfigError, ModelError
     from ctcovid.model.artifact import default_model_path, missing_model_message
 
+    source = pacs_source(
+        from_pacs=from_pacs,
+        from_dicomweb=from_dicomweb,
+        query=query,
+        modality=modality,
+        accessions=accessions,
+        body_part=body_part,
+        series_description=series_description,
+        cache_gb=cache_gb,
+        max_retrievals=max_retrievals,
+        query_pause=query_pause,
+        ae_title=ae_title,
+        move_port=move_port,
+        auth_file=auth_file,
+        ca_file=ca_file,
+    )
+    if (archive is None) == (source is None):
+        raise ConfigError("give an ARCHIVE folder, or --from-pacs / --from-dicomweb (one of them)")
+    sends = destinations(
+        send_to=send_to,
+        stow=stow,
+        stow_auth_file=stow_auth_file,
+        ca_file=ca_file,
+        ae_title=ae_title,
+    )
     model_path = model or default_model_path()
     if not model_path.exists():
         raise ModelError(missing_model_message(model_path))
     options = BatchOptions(
-        archive=archive,
+        # A PACS run's archive is its cache: the folder the series are read from.
+        archive=archive if archive is not None else out / "cache",
         out=out,
         model_path=model_path,
         resume=resume,
@@ -152,14 +226,20 @@ def batch(
         engine=engine.value,
         batch_size=batch_size,
         ray_address=ray_address,
+        source=source,
+        destinations=sends,
     )
     # Redrawn bars come out as broken lines in a log or a pipe: bars only on a terminal.
     bars, progress = _progress_bars(quiet or json_out or not console.is_terminal)
-    if bars is not None:
-        with bars:
+    try:
+        if bars is not None:
+            with bars:
+                summary = run_batch(options, progress)
+        else:
             summary = run_batch(options, progress)
-    else:
-        summary = run_batch(options, progress)
+    finally:
+        if source is not None:
+            source.close()
     if json_out:
         print_json(summary)
         return

@@ -1,0 +1,269 @@
+"""Where the SRs of a batch run go besides ``out/sr``: a PACS by C-STORE, or STOW-RS.
+
+Every classified row's SR is sent to every destination by a background thread, so sending never
+slows classification. C-STORE goes through the node's sender (``ctcovid.node.sender.send_file``,
+the same statuses count as delivered); STOW-RS through ``ctcovid.pacs.dicomweb``. A failed send is
+retried with exponential backoff; after the last try it is ``failed`` with the reason. The
+outcome of every send is kept in ``out/sent.sqlite``: ``--resume`` sends what is not ``sent``
+yet (including rows of an earlier run that crashed before sending). Re-sending is harmless: SR
+UIDs are derived from the series and the model, and a PACS keeps the first copy of a UID.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ctcovid.batch.pipeline import BatchProgress
+from ctcovid.batch.results import CLASSIFIED, RESULTS_FILE, ResultRow, read_results
+from ctcovid.errors import PacsError
+from ctcovid.pacs.dicomweb import HttpAuth
+
+logger = logging.getLogger(__name__)
+
+SENT_FILE = "sent.sqlite"
+SENT = "sent"
+FAILED = "failed"
+PENDING = "pending"
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS sends (
+    sr_path TEXT NOT NULL,
+    destination TEXT NOT NULL,
+    study_instance_uid TEXT NOT NULL,
+    series_instance_uid TEXT NOT NULL,
+    state TEXT NOT NULL,
+    attempts INTEGER NOT NULL,
+    error TEXT NOT NULL,
+    PRIMARY KEY (sr_path, destination)
+);
+"""
+
+
+@dataclass(frozen=True)
+class Destination:
+    """A C-STORE peer (``HOST:PORT:AET``) or a STOW-RS service (a DICOMweb base URL)."""
+
+    kind: str  # "c-store" | "stow-rs"
+    target: str
+    calling_ae_title: str = "CTCOVID"
+    auth: HttpAuth | None = field(default=None, compare=False)
+    ca_file: Path | None = None
+    timeout_seconds: float = 60.0
+
+    @classmethod
+    def c_store(cls, text: str, *, calling_ae_title: str = "CTCOVID") -> Destination:
+        from ctcovid.node.config import Peer
+
+        return cls("c-store", str(Peer.parse(text)), calling_ae_title)
+
+    @classmethod
+    def stow_rs(
+        cls, url: str, *, auth: HttpAuth | None = None, ca_file: Path | None = None
+    ) -> Destination:
+        from ctcovid.pacs.dicomweb import make_client
+
+        make_client(url, auth, ca_file=ca_file)  # check the URL and the extra now, not later
+        return cls("stow-rs", url.rstrip("/"), auth=auth, ca_file=ca_file)
+
+    def __str__(self) -> str:
+        return f"{self.kind} {self.target}"
+
+
+class _Sender:
+    """Sends one file to one destination; keeps a STOW-RS client between sends."""
+
+    def __init__(self, destination: Destination):
+        self.destination = destination
+        self._client: Any = None
+
+    def send(self, path: Path) -> None:
+        d = self.destination
+        if d.kind == "c-store":
+            from ctcovid.node.config import Peer
+            from ctcovid.node.sender import send_file
+
+            send_file(
+                path,
+                Peer.parse(d.target),
+                calling_ae_title=d.calling_ae_title,
+                timeout_seconds=d.timeout_seconds,
+            )
+            return
+        from ctcovid.pacs.dicomweb import make_client, stow
+
+        if self._client is None:
+            self._client = make_client(
+                d.target, d.auth, ca_file=d.ca_file, timeout_seconds=d.timeout_seconds
+            )
+        stow(self._client, d.target, [path])
+
+
+class SrForwarder:
+    """Sends the SR of each classified row to every destination, in the background."""
+
+    def __init__(
+        self,
+        out: Path,
+        destinations: tuple[Destination, ...],
+        *,
+        max_attempts: int = 5,
+        retry_seconds: float = 2.0,
+        max_retry_seconds: float = 60.0,
+    ):
+        self.out = Path(out)
+        self.destinations = destinations
+        self.max_attempts = max_attempts
+        self.retry_seconds = retry_seconds
+        self.max_retry_seconds = max_retry_seconds
+        self._senders = {str(d): _Sender(d) for d in destinations}
+        self._db = sqlite3.connect(self.out / SENT_FILE, check_same_thread=False)
+        self._db.executescript(SCHEMA)
+        self._lock = threading.Condition()
+        self._heap: list[tuple[float, int, str, str, ResultRow, int]] = []
+        self._seq = 0
+        self._closing = False
+        self._thread = threading.Thread(target=self._work, name="sr-forwarder", daemon=True)
+        # SRs of earlier runs that were not delivered (crash, PACS down): send them again.
+        for row in read_results(self.out / RESULTS_FILE):
+            self.submit(row)
+        self._thread.start()
+
+    def watch(self, progress: BatchProgress) -> BatchProgress:
+        """``progress`` that also hands every finished row to this forwarder."""
+        return _Forwarding(progress, self)
+
+    def _state(self, sr_path: str, destination: str) -> str | None:
+        with self._lock:
+            found = self._db.execute(
+                "SELECT state FROM sends WHERE sr_path = ? AND destination = ?",
+                (sr_path, destination),
+            ).fetchone()
+        return found[0] if found else None
+
+    def _record(
+        self, row: ResultRow, destination: str, state: str, attempts: int, error: str
+    ) -> None:
+        with self._lock, self._db:
+            self._db.execute(
+                "INSERT OR REPLACE INTO sends VALUES (?,?,?,?,?,?,?)",
+                (
+                    row.sr_path,
+                    destination,
+                    row.study_instance_uid,
+                    row.series_instance_uid,
+                    state,
+                    attempts,
+                    error,
+                ),
+            )
+
+    def submit(self, row: ResultRow) -> None:
+        """Queue the SR of ``row`` for every destination it has not reached yet."""
+        if row.status != CLASSIFIED or not row.sr_path:
+            return
+        for name in self._senders:
+            if self._state(row.sr_path, name) == SENT:
+                continue
+            self._record(row, name, PENDING, 0, "")
+            self._push(time.monotonic(), name, row, 0)
+
+    def _push(self, when: float, name: str, row: ResultRow, attempts: int) -> None:
+        with self._lock:
+            self._seq += 1
+            heapq.heappush(self._heap, (when, self._seq, name, row.sr_path, row, attempts))
+            self._lock.notify_all()
+
+    def _work(self) -> None:
+        while True:
+            with self._lock:
+                while True:
+                    if self._heap:
+                        delay = self._heap[0][0] - time.monotonic()
+                        if delay <= 0:
+                            break
+                        self._lock.wait(delay)
+                    elif self._closing:
+                        return
+                    else:
+                        self._lock.wait()
+                _, _, name, _, row, attempts = heapq.heappop(self._heap)
+            self._send(name, row, attempts)
+
+    def _send(self, name: str, row: ResultRow, attempts: int) -> None:
+        path = self.out / row.sr_path
+        try:
+            self._senders[name].send(path)
+        except Exception as exc:  # refused, unreachable, TLS, failure status: back off
+            attempts += 1
+            reason = str(exc) if isinstance(exc, PacsError) else f"{type(exc).__name__}: {exc}"
+            if attempts >= self.max_attempts:
+                self._record(row, name, FAILED, attempts, reason)
+                logger.error(
+                    "event=sr_send_failed sr=%s destination=%s attempts=%d error=%r",
+                    row.sr_path,
+                    name,
+                    attempts,
+                    reason,
+                )
+                return
+            self._record(row, name, PENDING, attempts, reason)
+            delay = min(self.max_retry_seconds, self.retry_seconds * 2 ** (attempts - 1))
+            logger.warning(
+                "event=sr_send_retry sr=%s destination=%s attempt=%d next_try_in=%.1fs error=%r",
+                row.sr_path,
+                name,
+                attempts,
+                delay,
+                reason,
+            )
+            self._push(time.monotonic() + delay, name, row, attempts)
+            return
+        self._record(row, name, SENT, attempts + 1, "")
+        logger.info("event=sr_sent sr=%s destination=%s", row.sr_path, name)
+
+    def close(self) -> dict[str, Any]:
+        """Finish every send (with its retries); the outcome per destination."""
+        with self._lock:
+            self._closing = True
+            self._lock.notify_all()
+        self._thread.join()
+        return self.outcome()
+
+    def outcome(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        with self._lock:
+            for name in self._senders:
+                rows = self._db.execute(
+                    "SELECT state, error, series_instance_uid FROM sends WHERE destination = ?",
+                    (name,),
+                ).fetchall()
+                counts = {state: sum(r[0] == state for r in rows) for state in (SENT, FAILED)}
+                errors = [f"series {uid}: {err}" for state, err, uid in rows if state == FAILED]
+                out[name] = counts | {"errors": errors[:10]}
+            self._db.close()
+        return out
+
+
+class _Forwarding(BatchProgress):
+    def __init__(self, inner: BatchProgress, forwarder: SrForwarder):
+        self.inner = inner
+        self.forwarder = forwarder
+
+    def index_started(self, n_files: int) -> None:
+        self.inner.index_started(n_files)
+
+    def index_advanced(self, n_done: int, n_total: int) -> None:
+        self.inner.index_advanced(n_done, n_total)
+
+    def classify_started(self, n_series: int, n_slices: int) -> None:
+        self.inner.classify_started(n_series, n_slices)
+
+    def series_finished(self, row: ResultRow, n_slices: int) -> None:
+        self.inner.series_finished(row, n_slices)
+        self.forwarder.submit(row)

@@ -1,0 +1,270 @@
+"""The PACS options of ``ctcovid batch``: where series come from and where SRs go."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+from ctcovid.errors import ConfigError
+
+if TYPE_CHECKING:  # imported when used: ``ctcovid --help`` stays instant
+    from ctcovid.batch.destinations import Destination
+    from ctcovid.batch.sources import PacsSource
+
+_PACS = "PACS source"
+_DEST = "SR destinations"
+
+FromPacsOption = Annotated[
+    str | None,
+    typer.Option(
+        "--from-pacs",
+        metavar="HOST:PORT:AET",
+        help="Read the studies from a PACS by C-FIND and C-GET (or C-MOVE, --move-dest).",
+        rich_help_panel=_PACS,
+    ),
+]
+FromDicomWebOption = Annotated[
+    str | None,
+    typer.Option(
+        "--from-dicomweb",
+        metavar="URL",
+        help="Read the studies from a DICOMweb service (QIDO-RS, WADO-RS). Credentials: "
+        "$CTCOVID_DICOMWEB_AUTH or --auth-file ('Bearer TOKEN' or 'Basic USER:PASSWORD').",
+        rich_help_panel=_PACS,
+    ),
+]
+QueryOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--query",
+        metavar="KEY=VALUE",
+        help="Study-level matching key, e.g. StudyDate=20200301-20210630 (repeatable).",
+        rich_help_panel=_PACS,
+    ),
+]
+ModalityOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--modality",
+        help="Series modality to retrieve (repeatable). Default: CT.",
+        rich_help_panel=_PACS,
+    ),
+]
+AccessionsOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--accessions",
+        exists=True,
+        dir_okay=False,
+        help="File of accession numbers, one per line: one study query each.",
+        rich_help_panel=_PACS,
+    ),
+]
+BodyPartOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--body-part",
+        metavar="PATTERN",
+        help="Retrieve only series whose BodyPartExamined matches (e.g. 'CHEST', repeatable).",
+        rich_help_panel=_PACS,
+    ),
+]
+DescriptionOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--series-description",
+        metavar="PATTERN",
+        help="Retrieve only series whose SeriesDescription matches (e.g. '*lung*', repeatable).",
+        rich_help_panel=_PACS,
+    ),
+]
+CacheGbOption = Annotated[
+    float,
+    typer.Option(
+        "--cache-gb",
+        min=0.001,
+        help="Bound of the local cache of retrieved series (DIR/cache).",
+        rich_help_panel=_PACS,
+    ),
+]
+MaxRetrievalsOption = Annotated[
+    int,
+    typer.Option(
+        "--max-retrievals",
+        min=1,
+        max=16,
+        help="Series retrieved at the same time.",
+        rich_help_panel=_PACS,
+    ),
+]
+QueryPauseOption = Annotated[
+    float,
+    typer.Option(
+        "--query-pause",
+        min=0.0,
+        help="Seconds between two requests to the PACS.",
+        rich_help_panel=_PACS,
+    ),
+]
+AeTitleOption = Annotated[
+    str,
+    typer.Option(
+        "--ae-title", help="Our AE title (calling AE; C-MOVE destination).", rich_help_panel=_PACS
+    ),
+]
+MoveDestOption = Annotated[
+    int | None,
+    typer.Option(
+        "--move-port",
+        metavar="PORT",
+        help="Retrieve by C-MOVE to our own storage SCP on this port (the PACS must know "
+        "--ae-title at this host and port) instead of C-GET.",
+        rich_help_panel=_PACS,
+    ),
+]
+AuthFileOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--auth-file",
+        exists=True,
+        dir_okay=False,
+        help="Credentials for --from-dicomweb, read from this file.",
+        rich_help_panel=_PACS,
+    ),
+]
+CaFileOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--ca-file",
+        exists=True,
+        dir_okay=False,
+        help="CA certificates to verify DICOMweb servers with (default: system).",
+        rich_help_panel=_PACS,
+    ),
+]
+SendToOption = Annotated[
+    str | None,
+    typer.Option(
+        "--send-to",
+        metavar="HOST:PORT:AET",
+        help="Also C-STORE every SR to this peer (retried; outcome in DIR/sent.sqlite).",
+        rich_help_panel=_DEST,
+    ),
+]
+StowOption = Annotated[
+    str | None,
+    typer.Option(
+        "--stow",
+        metavar="URL",
+        help="Also STOW-RS every SR to this DICOMweb service. Credentials: "
+        "$CTCOVID_STOW_AUTH or --stow-auth-file.",
+        rich_help_panel=_DEST,
+    ),
+]
+StowAuthFileOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--stow-auth-file",
+        exists=True,
+        dir_okay=False,
+        help="Credentials for --stow, read from this file.",
+        rich_help_panel=_DEST,
+    ),
+]
+
+
+def pacs_source(
+    *,
+    from_pacs: str | None,
+    from_dicomweb: str | None,
+    query: list[str] | None,
+    modality: list[str] | None,
+    accessions: Path | None,
+    body_part: list[str] | None,
+    series_description: list[str] | None,
+    cache_gb: float,
+    max_retrievals: int,
+    query_pause: float,
+    ae_title: str,
+    move_port: int | None,
+    auth_file: Path | None,
+    ca_file: Path | None,
+) -> PacsSource | None:
+    """The PACS to read from, or None for a folder archive."""
+    from ctcovid.batch.sources import PacsSource
+    from ctcovid.node.config import Peer, check_ae_title
+    from ctcovid.pacs.query import SeriesRules, StudyQuery
+
+    if from_pacs and from_dicomweb:
+        raise ConfigError("give --from-pacs or --from-dicomweb, not both")
+    if not from_pacs and not from_dicomweb:
+        used = [
+            name
+            for name, v in (
+                ("--query", query),
+                ("--accessions", accessions),
+                ("--move-port", move_port),
+            )
+            if v
+        ]
+        if used:
+            raise ConfigError(f"{', '.join(used)} need --from-pacs or --from-dicomweb")
+        return None
+    modalities = tuple(modality or ("CT",))
+    study_query = StudyQuery.parse(query or [], accessions_file=accessions, modalities=modalities)
+    rules = SeriesRules(
+        modalities=study_query.modalities,
+        body_parts=tuple(body_part or ()),
+        descriptions=tuple(series_description or ()),
+    )
+    archive: object
+    if from_pacs:
+        from ctcovid.pacs.dimse import DimseArchive, MoveReceiver
+
+        calling = check_ae_title(ae_title, "--ae-title")
+        receiver = MoveReceiver(calling, move_port) if move_port is not None else None
+        archive = DimseArchive(
+            Peer.parse(from_pacs), calling_ae_title=calling, move_receiver=receiver
+        )
+    else:
+        from ctcovid.pacs.dicomweb import AUTH_ENV, DicomWebArchive, HttpAuth
+
+        assert from_dicomweb is not None
+        if move_port is not None:
+            raise ConfigError("--move-port is for --from-pacs (DIMSE)")
+        archive = DicomWebArchive(
+            from_dicomweb, HttpAuth.load(AUTH_ENV, auth_file), ca_file=ca_file
+        )
+    return PacsSource(
+        archive,  # type: ignore[arg-type]
+        study_query,
+        rules,
+        cache_bytes=int(cache_gb * 1e9),
+        max_retrievals=max_retrievals,
+        pause_seconds=query_pause,
+    )
+
+
+def destinations(
+    *,
+    send_to: str | None,
+    stow: str | None,
+    stow_auth_file: Path | None,
+    ca_file: Path | None,
+    ae_title: str,
+) -> tuple[Destination, ...]:
+    from ctcovid.batch.destinations import Destination
+    from ctcovid.pacs.dicomweb import STOW_AUTH_ENV, HttpAuth
+
+    out = []
+    if send_to:
+        out.append(Destination.c_store(send_to, calling_ae_title=ae_title))
+    if stow:
+        out.append(
+            Destination.stow_rs(
+                stow, auth=HttpAuth.load(STOW_AUTH_ENV, stow_auth_file), ca_file=ca_file
+            )
+        )
+    return tuple(out)
