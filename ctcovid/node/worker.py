@@ -9,6 +9,7 @@ waiting one (scan its folder, judge it with the ingest rules, ``Classifier.class
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import io
 import logging
@@ -22,7 +23,7 @@ from typing import Any, Protocol
 
 from ctcovid.errors import InvalidInputError
 from ctcovid.node.config import NodeConfig
-from ctcovid.node.store import SeriesRecord, Store
+from ctcovid.node.store import OutOfSpaceError, SeriesRecord, Store
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +91,9 @@ class Worker:
         log_ids = f"study={record.study_instance_uid} series={uid}"
         start = time.perf_counter()
         try:
+            # Below the floor the SR could not be stored: wait for space before spending the
+            # model's time, and do not fail the job for a condition that passes.
+            self.store.check_free_space()
             series = self._assessed_series(record)
             if not series.usable:
                 self.store.finish_unusable(record, series.reason)
@@ -107,6 +111,21 @@ class Worker:
         except InvalidInputError as exc:
             self.store.finish_unusable(record, str(exc))
             logger.warning("event=series_unusable %s reason=%r", log_ids, str(exc))
+            return
+        except OSError as exc:
+            if not isinstance(exc, OutOfSpaceError) and exc.errno != errno.ENOSPC:
+                logger.exception("event=classify_failed %s", log_ids)
+                self.store.finish_failed(
+                    record, f"classification failed: {type(exc).__name__}: {exc}"
+                )
+                return
+            retry_in = max(self.config.retry_seconds, self.config.poll_seconds)
+            self.store.defer_classification(
+                record, f"waiting for disk space: {exc}", retry_seconds=retry_in
+            )
+            logger.error(
+                "event=classify_deferred %s reason=%r retry_in=%.0fs", log_ids, str(exc), retry_in
+            )
             return
         except Exception as exc:  # a model or report failure: visible as failed, retryable
             logger.exception("event=classify_failed %s", log_ids)
