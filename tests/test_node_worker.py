@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from pynetdicom import AE, evt
 from pynetdicom.sop_class import Comprehensive3DSRStorage
 
 from ctcovid.node.config import NodeConfig, Peer
-from ctcovid.node.store import CLASSIFIED, FAILED, SENT, UNUSABLE, Store
+from ctcovid.node.store import CLASSIFIED, FAILED, SENT, UNUSABLE, WAITING, Store
 from ctcovid.node.worker import Worker
 
 pytestmark = pytest.mark.network
@@ -154,3 +155,81 @@ def test_unreachable_peer_is_retried_then_the_job_fails_visibly(
     assert (record.state, record.attempts) == (FAILED, 2)
     assert "2 time(s)" in record.reason
     assert (worker.store.root / record.sr_path).is_file()  # kept for a retry
+
+
+def _store_over_association(port: int, datasets: list[pydicom.Dataset]) -> list[int]:
+    """C-STORE ``datasets`` over one real association; the statuses."""
+    from pynetdicom.sop_class import CTImageStorage
+
+    ae = AE(ae_title="MODALITY")
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
+    ae.add_requested_context(CTImageStorage, ["1.2.840.10008.1.2.1"])
+    assoc = ae.associate("127.0.0.1", port, ae_title="CTCOVID")
+    assert assoc.is_established
+    try:
+        return [int(assoc.send_c_store(ds).Status) for ds in datasets]
+    finally:
+        assoc.release()
+
+
+def test_changed_instance_under_the_same_uid_is_kept_and_the_series_revised(
+    tmp_path: Path, studies_root: Path, classifier, pacs
+):
+    from ctcovid.node.scp import Listener
+
+    peer, received = pacs
+    worker = make_worker(tmp_path, classifier, peer)
+    listener = Listener(
+        NodeConfig(store=worker.config.store, host="127.0.0.1", port=0, min_free_mb=0),
+        Store(worker.config.store),
+    )
+    listener.start()
+    try:
+        files = ct_files(studies_root, "study_000")
+        assert set(_store_over_association(listener.port, [pydicom.dcmread(f) for f in files]))\
+            == {0}
+        run_until_idle(worker)
+        changed = pydicom.dcmread(files[2])
+        pixels = bytearray(changed.PixelData)
+        pixels[:64] = bytes(255 - b for b in pixels[:64])
+        changed.PixelData = bytes(pixels)
+
+        statuses = _store_over_association(listener.port, [pydicom.dcmread(files[1]), changed])
+        run_until_idle(worker)
+    finally:
+        listener.stop(drain_seconds=5)
+        listener.store.close()
+
+    assert statuses == [0, 0]
+    (record,) = worker.store.list_series()
+    assert (record.state, record.revision, record.sent_revision) == (SENT, 2, 2)
+    assert len(received) == 2  # the identical resend changed nothing; the changed one revised
+    (replaced,) = worker.store.replaced_instances()
+    assert replaced["sop_instance_uid"] == changed.SOPInstanceUID
+    kept = pydicom.dcmread(worker.store.root / replaced["path"])
+    assert kept.PixelData == pydicom.dcmread(files[2]).PixelData  # the old content, not lost
+    stored = pydicom.dcmread(worker.store.root / "instances" / changed.StudyInstanceUID
+                             / changed.SeriesInstanceUID / f"{changed.SOPInstanceUID}.dcm")
+    assert stored.PixelData == changed.PixelData
+
+
+def test_sr_below_the_disk_floor_waits_for_space_instead_of_failing(
+    tmp_path: Path, studies_root: Path, classifier, pacs
+):
+    peer, received = pacs
+    worker = make_worker(tmp_path, classifier, peer)
+    for path in ct_files(studies_root, "study_003"):
+        put(worker.store, path)
+    worker.store.min_free_bytes = 1 << 60  # no disk has that much free
+
+    worker.step()
+
+    (record,) = worker.store.list_series()
+    assert record.state == WAITING
+    assert "disk space" in record.reason and record.classify_attempts == 0
+    assert received == []
+    worker.store.min_free_bytes = 0  # space returns
+    time.sleep(worker.config.poll_seconds + 0.1)  # the deferred job is due again after a pause
+    run_until_idle(worker)
+    (record,) = worker.store.list_series()
+    assert record.state == SENT and len(received) == 1
