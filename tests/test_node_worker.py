@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import socket
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pydicom
 import pytest
-from node_helpers import free_port
+from node_helpers import free_port, wait_for
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import Comprehensive3DSRStorage
 
@@ -42,6 +45,51 @@ def pacs() -> Iterator[tuple[Peer, list[pydicom.Dataset]]]:
     )
     yield Peer("127.0.0.1", int(server.server_address[1]), "PACS"), received
     server.shutdown()
+
+
+@pytest.fixture
+def stalled_pacs() -> Iterator[Peer]:
+    """A PACS that accepts the association, then never answers the C-STORE (until teardown)."""
+    release = threading.Event()
+
+    def handle(event: evt.Event) -> int:
+        release.wait(120)
+        return 0x0000
+
+    ae = AE(ae_title="PACS")
+    ae.add_supported_context(Comprehensive3DSRStorage)
+    ae.dimse_timeout = ae.network_timeout = ae.acse_timeout = 300
+    server = ae.start_server(
+        ("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, handle)]
+    )
+    yield Peer("127.0.0.1", int(server.server_address[1]), "PACS")
+    release.set()
+    server.shutdown()
+
+
+@pytest.fixture
+def silent_peer() -> Iterator[Peer]:
+    """A TCP peer that accepts connections and never sends a byte (raw socket)."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    accepted: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        listener.settimeout(0.2)
+        while not stop.is_set():
+            with contextlib.suppress(OSError):
+                accepted.append(listener.accept()[0])
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    yield Peer("127.0.0.1", listener.getsockname()[1], "PACS")
+    stop.set()
+    thread.join(5)
+    for conn in accepted:
+        conn.close()
+    listener.close()
 
 
 def put(store: Store, path: Path) -> None:
@@ -233,3 +281,98 @@ def test_sr_below_the_disk_floor_waits_for_space_instead_of_failing(
     run_until_idle(worker)
     (record,) = worker.store.list_series()
     assert record.state == SENT and len(received) == 1
+
+
+def _an_sr(tmp_path: Path, studies_root: Path, classifier) -> Path:
+    worker = make_worker(tmp_path / "sr-maker", classifier, None)
+    for path in ct_files(studies_root, "study_000"):
+        put(worker.store, path)
+    run_until_idle(worker)
+    (record,) = worker.store.list_series()
+    return worker.store.root / record.sr_path
+
+
+@pytest.mark.parametrize("peer_fixture", ["stalled_pacs", "silent_peer"])
+def test_a_send_to_a_stalled_peer_ends_at_its_deadline(
+    tmp_path: Path, studies_root: Path, classifier, peer_fixture: str, request
+):
+    from ctcovid.errors import PacsError
+    from ctcovid.node.sender import send_file
+
+    peer = request.getfixturevalue(peer_fixture)
+    sr = _an_sr(tmp_path, studies_root, classifier)
+    start = time.monotonic()
+
+    with pytest.raises(PacsError, match="within 2 s; association aborted"):
+        send_file(sr, peer, calling_ae_title="CTCOVID", timeout_seconds=120, deadline_seconds=2)
+
+    assert time.monotonic() - start < 10
+
+
+def test_a_stalled_send_neither_blocks_classification_nor_stopping(
+    tmp_path: Path, studies_root: Path, classifier, stalled_pacs: Peer
+):
+    worker = make_worker(
+        tmp_path, classifier, stalled_pacs, network_timeout_seconds=120,
+        send_deadline_seconds=300, poll_seconds=0.1,
+    )
+    for path in ct_files(studies_root, "study_000"):
+        put(worker.store, path)
+    stop = threading.Event()
+    thread = threading.Thread(target=worker.run, args=(stop,), daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: worker.store.counts_by_state()["classified"] == 1, 120,
+                 "the first series to be classified (its send then stalls)")
+        time.sleep(1.0)  # the sender thread is now inside the stalled C-STORE
+        for path in ct_files(studies_root, "study_001"):
+            put(worker.store, path)
+
+        wait_for(lambda: worker.store.counts_by_state()["classified"] == 2, 120,
+                 "the second series to be classified while the first send stalls")
+    finally:
+        stopped_at = time.monotonic()
+        stop.set()
+        thread.join(30)
+    assert not thread.is_alive()
+    assert time.monotonic() - stopped_at < 10  # the stalled send is abandoned, not waited for
+    # Abandoned sends are not failed attempts: both SRs stay due for the next worker.
+    assert [(r.state, r.attempts) for r in worker.store.list_series()] == [
+        (CLASSIFIED, 0), (CLASSIFIED, 0)]
+
+
+def _beats_then_hangs(heartbeat) -> None:
+    """A worker process that makes progress once and then never again."""
+    heartbeat.value = time.monotonic()
+    time.sleep(600)
+
+
+def test_supervisor_restarts_a_worker_whose_heartbeat_stops() -> None:
+    import multiprocessing
+
+    from ctcovid.node.service import WorkerSupervisor
+
+    mp = multiprocessing.get_context("spawn")
+    started: list = []
+    lost: list[float] = []
+
+    def start(heartbeat):
+        process = mp.Process(target=_beats_then_hangs, args=(heartbeat,), daemon=True)
+        process.start()
+        started.append(process)
+        return process
+
+    supervisor = WorkerSupervisor(
+        start, lambda: mp.Value("d", 0.0, lock=False), stall_seconds=1.0,
+        on_lost=lambda: lost.append(time.monotonic()),
+    )
+    supervisor.start()
+    try:
+        wait_for(lambda: (supervisor.poll(), len(started) >= 2)[1], 60,
+                 "the stalled worker to be replaced", interval=0.1)
+    finally:
+        for process in started:
+            process.kill()
+            process.join(10)
+    assert supervisor.stalls >= 1 and len(lost) >= 1
+    assert started[0].exitcode is not None  # the stalled one was killed, not left running

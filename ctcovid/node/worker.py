@@ -1,9 +1,12 @@
 """The worker: one process that owns the model and turns complete series into sent SRs.
 
-Each step queues the series that have been quiet for ``stable_seconds``, classifies the oldest
+Each step queues the series that have been quiet for ``stable_seconds`` and classifies the oldest
 waiting one (scan its folder, judge it with the ingest rules, ``Classifier.classify``,
-``build_sr``, store the SR) and sends every SR whose send is due. All state lives in the
-:class:`~ctcovid.node.store.Store`, so the process can be killed at any moment and resumed.
+``build_sr``, store the SR). SRs whose send is due go out from a thread of their own, each send
+under a hard deadline, so a slow or stalled PACS never holds up classification. The worker
+beats a heartbeat at every step and phase; the node restarts a worker whose heartbeat stops.
+All state lives in the :class:`~ctcovid.node.store.Store`, so the process can be killed at any
+moment and resumed.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -46,11 +50,13 @@ class Worker:
         store: Store,
         classifier: Any,
         observe: Observer | None = None,
+        heartbeat: Callable[[], None] | None = None,
     ) -> None:
         self.config = config
         self.store = store
         self.classifier = classifier
         self.observe = observe or (lambda name, value: None)
+        self.beat = heartbeat or (lambda: None)
         self._ssl_context: Any = None
         if config.peer is not None and config.send_tls:
             from ctcovid.node.sender import client_ssl_context
@@ -58,15 +64,39 @@ class Worker:
             self._ssl_context = client_ssl_context(config)
 
     def run(self, stop: StopFlag, keep_going: Callable[[], bool] = lambda: True) -> None:
-        """Work until ``stop`` is set; the current job always finishes and is recorded first."""
+        """Work until ``stop`` is set; the current job always finishes and is recorded first.
+
+        A send in flight when ``stop`` is set is abandoned (it stays due, and is sent by the
+        next worker), so stopping never waits for a peer.
+        """
         logger.info("event=worker_ready model=%s", self.classifier.artifact.info.name)
+        sender: threading.Thread | None = None
+        if self.config.peer is not None:
+            sender = threading.Thread(
+                target=self._send_loop, args=(stop, keep_going), name="sender", daemon=True
+            )
+            sender.start()
         while not stop.is_set() and keep_going():
-            if not self.step(stop):
+            self.beat()
+            if not self.step(stop, send=sender is None):
                 stop.wait(self.config.poll_seconds)
+        if sender is not None:
+            sender.join(self.config.poll_seconds + 10.0)
         logger.info("event=worker_stopped")
 
-    def step(self, stop: StopFlag | None = None) -> bool:
-        """One round: queue stable series, classify one, send what is due. True if it did work."""
+    def _send_loop(self, stop: StopFlag, keep_going: Callable[[], bool]) -> None:
+        while not stop.is_set() and keep_going():
+            try:
+                did_work = self.send_due(stop)
+            except Exception:  # a database error: log it and try again, never die silently
+                logger.exception("event=send_loop_error")
+                did_work = False
+            if not did_work:
+                stop.wait(self.config.poll_seconds)
+
+    def step(self, stop: StopFlag | None = None, *, send: bool = True) -> bool:
+        """One round: queue stable series, classify one and (with ``send``) send what is due.
+        True if it did work."""
         promoted = self.store.promote_stable(self.config.stable_seconds)
         if promoted:
             logger.debug("event=series_complete count=%d", promoted)
@@ -75,12 +105,20 @@ class Worker:
         if record is not None:
             self.classify(record)
             did_work = True
-        if self.config.peer is not None:
-            for due in self.store.due_sends():
-                if stop is not None and stop.is_set():
-                    break
-                self.send(due)
-                did_work = True
+        if send and self.send_due(stop):
+            did_work = True
+        return did_work
+
+    def send_due(self, stop: StopFlag | None = None) -> bool:
+        """Send every SR whose send is due; True if there was one."""
+        if self.config.peer is None:
+            return False
+        did_work = False
+        for due in self.store.due_sends():
+            if stop is not None and stop.is_set():
+                break
+            self.send(due, stop)
+            did_work = True
         return did_work
 
     # -- classify ---------------------------------------------------------------------------
@@ -95,11 +133,13 @@ class Worker:
             # model's time, and do not fail the job for a condition that passes.
             self.store.check_free_space()
             series = self._assessed_series(record)
+            self.beat()
             if not series.usable:
                 self.store.finish_unusable(record, series.reason)
                 logger.warning("event=series_unusable %s reason=%r", log_ids, series.reason)
                 return
             result = self.classifier.classify(series)
+            self.beat()
             revision = record.sent_revision + 1
             from ctcovid.report import build_sr
 
@@ -175,9 +215,9 @@ class Worker:
 
     # -- send -------------------------------------------------------------------------------
 
-    def send(self, record: SeriesRecord) -> None:
+    def send(self, record: SeriesRecord, cancel: StopFlag | None = None) -> None:
         """Send one classified series' SR; on failure back off or give up (never raises)."""
-        from ctcovid.node.sender import send_file
+        from ctcovid.node.sender import SendCancelled, send_file
 
         assert self.config.peer is not None
         log_ids = (
@@ -193,7 +233,12 @@ class Worker:
                 ssl_context=self._ssl_context,
                 timeout_seconds=self.config.network_timeout_seconds,
                 max_pdu_bytes=self.config.max_pdu_bytes,
+                deadline_seconds=self.config.send_deadline,
+                cancel=cancel,
             )
+        except SendCancelled:
+            logger.info("event=send_abandoned %s reason=stopping", log_ids)
+            return
         except Exception as exc:  # refused, unreachable, TLS failure, failure status: retry
             state, next_try = self.store.mark_send_failed(
                 record,
@@ -304,8 +349,13 @@ def run_worker(
     stop: Any,
     events: Any,
     log_level: int,
+    heartbeat: Any = None,
 ) -> None:
-    """Entry point of the worker process (multiprocessing, spawn)."""
+    """Entry point of the worker process (multiprocessing, spawn).
+
+    ``heartbeat``, a shared double, receives ``time.monotonic()`` whenever the worker makes
+    progress; the node restarts a worker whose heartbeat stops.
+    """
     import multiprocessing
 
     _die_with_parent()
@@ -327,6 +377,10 @@ def run_worker(
 
     def parent_alive() -> bool:
         return parent is None or parent.is_alive()
+
+    def beat() -> None:
+        if heartbeat is not None:
+            heartbeat.value = time.monotonic()
 
     def observe(name: str, value: float) -> None:
         with contextlib.suppress(Exception):  # metrics must never stop the work
@@ -350,5 +404,5 @@ def run_worker(
             classifier.artifact.device_uid,
             time.perf_counter() - start,
         )
-        Worker(config, store, classifier, observe).run(stop, parent_alive)
+        Worker(config, store, classifier, observe, beat).run(stop, parent_alive)
     store.close()
