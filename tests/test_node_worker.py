@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 import threading
 import time
@@ -376,3 +377,49 @@ def test_supervisor_restarts_a_worker_whose_heartbeat_stops() -> None:
             process.join(10)
     assert supervisor.stalls >= 1 and len(lost) >= 1
     assert started[0].exitcode is not None  # the stalled one was killed, not left running
+
+
+def test_a_decompression_bomb_fails_its_series_alone_under_the_memory_limit(
+    tmp_path: Path, studies_root: Path, classifier, pacs
+):
+    from bombs import write_bomb_series
+
+    peer, received = pacs
+    worker = make_worker(tmp_path, classifier, peer, decoder_memory_mb=1536)
+    bomb_uid = write_bomb_series(ct_files(studies_root, "study_001"), tmp_path / "bomb")
+    for path in sorted((tmp_path / "bomb").iterdir()):
+        put(worker.store, path)
+    for path in ct_files(studies_root, "study_000"):
+        put(worker.store, path)
+
+    run_until_idle(worker)
+    worker.close()
+
+    by_uid = {r.series_instance_uid: r for r in worker.store.list_series()}
+    bomb = by_uid.pop(bomb_uid)
+    (healthy,) = by_uid.values()
+    assert bomb.state in (FAILED, UNUSABLE)
+    assert "allocate" in bomb.reason or "memory" in bomb.reason  # the reason, not a crash
+    assert healthy.state == SENT and len(received) == 1  # the other series went through
+
+
+def test_a_killed_decoder_process_is_replaced_and_the_next_series_classified(
+    tmp_path: Path, studies_root: Path, classifier
+):
+    import signal
+
+    worker = make_worker(tmp_path, classifier, None)
+    for path in ct_files(studies_root, "study_000"):
+        put(worker.store, path)
+    run_until_idle(worker)
+    assert worker._decoder is not None
+    for pid in list(worker._decoder._processes):  # as the kernel's OOM killer would
+        os.kill(pid, signal.SIGKILL)
+    time.sleep(1.0)
+    for path in ct_files(studies_root, "study_001"):
+        put(worker.store, path)
+
+    run_until_idle(worker)
+    worker.close()
+
+    assert [r.state for r in worker.store.list_series()] == [CLASSIFIED, CLASSIFIED]

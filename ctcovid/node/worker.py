@@ -22,9 +22,12 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any, Protocol
 
+from ctcovid.decoder import crashed_reason, decoder_pool, out_of_memory_reason
 from ctcovid.errors import InvalidInputError
 from ctcovid.node.config import NodeConfig
 from ctcovid.node.store import OutOfSpaceError, SeriesRecord, Store
@@ -39,6 +42,51 @@ class StopFlag(Protocol):
     def is_set(self) -> bool: ...
 
     def wait(self, timeout: float | None = None) -> bool: ...
+
+
+class DecodeFailed(Exception):
+    """The series could not be decoded within the decoder's resources (the reason says which)."""
+
+
+def assessed_series(folder: Path, series_instance_uid: str, ingest_config: Any) -> Any:
+    """The series ``series_instance_uid`` in ``folder``, judged with the ingest rules."""
+    from ctcovid.dicom import scan
+
+    report = scan(folder, ingest_config)
+    for series in report.series:
+        if series.series_instance_uid == series_instance_uid:
+            for bad in report.bad_files:
+                series.warnings.append(f"skipped {bad.path.name}: {bad.reason}")
+            return series
+    reasons = "; ".join(f"{b.path.name}: {b.reason}" for b in report.bad_files[:3])
+    raise InvalidInputError(
+        f"Series {series_instance_uid}: no readable instance in the store"
+        + (f" ({reasons})" if reasons else "")
+    )
+
+
+def prepare_series(folder: Path, series_instance_uid: str, artifact: Any, memory_mb: int) -> Any:
+    """Decoder-process task: judge, decode, window and select the slices of a stored series.
+
+    Raises :class:`InvalidInputError` for an unusable series, :class:`DecodeFailed` when
+    decoding ran out of the process's memory.
+    """
+    import dataclasses
+
+    from ctcovid.inference import Classifier
+
+    try:
+        series = assessed_series(folder, series_instance_uid, artifact.ingest_config)
+        if not series.usable:
+            raise InvalidInputError(series.reason)
+        prepared = Classifier(None, artifact).prepare(series)
+    except MemoryError:
+        raise DecodeFailed(out_of_memory_reason(memory_mb)) from None
+    # The result needs only the count of all slices, not their pixels: do not ship them back.
+    prepared.all_slices = dataclasses.replace(
+        prepared.all_slices, slices=prepared.all_slices.slices[:0]
+    )
+    return prepared
 
 
 class Worker:
@@ -57,6 +105,9 @@ class Worker:
         self.classifier = classifier
         self.observe = observe or (lambda name, value: None)
         self.beat = heartbeat or (lambda: None)
+        # Pixels are decoded in a process of their own under a memory limit: a file that
+        # crashes or exhausts the decoder fails its series, not the worker.
+        self._decoder: ProcessPoolExecutor | None = None
         self._ssl_context: Any = None
         if config.peer is not None and config.send_tls:
             from ctcovid.node.sender import client_ssl_context
@@ -82,7 +133,14 @@ class Worker:
                 stop.wait(self.config.poll_seconds)
         if sender is not None:
             sender.join(self.config.poll_seconds + 10.0)
+        self.close()
         logger.info("event=worker_stopped")
+
+    def close(self) -> None:
+        """End the decoder process."""
+        if self._decoder is not None:
+            self._decoder.shutdown(wait=False, cancel_futures=True)
+            self._decoder = None
 
     def _send_loop(self, stop: StopFlag, keep_going: Callable[[], bool]) -> None:
         while not stop.is_set() and keep_going():
@@ -132,13 +190,19 @@ class Worker:
             # Below the floor the SR could not be stored: wait for space before spending the
             # model's time, and do not fail the job for a condition that passes.
             self.store.check_free_space()
-            series = self._assessed_series(record)
-            self.beat()
-            if not series.usable:
-                self.store.finish_unusable(record, series.reason)
-                logger.warning("event=series_unusable %s reason=%r", log_ids, series.reason)
-                return
-            result = self.classifier.classify(series)
+            if self.config.decoder_memory_mb > 0:
+                prepared = self._prepare(record)
+                self.beat()
+                series = prepared.series
+                probabilities = self.classifier.predict_slices(prepared.used.slices)
+                result = self.classifier.result(
+                    prepared, probabilities, time.perf_counter() - start
+                )
+            else:  # no decoder process: decode here, streaming slices into the model
+                series = self._assessed_series(record)
+                if not series.usable:
+                    raise InvalidInputError(series.reason)
+                result = self.classifier.classify(series)
             self.beat()
             revision = record.sent_revision + 1
             from ctcovid.report import build_sr
@@ -151,6 +215,10 @@ class Worker:
         except InvalidInputError as exc:
             self.store.finish_unusable(record, str(exc))
             logger.warning("event=series_unusable %s reason=%r", log_ids, str(exc))
+            return
+        except DecodeFailed as exc:
+            self.store.finish_failed(record, str(exc))
+            logger.error("event=classify_failed %s reason=%r", log_ids, str(exc))
             return
         except OSError as exc:
             if not isinstance(exc, OutOfSpaceError) and exc.errno != errno.ENOSPC:
@@ -198,20 +266,35 @@ class Worker:
         )
 
     def _assessed_series(self, record: SeriesRecord) -> Any:
-        from ctcovid.dicom import scan
-
         folder = self.store.series_dir(record.study_instance_uid, record.series_instance_uid)
-        report = scan(folder, self.classifier.ingest_config)
-        for series in report.series:
-            if series.series_instance_uid == record.series_instance_uid:
-                for bad in report.bad_files:
-                    series.warnings.append(f"skipped {bad.path.name}: {bad.reason}")
-                return series
-        reasons = "; ".join(f"{b.path.name}: {b.reason}" for b in report.bad_files[:3])
-        raise InvalidInputError(
-            f"Series {record.series_instance_uid}: no readable instance in the store"
-            + (f" ({reasons})" if reasons else "")
-        )
+        return assessed_series(folder, record.series_instance_uid, self.classifier.ingest_config)
+
+    def _prepare(self, record: SeriesRecord) -> Any:
+        """Decode the series in the decoder process (started on first use, renewed if it died)."""
+        memory_mb = self.config.decoder_memory_mb
+        folder = self.store.series_dir(record.study_instance_uid, record.series_instance_uid)
+        args = (folder, record.series_instance_uid, self.classifier.artifact, memory_mb)
+        for _ in range(2):
+            if self._decoder is None:
+                self._decoder = decoder_pool(1, memory_mb)
+            try:
+                future = self._decoder.submit(prepare_series, *args)
+            except BrokenProcessPool:
+                # It died between series (killed from outside): not this series' doing.
+                self._renew_decoder()
+                continue
+            try:
+                return future.result()
+            except BrokenProcessPool:
+                self._renew_decoder()
+                raise DecodeFailed(crashed_reason(memory_mb)) from None
+        raise DecodeFailed(crashed_reason(memory_mb))
+
+    def _renew_decoder(self) -> None:
+        logger.warning("event=decoder_process_lost; starting a new one")
+        if self._decoder is not None:
+            self._decoder.shutdown(wait=False, cancel_futures=True)
+        self._decoder = None
 
     # -- send -------------------------------------------------------------------------------
 
