@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 import shutil
@@ -335,3 +336,75 @@ def test_ray_engine_gives_the_results_of_the_local_engine(
         )
         if row.probability_covid is not None:
             assert other.probability_covid == pytest.approx(row.probability_covid, abs=1e-6)
+
+
+@pytest.fixture(scope="module")
+def bomb_archive(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """One healthy study and, beside it, a series of JPEG-LS decompression bombs."""
+    from bombs import write_bomb_series
+
+    from dicom_fixtures import StudySpec, write_study
+
+    root = tmp_path_factory.mktemp("bombs")
+    healthy = write_study(root / "healthy", StudySpec(positive=True, n_slices=N_SLICES, size=SIZE),
+                          seed=5, index=0)
+    bomb_uid = write_bomb_series(sorted(healthy.paths), root / "bomb")
+    return {"root": root, "healthy": healthy.ct_series_instance_uid, "bomb": bomb_uid}
+
+
+def test_a_bomb_fails_its_series_alone_and_resume_does_not_retry_it(
+    bomb_archive: dict, tiny_model_dir: Path, classifier: Classifier, tmp_path: Path
+) -> None:
+    out = tmp_path / "run"
+    options = BatchOptions(bomb_archive["root"], out, tiny_model_dir, workers=1,
+                           decoder_memory_mb=1536)
+
+    summary = run_batch(options, classifier=classifier)
+    again = run_batch(dataclasses.replace(options, resume=True), classifier=classifier)
+
+    rows = _rows(out)
+    assert rows[bomb_archive["healthy"]].status == CLASSIFIED
+    bomb = rows[bomb_archive["bomb"]]
+    assert bomb.status == FAILED
+    assert "allocate" in bomb.reason or "memory" in bomb.reason
+    assert summary["counts"] == {CLASSIFIED: 1, SKIPPED: 0, FAILED: 1}
+    assert again["this_run"]["series"] == 0  # a failed row is final: --resume moves on
+
+
+def test_a_decoder_process_killed_mid_run_is_replaced_and_every_series_finishes(
+    archive: dict, classifier: Classifier, tmp_path: Path
+) -> None:
+    import threading
+
+    from ctcovid.batch.index import build_index, iter_series, process_pool
+    from ctcovid.batch.pipeline import BatchProgress, BatchSink, run_local
+
+    out = tmp_path / "run"
+    out.mkdir()
+    build_index(archive["root"], out / "index.sqlite", classifier.ingest_config)
+    usable = [e for e in iter_series(out / "index.sqlite") if e.usable]
+    pool = process_pool(1)
+    killed: list[int] = []
+
+    def kill_while_decoding() -> None:  # as the kernel's OOM killer would
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not killed:
+            if pool._pending_work_items and pool._processes:
+                for pid in list(pool._processes):
+                    os.kill(pid, signal.SIGKILL)
+                    killed.append(pid)
+            time.sleep(0.01)
+
+    killer = threading.Thread(target=kill_while_decoding, daemon=True)
+    killer.start()
+    with pool, ResultsWriter(out / RESULTS_FILE) as writer:
+        run_local(usable, classifier, BatchSink(out, classifier, writer, BatchProgress()),
+                  workers=1, pool=pool)
+    killer.join(5)
+
+    assert killed  # a decoder really died in the middle of the run
+    rows = _rows(out)
+    assert sorted(rows) == sorted(e.series_instance_uid for e in usable)  # every series, once
+    for entry in usable:  # the series in flight was re-run alone, and decodes fine
+        assert rows[entry.series_instance_uid].status == archive["expected"][
+            entry.series_instance_uid]

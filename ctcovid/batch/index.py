@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import multiprocessing
 import sqlite3
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -20,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ctcovid.config import IngestConfig
+from ctcovid.decoder import DEFAULT_DECODER_MEMORY_MB, decoder_pool
 from ctcovid.dicom.scan import group_instances, iter_files, read_header
 from ctcovid.dicom.series import assess
 from ctcovid.dicom.types import BadFile, Instance, Series
@@ -123,10 +123,11 @@ def _chunks(items: Sequence[str], size: int) -> Iterator[Sequence[str]]:
         yield items[start : start + size]
 
 
-def process_pool(workers: int) -> ProcessPoolExecutor:
-    """A pool of fresh interpreters: forking a process that may already run a deep-learning
-    runtime's threads is unsafe, so workers are spawned."""
-    return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+def process_pool(workers: int, memory_mb: int = DEFAULT_DECODER_MEMORY_MB) -> ProcessPoolExecutor:
+    """A pool of fresh interpreters, each under an address-space limit of ``memory_mb`` MiB
+    (0: none): forking a process that may already run a deep-learning runtime's threads is
+    unsafe, so workers are spawned; a file that declares a huge image fails, not the machine."""
+    return decoder_pool(workers, memory_mb)
 
 
 def read_archive(

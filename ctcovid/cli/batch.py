@@ -119,6 +119,14 @@ def batch(
         ),
     ] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Slices per model batch.")] = 32,
+    decoder_memory_mb: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="Address-space limit of each decode process in MiB (0: none); a series whose "
+            "files need more fails alone, with the reason.",
+        ),
+    ] = 4096,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
     verbose: Annotated[int, typer.Option("-v", count=True, help="More logging.")] = 0,
@@ -156,6 +164,7 @@ def batch(
         engine=engine.value,
         batch_size=batch_size,
         ray_address=ray_address,
+        decoder_memory_mb=decoder_memory_mb,
     )
     bars, progress = _progress_bars(quiet or json_out)
     if bars is not None:
