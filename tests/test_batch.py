@@ -408,3 +408,62 @@ def test_a_decoder_process_killed_mid_run_is_replaced_and_every_series_finishes(
     for entry in usable:  # the series in flight was re-run alone, and decodes fine
         assert rows[entry.series_instance_uid].status == archive["expected"][
             entry.series_instance_uid]
+
+
+def _messy_rows() -> list[ResultRow]:
+    return [
+        ResultRow("1.2", "1.2.3", "P1", FAILED, reason="decode error:\nline two, \"quoted\"\n"),
+        ResultRow("1.2", "1.2.4", "P1", SKIPPED, reason="modality MR is not CT"),
+        ResultRow("1.2", "1.2.5", "P,2", FAILED, reason="a\r\nb\n\n\"c\""),
+    ]
+
+
+def test_a_torn_record_with_newlines_in_quoted_fields_is_cut(tmp_path: Path) -> None:
+    path = tmp_path / RESULTS_FILE
+    first, second, _ = _messy_rows()
+    with ResultsWriter(path) as writer:
+        writer.append(first)
+        writer.append(dataclasses.replace(second, reason="error at byte 7:\nunexpected end"))
+    data = path.read_bytes()
+    # A power cut right after a newline *inside* the second record's quoted reason.
+    path.write_bytes(data[: data.index(b"\n", data.index(b"byte 7:")) + 1])
+
+    with ResultsWriter(path) as writer:
+        assert writer.done == {first.key}
+        writer.append(second)
+
+    assert read_results(path) == [first, second]  # nothing swallowed, newlines intact
+
+
+def test_results_survive_a_crash_at_any_byte(tmp_path: Path) -> None:
+    path = tmp_path / RESULTS_FILE
+    rows = _messy_rows()
+    with ResultsWriter(path) as writer:
+        for row in rows:
+            writer.append(row)
+    data = path.read_bytes()
+    header_end = data.index(b"\n") + 1
+    for cut in range(header_end, len(data) + 1):
+        path.write_bytes(data[:cut])
+        with ResultsWriter(path) as writer:
+            kept = list(writer.rows)
+            assert kept == rows[: len(kept)], cut  # a prefix of what was written, never garbage
+            for row in rows[len(kept):]:
+                writer.append(row)
+        assert read_results(path) == rows, cut
+
+
+def test_two_runs_on_one_out_folder_are_refused(
+    archive: dict, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    import fcntl
+
+    from ctcovid.errors import ConfigError
+
+    out = tmp_path / "run"
+    out.mkdir()
+    with open(out / ".lock", "a+") as held:  # another run holds the folder
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(ConfigError, match="in use by another 'ctcovid batch' run"):
+            run_batch(BatchOptions(archive["root"], out, tiny_model_dir, workers=0))
+    assert not (out / RESULTS_FILE).exists()

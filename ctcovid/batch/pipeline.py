@@ -47,6 +47,7 @@ from ctcovid.batch.results import (
     ResultsWriter,
     RunInfo,
     fsync_dir,
+    lock_output,
     prepare_output,
     write_json_atomic,
 )
@@ -423,13 +424,25 @@ def run_batch(
         raise ValueError(f"engine must be one of {ENGINES}. Received: {options.engine!r}.")
     wall_start = time.perf_counter()
     out = Path(options.out)
-    archive = Path(options.archive)
     artifact = read_artifact(options.model_path)
     if classifier is not None and classifier.artifact.device_uid != artifact.device_uid:
         raise ValueError(
             f"classifier is model {classifier.artifact.device_uid}, not the model of "
             f"{options.model_path} ({artifact.device_uid})"
         )
+    with lock_output(out):
+        return _run_locked(options, progress, classifier, artifact, wall_start)
+
+
+def _run_locked(
+    options: BatchOptions,
+    progress: BatchProgress,
+    classifier: Classifier | None,
+    artifact: ModelArtifact,
+    wall_start: float,
+) -> dict[str, Any]:
+    out = Path(options.out)
+    archive = Path(options.archive)
     prepare_output(
         out,
         RunInfo.new(
