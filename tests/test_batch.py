@@ -467,3 +467,93 @@ def test_two_runs_on_one_out_folder_are_refused(
         with pytest.raises(ConfigError, match="in use by another 'ctcovid batch' run"):
             run_batch(BatchOptions(archive["root"], out, tiny_model_dir, workers=0))
     assert not (out / RESULTS_FILE).exists()
+
+
+@pytest.fixture
+def small_archive(tmp_path: Path) -> Path:
+    from dicom_fixtures import StudySpec, write_study
+
+    root = tmp_path / "archive"
+    write_study(root / "A", StudySpec(positive=True, n_slices=N_SLICES, size=SIZE), seed=3,
+                index=0)
+    return root
+
+
+def _index(archive_root: Path, out: Path) -> tuple:
+    from ctcovid.batch.index import build_index
+    from ctcovid.config import IngestConfig
+
+    db = out / "index.sqlite"
+    summary = build_index(archive_root, db, IngestConfig())
+    conn = sqlite3.connect(db)
+    try:
+        bad = dict(conn.execute("SELECT path, reason FROM bad_files").fetchall())
+        notes = dict(conn.execute("SELECT path, note FROM walk_notes").fetchall())
+        series = conn.execute("SELECT COUNT(*) FROM series").fetchone()[0]
+    finally:
+        conn.close()
+    return summary, bad, notes, series
+
+
+def test_a_fifo_in_the_archive_is_reported_and_never_opened(
+    small_archive: Path, tmp_path: Path
+) -> None:
+    import threading
+
+    fifo = small_archive / "A" / "zz_pipe.dcm"
+    os.mkfifo(fifo)
+    found: list = []
+    indexer = threading.Thread(target=lambda: found.append(_index(small_archive, tmp_path)),
+                               daemon=True)
+    indexer.start()
+    indexer.join(60)
+    if indexer.is_alive():  # it opened the FIFO: give it an end of file so the thread ends
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        pytest.fail("indexing blocked on a FIFO in the archive")
+
+    summary, bad, _, series = found[0]
+    assert "FIFO" in bad[str(fifo)] and "not opened" in bad[str(fifo)]
+    assert series == 1 and summary.n_instances == N_SLICES
+
+
+def test_symlinked_folders_are_followed_once_and_reported(
+    small_archive: Path, tmp_path: Path
+) -> None:
+    from dicom_fixtures import StudySpec, write_study
+
+    elsewhere = tmp_path / "other_volume"
+    write_study(elsewhere / "B", StudySpec(positive=False, n_slices=N_SLICES, size=SIZE), seed=3,
+                index=1)
+    (small_archive / "linked").symlink_to(elsewhere, target_is_directory=True)
+    (small_archive / "second_link").symlink_to(elsewhere, target_is_directory=True)
+    (small_archive / "A" / "loop").symlink_to(small_archive, target_is_directory=True)
+    (small_archive / "dangling").symlink_to(tmp_path / "gone")
+
+    summary, bad, notes, series = _index(small_archive, tmp_path)
+
+    assert series == 2  # the linked volume's study is indexed
+    assert summary.n_duplicates == 0  # ... once, though two links lead to it
+    assert summary.n_symlinked_folders == 3
+    assert notes[str(small_archive / "linked")].startswith("followed to")
+    assert "not followed" in notes[str(small_archive / "second_link")]
+    assert "loop" in notes[str(small_archive / "A" / "loop")]
+    assert "broken link" in bad[str(small_archive / "dangling")]
+
+
+def test_resume_reindexes_an_archive_that_changed(
+    small_archive: Path, tiny_model_dir: Path, classifier: Classifier, tmp_path: Path
+) -> None:
+    from dicom_fixtures import StudySpec, write_study
+
+    out = tmp_path / "run"
+    options = BatchOptions(small_archive, out, tiny_model_dir, workers=0)
+    first = run_batch(options, classifier=classifier)
+    added = write_study(small_archive / "B", StudySpec(positive=False, n_slices=N_SLICES,
+                                                        size=SIZE), seed=3, index=1)
+
+    second = run_batch(dataclasses.replace(options, resume=True), classifier=classifier)
+
+    assert first["series"] == 1
+    assert second["index"]["reused"] is False
+    assert second["this_run"]["series"] == 1
+    assert _rows(out)[added.ct_series_instance_uid].status == CLASSIFIED
