@@ -423,3 +423,30 @@ def test_a_killed_decoder_process_is_replaced_and_the_next_series_classified(
     worker.close()
 
     assert [r.state for r in worker.store.list_series()] == [CLASSIFIED, CLASSIFIED]
+
+
+def test_node_classifies_on_and_stops_within_10_s_while_its_pacs_stalls(
+    tmp_path: Path, studies_root: Path, tiny_model_dir: Path, stalled_pacs: Peer
+):
+    from node_helpers import WORKER_READY_SECONDS, NodeProcess, storescu
+
+    node = NodeProcess(tmp_path / "store", tiny_model_dir, tmp_path / "node.log", "--port", "0",
+                       "--stable-seconds", "1", "--peer", str(stalled_pacs), "--min-free-mb", "0")
+    try:
+        node.wait_worker_ready()
+        assert storescu(node.port, ct_files(studies_root, "study_000")).returncode == 0
+        wait_for(lambda: "event=classified" in node.text(), WORKER_READY_SECONDS,
+                 "the first series to be classified")
+        time.sleep(2.0)  # its SR is now stuck in the stalled C-STORE
+        assert storescu(node.port, ct_files(studies_root, "study_001")).returncode == 0
+        wait_for(lambda: node.text().count("event=classified") >= 2, WORKER_READY_SECONDS,
+                 "the second series to be classified while the first send stalls")
+
+        stopping = time.monotonic()
+        code = node.terminate(timeout=60)
+        seconds = time.monotonic() - stopping
+    finally:
+        node.close()
+    assert code == 0
+    assert seconds < 10, f"SIGTERM took {seconds:.1f} s"
+    assert "event=send_abandoned" in node.text()
