@@ -8,7 +8,7 @@ with the reason, which the worker records before backing off.
 Every send has a hard deadline. pynetdicom's ACSE, DIMSE and network timeouts are set, but a
 peer that accepts the association and then stalls can still hold a blocked socket past them, so
 the association runs in its own thread: at the deadline (or when the caller is stopping) its
-socket is shut down and the association aborted, and the caller gets the reason at once.
+socket is shut down and its threads stopped, and the caller gets the reason at once.
 """
 
 from __future__ import annotations
@@ -118,14 +118,24 @@ def send_file(
 
 
 def _abort_all(ae: AE) -> None:
-    """Shut down the sockets of ``ae``'s associations (unblocks their threads), then abort them
-    from a helper thread: an A-ABORT to a peer that does not read may block too."""
+    """End ``ae``'s associations at once, whatever the peer does.
+
+    The socket is shut down (which unblocks any thread reading or writing it; the peer sees the
+    connection close) and pynetdicom's DUL reactor is told to stop. An A-ABORT is not sent: the
+    peer is the one not answering, and the DUL thread is not a daemon, so an abort that waits for
+    the peer would keep the process from exiting.
+    """
     for assoc in list(ae.active_associations):
         with contextlib.suppress(Exception):
             raw = assoc.dul.socket.socket if assoc.dul.socket is not None else None
             if raw is not None:
                 raw.shutdown(socket.SHUT_RDWR)
-        threading.Thread(target=assoc.abort, name="send-abort", daemon=True).start()
+        with contextlib.suppress(Exception):
+            assoc.is_aborted = True
+            assoc.is_established = False
+            assoc.dul.kill_dul()
+            assoc._kill = True
+            assoc._reactor_checkpoint.set()  # let its thread run to see the kill
 
 
 def _associate_and_store(
