@@ -557,3 +557,52 @@ def test_resume_reindexes_an_archive_that_changed(
     assert second["index"]["reused"] is False
     assert second["this_run"]["series"] == 1
     assert _rows(out)[added.ct_series_instance_uid].status == CLASSIFIED
+
+
+def test_a_series_whose_decoder_dies_when_run_alone_fails_with_the_reason(
+    archive: dict, classifier: Classifier, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import threading
+
+    import ctcovid.batch.pipeline as pipeline
+    from ctcovid.batch.index import build_index, iter_series, process_pool
+
+    out = tmp_path / "run"
+    out.mkdir()
+    build_index(archive["root"], out / "index.sqlite", classifier.ingest_config)
+    usable = [e for e in iter_series(out / "index.sqlite") if e.usable]
+    pools = [process_pool(1)]
+
+    def recorded_pool(workers: int, memory_mb: int):  # the real pool, remembered for the killer
+        pools.append(process_pool(workers, memory_mb))
+        return pools[-1]
+
+    monkeypatch.setattr(pipeline, "process_pool", recorded_pool)
+    killed: list[int] = []
+
+    def kill_twice() -> None:
+        """Kill a decoder while it decodes (the series in flight become suspects), then kill
+        the decoder of the first suspect re-run alone: that series is the one to fail."""
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and len(killed) < 2:
+            pool = pools[-1]
+            if len(pools) == len(killed) + 1 and pool._pending_work_items and pool._processes:
+                for pid in list(pool._processes):
+                    os.kill(pid, signal.SIGKILL)
+                killed.append(len(pools))
+            time.sleep(0.01)
+
+    killer = threading.Thread(target=kill_twice, daemon=True)
+    killer.start()
+    with pools[0], ResultsWriter(out / RESULTS_FILE) as writer:
+        sink = pipeline.BatchSink(out, classifier, writer, pipeline.BatchProgress())
+        pipeline.run_local(usable, classifier, sink, workers=1, pool=pools[0])
+    killer.join(5)
+
+    assert len(killed) == 2
+    rows = _rows(out)
+    assert sorted(rows) == sorted(e.series_instance_uid for e in usable)
+    crashed = [r for r in rows.values() if "decoder process died" in r.reason]
+    assert len(crashed) == 1 and crashed[0].status == FAILED  # alone, with the reason
+    others = [r for r in rows.values() if r not in crashed]
+    assert all(r.status == archive["expected"][r.series_instance_uid] for r in others)
