@@ -21,12 +21,18 @@ def tensorflow_log_level(verbose: int) -> str:
     return {0: "3", 1: "2"}.get(verbose, "0")
 
 
-def configure_logging(verbose: int = 0, *, quiet: bool = False, fmt: str = LOG_FORMAT) -> None:
-    """Log to stderr at WARNING (``-v`` INFO, ``-v -v`` DEBUG; ``quiet``: errors only).
+def configure_logging(
+    verbose: int = 0, *, quiet: bool = False, level: int | None = None, fmt: str = LOG_FORMAT
+) -> None:
+    """Log to stderr at WARNING (``-v`` INFO, ``-v -v`` DEBUG; ``quiet``: errors only), or at
+    ``level`` when given (a process started with its parent's level, such as the node worker).
 
     An explicit ``TF_CPP_MIN_LOG_LEVEL`` in the environment is left as the user set it.
     """
-    level = logging.ERROR if quiet else max(logging.WARNING - 10 * verbose, logging.DEBUG)
+    if level is None:
+        level = logging.ERROR if quiet else max(logging.WARNING - 10 * verbose, logging.DEBUG)
+    else:
+        verbose = max(0, (logging.WARNING - level) // 10)
     logging.basicConfig(level=level, format=fmt, stream=sys.stderr)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", tensorflow_log_level(verbose))
     if verbose < 2:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 import shutil
@@ -340,3 +341,273 @@ def test_ray_engine_gives_the_results_of_the_local_engine(
         )
         if row.probability_covid is not None:
             assert other.probability_covid == pytest.approx(row.probability_covid, abs=1e-6)
+
+
+@pytest.fixture(scope="module")
+def bomb_archive(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """One healthy study and, beside it, a series of JPEG-LS decompression bombs."""
+    from bombs import write_bomb_series
+
+    from dicom_fixtures import StudySpec, write_study
+
+    root = tmp_path_factory.mktemp("bombs")
+    healthy = write_study(root / "healthy", StudySpec(positive=True, n_slices=N_SLICES, size=SIZE),
+                          seed=5, index=0)
+    bomb_uid = write_bomb_series(sorted(healthy.paths), root / "bomb")
+    return {"root": root, "healthy": healthy.ct_series_instance_uid, "bomb": bomb_uid}
+
+
+def test_a_bomb_fails_its_series_alone_and_resume_does_not_retry_it(
+    bomb_archive: dict, tiny_model_dir: Path, classifier: Classifier, tmp_path: Path
+) -> None:
+    out = tmp_path / "run"
+    options = BatchOptions(bomb_archive["root"], out, tiny_model_dir, workers=1,
+                           decoder_memory_mb=1536)
+
+    summary = run_batch(options, classifier=classifier)
+    again = run_batch(dataclasses.replace(options, resume=True), classifier=classifier)
+
+    rows = _rows(out)
+    assert rows[bomb_archive["healthy"]].status == CLASSIFIED
+    bomb = rows[bomb_archive["bomb"]]
+    assert bomb.status == FAILED
+    assert "allocate" in bomb.reason or "memory" in bomb.reason
+    assert summary["counts"] == {CLASSIFIED: 1, SKIPPED: 0, FAILED: 1}
+    assert again["this_run"]["series"] == 0  # a failed row is final: --resume moves on
+
+
+def test_a_decoder_process_killed_mid_run_is_replaced_and_every_series_finishes(
+    archive: dict, classifier: Classifier, tmp_path: Path
+) -> None:
+    import threading
+
+    from ctcovid.batch.index import build_index, iter_series, process_pool
+    from ctcovid.batch.pipeline import BatchProgress, BatchSink, run_local
+
+    out = tmp_path / "run"
+    out.mkdir()
+    build_index(archive["root"], out / "index.sqlite", classifier.ingest_config)
+    usable = [e for e in iter_series(out / "index.sqlite") if e.usable]
+    pool = process_pool(1)
+    killed: list[int] = []
+
+    def kill_while_decoding() -> None:  # as the kernel's OOM killer would
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not killed:
+            if pool._pending_work_items and pool._processes:
+                for pid in list(pool._processes):
+                    os.kill(pid, signal.SIGKILL)
+                    killed.append(pid)
+            time.sleep(0.01)
+
+    killer = threading.Thread(target=kill_while_decoding, daemon=True)
+    killer.start()
+    with pool, ResultsWriter(out / RESULTS_FILE) as writer:
+        run_local(usable, classifier, BatchSink(out, classifier, writer, BatchProgress()),
+                  workers=1, pool=pool)
+    killer.join(5)
+
+    assert killed  # a decoder really died in the middle of the run
+    rows = _rows(out)
+    assert sorted(rows) == sorted(e.series_instance_uid for e in usable)  # every series, once
+    for entry in usable:  # the series in flight was re-run alone, and decodes fine
+        assert rows[entry.series_instance_uid].status == archive["expected"][
+            entry.series_instance_uid]
+
+
+def _messy_rows() -> list[ResultRow]:
+    return [
+        ResultRow("1.2", "1.2.3", "P1", FAILED, reason="decode error:\nline two, \"quoted\"\n"),
+        ResultRow("1.2", "1.2.4", "P1", SKIPPED, reason="modality MR is not CT"),
+        ResultRow("1.2", "1.2.5", "P,2", FAILED, reason="a\r\nb\n\n\"c\""),
+    ]
+
+
+def test_a_torn_record_with_newlines_in_quoted_fields_is_cut(tmp_path: Path) -> None:
+    path = tmp_path / RESULTS_FILE
+    first, second, _ = _messy_rows()
+    with ResultsWriter(path) as writer:
+        writer.append(first)
+        writer.append(dataclasses.replace(second, reason="error at byte 7:\nunexpected end"))
+    data = path.read_bytes()
+    # A power cut right after a newline *inside* the second record's quoted reason.
+    path.write_bytes(data[: data.index(b"\n", data.index(b"byte 7:")) + 1])
+
+    with ResultsWriter(path) as writer:
+        assert writer.done == {first.key}
+        writer.append(second)
+
+    assert read_results(path) == [first, second]  # nothing swallowed, newlines intact
+
+
+def test_results_survive_a_crash_at_any_byte(tmp_path: Path) -> None:
+    path = tmp_path / RESULTS_FILE
+    rows = _messy_rows()
+    with ResultsWriter(path) as writer:
+        for row in rows:
+            writer.append(row)
+    data = path.read_bytes()
+    header_end = data.index(b"\n") + 1
+    for cut in range(header_end, len(data) + 1):
+        path.write_bytes(data[:cut])
+        with ResultsWriter(path) as writer:
+            kept = list(writer.rows)
+            assert kept == rows[: len(kept)], cut  # a prefix of what was written, never garbage
+            for row in rows[len(kept):]:
+                writer.append(row)
+        assert read_results(path) == rows, cut
+
+
+def test_two_runs_on_one_out_folder_are_refused(
+    archive: dict, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    import fcntl
+
+    from ctcovid.errors import ConfigError
+
+    out = tmp_path / "run"
+    out.mkdir()
+    with open(out / ".lock", "a+") as held:  # another run holds the folder
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(ConfigError, match="in use by another 'ctcovid batch' run"):
+            run_batch(BatchOptions(archive["root"], out, tiny_model_dir, workers=0))
+    assert not (out / RESULTS_FILE).exists()
+
+
+@pytest.fixture
+def small_archive(tmp_path: Path) -> Path:
+    from dicom_fixtures import StudySpec, write_study
+
+    root = tmp_path / "archive"
+    write_study(root / "A", StudySpec(positive=True, n_slices=N_SLICES, size=SIZE), seed=3,
+                index=0)
+    return root
+
+
+def _index(archive_root: Path, out: Path) -> tuple:
+    from ctcovid.batch.index import build_index
+    from ctcovid.config import IngestConfig
+
+    db = out / "index.sqlite"
+    summary = build_index(archive_root, db, IngestConfig())
+    conn = sqlite3.connect(db)
+    try:
+        bad = dict(conn.execute("SELECT path, reason FROM bad_files").fetchall())
+        notes = dict(conn.execute("SELECT path, note FROM walk_notes").fetchall())
+        series = conn.execute("SELECT COUNT(*) FROM series").fetchone()[0]
+    finally:
+        conn.close()
+    return summary, bad, notes, series
+
+
+def test_a_fifo_in_the_archive_is_reported_and_never_opened(
+    small_archive: Path, tmp_path: Path
+) -> None:
+    import threading
+
+    fifo = small_archive / "A" / "zz_pipe.dcm"
+    os.mkfifo(fifo)
+    found: list = []
+    indexer = threading.Thread(target=lambda: found.append(_index(small_archive, tmp_path)),
+                               daemon=True)
+    indexer.start()
+    indexer.join(60)
+    if indexer.is_alive():  # it opened the FIFO: give it an end of file so the thread ends
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        pytest.fail("indexing blocked on a FIFO in the archive")
+
+    summary, bad, _, series = found[0]
+    assert "FIFO" in bad[str(fifo)] and "not opened" in bad[str(fifo)]
+    assert series == 1 and summary.n_instances == N_SLICES
+
+
+def test_symlinked_folders_are_followed_once_and_reported(
+    small_archive: Path, tmp_path: Path
+) -> None:
+    from dicom_fixtures import StudySpec, write_study
+
+    elsewhere = tmp_path / "other_volume"
+    write_study(elsewhere / "B", StudySpec(positive=False, n_slices=N_SLICES, size=SIZE), seed=3,
+                index=1)
+    (small_archive / "linked").symlink_to(elsewhere, target_is_directory=True)
+    (small_archive / "second_link").symlink_to(elsewhere, target_is_directory=True)
+    (small_archive / "A" / "loop").symlink_to(small_archive, target_is_directory=True)
+    (small_archive / "dangling").symlink_to(tmp_path / "gone")
+
+    summary, bad, notes, series = _index(small_archive, tmp_path)
+
+    assert series == 2  # the linked volume's study is indexed
+    assert summary.n_duplicates == 0  # ... once, though two links lead to it
+    assert summary.n_symlinked_folders == 3
+    assert notes[str(small_archive / "linked")].startswith("followed to")
+    assert "not followed" in notes[str(small_archive / "second_link")]
+    assert "loop" in notes[str(small_archive / "A" / "loop")]
+    assert "broken link" in bad[str(small_archive / "dangling")]
+
+
+def test_resume_reindexes_an_archive_that_changed(
+    small_archive: Path, tiny_model_dir: Path, classifier: Classifier, tmp_path: Path
+) -> None:
+    from dicom_fixtures import StudySpec, write_study
+
+    out = tmp_path / "run"
+    options = BatchOptions(small_archive, out, tiny_model_dir, workers=0)
+    first = run_batch(options, classifier=classifier)
+    added = write_study(small_archive / "B", StudySpec(positive=False, n_slices=N_SLICES,
+                                                        size=SIZE), seed=3, index=1)
+
+    second = run_batch(dataclasses.replace(options, resume=True), classifier=classifier)
+
+    assert first["series"] == 1
+    assert second["index"]["reused"] is False
+    assert second["this_run"]["series"] == 1
+    assert _rows(out)[added.ct_series_instance_uid].status == CLASSIFIED
+
+
+def test_a_series_whose_decoder_dies_when_run_alone_fails_with_the_reason(
+    archive: dict, classifier: Classifier, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import threading
+
+    import ctcovid.batch.pipeline as pipeline
+    from ctcovid.batch.index import build_index, iter_series, process_pool
+
+    out = tmp_path / "run"
+    out.mkdir()
+    build_index(archive["root"], out / "index.sqlite", classifier.ingest_config)
+    usable = [e for e in iter_series(out / "index.sqlite") if e.usable]
+    pools = [process_pool(1)]
+
+    def recorded_pool(workers: int, memory_mb: int):  # the real pool, remembered for the killer
+        pools.append(process_pool(workers, memory_mb))
+        return pools[-1]
+
+    monkeypatch.setattr(pipeline, "process_pool", recorded_pool)
+    killed: list[int] = []
+
+    def kill_twice() -> None:
+        """Kill a decoder while it decodes (the series in flight become suspects), then kill
+        the decoder of the first suspect re-run alone: that series is the one to fail."""
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and len(killed) < 2:
+            pool = pools[-1]
+            if len(pools) == len(killed) + 1 and pool._pending_work_items and pool._processes:
+                for pid in list(pool._processes):
+                    os.kill(pid, signal.SIGKILL)
+                killed.append(len(pools))
+            time.sleep(0.01)
+
+    killer = threading.Thread(target=kill_twice, daemon=True)
+    killer.start()
+    with pools[0], ResultsWriter(out / RESULTS_FILE) as writer:
+        sink = pipeline.BatchSink(out, classifier, writer, pipeline.BatchProgress())
+        pipeline.run_local(usable, classifier, sink, workers=1, pool=pools[0])
+    killer.join(5)
+
+    assert len(killed) == 2
+    rows = _rows(out)
+    assert sorted(rows) == sorted(e.series_instance_uid for e in usable)
+    crashed = [r for r in rows.values() if "decoder process died" in r.reason]
+    assert len(crashed) == 1 and crashed[0].status == FAILED  # alone, with the reason
+    others = [r for r in rows.values() if r not in crashed]
+    assert all(r.status == archive["expected"][r.series_instance_uid] for r in others)

@@ -227,6 +227,172 @@ def test_reconcile_records_files_the_database_missed(tmp_path: Path, studies_roo
     assert list(store.tmp_dir.iterdir()) == []
 
 
+def _modified(path: Path, **changes: str) -> bytes:
+    """The instance at ``path`` with other pixel bytes (same SOPInstanceUID) or other UIDs."""
+    from pydicom.filebase import DicomBytesIO
+
+    ds = pydicom.dcmread(path)
+    for keyword, value in changes.items():
+        setattr(ds, keyword, value)
+    if not changes:
+        pixels = bytearray(ds.PixelData)
+        pixels[:64] = bytes(255 - b for b in pixels[:64])
+        ds.PixelData = bytes(pixels)
+    buffer = DicomBytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def _put_bytes(store: Store, data: bytes) -> bool:
+    from pydicom.filebase import DicomBytesIO
+
+    ds = pydicom.dcmread(DicomBytesIO(data), stop_before_pixels=True)
+    return store.put_instance(
+        data, study_instance_uid=ds.StudyInstanceUID, series_instance_uid=ds.SeriesInstanceUID,
+        sop_instance_uid=ds.SOPInstanceUID, sop_class_uid=ds.SOPClassUID,
+    )
+
+
+def _sent_series(store: Store, files: list[Path]) -> str:
+    series_uid = str(pydicom.dcmread(files[0]).SeriesInstanceUID)
+    for path in files:
+        _put(store, path)
+    _classified(store, series_uid)
+    store.mark_sent(store.due_sends()[0])
+    return series_uid
+
+
+def test_identical_resend_of_an_instance_changes_nothing(tmp_path: Path, studies_root: Path):
+    store = Store(tmp_path / "store")
+    files = _ct_files(studies_root)[:3]
+    series_uid = _sent_series(store, files)
+    before = store.get(series_uid)
+
+    again = _put(store, files[1])
+
+    assert again is False
+    assert store.get(series_uid) == before  # still sent, same generation, same counts
+    assert store.replaced_instances() == []
+    assert list(store.replaced_dir.rglob("*.dcm")) == []
+
+
+def test_same_uid_with_other_content_keeps_both_and_reruns_the_series(
+    tmp_path: Path, studies_root: Path
+):
+    store = Store(tmp_path / "store")
+    files = _ct_files(studies_root)[:3]
+    series_uid = _sent_series(store, files)
+    before = store.get(series_uid)
+    assert before is not None
+    new_bytes = _modified(files[1])
+
+    changed = _put_bytes(store, new_bytes)
+
+    ds = pydicom.dcmread(files[1], stop_before_pixels=True)
+    path = store.instance_path(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)
+    assert changed is True
+    assert path.read_bytes() == new_bytes  # the new instance is the one the series now holds
+    (replaced,) = store.replaced_instances()
+    assert replaced["sop_instance_uid"] == ds.SOPInstanceUID
+    assert (store.root / replaced["path"]).read_bytes() == files[1].read_bytes()  # not lost
+    record = store.get(series_uid)
+    assert record is not None
+    # Re-run as a revision: back in the queue, same instance count, next revision after 1.
+    assert (record.state, record.n_instances, record.sent_revision) == (RECEIVED, 3, 1)
+    assert record.generation == before.generation + 1
+    assert store.count_instances() == 3
+
+
+def test_same_series_uid_in_two_studies_is_two_series(tmp_path: Path, studies_root: Path):
+    store = Store(tmp_path / "store")
+    files = _ct_files(studies_root)[:2]
+    for path in files:
+        _put(store, path)
+    other_study = "2.25.4242"
+    for i, path in enumerate(files):
+        _put_bytes(store, _modified(path, StudyInstanceUID=other_study,
+                                    SOPInstanceUID=f"2.25.4242.{i}"))
+
+    records = store.list_series()
+    assert len(records) == 2
+    assert {r.series_instance_uid for r in records} == {str(pydicom.dcmread(files[0])
+                                                           .SeriesInstanceUID)}
+    assert sorted(r.n_instances for r in records) == [2, 2]
+    other = store.get(records[0].series_instance_uid, other_study)
+    assert other is not None and other.study_instance_uid == other_study
+    assert len(store.instance_paths(other.series_instance_uid, other_study)) == 2
+
+
+def test_series_uid_shared_by_two_studies_is_classified_twice(tmp_path: Path, studies_root: Path):
+    store = Store(tmp_path / "store")
+    path = _ct_files(studies_root)[0]
+    _put(store, path)
+    _put_bytes(store, _modified(path, StudyInstanceUID="2.25.77", SOPInstanceUID="2.25.77.1"))
+    store.promote_stable(0.0)
+
+    first, second = store.claim_next(), store.claim_next()
+
+    assert first is not None and second is not None
+    assert {first.study_instance_uid, second.study_instance_uid} == {
+        str(pydicom.dcmread(path).StudyInstanceUID), "2.25.77"}
+
+
+def test_new_study_and_series_folders_are_fsynced_in_their_parents(
+    tmp_path: Path, studies_root: Path, monkeypatch: pytest.MonkeyPatch
+):
+    import ctcovid.node.store as store_module
+
+    store = Store(tmp_path / "store")
+    synced: list[Path] = []
+    real = store_module._fsync_dir
+    monkeypatch.setattr(store_module, "_fsync_dir", lambda p: (synced.append(Path(p)), real(p)))
+    path = _ct_files(studies_root)[0]
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+
+    _put(store, path)
+
+    study_dir = store.instances_dir / ds.StudyInstanceUID
+    # The new study folder's entry lives in instances/, the new series folder's in the study's.
+    assert store.instances_dir in synced
+    assert study_dir in synced
+    assert study_dir / ds.SeriesInstanceUID in synced  # the instance's rename
+
+
+def test_receipts_are_committed_with_synchronous_full(tmp_path: Path):
+    store = Store(tmp_path / "store")
+    assert store._conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+
+
+def test_a_store_keyed_by_series_alone_is_migrated(tmp_path: Path, studies_root: Path):
+    import sqlite3
+
+    root = tmp_path / "store"
+    root.mkdir()
+    old = sqlite3.connect(root / "node.sqlite")
+    old.executescript(
+        "CREATE TABLE series (series_instance_uid TEXT PRIMARY KEY, study_instance_uid TEXT "
+        "NOT NULL, state TEXT NOT NULL, reason TEXT NOT NULL DEFAULT '', n_instances INTEGER "
+        "NOT NULL DEFAULT 0, first_received REAL NOT NULL, last_received REAL NOT NULL, "
+        "generation INTEGER NOT NULL DEFAULT 0, classify_attempts INTEGER NOT NULL DEFAULT 0, "
+        "revision INTEGER NOT NULL DEFAULT 0, sent_revision INTEGER NOT NULL DEFAULT 0, sr_path "
+        "TEXT NOT NULL DEFAULT '', sr_sop_instance_uid TEXT NOT NULL DEFAULT '', "
+        "probability_covid REAL, label TEXT NOT NULL DEFAULT '', attempts INTEGER NOT NULL "
+        "DEFAULT 0, next_try REAL NOT NULL DEFAULT 0, classify_seconds REAL, updated_at REAL "
+        "NOT NULL);"
+        "INSERT INTO series (series_instance_uid, study_instance_uid, state, first_received, "
+        "last_received, updated_at, sent_revision) VALUES ('1.2.3', '1.2', 'sent', 1, 1, 1, 1);"
+    )
+    old.commit()
+    old.close()
+
+    store = Store(root)
+    store.record_instance(study_instance_uid="1.9", series_instance_uid="1.2.3",
+                          sop_instance_uid="1.2.3.4", sop_class_uid="1.2", path=root / "x.dcm")
+
+    assert store.get("1.2.3", "1.2").sent_revision == 1  # type: ignore[union-attr]
+    assert len(store.list_series()) == 2
+
+
 def test_toml_settings_are_overridden_by_flags(tmp_path: Path):
     toml = tmp_path / "node.toml"
     toml.write_text(

@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import os
+import socket
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pydicom
 import pytest
-from node_helpers import free_port
+from node_helpers import free_port, wait_for
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import Comprehensive3DSRStorage
 
 from ctcovid.node.config import NodeConfig, Peer
-from ctcovid.node.store import CLASSIFIED, FAILED, SENT, UNUSABLE, Store
+from ctcovid.node.store import CLASSIFIED, FAILED, SENT, UNUSABLE, WAITING, Store
 from ctcovid.node.worker import Worker
 
 pytestmark = pytest.mark.network
@@ -42,6 +47,51 @@ def pacs() -> Iterator[tuple[Peer, list[pydicom.Dataset]]]:
     )
     yield Peer("127.0.0.1", int(server.server_address[1]), "PACS"), received
     server.shutdown()
+
+
+@pytest.fixture
+def stalled_pacs() -> Iterator[Peer]:
+    """A PACS that accepts the association, then never answers the C-STORE (until teardown)."""
+    release = threading.Event()
+
+    def handle(event: evt.Event) -> int:
+        release.wait(120)
+        return 0x0000
+
+    ae = AE(ae_title="PACS")
+    ae.add_supported_context(Comprehensive3DSRStorage)
+    ae.dimse_timeout = ae.network_timeout = ae.acse_timeout = 300
+    server = ae.start_server(
+        ("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, handle)]
+    )
+    yield Peer("127.0.0.1", int(server.server_address[1]), "PACS")
+    release.set()
+    server.shutdown()
+
+
+@pytest.fixture
+def silent_peer() -> Iterator[Peer]:
+    """A TCP peer that accepts connections and never sends a byte (raw socket)."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    accepted: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        listener.settimeout(0.2)
+        while not stop.is_set():
+            with contextlib.suppress(OSError):
+                accepted.append(listener.accept()[0])
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    yield Peer("127.0.0.1", listener.getsockname()[1], "PACS")
+    stop.set()
+    thread.join(5)
+    for conn in accepted:
+        conn.close()
+    listener.close()
 
 
 def put(store: Store, path: Path) -> None:
@@ -155,6 +205,252 @@ def test_unreachable_peer_is_retried_then_the_job_fails_visibly(
     assert (record.state, record.attempts) == (FAILED, 2)
     assert "2 time(s)" in record.reason
     assert (worker.store.root / record.sr_path).is_file()  # kept for a retry
+
+
+def _store_over_association(port: int, datasets: list[pydicom.Dataset]) -> list[int]:
+    """C-STORE ``datasets`` over one real association; the statuses."""
+    from pynetdicom.sop_class import CTImageStorage
+
+    ae = AE(ae_title="MODALITY")
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
+    ae.add_requested_context(CTImageStorage, ["1.2.840.10008.1.2.1"])
+    assoc = ae.associate("127.0.0.1", port, ae_title="CTCOVID")
+    assert assoc.is_established
+    try:
+        return [int(assoc.send_c_store(ds).Status) for ds in datasets]
+    finally:
+        assoc.release()
+
+
+def test_changed_instance_under_the_same_uid_is_kept_and_the_series_revised(
+    tmp_path: Path, studies_root: Path, classifier, pacs
+):
+    from ctcovid.node.scp import Listener
+
+    peer, received = pacs
+    worker = make_worker(tmp_path, classifier, peer)
+    listener = Listener(
+        NodeConfig(store=worker.config.store, host="127.0.0.1", port=0, min_free_mb=0),
+        Store(worker.config.store),
+    )
+    listener.start()
+    try:
+        files = ct_files(studies_root, "study_000")
+        assert set(_store_over_association(listener.port, [pydicom.dcmread(f) for f in files]))\
+            == {0}
+        run_until_idle(worker)
+        changed = pydicom.dcmread(files[2])
+        pixels = bytearray(changed.PixelData)
+        pixels[:64] = bytes(255 - b for b in pixels[:64])
+        changed.PixelData = bytes(pixels)
+
+        statuses = _store_over_association(listener.port, [pydicom.dcmread(files[1]), changed])
+        run_until_idle(worker)
+    finally:
+        listener.stop(drain_seconds=5)
+        listener.store.close()
+
+    assert statuses == [0, 0]
+    (record,) = worker.store.list_series()
+    assert (record.state, record.revision, record.sent_revision) == (SENT, 2, 2)
+    assert len(received) == 2  # the identical resend changed nothing; the changed one revised
+    (replaced,) = worker.store.replaced_instances()
+    assert replaced["sop_instance_uid"] == changed.SOPInstanceUID
+    kept = pydicom.dcmread(worker.store.root / replaced["path"])
+    assert kept.PixelData == pydicom.dcmread(files[2]).PixelData  # the old content, not lost
+    stored = pydicom.dcmread(worker.store.root / "instances" / changed.StudyInstanceUID
+                             / changed.SeriesInstanceUID / f"{changed.SOPInstanceUID}.dcm")
+    assert stored.PixelData == changed.PixelData
+
+
+def test_sr_below_the_disk_floor_waits_for_space_instead_of_failing(
+    tmp_path: Path, studies_root: Path, classifier, pacs
+):
+    peer, received = pacs
+    worker = make_worker(tmp_path, classifier, peer)
+    for path in ct_files(studies_root, "study_003"):
+        put(worker.store, path)
+    worker.store.min_free_bytes = 1 << 60  # no disk has that much free
+
+    worker.step()
+
+    (record,) = worker.store.list_series()
+    assert record.state == WAITING
+    assert "disk space" in record.reason and record.classify_attempts == 0
+    assert received == []
+    worker.store.min_free_bytes = 0  # space returns
+    time.sleep(worker.config.poll_seconds + 0.1)  # the deferred job is due again after a pause
+    run_until_idle(worker)
+    (record,) = worker.store.list_series()
+    assert record.state == SENT and len(received) == 1
+
+
+def _an_sr(tmp_path: Path, studies_root: Path, classifier) -> Path:
+    worker = make_worker(tmp_path / "sr-maker", classifier, None)
+    for path in ct_files(studies_root, "study_000"):
+        put(worker.store, path)
+    run_until_idle(worker)
+    (record,) = worker.store.list_series()
+    return worker.store.root / record.sr_path
+
+
+@pytest.mark.parametrize("peer_fixture", ["stalled_pacs", "silent_peer"])
+def test_a_send_to_a_stalled_peer_ends_at_its_deadline(
+    tmp_path: Path, studies_root: Path, classifier, peer_fixture: str, request
+):
+    from ctcovid.errors import PacsError
+    from ctcovid.node.sender import send_file
+
+    peer = request.getfixturevalue(peer_fixture)
+    sr = _an_sr(tmp_path, studies_root, classifier)
+    start = time.monotonic()
+
+    with pytest.raises(PacsError, match="within 2 s; association aborted"):
+        send_file(sr, peer, calling_ae_title="CTCOVID", timeout_seconds=120, deadline_seconds=2)
+
+    assert time.monotonic() - start < 10
+
+
+def test_a_stalled_send_neither_blocks_classification_nor_stopping(
+    tmp_path: Path, studies_root: Path, classifier, stalled_pacs: Peer
+):
+    worker = make_worker(
+        tmp_path, classifier, stalled_pacs, network_timeout_seconds=120,
+        send_deadline_seconds=300, poll_seconds=0.1,
+    )
+    for path in ct_files(studies_root, "study_000"):
+        put(worker.store, path)
+    stop = threading.Event()
+    thread = threading.Thread(target=worker.run, args=(stop,), daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: worker.store.counts_by_state()["classified"] == 1, 120,
+                 "the first series to be classified (its send then stalls)")
+        time.sleep(1.0)  # the sender thread is now inside the stalled C-STORE
+        for path in ct_files(studies_root, "study_001"):
+            put(worker.store, path)
+
+        wait_for(lambda: worker.store.counts_by_state()["classified"] == 2, 120,
+                 "the second series to be classified while the first send stalls")
+    finally:
+        stopped_at = time.monotonic()
+        stop.set()
+        thread.join(30)
+    assert not thread.is_alive()
+    assert time.monotonic() - stopped_at < 10  # the stalled send is abandoned, not waited for
+    # Abandoned sends are not failed attempts: both SRs stay due for the next worker.
+    assert [(r.state, r.attempts) for r in worker.store.list_series()] == [
+        (CLASSIFIED, 0), (CLASSIFIED, 0)]
+
+
+def _beats_then_hangs(heartbeat) -> None:
+    """A worker process that makes progress once and then never again."""
+    heartbeat.value = time.monotonic()
+    time.sleep(600)
+
+
+def test_supervisor_restarts_a_worker_whose_heartbeat_stops() -> None:
+    import multiprocessing
+
+    from ctcovid.node.service import WorkerSupervisor
+
+    mp = multiprocessing.get_context("spawn")
+    started: list = []
+    lost: list[float] = []
+
+    def start(heartbeat):
+        process = mp.Process(target=_beats_then_hangs, args=(heartbeat,), daemon=True)
+        process.start()
+        started.append(process)
+        return process
+
+    supervisor = WorkerSupervisor(
+        start, lambda: mp.Value("d", 0.0, lock=False), stall_seconds=1.0,
+        on_lost=lambda: lost.append(time.monotonic()),
+    )
+    supervisor.start()
+    try:
+        wait_for(lambda: (supervisor.poll(), len(started) >= 2)[1], 60,
+                 "the stalled worker to be replaced", interval=0.1)
+    finally:
+        for process in started:
+            process.kill()
+            process.join(10)
+    assert supervisor.stalls >= 1 and len(lost) >= 1
+    assert started[0].exitcode is not None  # the stalled one was killed, not left running
+
+
+def test_a_decompression_bomb_fails_its_series_alone_under_the_memory_limit(
+    tmp_path: Path, studies_root: Path, classifier, pacs
+):
+    from bombs import write_bomb_series
+
+    peer, received = pacs
+    worker = make_worker(tmp_path, classifier, peer, decoder_memory_mb=1536)
+    bomb_uid = write_bomb_series(ct_files(studies_root, "study_001"), tmp_path / "bomb")
+    for path in sorted((tmp_path / "bomb").iterdir()):
+        put(worker.store, path)
+    for path in ct_files(studies_root, "study_000"):
+        put(worker.store, path)
+
+    run_until_idle(worker)
+    worker.close()
+
+    by_uid = {r.series_instance_uid: r for r in worker.store.list_series()}
+    bomb = by_uid.pop(bomb_uid)
+    (healthy,) = by_uid.values()
+    assert bomb.state in (FAILED, UNUSABLE)
+    assert "allocate" in bomb.reason or "memory" in bomb.reason  # the reason, not a crash
+    assert healthy.state == SENT and len(received) == 1  # the other series went through
+
+
+def test_a_killed_decoder_process_is_replaced_and_the_next_series_classified(
+    tmp_path: Path, studies_root: Path, classifier
+):
+    import signal
+
+    worker = make_worker(tmp_path, classifier, None)
+    for path in ct_files(studies_root, "study_000"):
+        put(worker.store, path)
+    run_until_idle(worker)
+    assert worker._decoder is not None
+    for pid in list(worker._decoder._processes):  # as the kernel's OOM killer would
+        os.kill(pid, signal.SIGKILL)
+    time.sleep(1.0)
+    for path in ct_files(studies_root, "study_001"):
+        put(worker.store, path)
+
+    run_until_idle(worker)
+    worker.close()
+
+    assert [r.state for r in worker.store.list_series()] == [CLASSIFIED, CLASSIFIED]
+
+
+def test_node_classifies_on_and_stops_within_10_s_while_its_pacs_stalls(
+    tmp_path: Path, studies_root: Path, tiny_model_dir: Path, stalled_pacs: Peer
+):
+    from node_helpers import WORKER_READY_SECONDS, NodeProcess, storescu
+
+    node = NodeProcess(tmp_path / "store", tiny_model_dir, tmp_path / "node.log", "--port", "0",
+                       "--stable-seconds", "1", "--peer", str(stalled_pacs), "--min-free-mb", "0")
+    try:
+        node.wait_worker_ready()
+        assert storescu(node.port, ct_files(studies_root, "study_000")).returncode == 0
+        wait_for(lambda: "event=classified" in node.text(), WORKER_READY_SECONDS,
+                 "the first series to be classified")
+        time.sleep(2.0)  # its SR is now stuck in the stalled C-STORE
+        assert storescu(node.port, ct_files(studies_root, "study_001")).returncode == 0
+        wait_for(lambda: node.text().count("event=classified") >= 2, WORKER_READY_SECONDS,
+                 "the second series to be classified while the first send stalls")
+
+        stopping = time.monotonic()
+        code = node.terminate(timeout=60)
+        seconds = time.monotonic() - stopping
+    finally:
+        node.close()
+    assert code == 0
+    assert seconds < 10, f"SIGTERM took {seconds:.1f} s"
+    assert "event=send_abandoned" in node.text()
 
 
 class _UpdatedModel:

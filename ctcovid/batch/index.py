@@ -5,22 +5,33 @@ the duplicate files (same SOPInstanceUID counted once) and every file that is no
 broken, with its reason. Grouping and judging are those of ``ctcovid.dicom``
 (``group_instances``, ``assess``), so a series is judged here exactly as ``ctcovid classify``
 judges it. The classify phase reads its work list from this index.
+
+The archive is walked without opening anything but regular files: a FIFO, socket or device in it
+would block or misbehave on ``open``, so it is recorded as a bad file and skipped. Symlinked
+folders are followed (archives are often assembled from links to other volumes, and skipping
+them would lose studies without a word), each reported; a folder already walked (a link loop, or
+a second link to one folder) is reported and not entered again. The index records a fingerprint
+of the walk (every path, size and modification time), so ``--resume`` rebuilds an index whose
+archive has new, removed or changed files instead of trusting it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
-import multiprocessing
+import os
 import sqlite3
+import stat
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 
 from ctcovid.config import IngestConfig
-from ctcovid.dicom.scan import group_instances, iter_files, read_header
+from ctcovid.decoder import DEFAULT_DECODER_MEMORY_MB, decoder_pool
+from ctcovid.dicom.scan import group_instances, read_header
 from ctcovid.dicom.series import assess
 from ctcovid.dicom.types import BadFile, Instance, Series
 from ctcovid.errors import InvalidInputError
@@ -28,7 +39,7 @@ from ctcovid.errors import InvalidInputError
 logger = logging.getLogger(__name__)
 
 CHUNK_FILES = 64
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -62,6 +73,7 @@ CREATE TABLE IF NOT EXISTS duplicates (
     sop_instance_uid TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS bad_files (path TEXT PRIMARY KEY, reason TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS walk_notes (path TEXT PRIMARY KEY, note TEXT NOT NULL);
 """
 
 
@@ -95,9 +107,11 @@ class IndexSummary:
     n_usable: int
     seconds: float
     reused: bool = False
+    n_symlinked_folders: int = 0
 
     def to_dict(self) -> dict[str, object]:
         return {
+            "symlinked_folders": self.n_symlinked_folders,
             "files": self.n_files,
             "instances": self.n_instances,
             "duplicate_files": self.n_duplicates,
@@ -113,6 +127,102 @@ class IndexSummary:
 ProgressFn = Callable[[int, int], None]  # (files done, files total)
 
 
+_KINDS = (
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+)
+
+
+def _kind(mode: int) -> str:
+    return next((name for test, name in _KINDS if test(mode)), "not a regular file")
+
+
+@dataclass
+class ArchiveWalk:
+    """What a walk of an archive found besides its regular files."""
+
+    skipped: list[BadFile]  # never opened: FIFOs, sockets, devices, broken links
+    symlinked_folders: list[tuple[str, str]]  # (path, what was done with it)
+    fingerprint: str = ""
+
+
+def walk_archive(root: Path, walk: ArchiveWalk) -> Iterator[Path]:
+    """Every regular file under ``root`` (or ``root`` itself) in a stable order.
+
+    Only ``stat`` is called on other entries, never ``open``; what is skipped or followed is
+    recorded in ``walk``. ``walk.fingerprint`` is set when the generator is exhausted.
+    """
+    digest = hashlib.sha256()
+
+    def regular(path: Path, st: os.stat_result) -> Path:
+        digest.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode("utf-8", "replace"))
+        return path
+
+    def skip(path: Path, reason: str) -> None:
+        digest.update(f"{path}\0skipped\n".encode("utf-8", "replace"))
+        walk.skipped.append(BadFile(path, reason))
+        logger.warning("skipping %s: %s", path, reason)
+
+    try:
+        root_stat = os.stat(root)
+    except OSError as exc:
+        raise InvalidInputError(f"{root}: cannot read ({exc})") from None
+    if stat.S_ISREG(root_stat.st_mode):
+        yield regular(root, root_stat)
+    elif not stat.S_ISDIR(root_stat.st_mode):
+        skip(root, f"{_kind(root_stat.st_mode)}, not a file or folder; not opened")
+    else:
+        seen = {(root_stat.st_dev, root_stat.st_ino)}
+        folders = [root]
+        while folders:
+            folder = folders.pop()
+            try:
+                with os.scandir(folder) as it:
+                    entries = sorted(it, key=lambda e: e.name)
+            except OSError as exc:
+                skip(folder, f"cannot list this folder ({exc})")
+                continue
+            subfolders = []
+            for entry in entries:
+                path = Path(entry.path)
+                try:
+                    st = os.stat(path)  # follows links: what the entry is in the end
+                except OSError as exc:
+                    skip(path, f"broken link or unreadable entry ({exc.strerror})")
+                    continue
+                if stat.S_ISDIR(st.st_mode):
+                    key = (st.st_dev, st.st_ino)
+                    linked = entry.is_symlink()
+                    if key in seen:
+                        if linked:
+                            note = "symlinked folder already indexed (a loop or a second link)"
+                            walk.symlinked_folders.append((str(path), note + "; not followed"))
+                            logger.warning("%s: %s; not followed", path, note)
+                        continue
+                    if linked:
+                        target = os.path.realpath(path)
+                        walk.symlinked_folders.append((str(path), f"followed to {target}"))
+                        logger.warning("%s: symlinked folder, followed to %s", path, target)
+                    seen.add(key)
+                    subfolders.append(path)
+                elif stat.S_ISREG(st.st_mode):
+                    yield regular(path, st)
+                else:
+                    skip(path, f"{_kind(st.st_mode)}, not a regular file; not opened")
+            folders.extend(reversed(subfolders))  # depth first, in name order
+    walk.fingerprint = digest.hexdigest()
+
+
+def archive_fingerprint(root: Path) -> str:
+    """The fingerprint of the files under ``root`` (paths, sizes, modification times)."""
+    walk = ArchiveWalk([], [])
+    for _ in walk_archive(root, walk):
+        pass
+    return walk.fingerprint
+
+
 def read_headers(paths: Sequence[str]) -> list[Instance | BadFile]:
     """Worker task: the headers of a chunk of files (never raises for a bad file)."""
     return [read_header(Path(p)) for p in paths]
@@ -123,10 +233,11 @@ def _chunks(items: Sequence[str], size: int) -> Iterator[Sequence[str]]:
         yield items[start : start + size]
 
 
-def process_pool(workers: int) -> ProcessPoolExecutor:
-    """A pool of fresh interpreters: forking a process that may already run a deep-learning
-    runtime's threads is unsafe, so workers are spawned."""
-    return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+def process_pool(workers: int, memory_mb: int = DEFAULT_DECODER_MEMORY_MB) -> ProcessPoolExecutor:
+    """A pool of fresh interpreters, each under an address-space limit of ``memory_mb`` MiB
+    (0: none): forking a process that may already run a deep-learning runtime's threads is
+    unsafe, so workers are spawned; a file that declares a huge image fails, not the machine."""
+    return decoder_pool(workers, memory_mb)
 
 
 def read_archive(
@@ -185,7 +296,8 @@ def _meta(conn: sqlite3.Connection) -> dict[str, str]:
 
 
 def index_is_complete(db_path: Path, archive: Path, config: IngestConfig) -> bool:
-    """True when ``db_path`` holds a finished index of ``archive`` judged with ``config``."""
+    """True when ``db_path`` holds a finished index of ``archive`` as it is now (same files,
+    sizes and modification times), judged with ``config``."""
     if not db_path.exists():
         return False
     conn = connect(db_path)
@@ -193,12 +305,17 @@ def index_is_complete(db_path: Path, archive: Path, config: IngestConfig) -> boo
         meta = _meta(conn)
     finally:
         conn.close()
-    return (
+    if not (
         meta.get("complete") == "1"
         and meta.get("schema_version") == str(SCHEMA_VERSION)
         and meta.get("archive") == str(archive.resolve())
         and meta.get("ingest_config") == json.dumps(config.to_dict(), sort_keys=True)
-    )
+    ):
+        return False
+    if meta.get("fingerprint") != archive_fingerprint(archive):
+        logger.warning("%s changed since it was indexed (files new, removed or changed)", archive)
+        return False
+    return True
 
 
 def _write_index(
@@ -210,9 +327,10 @@ def _write_index(
     bad_files: Sequence[BadFile],
     n_files: int,
     seconds: float,
+    walk: ArchiveWalk,
 ) -> None:
     with conn:
-        for table in ("meta", "series", "instances", "duplicates", "bad_files"):
+        for table in ("meta", "series", "instances", "duplicates", "bad_files", "walk_notes"):
             conn.execute(f"DELETE FROM {table}")
         conn.executemany(
             "INSERT INTO series VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
@@ -257,12 +375,14 @@ def _write_index(
             "INSERT OR REPLACE INTO bad_files VALUES (?,?)",
             [(str(b.path), b.reason) for b in bad_files],
         )
+        conn.executemany("INSERT OR REPLACE INTO walk_notes VALUES (?,?)", walk.symlinked_folders)
         meta = {
             "schema_version": str(SCHEMA_VERSION),
             "archive": str(archive.resolve()),
             "ingest_config": json.dumps(config.to_dict(), sort_keys=True),
             "n_files": str(n_files),
             "seconds": f"{seconds:.3f}",
+            "fingerprint": walk.fingerprint,
             # Written in the same transaction as the rows: a crash leaves no "complete" index.
             "complete": "1",
         }
@@ -286,12 +406,13 @@ def build_index(
     if not archive.exists():
         raise InvalidInputError(f"{archive}: no such file or folder")
     start = time.perf_counter()
-    paths = [str(p) for p in iter_files(archive)]
+    walk = ArchiveWalk([], [])
+    paths = [str(p) for p in walk_archive(archive, walk)]
     if on_total:
         on_total(len(paths))
     items = read_archive(paths, workers, progress, pool)
     instances = [it for it in items if isinstance(it, Instance)]
-    bad_files = [it for it in items if isinstance(it, BadFile)]
+    bad_files = walk.skipped + [it for it in items if isinstance(it, BadFile)]
     series_list, _ = group_instances(instances)
     kept = {id(inst) for s in series_list for inst in s.instances}
     duplicates = [inst for inst in instances if id(inst) not in kept]
@@ -302,7 +423,9 @@ def build_index(
     seconds = time.perf_counter() - start
     conn = connect(db_path)
     try:
-        _write_index(conn, archive, config, series_list, duplicates, bad_files, len(paths), seconds)
+        _write_index(
+            conn, archive, config, series_list, duplicates, bad_files, len(paths), seconds, walk
+        )
     finally:
         conn.close()
     return IndexSummary(
@@ -313,6 +436,7 @@ def build_index(
         n_series=len(series_list),
         n_usable=sum(s.usable for s in series_list),
         seconds=seconds,
+        n_symlinked_folders=len(walk.symlinked_folders),
     )
 
 
@@ -334,6 +458,7 @@ def index_summary(db_path: Path) -> IndexSummary:
             n_usable=count("SELECT COUNT(*) FROM series WHERE usable = 1"),
             seconds=float(meta.get("seconds", 0.0)),
             reused=True,
+            n_symlinked_folders=count("SELECT COUNT(*) FROM walk_notes"),
         )
     finally:
         conn.close()

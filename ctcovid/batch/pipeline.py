@@ -19,6 +19,7 @@ import time
 from collections import deque
 from collections.abc import Iterable
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -46,9 +47,11 @@ from ctcovid.batch.results import (
     ResultsWriter,
     RunInfo,
     fsync_dir,
+    lock_output,
     prepare_output,
     write_json_atomic,
 )
+from ctcovid.decoder import DEFAULT_DECODER_MEMORY_MB, crashed_reason, out_of_memory_reason
 from ctcovid.errors import ConfigError, CtCovidError
 from ctcovid.inference import Classifier
 from ctcovid.model.artifact import ModelArtifact, read_artifact
@@ -105,6 +108,8 @@ def decode_entry(entry: SeriesEntry, artifact: ModelArtifact) -> Decoded:
         prepared = prepare_scan(series, artifact.ingest_config)
     except CtCovidError as exc:
         return Decoded(entry, error=str(exc))
+    except MemoryError:
+        return Decoded(entry, error=out_of_memory_reason(_memory_limit_mb()))
     except Exception as exc:  # one broken series must not stop an archive
         logger.debug("decoding series %s failed", entry.series_instance_uid, exc_info=True)
         return Decoded(entry, error=f"internal error: {type(exc).__name__}: {exc}")
@@ -113,6 +118,13 @@ def decode_entry(entry: SeriesEntry, artifact: ModelArtifact) -> Decoded:
         prepared.all_slices, slices=prepared.all_slices.slices[:0]
     )
     return Decoded(entry, prepared=prepared)
+
+
+def _memory_limit_mb() -> int:
+    import resource
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    return 0 if soft == resource.RLIM_INFINITY else soft // (1024 * 1024)
 
 
 def warm_up() -> None:
@@ -279,9 +291,12 @@ def run_local(
     *,
     workers: int,
     pool: ProcessPoolExecutor | None = None,
+    memory_mb: int = DEFAULT_DECODER_MEMORY_MB,
 ) -> None:
     """Decode in ``workers`` processes (in this process when 0) while this process infers;
-    ``pool``, when given, is used and left open."""
+    ``pool``, when given, is used and left open (a new one replaces it if a decoder dies).
+    Decoder processes run under ``memory_mb`` MiB of address space; a series that kills its
+    decoder process fails alone (its row says why) and the run goes on."""
     batcher = SliceBatcher(classifier)
     artifact = classifier.artifact
 
@@ -311,25 +326,71 @@ def run_local(
     # Enough series in flight that the decoders never wait for the classifier, few enough that
     # decoded slices do not pile up in memory.
     max_in_flight = 2 * workers + 1
-    pending: set[Future[Decoded]] = set()
-    with contextlib.nullcontext(pool) if pool else process_pool(workers) as executor:
-        exhausted = False
+    pending: dict[Future[Decoded], SeriesEntry] = {}
+    # Series that were in flight when a decoder process died: any of them may have killed it,
+    # so each runs again alone; one that kills its decoder alone fails with the reason.
+    suspects: deque[SeriesEntry] = deque()
+    executor = pool if pool is not None else process_pool(workers, memory_mb)
+    own_pools: list[ProcessPoolExecutor] = [] if pool is not None else [executor]
+    alone = False  # whether the one future pending is a suspect running alone
+    exhausted = False
+    try:
         while True:
-            while not exhausted and len(pending) < max_in_flight:
-                following = next(todo, None)
-                if following is None:
-                    exhausted = True
-                    break
-                pending.add(executor.submit(decode_entry, following, artifact))
-            if not pending and exhausted:
+            broken: list[SeriesEntry] = []
+            if suspects:
+                if not pending:
+                    entry = suspects.popleft()
+                    try:
+                        pending[executor.submit(decode_entry, entry, artifact)] = entry
+                        alone = True
+                    except BrokenProcessPool:
+                        broken.append(entry)
+            else:
+                alone = False
+                while not exhausted and len(pending) < max_in_flight:
+                    following = next(todo, None)
+                    if following is None:
+                        exhausted = True
+                        break
+                    try:
+                        pending[executor.submit(decode_entry, following, artifact)] = following
+                    except BrokenProcessPool:
+                        broken.append(following)
+                        break
+            if not pending and not broken and not suspects and exhausted:
                 break
-            # Wait for a decoder only when there is no full batch to work on meanwhile.
-            done, pending = wait(
-                pending, timeout=0 if batcher.full else None, return_when=FIRST_COMPLETED
-            )
-            for fut in done:
-                take(fut.result())
+            if pending and not broken:
+                # Wait for a decoder only when there is no full batch to work on meanwhile.
+                done, _ = wait(
+                    list(pending), timeout=0 if batcher.full else None, return_when=FIRST_COMPLETED
+                )
+                for fut in done:
+                    entry = pending.pop(fut)
+                    try:
+                        decoded = fut.result()
+                    except BrokenProcessPool:
+                        broken.append(entry)
+                        continue
+                    take(decoded)
+            if broken:
+                broken.extend(pending.values())  # the pool is gone: all in flight are lost
+                pending.clear()
+                if alone and len(broken) == 1:
+                    sink.failed(broken[0], crashed_reason(memory_mb))
+                else:
+                    logger.warning(
+                        "a decoder process died; re-running the %d series in flight one by one",
+                        len(broken),
+                    )
+                    suspects.extend(broken)
+                executor.shutdown(wait=False, cancel_futures=True)
+                executor = process_pool(workers, memory_mb)
+                own_pools.append(executor)
+                alone = False
             score(final=False)
+    finally:
+        for own in own_pools:
+            own.shutdown(wait=False, cancel_futures=True)
     score(final=True)
 
 
@@ -351,6 +412,8 @@ class BatchOptions:
     source: PacsSource | None = None
     # Where every SR also goes, by C-STORE or STOW-RS (``destinations.py``).
     destinations: tuple[Destination, ...] = ()
+    # Address-space limit of each decoder process, MiB (0: none).
+    decoder_memory_mb: int = DEFAULT_DECODER_MEMORY_MB
 
 
 def run_batch(
@@ -372,13 +435,25 @@ def run_batch(
         raise ConfigError("a PACS source runs with the local engine (--engine local)")
     wall_start = time.perf_counter()
     out = Path(options.out)
-    archive = Path(options.archive)
     artifact = read_artifact(options.model_path)
     if classifier is not None and classifier.artifact.device_uid != artifact.device_uid:
         raise ValueError(
             f"classifier is model {classifier.artifact.device_uid}, not the model of "
             f"{options.model_path} ({artifact.device_uid})"
         )
+    with lock_output(out):
+        return _run_locked(options, progress, classifier, artifact, wall_start)
+
+
+def _run_locked(
+    options: BatchOptions,
+    progress: BatchProgress,
+    classifier: Classifier | None,
+    artifact: ModelArtifact,
+    wall_start: float,
+) -> dict[str, Any]:
+    out = Path(options.out)
+    archive = Path(options.archive)
     prepare_output(
         out,
         RunInfo.new(
@@ -400,7 +475,11 @@ def run_batch(
         forwarder = SrForwarder(out, options.destinations)
         progress = forwarder.watch(progress)
     try:
-        with process_pool(options.workers) if local_pool else contextlib.nullcontext() as pool:
+        with (
+            process_pool(options.workers, options.decoder_memory_mb)
+            if local_pool
+            else contextlib.nullcontext()
+        ) as pool:
             if pool is not None:
                 for _ in range(options.workers):
                     pool.submit(warm_up)
@@ -474,7 +553,22 @@ def _run(
                     usable, classifier, sink, out=out, workers=options.workers, pool=pool
                 )
             else:
-                run_local(usable, classifier, sink, workers=options.workers, pool=pool)
+                run_local(
+                    usable,
+                    classifier,
+                    sink,
+                    workers=options.workers,
+                    pool=pool,
+                    memory_mb=options.decoder_memory_mb,
+                )
+            run_local(
+                usable,
+                classifier,
+                sink,
+                workers=options.workers,
+                pool=pool,
+                memory_mb=options.decoder_memory_mb,
+            )
         classify_seconds = time.perf_counter() - classify_start
         rows = list(writer.rows)
 

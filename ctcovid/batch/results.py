@@ -2,8 +2,10 @@
 
 Every finished series (classified, skipped or failed) becomes one CSV row, written, flushed and
 fsynced before the next one, so an interrupted run loses at most the row it was writing. The CSV is
-the source of truth for ``--resume``: a series with a row is finished; a torn last line (power cut
-in the middle of a write) is cut off and that series is processed again.
+the source of truth for ``--resume``: a series with a row is finished; a torn last record (power cut
+in the middle of a write) is cut off and that series is processed again. Fields may hold newlines
+(decoder errors do), so a record is found with the CSV quoting rules, not by lines: it is complete
+when it ends with a newline outside quotes and has every column.
 
 ``run.json`` names the model (its device UID) that made the results in a folder. One folder holds
 the results of one model: resuming into a folder made by another model is refused, so results of
@@ -12,13 +14,15 @@ two models are never mixed.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import datetime as dt
+import fcntl
 import io
 import json
 import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -32,6 +36,7 @@ RUN_FILE = "run.json"
 SUMMARY_FILE = "summary.json"
 INDEX_FILE = "index.sqlite"
 SR_DIR = "sr"
+LOCK_FILE = ".lock"
 
 CLASSIFIED = "classified"
 SKIPPED = "skipped"
@@ -130,52 +135,70 @@ def write_json_atomic(data: Any, path: Path) -> None:
     fsync_dir(path.parent)
 
 
+def complete_length(data: bytes, n_columns: int) -> int:
+    """The length of the longest prefix of ``data`` made of complete CSV records.
+
+    A record ends at a newline outside quotes: with Python's CSV dialect (fields quoted when
+    needed, quotes doubled inside them) that is a newline after an even number of quote
+    characters in the record. A record must also have ``n_columns`` fields, so a cut that
+    happens to fall right after a newline inside a field is not taken for a whole record.
+    ``"`` and newline are ASCII, so counting bytes is safe for UTF-8.
+    """
+    end = 0
+    record_start = 0
+    quotes = 0
+    pos = 0
+    while True:
+        nl = data.find(b"\n", pos)
+        if nl < 0:
+            return end
+        quotes += data.count(b'"', pos, nl)
+        pos = nl + 1
+        if quotes % 2:  # inside a quoted field: the record goes on
+            continue
+        record = data[record_start:pos].decode("utf-8", errors="replace")
+        fields = next(csv.reader(io.StringIO(record, newline="")), [])
+        if len(fields) != n_columns:
+            return end
+        end = record_start = pos
+        quotes = 0
+
+
 def repair_torn_tail(path: Path) -> int:
-    """Cut a last line that lacks its newline (a write torn by a crash); bytes removed."""
-    size = path.stat().st_size
-    if size == 0:
+    """Cut a last record that is incomplete (a write torn by a crash); bytes removed."""
+    data = path.read_bytes()
+    if not data:
+        return 0
+    keep = complete_length(data, len(ResultRow.columns()))
+    if keep == len(data):
         return 0
     with open(path, "rb+") as fh:
-        fh.seek(-1, os.SEEK_END)
-        if fh.read(1) == b"\n":
-            return 0
-        # Walk back to the last complete line; rows are short, read the tail in blocks.
-        pos = size
-        block = 1 << 16
-        while pos > 0:
-            start = max(0, pos - block)
-            fh.seek(start)
-            chunk = fh.read(pos - start)
-            nl = chunk.rfind(b"\n")
-            if nl >= 0:
-                keep = start + nl + 1
-                break
-            pos = start
-        else:
-            keep = 0
         fh.truncate(keep)
         fh.flush()
         os.fsync(fh.fileno())
     logger.warning(
-        "%s: removed a torn last line (%d bytes) left by an interrupted run", path, size - keep
+        "%s: removed a torn last record (%d bytes) left by an interrupted run",
+        path,
+        len(data) - keep,
     )
-    return size - keep
+    return len(data) - keep
 
 
 def read_results(path: Path) -> list[ResultRow]:
     """Every complete row of a results CSV (the header line first)."""
     if not path.exists():
         return []
-    text = path.read_text(encoding="utf-8")
-    if text and not text.endswith("\n"):
-        text = text[: text.rfind("\n") + 1]
-    reader = csv.DictReader(io.StringIO(text, newline=""))
+    data = path.read_bytes()
+    data = data[: complete_length(data, len(ResultRow.columns()))]
+    reader = csv.DictReader(io.StringIO(data.decode("utf-8"), newline=""))
     rows = []
     for line_no, raw in enumerate(reader, start=2):
         try:
             rows.append(ResultRow.from_csv_dict(raw))
         except (KeyError, TypeError, ValueError) as exc:
-            raise ConfigError(f"{path}: line {line_no} is not a valid result row ({exc})") from exc
+            raise ConfigError(
+                f"{path}: record {line_no} is not a valid result row ({exc})"
+            ) from exc
     return rows
 
 
@@ -259,6 +282,29 @@ class RunInfo:
             archive=str(archive),
             created=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         )
+
+
+@contextlib.contextmanager
+def lock_output(out: Path) -> Iterator[None]:
+    """Hold an exclusive lock on the output folder for a run (``fcntl.flock`` on ``.lock``).
+
+    Two runs on one folder would each append the rows the other has not written yet; the
+    second one is refused at once instead. The lock dies with its process, so a killed run
+    never leaves a stale lock behind.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / LOCK_FILE, "a+") as fh:
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConfigError(
+                f"{out} is in use by another 'ctcovid batch' run; wait for it to finish or "
+                "choose another --out folder"
+            ) from None
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
 def prepare_output(out: Path, run: RunInfo, *, resume: bool) -> RunInfo:

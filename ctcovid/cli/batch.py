@@ -139,6 +139,14 @@ def batch(
         ),
     ] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Slices per model batch.")] = 32,
+    decoder_memory_mb: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="Address-space limit of each decode process in MiB (0: none); a series whose "
+            "files need more fails alone, with the reason.",
+        ),
+    ] = 4096,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
     verbose: Annotated[int, typer.Option("-v", count=True, help="More logging.")] = 0,
@@ -228,6 +236,7 @@ def batch(
         ray_address=ray_address,
         source=source,
         destinations=sends,
+        decoder_memory_mb=decoder_memory_mb,
     )
     # Redrawn bars come out as broken lines in a log or a pipe: bars only on a terminal.
     bars, progress = _progress_bars(quiet or json_out or not console.is_terminal)

@@ -76,6 +76,12 @@ class NodeConfig:
     network_timeout_seconds: float = 60.0
     # A C-STORE data set larger than this is refused (0xA700); it never sits in memory.
     max_instance_mb: float = 1024.0
+    # The whole send of one SR, connection to release; None: three network timeouts.
+    send_deadline_seconds: float | None = None
+    # A worker that reports no progress for this long is killed and restarted.
+    worker_stall_seconds: float = 1800.0
+    # Address-space limit of the decoder process (RLIMIT_AS); 0: no limit.
+    decoder_memory_mb: int = 4096
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_ca: Path | None = None
@@ -104,7 +110,13 @@ class NodeConfig:
             raise ConfigError(f"port must be 0-65535. Received: port={self.port}.")
         if self.metrics_port is not None and not 0 <= self.metrics_port < 65536:
             raise ConfigError(f"metrics_port must be 0-65535. Received: {self.metrics_port}.")
-        for name in ("stable_seconds", "retry_seconds", "min_free_mb", "poll_seconds"):
+        for name in (
+            "stable_seconds",
+            "retry_seconds",
+            "min_free_mb",
+            "poll_seconds",
+            "decoder_memory_mb",
+        ):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0. Received: {getattr(self, name)}.")
         if self.network_timeout_seconds <= 0:
@@ -116,6 +128,10 @@ class NodeConfig:
             raise ConfigError(
                 f"max_instance_mb must be positive. Received: {self.max_instance_mb}."
             )
+        for name in ("send_deadline_seconds", "worker_stall_seconds"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ConfigError(f"{name} must be positive. Received: {value}.")
         if self.max_retry_seconds < self.retry_seconds:
             raise ConfigError(
                 f"max_retry_seconds ({self.max_retry_seconds}) must be >= retry_seconds "
@@ -138,6 +154,13 @@ class NodeConfig:
     def tls(self) -> bool:
         """Whether the listener requires TLS."""
         return self.tls_cert is not None
+
+    @property
+    def send_deadline(self) -> float:
+        """Seconds one send of an SR may take in all."""
+        if self.send_deadline_seconds is not None:
+            return self.send_deadline_seconds
+        return 3 * self.network_timeout_seconds
 
     @property
     def send_tls(self) -> bool:

@@ -2,9 +2,11 @@
 
 The listener never loads the model, so a worker that crashes (out of memory, a broken model)
 does not take the SCP down: the node logs it, puts the interrupted job back in the queue and
-starts a new worker. On start every unfinished job is resumed from the store. SIGTERM (or
-Ctrl-C) stops accepting associations, lets open ones finish, lets the worker finish and record
-its current job, and exits 0.
+starts a new worker. A worker that is alive but stops making progress (its heartbeat is older
+than ``worker_stall_seconds``) is killed and replaced the same way; the job it was stuck on
+fails after ``max_attempts`` such restarts, alone. On start every unfinished job is resumed from
+the store. SIGTERM (or Ctrl-C) stops accepting associations, lets open ones finish, lets the
+worker finish and record its current job (abandoning a send in flight), and exits 0.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import multiprocessing
 import queue
 import signal
 import time
+from collections.abc import Callable
 from typing import Any
 
 from ctcovid.errors import ConfigError
@@ -49,6 +52,82 @@ def quiet_libraries(level: int) -> None:
             handler.addFilter(RedactLibraryRecords())
 
 
+class WorkerSupervisor:
+    """Keeps one worker process running: restarts it, with backoff, when it dies or when its
+    heartbeat (a shared ``time.monotonic()`` value the worker updates) is older than
+    ``stall_seconds``. A heartbeat of 0 means "still starting" (the model may take minutes to
+    load) and is not judged.
+
+    ``start_process(heartbeat)`` starts a worker with a fresh shared heartbeat value;
+    ``on_lost()`` runs after a worker was lost (the node puts its job back in the queue).
+    """
+
+    def __init__(
+        self,
+        start_process: Callable[[Any], Any],
+        make_heartbeat: Callable[[], Any],
+        *,
+        stall_seconds: float,
+        on_lost: Callable[[], object],
+    ) -> None:
+        self.start_process = start_process
+        self.make_heartbeat = make_heartbeat
+        self.stall_seconds = stall_seconds
+        self.on_lost = on_lost
+        self.process: Any = None
+        self.heartbeat: Any = None
+        self.restarts = 0
+        self.stalls = 0
+        self.restart_at: float | None = None
+
+    def start(self) -> None:
+        self.heartbeat = self.make_heartbeat()
+        self.process = self.start_process(self.heartbeat)
+        self.restart_at = None
+
+    def poll(self) -> None:
+        """Check the worker once; restart it when it is gone and its backoff has passed."""
+        now = time.monotonic()
+        process = self.process
+        if process is not None:
+            lost = False
+            if not process.is_alive():
+                lost = True
+                logger.error("event=worker_died exitcode=%s", process.exitcode)
+            else:
+                beat = float(self.heartbeat.value)
+                if beat > 0 and now - beat > self.stall_seconds:
+                    lost = True
+                    self.stalls += 1
+                    logger.error(
+                        "event=worker_stalled pid=%s seconds_without_progress=%.0f",
+                        process.pid,
+                        now - beat,
+                    )
+                    process.kill()
+                    process.join(30)
+            if lost:
+                self.restarts += 1
+                delay = min(MAX_WORKER_RESTART_DELAY_SECONDS, 2.0 ** min(self.restarts, 6))
+                logger.error("event=worker_restart restarts=%d in=%.0fs", self.restarts, delay)
+                self.on_lost()
+                self.process, self.restart_at = None, now + delay
+        if self.process is None and self.restart_at is not None and now >= self.restart_at:
+            self.start()
+
+    def stop(self, timeout_seconds: float) -> None:
+        """Wait for the worker (already asked to stop) to exit; kill it after the timeout."""
+        process, self.process, self.restart_at = self.process, None, None
+        if process is None:
+            return
+        process.join(timeout_seconds)
+        if process.is_alive():
+            # Its job stays 'classifying' in the store and is resumed on the next start.
+            logger.error("event=worker_killed reason='did not stop in time'")
+            process.kill()
+            process.join(10)
+
+
 class Node:
     """Run with :meth:`run`; :meth:`request_stop` (or SIGTERM) ends it cleanly."""
 
@@ -79,10 +158,16 @@ class Node:
             artifact.device_uid,
         )
 
-    def _start_worker(self) -> Any:
+    def _start_worker(self, heartbeat: Any) -> Any:
         process = self._mp.Process(
             target=run_worker,
-            args=(self.config.to_dict(), self._worker_stop, self._events, self.log_level),
+            args=(
+                self.config.to_dict(),
+                self._worker_stop,
+                self._events,
+                self.log_level,
+                heartbeat,
+            ),
             name="ctcovid-worker",
             daemon=False,
         )
@@ -140,38 +225,25 @@ class Node:
             signal.signal(signum, self.request_stop)
         self.listener = Listener(config, store, stats)
         self.listener.start()
-        worker = self._start_worker()
-        restarts = 0
-        restart_at: float | None = None
+        supervisor = WorkerSupervisor(
+            self._start_worker,
+            lambda: self._mp.Value("d", 0.0, lock=False),
+            stall_seconds=config.worker_stall_seconds,
+            on_lost=lambda: store.resume(config.max_attempts),
+        )
+        supervisor.start()
         try:
             while not self._stop_requested:
                 time.sleep(0.25)
                 self._drain_events()
-                if worker is not None and not worker.is_alive():
-                    restarts += 1
-                    delay = min(MAX_WORKER_RESTART_DELAY_SECONDS, 2.0 ** min(restarts, 6))
-                    logger.error(
-                        "event=worker_died exitcode=%s restarts=%d restart_in=%.0fs",
-                        worker.exitcode,
-                        restarts,
-                        delay,
-                    )
-                    store.resume(config.max_attempts)
-                    worker, restart_at = None, time.monotonic() + delay
-                if worker is None and restart_at is not None and time.monotonic() >= restart_at:
-                    worker, restart_at = self._start_worker(), None
+                supervisor.poll()
         finally:
             logger.info("event=node_stopping")
-            # The worker winds down (and exits) while the listener drains, not after it.
+            # The worker first: it finishes its job and abandons a send at once, meanwhile
+            # the listener drains.
             self._worker_stop.set()
             self.listener.stop(LISTENER_DRAIN_SECONDS)
-            if worker is not None:
-                worker.join(WORKER_STOP_SECONDS)
-                if worker.is_alive():
-                    # Its job stays 'classifying' in the store and is resumed on the next start.
-                    logger.error("event=worker_killed reason='did not stop in time'")
-                    worker.kill()
-                    worker.join(10)
+            supervisor.stop(WORKER_STOP_SECONDS)
             self._drain_events()
             if self.metrics is not None:
                 with contextlib.suppress(Exception):

@@ -1,28 +1,36 @@
 """The worker: one process that owns the model and turns complete series into sent SRs.
 
-Each step queues the series that have been quiet for ``stable_seconds``, classifies the oldest
+Each step queues the series that have been quiet for ``stable_seconds`` and classifies the oldest
 waiting one (scan its folder, judge it with the ingest rules, ``Classifier.classify``,
-``build_sr``, store the SR) and sends every SR whose send is due. All state lives in the
-:class:`~ctcovid.node.store.Store`, so the process can be killed at any moment and resumed.
+``build_sr``, store the SR). SRs whose send is due go out from a thread of their own, each send
+under a hard deadline, so a slow or stalled PACS never holds up classification. The worker
+beats a heartbeat at every step and phase; the node restarts a worker whose heartbeat stops.
+All state lives in the :class:`~ctcovid.node.store.Store`, so the process can be killed at any
+moment and resumed.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import io
 import logging
 import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any, Protocol
 
+from ctcovid.decoder import crashed_reason, decoder_pool, out_of_memory_reason
 from ctcovid.errors import InvalidInputError, ReportError
 from ctcovid.node.config import NodeConfig
-from ctcovid.node.store import SeriesRecord, Store
+from ctcovid.node.store import OutOfSpaceError, SeriesRecord, Store
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +44,51 @@ class StopFlag(Protocol):
     def wait(self, timeout: float | None = None) -> bool: ...
 
 
+class DecodeFailed(Exception):
+    """The series could not be decoded within the decoder's resources (the reason says which)."""
+
+
+def assessed_series(folder: Path, series_instance_uid: str, ingest_config: Any) -> Any:
+    """The series ``series_instance_uid`` in ``folder``, judged with the ingest rules."""
+    from ctcovid.dicom import scan
+
+    report = scan(folder, ingest_config)
+    for series in report.series:
+        if series.series_instance_uid == series_instance_uid:
+            for bad in report.bad_files:
+                series.warnings.append(f"skipped {bad.path.name}: {bad.reason}")
+            return series
+    reasons = "; ".join(f"{b.path.name}: {b.reason}" for b in report.bad_files[:3])
+    raise InvalidInputError(
+        f"Series {series_instance_uid}: no readable instance in the store"
+        + (f" ({reasons})" if reasons else "")
+    )
+
+
+def prepare_series(folder: Path, series_instance_uid: str, artifact: Any, memory_mb: int) -> Any:
+    """Decoder-process task: judge, decode, window and select the slices of a stored series.
+
+    Raises :class:`InvalidInputError` for an unusable series, :class:`DecodeFailed` when
+    decoding ran out of the process's memory.
+    """
+    import dataclasses
+
+    from ctcovid.inference import Classifier
+
+    try:
+        series = assessed_series(folder, series_instance_uid, artifact.ingest_config)
+        if not series.usable:
+            raise InvalidInputError(series.reason)
+        prepared = Classifier(None, artifact).prepare(series)
+    except MemoryError:
+        raise DecodeFailed(out_of_memory_reason(memory_mb)) from None
+    # The result needs only the count of all slices, not their pixels: do not ship them back.
+    prepared.all_slices = dataclasses.replace(
+        prepared.all_slices, slices=prepared.all_slices.slices[:0]
+    )
+    return prepared
+
+
 class Worker:
     """Classify and send, one step at a time; the process around it is :func:`run_worker`."""
 
@@ -45,11 +98,16 @@ class Worker:
         store: Store,
         classifier: Any,
         observe: Observer | None = None,
+        heartbeat: Callable[[], None] | None = None,
     ) -> None:
         self.config = config
         self.store = store
         self.classifier = classifier
         self.observe = observe or (lambda name, value: None)
+        self.beat = heartbeat or (lambda: None)
+        # Pixels are decoded in a process of their own under a memory limit: a file that
+        # crashes or exhausts the decoder fails its series, not the worker.
+        self._decoder: ProcessPoolExecutor | None = None
         self._ssl_context: Any = None
         if config.peer is not None and config.send_tls:
             from ctcovid.node.sender import client_ssl_context
@@ -57,15 +115,46 @@ class Worker:
             self._ssl_context = client_ssl_context(config)
 
     def run(self, stop: StopFlag, keep_going: Callable[[], bool] = lambda: True) -> None:
-        """Work until ``stop`` is set; the current job always finishes and is recorded first."""
+        """Work until ``stop`` is set; the current job always finishes and is recorded first.
+
+        A send in flight when ``stop`` is set is abandoned (it stays due, and is sent by the
+        next worker), so stopping never waits for a peer.
+        """
         logger.info("event=worker_ready model=%s", self.classifier.artifact.info.name)
+        sender: threading.Thread | None = None
+        if self.config.peer is not None:
+            sender = threading.Thread(
+                target=self._send_loop, args=(stop, keep_going), name="sender", daemon=True
+            )
+            sender.start()
         while not stop.is_set() and keep_going():
-            if not self.step(stop):
+            self.beat()
+            if not self.step(stop, send=sender is None):
                 stop.wait(self.config.poll_seconds)
+        if sender is not None:
+            sender.join(self.config.poll_seconds + 10.0)
+        self.close()
         logger.info("event=worker_stopped")
 
-    def step(self, stop: StopFlag | None = None) -> bool:
-        """One round: queue stable series, classify one, send what is due. True if it did work."""
+    def close(self) -> None:
+        """End the decoder process (idle between series, so it exits at once)."""
+        if self._decoder is not None:
+            self._decoder.shutdown(wait=True, cancel_futures=True)
+            self._decoder = None
+
+    def _send_loop(self, stop: StopFlag, keep_going: Callable[[], bool]) -> None:
+        while not stop.is_set() and keep_going():
+            try:
+                did_work = self.send_due(stop)
+            except Exception:  # a database error: log it and try again, never die silently
+                logger.exception("event=send_loop_error")
+                did_work = False
+            if not did_work:
+                stop.wait(self.config.poll_seconds)
+
+    def step(self, stop: StopFlag | None = None, *, send: bool = True) -> bool:
+        """One round: queue stable series, classify one and (with ``send``) send what is due.
+        True if it did work."""
         promoted = self.store.promote_stable(self.config.stable_seconds)
         if promoted:
             logger.debug("event=series_complete count=%d", promoted)
@@ -74,12 +163,20 @@ class Worker:
         if record is not None:
             self.classify(record)
             did_work = True
-        if self.config.peer is not None:
-            for due in self.store.due_sends():
-                if stop is not None and stop.is_set():
-                    break
-                self.send(due)
-                did_work = True
+        if send and self.send_due(stop):
+            did_work = True
+        return did_work
+
+    def send_due(self, stop: StopFlag | None = None) -> bool:
+        """Send every SR whose send is due; True if there was one."""
+        if self.config.peer is None:
+            return False
+        did_work = False
+        for due in self.store.due_sends():
+            if stop is not None and stop.is_set():
+                break
+            self.send(due, stop)
+            did_work = True
         return did_work
 
     # -- classify ---------------------------------------------------------------------------
@@ -90,12 +187,23 @@ class Worker:
         log_ids = f"study={record.study_instance_uid} series={uid}"
         start = time.perf_counter()
         try:
-            series = self._assessed_series(record)
-            if not series.usable:
-                self.store.finish_unusable(record, series.reason)
-                logger.warning("event=series_unusable %s reason=%r", log_ids, series.reason)
-                return
-            result = self.classifier.classify(series)
+            # Below the floor the SR could not be stored: wait for space before spending the
+            # model's time, and do not fail the job for a condition that passes.
+            self.store.check_free_space()
+            if self.config.decoder_memory_mb > 0:
+                prepared = self._prepare(record)
+                self.beat()
+                series = prepared.series
+                probabilities = self.classifier.predict_slices(prepared.used.slices)
+                result = self.classifier.result(
+                    prepared, probabilities, time.perf_counter() - start
+                )
+            else:  # no decoder process: decode here, streaming slices into the model
+                series = self._assessed_series(record)
+                if not series.usable:
+                    raise InvalidInputError(series.reason)
+                result = self.classifier.classify(series)
+            self.beat()
             revision = record.sent_revision + 1
             predecessor_series, predecessor_sop = self._sent_sr_uids(record)
             from ctcovid.report import build_sr
@@ -114,6 +222,25 @@ class Worker:
         except InvalidInputError as exc:
             self.store.finish_unusable(record, str(exc))
             logger.warning("event=series_unusable %s reason=%r", log_ids, str(exc))
+            return
+        except DecodeFailed as exc:
+            self.store.finish_failed(record, str(exc))
+            logger.error("event=classify_failed %s reason=%r", log_ids, str(exc))
+            return
+        except OSError as exc:
+            if not isinstance(exc, OutOfSpaceError) and exc.errno != errno.ENOSPC:
+                logger.exception("event=classify_failed %s", log_ids)
+                self.store.finish_failed(
+                    record, f"classification failed: {type(exc).__name__}: {exc}"
+                )
+                return
+            retry_in = max(self.config.retry_seconds, self.config.poll_seconds)
+            self.store.defer_classification(
+                record, f"waiting for disk space: {exc}", retry_seconds=retry_in
+            )
+            logger.error(
+                "event=classify_deferred %s reason=%r retry_in=%.0fs", log_ids, str(exc), retry_in
+            )
             return
         except Exception as exc:  # a model or report failure: visible as failed, retryable
             logger.exception("event=classify_failed %s", log_ids)
@@ -178,26 +305,41 @@ class Worker:
             ) from exc
 
     def _assessed_series(self, record: SeriesRecord) -> Any:
-        from ctcovid.dicom import scan
-
         folder = self.store.series_dir(record.study_instance_uid, record.series_instance_uid)
-        report = scan(folder, self.classifier.ingest_config)
-        for series in report.series:
-            if series.series_instance_uid == record.series_instance_uid:
-                for bad in report.bad_files:
-                    series.warnings.append(f"skipped {bad.path.name}: {bad.reason}")
-                return series
-        reasons = "; ".join(f"{b.path.name}: {b.reason}" for b in report.bad_files[:3])
-        raise InvalidInputError(
-            f"Series {record.series_instance_uid}: no readable instance in the store"
-            + (f" ({reasons})" if reasons else "")
-        )
+        return assessed_series(folder, record.series_instance_uid, self.classifier.ingest_config)
+
+    def _prepare(self, record: SeriesRecord) -> Any:
+        """Decode the series in the decoder process (started on first use, renewed if it died)."""
+        memory_mb = self.config.decoder_memory_mb
+        folder = self.store.series_dir(record.study_instance_uid, record.series_instance_uid)
+        args = (folder, record.series_instance_uid, self.classifier.artifact, memory_mb)
+        for _ in range(2):
+            if self._decoder is None:
+                self._decoder = decoder_pool(1, memory_mb)
+            try:
+                future = self._decoder.submit(prepare_series, *args)
+            except BrokenProcessPool:
+                # It died between series (killed from outside): not this series' doing.
+                self._renew_decoder()
+                continue
+            try:
+                return future.result()
+            except BrokenProcessPool:
+                self._renew_decoder()
+                raise DecodeFailed(crashed_reason(memory_mb)) from None
+        raise DecodeFailed(crashed_reason(memory_mb))
+
+    def _renew_decoder(self) -> None:
+        logger.warning("event=decoder_process_lost; starting a new one")
+        if self._decoder is not None:
+            self._decoder.shutdown(wait=False, cancel_futures=True)
+        self._decoder = None
 
     # -- send -------------------------------------------------------------------------------
 
-    def send(self, record: SeriesRecord) -> None:
+    def send(self, record: SeriesRecord, cancel: StopFlag | None = None) -> None:
         """Send one classified series' SR; on failure back off or give up (never raises)."""
-        from ctcovid.node.sender import send_file
+        from ctcovid.node.sender import SendCancelled, send_file
 
         assert self.config.peer is not None
         log_ids = (
@@ -213,7 +355,12 @@ class Worker:
                 ssl_context=self._ssl_context,
                 timeout_seconds=self.config.network_timeout_seconds,
                 max_pdu_bytes=self.config.max_pdu_bytes,
+                deadline_seconds=self.config.send_deadline,
+                cancel=cancel,
             )
+        except SendCancelled:
+            logger.info("event=send_abandoned %s reason=stopping", log_ids)
+            return
         except Exception as exc:  # refused, unreachable, TLS failure, failure status: retry
             state, next_try = self.store.mark_send_failed(
                 record,
@@ -324,18 +471,19 @@ def run_worker(
     stop: Any,
     events: Any,
     log_level: int,
+    heartbeat: Any = None,
 ) -> None:
-    """Entry point of the worker process (multiprocessing, spawn)."""
+    """Entry point of the worker process (multiprocessing, spawn).
+
+    ``heartbeat``, a shared double, receives ``time.monotonic()`` whenever the worker makes
+    progress; the node restarts a worker whose heartbeat stops.
+    """
     import multiprocessing
 
     _die_with_parent()
-    logging.basicConfig(
-        level=log_level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    logging.getLogger("absl").setLevel(logging.ERROR)
+    from ctcovid.logs import configure_logging
+
+    configure_logging(level=log_level)
     from ctcovid.node.service import quiet_libraries
 
     quiet_libraries(log_level)
@@ -347,6 +495,10 @@ def run_worker(
 
     def parent_alive() -> bool:
         return parent is None or parent.is_alive()
+
+    def beat() -> None:
+        if heartbeat is not None:
+            heartbeat.value = time.monotonic()
 
     def observe(name: str, value: float) -> None:
         with contextlib.suppress(Exception):  # metrics must never stop the work
@@ -370,5 +522,13 @@ def run_worker(
             classifier.artifact.device_uid,
             time.perf_counter() - start,
         )
-        Worker(config, store, classifier, observe).run(stop, parent_alive)
+        Worker(config, store, classifier, observe, beat).run(stop, parent_alive)
     store.close()
+    # Every job is recorded and the store closed. The deep-learning runtime's teardown at
+    # interpreter exit takes seconds (measured about 9 s with a loaded model on 2 busy cores),
+    # which a node stopping on SIGTERM cannot afford: flush what is left and leave at once.
+    with contextlib.suppress(Exception):
+        events.close()
+        events.join_thread()
+    logging.shutdown()
+    os._exit(0)
