@@ -29,28 +29,29 @@ def fsync_dir(path: Path | str) -> None:
         os.close(fd)
 
 
-def makedirs_durable(path: Path | str) -> None:
-    """Create ``path`` and any missing parents, each new entry fsynced in its parent folder.
+def make_dirs_durable(path: Path | str) -> None:
+    """Create ``path`` and its missing parents, each new folder fsynced in its parent.
 
-    Without this, files fsynced into a freshly created folder can vanish after a power cut
-    together with the folder itself.
+    A file fsynced and renamed into a folder that was itself never made durable can vanish with
+    that folder after a power loss, although its write was answered with success.
     """
-    path = Path(path)
     missing: list[Path] = []
-    probe = path
-    while not probe.exists():
-        missing.append(probe)
-        if probe.parent == probe:
+    current = Path(path)
+    while not current.is_dir():
+        missing.append(current)
+        if current.parent == current:
             break
-        probe = probe.parent
-    path.mkdir(parents=True, exist_ok=True)
+        current = current.parent
     for folder in reversed(missing):
+        # Made by another thread meanwhile: fsync the parent anyway, that thread may not have yet.
+        with contextlib.suppress(FileExistsError):
+            folder.mkdir()
         fsync_dir(folder.parent)
 
 
 def write_atomic(
     path: Path | str,
-    data: bytes | str | Callable[[Path], None],
+    data: bytes | str | Callable[[Path], object],
     *,
     tmp_dir: Path | str | None = None,
 ) -> Path:
@@ -67,7 +68,7 @@ def write_atomic(
         Where the temporary file goes (same file system as ``path``); default: ``path``'s folder.
     """
     path = Path(path)
-    makedirs_durable(path.parent)
+    make_dirs_durable(path.parent)
     folder = Path(tmp_dir) if tmp_dir is not None else path.parent
     # The suffix keeps writers that look at it (".weights.h5", ".dcm") content.
     tmp = folder / f".{path.stem}.{uuid.uuid4().hex}.tmp{''.join(path.suffixes)}"

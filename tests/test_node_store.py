@@ -340,12 +340,15 @@ def test_series_uid_shared_by_two_studies_is_classified_twice(tmp_path: Path, st
 def test_new_study_and_series_folders_are_fsynced_in_their_parents(
     tmp_path: Path, studies_root: Path, monkeypatch: pytest.MonkeyPatch
 ):
+    import ctcovid.fsio
     import ctcovid.node.store as store_module
 
     store = Store(tmp_path / "store")
     synced: list[Path] = []
-    real = store_module._fsync_dir
-    monkeypatch.setattr(store_module, "_fsync_dir", lambda p: (synced.append(Path(p)), real(p)))
+    real = ctcovid.fsio.fsync_dir
+    # The store fsyncs directly and through ctcovid.fsio.make_dirs_durable: record both.
+    for module in (store_module, ctcovid.fsio):
+        monkeypatch.setattr(module, "fsync_dir", lambda p: (synced.append(Path(p)), real(p)))
     path = _ct_files(studies_root)[0]
     ds = pydicom.dcmread(path, stop_before_pixels=True)
 

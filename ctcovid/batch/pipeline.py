@@ -46,13 +46,13 @@ from ctcovid.batch.results import (
     ResultRow,
     ResultsWriter,
     RunInfo,
-    fsync_dir,
     lock_output,
     prepare_output,
     write_json_atomic,
 )
 from ctcovid.decoder import DEFAULT_DECODER_MEMORY_MB, crashed_reason, out_of_memory_reason
 from ctcovid.errors import ConfigError, CtCovidError
+from ctcovid.fsio import write_atomic
 from ctcovid.inference import Classifier
 from ctcovid.model.artifact import ModelArtifact, read_artifact
 from ctcovid.scans import PreparedScan, prepare_scan
@@ -187,13 +187,9 @@ class BatchSink:
             ds = build_sr(result, prepared.series)
             # SR UIDs are derived from the series and the model: a series redone after a crash
             # rewrites the very same SR, never a second one.
-            final = self.sr_dir / f"{ds.SOPInstanceUID}.dcm"
-            tmp = self.sr_dir / f".{ds.SOPInstanceUID}.tmp"
-            write_sr(ds, tmp)
-            with open(tmp, "rb") as fh:
-                os.fsync(fh.fileno())
-            os.replace(tmp, final)
-            fsync_dir(self.sr_dir)
+            final = write_atomic(
+                self.sr_dir / f"{ds.SOPInstanceUID}.dcm", lambda tmp: write_sr(ds, tmp)
+            )
         except CtCovidError as exc:
             self.failed(entry, str(exc))
             return

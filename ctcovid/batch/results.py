@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from ctcovid.errors import ConfigError
+from ctcovid.fsio import fsync_dir, write_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -110,29 +111,9 @@ class ResultRow:
         return (self.study_instance_uid, self.series_instance_uid)
 
 
-def fsync_dir(path: Path) -> None:
-    """Make a rename or a new file in ``path`` durable (POSIX needs the directory synced too)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def write_json_atomic(data: Any, path: Path) -> None:
-    """Write JSON through a temp file, fsync and rename: a reader sees the old or the new file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(json.dumps(data, indent=2) + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
+    """Write JSON atomically and durably: a reader sees the old or the new file."""
+    write_atomic(path, json.dumps(data, indent=2) + "\n")
 
 
 def complete_length(data: bytes, n_columns: int) -> int:

@@ -56,6 +56,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from ctcovid.fsio import fsync_dir, make_dirs_durable
+
 logger = logging.getLogger(__name__)
 
 UID_PATTERN = re.compile(r"^[0-9]+(\.[0-9]+)*$")
@@ -180,40 +182,6 @@ _COLUMNS = ", ".join(f.name for f in fields(SeriesRecord))
 def _key(record: SeriesRecord) -> tuple[str, str]:
     """The primary key of a series row: (study, series) in the column order of the queries."""
     return (record.study_instance_uid, record.series_instance_uid)
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make a rename in ``path`` durable (POSIX needs the directory itself fsynced)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # some platforms cannot open a directory; the rename is still atomic
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def make_dirs_durable(path: Path) -> None:
-    """Create ``path`` and its missing parents, each new folder fsynced in its parent.
-
-    A file fsynced and renamed into a folder that was itself never made durable can vanish with
-    that folder after a power loss, although its write was answered with success.
-    """
-    missing: list[Path] = []
-    current = path
-    while not current.is_dir():
-        missing.append(current)
-        if current.parent == current:
-            break
-        current = current.parent
-    for folder in reversed(missing):
-        # Made by another thread meanwhile: fsync the parent anyway, that thread may not have yet.
-        with contextlib.suppress(FileExistsError):
-            folder.mkdir()
-        _fsync_dir(folder.parent)
 
 
 def _same_content(a: Path, b: Path) -> bool:
@@ -346,7 +314,7 @@ class Store:
             with contextlib.suppress(OSError):
                 tmp.unlink()
             raise
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
 
     def _write_temp(self, name: str, data: bytes) -> Path:
         """``data`` in a new fsynced file under ``tmp/`` (removed again if writing fails)."""
@@ -371,7 +339,7 @@ class Store:
         except OSError:
             tmp = self._write_temp(aside.name, old.read_bytes())
             os.replace(tmp, aside)
-        _fsync_dir(aside.parent)
+        fsync_dir(aside.parent)
         return aside
 
     # -- instances --------------------------------------------------------------------------
@@ -448,10 +416,10 @@ class Store:
             supersedes = (row[1], row[2], "")
         make_dirs_durable(path.parent)
         os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
         if old != path and old.is_file():  # the UID moved to another series: it has a copy
             old.unlink()
-            _fsync_dir(old.parent)
+            fsync_dir(old.parent)
         if supersedes is not None:
             logger.warning(
                 "event=instance_replaced study=%s series=%s sop=%s previous_study=%s "
