@@ -52,6 +52,7 @@ from ctcovid.batch.results import (
 from ctcovid.errors import CtCovidError
 from ctcovid.inference import Classifier, PreparedScan
 from ctcovid.model.artifact import ModelArtifact, read_artifact
+from ctcovid.model.runtimes import resolve_runtime
 
 logger = logging.getLogger(__name__)
 
@@ -342,6 +343,7 @@ class BatchOptions:
     batch_size: int = 32
     ray_address: str | None = None
     ray_num_cpus: int | None = None
+    runtime: str = "auto"  # how the model runs (keras | onnx | int8 | auto), not where
 
 
 def run_batch(
@@ -363,6 +365,13 @@ def run_batch(
     out = Path(options.out)
     archive = Path(options.archive)
     artifact = read_artifact(options.model_path)
+    if classifier is not None:  # a loaded classifier brings its runtime
+        artifact = artifact.with_runtime(
+            classifier.artifact.runtime, classifier.artifact.graph_sha256
+        )
+    else:  # the runtime is part of the results' identity (run.json, SR UIDs)
+        choice = resolve_runtime(options.model_path, artifact, options.runtime)
+        artifact = artifact.with_runtime(choice.name, choice.graph_sha256)
     if classifier is not None and classifier.artifact.device_uid != artifact.device_uid:
         raise ValueError(
             f"classifier is model {classifier.artifact.device_uid}, not the model of "
@@ -433,7 +442,9 @@ def _run(
         else:
             if classifier is None:
                 classifier = (
-                    Classifier.from_file(options.model_path, batch_size=options.batch_size)
+                    Classifier.from_file(
+                        options.model_path, batch_size=options.batch_size, runtime=artifact.runtime
+                    )
                     if usable
                     else Classifier(None, artifact)  # nothing to infer: do not load the network
                 )

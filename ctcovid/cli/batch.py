@@ -9,6 +9,7 @@ from typing import Annotated, Any
 import typer
 
 from ctcovid.cli.common import (
+    Runtime,
     console,
     handle_errors,
     print_json,
@@ -119,6 +120,13 @@ def batch(
         ),
     ] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Slices per model batch.")] = 32,
+    runtime: Annotated[
+        Runtime,
+        typer.Option(
+            help="How the model runs: auto (fastest graph the model folder holds: int8, onnx, "
+            "then keras), keras, onnx (fp32 graph) or int8; see 'ctcovid export'."
+        ),
+    ] = Runtime.auto,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
     verbose: Annotated[int, typer.Option("-v", count=True, help="More logging.")] = 0,
@@ -156,6 +164,7 @@ def batch(
         engine=engine.value,
         batch_size=batch_size,
         ray_address=ray_address,
+        runtime=runtime.value,
     )
     bars, progress = _progress_bars(quiet or json_out)
     if bars is not None:

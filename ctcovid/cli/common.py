@@ -7,6 +7,7 @@ import json
 import logging
 import sys
 from collections.abc import Callable
+from enum import StrEnum
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -16,6 +17,16 @@ from rich.console import Console
 from ctcovid.errors import CtCovidError
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+
+class Runtime(StrEnum):
+    """How the model runs (ctcovid.model.runtimes); fixed choices for every command."""
+
+    auto = "auto"
+    keras = "keras"
+    onnx = "onnx"
+    int8 = "int8"
+
 
 console = Console(stderr=True)
 stdout = Console()

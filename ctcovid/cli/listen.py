@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from ctcovid.cli.common import handle_errors, setup_logging
+from ctcovid.cli.common import Runtime, handle_errors, setup_logging
 
 
 @handle_errors
@@ -32,6 +32,13 @@ def listen(
         Path | None,
         typer.Option(
             help="Model folder. Default: $CTCOVID_MODEL, else ~/.local/share/ctcovid/model."
+        ),
+    ] = None,
+    runtime: Annotated[
+        Runtime | None,
+        typer.Option(
+            help="How the model runs: auto (fastest graph the model folder holds: int8, onnx, "
+            "then keras), keras, onnx or int8. Default auto."
         ),
     ] = None,
     allow_aet: Annotated[
@@ -109,6 +116,7 @@ def listen(
             "peer": peer,
             "store": store,
             "model": model,
+            "runtime": runtime.value if runtime is not None else None,
             "allow_aet": tuple(allow_aet) if allow_aet else None,
             "stable_seconds": stable_seconds,
             "retry_seconds": retry_seconds,

@@ -268,7 +268,8 @@ def quantize(fp32_path: Path, out: Path, calibration: np.ndarray, recipe: Recipe
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=".quant-") as tmp:
         pre = Path(tmp) / "pre.onnx"
         # Shape inference and graph clean-up first, as ONNX Runtime recommends for quantisation.
-        quant_pre_process(str(fp32_path), str(pre))
+        # ONNX shape inference suffices: only the batch dimension is symbolic.
+        quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=True)
         import onnx
 
         input_name = onnx.load(str(pre), load_external_data=False).graph.input[0].name
