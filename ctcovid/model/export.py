@@ -174,6 +174,16 @@ def convert_to_onnx(model: Any, out: Path, input_size: int) -> None:
             os.environ.pop("TF2ONNX_CATCH_ERRORS", None)
         else:
             os.environ["TF2ONNX_CATCH_ERRORS"] = previous
+    import onnx
+
+    inputs = [i.name for i in onnx.load(str(out), load_external_data=False).graph.input]
+    if len(inputs) != 1:
+        # tf2onnx leaves a variable it could not freeze as a graph input (seen with the
+        # Normalization layer inside EfficientNet): such a graph cannot run on slices alone.
+        raise ModelError(
+            f"the ONNX graph of this model has inputs {inputs} besides the slice; its layers "
+            "cannot all be exported (the ResNet and DenseNet backbones can)"
+        )
 
 
 def keras_probabilities(model: Any, slices: np.ndarray, batch_size: int = 32) -> np.ndarray:
