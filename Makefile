@@ -15,7 +15,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[dev,jax,ray,metrics]"
+	$(BIN)/python -m pip install --quiet -e ".[dev,jax,ray,metrics,onnx]"
 	touch $(STAMP)
 
 $(DEMO)/data/manifest.json: | $(STAMP)
@@ -28,10 +28,15 @@ $(DEMO)/model/ctcovid.json: $(DEMO)/data/manifest.json
 
 demo: $(DEMO)/model/ctcovid.json
 	@echo "== Classifying the held-out DICOM studies (never seen in training) =="
-	$(BIN)/ctcovid classify $(DEMO)/data/study_000/ct --model $(DEMO)/model \
+	$(BIN)/ctcovid classify $(DEMO)/data/study_000/ct --model $(DEMO)/model --runtime keras \
 		--sr $(DEMO)/out/study_000_sr.dcm --heatmaps $(DEMO)/out/heatmaps_000
-	$(BIN)/ctcovid classify $(DEMO)/data/study_001/ct --model $(DEMO)/model \
+	$(BIN)/ctcovid classify $(DEMO)/data/study_001/ct --model $(DEMO)/model --runtime keras \
 		--sr $(DEMO)/out/study_001_sr.dcm --heatmaps $(DEMO)/out/heatmaps_001
+	@echo "== The same studies on ONNX Runtime int8 (ctcovid export --int8, gated against fp32) =="
+	@if $(BIN)/ctcovid export $(DEMO)/model --int8 --calibration $(DEMO)/data/cov19/val; then \
+		$(BIN)/ctcovid classify $(DEMO)/data/study_000/ct --model $(DEMO)/model --runtime int8; \
+		$(BIN)/ctcovid classify $(DEMO)/data/study_001/ct --model $(DEMO)/model --runtime int8; \
+	else echo "int8 refused by the accuracy gate (numbers above): the Keras results stand"; fi
 	@echo "Ground truth: $$(grep -o '"label": "[^"]*"' $(DEMO)/data/manifest.json | tr '\n' ' ')"
 	@echo "Structured Reports and heatmaps are in $(DEMO)/out/. Synthetic data: no clinical value."
 

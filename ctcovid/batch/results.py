@@ -273,7 +273,7 @@ def prepare_output(out: Path, run: RunInfo, *, resume: bool) -> RunInfo:
             raise ConfigError(f"{run_file}: unreadable ({exc}); use a new --out folder") from exc
         if previous.model_device_uid != run.model_device_uid:
             raise ConfigError(
-                f"{out} holds results of another model (device UID {previous.model_device_uid}, "
+                f"{out} holds results of another model or runtime (device UID {previous.model_device_uid}, "
                 f"{previous.model_path}); this model's device UID is {run.model_device_uid}. "
                 "Results of two models are never mixed: write to a new --out folder"
             )
