@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Annotated
 
@@ -56,8 +57,10 @@ def export(
 
       ctcovid export models/site-v3 --int8 --calibration data/calib --validation data/val
     """
-    setup_logging(verbose if verbose else 1)
+    setup_logging(verbose if verbose else 1)  # progress: conversion and calibration take minutes
     quiet_keras()
+    if verbose < 2:  # tf2onnx reports every folded node at INFO
+        logging.getLogger("tf2onnx").setLevel(logging.WARNING)
     from ctcovid.model.export import export_model
 
     report = export_model(
