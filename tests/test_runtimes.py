@@ -142,6 +142,14 @@ def test_node_config_takes_a_runtime(tmp_path):
         load_config(toml, {})
 
 
+def test_export_int8_needs_calibration_data(tiny_model_dir, tmp_path):
+    folder = model_copy(tiny_model_dir, tmp_path / "m")
+    result = invoke("export", folder, "--int8")
+    assert result.exit_code == 1
+    assert "--int8 needs --calibration DATA" in result.output
+    assert sorted(p.name for p in folder.iterdir()) == ["ctcovid.json", WEIGHTS_FILE]
+
+
 # -- identity: the runtime changes the numbers, so it changes the UIDs ---------------------------
 
 
