@@ -13,6 +13,10 @@ Sections (``--sections``, default all but ``gpu``):
   same slices, per Keras backend (each in its own process: the backend is fixed at import);
 - ``e2e``: ``ctcovid classify`` of a 300-slice series, slice policy ``all`` (default) and
   ``lung``, wall seconds of the command;
+- ``runtimes``: ``ctcovid export`` (fp32 ONNX and gated int8) of an untrained model, then plain
+  Keras ``model.predict`` vs ``predict_slices`` on each runtime (keras, onnx, int8) on the same
+  phantom slices, and ``ctcovid classify --runtime auto`` of the 300-slice 512x512 series (whole
+  process, model load included); the CPU's VNNI/AMX/BF16 flags are recorded with the rows;
 - ``memory``: peak RSS of ``ctcovid classify`` on a 700-slice series (small model input);
 - ``hooks``: ``bench/node_bench.py``, ``bench/batch_bench.py`` and ``bench/pacs_bench.py`` when
   present (JSON on stdout);
@@ -58,6 +62,8 @@ SETTINGS: dict[str, tuple[str, str]] = {
     "BENCH_E2E_POLICIES": ("all,lung", "slice policies timed end to end"),
     "BENCH_MEMORY_SLICES": ("700", "slices of the memory series"),
     "BENCH_MEMORY_INPUT_SIZE": ("64", "model input size for the memory measurement"),
+    "BENCH_RUNTIME_SLICES": ("32", "slices per runtime measurement (phantom slices)"),
+    "BENCH_RUNTIME_E2E": ("auto", "--runtime values timed end to end by the runtimes section"),
     "BENCH_GPU_BATCH": ("256", "GPU batch size"),
     "BENCH_GPU_SLICES": ("4096", "slices per GPU throughput measurement"),
     "BENCH_HOOK_TIMEOUT_S": ("600", "limit for each of node_bench.py and batch_bench.py"),
@@ -96,7 +102,7 @@ def machine_description() -> dict[str, Any]:
 
     versions: dict[str, str] = {}
     for pkg in ("numpy", "pydicom", "keras", "tensorflow-cpu", "tensorflow", "jax", "jaxlib",
-                "torch", "openvino"):
+                "torch", "openvino", "onnx", "onnxruntime", "tf2onnx"):
         try:
             versions[pkg] = version(pkg)
         except PackageNotFoundError:
@@ -312,6 +318,140 @@ def bench_inference(repeats: int) -> list[dict[str, Any]]:
     return rows
 
 
+# -- runtimes: Keras vs ONNX Runtime fp32 and int8 -----------------------------------------------
+
+
+def round_robin(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, list[float]]:
+    """Seconds of each function per repeat, the order rotated each repeat so drift hits all."""
+    names = list(fns)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for i in range(repeats):
+        for name in names[i % len(names):] + names[: i % len(names)]:
+            start = time.perf_counter()
+            fns[name]()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def exported_model(size: int) -> tuple[Path, Path, dict[str, Any]]:
+    """The untrained fixture model with ONNX graphs, its calibration data, and the export report.
+
+    The int8 gate runs as in ``ctcovid export``. An untrained network may fail it (its outputs
+    mean nothing); then the int8 graph of the last recipe is written anyway, for timing only,
+    and the row says so.
+    """
+    import shutil
+
+    from ctcovid.errors import ModelError
+    from ctcovid.model import export as ex
+    from ctcovid.model.artifact import read_artifact, write_metadata
+
+    calib = data_dir() / f"calibration-{size}"
+    if not (calib / ".done").exists():
+        from dicom_fixtures import write_cov19_layout
+
+        write_cov19_layout(calib, n_per_class=2, n_slices=8, size=size, seed=5)
+        (calib / ".done").write_text("")
+    folder = data_dir() / f"model-{size}-runtimes"
+    report_file = folder / "export-report.json"
+    if report_file.exists():
+        return folder, calib, json.loads(report_file.read_text())
+    if folder.exists():
+        shutil.rmtree(folder)
+    shutil.copytree(fixture_model(size), folder)
+    start = time.perf_counter()
+    try:
+        report = ex.export_model(folder, int8=True, calibration=calib).to_json()
+    except ModelError as exc:
+        logger.warning("int8 gate refused the untrained model: %s", exc)
+        ex.export_model(folder)  # fp32 only
+        artifact = read_artifact(folder)
+        scans, _ = ex.read_scans(calib, artifact.ingest_config)
+        int8_path = folder / ex.GRAPH_FILES["int8"]
+        ex.quantize(folder / ex.GRAPH_FILES["onnx"], int8_path,
+                    ex.sample_slices(scans, ex.DEFAULT_CALIBRATION_SLICES), ex.RECIPES[-1])
+        graphs = {**artifact.graphs, "int8": {
+            "file": ex.GRAPH_FILES["int8"], "sha256": ex.sha256_file(int8_path),
+            "weights_sha256": artifact.weights_sha256, "gate": f"refused (timing only): {exc}"}}
+        from dataclasses import replace
+
+        write_metadata(replace(artifact, graphs=graphs), folder)
+        report = {"graphs": graphs, "refused": str(exc)}
+    report["export_seconds"] = round(time.perf_counter() - start, 1)
+    report_file.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    return folder, calib, report
+
+
+def bench_runtimes(repeats: int) -> list[dict[str, Any]]:
+    from ctcovid.inference import Classifier
+    from ctcovid.model.artifact import load_model
+    from ctcovid.model.export import cpu_description, read_scans
+
+    size = int_setting("BENCH_INPUT_SIZE")
+    folder, calib, report = exported_model(size)
+    cpu = cpu_description()
+    model, artifact = load_model(folder)
+    scans, _ = read_scans(calib, artifact.ingest_config)
+    slices = np.concatenate([s.slices for s in scans])
+    n = min(int_setting("BENCH_RUNTIME_SLICES"), len(slices))
+    slices = slices[:n]
+    classifiers = {
+        name: Classifier.from_file(folder, runtime=name) for name in ("keras", "onnx", "int8")
+    }
+
+    def plain() -> np.ndarray:
+        return model.predict(slices[..., None].astype(np.float32), batch_size=32, verbose=0)
+
+    fns: dict[str, Callable[[], Any]] = {"model.predict": plain}
+    for name, clf in classifiers.items():
+        fns[name] = lambda clf=clf: clf.predict_slices(slices)
+    reference = plain().reshape(-1)
+    outputs = {name: np.asarray(fn()).reshape(-1) for name, fn in fns.items()}  # warm-up
+    times = round_robin(fns, repeats)
+    base = statistics.median(times["model.predict"])
+    gate = report.get("graphs", {}).get("int8", {}).get("agreement") or {
+        "refused": report.get("refused", "")}
+    rows: list[dict[str, Any]] = []
+    for name in classifiers:
+        med = statistics.median(times[name])
+        rows.append({
+            "figure": f"runtime {name} {n}x{size}px",
+            "baseline": "keras model.predict batch 32",
+            "candidate": f"Classifier.predict_slices, runtime {name}",
+            "unit": "slices/s",
+            "baseline_rate": round(n / base, 2),
+            "candidate_rate": round(n / med, 2),
+            "ratio": round(base / med, 2),
+            "baseline_runs_s": [round(t, 3) for t in times["model.predict"]],
+            "candidate_runs_s": [round(t, 3) for t in times[name]],
+            "max_probability_difference": float(np.abs(outputs[name] - reference).max()),
+            "cpu": cpu,
+            **({"int8_gate": {k: gate.get(k) for k in ("max_probability_difference",
+                                                      "labels_agree", "refused") if k in gate},
+                "int8_recipe": report.get("graphs", {}).get("int8", {}).get("recipe", {})}
+               if name == "int8" else {}),
+        })
+    classifiers.clear()  # free the sessions before the end-to-end process runs
+    ct = fixture_series("e2e", int_setting("BENCH_E2E_SLICES"), pixels=int_setting("BENCH_PIXELS"),
+                        margin=int(int_setting("BENCH_E2E_SLICES") * 0.15))
+    for runtime in setting("BENCH_RUNTIME_E2E").split(","):
+        # No peak RSS here: this process holds several models, and the child's peak RSS counts
+        # the forked copy of it before the exec (sampled separately: about 1 GB for int8).
+        seconds, out, _ = run_classify(ct, folder, "--runtime", runtime)
+        rows.append({
+            "figure": f"e2e classify --runtime {runtime} ({out.get('runtime')}), {size}px",
+            "unit": "s",
+            "seconds": round(seconds, 1),
+            "classify_seconds": out["seconds"],
+            "n_slices_used": out["n_slices_used"],
+            "slices_per_s": round(out["n_slices_used"] / out["seconds"], 2),
+            "runtime": out.get("runtime"),
+            "export_seconds": report.get("export_seconds"),
+            "cpu": cpu,
+        })
+    return rows
+
+
 # -- end to end and memory ----------------------------------------------------------------------
 
 
@@ -486,7 +626,7 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-SECTIONS = ("ingest", "inference", "e2e", "memory", "hooks")
+SECTIONS = ("ingest", "inference", "e2e", "runtimes", "memory", "hooks")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -508,6 +648,7 @@ def main(argv: list[str] | None = None) -> int:
         "ingest": lambda: bench_ingest(repeats),
         "inference": lambda: bench_inference(repeats),
         "e2e": bench_e2e,
+        "runtimes": lambda: bench_runtimes(repeats),
         "memory": bench_memory,
         "hooks": bench_hooks,
         "gpu": lambda: bench_gpu(repeats),

@@ -17,8 +17,13 @@ import numpy as np
 from ctcovid.config import IngestConfig
 from ctcovid.dicom.types import Series, SliceRef
 from ctcovid.errors import InvalidInputError
-from ctcovid.model.artifact import ModelArtifact, default_model_path, load_model
-from ctcovid.preprocess import PreprocessedSeries, assemble_series, iter_windowed
+from ctcovid.model.artifact import ModelArtifact, default_model_path, load_model, read_artifact
+from ctcovid.model.runtimes import KerasRuntime, Runtime, load_runtime, resolve_runtime
+from ctcovid.preprocess import (
+    PreprocessedSeries,
+    assemble_series,
+    iter_windowed,
+)
 from ctcovid.results import ScanResult
 from ctcovid.scans import PreparedScan, prepare_scan, scan_result
 
@@ -36,17 +41,50 @@ class Classifier:
     """A loaded model with the preprocessing its artifact prescribes."""
 
     def __init__(
-        self, model: Any, artifact: ModelArtifact, *, batch_size: int = DEFAULT_BATCH_SIZE
+        self,
+        model: Any,
+        artifact: ModelArtifact,
+        *,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        runtime: Runtime | None = None,
+        model_path: Path | None = None,
     ):
-        self.model = model
+        """``runtime`` defaults to Keras on ``model``; an exported graph's runtime is recorded
+        in the artifact (result identity). ``model_path`` lets the Keras model be loaded on
+        first use (class-activation maps) when another runtime does the scoring."""
+        self._model = model
+        self._model_path = model_path
+        if runtime is None and model is not None:
+            runtime = KerasRuntime(model)
+        self.runtime = runtime
+        if runtime is not None:
+            artifact = artifact.with_runtime(runtime.name, runtime.graph_sha256)
         self.artifact = artifact
         self.batch_size = batch_size
         self._cam_model: Any = None
 
+    @property
+    def model(self) -> Any:
+        """The Keras model (loaded on first use when another runtime scores the slices)."""
+        if self._model is None and self._model_path is not None:
+            self._model, _ = load_model(self._model_path)
+        return self._model
+
     @classmethod
-    def from_file(cls, path: Path | str | None = None, **kwargs: Any) -> Classifier:
-        model, artifact = load_model(Path(path) if path else default_model_path())
-        return cls(model, artifact, **kwargs)
+    def from_file(
+        cls, path: Path | str | None = None, *, runtime: str = "auto", **kwargs: Any
+    ) -> Classifier:
+        """Load a model folder for ``runtime`` (auto | keras | onnx | int8, see runtimes.py)."""
+        path = Path(path) if path else default_model_path()
+        if runtime == "keras":  # the common case: one read of the metadata
+            model, artifact = load_model(path)
+            return cls(model, artifact, **kwargs)
+        artifact = read_artifact(path)
+        choice = resolve_runtime(path, artifact, runtime)
+        if choice.name == "keras":
+            model, artifact = load_model(path)
+            return cls(model, artifact, **kwargs)
+        return cls(None, artifact, runtime=load_runtime(choice), model_path=path, **kwargs)
 
     @property
     def ingest_config(self) -> IngestConfig:
@@ -61,7 +99,8 @@ class Classifier:
     def predict_slices(self, slices: np.ndarray) -> np.ndarray:
         """P(COVID) per slice for uint8 slices (N, S, S); batches of a fixed size.
 
-        The last batch is padded to the batch size so that one compiled shape serves every call.
+        With Keras the last batch is padded to the batch size so that one compiled shape serves
+        every call; ONNX Runtime needs no padding.
         """
         slices = np.asarray(slices)
         if slices.ndim != 3:
@@ -71,17 +110,17 @@ class Classifier:
             raise ValueError(
                 f"slices must be {size}x{size} for this model. Received: {slices.shape[1:]}."
             )
+        if self.runtime is None:
+            raise ValueError("this Classifier has no model: it can prepare scans only")
         out = np.empty(len(slices), np.float32)
         for start in range(0, len(slices), self.batch_size):
             chunk = slices[start : start + self.batch_size]
             n = len(chunk)
-            if n < self.batch_size:
+            if n < self.batch_size and self.runtime.pads_batches:
                 pad = np.zeros((self.batch_size - n, size, size), chunk.dtype)
                 chunk = np.concatenate([chunk, pad])
             x = chunk[..., np.newaxis].astype(np.float32)
-            out[start : start + n] = np.asarray(self.model.predict_on_batch(x), np.float32).reshape(
-                -1
-            )[:n]
+            out[start : start + n] = self.runtime.predict(x)[:n]
         return out
 
     def class_activation_maps(self, slices: np.ndarray) -> np.ndarray:

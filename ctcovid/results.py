@@ -13,6 +13,7 @@ class ModelInfo:
     name: str
     version: str
     device_uid: str
+    runtime: str = "keras"  # keras | onnx | int8: what computed the numbers
 
     def to_dict(self) -> dict[str, str]:
         return asdict(self)
@@ -58,4 +59,5 @@ class ScanResult:
     def to_json_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["model"] = self.model.to_dict()
+        d["runtime"] = self.model.runtime
         return d

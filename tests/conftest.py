@@ -57,6 +57,24 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def unbounded_model_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
+    """The tiny model with its ingest's size limits (rows, columns) raised far enough that a
+    decompression bomb passes the header checks and reaches the decoder: for tests of the
+    decoder's memory limit, the backstop behind those checks."""
+    import json
+    import shutil
+
+    from ctcovid.model.artifact import METADATA_FILE
+
+    out = tmp_path_factory.mktemp("models") / "unbounded"
+    shutil.copytree(tiny_model_dir, out)
+    meta = json.loads((out / METADATA_FILE).read_text())
+    meta["ingest"]["max_rows_columns"] = 65535
+    (out / METADATA_FILE).write_text(json.dumps(meta, indent=2))
+    return out
+
+
 TRAINED_INPUT_SIZE = 64  # the smallest size whose CAM has a grid (2 x 2) to look at
 TRAINED_EPOCHS = 4
 TRAINED_MAX_SLICES = 4

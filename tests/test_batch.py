@@ -358,11 +358,14 @@ def bomb_archive(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 
 def test_a_bomb_fails_its_series_alone_and_resume_does_not_retry_it(
-    bomb_archive: dict, tiny_model_dir: Path, classifier: Classifier, tmp_path: Path
+    bomb_archive: dict, unbounded_model_dir: Path, tmp_path: Path
 ) -> None:
+    """The decoders' memory limit is the backstop behind the ingest's size checks (which refuse
+    this bomb from its header with the default limits): a model whose limits let it through."""
     out = tmp_path / "run"
-    options = BatchOptions(bomb_archive["root"], out, tiny_model_dir, workers=1,
+    options = BatchOptions(bomb_archive["root"], out, unbounded_model_dir, workers=1,
                            decoder_memory_mb=1536)
+    classifier = Classifier.from_file(unbounded_model_dir)
 
     summary = run_batch(options, classifier=classifier)
     again = run_batch(dataclasses.replace(options, resume=True), classifier=classifier)

@@ -90,9 +90,10 @@ def test_classify_json_has_the_contract_keys(studies_root, study_infos, tiny_mod
         "covid" if data["probability_covid"] >= data["threshold"] else "non-covid"
     )
     assert data["n_slices_used"] == len(data["slice_probabilities"]) == 12
-    assert set(data["model"]) == {"name", "version", "device_uid"}
     assert data["n_slices_lost"] == 0 and data["n_slices_total"] == 12
     assert data["stack"]["n_slices"] == 12 and data["stack"]["image_type"][0] == "ORIGINAL"
+    assert set(data["model"]) == {"name", "version", "device_uid", "runtime"}
+    assert data["runtime"] == data["model"]["runtime"] == "keras"
 
 
 def test_classify_writes_a_readable_sr_and_heatmaps(

@@ -381,11 +381,16 @@ def test_supervisor_restarts_a_worker_whose_heartbeat_stops() -> None:
 
 
 def test_a_decompression_bomb_fails_its_series_alone_under_the_memory_limit(
-    tmp_path: Path, studies_root: Path, classifier, pacs
+    tmp_path: Path, studies_root: Path, unbounded_model_dir: Path, pacs
 ):
+    """The memory limit is the backstop behind the ingest's size checks (which refuse this
+    bomb from its header with the default limits): a model whose limits let it through."""
     from bombs import write_bomb_series
 
+    from ctcovid.inference import Classifier
+
     peer, received = pacs
+    classifier = Classifier.from_file(unbounded_model_dir)
     worker = make_worker(tmp_path, classifier, peer, decoder_memory_mb=1536)
     bomb_uid = write_bomb_series(ct_files(studies_root, "study_001"), tmp_path / "bomb")
     for path in sorted((tmp_path / "bomb").iterdir()):

@@ -60,6 +60,7 @@ from ctcovid.scans import PreparedScan, prepare_scan
 if TYPE_CHECKING:
     from ctcovid.batch.destinations import Destination
     from ctcovid.batch.sources import PacsSource
+from ctcovid.model.runtimes import resolve_runtime
 
 logger = logging.getLogger(__name__)
 
@@ -410,6 +411,7 @@ class BatchOptions:
     destinations: tuple[Destination, ...] = ()
     # Address-space limit of each decoder process, MiB (0: none).
     decoder_memory_mb: int = DEFAULT_DECODER_MEMORY_MB
+    runtime: str = "auto"  # how the model runs (keras | onnx | int8 | auto), not where
 
 
 def run_batch(
@@ -432,6 +434,13 @@ def run_batch(
     wall_start = time.perf_counter()
     out = Path(options.out)
     artifact = read_artifact(options.model_path)
+    if classifier is not None:  # a loaded classifier brings its runtime
+        artifact = artifact.with_runtime(
+            classifier.artifact.runtime, classifier.artifact.graph_sha256
+        )
+    else:  # the runtime is part of the results' identity (run.json, SR UIDs)
+        choice = resolve_runtime(options.model_path, artifact, options.runtime)
+        artifact = artifact.with_runtime(choice.name, choice.graph_sha256)
     if classifier is not None and classifier.artifact.device_uid != artifact.device_uid:
         raise ValueError(
             f"classifier is model {classifier.artifact.device_uid}, not the model of "
@@ -535,7 +544,9 @@ def _run(
         else:
             if classifier is None:
                 classifier = (
-                    Classifier.from_file(options.model_path, batch_size=options.batch_size)
+                    Classifier.from_file(
+                        options.model_path, batch_size=options.batch_size, runtime=artifact.runtime
+                    )
                     if usable
                     else Classifier(None, artifact)  # nothing to infer: do not load the network
                 )

@@ -85,10 +85,10 @@ def decode_rows(row: dict[str, Any], artifact: ModelArtifact) -> list[dict[str, 
 class SliceScorer:
     """Ray actor: the model, loaded once, scoring batches of slices from any series."""
 
-    def __init__(self, model_path: str, batch_size: int):
+    def __init__(self, model_path: str, batch_size: int, runtime: str = "keras"):
         from ctcovid.inference import Classifier
 
-        self.classifier = Classifier.from_file(model_path, batch_size=batch_size)
+        self.classifier = Classifier.from_file(model_path, batch_size=batch_size, runtime=runtime)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         k = np.asarray(batch["k"])
@@ -155,6 +155,7 @@ def run_ray(
             fn_constructor_kwargs={
                 "model_path": str(options.model_path),
                 "batch_size": options.batch_size,
+                "runtime": artifact.runtime,
             },
             batch_size=options.batch_size,
             batch_format="numpy",

@@ -303,8 +303,9 @@ def prepare_output(out: Path, run: RunInfo, *, resume: bool) -> RunInfo:
             raise ConfigError(f"{run_file}: unreadable ({exc}); use a new --out folder") from exc
         if previous.model_device_uid != run.model_device_uid:
             raise ConfigError(
-                f"{out} holds results of another model (device UID {previous.model_device_uid}, "
-                f"{previous.model_path}); this model's device UID is {run.model_device_uid}. "
+                f"{out} holds results of another model or runtime (device UID "
+                f"{previous.model_device_uid}, {previous.model_path}); this model's device UID "
+                f"is {run.model_device_uid}. "
                 "Results of two models are never mixed: write to a new --out folder"
             )
         if not resume:

@@ -31,6 +31,7 @@ from ctcovid.cli.batch_pacs import (
 )
 from ctcovid.cli.common import (
     ModelOption,
+    Runtime,
     console,
     handle_errors,
     print_json,
@@ -147,6 +148,13 @@ def batch(
             "files need more fails alone, with the reason.",
         ),
     ] = 4096,
+    runtime: Annotated[
+        Runtime,
+        typer.Option(
+            help="How the model runs: auto (fastest graph the model folder holds: int8, onnx, "
+            "then keras), keras, onnx (fp32 graph) or int8; see 'ctcovid export'."
+        ),
+    ] = Runtime.auto,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
     verbose: Annotated[int, typer.Option("-v", count=True, help="More logging.")] = 0,
@@ -237,6 +245,7 @@ def batch(
         source=source,
         destinations=sends,
         decoder_memory_mb=decoder_memory_mb,
+        runtime=runtime.value,
     )
     # Redrawn bars come out as broken lines in a log or a pipe: bars only on a terminal.
     bars, progress = _progress_bars(quiet or json_out or not console.is_terminal)

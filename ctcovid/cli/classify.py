@@ -9,6 +9,7 @@ import typer
 
 from ctcovid.cli.common import (
     ModelOption,
+    Runtime,
     handle_errors,
     print_json,
     quiet_keras,
@@ -36,6 +37,13 @@ def classify(
         typer.Option(help="With --heatmaps, also write them as a DICOM Secondary Capture series."),
     ] = False,
     batch_size: Annotated[int, typer.Option(help="Slices per model batch.")] = 32,
+    runtime: Annotated[
+        Runtime,
+        typer.Option(
+            help="How the model runs: auto (fastest graph the model folder holds: int8, onnx, "
+            "then keras), keras, onnx (fp32 graph) or int8; see 'ctcovid export'."
+        ),
+    ] = Runtime.auto,
     verbose: Annotated[int, typer.Option("-v", count=True, help="More logging.")] = 0,
 ) -> None:
     """Classify one CT series: mean of slice probabilities, thresholded into covid / non-covid.
@@ -45,6 +53,8 @@ def classify(
       ctcovid classify study/ct --model models/demo
 
       ctcovid classify study/ct --json --sr result.dcm --heatmaps heatmaps/
+
+      ctcovid classify study/ct --runtime int8
     """
     setup_logging(verbose)
     quiet_keras()
@@ -56,7 +66,7 @@ def classify(
     model_path = model or default_model_path()
     if not model_path.exists():
         raise ModelError(missing_model_message(model_path))
-    classifier = Classifier.from_file(model_path, batch_size=batch_size)
+    classifier = Classifier.from_file(model_path, batch_size=batch_size, runtime=runtime.value)
     series = load_series(series_dir, classifier.ingest_config)
     prepared, result = classifier.run(series)
     out: dict[str, Any] = result.to_json_dict()
@@ -77,7 +87,8 @@ def classify(
     stdout.print(
         f"{result.series_instance_uid}: P(COVID) = {result.probability_covid:.3f} "
         f"(threshold {result.threshold:.2f}) -> [bold]{result.label}[/] ({verdict}); "
-        f"{result.n_slices_used} of {result.n_slices_total} slices, {result.seconds:.1f} s",
+        f"{result.n_slices_used} of {result.n_slices_total} slices, {result.seconds:.1f} s, "
+        f"runtime {result.model.runtime}",
         highlight=False,
     )
     if sr is not None:

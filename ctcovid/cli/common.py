@@ -8,6 +8,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -27,6 +28,16 @@ ModelOption = Annotated[
         help="Model folder. Default: $CTCOVID_MODEL, else ~/.local/share/ctcovid/model.",
     ),
 ]
+
+
+class Runtime(StrEnum):
+    """How the model runs (ctcovid.model.runtimes); fixed choices for every command."""
+
+    auto = "auto"
+    keras = "keras"
+    onnx = "onnx"
+    int8 = "int8"
+
 
 console = Console(stderr=True)
 stdout = Console()

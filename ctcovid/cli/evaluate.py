@@ -10,6 +10,7 @@ import typer
 
 from ctcovid.cli.common import (
     ModelOption,
+    Runtime,
     console,
     fail,
     handle_errors,
@@ -61,6 +62,13 @@ def evaluate(
         typer.Option(help="Slice cache folder. Default: $XDG_CACHE_HOME/ctcovid/slices."),
     ] = None,
     batch_size: Annotated[int, typer.Option(help="Slices per model batch.")] = 32,
+    runtime: Annotated[
+        Runtime,
+        typer.Option(
+            help="How the model runs: auto (fastest graph the model folder holds: int8, onnx, "
+            "then keras), keras, onnx (fp32 graph) or int8; see 'ctcovid export'."
+        ),
+    ] = Runtime.auto,
     json_out: Annotated[bool, typer.Option("--json", help="Print a JSON summary only.")] = False,
     verbose: Annotated[int, typer.Option("-v", count=True, help="More logging.")] = 0,
 ) -> None:
@@ -92,10 +100,15 @@ def evaluate(
     if not model_path.exists():
         raise ModelError(missing_model_message(model_path))
 
+    from ctcovid.inference import Classifier
+
+    classifier = Classifier.from_file(model_path, batch_size=batch_size, runtime=runtime.value)
+
     def run(progress: Progress) -> Evaluation:
         return run_evaluation(
             data_dir,
             model_path,
+            classifier=classifier,
             layout=layout.value,
             split=split.value,
             predict_only=predict_only,

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from ctcovid.cli.common import ModelOption, handle_errors, setup_logging
+from ctcovid.cli.common import ModelOption, Runtime, handle_errors, setup_logging
 
 
 @handle_errors
@@ -29,6 +29,13 @@ def listen(
         Path | None, typer.Option(help="Folder for received instances, SRs and the job database.")
     ] = None,
     model: ModelOption = None,
+    runtime: Annotated[
+        Runtime | None,
+        typer.Option(
+            help="How the model runs: auto (fastest graph the model folder holds: int8, onnx, "
+            "then keras), keras, onnx or int8. Default auto."
+        ),
+    ] = None,
     allow_aet: Annotated[
         list[str] | None,
         typer.Option(
@@ -126,6 +133,7 @@ def listen(
             "peer": peer,
             "store": store,
             "model": model,
+            "runtime": runtime.value if runtime is not None else None,
             "allow_aet": tuple(allow_aet) if allow_aet else None,
             "stable_seconds": stable_seconds,
             "retry_seconds": retry_seconds,

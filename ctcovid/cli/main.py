@@ -12,6 +12,7 @@ from ctcovid.cli import (
     batch,
     classify,
     evaluate,
+    export,
     fixtures,
     listen,
     preprocess,
@@ -79,6 +80,7 @@ app.command("classify")(classify.classify)
 app.command("fixtures")(fixtures.fixtures)
 app.command("train")(train.train)
 app.command("evaluate")(evaluate.evaluate)
+app.command("export")(export.export)
 app.command("listen")(listen.listen)
 app.command("queue")(queue.queue)
 app.command("batch")(batch.batch)

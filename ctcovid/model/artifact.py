@@ -4,6 +4,10 @@
 policy), the decision threshold, the class meaning, name, version and a device UID derived from the
 weights; ``MODEL/model.weights.h5`` the Keras weights. Inference rebuilds the network from the
 settings and loads the weights, so it cannot silently preprocess differently from training.
+
+``ctcovid export`` may add inference graphs (``model.onnx``, ``model.int8.onnx``); each is recorded
+under ``graphs`` in ``ctcovid.json`` with its sha256 and the weights it was exported from. Readers
+that predate ``graphs`` ignore the key and keep using the Keras weights.
 """
 
 from __future__ import annotations
@@ -72,15 +76,39 @@ class ModelArtifact:
     positive_class: str = "covid"
     negative_class: str = "non-covid"
     training: dict[str, Any] = field(default_factory=dict)
+    # Exported inference graphs by runtime name ("onnx", "int8"): file, sha256, provenance.
+    graphs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # The runtime this artifact was loaded for (not stored): it is part of the result's identity.
+    runtime: str = "keras"
+    graph_sha256: str = ""
 
     @property
-    def device_uid(self) -> str:
-        """Changes whenever the weights change (PS3.3 DeviceUID of the algorithm)."""
+    def base_device_uid(self) -> str:
+        """Changes whenever the weights change: the model's identity under Keras."""
         return derive_uid("ctcovid-model", self.weights_sha256 or "untrained")
 
     @property
+    def device_uid(self) -> str:
+        """PS3.3 DeviceUID of the algorithm: changes with the weights, the runtime and its graph.
+
+        Another runtime gives (slightly) different numbers, so its results are different content
+        and get other UIDs. Keras keeps the UID of the weights alone.
+        """
+        if self.runtime == "keras":
+            return self.base_device_uid
+        return derive_uid(
+            "ctcovid-model", self.weights_sha256 or "untrained", self.runtime, self.graph_sha256
+        )
+
+    @property
     def info(self) -> ModelInfo:
-        return ModelInfo(name=self.name, version=self.version, device_uid=self.device_uid)
+        return ModelInfo(
+            name=self.name, version=self.version, device_uid=self.device_uid, runtime=self.runtime
+        )
+
+    def with_runtime(self, runtime: str, graph_sha256: str = "") -> ModelArtifact:
+        """This artifact as loaded for ``runtime`` (whose graph has ``graph_sha256``)."""
+        return replace(self, runtime=runtime, graph_sha256=graph_sha256)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -88,7 +116,7 @@ class ModelArtifact:
             "format_version": FORMAT_VERSION,
             "name": self.name,
             "version": self.version,
-            "device_uid": self.device_uid,
+            "device_uid": self.base_device_uid,
             "weights_sha256": self.weights_sha256,
             "created": self.created,
             "output": f"sigmoid = P({self.positive_class})",
@@ -97,6 +125,7 @@ class ModelArtifact:
             "model": self.model_config.to_dict(),
             "ingest": self.ingest_config.to_dict(),
             "training": self.training,
+            **({"graphs": self.graphs} if self.graphs else {}),
         }
 
     @classmethod
@@ -120,6 +149,7 @@ class ModelArtifact:
                 positive_class=str(data["classes"]["positive"]),
                 negative_class=str(data["classes"]["negative"]),
                 training=dict(data.get("training", {})),
+                graphs={str(k): dict(v) for k, v in dict(data.get("graphs", {})).items()},
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ModelError(f"{source}/{METADATA_FILE}: invalid metadata ({exc})") from exc
@@ -134,8 +164,13 @@ def save_model(model: Any, artifact: ModelArtifact, out: Path) -> ModelArtifact:
         created=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         model_config=replace(artifact.model_config, weights=None),
     )
-    write_atomic(out / METADATA_FILE, json.dumps(artifact.to_json(), indent=2) + "\n")
+    write_metadata(artifact, out)
     return artifact
+
+
+def write_metadata(artifact: ModelArtifact, folder: Path) -> None:
+    """Write ``ctcovid.json`` atomically and durably."""
+    write_atomic(folder / METADATA_FILE, json.dumps(artifact.to_json(), indent=2) + "\n")
 
 
 def read_artifact(path: Path) -> ModelArtifact:

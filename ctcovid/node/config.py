@@ -92,6 +92,7 @@ class NodeConfig:
     metrics_host: str = "127.0.0.1"
     poll_seconds: float = 0.5
     batch_size: int = 32
+    runtime: str = "auto"  # auto | keras | onnx | int8 (ctcovid.model.runtimes)
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
@@ -136,6 +137,10 @@ class NodeConfig:
             raise ConfigError(
                 f"max_retry_seconds ({self.max_retry_seconds}) must be >= retry_seconds "
                 f"({self.retry_seconds})."
+            )
+        if self.runtime not in ("auto", "keras", "onnx", "int8"):
+            raise ConfigError(
+                f"runtime must be one of auto, keras, onnx, int8. Received: {self.runtime!r}."
             )
         for name in ("max_attempts", "max_associations", "batch_size"):
             if getattr(self, name) < 1:

@@ -148,13 +148,18 @@ class Node:
 
     def _check_model(self) -> None:
         from ctcovid.model.artifact import default_model_path, read_artifact
+        from ctcovid.model.runtimes import resolve_runtime
 
         # Fail here, with the reason, rather than in a worker that restarts forever.
-        artifact = read_artifact(self.config.model or default_model_path())
+        path = self.config.model or default_model_path()
+        artifact = read_artifact(path)
+        choice = resolve_runtime(path, artifact, self.config.runtime)
+        artifact = artifact.with_runtime(choice.name, choice.graph_sha256)
         logger.info(
-            "event=model model=%s version=%s device_uid=%s",
+            "event=model model=%s version=%s runtime=%s device_uid=%s",
             artifact.info.name,
             artifact.info.version,
+            artifact.runtime,
             artifact.device_uid,
         )
 

@@ -514,11 +514,14 @@ def run_worker(
 
         model_path = config.model or default_model_path()
         start = time.perf_counter()
-        classifier = Classifier.from_file(model_path, batch_size=config.batch_size)
+        classifier = Classifier.from_file(
+            model_path, batch_size=config.batch_size, runtime=config.runtime
+        )
         logger.info(
-            "event=model_loaded model=%s version=%s device_uid=%s seconds=%.1f",
+            "event=model_loaded model=%s version=%s runtime=%s device_uid=%s seconds=%.1f",
             classifier.artifact.info.name,
             classifier.artifact.info.version,
+            classifier.artifact.runtime,
             classifier.artifact.device_uid,
             time.perf_counter() - start,
         )

@@ -269,6 +269,7 @@ def algorithm_parameters(result: ScanResult) -> list[str]:
         f"window_width_hu={result.window_width_hu:g}",
         f"threshold={result.threshold:g}",
         f"slice_policy={result.slice_policy}",
+        f"runtime={result.model.runtime}",
         f"n_slices_used={result.n_slices_used}",
         f"n_slices_total={result.n_slices_total}",
         *([f"stack={stack}"] if (stack := stack_text(result)) else []),

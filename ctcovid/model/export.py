@@ -1,0 +1,516 @@
+"""``ctcovid export``: inference graphs for ONNX Runtime, fp32 and calibrated int8, behind a gate.
+
+The fp32 graph (``model.onnx``) is the Keras model converted by tf2onnx; it must give the Keras
+probability of every checked slice within :data:`FP32_TOLERANCE`. The int8 graph
+(``model.int8.onnx``) is ONNX Runtime's static quantisation of it (QDQ, per-channel int8 weights,
+uint8 activations), calibrated on slices read through the model's own ingest and slice policy.
+It is kept only if, on the gate scans (the calibration scans, or a separate validation set),
+every scan's int8 probability is within :data:`INT8_TOLERANCE` of the fp32 one and every label
+agrees at the model's threshold. When the plain recipe fails the next of :data:`RECIPES` is
+tried (the head and the first convolutions kept in float, then percentile and entropy
+calibration); when all fail nothing is written and the measured numbers are reported.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+import platform
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ctcovid.config import IngestConfig
+from ctcovid.errors import InvalidInputError, ModelError
+from ctcovid.model.artifact import (
+    ModelArtifact,
+    load_model,
+    sha256_file,
+    write_metadata,
+)
+from ctcovid.model.runtimes import GRAPH_FILES, OnnxRuntime, graph_path, import_onnxruntime
+
+logger = logging.getLogger(__name__)
+
+FP32_TOLERANCE = 1e-4  # per slice, ONNX fp32 vs Keras
+INT8_TOLERANCE = 0.02  # per scan, int8 vs fp32
+OPSET = 17
+DEFAULT_CALIBRATION_SLICES = 32
+FP32_CHECK_SLICES = 16
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """One way to quantise: calibration method and which nodes stay in float."""
+
+    name: str
+    method: str  # MinMax | Percentile | Entropy
+    keep_ends_float: bool  # the first convolution of each branch and the head stay fp32
+    percentile: float = 99.999
+
+
+RECIPES = (
+    Recipe("minmax", "MinMax", keep_ends_float=False),
+    Recipe("minmax, ends in fp32", "MinMax", keep_ends_float=True),
+    Recipe("percentile 99.999, ends in fp32", "Percentile", keep_ends_float=True),
+    Recipe("entropy, ends in fp32", "Entropy", keep_ends_float=True),
+)
+
+
+@dataclass
+class ScanSlices:
+    """One scan as inference sees it (after the slice policy)."""
+
+    scan_id: str
+    slices: np.ndarray  # (N, S, S) uint8
+
+
+@dataclass
+class GateResult:
+    """int8 against fp32 on the gate scans."""
+
+    recipe: str
+    passed: bool
+    max_probability_difference: float
+    label_flips: list[str]
+    scans: list[dict[str, Any]] = field(default_factory=list)
+
+    def summary(self) -> str:
+        flips = f", labels flipped on {', '.join(self.label_flips)}" if self.label_flips else ""
+        return (
+            f"{self.recipe}: max |int8 - fp32| = {self.max_probability_difference:.4f} "
+            f"(limit {INT8_TOLERANCE}){flips}"
+        )
+
+
+@dataclass
+class ExportReport:
+    model: Path
+    graphs: dict[str, dict[str, Any]]
+    written: list[str]
+    attempts: list[GateResult] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "model": str(self.model),
+            "written": self.written,
+            "graphs": self.graphs,
+            "attempts": [asdict(a) for a in self.attempts],
+        }
+
+
+# -- data -----------------------------------------------------------------------------------------
+
+
+def read_scans(data_dir: Path, ingest: IngestConfig) -> tuple[list[ScanSlices], list[str]]:
+    """Every scan under ``data_dir`` (COV19-CT-DB or DICOM) through the model's ingest and policy.
+
+    Returns the scans and one reason per scan that could not be read.
+    """
+    from ctcovid.training.data import discover, load_scan
+
+    data = discover(data_dir, "auto", ingest=ingest, labelled=False)
+    scans: list[ScanSlices] = []
+    skipped = [f"{s}" for s in data.skipped]
+    for item in data.items:
+        try:
+            loaded = load_scan(item, ingest)
+        except InvalidInputError as exc:
+            skipped.append(f"{item.scan_id}: {exc}")
+            continue
+        if len(loaded.slices):
+            scans.append(ScanSlices(item.scan_id, loaded.slices))
+    if not scans:
+        raise InvalidInputError(f"{data_dir}: no scan could be read for export")
+    return scans, skipped
+
+
+def sample_slices(scans: Sequence[ScanSlices], n: int) -> np.ndarray:
+    """``n`` slices spread evenly over all scans (all of them when there are fewer)."""
+    every = np.concatenate([s.slices for s in scans])
+    if len(every) <= n:
+        return every
+    return every[np.unique(np.linspace(0, len(every) - 1, n).round().astype(int))]
+
+
+# -- fp32 -----------------------------------------------------------------------------------------
+
+
+def convert_to_onnx(model: Any, out: Path, input_size: int) -> None:
+    """The Keras model's inference function as an ONNX graph (tf2onnx, opset 17).
+
+    tf2onnx deep-copies the whole graph before each of its optimisers when it catches their
+    errors; with its documented switch off the conversion of this ~1000-layer network takes a
+    third of the time, and an optimiser failure fails the export instead of being skipped.
+    """
+    import keras
+
+    if keras.backend.backend() != "tensorflow":
+        raise ModelError(
+            f"export needs the TensorFlow backend (KERAS_BACKEND={keras.backend.backend()})"
+        )
+    try:
+        import tensorflow as tf
+        import tf2onnx
+        from keras.src.export.tf2onnx_lib import patch_tf2onnx
+    except ImportError as exc:
+        raise ModelError(
+            f"export needs tf2onnx and onnx ({exc}); pip install 'ctcovid[onnx]'"
+        ) from exc
+    patch_tf2onnx()  # tf2onnx still refers to numpy aliases removed in numpy 2
+    spec = (tf.TensorSpec((None, input_size, input_size, 1), tf.float32, name="slice"),)
+    function = tf.function(lambda x: model(x, training=False), input_signature=spec)
+    previous = os.environ.get("TF2ONNX_CATCH_ERRORS")
+    os.environ["TF2ONNX_CATCH_ERRORS"] = "FALSE"
+    try:
+        tf2onnx.convert.from_function(function, spec, opset=OPSET, output_path=str(out))
+    finally:
+        if previous is None:
+            os.environ.pop("TF2ONNX_CATCH_ERRORS", None)
+        else:
+            os.environ["TF2ONNX_CATCH_ERRORS"] = previous
+    import onnx
+
+    inputs = [i.name for i in onnx.load(str(out), load_external_data=False).graph.input]
+    if len(inputs) != 1:
+        # tf2onnx leaves a variable it could not freeze as a graph input (seen with the
+        # Normalization layer inside EfficientNet): such a graph cannot run on slices alone.
+        raise ModelError(
+            f"the ONNX graph of this model has inputs {inputs} besides the slice; its layers "
+            "cannot all be exported (the ResNet and DenseNet backbones can)"
+        )
+
+
+def keras_probabilities(model: Any, slices: np.ndarray, batch_size: int = 32) -> np.ndarray:
+    out = [
+        np.asarray(model.predict_on_batch(slices[i : i + batch_size, ..., None].astype(np.float32)))
+        for i in range(0, len(slices), batch_size)
+    ]
+    return np.concatenate(out).reshape(-1).astype(np.float32)
+
+
+def runtime_probabilities(
+    runtime: OnnxRuntime, slices: np.ndarray, batch_size: int = 32
+) -> np.ndarray:
+    out = [
+        runtime.predict(slices[i : i + batch_size, ..., None].astype(np.float32))
+        for i in range(0, len(slices), batch_size)
+    ]
+    return np.concatenate(out) if out else np.empty(0, np.float32)
+
+
+# -- int8 -----------------------------------------------------------------------------------------
+
+
+def float_ends(model_path: Path) -> list[str]:
+    """Names of the nodes to keep in float: each branch's first Conv and the head.
+
+    The first convolution sees the raw image scale, and the head (everything after the last
+    convolution: fusion, pooling, Dense, sigmoid) sets the probability directly; both are the
+    usual first suspects when int8 moves a network's output.
+    """
+    import onnx
+
+    graph = onnx.load(str(model_path), load_external_data=False).graph
+    after_conv: dict[str, bool] = {i.name: False for i in graph.input}
+    first: list[str] = []
+    consumers: dict[str, list[Any]] = {}
+    for node in graph.node:  # ONNX graphs are stored in topological order
+        seen = any(after_conv.get(t, False) for t in node.input)
+        if node.op_type == "Conv" and not seen:
+            first.append(node.name)
+        for t in node.output:
+            after_conv[t] = seen or node.op_type == "Conv"
+        for t in node.input:
+            consumers.setdefault(t, []).append(node)
+    # Nodes from which no Conv can be reached, found backwards from the outputs.
+    leads_to_conv: dict[str, bool] = {}
+    for node in reversed(graph.node):
+        reach = node.op_type == "Conv" or any(
+            leads_to_conv.get(c.name, False) for t in node.output for c in consumers.get(t, [])
+        )
+        leads_to_conv[node.name] = reach
+    head = [n.name for n in graph.node if not leads_to_conv[n.name]]
+    return first + head
+
+
+class _Reader:
+    """ONNX Runtime's CalibrationDataReader over uint8 slices, in batches of ``batch_size``.
+
+    ``__len__`` and ``set_range`` (in batches) let the calibrator take one batch at a time.
+    """
+
+    def __init__(self, input_name: str, slices: np.ndarray, batch_size: int = 8):
+        self.input_name = input_name
+        self.slices = slices
+        self.batch_size = batch_size
+        self._it: Iterator[int] = iter(range(len(self)))
+
+    def __len__(self) -> int:
+        return -(-len(self.slices) // self.batch_size)
+
+    def set_range(self, start_index: int, end_index: int) -> None:
+        self._it = iter(range(start_index, min(end_index, len(self))))
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        i = next(self._it, None)
+        if i is None:
+            return None
+        chunk = self.slices[i * self.batch_size : (i + 1) * self.batch_size]
+        return {self.input_name: chunk[..., None].astype(np.float32)}
+
+
+def quantize(fp32_path: Path, out: Path, calibration: np.ndarray, recipe: Recipe) -> None:
+    """Static int8 quantisation of ``fp32_path`` into ``out`` following ``recipe``."""
+    import_onnxruntime("int8")
+    from onnxruntime.quantization import (
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=".quant-") as tmp:
+        pre = Path(tmp) / "pre.onnx"
+        # Shape inference and graph clean-up first, as ONNX Runtime recommends for quantisation.
+        # ONNX shape inference suffices: only the batch dimension is symbolic.
+        quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=True)
+        import onnx
+
+        input_name = onnx.load(str(pre), load_external_data=False).graph.input[0].name
+        # Calibrators keep every activation of every slice they are fed at once (about 0.4 GB
+        # a slice for the full model at 256 px); fed one batch at a time ("strided") they merge
+        # ranges and histograms as they go, so memory stays that of one batch.
+        extra: dict[str, Any] = {"CalibStridedMinMax": 1}
+        if recipe.method == "Percentile":
+            extra["CalibPercentile"] = recipe.percentile
+        quantize_static(
+            str(pre),
+            str(out),
+            _Reader(input_name, calibration),
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            calibrate_method=getattr(CalibrationMethod, recipe.method),
+            nodes_to_exclude=float_ends(pre) if recipe.keep_ends_float else [],
+            extra_options=extra,
+        )
+
+
+def gate(
+    recipe: Recipe,
+    scans: Sequence[ScanSlices],
+    fp32: dict[str, float],
+    int8: OnnxRuntime,
+    threshold: float,
+) -> GateResult:
+    """Scan probabilities (mean of slices) of int8 against the fp32 ones (by scan id)."""
+    rows = []
+    for scan in scans:
+        p8 = float(np.mean(runtime_probabilities(int8, scan.slices)))
+        rows.append(
+            {
+                "scan": scan.scan_id,
+                "fp32": fp32[scan.scan_id],
+                "int8": p8,
+                "n_slices": len(scan.slices),
+            }
+        )
+    return judge(recipe.name, rows, threshold)
+
+
+def judge(recipe: str, rows: list[dict[str, Any]], threshold: float) -> GateResult:
+    """The accuracy gate on measured scan probabilities: |int8 - fp32| and labels."""
+    worst = max((abs(r["int8"] - r["fp32"]) for r in rows), default=0.0)
+    flips = [r["scan"] for r in rows if (r["int8"] >= threshold) != (r["fp32"] >= threshold)]
+    passed = bool(rows) and worst <= INT8_TOLERANCE and not flips
+    return GateResult(recipe, passed, round(worst, 6), flips, rows)
+
+
+# -- the command's logic --------------------------------------------------------------------------
+
+
+def cpu_description() -> dict[str, Any]:
+    """The CPU the gate was measured on: int8 kernels differ between instruction sets."""
+    model, flags = platform.processor(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and not model:
+                model = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    except OSError:
+        pass
+    wanted = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8", "amx_bf16")
+    return {"model": model, "flags": [f for f in wanted if f in flags]}
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+
+
+def _valid_graph(folder: Path, artifact: ModelArtifact, runtime: str) -> Path | None:
+    if runtime not in artifact.graphs:
+        return None
+    try:
+        return graph_path(folder, artifact, runtime)
+    except ModelError as exc:
+        logger.info("re-exporting: %s", exc)
+        return None
+
+
+def export_model(
+    folder: Path,
+    *,
+    int8: bool = False,
+    calibration: Path | None = None,
+    validation: Path | None = None,
+    calibration_slices: int = DEFAULT_CALIBRATION_SLICES,
+    force: bool = False,
+    recipes: Sequence[Recipe] = RECIPES,
+) -> ExportReport:
+    """Add ``model.onnx`` (and with ``int8`` a gated ``model.int8.onnx``) to a model folder.
+
+    A valid fp32 graph already recorded for these weights is reused unless ``force``. Files are
+    written under temporary names and only renamed, and ``ctcovid.json`` updated, once every
+    check passed: a refusal leaves the folder as it was.
+    """
+    folder = Path(folder)
+    if int8 and calibration is None:
+        raise InvalidInputError("--int8 needs --calibration DATA (COV19-CT-DB or DICOM folder)")
+    model, artifact = load_model(folder)
+    size = artifact.model_config.input_size
+    ingest = artifact.ingest_config
+    calib_scans: list[ScanSlices] = []
+    skipped: list[str] = []
+    if calibration is not None:
+        calib_scans, skipped = read_scans(calibration, ingest)
+    gate_scans, gate_skipped = (
+        read_scans(validation, ingest) if validation is not None else (calib_scans, skipped)
+    )
+    graphs = dict(artifact.graphs)
+    staged: dict[str, Path] = {}
+    attempts: list[GateResult] = []
+    with tempfile.TemporaryDirectory(dir=folder, prefix=".export-") as tmp_dir:
+        tmp = Path(tmp_dir)
+        fp32_path = None if force else _valid_graph(folder, artifact, "onnx")
+        if fp32_path is None:
+            fp32_path = tmp / GRAPH_FILES["onnx"]
+            logger.info("converting %s to ONNX", folder)
+            convert_to_onnx(model, fp32_path, size)
+            check = (
+                sample_slices(calib_scans, FP32_CHECK_SLICES)
+                if calib_scans
+                else np.random.default_rng(0).integers(
+                    0, 256, (FP32_CHECK_SLICES, size, size), dtype=np.uint8
+                )
+            )
+            sha = sha256_file(fp32_path)
+            runtime = OnnxRuntime(fp32_path, "onnx", sha)
+            diff = float(
+                np.abs(
+                    keras_probabilities(model, check) - runtime_probabilities(runtime, check)
+                ).max()
+            )
+            if diff > FP32_TOLERANCE:
+                raise ModelError(
+                    f"{folder}: the ONNX graph differs from Keras by {diff:.2e} on a slice "
+                    f"(limit {FP32_TOLERANCE:g}); nothing written"
+                )
+            staged["onnx"] = fp32_path
+            graphs["onnx"] = {
+                "file": GRAPH_FILES["onnx"],
+                "sha256": sha,
+                "weights_sha256": artifact.weights_sha256,
+                "created": _now(),
+                "exporter": _versions("tf2onnx", "onnx"),
+                "opset": OPSET,
+                "check": {
+                    "n_slices": len(check),
+                    "source": "calibration data" if calib_scans else "random uint8 slices",
+                    "max_slice_difference_vs_keras": diff,
+                },
+            }
+        if int8:
+            fp32_runtime = OnnxRuntime(fp32_path, "onnx", graphs["onnx"]["sha256"])
+            calib = sample_slices(calib_scans, calibration_slices)
+            fp32_scan = {
+                s.scan_id: float(np.mean(runtime_probabilities(fp32_runtime, s.slices)))
+                for s in gate_scans
+            }
+            int8_path = tmp / GRAPH_FILES["int8"]
+            chosen: GateResult | None = None
+            for recipe in recipes:
+                logger.info("quantising with recipe %r on %d slices", recipe.name, len(calib))
+                quantize(fp32_path, int8_path, calib, recipe)
+                int8_runtime = OnnxRuntime(int8_path, "int8", "")
+                result = gate(recipe, gate_scans, fp32_scan, int8_runtime, artifact.threshold)
+                attempts.append(result)
+                logger.info("gate: %s -> %s", result.summary(), "pass" if result.passed else "fail")
+                if result.passed:
+                    chosen = result
+                    break
+            if chosen is None:
+                raise ModelError(
+                    f"{folder}: int8 refused, no recipe kept every scan within {INT8_TOLERANCE} "
+                    f"of fp32 with the same label at threshold {artifact.threshold:g} on "
+                    f"{len(gate_scans)} scan(s); nothing written. Measured: "
+                    + "; ".join(a.summary() for a in attempts)
+                )
+            staged["int8"] = int8_path
+            graphs["int8"] = {
+                "file": GRAPH_FILES["int8"],
+                "sha256": sha256_file(int8_path),
+                "weights_sha256": artifact.weights_sha256,
+                "created": _now(),
+                "quantizer": _versions("onnxruntime", "onnx"),
+                "recipe": {
+                    "name": chosen.recipe,
+                    "format": "QDQ",
+                    "weights": "int8 per channel",
+                    "activations": "uint8",
+                    "tried": [a.recipe for a in attempts],
+                },
+                "calibration": {
+                    "source": str(calibration),
+                    "n_scans": len(calib_scans),
+                    "n_slices": len(calib),
+                    "skipped": skipped,
+                },
+                "agreement": {
+                    "on": "validation" if validation is not None else "calibration",
+                    "source": str(validation if validation is not None else calibration),
+                    "n_scans": len(gate_scans),
+                    "skipped": gate_skipped,
+                    "max_probability_difference": chosen.max_probability_difference,
+                    "labels_agree": not chosen.label_flips,
+                    "threshold": artifact.threshold,
+                    "tolerance": INT8_TOLERANCE,
+                    "cpu": cpu_description(),
+                    "scans": chosen.scans,
+                },
+            }
+        for name, path in staged.items():
+            os.replace(path, folder / GRAPH_FILES[name])
+    write_metadata(replace(artifact, graphs=graphs), folder)
+    return ExportReport(folder, graphs, sorted(GRAPH_FILES[n] for n in staged), attempts)
+
+
+def _versions(*packages: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    parts = []
+    for p in packages:
+        try:
+            parts.append(f"{p} {version(p)}")
+        except PackageNotFoundError:
+            continue
+    return ", ".join(parts)
