@@ -467,8 +467,8 @@ class _UpdatedModel:
     def __getattr__(self, name: str):
         return getattr(self._inner, name)
 
-    def classify(self, series):
-        result = self._inner.classify(series)
+    def result(self, *args, **kwargs):
+        result = self._inner.result(*args, **kwargs)
         model = dataclasses.replace(
             result.model, version="updated", device_uid=result.model.device_uid + ".7"
         )

@@ -568,14 +568,6 @@ def _run(
                     pool=pool,
                     memory_mb=options.decoder_memory_mb,
                 )
-            run_local(
-                usable,
-                classifier,
-                sink,
-                workers=options.workers,
-                pool=pool,
-                memory_mb=options.decoder_memory_mb,
-            )
         classify_seconds = time.perf_counter() - classify_start
         rows = list(writer.rows)
 
