@@ -378,7 +378,9 @@ def _stored_in_database(store_dir: Path) -> dict[str, Path]:
     try:
         found: dict[str, Path] = {}
         for record in store.list_series():
-            for path in store.instance_paths(record.series_instance_uid):
+            for path in store.instance_paths(
+                record.series_instance_uid, record.study_instance_uid
+            ):
                 found[path.stem] = path
         return found
     finally:
@@ -485,7 +487,10 @@ def _check_outcome(
     leaked = sorted(str(p) for p in sentinel_tmp.rglob("*"))
     if leaked:
         report.problems.append(f"files outside the store: {leaked[:5]}")
-    allowed_top = {"instances", "sr", "tmp", "node.sqlite", "node.sqlite-wal", "node.sqlite-shm"}
+    # replaced/: an instance superseded by new content under its SOPInstanceUID, kept aside.
+    allowed_top = {
+        "instances", "sr", "tmp", "replaced", "node.sqlite", "node.sqlite-wal", "node.sqlite-shm",
+    }  # fmt: skip
     extra = sorted(p.name for p in store_dir.iterdir() if p.name not in allowed_top)
     if extra:
         report.problems.append(f"unexpected entries in the store: {extra}")
@@ -496,6 +501,11 @@ def _check_outcome(
         parts = path.relative_to(store_dir / "instances").parts
         names = [*parts[:-1], parts[-1].removesuffix(".dcm")] if path.is_file() else list(parts)
         if not all(UID_RE.match(n) and len(n) <= 64 for n in names):
+            report.problems.append(f"a path not made of UIDs: {path}")
+    for path in (store_dir / "replaced").rglob("*"):  # <uid>/<uid>/<uid>.<ns>.dcm
+        parts = path.relative_to(store_dir / "replaced").parts
+        last = parts[-1].removesuffix(".dcm").rsplit(".", 1)[0] if path.is_file() else parts[-1]
+        if not all(UID_RE.match(n) and len(n) <= 64 for n in [*parts[:-1], last]):
             report.problems.append(f"a path not made of UIDs: {path}")
     on_record = _stored_in_database(store_dir)
     for sop in sorted(report.stored):

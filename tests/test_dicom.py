@@ -536,7 +536,8 @@ def test_results_csv_gains_n_slices_lost_last_and_old_files_resume(tmp_path):
     columns = ResultRow.columns()
     assert columns[-1] == "n_slices_lost"
     old = tmp_path / "results.csv"
-    old.write_text(",".join(columns[:-1]) + "\n" + "1.2,1.2.3,p,skipped,why" + ",," * 4 + ",,\n")
+    # A file of the previous version: 14 columns in the header and in every row.
+    old.write_text(",".join(columns[:-1]) + "\n" + "1.2,1.2.3,p,skipped,why" + ",," * 4 + ",\n")
     with ResultsWriter(old) as writer:
         assert len(writer.rows) == 1
         writer.append(ResultRow("1.2", "1.2.4", "p", "classified", n_slices_lost=3))

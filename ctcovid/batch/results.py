@@ -145,12 +145,21 @@ def complete_length(data: bytes, n_columns: int) -> int:
         quotes = 0
 
 
+def _n_columns(data: bytes) -> int:
+    """Columns of a results file, from its header line (a file of an earlier version has fewer:
+    ``n_slices_lost`` was added last); today's count for a file without a complete header."""
+    header, newline, _ = data.partition(b"\n")
+    if not newline:
+        return len(ResultRow.columns())
+    return len(next(csv.reader([header.decode("utf-8", errors="replace")]), []))
+
+
 def repair_torn_tail(path: Path) -> int:
     """Cut a last record that is incomplete (a write torn by a crash); bytes removed."""
     data = path.read_bytes()
     if not data:
         return 0
-    keep = complete_length(data, len(ResultRow.columns()))
+    keep = complete_length(data, _n_columns(data))
     if keep == len(data):
         return 0
     with open(path, "rb+") as fh:
@@ -170,7 +179,7 @@ def read_results(path: Path) -> list[ResultRow]:
     if not path.exists():
         return []
     data = path.read_bytes()
-    data = data[: complete_length(data, len(ResultRow.columns()))]
+    data = data[: complete_length(data, _n_columns(data))]
     reader = csv.DictReader(io.StringIO(data.decode("utf-8"), newline=""))
     rows = []
     for line_no, raw in enumerate(reader, start=2):
