@@ -1069,7 +1069,8 @@ CONTENT_CHANGES = {
     ),
     "stack": lambda r: _later(r, stack={"kernel": "B30f", "slice_thickness_mm": 3.0}),
     "n_slices_lost": lambda r: _later(r, n_slices_lost=2),
-    "runtime": lambda r: _later(r, runtime="onnx"),
+    # The runtime is part of the model's identity (ModelInfo.runtime, also the result's "runtime").
+    "runtime": lambda r: dataclasses.replace(r, model=dataclasses.replace(r.model, runtime="onnx")),
     "ingest_setting": lambda r: dataclasses.replace(r, ingest={"lung_min_fraction": 0.05}),
 }
 

@@ -24,6 +24,7 @@ from ctcovid.model.artifact import (
 from ctcovid.model.export import INT8_TOLERANCE, judge
 from ctcovid.model.runtimes import AUTO_ORDER, GRAPH_FILES, resolve_runtime
 from ctcovid.report.uids import sr_uids
+from ctcovid.results import ScanResult
 
 runner = CliRunner()
 
@@ -163,7 +164,13 @@ def test_device_uid_changes_with_runtime_and_graph(tiny_model_dir):
     assert len({keras_uid, onnx_uid, int8_uid, other_graph}) == 4
     info = artifact.with_runtime("int8", "a" * 64).info
     assert (info.runtime, info.device_uid) == ("int8", int8_uid)
-    assert sr_uids("1.2.3", keras_uid, 1) != sr_uids("1.2.3", int8_uid, 1)
+    # SR UIDs derive from the result's content, which carries the model's device UID and runtime.
+    result = ScanResult(
+        "1.2", "1.2.3", 0.5, "covid", 0.5, 1, 1, [0.5], ["1.2.3.4"], [1], [0.0], [0],
+        artifact.with_runtime("keras").info, -600.0, 1500.0, "all", 0.0,
+    )  # fmt: skip
+    on_int8 = dataclasses.replace(result, model=info)
+    assert sr_uids(result) != sr_uids(on_int8)
 
 
 # -- the int8 accuracy gate -----------------------------------------------------------------------
