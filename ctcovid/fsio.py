@@ -23,7 +23,7 @@ def fsync_dir(path: Path | str) -> None:
         return
     try:
         os.fsync(fd)
-    except OSError:
+    except OSError:  # a file system that cannot sync folders: the rename itself is atomic
         pass
     finally:
         os.close(fd)

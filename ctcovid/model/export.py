@@ -347,7 +347,7 @@ def cpu_description() -> dict[str, Any]:
             elif line.startswith("flags"):
                 flags = set(line.split(":", 1)[1].split())
                 break
-    except OSError:
+    except OSError:  # no /proc/cpuinfo (not Linux): platform.processor() and no flags
         pass
     wanted = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8", "amx_bf16")
     return {"model": model, "flags": [f for f in wanted if f in flags]}

@@ -504,7 +504,7 @@ def force_close(associations: list[Any], wait_seconds: float = 2.0) -> None:
             raw = assoc.dul.socket.socket
             if raw is not None:
                 raw.shutdown(socket.SHUT_RDWR)
-        except Exception:
+        except Exception:  # already closed by the peer or the reactor: nothing left to cut
             pass
         aborter = threading.Thread(target=assoc.abort, name="ctcovid-abort", daemon=True)
         aborter.start()
