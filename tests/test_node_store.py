@@ -341,13 +341,13 @@ def test_new_study_and_series_folders_are_fsynced_in_their_parents(
     tmp_path: Path, studies_root: Path, monkeypatch: pytest.MonkeyPatch
 ):
     import ctcovid.fsio
-    import ctcovid.node.store as store_module
+    import ctcovid.node.files as files_module
 
     store = Store(tmp_path / "store")
     synced: list[Path] = []
     real = ctcovid.fsio.fsync_dir
-    # The store fsyncs directly and through ctcovid.fsio.make_dirs_durable: record both.
-    for module in (store_module, ctcovid.fsio):
+    # The file store fsyncs directly and through ctcovid.fsio.make_dirs_durable: record both.
+    for module in (files_module, ctcovid.fsio):
         monkeypatch.setattr(module, "fsync_dir", lambda p: (synced.append(Path(p)), real(p)))
     path = _ct_files(studies_root)[0]
     ds = pydicom.dcmread(path, stop_before_pixels=True)
@@ -363,7 +363,7 @@ def test_new_study_and_series_folders_are_fsynced_in_their_parents(
 
 def test_receipts_are_committed_with_synchronous_full(tmp_path: Path):
     store = Store(tmp_path / "store")
-    assert store._conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+    assert store.jobs._conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
 
 
 def test_a_store_keyed_by_series_alone_is_migrated(tmp_path: Path, studies_root: Path):
@@ -394,6 +394,91 @@ def test_a_store_keyed_by_series_alone_is_migrated(tmp_path: Path, studies_root:
 
     assert store.get("1.2.3", "1.2").sent_revision == 1  # type: ignore[union-attr]
     assert len(store.list_series()) == 2
+
+
+def test_job_states_are_the_strings_existing_databases_hold(tmp_path: Path):
+    import sqlite3
+
+    from ctcovid.node.jobs import JobState
+
+    assert [s.value for s in JobState] == ["received", "waiting", "classifying", "classified",
+                                           "sent", "failed", "unusable"]
+    store = Store(tmp_path / "store")
+    store.record_instance(study_instance_uid="1.2", series_instance_uid="1.2.3",
+                          sop_instance_uid="1.2.3.4", sop_class_uid="1.2",
+                          path=store.root / "x.dcm")
+    store.close()
+    raw = sqlite3.connect(tmp_path / "store" / "node.sqlite")
+    raw.execute("UPDATE series SET state = 'sent'")  # as a store written before the enum
+    raw.commit()
+    assert raw.execute("SELECT typeof(state) FROM series").fetchone()[0] == "text"
+    raw.close()
+
+    record = Store(tmp_path / "store").get("1.2.3")
+
+    assert record is not None and record.state is JobState.SENT and record.state == "sent"
+
+
+def test_the_state_table_names_every_state_and_each_transition_has_its_method():
+    import ctcovid.node.jobs as jobs
+
+    doc = jobs.__doc__ or ""
+    for state in jobs.JobState:
+        assert f"``{state.value}``" in doc
+    for name in jobs.TRANSITIONS:
+        method = "_reopen" if name == "reopen" else name
+        assert callable(getattr(jobs.JobDatabase, method)), name
+        if name != "reopen":
+            assert f"{name}`" in doc, f"the state table does not name {name}"
+
+
+def test_a_transition_the_state_table_does_not_allow_is_refused(
+    tmp_path: Path, studies_root: Path
+):
+    from ctcovid.node.jobs import JobStateError
+
+    store = Store(tmp_path / "store")
+    files = _ct_files(studies_root)
+    series_uid = pydicom.dcmread(files[0]).SeriesInstanceUID
+    _put(store, files[0])
+    store.promote_stable(0.0)
+    waiting = store.get(series_uid)
+    assert waiting is not None and waiting.state == WAITING
+
+    with pytest.raises(JobStateError, match="mark_sent applies to a job in state classified"):
+        store.mark_sent(waiting)
+    with pytest.raises(JobStateError, match="not waiting"):
+        store.finish_unusable(waiting, "not a CT")
+    _classified(store, series_uid)
+    classified = store.get(series_uid)
+    with pytest.raises(JobStateError, match="finish_classified"):
+        store.finish_classified(
+            classified, revision=2, sr_path=store.sr_path(series_uid, "2.25.2"),  # type: ignore[arg-type]
+            sr_sop_instance_uid="2.25.2", probability_covid=0.1, label="non-covid",
+            classify_seconds=1.0,
+        )
+
+    after = store.get(series_uid)
+    assert after is not None and (after.state, after.revision) == (CLASSIFIED, 1)
+
+
+def test_a_send_that_ends_after_the_series_changed_leaves_it_in_its_new_state(
+    tmp_path: Path, studies_root: Path
+):
+    store = Store(tmp_path / "store")
+    files = _ct_files(studies_root)
+    series_uid = pydicom.dcmread(files[0]).SeriesInstanceUID
+    _put(store, files[0])
+    _classified(store, series_uid)
+    (sending,) = store.due_sends()
+    _put(store, files[1])  # arrives while the SR is on its way
+
+    moved = store.mark_sent(sending)
+
+    record = store.get(series_uid)
+    assert moved is False
+    assert record is not None and (record.state, record.sent_revision) == (RECEIVED, 1)
+    assert record.sent_sr_path == sending.sr_path  # the predecessor of the next revision
 
 
 def test_toml_settings_are_overridden_by_flags(tmp_path: Path):

@@ -1,9 +1,9 @@
 """The DICOM node: receive CT by C-STORE, classify complete series, send the SR back.
 
-``config`` (NodeConfig, TOML) -> ``scp`` (listener, durable receive) -> ``store`` (files and
-the SQLite job database) -> ``worker`` (classify, build the SR) -> ``sender`` (C-STORE to the
-peer); ``service`` runs the listener and the worker process, ``metrics`` the optional
-Prometheus endpoint.
+``config`` (NodeConfig, TOML) -> ``scp`` (listener, durable receive) -> ``store`` (``files``:
+instances and SRs on disk; ``jobs``: the SQLite job database and its state table) -> ``worker``
+(classify, build the SR) -> ``sender`` (C-STORE to the peer); ``service`` runs the listener and
+the worker process, ``metrics`` the optional Prometheus endpoint.
 """
 
 from ctcovid.node.config import NodeConfig, Peer, load_config

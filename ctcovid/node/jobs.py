@@ -1,0 +1,715 @@
+"""The node's job database: one job per series, moved through its states by one method each.
+
+Each series is one job, keyed by StudyInstanceUID *and* SeriesInstanceUID (a SeriesInstanceUID
+reused in another study is another series), with a state (:class:`JobState`):
+
+================  ================================================================================
+state             meaning, and the transitions out of it (method)
+================  ================================================================================
+``received``      instances arriving; becomes ``waiting`` after ``stable_seconds`` of quiet
+                  (:meth:`JobDatabase.promote_stable`)
+``waiting``       complete, queued for the worker in arrival order; ``classifying`` when the
+                  worker takes it (:meth:`~JobDatabase.claim_next`)
+``classifying``   the worker has it; ends ``classified``, ``unusable`` or ``failed``
+                  (:meth:`~JobDatabase.finish_classified`, :meth:`~JobDatabase.finish_unusable`,
+                  :meth:`~JobDatabase.finish_failed`); back to ``waiting`` if the worker dies
+                  (:meth:`~JobDatabase.resume`), or when the disk is below the free-space floor
+                  (:meth:`~JobDatabase.defer_classification`: retried after ``next_try``, not
+                  failed); back to ``received`` when an instance arrived meanwhile (its result
+                  is stale)
+``classified``    SR built and stored, to be sent (``attempts``, ``next_try``); ``sent``
+                  (:meth:`~JobDatabase.mark_sent`), or a failed send: ``classified`` again
+                  later, ``failed`` after the last attempt (:meth:`~JobDatabase.mark_send_failed`)
+``sent``          the peer accepted the SR (revision ``sent_revision``, file ``sent_sr_path``)
+``failed``        classification error, or sending gave up; ``reason`` says which. Re-queued by
+                  hand (:meth:`~JobDatabase.retry`): ``classified`` when its SR is still there,
+                  else ``waiting``
+``unusable``      not a classifiable CT series; ``reason`` says why
+================  ================================================================================
+
+A new instance for a series in any later state moves it back to ``received``
+(:meth:`~JobDatabase.record_instance`): it is classified again and, when an SR was already
+delivered, sent as revision ``sent_revision + 1`` that names the SR in ``sent_sr_path`` as its
+predecessor. A job being classified keeps its state; its generation changes, so the worker's
+result is known to be stale when it finishes.
+
+A transition is applied only from the states :data:`TRANSITIONS` allows. A caller that asks for
+one with a record in another state gets :class:`JobStateError`; a job that moved on in the
+database meanwhile (a new instance arrived while the SR was being sent, say) is left as it is
+and the method says so in its return value.
+
+The database (SQLite, WAL, ``synchronous=FULL``) also records every stored instance and every
+superseded one, so that a receipt and the job it opens commit together.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, fields
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+
+class JobState(StrEnum):
+    """The state of a series' job. The values are the strings stored in the database."""
+
+    RECEIVED = "received"
+    """Instances arriving."""
+    WAITING = "waiting"
+    """Complete, queued for the worker."""
+    CLASSIFYING = "classifying"
+    """The worker has it."""
+    CLASSIFIED = "classified"
+    """SR built and stored, to be sent."""
+    SENT = "sent"
+    """The peer accepted the SR."""
+    FAILED = "failed"
+    """Classification error, or sending gave up (``reason``)."""
+    UNUSABLE = "unusable"
+    """Not a classifiable CT series (``reason``)."""
+
+
+RECEIVED = JobState.RECEIVED
+WAITING = JobState.WAITING
+CLASSIFYING = JobState.CLASSIFYING
+CLASSIFIED = JobState.CLASSIFIED
+SENT = JobState.SENT
+FAILED = JobState.FAILED
+UNUSABLE = JobState.UNUSABLE
+STATES = tuple(JobState)
+# States in which the job is done until a new instance arrives or someone retries it.
+FINISHED = (SENT, FAILED, UNUSABLE)
+
+# The state table as data: transition -> (states it applies to, states it may lead to).
+TRANSITIONS: dict[str, tuple[frozenset[JobState], frozenset[JobState]]] = {
+    "promote_stable": (frozenset({RECEIVED}), frozenset({WAITING})),
+    "claim_next": (frozenset({WAITING}), frozenset({CLASSIFYING})),
+    "finish_classified": (frozenset({CLASSIFYING}), frozenset({CLASSIFIED, RECEIVED})),
+    "finish_unusable": (frozenset({CLASSIFYING}), frozenset({UNUSABLE, RECEIVED})),
+    "finish_failed": (frozenset({CLASSIFYING}), frozenset({FAILED, RECEIVED})),
+    "defer_classification": (frozenset({CLASSIFYING}), frozenset({WAITING, RECEIVED})),
+    "mark_sent": (frozenset({CLASSIFIED}), frozenset({SENT})),
+    "mark_send_failed": (frozenset({CLASSIFIED}), frozenset({CLASSIFIED, FAILED})),
+    "resume": (frozenset({CLASSIFYING}), frozenset({WAITING, FAILED})),
+    "retry": (frozenset({FAILED}), frozenset({CLASSIFIED, WAITING})),
+    "reopen": (frozenset(JobState) - {CLASSIFYING}, frozenset({RECEIVED})),
+}
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS instances (
+    sop_instance_uid TEXT PRIMARY KEY,
+    study_instance_uid TEXT NOT NULL,
+    series_instance_uid TEXT NOT NULL,
+    sop_class_uid TEXT NOT NULL,
+    path TEXT NOT NULL,
+    calling_aet TEXT NOT NULL DEFAULT '',
+    received_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS instances_series ON instances(series_instance_uid);
+CREATE TABLE IF NOT EXISTS series (
+    series_instance_uid TEXT NOT NULL,
+    study_instance_uid TEXT NOT NULL,
+    state TEXT NOT NULL,
+    reason TEXT NOT NULL DEFAULT '',
+    n_instances INTEGER NOT NULL DEFAULT 0,
+    first_received REAL NOT NULL,
+    last_received REAL NOT NULL,
+    generation INTEGER NOT NULL DEFAULT 0,
+    classify_attempts INTEGER NOT NULL DEFAULT 0,
+    revision INTEGER NOT NULL DEFAULT 0,
+    sent_revision INTEGER NOT NULL DEFAULT 0,
+    sr_path TEXT NOT NULL DEFAULT '',
+    sr_sop_instance_uid TEXT NOT NULL DEFAULT '',
+    probability_covid REAL,
+    label TEXT NOT NULL DEFAULT '',
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_try REAL NOT NULL DEFAULT 0,
+    classify_seconds REAL,
+    updated_at REAL NOT NULL,
+    sent_sr_path TEXT NOT NULL DEFAULT '',
+    PRIMARY KEY (study_instance_uid, series_instance_uid)
+);
+CREATE INDEX IF NOT EXISTS series_state ON series(state);
+CREATE TABLE IF NOT EXISTS replaced (
+    sop_instance_uid TEXT NOT NULL,
+    study_instance_uid TEXT NOT NULL,
+    series_instance_uid TEXT NOT NULL,
+    path TEXT NOT NULL,
+    replaced_by TEXT NOT NULL,
+    replaced_at REAL NOT NULL
+);
+"""
+# Schema 2 keys series by (study, series); version 1 keyed them by series alone.
+SCHEMA_VERSION = 2
+
+
+class JobStateError(ValueError):
+    """A transition asked of a job in a state the state table does not allow it from."""
+
+
+@dataclass
+class SeriesRecord:
+    """One row of the ``series`` table: a series and the state of its job."""
+
+    series_instance_uid: str
+    study_instance_uid: str
+    state: JobState
+    reason: str
+    n_instances: int
+    first_received: float
+    last_received: float
+    generation: int
+    classify_attempts: int
+    revision: int
+    sent_revision: int
+    sr_path: str
+    sr_sop_instance_uid: str
+    probability_covid: float | None
+    label: str
+    attempts: int
+    next_try: float
+    classify_seconds: float | None
+    updated_at: float
+    # The SR file of revision sent_revision, as the peer received it: a revision's predecessor.
+    sent_sr_path: str = ""
+
+    def __post_init__(self) -> None:
+        self.state = JobState(self.state)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+_COLUMNS = ", ".join(f.name for f in fields(SeriesRecord))
+
+
+def _key(record: SeriesRecord) -> tuple[str, str]:
+    """The primary key of a series row: (study, series) in the column order of the queries."""
+    return (record.study_instance_uid, record.series_instance_uid)
+
+
+def _require(transition: str, record: SeriesRecord) -> None:
+    """Refuse ``transition`` for a record whose state the state table does not allow it from."""
+    sources, _ = TRANSITIONS[transition]
+    if record.state not in sources:
+        allowed = ", ".join(sorted(s.value for s in sources))
+        raise JobStateError(
+            f"Series {record.series_instance_uid} (study {record.study_instance_uid}): "
+            f"{transition} applies to a job in state {allowed}, not {record.state.value}"
+        )
+
+
+class JobDatabase:
+    """Instances, series and their jobs in SQLite (WAL); safe to share between threads.
+
+    Several processes (the listener and the worker) open the same database; SQLite's locking
+    serialises their writes.
+    """
+
+    def __init__(self, db_path: Path | str) -> None:
+        self.db_path = Path(db_path)
+        self._lock = threading.RLock()
+        self._conn = sqlite3.connect(
+            self.db_path, timeout=30.0, isolation_level=None, check_same_thread=False
+        )
+        self._conn.row_factory = sqlite3.Row
+        # WAL: the listener writes while the worker reads. FULL: a commit (a job's state, a
+        # receipt) is on disk when it returns, also across a power loss.
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.execute("PRAGMA synchronous=FULL")
+        self._conn.execute("PRAGMA busy_timeout=30000")
+        with self._lock:
+            self._migrate()
+            self._conn.executescript(SCHEMA)
+            self._add_missing_columns()
+            self._conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+
+    def _add_missing_columns(self) -> None:
+        """Bring a store made by an older version up to the schema (new columns only)."""
+        present = {row[1] for row in self._conn.execute("PRAGMA table_info(series)")}
+        if "sent_sr_path" not in present:
+            try:
+                self._conn.execute(
+                    "ALTER TABLE series ADD COLUMN sent_sr_path TEXT NOT NULL DEFAULT ''"
+                )
+            except sqlite3.OperationalError as exc:  # the other process added it first
+                if "duplicate column" not in str(exc):
+                    raise
+
+    def _migrate(self) -> None:
+        """Re-key a version-1 ``series`` table (series UID alone) by (study, series)."""
+        pk = [
+            r["name"]
+            for r in sorted(
+                self._conn.execute("PRAGMA table_info(series)").fetchall(), key=lambda r: r["pk"]
+            )
+            if r["pk"]
+        ]
+        if pk != ["series_instance_uid"]:
+            return
+        old = {r["name"] for r in self._conn.execute("PRAGMA table_info(series)").fetchall()}
+        columns = ", ".join(f.name for f in fields(SeriesRecord) if f.name in old)
+        with self._transaction() as db:
+            db.execute("DROP INDEX IF EXISTS series_state")
+            db.execute("ALTER TABLE series RENAME TO series_v1")
+            for statement in SCHEMA.split(";"):
+                if statement.strip():
+                    db.execute(statement)
+            db.execute(f"INSERT INTO series ({columns}) SELECT {columns} FROM series_v1")
+            db.execute("DROP TABLE series_v1")
+        logger.info("event=store_migrated schema_version=%d", SCHEMA_VERSION)
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._conn
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            self._conn.execute("COMMIT")
+
+    def _refused(self, transition: str, record: SeriesRecord) -> None:
+        """Log that ``transition`` found the job moved on in the database, and left it there."""
+        current = self.get(record.series_instance_uid, record.study_instance_uid)
+        logger.info(
+            "event=transition_refused transition=%s study=%s series=%s expected=%s now=%s",
+            transition,
+            record.study_instance_uid,
+            record.series_instance_uid,
+            record.state.value,
+            current.state.value if current is not None else "-",
+        )
+
+    # -- instances --------------------------------------------------------------------------
+
+    def stored_instance(self, sop_instance_uid: str) -> tuple[str, str, str] | None:
+        """``(path, study, series)`` recorded for ``sop_instance_uid``, or None."""
+        with self._lock:
+            row = self._conn.execute(
+                "SELECT path, study_instance_uid, series_instance_uid FROM instances "
+                "WHERE sop_instance_uid = ?",
+                (sop_instance_uid,),
+            ).fetchone()
+        return (row[0], row[1], row[2]) if row is not None else None
+
+    def known_instances(self) -> set[str]:
+        """The SOPInstanceUIDs of every recorded instance."""
+        with self._lock:
+            return {r[0] for r in self._conn.execute("SELECT sop_instance_uid FROM instances")}
+
+    def record_instance(
+        self,
+        *,
+        study_instance_uid: str,
+        series_instance_uid: str,
+        sop_instance_uid: str,
+        sop_class_uid: str,
+        path: str,
+        calling_aet: str = "",
+        received_at: float | None = None,
+        supersedes: tuple[str, str, str] | None = None,
+    ) -> bool:
+        """Record a stored instance (``path`` relative to the store); a new one (re)opens its
+        series for classification.
+
+        ``supersedes`` is ``(study, series, kept_as)`` when the instance replaces different
+        content under the same SOPInstanceUID: the replacement is recorded, and the series that
+        held the old content is re-opened too. Returns True when the series' content changed.
+        """
+        now = time.time() if received_at is None else received_at
+        key = (study_instance_uid, series_instance_uid)
+        values = (
+            sop_instance_uid,
+            study_instance_uid,
+            series_instance_uid,
+            sop_class_uid,
+            path,
+            calling_aet,
+            now,
+        )
+        with self._transaction() as db:
+            if supersedes is None:
+                cur = db.execute(
+                    "INSERT OR IGNORE INTO instances VALUES (?, ?, ?, ?, ?, ?, ?)", values
+                )
+                changed = cur.rowcount == 1
+            else:
+                db.execute("INSERT OR REPLACE INTO instances VALUES (?, ?, ?, ?, ?, ?, ?)", values)
+                old_study, old_series, kept_as = supersedes
+                if kept_as:
+                    db.execute(
+                        "INSERT INTO replaced VALUES (?, ?, ?, ?, ?, ?)",
+                        (sop_instance_uid, old_study, old_series, kept_as, path, now),
+                    )
+                if (old_study, old_series) != key:
+                    self._reopen(db, (old_study, old_series), now, added=-1)
+                changed = True
+            row = db.execute(
+                "SELECT state FROM series WHERE study_instance_uid = ? AND series_instance_uid = ?",
+                key,
+            ).fetchone()
+            if row is None:
+                db.execute(
+                    "INSERT INTO series (series_instance_uid, study_instance_uid, state, "
+                    "n_instances, first_received, last_received, updated_at) "
+                    "VALUES (?, ?, ?, 1, ?, ?, ?)",
+                    (series_instance_uid, study_instance_uid, RECEIVED, now, now, now),
+                )
+            elif changed:
+                added = 0 if supersedes is not None and supersedes[:2] == key else 1
+                self._reopen(db, key, now, added=added)
+            elif row["state"] == RECEIVED:
+                # The same instance again (a resend) still means the series is not quiet.
+                db.execute(
+                    "UPDATE series SET last_received = ? "
+                    "WHERE study_instance_uid = ? AND series_instance_uid = ?",
+                    (now, *key),
+                )
+        return changed
+
+    @staticmethod
+    def _reopen(db: sqlite3.Connection, key: tuple[str, str], now: float, *, added: int) -> None:
+        """Transition ``reopen``: the content of series ``key`` changed, classify it again (a
+        new revision if sent).
+
+        A classifying job keeps its state; the changed generation tells the worker that its
+        result is stale when it finishes.
+        """
+        db.execute(
+            "UPDATE series SET n_instances = n_instances + ?, last_received = ?, "
+            "generation = generation + 1, updated_at = ?, "
+            "state = CASE WHEN state = ? THEN state ELSE ? END, "
+            "reason = CASE WHEN state = ? THEN reason ELSE '' END, "
+            "classify_attempts = CASE WHEN state = ? THEN classify_attempts ELSE 0 END "
+            "WHERE study_instance_uid = ? AND series_instance_uid = ?",
+            (added, now, now, CLASSIFYING, RECEIVED, CLASSIFYING, CLASSIFYING, *key),
+        )
+
+    def instance_paths(
+        self, series_instance_uid: str, study_instance_uid: str | None = None
+    ) -> list[str]:
+        """The recorded files of a series, relative to the store (of every study that has that
+        series UID if no study is given)."""
+        query = "SELECT path FROM instances WHERE series_instance_uid = ?"
+        args: tuple[str, ...] = (series_instance_uid,)
+        if study_instance_uid is not None:
+            query += " AND study_instance_uid = ?"
+            args = (series_instance_uid, study_instance_uid)
+        with self._lock:
+            rows = self._conn.execute(query + " ORDER BY rowid", args).fetchall()
+        return [r[0] for r in rows]
+
+    def replaced_instances(self) -> list[dict[str, Any]]:
+        """Every superseded instance: its UIDs, where the old file is kept, what replaced it."""
+        with self._lock:
+            rows = self._conn.execute("SELECT * FROM replaced ORDER BY rowid").fetchall()
+        return [dict(r) for r in rows]
+
+    def count_instances(self) -> int:
+        with self._lock:
+            return int(self._conn.execute("SELECT COUNT(*) FROM instances").fetchone()[0])
+
+    # -- reading jobs -----------------------------------------------------------------------
+
+    def get(
+        self, series_instance_uid: str, study_instance_uid: str | None = None
+    ) -> SeriesRecord | None:
+        """The series with this UID (in this study; without a study, the first to arrive)."""
+        query = f"SELECT {_COLUMNS} FROM series WHERE series_instance_uid = ?"
+        args: tuple[str, ...] = (series_instance_uid,)
+        if study_instance_uid is not None:
+            query += " AND study_instance_uid = ?"
+            args = (series_instance_uid, study_instance_uid)
+        with self._lock:
+            row = self._conn.execute(query + " ORDER BY first_received LIMIT 1", args).fetchone()
+        return SeriesRecord(**dict(row)) if row is not None else None
+
+    def list_series(self, state: str | None = None) -> list[SeriesRecord]:
+        query = f"SELECT {_COLUMNS} FROM series"
+        args: tuple[Any, ...] = ()
+        if state is not None:
+            query += " WHERE state = ?"
+            args = (JobState(state),)
+        with self._lock:
+            rows = self._conn.execute(query + " ORDER BY first_received, rowid", args).fetchall()
+        return [SeriesRecord(**dict(r)) for r in rows]
+
+    def counts_by_state(self) -> dict[str, int]:
+        """The number of jobs in each state, every state named (plain strings as keys)."""
+        with self._lock:
+            rows = self._conn.execute("SELECT state, COUNT(*) FROM series GROUP BY state")
+            found = {r[0]: r[1] for r in rows}
+        return {state.value: found.get(state.value, 0) for state in STATES}
+
+    def due_sends(self, now: float | None = None) -> list[SeriesRecord]:
+        """``classified`` series whose next send attempt is due, earliest first."""
+        now = time.time() if now is None else now
+        with self._lock:
+            rows = self._conn.execute(
+                f"SELECT {_COLUMNS} FROM series WHERE state = ? AND next_try <= ? "
+                "ORDER BY next_try, rowid",
+                (CLASSIFIED, now),
+            ).fetchall()
+        return [SeriesRecord(**dict(r)) for r in rows]
+
+    # -- transitions ------------------------------------------------------------------------
+
+    def promote_stable(self, stable_seconds: float, now: float | None = None) -> int:
+        """``received`` -> ``waiting`` for every series quiet for ``stable_seconds``; how many."""
+        now = time.time() if now is None else now
+        with self._transaction() as db:
+            cur = db.execute(
+                "UPDATE series SET state = ?, next_try = 0, updated_at = ? "
+                "WHERE state = ? AND last_received <= ?",
+                (WAITING, now, RECEIVED, now - stable_seconds),
+            )
+            return cur.rowcount
+
+    def claim_next(self) -> SeriesRecord | None:
+        """``waiting`` -> ``classifying`` for the oldest due series (by first arrival)."""
+        now = time.time()
+        with self._transaction() as db:
+            row = db.execute(
+                f"SELECT {_COLUMNS} FROM series WHERE state = ? AND next_try <= ? "
+                "ORDER BY first_received, rowid LIMIT 1",
+                (WAITING, now),
+            ).fetchone()
+            if row is None:
+                return None
+            db.execute(
+                "UPDATE series SET state = ?, classify_attempts = classify_attempts + 1, "
+                "updated_at = ? WHERE study_instance_uid = ? AND series_instance_uid = ?",
+                (CLASSIFYING, now, row["study_instance_uid"], row["series_instance_uid"]),
+            )
+        record = SeriesRecord(**dict(row))
+        record.state = CLASSIFYING
+        record.classify_attempts += 1
+        return record
+
+    def _finish(
+        self, transition: str, record: SeriesRecord, assignments: str, args: tuple[Any, ...]
+    ) -> bool:
+        """Apply a worker result unless a new instance arrived meanwhile (then ``received``)."""
+        _require(transition, record)
+        now = time.time()
+        with self._transaction() as db:
+            cur = db.execute(
+                f"UPDATE series SET {assignments}, updated_at = ? "
+                "WHERE study_instance_uid = ? AND series_instance_uid = ? AND state = ? "
+                "AND generation = ?",
+                (*args, now, *_key(record), CLASSIFYING, record.generation),
+            )
+            if cur.rowcount == 1:
+                return True
+            db.execute(
+                "UPDATE series SET state = ?, updated_at = ? "
+                "WHERE study_instance_uid = ? AND series_instance_uid = ? AND state = ?",
+                (RECEIVED, now, *_key(record), CLASSIFYING),
+            )
+            return False
+
+    def finish_classified(
+        self,
+        record: SeriesRecord,
+        *,
+        revision: int,
+        sr_path: str,
+        sr_sop_instance_uid: str,
+        probability_covid: float,
+        label: str,
+        classify_seconds: float,
+    ) -> bool:
+        """``classifying`` -> ``classified`` with the built SR (``sr_path`` relative to the
+        store); False (and ``received``) if the series changed while classifying."""
+        return self._finish(
+            "finish_classified",
+            record,
+            "state = ?, reason = '', revision = ?, sr_path = ?, sr_sop_instance_uid = ?, "
+            "probability_covid = ?, label = ?, classify_seconds = ?, attempts = 0, next_try = ?",
+            (
+                CLASSIFIED,
+                revision,
+                sr_path,
+                sr_sop_instance_uid,
+                probability_covid,
+                label,
+                classify_seconds,
+                time.time(),
+            ),
+        )
+
+    def finish_unusable(self, record: SeriesRecord, reason: str) -> bool:
+        """``classifying`` -> ``unusable`` with the reason; False as :meth:`finish_classified`."""
+        return self._finish(
+            "finish_unusable", record, "state = ?, reason = ?, sr_path = ''", (UNUSABLE, reason)
+        )
+
+    def finish_failed(self, record: SeriesRecord, reason: str) -> bool:
+        """``classifying`` -> ``failed`` with the reason; False as :meth:`finish_classified`."""
+        # No SR of this generation exists; a retry must classify again, not resend an old one.
+        return self._finish(
+            "finish_failed", record, "state = ?, reason = ?, sr_path = ''", (FAILED, reason)
+        )
+
+    def defer_classification(
+        self, record: SeriesRecord, reason: str, *, retry_seconds: float
+    ) -> bool:
+        """``classifying`` -> ``waiting`` for ``retry_seconds`` (the disk is below its floor,
+        say): a temporary condition, so it is neither failed nor counted as an attempt.
+        """
+        return self._finish(
+            "defer_classification",
+            record,
+            "state = ?, reason = ?, next_try = ?, "
+            "classify_attempts = MAX(0, classify_attempts - 1)",
+            (WAITING, reason, time.time() + retry_seconds),
+        )
+
+    def mark_sent(self, record: SeriesRecord) -> bool:
+        """``classified`` -> ``sent``. The peer has revision ``record.revision``, whatever
+        happened to the series since: that is recorded in any case (it is the predecessor of
+        the next revision). False when the job moved on (it keeps its new state).
+        """
+        _require("mark_sent", record)
+        now = time.time()
+        with self._transaction() as db:
+            db.execute(
+                "UPDATE series SET sent_revision = MAX(sent_revision, ?), updated_at = ?, "
+                "sent_sr_path = CASE WHEN ? >= sent_revision THEN ? ELSE sent_sr_path END "
+                "WHERE study_instance_uid = ? AND series_instance_uid = ?",
+                (record.revision, now, record.revision, record.sr_path, *_key(record)),
+            )
+            cur = db.execute(
+                "UPDATE series SET state = ?, reason = '', attempts = attempts + 1 "
+                "WHERE study_instance_uid = ? AND series_instance_uid = ? AND state = ? "
+                "AND revision = ?",
+                (SENT, *_key(record), CLASSIFIED, record.revision),
+            )
+            moved = cur.rowcount == 1
+        if not moved:
+            self._refused("mark_sent", record)
+        return moved
+
+    def mark_send_failed(
+        self,
+        record: SeriesRecord,
+        reason: str,
+        *,
+        retry_seconds: float,
+        max_retry_seconds: float,
+        max_attempts: int,
+    ) -> tuple[JobState, float | None]:
+        """``classified`` -> ``classified`` (back off exponentially) or, after ``max_attempts``,
+        ``failed``.
+
+        Returns the new state and, while retrying, the time of the next attempt. A job that
+        moved on meanwhile keeps its new state (logged).
+        """
+        _require("mark_send_failed", record)
+        attempts = record.attempts + 1
+        now = time.time()
+        next_try: float | None
+        if attempts >= max_attempts:
+            state, next_try = FAILED, None
+            reason = f"sending the SR failed {attempts} time(s); last: {reason}"
+        else:
+            state = CLASSIFIED
+            next_try = now + min(max_retry_seconds, retry_seconds * 2 ** (attempts - 1))
+        with self._transaction() as db:
+            cur = db.execute(
+                "UPDATE series SET state = ?, reason = ?, attempts = ?, next_try = ?, "
+                "updated_at = ? WHERE study_instance_uid = ? AND series_instance_uid = ? "
+                "AND state = ? AND revision = ?",
+                (
+                    state,
+                    reason,
+                    attempts,
+                    next_try if next_try is not None else 0.0,
+                    now,
+                    *_key(record),
+                    CLASSIFIED,
+                    record.revision,
+                ),
+            )
+            moved = cur.rowcount == 1
+        if not moved:
+            self._refused("mark_send_failed", record)
+        return state, next_try
+
+    def resume(self, max_classify_attempts: int) -> int:
+        """After a crash: ``classifying`` -> ``waiting`` (or ``failed``, for jobs that already
+        stopped the worker ``max_classify_attempts`` times). Returns how many resumed.
+        """
+        now = time.time()
+        with self._transaction() as db:
+            db.execute(
+                "UPDATE series SET state = ?, reason = ?, updated_at = ? "
+                "WHERE state = ? AND classify_attempts >= ?",
+                (
+                    FAILED,
+                    f"classification stopped the worker {max_classify_attempts} time(s)",
+                    now,
+                    CLASSIFYING,
+                    max_classify_attempts,
+                ),
+            )
+            cur = db.execute(
+                "UPDATE series SET state = ?, updated_at = ? WHERE state = ?",
+                (WAITING, now, CLASSIFYING),
+            )
+            return cur.rowcount
+
+    def retry(
+        self,
+        series_instance_uid: str | None = None,
+        study_instance_uid: str | None = None,
+        *,
+        sr_exists: Callable[[str], bool],
+    ) -> list[str]:
+        """``failed`` -> ``classified`` (resend the built SR, when ``sr_exists`` says its file is
+        there) or ``waiting`` (classify again), for one series or all. Jobs in other states are
+        not touched. Returns the series UIDs re-queued.
+        """
+        now = time.time()
+        with self._transaction() as db:
+            query = (
+                "SELECT study_instance_uid, series_instance_uid, sr_path FROM series "
+                "WHERE state = ?"
+            )
+            args: tuple[Any, ...] = (FAILED,)
+            if series_instance_uid is not None:
+                query += " AND series_instance_uid = ?"
+                args = (*args, series_instance_uid)
+            if study_instance_uid is not None:
+                query += " AND study_instance_uid = ?"
+                args = (*args, study_instance_uid)
+            rows = db.execute(query, args).fetchall()
+            for study, uid, sr_path in rows:
+                if sr_path and sr_exists(sr_path):
+                    db.execute(
+                        "UPDATE series SET state = ?, reason = '', attempts = 0, next_try = ?, "
+                        "updated_at = ? WHERE study_instance_uid = ? AND series_instance_uid = ?",
+                        (CLASSIFIED, now, now, study, uid),
+                    )
+                else:
+                    db.execute(
+                        "UPDATE series SET state = ?, reason = '', classify_attempts = 0, "
+                        "next_try = 0, updated_at = ? "
+                        "WHERE study_instance_uid = ? AND series_instance_uid = ?",
+                        (WAITING, now, study, uid),
+                    )
+        return [r[1] for r in rows]
