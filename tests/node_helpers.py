@@ -157,6 +157,7 @@ class Orthanc:
     ) -> None:
         binary = require_tool("Orthanc")
         self.aet = aet
+        self.dicomweb_url = ""
         self.http_port, self.dicom_port = free_port(), dicom_port or free_port()
         storage = work / "orthanc-db"
         storage.mkdir(parents=True, exist_ok=True)
@@ -220,6 +221,35 @@ class Orthanc:
         except subprocess.TimeoutExpired:
             self.proc.kill()
         self._log.close()
+
+
+DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+
+
+def orthanc_with_dicomweb(
+    work: Path, *, basic_auth: tuple[str, str] | None = None, **extra: Any
+) -> Orthanc:
+    """Orthanc with its DICOMweb plugin at ``/dicom-web/`` (skips without Debian's
+    ``orthanc-dicomweb``); ``dicomweb_url`` is set on it."""
+    require_tool("Orthanc")
+    if not DICOMWEB_PLUGIN.exists():
+        pytest.skip("Orthanc's DICOMweb plugin is not installed (Debian: orthanc-dicomweb)")
+    config = {
+        "Plugins": [str(DICOMWEB_PLUGIN)],
+        "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
+        **extra,
+    }
+    orthanc = Orthanc(work, free_port(), basic_auth=basic_auth, extra_config=config)
+    orthanc.dicomweb_url = f"http://127.0.0.1:{orthanc.http_port}/dicom-web"
+    return orthanc
+
+
+def study_of_instance_in_orthanc(orthanc: Orthanc, sop_instance_uid: str) -> str | None:
+    """The StudyInstanceUID under which Orthanc holds ``sop_instance_uid``, or None."""
+    found = orthanc.request("POST", "/tools/lookup", sop_instance_uid.encode())
+    if not found:
+        return None
+    return str(orthanc.get(f"/instances/{found[0]['ID']}/simplified-tags")["StudyInstanceUID"])
 
 
 def make_test_ca(folder: Path) -> dict[str, Path]:

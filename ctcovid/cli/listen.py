@@ -25,6 +25,27 @@ def listen(
     peer: Annotated[
         str | None, typer.Option(help="Where SRs go, HOST:PORT:AET (usually PACS).")
     ] = None,
+    stow: Annotated[
+        str | None,
+        typer.Option(
+            help="Send SRs by STOW-RS to this DICOMweb URL instead of C-STORE to --peer. "
+            "Credentials: $CTCOVID_STOW_AUTH or --stow-auth-file ('Bearer TOKEN' or "
+            "'Basic USER:PASSWORD'); TLS always verified."
+        ),
+    ] = None,
+    stow_auth_file: Annotated[
+        Path | None,
+        typer.Option(exists=True, dir_okay=False, help="Credentials for --stow, from this file."),
+    ] = None,
+    stow_ca_file: Annotated[
+        Path | None,
+        typer.Option(
+            exists=True,
+            dir_okay=False,
+            help="CA (PEM) the --stow service's certificate must be signed by. Default: the "
+            "system's.",
+        ),
+    ] = None,
     store: Annotated[
         Path | None, typer.Option(help="Folder for received instances, SRs and the job database.")
     ] = None,
@@ -103,7 +124,8 @@ def listen(
     ] = None,
     verbose: Annotated[int, typer.Option("-v", count=True, help="More logging (-vv: debug).")] = 0,
 ) -> None:
-    """Run the DICOM node: C-STORE CT in, one SR per complete CT series out to --peer.
+    """Run the DICOM node: C-STORE CT in, one SR per complete CT series out to --peer (C-STORE)
+    or --stow (STOW-RS).
 
     Logs go to stderr as key=value lines with study and series UIDs (never patient names).
     The calling AE title is not authentication: use --tls-ca (client certificates) and a
@@ -118,6 +140,8 @@ def listen(
       ctcovid listen --config node.toml --allow-aet PACS --allow-aet ROUTER --metrics-port 9108
 
       ctcovid listen --store /srv/ctcovid --tls-cert node.pem --tls-key node.key --tls-ca ca.pem
+
+      ctcovid listen --store /srv/ctcovid --stow https://vna.example.org/dicom-web
     """
     # A service logs its activity by default; -v adds debug detail.
     setup_logging(verbose + 1)
@@ -131,6 +155,9 @@ def listen(
             "host": host,
             "ae_title": ae_title,
             "peer": peer,
+            "stow": stow,
+            "stow_auth_file": stow_auth_file,
+            "stow_ca_file": stow_ca_file,
             "store": store,
             "model": model,
             "runtime": runtime.value if runtime is not None else None,

@@ -2,7 +2,9 @@
 
 A TOML file holds the same keys as :class:`NodeConfig` (``port``, ``ae_title``, ``peer``,
 ``store``, ``allow_aet``, ``stable_seconds`` ...), at top level or under a ``[node]`` table;
-``peer`` is ``"HOST:PORT:AET"``. Command-line flags win over the file.
+``peer`` is ``"HOST:PORT:AET"``; ``stow`` (a DICOMweb base URL) sends the SRs by STOW-RS
+instead, with credentials from ``$CTCOVID_STOW_AUTH`` or ``stow_auth_file``, never from the
+URL or the command line. Command-line flags win over the file.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from ctcovid.errors import ConfigError
 
@@ -63,6 +66,12 @@ class NodeConfig:
     host: str = "0.0.0.0"
     ae_title: str = "CTCOVID"
     peer: Peer | None = None
+    # SRs by STOW-RS to this DICOMweb service instead of C-STORE to the peer.
+    stow: str | None = None
+    # 'Bearer TOKEN' or 'Basic USER:PASSWORD' for stow; default: $CTCOVID_STOW_AUTH.
+    stow_auth_file: Path | None = None
+    # CA (PEM) the STOW-RS service's certificate must be signed by; default: the system's.
+    stow_ca_file: Path | None = None
     model: Path | None = None
     allow_aet: tuple[str, ...] = ()
     stable_seconds: float = 30.0
@@ -103,10 +112,11 @@ class NodeConfig:
         )
         if isinstance(self.peer, str):
             object.__setattr__(self, "peer", Peer.parse(self.peer))
-        for name in ("model", "tls_cert", "tls_key", "tls_ca"):
+        for name in ("model", "tls_cert", "tls_key", "tls_ca", "stow_auth_file", "stow_ca_file"):
             value = getattr(self, name)
             if value is not None:
                 object.__setattr__(self, name, Path(value))
+        self._check_stow()
         if not 0 <= self.port < 65536:
             raise ConfigError(f"port must be 0-65535. Received: port={self.port}.")
         if self.metrics_port is not None and not 0 <= self.metrics_port < 65536:
@@ -154,6 +164,43 @@ class NodeConfig:
             raise ConfigError("tls_cert and tls_key go together: give both or neither.")
         if self.tls_ca is not None and self.tls_cert is None:
             raise ConfigError("tls_ca needs tls_cert and tls_key (the node's own certificate).")
+
+    def _check_stow(self) -> None:
+        if self.stow in (None, ""):
+            object.__setattr__(self, "stow", None)
+            for name in ("stow_auth_file", "stow_ca_file"):
+                if getattr(self, name) is not None:
+                    raise ConfigError(f"{name} needs stow (the STOW-RS URL).")
+            return
+        if self.peer is not None:
+            raise ConfigError(
+                "give peer (C-STORE) or stow (STOW-RS), not both: each SR goes one way. "
+                f"Received: peer={self.peer}, stow={self.stow!r}."
+            )
+        parts = urlsplit(str(self.stow))
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ConfigError(
+                f"stow must be a DICOMweb URL, http(s)://HOST[:PORT]/PATH. Received: {self.stow!r}."
+            )
+        if parts.username is not None or parts.password is not None:
+            # A URL is logged and shown by ps; credentials go in the environment or a file.
+            raise ConfigError(
+                "stow must not carry credentials; put them in $CTCOVID_STOW_AUTH or "
+                "stow_auth_file ('Bearer TOKEN' or 'Basic USER:PASSWORD')."
+            )
+        object.__setattr__(self, "stow", str(self.stow).rstrip("/"))
+
+    @property
+    def sends(self) -> bool:
+        """Whether SRs leave the node (by C-STORE to ``peer`` or STOW-RS to ``stow``)."""
+        return self.peer is not None or self.stow is not None
+
+    @property
+    def destination(self) -> str:
+        """Where the SRs go, for log lines: ``HOST:PORT:AET``, ``stow-rs URL`` or ``none``."""
+        if self.stow is not None:
+            return f"stow-rs {self.stow}"
+        return str(self.peer) if self.peer is not None else "none"
 
     @property
     def tls(self) -> bool:
@@ -218,7 +265,15 @@ def read_toml(path: Path) -> dict[str, Any]:
         data = data["node"]
     # Relative paths in a file mean relative to that file, as a reader of the file expects.
     base = Path(path).resolve().parent
-    for key in ("store", "model", "tls_cert", "tls_key", "tls_ca"):
+    for key in (
+        "store",
+        "model",
+        "tls_cert",
+        "tls_key",
+        "tls_ca",
+        "stow_auth_file",
+        "stow_ca_file",
+    ):
         if isinstance(data.get(key), str) and data[key]:
             value = Path(data[key]).expanduser()
             data[key] = str(value if value.is_absolute() else base / value)

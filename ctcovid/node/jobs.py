@@ -612,8 +612,10 @@ class JobDatabase:
         retry_seconds: float,
         max_retry_seconds: float,
         max_attempts: int,
+        permanent: bool = False,
     ) -> tuple[JobState, float | None]:
-        """``classified`` -> ``classified`` (back off exponentially) or, after ``max_attempts``,
+        """``classified`` -> ``classified`` (back off exponentially) or, after ``max_attempts``
+        or at once for a ``permanent`` refusal (one that sending again cannot change),
         ``failed``.
 
         Returns the new state and, while retrying, the time of the next attempt. A job that
@@ -623,7 +625,12 @@ class JobDatabase:
         attempts = record.attempts + 1
         now = time.time()
         next_try: float | None
-        if attempts >= max_attempts:
+        if permanent:
+            state, next_try = FAILED, None
+            reason = (
+                f"the SR was refused (attempt {attempts}), sending it again cannot help: {reason}"
+            )
+        elif attempts >= max_attempts:
             state, next_try = FAILED, None
             reason = f"sending the SR failed {attempts} time(s); last: {reason}"
         else:

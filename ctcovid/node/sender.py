@@ -1,14 +1,19 @@
-"""Send an SR to the peer (PACS) by C-STORE, optionally over TLS.
+"""Send an SR to where the node delivers: its peer by C-STORE (optionally over TLS), or a
+DICOMweb service by STOW-RS.
 
 Success and the warning statuses 0xB000 (coercion of data elements), 0xB006 (elements
-discarded) and 0xB007 (data set does not match SOP class) count as delivered: the peer has
-stored the object (PS3.4 B.2.3). Anything else raises :class:`~ctcovid.errors.PacsError`
-with the reason, which the worker records before backing off.
+discarded) and 0xB007 (data set does not match SOP class) count as delivered by C-STORE: the
+peer has stored the object (PS3.4 B.2.3). Anything else raises :class:`~ctcovid.errors.PacsError`
+with the reason, which the worker records before backing off. STOW-RS goes through
+:mod:`ctcovid.pacs.stow`; a refusal that sending again cannot change (an HTTP 4xx such as 409)
+raises :class:`~ctcovid.pacs.stow.StowRefused`, which the worker records as ``failed`` at once.
 
 Every send has a hard deadline. pynetdicom's ACSE, DIMSE and network timeouts are set, but a
 peer that accepts the association and then stalls can still hold a blocked socket past them, so
 the association runs in its own thread: at the deadline (or when the caller is stopping) its
-socket is shut down and its threads stopped, and the caller gets the reason at once.
+socket is shut down and its threads stopped, and the caller gets the reason at once. A STOW-RS
+request runs in its own thread too; at the deadline it is abandoned (the thread ends by itself
+within one network timeout, which bounds every wait of the HTTP client).
 """
 
 from __future__ import annotations
@@ -19,8 +24,9 @@ import socket
 import ssl
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import pydicom
 from pydicom.uid import Comprehensive3DSRStorage
@@ -31,6 +37,7 @@ from ctcovid.node.config import NodeConfig, Peer
 
 logger = logging.getLogger(__name__)
 
+T = TypeVar("T")
 DELIVERED_STATUSES = frozenset({0x0000, 0xB000, 0xB006, 0xB007})
 _SR_TRANSFER_SYNTAXES = ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"]
 
@@ -88,33 +95,58 @@ def send_file(
     transfer_syntax = str(ds.file_meta.TransferSyntaxUID)
     syntaxes = [transfer_syntax, *[t for t in _SR_TRANSFER_SYNTAXES if t != transfer_syntax]]
     ae.add_requested_context(Comprehensive3DSRStorage, syntaxes)
+    return run_with_deadline(
+        lambda: _associate_and_store(ae, ds, peer, ssl_context, max_pdu_bytes),
+        deadline_seconds=deadline,
+        cancel=cancel,
+        abort=lambda: _abort_all(ae),
+        name=f"send-{ds.SOPInstanceUID}",
+        cancelled=f"{peer}: sending SR {ds.SOPInstanceUID} abandoned (stopping)",
+        late=f"{peer}: C-STORE of SR {ds.SOPInstanceUID} did not finish within {deadline:.0f} s; "
+        "association aborted",
+    )
+
+
+def run_with_deadline(
+    work: Callable[[], T],
+    *,
+    deadline_seconds: float,
+    cancel: Cancel | None,
+    abort: Callable[[], None],
+    name: str,
+    cancelled: str,
+    late: str,
+) -> T:
+    """``work()`` in a thread of its own; its result, or its exception raised here.
+
+    At ``deadline_seconds``, or as soon as ``cancel`` is set, ``abort`` is called and
+    :class:`~ctcovid.errors.PacsError` (``late``) or :class:`SendCancelled` (``cancelled``) is
+    raised at once, whatever the thread is doing.
+    """
     outcome: dict[str, Any] = {}
 
     def run() -> None:
         try:
-            outcome["status"] = _associate_and_store(ae, ds, peer, ssl_context, max_pdu_bytes)
+            outcome["result"] = work()
         except BaseException as exc:  # handed to the caller's thread
             outcome["error"] = exc
 
-    thread = threading.Thread(target=run, name=f"send-{ds.SOPInstanceUID}", daemon=True)
+    thread = threading.Thread(target=run, name=name, daemon=True)
     thread.start()
-    ends = time.monotonic() + deadline
+    ends = time.monotonic() + deadline_seconds
     while thread.is_alive():
         thread.join(min(0.1, max(0.0, ends - time.monotonic())))
         if not thread.is_alive():
             break
         if cancel is not None and cancel.is_set():
-            _abort_all(ae)
-            raise SendCancelled(f"{peer}: sending SR {ds.SOPInstanceUID} abandoned (stopping)")
+            abort()
+            raise SendCancelled(cancelled)
         if time.monotonic() >= ends:
-            _abort_all(ae)
-            raise PacsError(
-                f"{peer}: C-STORE of SR {ds.SOPInstanceUID} did not finish within "
-                f"{deadline:.0f} s; association aborted"
-            )
+            abort()
+            raise PacsError(late)
     if "error" in outcome:
         raise outcome["error"]
-    return int(outcome["status"])
+    return outcome["result"]  # type: ignore[no-any-return]
 
 
 def _abort_all(ae: AE) -> None:
@@ -180,3 +212,138 @@ def _associate_and_store(
             code,
         )
     return code
+
+
+def stow_file(
+    path: Path,
+    url: str,
+    *,
+    client: Any = None,
+    auth: Any = None,
+    ca_file: Path | None = None,
+    timeout_seconds: float = 60.0,
+    deadline_seconds: float | None = None,
+    cancel: Cancel | None = None,
+) -> None:
+    """STOW-RS the DICOM file at ``path`` to the DICOMweb service at ``url``.
+
+    ``client`` is a ``DICOMwebClient`` from :func:`ctcovid.pacs.dicomweb.make_client`; without
+    one, a client is made with ``auth`` (a :class:`~ctcovid.pacs.dicomweb.HttpAuth` or None),
+    TLS verified against ``ca_file`` when given. Timeouts and the deadline as for
+    :func:`send_file`.
+
+    Raises
+    ------
+    StowRefused
+        When the service refused the SR for good (HTTP 4xx such as 409, 401, 404).
+    PacsError
+        When the request failed in a way that may pass (5xx, connection refused or lost,
+        timeout), or the deadline passed.
+    SendCancelled
+        When ``cancel`` was set before the send finished.
+    """
+    from ctcovid.pacs.dicomweb import make_client
+    from ctcovid.pacs.stow import stow
+
+    deadline = deadline_seconds if deadline_seconds is not None else 3 * timeout_seconds
+    if client is None:
+        client = make_client(url, auth, ca_file=ca_file, timeout_seconds=timeout_seconds)
+    sop = path.stem  # SR files are named by their SOPInstanceUID
+    run_with_deadline(
+        lambda: stow(client, url, [path]),
+        deadline_seconds=deadline,
+        cancel=cancel,
+        abort=lambda: None,  # the thread ends within one network timeout; nothing waits for it
+        name=f"stow-{sop}",
+        cancelled=f"{url}: sending SR {sop} abandoned (stopping)",
+        late=f"{url}: STOW-RS of SR {sop} did not finish within {deadline:.0f} s; abandoned",
+    )
+
+
+class SrSender(Protocol):
+    """Delivers one SR file; returns a ``key=value`` note on the outcome for the log line."""
+
+    def send(self, path: Path, cancel: Cancel | None = None) -> str: ...
+
+
+class CStoreSender:
+    """C-STORE to ``config.peer``, over TLS when ``config.send_tls``."""
+
+    def __init__(self, config: NodeConfig) -> None:
+        assert config.peer is not None
+        self.config = config
+        self.peer = config.peer
+        self.ssl_context = client_ssl_context(config) if config.send_tls else None
+
+    def send(self, path: Path, cancel: Cancel | None = None) -> str:
+        status = send_file(
+            path,
+            self.peer,
+            calling_ae_title=self.config.ae_title,
+            ssl_context=self.ssl_context,
+            timeout_seconds=self.config.network_timeout_seconds,
+            max_pdu_bytes=self.config.max_pdu_bytes,
+            deadline_seconds=self.config.send_deadline,
+            cancel=cancel,
+        )
+        return f"status=0x{status:04X}"
+
+
+class StowSender:
+    """STOW-RS to ``config.stow``; credentials from ``$CTCOVID_STOW_AUTH`` or the file."""
+
+    def __init__(self, config: NodeConfig) -> None:
+        from ctcovid.pacs.dicomweb import STOW_AUTH_ENV, HttpAuth, make_client
+
+        assert config.stow is not None
+        self.config = config
+        self.url = config.stow
+        self.auth = HttpAuth.load(STOW_AUTH_ENV, config.stow_auth_file)
+
+        def new_client() -> Any:
+            client = make_client(
+                self.url,
+                self.auth,
+                ca_file=config.stow_ca_file,
+                timeout_seconds=config.network_timeout_seconds,
+            )
+            # One retry policy: the node's backoff (retry_seconds, max_attempts, recorded in
+            # the job), not the client's own quiet retries of 429/503 within one send.
+            client.set_http_retry_params(retry=False)
+            return client
+
+        self._make_client = new_client
+        # Made now: a bad URL or a missing DICOMweb extra shows at start, not at the first send.
+        self._client: Any = self._make_client()
+
+    def send(self, path: Path, cancel: Cancel | None = None) -> str:
+        if self._client is None:
+            self._client = self._make_client()
+        try:
+            stow_file(
+                path,
+                self.url,
+                client=self._client,
+                timeout_seconds=self.config.network_timeout_seconds,
+                deadline_seconds=self.config.send_deadline,
+                cancel=cancel,
+            )
+        except BaseException:
+            # After a failure, abandoned or cancelled request the next send opens new
+            # connections rather than share a session with a request that may still run.
+            self._client = None
+            raise
+        return "stored=stow-rs"
+
+
+def sr_sender(config: NodeConfig) -> SrSender | None:
+    """The sender for ``config``'s destination; None when SRs stay in the store.
+
+    Raises :class:`~ctcovid.errors.ConfigError` for unreadable credentials or a bad URL, and
+    ``OSError``/``ssl.SSLError`` for unreadable TLS files.
+    """
+    if config.stow is not None:
+        return StowSender(config)
+    if config.peer is not None:
+        return CStoreSender(config)
+    return None

@@ -146,6 +146,13 @@ class Node:
     def request_stop(self, *_: Any) -> None:
         self._stop_requested = True
 
+    def _check_destination(self) -> None:
+        """Fail at start, with the reason, on credentials, TLS files or a URL the worker's
+        sender could not use."""
+        from ctcovid.node.sender import sr_sender
+
+        sr_sender(self.config)
+
     def _check_model(self) -> None:
         from ctcovid.model.artifact import default_model_path, read_artifact
         from ctcovid.model.runtimes import resolve_runtime
@@ -194,6 +201,7 @@ class Node:
         config = self.config
         quiet_libraries(self.log_level)
         self._check_model()
+        self._check_destination()
         store = Store(config.store, min_free_mb=config.min_free_mb)
         with open(config.store / NODE_LOCK_FILE, "a+") as lock:
             try:
@@ -215,9 +223,9 @@ class Node:
             recovered,
             resumed,
             " ".join(f"{k}={v}" for k, v in counts.items()),
-            config.peer or "none",
+            config.destination,
         )
-        if config.peer is None:
+        if not config.sends:
             logger.warning("event=no_peer SRs are kept in %s/sr and not sent", config.store)
         stats = ReceiveStats()
         if config.metrics_port is not None:

@@ -25,12 +25,15 @@ from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ctcovid.decoder import crashed_reason, decoder_pool, out_of_memory_reason
 from ctcovid.errors import InvalidInputError, ReportError
 from ctcovid.node.config import NodeConfig
 from ctcovid.node.store import OutOfSpaceError, SeriesRecord, Store
+
+if TYPE_CHECKING:
+    from ctcovid.node.sender import SrSender
 
 logger = logging.getLogger(__name__)
 
@@ -108,11 +111,23 @@ class Worker:
         # Pixels are decoded in a process of their own under a memory limit: a file that
         # crashes or exhausts the decoder fails its series, not the worker.
         self._decoder: ProcessPoolExecutor | None = None
-        self._ssl_context: Any = None
-        if config.peer is not None and config.send_tls:
-            from ctcovid.node.sender import client_ssl_context
+        self._sender: SrSender | None = None
+        self._sender_config: NodeConfig | None = None
+        # Built now: bad credentials or TLS files fail here, not at the first send.
+        _ = self.sender
 
-            self._ssl_context = client_ssl_context(config)
+    @property
+    def sender(self) -> SrSender | None:
+        """C-STORE to the peer or STOW-RS, as ``config`` says; None: the SRs stay in the store.
+
+        Built again when ``config`` is replaced by other settings.
+        """
+        if self._sender_config is not self.config:
+            from ctcovid.node.sender import sr_sender
+
+            self._sender = sr_sender(self.config)
+            self._sender_config = self.config
+        return self._sender
 
     def run(self, stop: StopFlag, keep_going: Callable[[], bool] = lambda: True) -> None:
         """Work until ``stop`` is set; the current job always finishes and is recorded first.
@@ -122,7 +137,7 @@ class Worker:
         """
         logger.info("event=worker_ready model=%s", self.classifier.artifact.info.name)
         sender: threading.Thread | None = None
-        if self.config.peer is not None:
+        if self.sender is not None:
             sender = threading.Thread(
                 target=self._send_loop, args=(stop, keep_going), name="sender", daemon=True
             )
@@ -169,7 +184,7 @@ class Worker:
 
     def send_due(self, stop: StopFlag | None = None) -> bool:
         """Send every SR whose send is due; True if there was one."""
-        if self.config.peer is None:
+        if self.sender is None:
             return False
         did_work = False
         for due in self.store.due_sends():
@@ -338,26 +353,24 @@ class Worker:
     # -- send -------------------------------------------------------------------------------
 
     def send(self, record: SeriesRecord, cancel: StopFlag | None = None) -> None:
-        """Send one classified series' SR; on failure back off or give up (never raises)."""
-        from ctcovid.node.sender import SendCancelled, send_file
+        """Send one classified series' SR; on failure back off or give up (never raises).
 
-        assert self.config.peer is not None
+        A refusal that sending again cannot change (STOW-RS answered 4xx, say) fails the job
+        at once; ``ctcovid queue --retry`` sends it again once the cause is fixed.
+        """
+        from ctcovid.node.sender import SendCancelled
+        from ctcovid.pacs.stow import StowRefused
+
+        sender = self.sender
+        assert sender is not None
+        destination = self.config.destination
         log_ids = (
             f"study={record.study_instance_uid} series={record.series_instance_uid} "
             f"revision={record.revision} sr={record.sr_sop_instance_uid}"
         )
         start = time.perf_counter()
         try:
-            status = send_file(
-                self.store.root / record.sr_path,
-                self.config.peer,
-                calling_ae_title=self.config.ae_title,
-                ssl_context=self._ssl_context,
-                timeout_seconds=self.config.network_timeout_seconds,
-                max_pdu_bytes=self.config.max_pdu_bytes,
-                deadline_seconds=self.config.send_deadline,
-                cancel=cancel,
-            )
+            outcome = sender.send(self.store.root / record.sr_path, cancel)
         except SendCancelled:
             logger.info("event=send_abandoned %s reason=stopping", log_ids)
             return
@@ -368,12 +381,13 @@ class Worker:
                 retry_seconds=self.config.retry_seconds,
                 max_retry_seconds=self.config.max_retry_seconds,
                 max_attempts=self.config.max_attempts,
+                permanent=isinstance(exc, StowRefused),
             )
             if next_try is None:
                 logger.error(
                     "event=send_failed %s peer=%s attempts=%d state=%s error=%r",
                     log_ids,
-                    self.config.peer,
+                    destination,
                     record.attempts + 1,
                     state,
                     str(exc),
@@ -382,7 +396,7 @@ class Worker:
                 logger.warning(
                     "event=send_retry %s peer=%s attempt=%d next_try_in=%.1fs error=%r",
                     log_ids,
-                    self.config.peer,
+                    destination,
                     record.attempts + 1,
                     next_try - time.time(),
                     str(exc),
@@ -392,11 +406,7 @@ class Worker:
         self.store.mark_sent(record)
         self.observe("send_seconds", seconds)
         logger.info(
-            "event=sr_sent %s peer=%s status=0x%04X seconds=%.2f",
-            log_ids,
-            self.config.peer,
-            status,
-            seconds,
+            "event=sr_sent %s peer=%s %s seconds=%.2f", log_ids, destination, outcome, seconds
         )
 
 

@@ -12,13 +12,11 @@ import io
 import ipaddress
 import logging
 import os
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-import pydicom
 from pydicom.datadict import tag_for_keyword
 
 from ctcovid.errors import ConfigError, PacsError
@@ -29,6 +27,7 @@ from ctcovid.pacs.query import (
     SeriesMatch,
     StudyMatch,
 )
+from ctcovid.pacs.stow import stow as stow  # STOW-RS lives there; batch imports it from here
 
 logger = logging.getLogger(__name__)
 
@@ -272,19 +271,3 @@ class DicomWebArchive:
                 f"{self.url} delivered no instance of series {series.series_instance_uid}"
             )
         return stored
-
-
-def stow(client: Any, url: str, paths: Sequence[Path]) -> None:
-    """STOW-RS the DICOM files at ``paths``; :class:`PacsError` unless every one was stored."""
-    datasets = [pydicom.dcmread(p) for p in paths]
-    try:
-        response = client.store_instances(datasets)
-    except Exception as exc:
-        raise _http_error(url, f"STOW-RS of {len(datasets)} instance(s)", exc) from exc
-    failed = list(getattr(response, "FailedSOPSequence", []) or [])
-    if failed:
-        item = failed[0]
-        raise PacsError(
-            f"{url}: STOW-RS refused SOP instance {item.get('ReferencedSOPInstanceUID', '?')} "
-            f"(failure reason {item.get('FailureReason', '?')})"
-        )
