@@ -198,7 +198,7 @@ def test_gate_refuses_a_label_flip_within_the_tolerance():
     result = judge("minmax", rows((0.10, 0.10), (0.502, 0.497)), threshold=0.5)
     assert not result.passed
     assert result.label_flips == ["s1"]
-    assert "labels flipped on s1" in result.summary()
+    assert "1 label(s) flipped: s1" in result.summary()
 
 
 def test_gate_refuses_an_empty_set():
@@ -306,7 +306,7 @@ def test_int8_refused_when_a_scan_sits_on_the_threshold(exported_dir, calibratio
     before = (folder / "ctcovid.json").read_text()
     with pytest.raises(ModelError, match="int8 refused") as refused:
         export_model(folder, int8=True, calibration=calibration_dir, recipes=[recipe])
-    assert f"labels flipped on {scan['scan']}" in str(refused.value)
+    assert f"label(s) flipped: {scan['scan']}" in str(refused.value)
     assert (folder / "ctcovid.json").read_text() == before
     assert not (folder / GRAPH_FILES["int8"]).exists()
     assert not list(folder.glob(".export-*"))

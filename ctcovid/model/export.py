@@ -13,11 +13,14 @@ calibration); when all fail nothing is written and the measured numbers are repo
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import io
 import logging
 import os
 import platform
 import tempfile
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -80,8 +83,15 @@ class GateResult:
     label_flips: list[str]
     scans: list[dict[str, Any]] = field(default_factory=list)
 
-    def summary(self) -> str:
-        flips = f", labels flipped on {', '.join(self.label_flips)}" if self.label_flips else ""
+    def summary(self, max_named: int = 5) -> str:
+        """One line; names at most ``max_named`` flipped scans (all are in ``label_flips``)."""
+        flips = ""
+        if self.label_flips:
+            named = ", ".join(self.label_flips[:max_named])
+            more = len(self.label_flips) - max_named
+            flips = f", {len(self.label_flips)} label(s) flipped: {named}" + (
+                f" and {more} more" if more > 0 else ""
+            )
         return (
             f"{self.recipe}: max |int8 - fp32| = {self.max_probability_difference:.4f} "
             f"(limit {INT8_TOLERANCE}){flips}"
@@ -162,7 +172,10 @@ def convert_to_onnx(model: Any, out: Path, input_size: int) -> None:
         raise ModelError(
             f"export needs tf2onnx and onnx ({exc}); pip install 'ctcovid[onnx]'"
         ) from exc
-    patch_tf2onnx()  # tf2onnx still refers to numpy aliases removed in numpy 2
+    with warnings.catch_warnings():
+        # Keras' patch probes numpy for the removed alias np.object, which warns on numpy 2.
+        warnings.simplefilter("ignore", FutureWarning)
+        patch_tf2onnx()  # tf2onnx still refers to numpy aliases removed in numpy 2
     spec = (tf.TensorSpec((None, input_size, input_size, 1), tf.float32, name="slice"),)
     function = tf.function(lambda x: model(x, training=False), input_signature=spec)
     previous = os.environ.get("TF2ONNX_CATCH_ERRORS")
@@ -290,18 +303,23 @@ def quantize(fp32_path: Path, out: Path, calibration: np.ndarray, recipe: Recipe
         extra: dict[str, Any] = {"CalibStridedMinMax": 1}
         if recipe.method == "Percentile":
             extra["CalibPercentile"] = recipe.percentile
-        quantize_static(
-            str(pre),
-            str(out),
-            _Reader(input_name, calibration),
-            quant_format=QuantFormat.QDQ,
-            per_channel=True,
-            activation_type=QuantType.QUInt8,
-            weight_type=QuantType.QInt8,
-            calibrate_method=getattr(CalibrationMethod, recipe.method),
-            nodes_to_exclude=float_ends(pre) if recipe.keep_ends_float else [],
-            extra_options=extra,
-        )
+        # The calibrators print their progress with print(); it goes to the debug log instead.
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            quantize_static(
+                str(pre),
+                str(out),
+                _Reader(input_name, calibration),
+                quant_format=QuantFormat.QDQ,
+                per_channel=True,
+                activation_type=QuantType.QUInt8,
+                weight_type=QuantType.QInt8,
+                calibrate_method=getattr(CalibrationMethod, recipe.method),
+                nodes_to_exclude=float_ends(pre) if recipe.keep_ends_float else [],
+                extra_options=extra,
+            )
+        if printed.getvalue().strip():
+            logger.debug("quantizer: %s", " | ".join(printed.getvalue().split("\n")))
 
 
 def gate(
