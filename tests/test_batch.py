@@ -385,7 +385,8 @@ def test_a_decoder_process_killed_mid_run_is_replaced_and_every_series_finishes(
     import threading
 
     from ctcovid.batch.index import build_index, iter_series, process_pool
-    from ctcovid.batch.pipeline import BatchProgress, BatchSink, run_local
+    from ctcovid.batch.local import run_local
+    from ctcovid.batch.shared import BatchProgress, BatchSink
 
     out = tmp_path / "run"
     out.mkdir()
@@ -572,8 +573,9 @@ def test_a_series_whose_decoder_dies_when_run_alone_fails_with_the_reason(
 ) -> None:
     import threading
 
-    import ctcovid.batch.pipeline as pipeline
+    import ctcovid.batch.local as local
     from ctcovid.batch.index import build_index, iter_series, process_pool
+    from ctcovid.batch.shared import BatchProgress, BatchSink
 
     out = tmp_path / "run"
     out.mkdir()
@@ -585,7 +587,7 @@ def test_a_series_whose_decoder_dies_when_run_alone_fails_with_the_reason(
         pools.append(process_pool(workers, memory_mb))
         return pools[-1]
 
-    monkeypatch.setattr(pipeline, "process_pool", recorded_pool)
+    monkeypatch.setattr(local, "process_pool", recorded_pool)
     killed: list[int] = []
 
     def kill_twice() -> None:
@@ -603,8 +605,8 @@ def test_a_series_whose_decoder_dies_when_run_alone_fails_with_the_reason(
     killer = threading.Thread(target=kill_twice, daemon=True)
     killer.start()
     with pools[0], ResultsWriter(out / RESULTS_FILE) as writer:
-        sink = pipeline.BatchSink(out, classifier, writer, pipeline.BatchProgress())
-        pipeline.run_local(usable, classifier, sink, workers=1, pool=pools[0])
+        sink = BatchSink(out, classifier, writer, BatchProgress())
+        local.run_local(usable, classifier, sink, workers=1, pool=pools[0])
     killer.join(5)
 
     assert len(killed) == 2

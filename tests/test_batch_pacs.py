@@ -333,7 +333,7 @@ def test_a_pacs_that_goes_down_mid_run_fails_the_rest_and_the_run_goes_on(
     studies: dict, tiny_model_dir: Path, classifier: Classifier, folder_rows: dict,
     tmp_path: Path
 ) -> None:
-    from ctcovid.batch.pipeline import BatchProgress
+    from ctcovid.batch.shared import BatchProgress
 
     orthanc = start_orthanc(tmp_path / "orthanc", studies["files"], free_port())
 

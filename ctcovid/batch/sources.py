@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ctcovid.batch.index import IndexSummary, SeriesEntry
-from ctcovid.batch.pipeline import BatchProgress
+from ctcovid.batch.shared import BatchProgress
 from ctcovid.config import IngestConfig
 from ctcovid.dicom.scan import group_instances, read_header
 from ctcovid.dicom.series import assess
@@ -39,8 +39,8 @@ from ctcovid.pacs.cache import CacheFullError, SeriesCache
 from ctcovid.pacs.query import Archive, SeriesMatch, SeriesRules, StudyMatch, StudyQuery
 
 if TYPE_CHECKING:
-    from ctcovid.batch.pipeline import BatchSink, Decoded
     from ctcovid.batch.results import ResultRow
+    from ctcovid.batch.shared import BatchSink, Decoded
     from ctcovid.inference import Classifier
 
 logger = logging.getLogger(__name__)
@@ -464,7 +464,7 @@ def _drive(
     queued, the classifier scores what it has (a partial batch), which also empties the cache.
     """
     from ctcovid.batch.index import process_pool
-    from ctcovid.batch.pipeline import SliceBatcher, decode_entry
+    from ctcovid.batch.shared import SliceBatcher, decode_entry
 
     batcher = SliceBatcher(classifier)
     artifact = classifier.artifact
