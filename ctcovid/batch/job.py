@@ -191,7 +191,13 @@ def _run(
             classify_start = time.perf_counter()
             if options.source is not None:
                 options.source.classify(
-                    usable, classifier, sink, out=out, workers=options.workers, pool=pool
+                    usable,
+                    classifier,
+                    sink,
+                    out=out,
+                    workers=options.workers,
+                    pool=pool,
+                    memory_mb=options.decoder_memory_mb,
                 )
             else:
                 run_local(
