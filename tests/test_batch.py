@@ -385,7 +385,8 @@ def test_a_decoder_process_killed_mid_run_is_replaced_and_every_series_finishes(
     import threading
 
     from ctcovid.batch.index import build_index, iter_series, process_pool
-    from ctcovid.batch.pipeline import BatchProgress, BatchSink, run_local
+    from ctcovid.batch.local import run_local
+    from ctcovid.batch.shared import BatchProgress, BatchSink
 
     out = tmp_path / "run"
     out.mkdir()
@@ -572,8 +573,9 @@ def test_a_series_whose_decoder_dies_when_run_alone_fails_with_the_reason(
 ) -> None:
     import threading
 
-    import ctcovid.batch.pipeline as pipeline
+    import ctcovid.batch.local as local
     from ctcovid.batch.index import build_index, iter_series, process_pool
+    from ctcovid.batch.shared import BatchProgress, BatchSink
 
     out = tmp_path / "run"
     out.mkdir()
@@ -585,7 +587,7 @@ def test_a_series_whose_decoder_dies_when_run_alone_fails_with_the_reason(
         pools.append(process_pool(workers, memory_mb))
         return pools[-1]
 
-    monkeypatch.setattr(pipeline, "process_pool", recorded_pool)
+    monkeypatch.setattr(local, "process_pool", recorded_pool)
     killed: list[int] = []
 
     def kill_twice() -> None:
@@ -603,8 +605,8 @@ def test_a_series_whose_decoder_dies_when_run_alone_fails_with_the_reason(
     killer = threading.Thread(target=kill_twice, daemon=True)
     killer.start()
     with pools[0], ResultsWriter(out / RESULTS_FILE) as writer:
-        sink = pipeline.BatchSink(out, classifier, writer, pipeline.BatchProgress())
-        pipeline.run_local(usable, classifier, sink, workers=1, pool=pools[0])
+        sink = BatchSink(out, classifier, writer, BatchProgress())
+        local.run_local(usable, classifier, sink, workers=1, pool=pools[0])
     killer.join(5)
 
     assert len(killed) == 2
@@ -614,3 +616,105 @@ def test_a_series_whose_decoder_dies_when_run_alone_fails_with_the_reason(
     assert len(crashed) == 1 and crashed[0].status == FAILED  # alone, with the reason
     others = [r for r in rows.values() if r not in crashed]
     assert all(r.status == archive["expected"][r.series_instance_uid] for r in others)
+
+
+# -- the index streams ----------------------------------------------------------------------------
+
+
+def _index_in_memory(root: Path, config) -> dict:
+    """The index as it was built before it streamed: every header read, then grouped at once."""
+    from ctcovid.batch.index import ArchiveWalk, walk_archive
+    from ctcovid.dicom.scan import group_instances, read_header
+    from ctcovid.dicom.series import assess
+    from ctcovid.dicom.types import BadFile, Instance
+
+    walk = ArchiveWalk([], [])
+    items = [read_header(p) for p in walk_archive(root, walk)]
+    instances = [it for it in items if isinstance(it, Instance)]
+    series_list, _ = group_instances(instances)
+    kept = {id(inst) for s in series_list for inst in s.instances}
+    for series in series_list:
+        assess(series, config)
+    return {
+        "series": [(s.study_instance_uid, s.series_instance_uid, s.patient_id, s.modality,
+                    s.n_instances, s.n_slices, s.usable, s.reason,
+                    tuple(str(i.path) for i in s.instances), s.duplicates)
+                   for s in series_list],
+        "duplicates": sorted((str(i.path), i.sop_instance_uid) for i in instances
+                             if id(i) not in kept),
+        "bad_files": sorted((str(b.path), b.reason)
+                            for b in walk.skipped + [it for it in items
+                                                     if isinstance(it, BadFile)]),
+    }
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_the_streamed_index_is_the_index_grouped_in_memory(
+    archive: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, workers: int
+) -> None:
+    """Series (order, verdicts, reasons, files), duplicates and bad files of the messy archive,
+    with batches of 3 rows and, with two workers, chunks of 4 files finishing in any order."""
+    import ctcovid.batch.index as index
+    from ctcovid.config import IngestConfig
+
+    monkeypatch.setattr(index, "CHUNK_FILES", 4)
+    config = IngestConfig()
+    db = tmp_path / "index.sqlite"
+    summary = index.build_index(archive["root"], db, config, workers=workers, batch_rows=3)
+
+    expected = _index_in_memory(archive["root"], config)
+    got = [(e.study_instance_uid, e.series_instance_uid, e.patient_id, e.modality,
+            e.n_instances, e.n_slices, e.usable, e.reason, e.paths, e.duplicates)
+           for e in index.iter_series(db)]
+    assert got == expected["series"]
+    with sqlite3.connect(db) as conn:
+        assert sorted(conn.execute("SELECT path, sop_instance_uid FROM duplicates")) == \
+            expected["duplicates"]
+        assert sorted(conn.execute("SELECT path, reason FROM bad_files")) == \
+            expected["bad_files"]
+    assert (summary.n_series, summary.n_duplicates, summary.n_bad_files) == (
+        len(expected["series"]), len(expected["duplicates"]), len(expected["bad_files"]))
+    assert index.index_is_complete(db, archive["root"], config)
+    assert not index.scratch_path(db).exists()  # the headers read went with the working file
+
+
+def test_indexing_holds_a_batch_of_rows_and_one_series_of_headers_at_most(
+    archive: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whatever the archive's size: never more than ``batch_rows`` rows waiting to be written,
+    and no more headers alive than the series being judged has instances."""
+    import gc
+
+    import ctcovid.batch.index as index
+    from ctcovid.config import IngestConfig
+    from ctcovid.dicom.types import Instance
+
+    def live_headers() -> int:
+        gc.collect()
+        return sum(isinstance(o, Instance) for o in gc.get_objects())
+
+    baseline = live_headers()
+    held: list[int] = []  # rows held at each write
+    alive: list[tuple[int, int]] = []  # (headers alive, instances of the series judged)
+    flush, assess = index.Batched.flush, index.assess
+
+    def recorded_flush(self) -> None:
+        held.append(len(self.rows))
+        if "scratch.headers" in self.sql:
+            alive.append((live_headers() - baseline, 0))
+        flush(self)
+
+    def recorded_assess(series, config):
+        alive.append((live_headers() - baseline, series.n_instances))
+        return assess(series, config)
+
+    monkeypatch.setattr(index.Batched, "flush", recorded_flush)
+    monkeypatch.setattr(index, "assess", recorded_assess)
+    summary = index.build_index(archive["root"], tmp_path / "index.sqlite", IngestConfig(),
+                                batch_rows=4)
+
+    assert max(held) <= 4
+    assert len(held) >= summary.n_files / 4  # written as the walk and the reads went
+    largest = max(n for _, n in alive)
+    assert largest < summary.n_instances  # so the bound below is not the whole archive
+    assert all(n_alive <= n for n_alive, n in alive), [a for a in alive if a[0] > a[1]]

@@ -7,6 +7,7 @@ studies in the PACS, and the cache must stay within its bound.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 from pathlib import Path
@@ -174,9 +175,9 @@ def dicomweb_source(pacs: Orthanc, auth: HttpAuth | None) -> PacsSource:
 
 
 def run_from(source: PacsSource, out: Path, model: Path, classifier: Classifier,
-             **kwargs) -> dict:
+             workers: int = 0, **kwargs) -> dict:
     try:
-        return run_batch(BatchOptions(out / "cache", out, model, workers=0, source=source,
+        return run_batch(BatchOptions(out / "cache", out, model, workers=workers, source=source,
                                       **kwargs), classifier=classifier)
     finally:
         source.close()
@@ -333,7 +334,7 @@ def test_a_pacs_that_goes_down_mid_run_fails_the_rest_and_the_run_goes_on(
     studies: dict, tiny_model_dir: Path, classifier: Classifier, folder_rows: dict,
     tmp_path: Path
 ) -> None:
-    from ctcovid.batch.pipeline import BatchProgress
+    from ctcovid.batch.shared import BatchProgress
 
     orthanc = start_orthanc(tmp_path / "orthanc", studies["files"], free_port())
 
@@ -500,3 +501,78 @@ def test_undelivered_srs_fail_with_the_reason_and_are_sent_on_resume(
                         max_attempts=1, retry_seconds=0.05).close()
     assert again[f"c-store {up}"]["sent"] == 2
     assert again[f"c-store {down}"]["failed"] == 2
+
+
+def test_a_series_that_kills_its_decoder_fails_alone_and_resume_does_not_retry_it(
+    pacs: Orthanc, studies: dict, tiny_model_dir: Path, classifier: Classifier,
+    folder_rows: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As in a folder run: the decoder pool is rebuilt, the series is ``failed`` with the reason,
+    the others are classified. The decoder dies as the kernel's OOM killer would make it die:
+    SIGKILL, whenever it holds the series (in company first, then re-run alone)."""
+    import os
+    import signal
+    import threading
+    import time
+
+    import ctcovid.batch.job as job
+    import ctcovid.batch.local as local
+    from ctcovid.batch.index import SeriesEntry, process_pool
+
+    target = studies["b"].ct_series_instance_uid
+    pools: list = []
+
+    def recorded_pool(workers: int, memory_mb: int):  # the real pool, remembered for the killer
+        pools.append(process_pool(workers, memory_mb))
+        return pools[-1]
+
+    monkeypatch.setattr(job, "process_pool", recorded_pool)
+    monkeypatch.setattr(local, "process_pool", recorded_pool)
+    killed: list[int] = []  # the pools whose decoders were killed, by position
+    finished = threading.Event()
+
+    def holds_target(pool) -> bool:
+        try:
+            items = list(pool._pending_work_items.values())
+        except RuntimeError:  # changed size while copied: look again
+            return False
+        return any(item.args and isinstance(item.args[0], SeriesEntry)
+                   and item.args[0].series_instance_uid == target for item in items)
+
+    def kill_the_target_decoder() -> None:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and not finished.is_set():
+            if pools and len(pools) - 1 not in killed:
+                pool = pools[-1]
+                if holds_target(pool) and pool._processes:
+                    for pid in list(pool._processes):
+                        with contextlib.suppress(ProcessLookupError):
+                            os.kill(pid, signal.SIGKILL)
+                    killed.append(len(pools) - 1)
+            time.sleep(0.002)
+
+    killer = threading.Thread(target=kill_the_target_decoder, daemon=True)
+    killer.start()
+    out = tmp_path / "run"
+    try:
+        summary = run_from(dimse_source(pacs), out, tiny_model_dir, classifier, workers=1)
+    finally:
+        finished.set()
+        killer.join(5)
+
+    rows = rows_of(out)
+    assert len(killed) == 2  # once in company, once alone
+    assert rows[target].status == FAILED
+    assert "decoder process died" in rows[target].reason
+    a_uid = studies["a"].ct_series_instance_uid
+    assert rows[a_uid].status == CLASSIFIED
+    assert rows[a_uid].probability_covid == pytest.approx(folder_rows[a_uid].probability_covid,
+                                                          abs=1e-6)
+    assert summary["counts"][CLASSIFIED] == 1 and summary["counts"][FAILED] == 1
+    assert not list((out / "cache").rglob("*.dcm"))  # the failed series left the cache too
+
+    again = run_from(dimse_source(pacs), out, tiny_model_dir, classifier, workers=1,
+                     resume=True)
+    assert again["this_run"]["series"] == 0  # a failed row is final: --resume moves on
+    assert again["source"]["retrieved_series"] == 0
+    assert rows_of(out)[target].reason == rows[target].reason

@@ -7,15 +7,7 @@ Ray engine (optional extra ``ray``) spreads the same work over a cluster.
 """
 
 from ctcovid.batch.index import IndexSummary, SeriesEntry, build_index, iter_series
-from ctcovid.batch.pipeline import (
-    ENGINES,
-    BatchOptions,
-    BatchProgress,
-    BatchSink,
-    SliceBatcher,
-    decode_entry,
-    run_batch,
-)
+from ctcovid.batch.job import ENGINES, run_batch
 from ctcovid.batch.results import (
     CLASSIFIED,
     FAILED,
@@ -25,6 +17,7 @@ from ctcovid.batch.results import (
     ResultsWriter,
     read_results,
 )
+from ctcovid.batch.shared import BatchOptions, BatchProgress, BatchSink, SliceBatcher, decode_entry
 
 __all__ = [
     "CLASSIFIED",

@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ctcovid.batch.pipeline import BatchProgress
 from ctcovid.batch.results import CLASSIFIED, RESULTS_FILE, ResultRow, read_results
+from ctcovid.batch.shared import BatchProgress
 from ctcovid.errors import PacsError
 from ctcovid.pacs.dicomweb import HttpAuth
 

@@ -6,6 +6,10 @@ broken, with its reason. Grouping and judging are those of ``ctcovid.dicom``
 (``group_instances``, ``assess``), so a series is judged here exactly as ``ctcovid classify``
 judges it. The classify phase reads its work list from this index.
 
+Building it streams: paths and headers are written to the database as the walk and the reads
+go, a bounded batch at a time; series are grouped by SQL and judged one at a time; iteration
+reads from the database. Memory is bounded by the largest series, not the archive.
+
 The archive is walked without opening anything but regular files: a FIFO, socket or device in it
 would block or misbehave on ``open``, so it is recorded as a bad file and skipped. Symlinked
 folders are followed (archives are often assembled from links to other volumes, and skipping
@@ -19,9 +23,11 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import json
 import logging
 import os
+import pickle
 import sqlite3
 import stat
 from collections.abc import Callable, Iterator, Sequence
@@ -75,6 +81,30 @@ CREATE TABLE IF NOT EXISTS duplicates (
 CREATE TABLE IF NOT EXISTS bad_files (path TEXT PRIMARY KEY, reason TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS walk_notes (path TEXT PRIMARY KEY, note TEXT NOT NULL);
 """
+TABLES = ("meta", "series", "instances", "duplicates", "bad_files", "walk_notes")
+# Working tables of a build, in a file of their own beside the index (deleted when the build
+# ends, so the index keeps no free pages): every walked file, and the header of every DICOM
+# file read (pickled), with its place in the walk.
+SCRATCH_SCHEMA = """
+CREATE TABLE scratch.paths (ordinal INTEGER PRIMARY KEY, path TEXT NOT NULL);
+CREATE TABLE scratch.headers (
+    ordinal INTEGER PRIMARY KEY,
+    sop_instance_uid TEXT NOT NULL,
+    study_instance_uid TEXT NOT NULL,
+    series_instance_uid TEXT NOT NULL,
+    path TEXT NOT NULL,
+    header BLOB NOT NULL,
+    kept INTEGER NOT NULL
+);
+CREATE INDEX scratch.headers_by_sop ON headers (sop_instance_uid, ordinal);
+CREATE INDEX scratch.headers_by_series
+    ON headers (study_instance_uid, series_instance_uid, kept, ordinal);
+"""
+# Rows held in memory before they are written; bounds the index's memory on any archive.
+BATCH_ROWS = 512
+# What a header-read task returns per file: (ordinal, path, reason) for a file that is not a
+# usable DICOM instance, else (ordinal, SOP, study, series UIDs, path, pickled Instance).
+HeaderRow = tuple[int, str, str] | tuple[int, str, str, str, str, bytes]
 
 
 @dataclass(frozen=True)
@@ -223,14 +253,32 @@ def archive_fingerprint(root: Path) -> str:
     return walk.fingerprint
 
 
-def read_headers(paths: Sequence[str]) -> list[Instance | BadFile]:
-    """Worker task: the headers of a chunk of files (never raises for a bad file)."""
-    return [read_header(Path(p)) for p in paths]
-
-
-def _chunks(items: Sequence[str], size: int) -> Iterator[Sequence[str]]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
+def read_header_rows(chunk: Sequence[tuple[int, str]]) -> list[HeaderRow]:
+    """Worker task: the headers of a chunk of ``(ordinal, path)`` files, as index rows (never
+    raises for a bad file). The header travels pickled: the driver stores it, it never needs it
+    until its series is judged."""
+    rows: list[HeaderRow] = []
+    for ordinal, path in chunk:
+        item = read_header(Path(path))
+        if isinstance(item, BadFile):
+            rows.append((ordinal, str(item.path), item.reason))
+            continue
+        try:
+            header = pickle.dumps(item, protocol=pickle.HIGHEST_PROTOCOL)
+        except Exception as exc:  # a value pydicom read but cannot copy: one bad file
+            rows.append((ordinal, path, f"corrupt DICOM header: {type(exc).__name__}: {exc}"))
+            continue
+        rows.append(
+            (
+                ordinal,
+                item.sop_instance_uid,
+                item.study_instance_uid,
+                item.series_instance_uid,
+                path,
+                header,
+            )
+        )
+    return rows
 
 
 def process_pool(workers: int, memory_mb: int = DEFAULT_DECODER_MEMORY_MB) -> ProcessPoolExecutor:
@@ -238,49 +286,6 @@ def process_pool(workers: int, memory_mb: int = DEFAULT_DECODER_MEMORY_MB) -> Pr
     (0: none): forking a process that may already run a deep-learning runtime's threads is
     unsafe, so workers are spawned; a file that declares a huge image fails, not the machine."""
     return decoder_pool(workers, memory_mb)
-
-
-def read_archive(
-    paths: Sequence[str],
-    workers: int,
-    progress: ProgressFn | None = None,
-    pool: ProcessPoolExecutor | None = None,
-) -> list[Instance | BadFile]:
-    """Header-read ``paths`` with ``workers`` processes (in this process when ``workers <= 1``);
-    results in the order of ``paths``, so grouping does not depend on scheduling. A ``pool``
-    given is used and left open (the classify phase reuses its warm workers)."""
-    total = len(paths)
-    done = 0
-    if workers <= 1 or total <= CHUNK_FILES:
-        out: list[Instance | BadFile] = []
-        for chunk in _chunks(paths, CHUNK_FILES):
-            out.extend(read_headers(chunk))
-            done += len(chunk)
-            if progress:
-                progress(done, total)
-        return out
-    chunks = list(_chunks(paths, CHUNK_FILES))
-    results: list[list[Instance | BadFile] | None] = [None] * len(chunks)
-    with contextlib.nullcontext(pool) if pool else process_pool(workers) as executor:
-        pending = {}
-        todo = iter(enumerate(chunks))
-        # A bounded number of chunks in flight keeps memory flat on archives of any size.
-        for i, chunk in todo:
-            pending[executor.submit(read_headers, chunk)] = i
-            if len(pending) >= 4 * workers:
-                break
-        while pending:
-            finished, _ = wait(pending, return_when=FIRST_COMPLETED)
-            for fut in finished:
-                i = pending.pop(fut)
-                results[i] = fut.result()
-                done += len(chunks[i])
-                if progress:
-                    progress(done, total)
-                nxt = next(todo, None)
-                if nxt is not None:
-                    pending[executor.submit(read_headers, nxt[1])] = nxt[0]
-    return [item for chunk_result in results for item in chunk_result or []]
 
 
 def connect(db_path: Path) -> sqlite3.Connection:
@@ -318,75 +323,181 @@ def index_is_complete(db_path: Path, archive: Path, config: IngestConfig) -> boo
     return True
 
 
-def _write_index(
+def scratch_path(db_path: Path) -> Path:
+    """The working file of a build of the index ``db_path``."""
+    return db_path.with_name(db_path.name + ".scratch")
+
+
+class Batched:
+    """Rows bound for one table, written once ``batch_rows`` of them are held (and committed,
+    so the write-ahead log is checkpointed as the index grows)."""
+
+    def __init__(self, conn: sqlite3.Connection, sql: str, batch_rows: int):
+        if batch_rows < 1:
+            raise ValueError(f"batch_rows must be at least 1. Received: {batch_rows}.")
+        self.conn = conn
+        self.sql = sql
+        self.batch_rows = batch_rows
+        self.rows: list[tuple[object, ...]] = []
+
+    def add(self, row: tuple[object, ...]) -> None:
+        self.rows.append(row)
+        if len(self.rows) >= self.batch_rows:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.rows:
+            with self.conn:
+                self.conn.executemany(self.sql, self.rows)
+            self.rows.clear()
+
+
+def _store_walk(conn: sqlite3.Connection, root: Path, walk: ArchiveWalk, batch_rows: int) -> int:
+    """Walk ``root`` into ``scratch.paths``; the number of regular files found."""
+    paths = Batched(conn, "INSERT INTO scratch.paths VALUES (?,?)", batch_rows)
+    n = 0
+    for path in walk_archive(root, walk):
+        paths.add((n, str(path)))
+        n += 1
+    paths.flush()
+    return n
+
+
+def _path_chunks(conn: sqlite3.Connection, n_files: int) -> Iterator[list[tuple[int, str]]]:
+    """The walked paths in chunks of ``CHUNK_FILES``, read from the index as they are needed."""
+    for start in range(0, n_files, CHUNK_FILES):
+        yield conn.execute(
+            "SELECT ordinal, path FROM scratch.paths WHERE ordinal >= ? AND ordinal < ? "
+            "ORDER BY ordinal",
+            (start, start + CHUNK_FILES),
+        ).fetchall()
+
+
+def _store_headers(
     conn: sqlite3.Connection,
-    archive: Path,
-    config: IngestConfig,
-    series_list: Sequence[Series],
-    duplicates: Sequence[Instance],
-    bad_files: Sequence[BadFile],
     n_files: int,
-    seconds: float,
-    walk: ArchiveWalk,
+    workers: int,
+    batch_rows: int,
+    progress: ProgressFn | None,
+    pool: ProcessPoolExecutor | None,
 ) -> None:
-    with conn:
-        for table in ("meta", "series", "instances", "duplicates", "bad_files", "walk_notes"):
-            conn.execute(f"DELETE FROM {table}")
-        conn.executemany(
-            "INSERT INTO series VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
-            [
-                (
-                    s.study_instance_uid,
-                    s.series_instance_uid,
-                    s.patient_id,
-                    s.modality,
-                    s.series_description,
-                    s.n_instances,
-                    s.n_slices,
-                    s.duplicates,
-                    int(s.usable),
-                    s.reason,
-                    s.ordering,
-                    json.dumps(s.warnings),
-                    i,
-                )
-                for i, s in enumerate(series_list)
-            ],
+    """Header-read every walked file with ``workers`` processes (in this process when
+    ``workers <= 1``) into ``scratch.headers`` and ``bad_files``, ``batch_rows`` at a time.
+
+    Rows carry the file's place in the walk, so chunks may finish in any order: grouping
+    follows the walk, not the scheduling. A ``pool`` given is used and left open (the classify
+    phase reuses its warm workers).
+    """
+    headers = Batched(conn, "INSERT INTO scratch.headers VALUES (?,?,?,?,?,?,0)", batch_rows)
+    bad = Batched(conn, "INSERT OR REPLACE INTO bad_files VALUES (?,?)", batch_rows)
+    done = 0
+
+    def store(rows: list[HeaderRow]) -> None:
+        nonlocal done
+        for row in rows:
+            if len(row) == 3:
+                logger.info("skipping %s: %s", row[1], row[2])
+                bad.add(row[1:])
+            else:
+                headers.add(row)
+        done += len(rows)
+        if progress:
+            progress(done, n_files)
+
+    chunks = _path_chunks(conn, n_files)
+    if workers <= 1 or n_files <= CHUNK_FILES:
+        for chunk in chunks:
+            store(read_header_rows(chunk))
+    else:
+        with contextlib.nullcontext(pool) if pool else process_pool(workers) as executor:
+            # A bounded number of chunks in flight keeps memory flat on archives of any size.
+            pending = {
+                executor.submit(read_header_rows, chunk)
+                for chunk in itertools.islice(chunks, 4 * workers)
+            }
+            while pending:
+                finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for fut in finished:
+                    store(fut.result())
+                    nxt = next(chunks, None)
+                    if nxt is not None:
+                        pending.add(executor.submit(read_header_rows, nxt))
+    headers.flush()
+    bad.flush()
+
+
+def _store_series(
+    conn: sqlite3.Connection, config: IngestConfig, batch_rows: int
+) -> tuple[int, int]:
+    """Group the stored headers into series by SQL and judge each series, one at a time;
+    (series, usable series).
+
+    The same SOPInstanceUID twice counts once: the first file in walk order is kept, the others
+    are duplicates, counted in the series of a kept instance that came before them; series come
+    in the order of their first kept instance (all as ``group_instances`` does it in memory).
+    Only the headers of the series being judged are in memory.
+    """
+    conn.execute(
+        "UPDATE scratch.headers SET kept = 1 WHERE ordinal IN "
+        "(SELECT MIN(ordinal) FROM scratch.headers GROUP BY sop_instance_uid)"
+    )
+    conn.execute(
+        "INSERT OR REPLACE INTO duplicates SELECT path, sop_instance_uid FROM scratch.headers "
+        "WHERE kept = 0 ORDER BY ordinal"
+    )
+    series_rows = Batched(conn, "INSERT INTO series VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)", batch_rows)
+    instance_rows = Batched(conn, "INSERT INTO instances VALUES (?,?,?,?,?)", batch_rows)
+    keys = conn.cursor()  # its own cursor: the loop below runs other statements meanwhile
+    keys.execute(
+        "SELECT study_instance_uid, series_instance_uid, MIN(ordinal) AS first "
+        "FROM scratch.headers WHERE kept = 1 "
+        "GROUP BY study_instance_uid, series_instance_uid ORDER BY first"
+    )
+    n_series = n_usable = 0
+    for study_uid, series_uid, first in keys:
+        instances: list[Instance] = [
+            pickle.loads(blob)
+            for (blob,) in conn.execute(
+                "SELECT header FROM scratch.headers WHERE kept = 1 AND study_instance_uid = ? "
+                "AND series_instance_uid = ? ORDER BY ordinal",
+                (study_uid, series_uid),
+            )
+        ]
+        (series,), _ = group_instances(instances)
+        series.duplicates = conn.execute(
+            "SELECT COUNT(*) FROM scratch.headers WHERE kept = 0 AND study_instance_uid = ? "
+            "AND series_instance_uid = ? AND ordinal > ?",
+            (study_uid, series_uid, first),
+        ).fetchone()[0]
+        assess(series, config)
+        series_rows.add(
+            (
+                series.study_instance_uid,
+                series.series_instance_uid,
+                series.patient_id,
+                series.modality,
+                series.series_description,
+                series.n_instances,
+                series.n_slices,
+                series.duplicates,
+                int(series.usable),
+                series.reason,
+                series.ordering,
+                json.dumps(series.warnings),
+                n_series,
+            )
         )
-        conn.executemany(
-            "INSERT INTO instances VALUES (?,?,?,?,?)",
-            [
-                (
-                    inst.sop_instance_uid,
-                    inst.study_instance_uid,
-                    inst.series_instance_uid,
-                    str(inst.path),
-                    i,
-                )
-                for s in series_list
-                for i, inst in enumerate(s.instances)
-            ],
-        )
-        conn.executemany(
-            "INSERT OR REPLACE INTO duplicates VALUES (?,?)",
-            [(str(d.path), d.sop_instance_uid) for d in duplicates],
-        )
-        conn.executemany(
-            "INSERT OR REPLACE INTO bad_files VALUES (?,?)",
-            [(str(b.path), b.reason) for b in bad_files],
-        )
-        conn.executemany("INSERT OR REPLACE INTO walk_notes VALUES (?,?)", walk.symlinked_folders)
-        meta = {
-            "schema_version": str(SCHEMA_VERSION),
-            "archive": str(archive.resolve()),
-            "ingest_config": json.dumps(config.to_dict(), sort_keys=True),
-            "n_files": str(n_files),
-            "seconds": f"{seconds:.3f}",
-            "fingerprint": walk.fingerprint,
-            # Written in the same transaction as the rows: a crash leaves no "complete" index.
-            "complete": "1",
-        }
-        conn.executemany("INSERT INTO meta VALUES (?,?)", list(meta.items()))
+        # Rows of plain values: no header outlives the judging of its series.
+        for row in [
+            (inst.sop_instance_uid, study_uid, series_uid, str(inst.path), i)
+            for i, inst in enumerate(series.instances)
+        ]:
+            instance_rows.add(row)
+        n_series += 1
+        n_usable += series.usable
+    series_rows.flush()
+    instance_rows.flush()
+    return n_series, n_usable
 
 
 def build_index(
@@ -398,43 +509,79 @@ def build_index(
     progress: ProgressFn | None = None,
     on_total: Callable[[int], None] | None = None,
     pool: ProcessPoolExecutor | None = None,
+    batch_rows: int = BATCH_ROWS,
 ) -> IndexSummary:
-    """Index every file under ``archive`` into ``db_path`` (replacing any earlier index)."""
+    """Index every file under ``archive`` into ``db_path`` (replacing any earlier index).
+
+    The index streams: paths and headers go to the database as they are found and read, at most
+    ``batch_rows`` rows held at a time; series are grouped by SQL and judged one at a time, so
+    memory does not grow with the size of the archive.
+    """
     import time
 
     archive = Path(archive)
     if not archive.exists():
         raise InvalidInputError(f"{archive}: no such file or folder")
     start = time.perf_counter()
-    walk = ArchiveWalk([], [])
-    paths = [str(p) for p in walk_archive(archive, walk)]
-    if on_total:
-        on_total(len(paths))
-    items = read_archive(paths, workers, progress, pool)
-    instances = [it for it in items if isinstance(it, Instance)]
-    bad_files = walk.skipped + [it for it in items if isinstance(it, BadFile)]
-    series_list, _ = group_instances(instances)
-    kept = {id(inst) for s in series_list for inst in s.instances}
-    duplicates = [inst for inst in instances if id(inst) not in kept]
-    for series in series_list:
-        assess(series, config)
-    for bad in bad_files:
-        logger.info("skipping %s: %s", bad.path, bad.reason)
-    seconds = time.perf_counter() - start
+    scratch = scratch_path(db_path)
+    scratch.unlink(missing_ok=True)  # left by a build that crashed
     conn = connect(db_path)
     try:
-        _write_index(
-            conn, archive, config, series_list, duplicates, bad_files, len(paths), seconds, walk
-        )
+        with conn:  # the earlier index goes first: a crash from here on leaves none "complete"
+            for table in TABLES:
+                conn.execute(f"DELETE FROM {table}")
+        conn.execute("ATTACH DATABASE ? AS scratch", (str(scratch),))
+        # Nothing in it outlives the build: no journal, no sync.
+        conn.execute("PRAGMA scratch.journal_mode=OFF")
+        conn.execute("PRAGMA scratch.synchronous=OFF")
+        conn.executescript(SCRATCH_SCHEMA)
+        walk = ArchiveWalk([], [])
+        n_files = _store_walk(conn, archive, walk, batch_rows)
+        if on_total:
+            on_total(n_files)
+        for bad in walk.skipped:
+            logger.info("skipping %s: %s", bad.path, bad.reason)
+        with conn:
+            conn.executemany(
+                "INSERT OR REPLACE INTO bad_files VALUES (?,?)",
+                [(str(b.path), b.reason) for b in walk.skipped],
+            )
+            conn.executemany(
+                "INSERT OR REPLACE INTO walk_notes VALUES (?,?)", walk.symlinked_folders
+            )
+        _store_headers(conn, n_files, workers, batch_rows, progress, pool)
+
+        def count(sql: str) -> int:
+            return int(conn.execute(sql).fetchone()[0])
+
+        # "complete" is written after every row: a build that stops before it leaves an index
+        # that is never trusted, and is built again.
+        with conn:
+            n_series, n_usable = _store_series(conn, config, batch_rows)
+            n_instances = count("SELECT COUNT(*) FROM scratch.headers WHERE kept = 1")
+            n_duplicates = count("SELECT COUNT(*) FROM scratch.headers WHERE kept = 0")
+            n_bad_files = count("SELECT COUNT(*) FROM bad_files")
+            seconds = time.perf_counter() - start
+            meta = {
+                "schema_version": str(SCHEMA_VERSION),
+                "archive": str(archive.resolve()),
+                "ingest_config": json.dumps(config.to_dict(), sort_keys=True),
+                "n_files": str(n_files),
+                "seconds": f"{seconds:.3f}",
+                "fingerprint": walk.fingerprint,
+                "complete": "1",
+            }
+            conn.executemany("INSERT INTO meta VALUES (?,?)", list(meta.items()))
     finally:
         conn.close()
+        scratch.unlink(missing_ok=True)
     return IndexSummary(
-        n_files=len(paths),
-        n_instances=len(instances) - len(duplicates),
-        n_duplicates=len(duplicates),
-        n_bad_files=len(bad_files),
-        n_series=len(series_list),
-        n_usable=sum(s.usable for s in series_list),
+        n_files=n_files,
+        n_instances=n_instances,
+        n_duplicates=n_duplicates,
+        n_bad_files=n_bad_files,
+        n_series=n_series,
+        n_usable=n_usable,
         seconds=seconds,
         n_symlinked_folders=len(walk.symlinked_folders),
     )
@@ -468,10 +615,11 @@ def iter_series(db_path: Path) -> Iterator[SeriesEntry]:
     """Every series of the index in archive order, with the paths of its unique instances."""
     conn = connect(db_path)
     try:
-        rows = conn.execute(
+        rows = conn.cursor()  # its own cursor: read as the caller goes, not all at once
+        rows.execute(
             "SELECT study_instance_uid, series_instance_uid, patient_id, modality, n_instances, "
             "n_slices, usable, reason, duplicates FROM series ORDER BY ordinal"
-        ).fetchall()
+        )
         for study, series_uid, patient_id, modality, n_inst, n_slices, usable, reason, dup in rows:
             paths = tuple(
                 p

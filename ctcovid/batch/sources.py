@@ -5,7 +5,8 @@ the studies and series that match the query (``out/pacs.sqlite``; reused by ``--
 resumed run works through the same list); series the rules turn away become ``skipped`` rows.
 ``classify`` retrieves the rest, ``max_retrievals`` at a time, into the cache, judges each
 retrieved series exactly as a folder's series is judged (``group_instances``, ``assess``) and
-feeds the usable ones to the same decoders, classifier and :class:`BatchSink` as a folder run.
+feeds the usable ones to the same decoders, classifier and :class:`BatchSink` as a folder run
+(a series that kills its decoder process fails alone, as in a folder run).
 Retrieval runs in background threads, so the next series arrives while this one is classified;
 a series leaves the cache when its row is written. A series the PACS fails to deliver becomes a
 ``failed`` row with the reason, and the run goes on.
@@ -23,14 +24,16 @@ import threading
 import time
 from collections import deque
 from collections.abc import Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ctcovid.batch.index import IndexSummary, SeriesEntry
-from ctcovid.batch.pipeline import BatchProgress
+from ctcovid.batch.local import Decoders
+from ctcovid.batch.shared import BatchProgress, SliceBatcher
 from ctcovid.config import IngestConfig
+from ctcovid.decoder import DEFAULT_DECODER_MEMORY_MB
 from ctcovid.dicom.scan import group_instances, read_header
 from ctcovid.dicom.series import assess
 from ctcovid.dicom.types import BadFile, Instance
@@ -39,8 +42,8 @@ from ctcovid.pacs.cache import CacheFullError, SeriesCache
 from ctcovid.pacs.query import Archive, SeriesMatch, SeriesRules, StudyMatch, StudyQuery
 
 if TYPE_CHECKING:
-    from ctcovid.batch.pipeline import BatchSink, Decoded
     from ctcovid.batch.results import ResultRow
+    from ctcovid.batch.shared import BatchSink, Decoded
     from ctcovid.inference import Classifier
 
 logger = logging.getLogger(__name__)
@@ -268,8 +271,10 @@ class PacsSource:
         out: Path,
         workers: int,
         pool: ProcessPoolExecutor | None = None,
+        memory_mb: int = DEFAULT_DECODER_MEMORY_MB,
     ) -> None:
-        """Retrieve, judge and classify ``entries`` (series without a row yet)."""
+        """Retrieve, judge and classify ``entries`` (series without a row yet), decoding in
+        ``workers`` processes under ``memory_mb`` MiB each (``pool``, when given, is used)."""
         cache = SeriesCache(out / CACHE_DIR, self.cache_bytes)
         self.cache = cache
         kept = cache.recover(e.key for e in entries)
@@ -277,7 +282,7 @@ class PacsSource:
         sink.progress = _Releasing(sink.progress, cache)
         retriever = _Retriever(self, list(entries), cache, classifier.artifact.ingest_config)
         try:
-            _drive(retriever, classifier, sink, workers=workers, pool=pool)
+            _drive(retriever, classifier, sink, workers=workers, pool=pool, memory_mb=memory_mb)
         finally:
             retriever.stop()
 
@@ -457,17 +462,16 @@ def _drive(
     *,
     workers: int,
     pool: ProcessPoolExecutor | None,
+    memory_mb: int,
 ) -> None:
     """The local engine's loop, fed by the retriever instead of an index.
 
     Unlike a folder, the next series may not be there yet: rather than wait for it with slices
     queued, the classifier scores what it has (a partial batch), which also empties the cache.
+    Decoding goes through the local engine's :class:`~ctcovid.batch.local.Decoders`: a series
+    that kills its decoder process fails alone, with the reason, and the run goes on.
     """
-    from ctcovid.batch.index import process_pool
-    from ctcovid.batch.pipeline import SliceBatcher, decode_entry
-
     batcher = SliceBatcher(classifier)
-    artifact = classifier.artifact
 
     def take(decoded: Decoded) -> None:
         if decoded.prepared is None:
@@ -481,39 +485,28 @@ def _drive(
                 item.entry, item.prepared, item.probs, time.perf_counter() - item.started
             )
 
-    def route(item: _Ready) -> Future[Decoded] | None:
+    def route(item: _Ready) -> None:
         if item.error:
             sink.failed(item.entry, item.error)
         elif not item.entry.usable:
             sink.skipped(item.entry)
-        elif executor is None:
-            take(decode_entry(item.entry, artifact))
         else:
-            return executor.submit(decode_entry, item.entry, artifact)
-        return None
+            decoders.submit(item.entry)
 
-    max_in_flight = 2 * max(workers, 0) + 1
-    pending: set[Future[Decoded]] = set()
-    own_pool = workers > 0 and pool is None
-    with process_pool(workers) if own_pool else contextlib.nullcontext(pool) as executor:
-        if workers <= 0:
-            executor = None
-        while not retriever.exhausted or pending:
+    with Decoders(classifier.artifact, workers=workers, memory_mb=memory_mb, pool=pool) as decoders:
+        while not retriever.exhausted or decoders.busy:
             # Hand every series that is ready to the decoders (bounded in-flight).
-            while len(pending) < max_in_flight and not retriever.exhausted:
+            while decoders.has_room and not retriever.exhausted:
                 item = retriever.get(timeout=0)
                 if item is None:
                     break
-                fut = route(item)
-                if fut is not None:
-                    pending.add(fut)
+                route(item)
             if batcher.full:
                 score_one()
                 continue
-            if pending:
-                done, pending = wait(pending, timeout=0.1, return_when=FIRST_COMPLETED)
-                for fut in done:
-                    take(fut.result())
+            if decoders.busy:
+                for decoded in decoders.collect(timeout=0.1):
+                    take(decoded)
                 continue
             if batcher.n_queued:
                 score_one()  # nothing to decode and nothing retrieved: do not idle
@@ -521,8 +514,6 @@ def _drive(
             if not retriever.exhausted:
                 item = retriever.get(timeout=0.5)
                 if item is not None:
-                    fut = route(item)
-                    if fut is not None:
-                        pending.add(fut)
+                    route(item)
     while batcher.n_queued:
         score_one()
