@@ -39,15 +39,13 @@ def preprocess(
     import numpy as np
 
     from ctcovid.config import IngestConfig
-    from ctcovid.dicom import load_series
-    from ctcovid.preprocess import preprocess_series
+    from ctcovid.preprocess import preprocess_folder
 
     setup_logging(verbose)
     config = IngestConfig(
         window_center_hu=center, window_width_hu=width, image_size=size, stack_rule=stack_rule
     )
-    s = load_series(series_dir, config, for_classification=False)
-    pp = preprocess_series(s, config)
+    s, pp = preprocess_folder(series_dir, config, for_classification=False)
     out.parent.mkdir(parents=True, exist_ok=True)
     np.savez(
         out,
