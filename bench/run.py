@@ -8,7 +8,9 @@ Sections (``--sections``, default all but ``gpu``):
 
 - ``ingest``: decode + window a 300-slice 512x512 series, ``preprocess_series`` (the code behind
   ``ctcovid preprocess``) vs a plain per-file loop (pydicom read, modality LUT, window, PIL
-  resize), for an uncompressed and for compressed series;
+  resize), for an uncompressed and for compressed series; and as whole processes, start-up
+  included: ``ctcovid preprocess`` vs the plain loop as a script (``PLAIN_INGEST_SCRIPT``), each
+  in a fresh interpreter, on the uncompressed series (wall and CPU seconds, load average);
 - ``inference``: ``Classifier.predict_slices`` vs plain ``model.predict`` (batch 32), same model,
   same slices, per Keras backend (each in its own process: the backend is fixed at import);
 - ``e2e``: ``ctcovid classify`` of a 300-slice series, slice policy ``all`` (default) and

@@ -184,9 +184,10 @@ def default_workers() -> int:
 
 
 Windowed = tuple[list[tuple[SliceRef, np.ndarray]], list[str]]
-# Instances windowed ahead of the slice order (see preprocess_folder), by id(instance); the
-# instance is kept with its future so that its id cannot be reused by another.
-EarlyWindows = dict[int, tuple[Instance, "Future[list[np.ndarray] | None]"]]
+# An instance windowed ahead of the slice order (see preprocess_folder) and its frames to come.
+EarlyEntry = tuple[Instance, Future[list[np.ndarray] | None]]
+# Early entries by id(instance); each keeps its instance, so that no other can take its id.
+EarlyWindows = dict[int, EarlyEntry]
 
 
 def _window_instance(refs: list[SliceRef], config: IngestConfig) -> Windowed:
@@ -205,11 +206,7 @@ def _window_native(inst: Instance, config: IngestConfig) -> list[np.ndarray] | N
     return [window_slice(frame_hu(stored, mask, inst, i), config) for i in range(len(stored))]
 
 
-def _from_early(
-    entry: tuple[Instance, Future[list[np.ndarray] | None]],
-    group: list[SliceRef],
-    config: IngestConfig,
-) -> Windowed:
+def _from_early(entry: EarlyEntry, group: list[SliceRef], config: IngestConfig) -> Windowed:
     """A group's windowed slices from an early decode, or decoded now if that did not apply."""
     frames = entry[1].result()
     if frames is None or any(ref.frame_index >= len(frames) for ref in group):
@@ -240,9 +237,7 @@ def iter_windowed(
             groups.append([ref])
     early = early or {}
 
-    def early_entry(
-        group: list[SliceRef],
-    ) -> tuple[Instance, Future[list[np.ndarray] | None]] | None:
+    def early_entry(group: list[SliceRef]) -> EarlyEntry | None:
         entry = early.get(id(group[0].instance))
         return entry if entry is not None and entry[0] is group[0].instance else None
 
@@ -257,15 +252,13 @@ def iter_windowed(
             errors.extend(errs)
             yield from done
         return
-    pending: deque[
-        Future[Windowed] | tuple[Instance, Future[list[np.ndarray] | None], list[SliceRef]]
-    ]
-    pending = deque()
+    # In slice order: a decode submitted here, or an early entry with the group it serves.
+    pending: deque[Future[Windowed] | tuple[EarlyEntry, list[SliceRef]]] = deque()
 
     def collect() -> Windowed:
         item = pending.popleft()
         if isinstance(item, tuple):
-            return _from_early((item[0], item[1]), item[2], config)
+            return _from_early(*item, config)
         return item.result()
 
     with ThreadPoolExecutor(workers, thread_name_prefix="ctcovid-decode") as pool:
@@ -273,7 +266,7 @@ def iter_windowed(
             for group in groups:
                 entry = early_entry(group)
                 if entry is not None:
-                    pending.append((*entry, group))
+                    pending.append((entry, group))
                 else:
                     pending.append(pool.submit(_window_instance, group, config))
                 if len(pending) >= max(lookahead, workers):
