@@ -31,6 +31,7 @@ fp32 ONNX graph is what ``auto`` runs, which the output says (``export``). Usage
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import os
@@ -203,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     batch_end = time.perf_counter()
     # Where the time outside the model went: before the first model call (index, then waiting
     # for the first decoded series), between calls (waiting for decoders, results, SRs), after.
-    gaps = [b[0] - a[1] for a, b in zip(stamps, stamps[1:], strict=False)]
+    gaps = [b[0] - a[1] for a, b in itertools.pairwise(stamps)]
     outside = {
         "index_s": summary["index"]["seconds"],
         "before_first_model_call_s": round(stamps[0][0] - batch_start, 3) if stamps else None,
