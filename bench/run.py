@@ -8,7 +8,9 @@ Sections (``--sections``, default all but ``gpu``):
 
 - ``ingest``: decode + window a 300-slice 512x512 series, ``preprocess_series`` (the code behind
   ``ctcovid preprocess``) vs a plain per-file loop (pydicom read, modality LUT, window, PIL
-  resize), for an uncompressed and for compressed series;
+  resize), for an uncompressed and for compressed series; and as whole processes, start-up
+  included: ``ctcovid preprocess`` vs the plain loop as a script (``PLAIN_INGEST_SCRIPT``), each
+  in a fresh interpreter, on the uncompressed series (wall and CPU seconds, load average);
 - ``inference``: ``Classifier.predict_slices`` vs plain ``model.predict`` (batch 32), same model,
   same slices, per Keras backend (each in its own process: the backend is fixed at import);
 - ``e2e``: ``ctcovid classify`` of a 300-slice series, slice policy ``all`` (default) and
@@ -256,7 +258,95 @@ def bench_ingest(repeats: int) -> list[dict[str, Any]]:
             "max_level_difference": int(np.abs(fast.slices.astype(int) - plain).max()),
             **timing,
         })
+    rows.append(bench_ingest_process(repeats))
     return rows
+
+
+# The baseline of the whole-process figure, run as ``python -c PLAIN_INGEST_SCRIPT SERIES OUT``:
+# what a straightforward script does (one file after another, pydicom's modality LUT, the lung
+# window, PIL's box resize), writing the same .npz as ``ctcovid preprocess``.
+PLAIN_INGEST_SCRIPT = """\
+import sys
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from PIL import Image
+from pydicom.pixels import apply_modality_lut
+
+series, out = Path(sys.argv[1]), sys.argv[2]
+size, center, width = 256, -600.0, 1500.0
+low = center - width / 2
+rows = []
+for path in sorted(series.iterdir()):
+    ds = pydicom.dcmread(path)
+    hu = apply_modality_lut(ds.pixel_array, ds)
+    windowed = np.clip((hu - low) / width * 255.0, 0, 255).astype(np.float32)
+    img = Image.fromarray(windowed, mode="F").resize((size, size), Image.Resampling.BOX)
+    z = float(ds.ImagePositionPatient[2])
+    rows.append((z, np.rint(np.asarray(img)).astype(np.uint8), str(ds.SOPInstanceUID)))
+rows.sort(key=lambda row: row[0])
+np.savez(
+    out,
+    slices=np.stack([row[1] for row in rows]),
+    z_mm=np.array([row[0] for row in rows]),
+    sop_instance_uids=np.array([row[2] for row in rows]),
+    frame_numbers=np.ones(len(rows), np.int32),
+)
+"""
+
+
+def bench_ingest_process(repeats: int) -> dict[str, Any]:
+    """``ctcovid preprocess`` as a whole process (start-up included) vs the plain loop, also a
+    fresh process, on the same uncompressed series; wall seconds, median of ``repeats``."""
+    import tempfile
+
+    from ctcovid.model.export import cpu_description
+
+    n, pixels = int_setting("BENCH_INGEST_SLICES"), int_setting("BENCH_PIXELS")
+    ct = fixture_series("ingest", n, pixels=pixels, syntax="explicit")
+    env = quiet_env(PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT),
+                                                             os.environ.get("PYTHONPATH")])))
+    with tempfile.TemporaryDirectory(prefix="bench-ingest-") as tmp:
+        plain_out, ours_out = Path(tmp) / "plain.npz", Path(tmp) / "ctcovid.npz"
+        plain_cmd = [sys.executable, "-c", PLAIN_INGEST_SCRIPT, str(ct), str(plain_out)]
+        ours_cmd = [sys.executable, "-m", "ctcovid.cli.main", "preprocess", str(ct),
+                    "--out", str(ours_out), "--json"]
+
+        cpu_s: dict[str, list[float]] = {"plain": [], "ours": []}
+
+        def run(cmd: list[str], name: str) -> None:
+            proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL)
+            _, status, usage = os.wait4(proc.pid, 0)  # this child's own CPU time
+            if os.waitstatus_to_exitcode(status) != 0:
+                raise RuntimeError(f"{' '.join(cmd[:4])} failed ({status})")
+            cpu_s[name].append(usage.ru_utime + usage.ru_stime)
+
+        load_before = os.getloadavg()
+        timing = side_by_side(lambda: run(plain_cmd, "plain"), lambda: run(ours_cmd, "ours"),
+                              repeats)
+        with np.load(plain_out) as plain, np.load(ours_out) as ours:
+            difference = int(np.abs(ours["slices"].astype(int) - plain["slices"]).max())
+            same_order = bool((ours["sop_instance_uids"] == plain["sop_instance_uids"]).all())
+    return {
+        "figure": f"ingest whole process explicit {n}x{pixels}",
+        "baseline": "plain per-file loop, fresh python process",
+        "candidate": "ctcovid preprocess, fresh process",
+        "unit": "slices/s",
+        "baseline_rate": round(n / timing["baseline_s"], 1),
+        "candidate_rate": round(n / timing["candidate_s"], 1),
+        "max_level_difference": difference,
+        "same_slice_order": same_order,
+        "goal_ratio": 2.0,
+        # CPU seconds (user + system) of each process: less sensitive to other jobs than wall.
+        "baseline_cpu_s": round(statistics.median(cpu_s["plain"]), 3),
+        "candidate_cpu_s": round(statistics.median(cpu_s["ours"]), 3),
+        # 1, 5 and 15 minute load averages before and after: the machine may be shared.
+        "load_average_before": [round(v, 2) for v in load_before],
+        "load_average_after": [round(v, 2) for v in os.getloadavg()],
+        "cpu": cpu_description(),
+        **timing,
+    }
 
 
 # -- inference ----------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """From Hounsfield units to the model's currency: lung-windowed uint8 square slices.
 
-Pure numpy functions, plus :func:`preprocess_series` that runs them over a DICOM series. The same
+Pure numpy functions, plus :func:`preprocess_series` that runs them over a DICOM series (and
+:func:`preprocess_folder`, which also scans the folder, decoding while it scans). The same
 functions serve training (COV19-CT-DB JPGs are already windowed uint8) and inference.
 
 SimpleITK was measured against these functions (40 slices of a 512 px phantom, one process): its
@@ -17,14 +18,16 @@ from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from scipy import ndimage
 
 from ctcovid.config import IngestConfig
-from ctcovid.dicom.pixels import iter_hu
-from ctcovid.dicom.types import Series, SliceRef
+from ctcovid.dicom.pixels import frame_hu, iter_hu, read_native
+from ctcovid.dicom.series import load_series
+from ctcovid.dicom.syntaxes import NATIVE_TRANSFER_SYNTAXES
+from ctcovid.dicom.types import Instance, Series, SliceRef
 from ctcovid.errors import InvalidInputError
 
 logger = logging.getLogger(__name__)
@@ -102,6 +105,10 @@ def lung_fraction(slice_u8: np.ndarray, config: IngestConfig) -> float:
 
     Works on the windowed uint8 slice so that DICOM and JPG inputs are judged identically.
     """
+    # Imported here: scipy.ndimage costs about as much start-up as the rest of the ingest, and
+    # only the "lung" slice policy needs it.
+    from scipy import ndimage
+
     c, w = config.window_center_hu, config.window_width_hu
     body = slice_u8 > hu_to_level(BODY_MIN_HU, c, w)
     labels, n = ndimage.label(body)
@@ -177,12 +184,35 @@ def default_workers() -> int:
     return max(1, min(8, 2 * (os.cpu_count() or 1)))
 
 
-def _window_instance(
-    refs: list[SliceRef], config: IngestConfig
-) -> tuple[list[tuple[SliceRef, np.ndarray]], list[str]]:
+Windowed = tuple[list[tuple[SliceRef, np.ndarray]], list[str]]
+# An instance windowed ahead of the slice order (see preprocess_folder) and its frames to come.
+EarlyEntry = tuple[Instance, Future[list[np.ndarray] | None]]
+# Early entries by id(instance); each keeps its instance, so that no other can take its id.
+EarlyWindows = dict[int, EarlyEntry]
+
+
+def _window_instance(refs: list[SliceRef], config: IngestConfig) -> Windowed:
     """Decode one instance's slices and window them (runs in a decode thread)."""
     errors: list[str] = []
     return [(ref, window_slice(hu, config)) for ref, hu in iter_hu(refs, errors)], errors
+
+
+def _window_native(inst: Instance, config: IngestConfig) -> list[np.ndarray] | None:
+    """Every frame of ``inst`` windowed, when its native pixel data reads at the offset the
+    header scan recorded; ``None`` otherwise (it is then decoded in slice order, as any file)."""
+    decoded = read_native(inst)
+    if decoded is None:
+        return None
+    stored, mask = decoded
+    return [window_slice(frame_hu(stored, mask, inst, i), config) for i in range(len(stored))]
+
+
+def _from_early(entry: EarlyEntry, group: list[SliceRef], config: IngestConfig) -> Windowed:
+    """A group's windowed slices from an early decode, or decoded now if that did not apply."""
+    frames = entry[1].result()
+    if frames is None or any(ref.frame_index >= len(frames) for ref in group):
+        return _window_instance(group, config)
+    return [(ref, frames[ref.frame_index]) for ref in group], []
 
 
 def iter_windowed(
@@ -192,12 +222,13 @@ def iter_windowed(
     *,
     workers: int | None = None,
     lookahead: int = 64,
+    early: EarlyWindows | None = None,
 ) -> Iterator[tuple[SliceRef, np.ndarray]]:
     """Decode and window ``slices`` in order, several files at once in a thread pool.
 
     At most ``lookahead`` files are in flight, so memory stays bounded on long series while the
     caller (e.g. the model) works on earlier slices. Undecodable files are skipped, their reasons
-    appended to ``errors`` in slice order.
+    appended to ``errors`` in slice order. Instances found in ``early`` are taken from there.
     """
     groups: list[list[SliceRef]] = []
     for ref in slices:  # frames of one multi-frame instance are decoded together
@@ -205,29 +236,52 @@ def iter_windowed(
             groups[-1].append(ref)
         else:
             groups.append([ref])
+    early = early or {}
+
+    def early_entry(group: list[SliceRef]) -> EarlyEntry | None:
+        entry = early.get(id(group[0].instance))
+        return entry if entry is not None and entry[0] is group[0].instance else None
+
     workers = workers or default_workers()
     if workers == 1:
         for group in groups:
-            done, errs = _window_instance(group, config)
+            entry = early_entry(group)
+            if entry is not None:
+                done, errs = _from_early(entry, group, config)
+            else:
+                done, errs = _window_instance(group, config)
             errors.extend(errs)
             yield from done
         return
-    pending: deque[Future[tuple[list[tuple[SliceRef, np.ndarray]], list[str]]]] = deque()
+    # In slice order: a decode submitted here, or an early entry with the group it serves.
+    pending: deque[Future[Windowed] | tuple[EarlyEntry, list[SliceRef]]] = deque()
+
+    def collect() -> Windowed:
+        item = pending.popleft()
+        if isinstance(item, tuple):
+            return _from_early(*item, config)
+        return item.result()
+
     with ThreadPoolExecutor(workers, thread_name_prefix="ctcovid-decode") as pool:
         try:
             for group in groups:
-                pending.append(pool.submit(_window_instance, group, config))
+                entry = early_entry(group)
+                if entry is not None:
+                    pending.append((entry, group))
+                else:
+                    pending.append(pool.submit(_window_instance, group, config))
                 if len(pending) >= max(lookahead, workers):
-                    done, errs = pending.popleft().result()
+                    done, errs = collect()
                     errors.extend(errs)
                     yield from done
             while pending:
-                done, errs = pending.popleft().result()
+                done, errs = collect()
                 errors.extend(errs)
                 yield from done
         finally:  # a consumer that stops early must not wait for the whole series
-            for fut in pending:
-                fut.cancel()
+            for item in pending:
+                if not isinstance(item, tuple):
+                    item.cancel()
 
 
 def assemble_series(
@@ -263,3 +317,56 @@ def preprocess_series(
     errors: list[str] = []
     windowed = iter_windowed(series.slices, config, errors, workers=workers)
     return assemble_series(series, config, windowed, errors)
+
+
+def _likely_decoded(inst: Instance, config: IngestConfig) -> bool:
+    """Worth decoding before the series is judged: a native CT image within the size limits.
+
+    Which stack is classified is decided later; an image of a stack set aside is windowed for
+    nothing, never used.
+    """
+    limit = config.max_rows_columns
+    return (
+        inst.modality == "CT"
+        and "LOCALIZER" not in inst.image_type
+        and inst.transfer_syntax_uid in NATIVE_TRANSFER_SYNTAXES
+        and 0 < (inst.rows or 0) <= limit
+        and 0 < (inst.columns or 0) <= limit
+        and inst.number_of_frames <= config.max_frames
+    )
+
+
+def preprocess_folder(
+    path: Path | str,
+    config: IngestConfig | None = None,
+    *,
+    for_classification: bool = False,
+    workers: int | None = None,
+) -> tuple[Series, PreprocessedSeries]:
+    """Scan ``path``, pick its one CT series and preprocess it: what
+    :func:`ctcovid.dicom.load_series` and :func:`preprocess_series` give, sooner.
+
+    Each file is parsed once: native pixel data is read at the offset the header scan recorded
+    (:func:`ctcovid.dicom.pixels.read_native`). And each native CT image is windowed in the
+    thread pool as soon as its header is read, on the cores the (pure Python, single-threaded)
+    header scan leaves idle, instead of after the whole scan. The slices, their order, the
+    warnings and the errors are the same.
+    """
+    config = config or IngestConfig()
+    workers = workers or default_workers()
+    early: EarlyWindows = {}
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="ctcovid-early")
+
+    def decode_early(inst: Instance) -> None:
+        if _likely_decoded(inst, config):
+            early[id(inst)] = (inst, pool.submit(_window_native, inst, config))
+
+    try:
+        series = load_series(
+            path, config, for_classification=for_classification, on_instance=decode_early
+        )
+        errors: list[str] = []
+        windowed = iter_windowed(series.slices, config, errors, workers=workers, early=early)
+        return series, assemble_series(series, config, windowed, errors)
+    finally:  # an unusable folder must not wait for images nobody will use
+        pool.shutdown(wait=True, cancel_futures=True)

@@ -10,6 +10,25 @@ import typer
 from ctcovid.cli.common import handle_errors, print_json, setup_logging, stdout
 
 
+def keep_freed_memory() -> None:
+    """Ask glibc's allocator to keep freed memory for reuse in this process.
+
+    Every slice allocates and frees a few arrays of about 1 MB; by default glibc maps such
+    blocks afresh and returns them on free, and each new mapping costs a page fault per 4 KiB:
+    for a 300-slice 512x512 series about 240 000 faults and a third of the command's CPU time,
+    measured here (32 000 with these settings). A no-op where the C library has no ``mallopt``.
+    """
+    import ctypes
+
+    m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(m_mmap_threshold, 64 << 20)
+        libc.mallopt(m_trim_threshold, 256 << 20)
+    except (OSError, AttributeError):  # not glibc: its own allocator decides
+        pass
+
+
 @handle_errors
 def preprocess(
     series_dir: Annotated[Path, typer.Argument(exists=True, help="Folder of one CT series.")],
@@ -39,15 +58,14 @@ def preprocess(
     import numpy as np
 
     from ctcovid.config import IngestConfig
-    from ctcovid.dicom import load_series
-    from ctcovid.preprocess import preprocess_series
+    from ctcovid.preprocess import preprocess_folder
 
     setup_logging(verbose)
+    keep_freed_memory()
     config = IngestConfig(
         window_center_hu=center, window_width_hu=width, image_size=size, stack_rule=stack_rule
     )
-    s = load_series(series_dir, config, for_classification=False)
-    pp = preprocess_series(s, config)
+    s, pp = preprocess_folder(series_dir, config, for_classification=False)
     out.parent.mkdir(parents=True, exist_ok=True)
     np.savez(
         out,

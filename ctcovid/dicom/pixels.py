@@ -12,13 +12,15 @@ bright ring when the padding sits in bits above BitsStored).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Sequence
+from typing import Literal
 
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.pixels import apply_modality_lut, pixel_array
-from pydicom.uid import JPEGLSLossless, JPEGLSNearLossless, RLELossless
+from pydicom.uid import ExplicitVRBigEndian, JPEGLSLossless, JPEGLSNearLossless, RLELossless
 
 from ctcovid.dicom.limits import check_codestreams
 from ctcovid.dicom.syntaxes import NATIVE_TRANSFER_SYNTAXES
@@ -161,9 +163,108 @@ def _pixel_array(ds: Dataset) -> np.ndarray:
     return pixel_array(ds)
 
 
+_MONOCHROME = ("MONOCHROME1", "MONOCHROME2")
+
+
+def _native_layout(inst: Instance) -> tuple[np.dtype, tuple[int, int, int], int] | None:
+    """Dtype (in the file's byte order), shape and byte count of an instance's native pixel data,
+    when its header alone says how to read it; ``None`` when pydicom's decoder must decide."""
+    header = inst.header
+    if (
+        inst.transfer_syntax_uid not in NATIVE_TRANSFER_SYNTAXES
+        or inst.pixel_data_offset is None
+        or inst.pixel_data_length is None
+        or inst.file_size is None
+        or inst.file_mtime_ns is None
+        or not inst.rows
+        or not inst.columns
+        or header.get("PhotometricInterpretation") not in _MONOCHROME
+        or header.get("SamplesPerPixel") != 1
+        or header.get("PixelRepresentation") not in (0, 1)
+    ):
+        return None
+    bits_allocated = header.get("BitsAllocated")
+    bits_stored = header.get("BitsStored")
+    if bits_allocated not in (8, 16, 32) or not isinstance(bits_stored, int):
+        return None
+    if not 1 <= bits_stored <= bits_allocated:
+        return None
+    little = inst.transfer_syntax_uid != ExplicitVRBigEndian
+    if not little and bits_allocated == 8:  # 8-bit big endian may be swapped OW: pydicom's job
+        return None
+    kind = "i" if header.PixelRepresentation == 1 else "u"
+    dtype = np.dtype(f"{'<' if little else '>'}{kind}{bits_allocated // 8}")
+    shape = (inst.number_of_frames, inst.rows, inst.columns)
+    return dtype, shape, int(np.prod(shape)) * dtype.itemsize
+
+
+def read_native(inst: Instance) -> tuple[np.ndarray, np.ndarray | None] | None:
+    """Native pixel data read at the offset the header scan recorded, without parsing the file a
+    second time: stored values (frames, rows, cols) and the padding mask, as :func:`_decode`.
+
+    Gives exactly what pydicom's native decoder gives (values in native byte order, unused high
+    bits cleared or sign-extended when BitsStored < BitsAllocated). Returns ``None`` whenever
+    anything differs from what the scan saw (the file changed, the element is not where it was,
+    fewer bytes than declared): the full read then decides, with its own errors.
+    """
+    layout = _native_layout(inst)
+    if layout is None:
+        return None
+    dtype, shape, n_bytes = layout
+    assert inst.pixel_data_offset is not None and inst.pixel_data_length is not None
+    if inst.pixel_data_length < n_bytes:
+        return None
+    implicit, little = inst.header.original_encoding
+    if implicit is None or little is None:
+        return None
+    order: Literal["little", "big"] = "little" if little else "big"
+    try:
+        with open(inst.path, "rb") as fh:
+            stat = os.fstat(fh.fileno())
+            if (stat.st_size, stat.st_mtime_ns) != (inst.file_size, inst.file_mtime_ns):
+                return None
+            fh.seek(inst.pixel_data_offset)
+            head = fh.read(12)
+            if len(head) < 8 or int.from_bytes(head[0:2], order) != 0x7FE0:
+                return None
+            if int.from_bytes(head[2:4], order) != 0x0010:
+                return None
+            if implicit:
+                length, value_offset = int.from_bytes(head[4:8], order), 8
+            elif head[4:6] in (b"OB", b"OW") and len(head) == 12:
+                length, value_offset = int.from_bytes(head[8:12], order), 12
+            else:
+                return None
+            if length != inst.pixel_data_length:
+                return None
+            fh.seek(inst.pixel_data_offset + value_offset)
+            data = bytearray(n_bytes)
+            if fh.readinto(data) != n_bytes:
+                return None
+    except OSError:
+        return None
+    raw = np.frombuffer(data, dtype).reshape(shape)
+    stored = raw.astype(dtype.newbyteorder("="))
+    bits_allocated, bits_stored = dtype.itemsize * 8, int(inst.header.BitsStored)
+    if bits_stored < bits_allocated:  # as pydicom: the unused high bits mean nothing
+        shift = bits_allocated - bits_stored
+        np.left_shift(stored, shift, out=stored)
+        np.right_shift(stored, shift, out=stored)
+    # The undecoded words, unsigned, for padding written in the high bits (as _raw_words).
+    words = raw.view(f"{dtype.str[0]}u{dtype.itemsize}") if dtype.itemsize <= 2 else None
+    return stored, padding_mask(stored, inst.header, words)
+
+
 def _decode(inst: Instance) -> tuple[np.ndarray, np.ndarray | None]:
     """All frames of an instance as stored values, shape (frames, rows, cols), and the padding
-    mask (same shape, ``None`` when no pixel is padding)."""
+    mask (same shape, ``None`` when no pixel is padding).
+
+    Native pixel data is read straight from where the header scan found it (one parse per
+    file); anything else goes through pydicom.
+    """
+    native = read_native(inst)
+    if native is not None:
+        return native
     try:
         ds = pydicom.dcmread(inst.path)
     except Exception as exc:
@@ -190,9 +291,10 @@ def _decode(inst: Instance) -> tuple[np.ndarray, np.ndarray | None]:
     return arr, padding_mask(arr, ds, _raw_words(ds, arr.shape))
 
 
-def _frame_hu(
+def frame_hu(
     stored: np.ndarray, mask: np.ndarray | None, inst: Instance, frame_index: int
 ) -> np.ndarray:
+    """One frame of decoded stored values (from :func:`read_native`) in HU, padding as air."""
     hu = to_hu(stored[frame_index], inst, frame_index)
     if mask is not None:
         hu[mask[frame_index]] = PADDING_HU
@@ -235,10 +337,10 @@ def iter_hu(
                 raise InvalidInputError(msg)
             errors.append(msg)
             continue
-        yield ref, _frame_hu(cache, mask, inst, ref.frame_index)
+        yield ref, frame_hu(cache, mask, inst, ref.frame_index)
 
 
 def decode_instance_hu(inst: Instance) -> np.ndarray:
     """All frames of one instance in HU, shape (frames, rows, cols), padding as air."""
     stored, mask = _decode(inst)
-    return np.stack([_frame_hu(stored, mask, inst, i) for i in range(stored.shape[0])])
+    return np.stack([frame_hu(stored, mask, inst, i) for i in range(stored.shape[0])])

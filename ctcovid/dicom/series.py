@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from ctcovid.config import IngestConfig
@@ -18,7 +18,7 @@ from ctcovid.dicom.stacks import (
     slice_normal,
     split_stacks,
 )
-from ctcovid.dicom.types import CT_STORAGE_CLASSES, Series
+from ctcovid.dicom.types import CT_STORAGE_CLASSES, Instance, Series
 from ctcovid.errors import InvalidInputError
 
 __all__ = [
@@ -113,13 +113,21 @@ def assess(series: Series, config: IngestConfig) -> Series:
     return series
 
 
-def scan(path: Path | str, config: IngestConfig | None = None) -> ScanReport:
-    """Scan a file or folder tree: every series found, assessed, and the skipped files."""
+def scan(
+    path: Path | str,
+    config: IngestConfig | None = None,
+    *,
+    on_instance: Callable[[Instance], None] | None = None,
+) -> ScanReport:
+    """Scan a file or folder tree: every series found, assessed, and the skipped files.
+
+    ``on_instance`` sees each instance as soon as its header is read (see :func:`scan_files`).
+    """
     config = config or IngestConfig()
     root = Path(path)
     if not root.exists():
         raise InvalidInputError(f"{root}: no such file or folder")
-    report = scan_files(list(iter_files(root)))
+    report = scan_files(list(iter_files(root)), on_instance)
     for series in report.series:
         assess(series, config)
     return report
@@ -160,11 +168,16 @@ def select_series(
 
 
 def load_series(
-    path: Path | str, config: IngestConfig | None = None, *, for_classification: bool = True
+    path: Path | str,
+    config: IngestConfig | None = None,
+    *,
+    for_classification: bool = True,
+    on_instance: Callable[[Instance], None] | None = None,
 ) -> Series:
-    """Scan ``path`` and return its one usable CT series (see :func:`select_series`)."""
+    """Scan ``path`` and return its one usable CT series (see :func:`select_series`;
+    ``on_instance`` as in :func:`scan`)."""
     config = config or IngestConfig()
-    report = scan(path, config)
+    report = scan(path, config, on_instance=on_instance)
     series = select_series(report, path, for_classification=for_classification)
     for bad in report.bad_files:
         series.warnings.append(f"skipped {bad.path}: {bad.reason}")

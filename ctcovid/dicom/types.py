@@ -42,6 +42,9 @@ class Instance:
     pixel_data_length: int | None = None
     pixel_data_items: int | None = None
     file_size: int | None = None
+    # The file's modification time when its header was read: the pixel pass reads native pixel
+    # data straight from the recorded offset only while the file is still the one scanned.
+    file_mtime_ns: int | None = None
     acquisition_number: int | None = None
     convolution_kernel: str = ""
 
