@@ -8,7 +8,8 @@ It is kept only if, on the gate scans (the calibration scans, or a separate vali
 every scan's int8 probability is within :data:`INT8_TOLERANCE` of the fp32 one and every label
 agrees at the model's threshold. When the plain recipe fails the next of :data:`RECIPES` is
 tried (the head and the first convolutions kept in float, then only the convolutions quantised,
-then percentile and entropy calibration); when all fail nothing is written and the measured numbers are reported.
+then percentile and entropy calibration); when all fail nothing is written and the measured
+numbers are reported.
 """
 
 from __future__ import annotations
