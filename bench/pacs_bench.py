@@ -49,9 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     from ctcovid.inference import Classifier
     from ctcovid.model.artifact import ModelArtifact, save_model
     from ctcovid.model.build import build_res_dense
+    from ctcovid.net import SeriesRules, StudyQuery
+    from ctcovid.net.dimse import DimseArchive
     from ctcovid.node.config import Peer
-    from ctcovid.pacs import SeriesRules, StudyQuery
-    from ctcovid.pacs.dimse import DimseArchive
 
     work = Path(tempfile.mkdtemp(prefix="pacs-bench-"))
     archive, model_dir = work / "archive", work / "model"
@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         results["dimse_c_get"] = run("dimse", source_of(DimseArchive(
             Peer("127.0.0.1", orthanc.dicom_port, orthanc.aet), calling_ae_title=AET)))
         if dicomweb:
-            from ctcovid.pacs.dicomweb import DicomWebArchive
+            from ctcovid.net.dicomweb import DicomWebArchive
 
             results["dicomweb"] = run("dicomweb", source_of(DicomWebArchive(
                 f"http://127.0.0.1:{orthanc.http_port}/dicom-web")))

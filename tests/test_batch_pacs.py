@@ -24,10 +24,10 @@ from ctcovid.batch.sources import PacsSource
 from ctcovid.cli.main import app
 from ctcovid.errors import ConfigError
 from ctcovid.inference import Classifier
-from ctcovid.node.config import Peer
-from ctcovid.pacs import SeriesMatch, SeriesRules, StudyQuery
-from ctcovid.pacs.dicomweb import DicomWebArchive, HttpAuth
-from ctcovid.pacs.dimse import DimseArchive, MoveReceiver
+from ctcovid.net import SeriesMatch, SeriesRules, StudyQuery
+from ctcovid.net.dicomweb import DicomWebArchive, HttpAuth
+from ctcovid.net.dimse import DimseArchive, MoveReceiver
+from ctcovid.net.peers import Peer
 
 pytestmark = pytest.mark.network
 

@@ -2,7 +2,7 @@
 
 Every classified row's SR is sent to every destination by a background thread, so sending never
 slows classification. C-STORE goes through the node's sender (``ctcovid.node.sender.send_file``,
-the same statuses count as delivered); STOW-RS through ``ctcovid.pacs.dicomweb``. A failed send is
+the same statuses count as delivered); STOW-RS through ``ctcovid.net.dicomweb``. A failed send is
 retried with exponential backoff; after the last try it is ``failed`` with the reason. The
 outcome of every send is kept in ``out/sent.sqlite``: ``--resume`` sends what is not ``sent``
 yet (including rows of an earlier run that crashed before sending). Re-sending is harmless: SR
@@ -23,7 +23,7 @@ from typing import Any
 from ctcovid.batch.results import CLASSIFIED, RESULTS_FILE, ResultRow, read_results
 from ctcovid.batch.shared import BatchProgress
 from ctcovid.errors import PacsError
-from ctcovid.pacs.dicomweb import HttpAuth
+from ctcovid.net.dicomweb import HttpAuth
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ class Destination:
 
     @classmethod
     def c_store(cls, text: str, *, calling_ae_title: str = "CTCOVID") -> Destination:
-        from ctcovid.node.config import Peer
+        from ctcovid.net.peers import Peer
 
         return cls("c-store", str(Peer.parse(text)), calling_ae_title)
 
@@ -66,7 +66,7 @@ class Destination:
     def stow_rs(
         cls, url: str, *, auth: HttpAuth | None = None, ca_file: Path | None = None
     ) -> Destination:
-        from ctcovid.pacs.dicomweb import make_client
+        from ctcovid.net.dicomweb import make_client
 
         make_client(url, auth, ca_file=ca_file)  # check the URL and the extra now, not later
         return cls("stow-rs", url.rstrip("/"), auth=auth, ca_file=ca_file)
@@ -85,7 +85,7 @@ class _Sender:
     def send(self, path: Path) -> None:
         d = self.destination
         if d.kind == "c-store":
-            from ctcovid.node.config import Peer
+            from ctcovid.net.peers import Peer
             from ctcovid.node.sender import send_file
 
             send_file(
@@ -95,7 +95,7 @@ class _Sender:
                 timeout_seconds=d.timeout_seconds,
             )
             return
-        from ctcovid.pacs.dicomweb import make_client, stow
+        from ctcovid.net.dicomweb import make_client, stow
 
         if self._client is None:
             self._client = make_client(

@@ -38,8 +38,8 @@ from ctcovid.dicom.scan import group_instances, read_header
 from ctcovid.dicom.series import assess
 from ctcovid.dicom.types import BadFile, Instance
 from ctcovid.errors import ConfigError, CtCovidError, PacsError
-from ctcovid.pacs.cache import CacheFullError, SeriesCache
-from ctcovid.pacs.query import Archive, SeriesMatch, SeriesRules, StudyMatch, StudyQuery
+from ctcovid.net.cache import CacheFullError, SeriesCache
+from ctcovid.net.query import Archive, SeriesMatch, SeriesRules, StudyMatch, StudyQuery
 
 if TYPE_CHECKING:
     from ctcovid.batch.results import ResultRow

@@ -194,8 +194,8 @@ def pacs_source(
 ) -> PacsSource | None:
     """The PACS to read from, or None for a folder archive."""
     from ctcovid.batch.sources import PacsSource
-    from ctcovid.node.config import Peer, check_ae_title
-    from ctcovid.pacs.query import SeriesRules, StudyQuery
+    from ctcovid.net.peers import Peer, check_ae_title
+    from ctcovid.net.query import SeriesRules, StudyQuery
 
     if from_pacs and from_dicomweb:
         raise ConfigError("give --from-pacs or --from-dicomweb, not both")
@@ -221,7 +221,7 @@ def pacs_source(
     )
     archive: object
     if from_pacs:
-        from ctcovid.pacs.dimse import DimseArchive, MoveReceiver
+        from ctcovid.net.dimse import DimseArchive, MoveReceiver
 
         calling = check_ae_title(ae_title, "--ae-title")
         receiver = MoveReceiver(calling, move_port) if move_port is not None else None
@@ -229,7 +229,7 @@ def pacs_source(
             Peer.parse(from_pacs), calling_ae_title=calling, move_receiver=receiver
         )
     else:
-        from ctcovid.pacs.dicomweb import AUTH_ENV, DicomWebArchive, HttpAuth
+        from ctcovid.net.dicomweb import AUTH_ENV, DicomWebArchive, HttpAuth
 
         assert from_dicomweb is not None
         if move_port is not None:
@@ -256,7 +256,7 @@ def destinations(
     ae_title: str,
 ) -> tuple[Destination, ...]:
     from ctcovid.batch.destinations import Destination
-    from ctcovid.pacs.dicomweb import STOW_AUTH_ENV, HttpAuth
+    from ctcovid.net.dicomweb import STOW_AUTH_ENV, HttpAuth
 
     out = []
     if send_to:

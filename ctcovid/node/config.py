@@ -10,7 +10,6 @@ URL or the command line. Command-line flags win over the file.
 from __future__ import annotations
 
 import dataclasses
-import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,43 +17,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from ctcovid.errors import ConfigError
-
-# PS3.5 6.2: an AE title is at most 16 characters, no backslash and no control characters.
-_AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")
-
-
-def check_ae_title(value: str, what: str) -> str:
-    """Return ``value`` stripped; a :class:`ConfigError` if it is not a valid AE title."""
-    title = value.strip()
-    if not _AE_TITLE.match(title):
-        raise ConfigError(
-            f"{what} must be 1 to 16 printable characters without backslash. Received: {value!r}."
-        )
-    return title
-
-
-@dataclass(frozen=True)
-class Peer:
-    """Where the SRs go: a DICOM storage SCP (usually PACS)."""
-
-    host: str
-    port: int
-    ae_title: str
-
-    @classmethod
-    def parse(cls, text: str) -> Peer:
-        """Parse ``HOST:PORT:AET`` (an IPv6 host goes in brackets: ``[::1]:104:PACS``)."""
-        match = re.match(r"^(\[[^\]]+\]|[^:]+):(\d+):(.+)$", text.strip())
-        if not match:
-            raise ConfigError(f"peer must look like HOST:PORT:AET. Received: {text!r}.")
-        host, port, aet = match.groups()
-        port_number = int(port)
-        if not 0 < port_number < 65536:
-            raise ConfigError(f"peer port must be 1-65535. Received: {text!r}.")
-        return cls(host.strip("[]"), port_number, check_ae_title(aet, "peer AE title"))
-
-    def __str__(self) -> str:
-        return f"{self.host}:{self.port}:{self.ae_title}"
+from ctcovid.net.peers import Peer, check_ae_title
 
 
 @dataclass(frozen=True)

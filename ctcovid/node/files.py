@@ -21,43 +21,21 @@ from __future__ import annotations
 import contextlib
 import filecmp
 import os
-import re
 import shutil
 import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+from ctcovid.dicom.uids import check_uid, valid_uid
 from ctcovid.fsio import fsync_dir, make_dirs_durable
 
-UID_PATTERN = re.compile(r"^[0-9]+(\.[0-9]+)*$")
-UID_MAX_CHARS = 64
 # Suffix of the half-written files in tmp/; any left after a crash are removed on start.
 PART_SUFFIX = ".part"
 
 
-class InvalidUidError(ValueError):
-    """A UID that may not become part of a path (wrong characters or too long)."""
-
-
 class OutOfSpaceError(OSError):
     """Writing would take the store's file system below its free-space floor."""
-
-
-def valid_uid(uid: object) -> bool:
-    """True when ``uid`` is a DICOM UID safe to use as a file name (PS3.5 9.1)."""
-    return isinstance(uid, str) and len(uid) <= UID_MAX_CHARS and bool(UID_PATTERN.match(uid))
-
-
-def check_uid(uid: object, attribute: str) -> str:
-    """Return ``uid`` or raise :class:`InvalidUidError` naming the attribute."""
-    if not valid_uid(uid):
-        shown = repr(uid)[:80]
-        raise InvalidUidError(
-            f"{attribute} {shown} is not a valid UID (digits and dots, at most "
-            f"{UID_MAX_CHARS} characters)"
-        )
-    return str(uid)
 
 
 def same_content(a: Path, b: Path) -> bool:

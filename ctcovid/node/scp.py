@@ -1,7 +1,7 @@
 """The listener: a pynetdicom storage SCP that writes CT instances durably and answers C-ECHO.
 
 Data sets arrive on disk (a spool file in the store's ``tmp`` folder) and only their UIDs are
-parsed here; :mod:`ctcovid.node.transport` bounds what a peer can make the listener spend.
+parsed here; :mod:`ctcovid.net.guard` bounds what a peer can make the listener spend.
 
 Handlers get their dependencies as arguments and answer with DICOM status codes; they never
 raise, so nothing a peer sends can take the listener down. Storage statuses (PS3.4 B.2.3):
@@ -34,13 +34,10 @@ from typing import Any
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.tag import Tag
-from pydicom.uid import CTImageStorage, EnhancedCTImageStorage
 from pynetdicom import AE, evt
 
-from ctcovid.dicom import DECODABLE_TRANSFER_SYNTAXES
-from ctcovid.node.config import NodeConfig
-from ctcovid.node.store import OutOfSpaceError, Store, valid_uid
-from ctcovid.node.transport import (
+from ctcovid.dicom.uids import valid_uid
+from ctcovid.net.guard import (
     SPOOL_PREFIX,
     GuardedServer,
     Limits,
@@ -49,44 +46,23 @@ from ctcovid.node.transport import (
     discard_spool,
     force_close,
 )
+from ctcovid.net.services import (
+    MIB,
+    STATUS_CANNOT_UNDERSTAND,
+    STATUS_DATASET_MISMATCH,
+    STATUS_INVALID_UID,
+    STATUS_OUT_OF_RESOURCES,
+    STATUS_PROCESSING_FAILURE,
+    STATUS_SUCCESS,
+    STORAGE_CLASSES,
+    TRANSFER_SYNTAXES,
+    VERIFICATION,
+)
+from ctcovid.node.config import NodeConfig
+from ctcovid.node.store import OutOfSpaceError, Store
 
 logger = logging.getLogger(__name__)
 
-STATUS_SUCCESS = 0x0000
-STATUS_OUT_OF_RESOURCES = 0xA700
-STATUS_DATASET_MISMATCH = 0xA900
-STATUS_CANNOT_UNDERSTAND = 0xC210
-STATUS_INVALID_UID = 0xC211
-STATUS_PROCESSING_FAILURE = 0x0110
-
-STORAGE_CLASSES = (CTImageStorage, EnhancedCTImageStorage)
-VERIFICATION = "1.2.840.10008.1.1"
-MIB = 1024 * 1024
-# The node accepts exactly the transfer syntaxes the ingest decodes
-# (ctcovid.dicom.DECODABLE_TRANSFER_SYNTAXES: a decoder installed and verified on a real file), so
-# a sender falls back to one that decodes; Deflated syntaxes are not among them (a few hundred KiB
-# of deflate inflate without bound). pynetdicom accepts, from one proposed context, the first
-# syntax in *our* order: Explicit VR first keeps the VRs of private elements, which Implicit VR
-# (the library's first) would lose.
-_PREFERRED_ORDER = (
-    "1.2.840.10008.1.2.1",  # Explicit VR Little Endian
-    "1.2.840.10008.1.2",  # Implicit VR Little Endian
-    "1.2.840.10008.1.2.2",  # Explicit VR Big Endian (retired, still sent by old modalities)
-    "1.2.840.10008.1.2.4.50",  # JPEG Baseline
-    "1.2.840.10008.1.2.4.51",  # JPEG Extended (12 bit)
-    "1.2.840.10008.1.2.4.57",  # JPEG Lossless
-    "1.2.840.10008.1.2.4.70",  # JPEG Lossless, first-order prediction
-    "1.2.840.10008.1.2.4.80",  # JPEG-LS Lossless
-    "1.2.840.10008.1.2.4.81",  # JPEG-LS Near-Lossless
-    "1.2.840.10008.1.2.4.90",  # JPEG 2000 Lossless
-    "1.2.840.10008.1.2.4.91",  # JPEG 2000
-    "1.2.840.10008.1.2.5",  # RLE Lossless
-)
-DEFLATED_TRANSFER_SYNTAXES = ("1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.8.1")
-TRANSFER_SYNTAXES = [
-    *(uid for uid in _PREFERRED_ORDER if uid in DECODABLE_TRANSFER_SYNTAXES),
-    *sorted(set(DECODABLE_TRANSFER_SYNTAXES) - set(_PREFERRED_ORDER)),
-]
 _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 # The only elements the listener reads; everything else is skipped by the parser, so a data set
 # of millions of tiny elements costs no memory here.
@@ -463,7 +439,7 @@ def build_ae(config: NodeConfig) -> AE:
 
 
 def transport_limits(config: NodeConfig, store: Store) -> Limits:
-    """The listener's bounds on every connection (see :mod:`ctcovid.node.transport`)."""
+    """The listener's bounds on every connection (see :mod:`ctcovid.net.guard`)."""
     return Limits(
         network_timeout_seconds=config.network_timeout_seconds,
         max_pdu_bytes=config.max_pdu_bytes,

@@ -5,8 +5,8 @@ Success and the warning statuses 0xB000 (coercion of data elements), 0xB006 (ele
 discarded) and 0xB007 (data set does not match SOP class) count as delivered by C-STORE: the
 peer has stored the object (PS3.4 B.2.3). Anything else raises :class:`~ctcovid.errors.PacsError`
 with the reason, which the worker records before backing off. STOW-RS goes through
-:mod:`ctcovid.pacs.stow`; a refusal that sending again cannot change (an HTTP 4xx such as 409)
-raises :class:`~ctcovid.pacs.stow.StowRefused`, which the worker records as ``failed`` at once.
+:mod:`ctcovid.net.stow`; a refusal that sending again cannot change (an HTTP 4xx such as 409)
+raises :class:`~ctcovid.net.stow.StowRefused`, which the worker records as ``failed`` at once.
 
 Every send has a hard deadline. pynetdicom's ACSE, DIMSE and network timeouts are set, but a
 peer that accepts the association and then stalls can still hold a blocked socket past them, so
@@ -227,8 +227,8 @@ def stow_file(
 ) -> None:
     """STOW-RS the DICOM file at ``path`` to the DICOMweb service at ``url``.
 
-    ``client`` is a ``DICOMwebClient`` from :func:`ctcovid.pacs.dicomweb.make_client`; without
-    one, a client is made with ``auth`` (a :class:`~ctcovid.pacs.dicomweb.HttpAuth` or None),
+    ``client`` is a ``DICOMwebClient`` from :func:`ctcovid.net.dicomweb.make_client`; without
+    one, a client is made with ``auth`` (a :class:`~ctcovid.net.dicomweb.HttpAuth` or None),
     TLS verified against ``ca_file`` when given. Timeouts and the deadline as for
     :func:`send_file`.
 
@@ -242,8 +242,8 @@ def stow_file(
     SendCancelled
         When ``cancel`` was set before the send finished.
     """
-    from ctcovid.pacs.dicomweb import make_client
-    from ctcovid.pacs.stow import stow
+    from ctcovid.net.dicomweb import make_client
+    from ctcovid.net.stow import stow
 
     deadline = deadline_seconds if deadline_seconds is not None else 3 * timeout_seconds
     if client is None:
@@ -293,7 +293,7 @@ class StowSender:
     """STOW-RS to ``config.stow``; credentials from ``$CTCOVID_STOW_AUTH`` or the file."""
 
     def __init__(self, config: NodeConfig) -> None:
-        from ctcovid.pacs.dicomweb import STOW_AUTH_ENV, HttpAuth, make_client
+        from ctcovid.net.dicomweb import STOW_AUTH_ENV, HttpAuth, make_client
 
         assert config.stow is not None
         self.config = config

@@ -20,14 +20,8 @@ import logging
 import threading
 from pathlib import Path
 
-from ctcovid.node.files import (
-    FileStore,
-    InvalidUidError,
-    OutOfSpaceError,
-    check_uid,
-    same_content,
-    valid_uid,
-)
+from ctcovid.dicom.uids import InvalidUidError, check_uid, valid_uid
+from ctcovid.node.files import FileStore, OutOfSpaceError, same_content
 from ctcovid.node.jobs import (
     CLASSIFIED,
     CLASSIFYING,

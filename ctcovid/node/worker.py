@@ -358,8 +358,8 @@ class Worker:
         A refusal that sending again cannot change (STOW-RS answered 4xx, say) fails the job
         at once; ``ctcovid queue --retry`` sends it again once the cause is fixed.
         """
+        from ctcovid.net.stow import StowRefused
         from ctcovid.node.sender import SendCancelled
-        from ctcovid.pacs.stow import StowRefused
 
         sender = self.sender
         assert sender is not None

@@ -49,7 +49,7 @@ from pynetdicom.dsutils import create_file_meta
 from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
-from ctcovid.node.store import valid_uid
+from ctcovid.dicom.uids import valid_uid
 
 logger = logging.getLogger(__name__)
 

@@ -21,8 +21,8 @@ import threading
 from collections.abc import Iterable
 from pathlib import Path
 
+from ctcovid.dicom.uids import check_uid
 from ctcovid.errors import CtCovidError
-from ctcovid.node.store import check_uid
 
 logger = logging.getLogger(__name__)
 

@@ -20,14 +20,14 @@ from urllib.parse import urlsplit
 from pydicom.datadict import tag_for_keyword
 
 from ctcovid.errors import ConfigError, PacsError
-from ctcovid.pacs.query import (
+from ctcovid.net.query import (
     SERIES_RETURN_KEYS,
     STUDY_RETURN_KEYS,
     InstanceWriter,
     SeriesMatch,
     StudyMatch,
 )
-from ctcovid.pacs.stow import stow as stow  # STOW-RS lives there; batch imports it from here
+from ctcovid.net.stow import stow as stow  # STOW-RS lives there; batch imports it from here
 
 logger = logging.getLogger(__name__)
 
@@ -243,7 +243,7 @@ class DicomWebArchive:
 
     def retrieve_series(self, series: SeriesMatch, write: InstanceWriter) -> int:
         """WADO-RS of the whole series (multipart, streamed) into ``write``."""
-        from ctcovid.pacs.cache import CacheFullError
+        from ctcovid.net.cache import CacheFullError
 
         stored = 0
         try:

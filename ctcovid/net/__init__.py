@@ -6,8 +6,8 @@ by QIDO-RS and WADO-RS; ``cache.py`` is the bounded local folder the retrieved s
 until they are classified. Both archives only read: no C-STORE, no DELETE, no update.
 """
 
-from ctcovid.pacs.cache import CacheFullError, SeriesCache
-from ctcovid.pacs.query import Archive, SeriesMatch, SeriesRules, StudyMatch, StudyQuery
+from ctcovid.net.cache import CacheFullError, SeriesCache
+from ctcovid.net.query import Archive, SeriesMatch, SeriesRules, StudyMatch, StudyQuery
 
 __all__ = [
     "Archive",

@@ -27,16 +27,16 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 )
 
 from ctcovid.errors import PacsError
-from ctcovid.node.config import Peer
-from ctcovid.node.scp import STORAGE_CLASSES, TRANSFER_SYNTAXES
-from ctcovid.pacs.cache import CacheFullError
-from ctcovid.pacs.query import (
+from ctcovid.net.cache import CacheFullError
+from ctcovid.net.peers import Peer
+from ctcovid.net.query import (
     SERIES_RETURN_KEYS,
     STUDY_RETURN_KEYS,
     InstanceWriter,
     SeriesMatch,
     StudyMatch,
 )
+from ctcovid.net.services import STORAGE_CLASSES, TRANSFER_SYNTAXES
 
 logger = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """STOW-RS (PS3.18 10.5): store DICOM files in a DICOMweb service; batch and the node use it.
 
-The client comes from :func:`ctcovid.pacs.dicomweb.make_client` (verified TLS, credentials from
+The client comes from :func:`ctcovid.net.dicomweb.make_client` (verified TLS, credentials from
 the environment or a file). A refusal that sending again cannot change raises
 :class:`StowRefused`: an HTTP 4xx answer other than 408 and 429 (409 Conflict is how a service
 says it refused the instance), or a FailedSOPSequence whose reason is not "out of resources" or
