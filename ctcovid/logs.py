@@ -4,15 +4,30 @@ The library itself only logs to ``logging.getLogger(__name__)``; whoever runs a 
 :func:`configure_logging` once, before Keras (and TensorFlow) is imported, so that TensorFlow's
 C++ start-up lines (CPU features, oneDNN notes, absl's pre-init warning) stay off stderr unless
 asked for with ``-v -v``.
+
+``TF_CPP_MIN_LOG_LEVEL`` alone is not enough: on CPUs where oneDNN's custom operations are on
+(AVX-512 VNNI, AMX) TensorFlow writes absl's "All log messages before absl::InitializeLog()"
+warning and the oneDNN note straight to file descriptor 2 while it is imported, whatever the
+level. So :func:`quiet_native_imports` runs that one import with descriptor 2 pointed at a
+temporary file, and shows what was written there only if the import fails.
 """
 
 from __future__ import annotations
 
+import contextlib
+import importlib.abc
+import importlib.machinery
 import logging
 import os
 import sys
+import tempfile
+from collections.abc import Iterator, Sequence
+from types import ModuleType
+from typing import Any
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+# Packages whose import writes to file descriptor 2 from C++ (absl, oneDNN).
+NOISY_NATIVE_PACKAGES = ("tensorflow",)
 
 
 def tensorflow_log_level(verbose: int) -> str:
@@ -34,6 +49,108 @@ def configure_logging(
     else:
         verbose = max(0, (logging.WARNING - level) // 10)
     logging.basicConfig(level=level, format=fmt, stream=sys.stderr)
+    quiet_tensorflow(verbose)
+
+
+def quiet_tensorflow(verbose: int = 0) -> None:
+    """Keep TensorFlow's start-up lines off stderr below ``-v -v`` (see the module docstring).
+
+    A ``TF_CPP_MIN_LOG_LEVEL`` that the user set below 3 asks for TensorFlow's lines: then the
+    import is left alone too.
+    """
+    asked = os.environ.get("TF_CPP_MIN_LOG_LEVEL")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", tensorflow_log_level(verbose))
-    if verbose < 2:
-        logging.getLogger("absl").setLevel(logging.ERROR)
+    if verbose >= 2:
+        return
+    logging.getLogger("absl").setLevel(logging.ERROR)
+    if asked is None or asked.strip() == "3":
+        quiet_native_imports()
+
+
+class Captured:
+    """What was written to descriptor 2 inside :func:`descriptor_2_captured`; set on exit."""
+
+    text: str = ""
+
+
+@contextlib.contextmanager
+def descriptor_2_captured() -> Iterator[Captured]:
+    """Point file descriptor 2 (what C and C++ code write to as stderr) at a temporary file for
+    the ``with`` block; the text written there is in the yielded object once the block is over."""
+    captured = Captured()
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as spool:
+        os.dup2(spool.fileno(), 2)
+        try:
+            yield captured
+        finally:
+            with contextlib.suppress(ValueError, OSError):  # stderr may be closed already
+                sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            spool.seek(0)
+            captured.text = spool.read().decode("utf-8", "replace")
+
+
+class _QuietLoader(importlib.abc.Loader):
+    """Runs the real loader with descriptor 2 captured; on failure the captured text is written
+    to stderr before the error propagates, so a real import error keeps its explanation."""
+
+    def __init__(self, loader: Any) -> None:
+        self._loader = loader
+
+    def create_module(self, spec: importlib.machinery.ModuleSpec) -> ModuleType | None:
+        created: ModuleType | None = self._loader.create_module(spec)
+        return created
+
+    def exec_module(self, module: ModuleType) -> None:
+        failure: BaseException | None = None
+        with descriptor_2_captured() as captured:
+            try:
+                self._loader.exec_module(module)
+            except BaseException as error:
+                failure = error
+        if failure is not None:
+            if captured.text:
+                sys.stderr.write(captured.text)
+                sys.stderr.flush()
+            raise failure
+        # Hand the module its real loader, as if this wrapper had never been there.
+        module.__loader__ = self._loader
+        if module.__spec__ is not None:
+            module.__spec__.loader = self._loader
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._loader, name)
+
+
+class QuietNativeImport(importlib.abc.MetaPathFinder):
+    """A finder that finds nothing itself: for the named top-level packages it asks the other
+    finders, then wraps the loader they return in :class:`_QuietLoader`."""
+
+    def __init__(self, names: Sequence[str]) -> None:
+        self.names = frozenset(names)
+
+    def find_spec(
+        self, fullname: str, path: Sequence[str] | None, target: ModuleType | None = None
+    ) -> importlib.machinery.ModuleSpec | None:
+        if fullname not in self.names:
+            return None
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(fullname, path, target)
+            if spec is not None:
+                if spec.loader is not None and hasattr(spec.loader, "exec_module"):
+                    spec.loader = _QuietLoader(spec.loader)
+                return spec
+        return None
+
+
+def quiet_native_imports(names: Sequence[str] = NOISY_NATIVE_PACKAGES) -> None:
+    """Capture what importing ``names`` writes to descriptor 2 (once per process; a package
+    already imported is past saving)."""
+    if any(isinstance(f, QuietNativeImport) for f in sys.meta_path):
+        return
+    sys.meta_path.insert(0, QuietNativeImport(names))

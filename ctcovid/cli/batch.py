@@ -63,11 +63,11 @@ def _progress_bars(quiet: bool) -> tuple[Any, Any]:
         return None, BatchProgress()
 
     bars = Progress(
-        TextColumn("{task.description}"),
+        TextColumn("{task.description}", markup=False),
         BarColumn(),
         MofNCompleteColumn(),
-        TextColumn("{task.fields[unit]}"),
-        TextColumn("[cyan]{task.fields[rate]}"),
+        TextColumn("{task.fields[unit]}", markup=False),
+        TextColumn("{task.fields[rate]}", style="cyan", markup=False),
         TimeElapsedColumn(),
         TextColumn("eta"),
         TimeRemainingColumn(),

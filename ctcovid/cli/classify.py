@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.text import Text
 
 from ctcovid.cli.common import (
     ModelOption,
@@ -85,10 +86,13 @@ def classify(
         "indeterminate": f"{result.n_slices_lost} of {result.n_slices_total} slices lost",
     }.get(result.label, "no COVID-19 findings")
     stdout.print(
-        f"{result.series_instance_uid}: P(COVID) = {result.probability_covid:.3f} "
-        f"(threshold {result.threshold:.2f}) -> [bold]{result.label}[/] ({verdict}); "
-        f"{result.n_slices_used} of {result.n_slices_total} slices, {result.seconds:.1f} s, "
-        f"runtime {result.model.runtime}",
+        Text.assemble(
+            f"{result.series_instance_uid}: P(COVID) = {result.probability_covid:.3f} "
+            f"(threshold {result.threshold:.2f}) -> ",
+            (result.label, "bold"),
+            f" ({verdict}); {result.n_slices_used} of {result.n_slices_total} slices, "
+            f"{result.seconds:.1f} s, runtime {result.model.runtime}",
+        ),
         highlight=False,
     )
     if sr is not None:

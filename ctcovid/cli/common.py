@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import os
 import sys
 from collections.abc import Callable
 from enum import StrEnum
@@ -14,9 +13,10 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.text import Text
 
 from ctcovid.errors import CtCovidError
-from ctcovid.logs import configure_logging, tensorflow_log_level
+from ctcovid.logs import configure_logging, quiet_tensorflow
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -39,8 +39,11 @@ class Runtime(StrEnum):
     int8 = "int8"
 
 
-console = Console(stderr=True)
-stdout = Console()
+# Markup off: what we print carries paths, values from files and hints such as
+# "pip install 'ctcovid[dicomweb]'", "[::1]" or "(0028,0010)", which markup would eat or restyle.
+# Styles are given as Text objects where we want them.
+console = Console(stderr=True, markup=False)
+stdout = Console(markup=False)
 
 
 def setup_logging(verbose: int = 0, quiet: bool = False) -> None:
@@ -50,7 +53,9 @@ def setup_logging(verbose: int = 0, quiet: bool = False) -> None:
 
 def fail(message: str, code: int = 1) -> typer.Exit:
     """Print a one-line reason and return the Exit to raise."""
-    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    console.print(
+        Text.assemble(("error:", "bold red"), " ", message), highlight=False, soft_wrap=True
+    )
     return typer.Exit(code=code)
 
 
@@ -109,5 +114,4 @@ def print_json(data: Any) -> None:
 def quiet_keras() -> None:
     """Silence TensorFlow's start-up chatter before Keras is imported (when logging was not set
     up by :func:`setup_logging`, which already does)."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", tensorflow_log_level(0))
-    logging.getLogger("absl").setLevel(logging.ERROR)
+    quiet_tensorflow(0)
