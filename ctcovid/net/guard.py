@@ -10,11 +10,11 @@ spend has a bound:
   loses its connection); the TLS handshake runs in the connection's own thread, with the same
   deadline, so a silent client delays nobody else. A per-PDU deadline alone lets a peer that
   sends one small PDU just inside it hold its association slot forever, so there are two
-  wall-clock caps as well: a whole association (from its connection) lasts at most
-  ``max_association_seconds``, and one DIMSE message (a C-STORE: command and data set, from
-  its first fragment to its last) must arrive within ``max_store_seconds``. Past either the
-  association is aborted (A-ABORT, then the connection is closed) and a line names the
-  peer's address and calling AE title;
+  wall-clock caps as well: a whole association (from its acceptance, after any TLS handshake)
+  lasts at most ``max_association_seconds``, and one DIMSE message (a C-STORE: command and
+  data set, from its first fragment to its last) must arrive within ``max_store_seconds``.
+  Past either the association is aborted (A-ABORT, then the connection is closed) and a line
+  names the peer's address and calling AE title;
 - memory: a PDU longer than the maximum PDU size we offered is refused before it is read
   (the connection is closed), a command set may not exceed :data:`MAX_COMMAND_BYTES`, a data
   set held in memory (any message but C-STORE) :data:`MAX_MEMORY_DATASET_BYTES`;
@@ -344,6 +344,10 @@ class _Guard:
                 and isinstance(guard, _Guard)
                 and guard.serial < self.serial
                 and not (guard.cut or guard.refused)
+                # Released or aborted: its thread is only winding down.
+                and not (
+                    getattr(other, "is_released", False) or getattr(other, "is_aborted", False)
+                )
                 and _host(other) == host
             ):
                 held += 1
