@@ -478,6 +478,41 @@ def test_two_runs_on_one_out_folder_are_refused(
     assert not (out / RESULTS_FILE).exists()
 
 
+
+# Holds the out folder's lock as a running batch would, until its stdin closes (at most 60 s).
+_LOCK_HOLDER = """
+import fcntl, signal, sys
+signal.alarm(60)
+with open(sys.argv[1], "a+") as fh:
+    fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    print("locked", flush=True)
+    sys.stdin.read()
+"""
+
+
+def test_a_second_batch_on_an_out_folder_in_use_by_another_process_exits_1_naming_it(
+    archive: dict, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "run"
+    out.mkdir()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _LOCK_HOLDER, str(out / ".lock")],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "locked\n"
+        result = CliRunner().invoke(
+            app, ["batch", str(archive["root"]), "--out", str(out), "--model",
+                  str(tiny_model_dir), "--workers", "0", "--quiet"],
+        )
+    finally:
+        holder.communicate(timeout=30)  # closes its stdin: the lock goes with the process
+
+    assert result.exit_code == 1
+    (line,) = result.output.strip().splitlines()
+    assert f"error: {out} is in use by another 'ctcovid batch' run" in line
+    assert not (out / RESULTS_FILE).exists()
+
 @pytest.fixture
 def small_archive(tmp_path: Path) -> Path:
     from dicom_fixtures import StudySpec, write_study

@@ -724,3 +724,21 @@ def test_deflated_and_undecodable_syntaxes_are_not_offered():
     assert "1.2.840.10008.1.2.1.99" not in DECODABLE_TRANSFER_SYNTAXES  # Deflated
     assert "1.2.840.10008.1.2.4.110" not in DECODABLE_TRANSFER_SYNTAXES  # JPEG XL
     assert {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1"} <= DECODABLE_TRANSFER_SYNTAXES
+
+
+def test_enhanced_ct_with_fewer_per_frame_items_than_frames_is_refused_naming_the_frame(
+    tmp_path,
+):
+    from ctcovid.dicom.pixels import to_hu
+
+    info = write(tmp_path, n_slices=3, size=16, enhanced=True)
+    ds = pydicom.dcmread(info.paths[0])
+    ds.PerFrameFunctionalGroupsSequence = ds.PerFrameFunctionalGroupsSequence[:1]
+    ds.save_as(info.paths[0])
+    inst = read_header(info.paths[0])
+
+    with pytest.raises(InvalidInputError) as refused:
+        to_hu(np.zeros((16, 16), np.int16), inst, frame_index=2)
+
+    assert "PerFrameFunctionalGroupsSequence (5200,9230) has 1 item(s)" in str(refused.value)
+    assert "frame 3 of 3" in str(refused.value)

@@ -831,3 +831,119 @@ def test_library_records_are_reduced_to_tags_and_vr():
     )
     assert reduced("pynetdicom.acse", logging.DEBUG, "Calling AE: PACS") == "Calling AE: PACS"
     assert reduced("ctcovid.node.scp", logging.WARNING, "our own") == "our own"
+
+
+def next_pdu_type(sock: socket.socket) -> int | None:
+    """Read one whole PDU; its type, or None when the connection was closed or reset."""
+    from node_helpers import recv_exactly
+
+    try:
+        header = recv_exactly(sock, 6)
+        recv_exactly(sock, int.from_bytes(header[2:6], "big"))
+    except (ConnectionError, OSError):
+        return None
+    return header[0]
+
+
+def test_peer_that_keeps_sending_small_pdus_is_aborted_at_the_association_cap(
+    start_listener, caplog: pytest.LogCaptureFixture
+):
+    import time
+
+    from node_helpers import c_echo_pdus
+
+    # Each PDU comes well inside the network timeout: only the wall-clock cap can end this.
+    listener = start_listener(network_timeout_seconds=30, max_association_seconds=2)
+    sock = raw_associate(listener.port, calling="TRICKLER")
+    answered, ended_with = 0, None
+    with caplog.at_level("WARNING", logger="ctcovid.net.guard"):
+        for message_id in range(1, 41):  # 40 echoes, 0.25 s apart: 10 s, five times the cap
+            try:
+                for pdu in c_echo_pdus(context_id=1, message_id=message_id):
+                    sock.sendall(pdu)
+            except OSError:
+                break
+            ended_with = next_pdu_type(sock)
+            if ended_with != 0x04:  # not the C-ECHO response (P-DATA-TF)
+                break
+            answered += 1
+            time.sleep(0.25)
+    sock.close()
+
+    assert 0 < answered < 40
+    assert ended_with in (0x07, None)  # A-ABORT, or the closed connection behind it
+    (line,) = [r.getMessage() for r in caplog.records if "association_aborted" in r.getMessage()]
+    assert "reason=association_time_exceeded" in line
+    assert "from=127.0.0.1:" in line and "calling_aet=TRICKLER" in line
+    assert listener.stats.rejected == {"association_time_exceeded": 1}
+    wait_for(lambda: not listener.ae.active_associations, 10, "the slot to be free")
+
+
+def test_c_store_trickled_past_the_store_cap_is_aborted_and_leaves_nothing(
+    start_listener, studies_root: Path
+):
+    listener = start_listener(network_timeout_seconds=30, max_store_seconds=1)
+    ds = pydicom.dcmread(ct_files(studies_root)[0])
+    sock = raw_associate(listener.port, contexts=((CTImageStorage, (EXPLICIT_LE,)),))
+    pdus = c_store_pdus(encode_dataset(ds), sop_class=CTImageStorage,
+                        sop_instance=ds.SOPInstanceUID, max_pdu=128)
+    sent = 0
+    for pdu in pdus[:50]:  # 50 PDUs 0.2 s apart: 10 s, ten times the cap
+        if closed_by_peer(sock, 0.2):
+            break
+        try:
+            sock.sendall(pdu)
+        except OSError:
+            break
+        sent += 1
+    sock.close()
+
+    assert len(pdus) > 50 and 0 < sent < 50
+    wait_for(lambda: listener.stats.rejected == {"store_time_exceeded": 1}, 10, "the abort")
+    wait_for(lambda: not list(listener.store.tmp_dir.glob("recv-*")), 10, "the spool to go")
+    assert listener.store.count_instances() == 0
+
+
+def test_associations_beyond_the_limit_per_address_are_rejected_while_other_addresses_get_in(
+    start_listener,
+):
+    listener = start_listener(max_associations=4, max_associations_per_address=1)
+    ae = AE(ae_title="TESTSCU")
+    ae.add_requested_context(Verification)
+    first = ae.associate("127.0.0.1", listener.port, ae_title=NODE_AET)
+    second = ae.associate("127.0.0.1", listener.port, ae_title=NODE_AET)
+    elsewhere = ae.associate(
+        "127.0.0.1", listener.port, ae_title=NODE_AET, bind_address=("127.0.0.2", 0)
+    )
+    try:
+        assert first.is_established
+        assert second.is_rejected
+        # Transient, service provider (presentation), local limit exceeded: try again later.
+        rejection = second.acceptor.primitive
+        assert (rejection.result, rejection.result_source, rejection.diagnostic) == (2, 3, 2)
+        assert elsewhere.is_established
+        assert listener.stats.rejected == {"too_many_associations_from_address": 1}
+    finally:
+        first.release()
+        elsewhere.release()
+
+
+def test_wall_clock_caps_and_the_per_address_limit_are_node_settings(tmp_path: Path):
+    from ctcovid.errors import ConfigError
+    from ctcovid.node.config import load_config
+    from ctcovid.node.scp import transport_limits
+
+    toml = tmp_path / "node.toml"
+    toml.write_text(
+        'store = "store"\nmax_association_seconds = 900\nmax_store_seconds = 120\n'
+        "max_associations_per_address = 2\n"
+    )
+    config = load_config(toml, {"max_store_seconds": 60.0})
+    store = Store(config.store, min_free_mb=0)
+    limits = transport_limits(config, store)
+    store.close()
+
+    assert (limits.max_association_seconds, limits.max_store_seconds) == (900, 60.0)
+    assert limits.max_associations_per_address == 2
+    with pytest.raises(ConfigError, match="max_association_seconds"):
+        NodeConfig(store=tmp_path, max_association_seconds=0)

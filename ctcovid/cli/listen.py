@@ -122,6 +122,26 @@ def listen(
         int | None,
         typer.Option(help="Largest PDU we accept (offered at association). Default 262144."),
     ] = None,
+    max_association_seconds: Annotated[
+        float | None,
+        typer.Option(
+            help="Longest an association may last, whatever its peer sends; then it is "
+            "aborted. Default 3600."
+        ),
+    ] = None,
+    max_store_seconds: Annotated[
+        float | None,
+        typer.Option(
+            help="Longest one C-STORE may take to arrive (command and data set); then the "
+            "association is aborted. Default 600."
+        ),
+    ] = None,
+    max_associations_per_address: Annotated[
+        int | None,
+        typer.Option(
+            help="Associations one peer address may hold at once; more are rejected. Default 5."
+        ),
+    ] = None,
     verbose: Annotated[int, typer.Option("-v", count=True, help="More logging (-vv: debug).")] = 0,
 ) -> None:
     """Run the DICOM node: C-STORE CT in, one SR per complete CT series out to --peer (C-STORE)
@@ -176,6 +196,9 @@ def listen(
             "network_timeout_seconds": network_timeout,
             "max_instance_mb": max_instance_mb,
             "max_pdu_bytes": max_pdu_bytes,
+            "max_association_seconds": max_association_seconds,
+            "max_store_seconds": max_store_seconds,
+            "max_associations_per_address": max_associations_per_address,
         },
     )
     level = logging.DEBUG if verbose >= 1 else logging.INFO

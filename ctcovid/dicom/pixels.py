@@ -43,6 +43,13 @@ def _rescale_item(inst: Instance, frame_index: int) -> Dataset:
 
     Single-frame CT carries RescaleSlope/Intercept at the top level; enhanced CT carries them in
     PixelValueTransformationSequence, per frame or shared (PS3.3 C.7.6.16.2.9).
+
+    Raises
+    ------
+    InvalidInputError
+        The per-frame functional groups have no item for this frame. PS3.3 C.7.6.16 requires
+        one per frame; falling back to the shared groups would apply a rescale that may not be
+        this frame's, so the instance is refused instead.
     """
     header = inst.header
     if "RescaleSlope" in header or "ModalityLUTSequence" in header:
@@ -51,9 +58,17 @@ def _rescale_item(inst: Instance, frame_index: int) -> Dataset:
         groups = header.get(groups_kw)
         if not groups:
             continue
-        group = groups[frame_index] if groups_kw.startswith("PerFrame") else groups[0]
-        if groups_kw.startswith("PerFrame") and frame_index >= len(groups):
-            continue
+        if groups_kw.startswith("PerFrame"):
+            if frame_index >= len(groups):
+                raise InvalidInputError(
+                    f"{inst.path}: instance {inst.sop_instance_uid}: "
+                    f"PerFrameFunctionalGroupsSequence (5200,9230) has {len(groups)} item(s), "
+                    f"none for frame {frame_index + 1} of {inst.number_of_frames}; "
+                    "cannot find the frame's rescale"
+                )
+            group = groups[frame_index]
+        else:
+            group = groups[0]
         transform = group.get("PixelValueTransformationSequence")
         if transform and "RescaleSlope" in transform[0]:
             return transform[0]

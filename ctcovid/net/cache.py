@@ -6,6 +6,10 @@ has been retrieved in full. A series is removed from the cache as soon as its re
 written. On restart, complete series that still need classifying are reused; partial ones are
 removed and retrieved again.
 
+Every file (instances and the marker) is written with :func:`ctcovid.fsio.write_atomic` and
+every folder created with :func:`ctcovid.fsio.make_dirs_durable`: a series reused after a power
+cut because its marker survived must have every instance the marker vouches for.
+
 The bound is enforced on every instance, before its bytes are written: a write that would take
 the cache over ``bound_bytes`` raises :class:`CacheFullError` instead. So the cache never holds
 more than its bound, whatever the PACS sends.
@@ -15,7 +19,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import threading
 from collections.abc import Iterable
@@ -23,12 +26,18 @@ from pathlib import Path
 
 from ctcovid.dicom.uids import check_uid
 from ctcovid.errors import CtCovidError
+from ctcovid.fsio import make_dirs_durable, write_atomic
 
 logger = logging.getLogger(__name__)
 
 COMPLETE_MARKER = ".complete"
 
 Key = tuple[str, str]  # (StudyInstanceUID, SeriesInstanceUID)
+
+
+def _instance_files(folder: Path) -> list[Path]:
+    """The instances in a series folder; a temporary file left by a crash (``.name``) is none."""
+    return [p for p in folder.glob("*.dcm") if p.is_file() and not p.name.startswith(".")]
 
 
 class CacheFullError(CtCovidError):
@@ -43,7 +52,7 @@ class SeriesCache:
             raise ValueError(f"bound_bytes must be positive. Received: {bound_bytes}.")
         self.root = Path(root)
         self.bound_bytes = int(bound_bytes)
-        self.root.mkdir(parents=True, exist_ok=True)
+        make_dirs_durable(self.root)
         self._sizes: dict[Key, int] = {}
         self._complete: set[Key] = set()
         self._lock = threading.Condition()
@@ -64,7 +73,7 @@ class SeriesCache:
 
     def paths(self, key: Key) -> list[Path]:
         folder = self.series_dir(key)
-        return sorted(p for p in folder.glob("*.dcm") if p.is_file())
+        return sorted(_instance_files(folder))
 
     # -- restart --------------------------------------------------------------------------------
 
@@ -76,7 +85,7 @@ class SeriesCache:
             for series_dir in sorted(p for p in study_dir.iterdir() if p.is_dir()):
                 key = (study_dir.name, series_dir.name)
                 if key in wanted and (series_dir / COMPLETE_MARKER).is_file():
-                    size = sum(p.stat().st_size for p in series_dir.glob("*.dcm"))
+                    size = sum(p.stat().st_size for p in _instance_files(series_dir))
                     with self._lock:
                         self._sizes[key] = size
                         self._complete.add(key)
@@ -98,7 +107,7 @@ class SeriesCache:
             return key in self._complete
 
     def write(self, key: Key, sop_instance_uid: str, data: bytes) -> Path:
-        """Write one instance of series ``key`` (temp file, fsync, rename) within the bound."""
+        """Write one instance of series ``key`` durably (new folders too) within the bound."""
         name = check_uid(sop_instance_uid, "SOPInstanceUID")
         folder = self.series_dir(key)
         with self._lock:
@@ -110,15 +119,9 @@ class SeriesCache:
             self.used_bytes += len(data)
             self.peak_bytes = max(self.peak_bytes, self.used_bytes)
             self._sizes[key] = self._sizes.get(key, 0) + len(data)
-        folder.mkdir(parents=True, exist_ok=True)
         final = folder / f"{name}.dcm"
-        tmp = folder / f".{name}.tmp"
         try:
-            with open(tmp, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, final)
+            write_atomic(final, data)
         except OSError:
             with self._lock:
                 self.used_bytes -= len(data)
@@ -129,10 +132,9 @@ class SeriesCache:
         return final
 
     def mark_complete(self, key: Key, n_instances: int) -> None:
-        folder = self.series_dir(key)
-        folder.mkdir(parents=True, exist_ok=True)
-        marker = folder / COMPLETE_MARKER
-        marker.write_text(json.dumps({"instances": n_instances}) + "\n", encoding="utf-8")
+        """Record that series ``key`` is in the cache in full: the marker, durable in its folder."""
+        marker = self.series_dir(key) / COMPLETE_MARKER
+        write_atomic(marker, json.dumps({"instances": n_instances}) + "\n")
         with self._lock:
             self._complete.add(key)
             self._sizes.setdefault(key, 0)

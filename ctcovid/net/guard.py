@@ -8,7 +8,13 @@ spend has a bound:
 - time: every accepted socket has a timeout, and a whole PDU must arrive within
   ``network_timeout_seconds`` (a peer that sends one byte and stalls, or one byte a second,
   loses its connection); the TLS handshake runs in the connection's own thread, with the same
-  deadline, so a silent client delays nobody else;
+  deadline, so a silent client delays nobody else. A per-PDU deadline alone lets a peer that
+  sends one small PDU just inside it hold its association slot forever, so there are two
+  wall-clock caps as well: a whole association (from its acceptance, after any TLS handshake)
+  lasts at most ``max_association_seconds``, and one DIMSE message (a C-STORE: command and
+  data set, from its first fragment to its last) must arrive within ``max_store_seconds``.
+  Past either the association is aborted (A-ABORT, then the connection is closed) and a line
+  names the peer's address and calling AE title;
 - memory: a PDU longer than the maximum PDU size we offered is refused before it is read
   (the connection is closed), a command set may not exceed :data:`MAX_COMMAND_BYTES`, a data
   set held in memory (any message but C-STORE) :data:`MAX_MEMORY_DATASET_BYTES`;
@@ -16,19 +22,23 @@ spend has a bound:
   folder, at most ``max_instance_bytes`` of it (the rest is read and dropped and the C-STORE
   answered with a failure), never below the store's free-space floor;
 - threads: connections beyond ``max_connections`` (associations and handshakes in progress)
-  are closed at once.
+  are closed at once; an association from an address that already holds
+  ``max_associations_per_address`` is rejected at negotiation (A-ASSOCIATE-RJ, transient,
+  local limit exceeded), so that one host cannot take every slot from the modalities.
 
 Spool files of data sets that never reached the handler (an association cut in between) are
 deleted when the connection closes, and any left by a killed process at the next start.
 
-The hooks sit on pynetdicom 3's DUL (``_read_pdu_data``) and DIMSE provider
-(``receive_primitive``) of each acceptor association; they are installed per association, so
-nothing global in the library changes.
+The hooks sit on pynetdicom 3's DUL (``_read_pdu_data``, ``_is_transport_event``: the
+reactor's loop, where the caps are checked while the peer is idle), DIMSE provider
+(``receive_primitive``) and ACSE (``_negotiate_as_acceptor``) of each acceptor association;
+they are installed per association, so nothing global in the library changes.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import socket
 import socketserver
@@ -62,6 +72,19 @@ MAX_MEMORY_DATASET_BYTES = 1024 * 1024
 MAX_CONTROL_PDU_BYTES = 1024 * 1024
 _P_DATA_TF = 0x04
 _PDU_TYPES = (0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07)
+# A-ABORT from the service provider, no reason given (PS3.8 9.3.8).
+_A_ABORT_PROVIDER = b"\x07\x00\x00\x00\x00\x04\x00\x00\x02\x00"
+# A-ASSOCIATE-RJ (result, source, diagnostic): transient, service provider (presentation),
+# local limit exceeded (PS3.8 9.3.4): the peer may try again later.
+_REJECT_LOCAL_LIMIT = (0x02, 0x03, 0x02)
+
+# A CT study of a few thousand instances on one association takes minutes on a hospital
+# network; an hour leaves a wide margin yet frees a slot held by a trickling peer.
+DEFAULT_MAX_ASSOCIATION_SECONDS = 3600.0
+# One instance of max_instance_mb (1 GiB) at a slow 2 MB/s takes about 9 minutes.
+DEFAULT_MAX_STORE_SECONDS = 600.0
+# Half of the default ten associations: a router may send in parallel, yet never fill the node.
+DEFAULT_MAX_ASSOCIATIONS_PER_ADDRESS = 5
 
 # Called with (reason, peer address, calling AE title) when a connection is refused or cut.
 RefusalHook = Callable[[str, str, str], None]
@@ -78,6 +101,11 @@ class Limits:
     spool_dir: Path
     # Raises (any exception) when the store may not take ``n`` more bytes.
     check_space: Callable[[int], None] | None = None
+    # Wall-clock caps: a whole association, and one DIMSE message from first to last fragment.
+    max_association_seconds: float = DEFAULT_MAX_ASSOCIATION_SECONDS
+    max_store_seconds: float = DEFAULT_MAX_STORE_SECONDS
+    # Associations one peer address may hold at once; 0: no limit per address.
+    max_associations_per_address: int = DEFAULT_MAX_ASSOCIATIONS_PER_ADDRESS
 
 
 class Spool:
@@ -166,6 +194,14 @@ def _peer(assoc: Any) -> tuple[str, str]:
     return address, calling
 
 
+def _host(assoc: Any) -> str:
+    """The peer's IP address (no port), which the per-address limit counts by; never raises."""
+    try:
+        return str(assoc.requestor.address)
+    except Exception:
+        return ""
+
+
 class _Stalled(Exception):
     """The peer did not send what it announced within the deadline."""
 
@@ -194,32 +230,143 @@ def _recv_exact(sock: socket.socket, size: int, deadline: float) -> bytearray | 
     return buffer
 
 
+# Orders associations by arrival, so that of two from one address the later one is refused.
+_SERIALS = itertools.count()
+
+# Lists the server's running acceptor associations (for the per-address limit).
+AssociationsHook = Callable[[], list[Any]]
+
+
 class _Guard:
     """The hooks installed on one acceptor association."""
 
-    def __init__(self, assoc: Any, limits: Limits, on_refused: RefusalHook) -> None:
+    def __init__(
+        self,
+        assoc: Any,
+        limits: Limits,
+        on_refused: RefusalHook,
+        associations: AssociationsHook | None = None,
+    ) -> None:
         self.assoc = assoc
         self.limits = limits
         self.on_refused = on_refused
+        self.associations = associations
         self.cut = False
+        self.refused = False
+        self.serial = next(_SERIALS)
+        # The guard is installed when the connection is accepted: the association's clock starts.
+        self.association_deadline = time.monotonic() + limits.max_association_seconds
+        # Set while a DIMSE message is arriving (first fragment in, last one not yet).
+        self.message_deadline: float | None = None
+        assoc._ctcovid_guard = self
         dimse = assoc.dimse
         self._receive_primitive = dimse.receive_primitive
+        self._is_transport_event = assoc.dul._is_transport_event
+        self._negotiate = assoc.acse._negotiate_as_acceptor
         # Instance attributes shadow the methods the DUL reactor and the state machine call.
         assoc.dul._read_pdu_data = self.read_pdu
+        assoc.dul._is_transport_event = self.is_transport_event
+        assoc.acse._negotiate_as_acceptor = self.negotiate
         dimse.receive_primitive = self.receive_primitive
 
-    def cut_connection(self, reason: str) -> None:
-        """Close the transport: the state machine sees the connection closed (Evt17)."""
+    def cut_connection(self, reason: str, *, abort: bool = False) -> None:
+        """Close the transport: the state machine sees the connection closed (Evt17).
+
+        With ``abort`` an A-ABORT goes first, so that a peer that is still reading learns
+        why (best effort: a peer that reads nothing does not hold the reactor for long).
+        """
         if self.cut:
             return
         self.cut = True
         address, calling = _peer(self.assoc)
         self.on_refused(reason, address, calling)
         discard_spool(self.assoc)
+        if abort:
+            raw = getattr(self.assoc.dul.socket, "socket", None)
+            if raw is not None:
+                with contextlib.suppress(OSError, ValueError):
+                    raw.settimeout(1.0)
+                    raw.sendall(_A_ABORT_PROVIDER)
         try:
             self.assoc.dul.socket.close()
         except Exception:
             logger.debug("closing the socket failed", exc_info=True)
+
+    # -- wall-clock caps ----------------------------------------------------------------------
+
+    def _cap(self) -> tuple[float, str, float]:
+        """(deadline, reason, limit in seconds) of the wall-clock cap that ends first."""
+        cap = (
+            self.association_deadline,
+            "association_time_exceeded",
+            self.limits.max_association_seconds,
+        )
+        message = self.message_deadline
+        if message is not None and message < cap[0]:
+            cap = (message, "store_time_exceeded", self.limits.max_store_seconds)
+        return cap
+
+    def _abort_past_cap(self, reason: str, limit_seconds: float) -> None:
+        address, calling = _peer(self.assoc)
+        logger.warning(
+            "event=association_aborted reason=%s limit_seconds=%g from=%s calling_aet=%s",
+            reason,
+            limit_seconds,
+            address,
+            calling,
+        )
+        self.cut_connection(reason, abort=True)
+
+    def is_transport_event(self) -> bool:
+        """Replaces ``DULServiceProvider._is_transport_event``: first, the wall-clock caps.
+
+        The reactor calls this on every loop, also while the peer sends nothing, so a cap
+        ends an idle association as well as a busy one.
+        """
+        if not self.cut:
+            deadline, reason, limit_seconds = self._cap()
+            if time.monotonic() >= deadline:
+                self._abort_past_cap(reason, limit_seconds)
+        return bool(self._is_transport_event())
+
+    # -- ACSE: one address may not hold every slot ---------------------------------------------
+
+    def _held_by_same_address(self) -> int:
+        """Running associations from this peer's address that arrived before this one."""
+        if self.associations is None:
+            return 0
+        host = _host(self.assoc)
+        held = 0
+        for other in self.associations():
+            guard = getattr(other, "_ctcovid_guard", None)
+            if (
+                other is not self.assoc
+                and isinstance(guard, _Guard)
+                and guard.serial < self.serial
+                and not (guard.cut or guard.refused)
+                # Released or aborted: its thread is only winding down.
+                and not (
+                    getattr(other, "is_released", False) or getattr(other, "is_aborted", False)
+                )
+                and _host(other) == host
+            ):
+                held += 1
+        return held
+
+    def negotiate(self) -> None:
+        """Replaces ``ACSE._negotiate_as_acceptor``: the per-address limit, then the library's."""
+        limit = self.limits.max_associations_per_address
+        if limit and self._held_by_same_address() >= limit:
+            self.refused = True
+            acse = self.assoc.acse
+            with contextlib.suppress(Exception):  # only for the log line
+                self.assoc.requestor.ae_title = acse.requestor.primitive.calling_ae_title
+            address, calling = _peer(self.assoc)
+            acse.send_reject(*_REJECT_LOCAL_LIMIT)
+            self.on_refused("too_many_associations_from_address", address, calling)
+            self.assoc.kill()
+            return
+        self._negotiate()
 
     # -- DUL: one PDU from the socket ---------------------------------------------------------
 
@@ -233,7 +380,8 @@ class _Guard:
             return
         raw: socket.socket = maybe_raw
         timeout = self.limits.network_timeout_seconds
-        deadline = time.monotonic() + timeout
+        cap_deadline, cap_reason, cap_seconds = self._cap()
+        deadline = min(time.monotonic() + timeout, cap_deadline)
         try:
             header = _recv_exact(raw, 6, deadline)
             if header is None:
@@ -258,6 +406,9 @@ class _Guard:
                 dul.event_queue.put("Evt17")
                 return
         except _Stalled:
+            if deadline >= cap_deadline:
+                self._abort_past_cap(cap_reason, cap_seconds)
+                return
             logger.warning("event=peer_stalled timeout_seconds=%.0f", timeout)
             self.cut_connection("peer_stalled")
             return
@@ -307,9 +458,13 @@ class _Guard:
                 if held + len(data) > MAX_MEMORY_DATASET_BYTES:
                     self.cut_connection("dataset_too_large")
                     return
+            if message is None:  # the first fragment of a message: its clock starts
+                self.message_deadline = time.monotonic() + self.limits.max_store_seconds
             single = P_DATA()
             single.presentation_data_value_list = [[context_id, data]]  # type: ignore[list-item]
             self._receive_primitive(single)
+            if self.assoc.dimse.message is None:  # complete and handed on
+                self.message_deadline = None
             self._attach_spool()
 
     def _attach_spool(self) -> None:
@@ -342,6 +497,7 @@ class _Guard:
 
 def check_library() -> None:
     """Fail at start, not under attack, if pynetdicom no longer has the hooks used here."""
+    from pynetdicom.acse import ACSE
     from pynetdicom.dimse import DIMSEServiceProvider
     from pynetdicom.dimse_messages import DIMSEMessage
     from pynetdicom.dul import DULServiceProvider
@@ -350,7 +506,10 @@ def check_library() -> None:
         name
         for owner, name in (
             (DULServiceProvider, "_read_pdu_data"),
+            (DULServiceProvider, "_is_transport_event"),
             (DULServiceProvider, "_decode_pdu"),
+            (ACSE, "_negotiate_as_acceptor"),
+            (ACSE, "send_reject"),
             (DIMSEServiceProvider, "receive_primitive"),
             (DIMSEMessage(), "_data_set_file"),
         )
@@ -365,9 +524,18 @@ def check_library() -> None:
         )
 
 
-def guard_association(assoc: Any, limits: Limits, on_refused: RefusalHook) -> None:
-    """Install the bounds on one acceptor association before it starts."""
-    _Guard(assoc, limits, on_refused)
+def guard_association(
+    assoc: Any,
+    limits: Limits,
+    on_refused: RefusalHook,
+    associations: AssociationsHook | None = None,
+) -> None:
+    """Install the bounds on one acceptor association before it starts.
+
+    ``associations`` lists the server's running associations; without it there is no limit
+    per address.
+    """
+    _Guard(assoc, limits, on_refused, associations)
 
 
 def discard_spool(assoc: Any) -> None:
@@ -385,7 +553,10 @@ class GuardedRequestHandler(RequestHandler):
 
     def _create_association(self) -> Any:
         assoc = super()._create_association()
-        guard_association(assoc, self.server.limits, self.server.on_refused)
+        server = self.server
+        guard_association(
+            assoc, server.limits, server.on_refused, lambda: server.active_associations
+        )
         return assoc
 
 

@@ -17,6 +17,11 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from ctcovid.errors import ConfigError
+from ctcovid.net.guard import (
+    DEFAULT_MAX_ASSOCIATION_SECONDS,
+    DEFAULT_MAX_ASSOCIATIONS_PER_ADDRESS,
+    DEFAULT_MAX_STORE_SECONDS,
+)
 from ctcovid.net.peers import Peer, check_ae_title
 
 
@@ -46,6 +51,14 @@ class NodeConfig:
     min_free_mb: float = 1024.0
     # Each PDU must arrive whole within this time; idle associations end after it too.
     network_timeout_seconds: float = 60.0
+    # Wall-clock caps, so that a peer sending one small PDU just inside the network timeout
+    # cannot hold a slot forever: a whole association, and one C-STORE (first fragment of its
+    # command to last of its data set). Past either the association is aborted.
+    max_association_seconds: float = DEFAULT_MAX_ASSOCIATION_SECONDS
+    max_store_seconds: float = DEFAULT_MAX_STORE_SECONDS
+    # Associations one peer address may hold at once; more are rejected (transient), so that
+    # one host cannot take every slot from the modalities.
+    max_associations_per_address: int = DEFAULT_MAX_ASSOCIATIONS_PER_ADDRESS
     # A C-STORE data set larger than this is refused (0xA700); it never sits in memory.
     max_instance_mb: float = 1024.0
     # The whole send of one SR, connection to release; None: three network timeouts.
@@ -102,7 +115,12 @@ class NodeConfig:
             raise ConfigError(
                 f"max_instance_mb must be positive. Received: {self.max_instance_mb}."
             )
-        for name in ("send_deadline_seconds", "worker_stall_seconds"):
+        for name in (
+            "send_deadline_seconds",
+            "worker_stall_seconds",
+            "max_association_seconds",
+            "max_store_seconds",
+        ):
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ConfigError(f"{name} must be positive. Received: {value}.")
@@ -115,7 +133,12 @@ class NodeConfig:
             raise ConfigError(
                 f"runtime must be one of auto, keras, onnx, int8. Received: {self.runtime!r}."
             )
-        for name in ("max_attempts", "max_associations", "batch_size"):
+        for name in (
+            "max_attempts",
+            "max_associations",
+            "max_associations_per_address",
+            "batch_size",
+        ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1. Received: {getattr(self, name)}.")
         # PS3.8 D.3.3.2.1: 0 means unlimited, which a node facing the network must not offer.

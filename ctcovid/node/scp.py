@@ -448,6 +448,9 @@ def transport_limits(config: NodeConfig, store: Store) -> Limits:
         max_connections=2 * config.max_associations + 8,
         spool_dir=store.tmp_dir,
         check_space=store.check_free_space,
+        max_association_seconds=config.max_association_seconds,
+        max_store_seconds=config.max_store_seconds,
+        max_associations_per_address=config.max_associations_per_address,
     )
 
 
@@ -504,8 +507,9 @@ class Listener:
         self._thread.start()
         logger.info(
             "event=listening ae_title=%s host=%s port=%d tls=%s client_certificates=%s "
-            "allow_aet=%s max_associations=%d network_timeout=%.0fs max_pdu_bytes=%d "
-            "max_instance_mb=%.0f",
+            "allow_aet=%s max_associations=%d max_associations_per_address=%d "
+            "network_timeout=%.0fs max_association_seconds=%.0f max_store_seconds=%.0f "
+            "max_pdu_bytes=%d max_instance_mb=%.0f",
             self.config.ae_title,
             self.config.host,
             self.port,
@@ -513,7 +517,10 @@ class Listener:
             self.config.tls_ca is not None,
             ",".join(self.config.allow_aet) or "*",
             self.config.max_associations,
+            self.config.max_associations_per_address,
             self.config.network_timeout_seconds,
+            self.config.max_association_seconds,
+            self.config.max_store_seconds,
             self.config.max_pdu_bytes,
             self.config.max_instance_mb,
         )
