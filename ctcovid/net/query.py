@@ -233,25 +233,27 @@ class InstanceWriter(Protocol):
 # archives, and every series is judged by its own Modality afterwards (``SeriesRules``).
 _MAY_BE_ABSENT = frozenset({"ModalitiesInStudy"})
 _RANGE_VRS = frozenset({"DA", "TM", "DT"})
+_PADDING = " \x00"
 
 
 def returned_values(match: Dataset | Mapping[str, Any], keyword: str) -> list[str]:
     """The values of ``keyword`` in a match: a C-FIND identifier or a QIDO-RS DICOM JSON object.
 
     Person names come back as their alphabetic form; absent or empty attributes as ``[]``.
+    Only DICOM's padding (spaces, NUL) is stripped: a UID with a newline stays invalid.
     """
     if isinstance(match, Dataset):
         element = match.get(keyword)
         items = list(element) if isinstance(element, MultiValue) else [element]
-        return [str(v).strip() for v in items if v is not None and str(v).strip()]
+        return [str(v).strip(_PADDING) for v in items if v is not None and str(v).strip(_PADDING)]
     tag = tag_for_keyword(keyword)
     item = match.get(f"{tag:08X}") if tag is not None else None
     out = []
     for value in (item or {}).get("Value") or []:
         if isinstance(value, dict):  # a person name: {"Alphabetic": ...}
             value = value.get("Alphabetic", "")
-        if value is not None and str(value).strip():
-            out.append(str(value).strip())
+        if value is not None and str(value).strip(_PADDING):
+            out.append(str(value).strip(_PADDING))
     return out
 
 
