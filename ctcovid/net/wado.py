@@ -43,15 +43,24 @@ logger = logging.getLogger(__name__)
 CHUNK_BYTES = 65_536
 MAX_PART_HEADER_BYTES = 16_384  # the MIME headers of one part
 MAX_PREAMBLE_BYTES = 65_536  # whatever precedes the first boundary
-# Preferred first: uncompressed needs no codec; the rest in a fixed order for stable requests.
-_PREFERRED = "1.2.840.10008.1.2.1"
+_EXPLICIT_LE = "1.2.840.10008.1.2.1"
+_IMPLICIT_LE = "1.2.840.10008.1.2"
 
 
 def accept_header() -> str:
-    """The ``Accept`` of a series retrieval: one media range per syntax the ingest decodes."""
-    syntaxes = sorted(DECODABLE_TRANSFER_SYNTAXES, key=lambda uid: (uid != _PREFERRED, uid))
+    """The ``Accept`` of a series retrieval: one media range per syntax the ingest decodes.
+
+    Explicit VR Little Endian is preferred (``q`` 1, the others 0.9) and, for servers that
+    ignore ``q``, the list starts and ends with an uncompressed syntax: Orthanc 1.10's DICOMweb
+    plugin takes the last range and ignores ``q`` (asked last for RLE, it answered HTTP 500,
+    "Cannot transcode image"), other servers take the first.
+    """
+    others = sorted(
+        uid for uid in DECODABLE_TRANSFER_SYNTAXES if uid not in (_EXPLICIT_LE, _IMPLICIT_LE)
+    )
+    ranges = [f"{uid}; q=0.9" for uid in [_IMPLICIT_LE, *others]] + [_EXPLICIT_LE]
     return ", ".join(
-        f'multipart/related; type="application/dicom"; transfer-syntax={uid}' for uid in syntaxes
+        f'multipart/related; type="application/dicom"; transfer-syntax={item}' for item in ranges
     )
 
 
