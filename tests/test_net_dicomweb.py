@@ -434,3 +434,25 @@ def test_a_409_for_an_instance_the_archive_does_not_hold_is_refused(server, tmp_
     archive.instances = [{"00080018": {"vr": "UI", "Value": ["1.2.3.4.6"]}}]
     with pytest.raises(StowRefused, match="HTTP 409"):
         stow_one(url, tmp_path, "1.2.3.4.5")
+
+
+def test_a_deflated_retrieved_file_is_judged_without_inflating_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whatever retrieval put it in the cache (a C-GET may negotiate Deflate), the batch's main
+    process reads only its file meta information."""
+    from ctcovid.batch.index import SeriesEntry
+    from ctcovid.batch.sources import judge_retrieved
+    from ctcovid.config import IngestConfig
+
+    path = tmp_path / "1.2.3.4.5.dcm"
+    path.write_bytes(dicom_file(DeflatedExplicitVRLittleEndian, sop="1.2.3.4.5"))
+
+    def no_inflating(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("the deflated data set was parsed")
+
+    monkeypatch.setattr("zlib.decompress", no_inflating)
+    monkeypatch.setattr("zlib.decompressobj", no_inflating)
+    entry = SeriesEntry("1.2.3", "1.2.3.4", "P1", "CT", 1, 1, True, "", ())
+    ready = judge_retrieved(entry, [path], IngestConfig())
+    assert f"transfer syntax {DeflatedExplicitVRLittleEndian} (Deflate" in ready.error

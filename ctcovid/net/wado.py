@@ -27,6 +27,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any, BinaryIO
 from urllib.parse import quote
 
@@ -273,6 +274,21 @@ def _meta(spool: BinaryIO, where: str) -> tuple[str, str]:
     except InvalidUidError as exc:
         raise PacsError(f"{where}: {exc}") from exc
     return sop, syntax
+
+
+def syntax_refusal(path: Path) -> str:
+    """Why the retrieved file at ``path`` must not be parsed further, or ``""``.
+
+    Only its file meta information is read: a deflated data set (from any retrieval) would be
+    inflated whole by the header reader, without a bound, in the process that calls it.
+    """
+    try:
+        with open(path, "rb") as fh:
+            _, syntax = _meta(fh, str(path))
+            _refuse_syntax(syntax, f"instance {path.stem}")
+    except (OSError, PacsError) as exc:
+        return str(exc)
+    return ""
 
 
 def _refuse_syntax(syntax: str, where: str) -> None:
