@@ -2,11 +2,13 @@
 
 Every classified row's SR is sent to every destination by a background thread, so sending never
 slows classification. C-STORE goes through the node's sender (``ctcovid.node.sender.send_file``,
-the same statuses count as delivered); STOW-RS through ``ctcovid.net.dicomweb``. A failed send is
-retried with exponential backoff; after the last try it is ``failed`` with the reason. The
-outcome of every send is kept in ``out/sent.sqlite``: ``--resume`` sends what is not ``sent``
-yet (including rows of an earlier run that crashed before sending). Re-sending is harmless: SR
-UIDs are derived from the series and the model, and a PACS keeps the first copy of a UID.
+the same statuses count as delivered); STOW-RS through ``ctcovid.net.dicomweb``, whose client
+makes one request per attempt (the HTTP client's own quiet retries are off). A failed send is
+retried with exponential backoff, here and only here; after the last try it is ``failed`` with
+the reason. The outcome of every send is kept in ``out/sent.sqlite``: ``--resume`` sends what is
+not ``sent`` yet (including rows of an earlier run that crashed before sending). Re-sending is
+harmless: SR UIDs are derived from the series and the model, and a PACS keeps the first copy of
+a UID (a resend answered 409 counts as delivered when the PACS holds that UID).
 """
 
 from __future__ import annotations

@@ -92,8 +92,14 @@ class _Ready:
 
 
 def judge_retrieved(entry: SeriesEntry, paths: Sequence[Path], config: IngestConfig) -> _Ready:
-    """Read the headers of a retrieved series and judge it as the folder ingest would."""
-    items = [read_header(p) for p in paths]
+    """Read the headers of a retrieved series and judge it as the folder ingest would.
+
+    A file in a syntax the ingest does not decode is a bad file from its file meta alone: its
+    header is not read (a deflated data set would be inflated whole, here, without a bound).
+    """
+    from ctcovid.net.wado import syntax_refusal
+
+    items = [BadFile(p, why) if (why := syntax_refusal(p)) else read_header(p) for p in paths]
     instances = [it for it in items if isinstance(it, Instance)]
     bad = [it for it in items if isinstance(it, BadFile)]
     series_list, _ = group_instances(instances)

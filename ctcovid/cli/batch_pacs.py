@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -140,7 +140,8 @@ CaFileOption = Annotated[
         "--ca-file",
         exists=True,
         dir_okay=False,
-        help="CA certificates to verify DICOMweb servers with (default: system).",
+        help="CA certificates to verify DICOMweb servers with (default: certifi's bundle; "
+        "REQUESTS_CA_BUNDLE and ~/.netrc are not read).",
         rich_help_panel=_PACS,
     ),
 ]
@@ -191,8 +192,14 @@ def pacs_source(
     move_port: int | None,
     auth_file: Path | None,
     ca_file: Path | None,
+    retrieve_deadline_seconds: float | None = None,
+    max_instance_mb: float | None = None,
 ) -> PacsSource | None:
-    """The PACS to read from, or None for a folder archive."""
+    """The PACS to read from, or None for a folder archive.
+
+    ``retrieve_deadline_seconds`` bounds each series retrieval and ``max_instance_mb`` each
+    retrieved instance (DICOMweb; None: the archive's defaults).
+    """
     from ctcovid.batch.sources import PacsSource
     from ctcovid.net.peers import Peer, check_ae_title
     from ctcovid.net.query import SeriesRules, StudyQuery
@@ -234,8 +241,13 @@ def pacs_source(
         assert from_dicomweb is not None
         if move_port is not None:
             raise ConfigError("--move-port is for --from-pacs (DIMSE)")
+        limits: dict[str, Any] = {}
+        if retrieve_deadline_seconds is not None:
+            limits["deadline_seconds"] = retrieve_deadline_seconds
+        if max_instance_mb is not None:
+            limits["max_instance_bytes"] = int(max_instance_mb * 1024 * 1024)
         archive = DicomWebArchive(
-            from_dicomweb, HttpAuth.load(AUTH_ENV, auth_file), ca_file=ca_file
+            from_dicomweb, HttpAuth.load(AUTH_ENV, auth_file), ca_file=ca_file, **limits
         )
     return PacsSource(
         archive,  # type: ignore[arg-type]

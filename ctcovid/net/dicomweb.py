@@ -8,14 +8,13 @@ certificates are always verified (against the system store, or a CA file given).
 
 from __future__ import annotations
 
-import io
 import ipaddress
 import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 from pydicom.datadict import tag_for_keyword
 
@@ -26,6 +25,7 @@ from ctcovid.net.query import (
     InstanceWriter,
     SeriesMatch,
     StudyMatch,
+    accept_match,
 )
 from ctcovid.net.stow import stow as stow  # STOW-RS lives there; batch imports it from here
 
@@ -33,8 +33,9 @@ logger = logging.getLogger(__name__)
 
 AUTH_ENV = "CTCOVID_DICOMWEB_AUTH"
 STOW_AUTH_ENV = "CTCOVID_STOW_AUTH"
-# Ask for the stored transfer syntax: the archive sends its files as they are, no transcoding.
-ORIGINAL_SYNTAX = (("application/dicom", "*"),)
+# A whole series (hundreds of slices) on a slow link takes minutes; a stalled one, not hours.
+DEFAULT_RETRIEVE_DEADLINE_SECONDS = 1800.0
+DEFAULT_MAX_INSTANCE_BYTES = 1024 * 1024 * 1024  # as the listener's max_instance_mb
 PAGE_SIZE = 500
 MAX_MATCHES = 100_000
 
@@ -90,6 +91,59 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+def redact(url: str) -> str:
+    """``url`` without its user-info part (``user:password@``), for messages and logs."""
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    return urlunsplit(parts._replace(netloc="***@" + parts.netloc.rpartition("@")[2]))
+
+
+def make_session(url: str, auth: HttpAuth | None, *, ca_file: Path | None = None) -> Any:
+    """A ``requests`` session for ``url``: verified TLS, our credentials and nothing else.
+
+    The environment is not consulted (``trust_env`` off): with it, requests would let
+    ``REQUESTS_CA_BUNDLE`` replace ``ca_file``, ``~/.netrc`` replace ``auth``, and proxy
+    variables route patient data elsewhere. Credentials travel only over ``https://`` (or to a
+    loopback address), and never in the URL, where logs, ``ps`` and the run's files would keep
+    them.
+
+    Raises
+    ------
+    ConfigError
+        For a URL that is not ``http(s)://HOST/...``, that carries credentials, or that would
+        send credentials in clear to another host.
+    """
+    try:
+        import requests
+    except ImportError as exc:  # pragma: no cover - requests comes with dicomweb-client
+        raise ConfigError(
+            f"DICOMweb needs requests ({exc}); install it with: pip install 'ctcovid[dicomweb]'"
+        ) from exc
+    parts = urlsplit(url)
+    shown = redact(url)
+    if "@" in parts.netloc:
+        raise ConfigError(
+            f"DICOMweb URL {shown} carries credentials; remove them from the URL and give them "
+            f"in ${AUTH_ENV} / ${STOW_AUTH_ENV} or a credentials file instead"
+        )
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"DICOMweb URL must be http(s)://HOST[:PORT]/PATH. Received: {shown!r}.")
+    loopback = _is_loopback(parts.hostname)
+    if parts.scheme == "http" and not loopback:
+        if auth is not None:
+            raise ConfigError(
+                f"{shown}: credentials would travel unencrypted over plain HTTP; use https://"
+            )
+        logger.warning("%s: plain HTTP; patient data travels unencrypted", shown)
+    session = requests.Session()
+    session.trust_env = False
+    session.verify = str(ca_file) if ca_file is not None else True
+    if auth is not None:
+        session.headers["Authorization"] = auth.header()
+    return session
+
+
 def make_client(
     url: str,
     auth: HttpAuth | None,
@@ -97,29 +151,22 @@ def make_client(
     ca_file: Path | None = None,
     timeout_seconds: float = 60.0,
 ) -> Any:
-    """A ``DICOMwebClient`` for ``url`` with verified TLS and the Authorization header."""
+    """A ``DICOMwebClient`` for ``url`` on a :func:`make_session` session, without retries.
+
+    The client's own retries (of 429/503/504, quietly, within one call) are turned off: the
+    caller owns the one retry policy (the node's and batch's backoff, recorded per attempt).
+    """
     try:
-        import requests
         from dicomweb_client.api import DICOMwebClient
     except ImportError as exc:
         raise ConfigError(
             f"DICOMweb needs dicomweb-client ({exc}); install it with: "
             "pip install 'ctcovid[dicomweb]'"
         ) from exc
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ConfigError(f"DICOMweb URL must be http(s)://HOST[:PORT]/PATH. Received: {url!r}.")
-    loopback = _is_loopback(parts.hostname)
-    if parts.scheme == "http" and not loopback:
-        logger.warning("%s: plain HTTP; patient data and credentials travel unencrypted", url)
-    session = requests.Session()
-    session.verify = str(ca_file) if ca_file is not None else True
-    if loopback:
-        session.trust_env = False  # never send loopback traffic through a proxy
-    headers = {"Authorization": auth.header()} if auth is not None else None
-    return DICOMwebClient(
-        url.rstrip("/"), session=session, headers=headers, timeout=timeout_seconds
-    )
+    session = make_session(url, auth, ca_file=ca_file)
+    client = DICOMwebClient(url.rstrip("/"), session=session, timeout=timeout_seconds)
+    client.set_http_retry_params(retry=False)
+    return client
 
 
 def _first(item: dict[str, Any], keyword: str) -> str:
@@ -141,10 +188,12 @@ def _http_error(url: str, what: str, exc: Exception) -> PacsError:
 
 
 def search_all(search: Any, uid_keyword: str, what: str, url: str, **kwargs: Any) -> list[dict]:
-    """Every match of a QIDO-RS search, page by page (``limit``/``offset``).
+    """Every match of a QIDO-RS search, page by page (``limit``/``offset``), until an empty page.
 
-    Paging stops at a short page, and also at a page without a new UID: some servers ignore
-    ``offset``, and following them would ask for the same page forever.
+    A short page does not mean the last one: servers cap pages below the ``limit`` asked for
+    (PS3.18 8.3.4.4 lets them), and stopping there would truncate the list without a word.
+    Paging also stops at a page without a new UID: some servers ignore ``offset``, and following
+    them would ask for the same page forever. ``MAX_MATCHES`` bounds the rest.
     """
     seen: set[str] = set()
     out: list[dict] = []
@@ -163,13 +212,18 @@ def search_all(search: Any, uid_keyword: str, what: str, url: str, **kwargs: Any
                 f"{url}: {what} returned more than {MAX_MATCHES} matches; narrow the query "
                 "(e.g. a shorter StudyDate range)"
             )
-        if len(page) < PAGE_SIZE or not new:
+        if not page or not new:
             return out
         offset += len(page)
 
 
 class DicomWebArchive:
-    """Query (QIDO-RS) and retrieve (WADO-RS, multipart) from a DICOMweb service."""
+    """Query (QIDO-RS) and retrieve (WADO-RS, multipart) from a DICOMweb service.
+
+    Every match is checked (:func:`~ctcovid.net.query.accept_match`) before it is used, and a
+    series retrieval runs under an overall deadline with a cap on each instance (see
+    :func:`ctcovid.net.wado.retrieve_series`).
+    """
 
     def __init__(
         self,
@@ -178,9 +232,19 @@ class DicomWebArchive:
         *,
         ca_file: Path | None = None,
         timeout_seconds: float = 60.0,
+        deadline_seconds: float = DEFAULT_RETRIEVE_DEADLINE_SECONDS,
+        max_instance_bytes: int = DEFAULT_MAX_INSTANCE_BYTES,
     ):
+        if deadline_seconds <= 0 or max_instance_bytes <= 0:
+            raise ConfigError(
+                "the retrieval deadline and the instance cap must be positive. Received: "
+                f"deadline_seconds={deadline_seconds}, max_instance_bytes={max_instance_bytes}."
+            )
         self.url = url.rstrip("/")
         self.client = make_client(url, auth, ca_file=ca_file, timeout_seconds=timeout_seconds)
+        self.timeout_seconds = timeout_seconds
+        self.deadline_seconds = deadline_seconds
+        self.max_instance_bytes = max_instance_bytes
 
     def describe(self) -> str:
         return self.url
@@ -196,12 +260,13 @@ class DicomWebArchive:
             "StudyInstanceUID",
             f"QIDO-RS studies {filters}",
             self.url,
-            fields=list(STUDY_RETURN_KEYS),
+            # The keys come back too, so that each match can be checked against them.
+            fields=list(dict.fromkeys([*STUDY_RETURN_KEYS, *keys])),
             search_filters=filters,
         )
         out = []
         for item in found:
-            uid = _first(item, "StudyInstanceUID")
+            uid = accept_match(keys, item, uid_keyword="StudyInstanceUID", source=self.url)
             if uid:
                 out.append(
                     StudyMatch(
@@ -220,11 +285,17 @@ class DicomWebArchive:
             f"QIDO-RS series of study {study.study_instance_uid}",
             self.url,
             study_instance_uid=study.study_instance_uid,
-            fields=list(SERIES_RETURN_KEYS),
+            fields=[*SERIES_RETURN_KEYS, "StudyInstanceUID"],
         )
         out = []
         for item in found:
-            uid = _first(item, "SeriesInstanceUID")
+            # The study is in the URL path; a series that names another study is not ours.
+            keys = (
+                {"StudyInstanceUID": study.study_instance_uid}
+                if _first(item, "StudyInstanceUID")
+                else {}
+            )
+            uid = accept_match(keys, item, uid_keyword="SeriesInstanceUID", source=self.url)
             if not uid:
                 continue
             n = _first(item, "NumberOfSeriesRelatedInstances")
@@ -242,32 +313,15 @@ class DicomWebArchive:
         return out
 
     def retrieve_series(self, series: SeriesMatch, write: InstanceWriter) -> int:
-        """WADO-RS of the whole series (multipart, streamed) into ``write``."""
-        from ctcovid.net.cache import CacheFullError
+        """WADO-RS of the whole series into ``write``, under the deadline and the instance cap."""
+        from ctcovid.net.wado import retrieve_series
 
-        stored = 0
-        try:
-            for ds in self.client.iter_series(
-                series.study_instance_uid,
-                series.series_instance_uid,
-                media_types=ORIGINAL_SYNTAX,
-            ):
-                buf = io.BytesIO()
-                ds.save_as(buf, enforce_file_format=True)
-                write(str(ds.SOPInstanceUID), buf.getvalue())
-                stored += 1
-        except CacheFullError:
-            raise
-        except Exception as exc:
-            if type(exc).__module__.split(".")[0] in ("requests", "urllib3"):
-                what = f"WADO-RS series {series.series_instance_uid}"
-                raise _http_error(self.url, what, exc) from exc
-            raise PacsError(
-                f"{self.url}: series {series.series_instance_uid}: instance {stored + 1} "
-                f"could not be stored ({type(exc).__name__}: {exc})"
-            ) from exc
-        if stored == 0:
-            raise PacsError(
-                f"{self.url} delivered no instance of series {series.series_instance_uid}"
-            )
-        return stored
+        return retrieve_series(
+            self.client._session,
+            self.url,
+            series,
+            write,
+            timeout_seconds=self.timeout_seconds,
+            deadline_seconds=self.deadline_seconds,
+            max_instance_bytes=self.max_instance_bytes,
+        )

@@ -35,6 +35,7 @@ from ctcovid.net.query import (
     InstanceWriter,
     SeriesMatch,
     StudyMatch,
+    accept_match,
 )
 from ctcovid.net.services import STORAGE_CLASSES, TRANSFER_SYNTAXES
 
@@ -188,9 +189,9 @@ class DimseArchive:
         shown = " ".join(f"{k}={v}" for k, v in keys.items())
         out = []
         for ds in self._find(query, f"studies ({shown})"):
-            uid = _text(ds, "StudyInstanceUID")
+            # Checked, not trusted: a valid UID, and every key the archive may have ignored.
+            uid = accept_match(keys, ds, uid_keyword="StudyInstanceUID", source=str(self.peer))
             if not uid:
-                logger.warning("%s: a study match without StudyInstanceUID, ignored", self.peer)
                 continue
             out.append(
                 StudyMatch(

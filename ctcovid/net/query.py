@@ -9,15 +9,21 @@ run says what it did not look at and why.
 from __future__ import annotations
 
 import fnmatch
+import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from pydicom.datadict import dictionary_VR, tag_for_keyword
+from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
 
+from ctcovid.dicom.uids import valid_uid
 from ctcovid.errors import ConfigError
+
+logger = logging.getLogger(__name__)
 
 # Study-level return keys: the identity of a study and what a data team filters on.
 STUDY_RETURN_KEYS = (
@@ -219,3 +225,112 @@ class InstanceWriter(Protocol):
     """Where a retrieval puts an instance: ``write(sop_instance_uid, encoded_file_bytes)``."""
 
     def __call__(self, sop_instance_uid: str, data: bytes) -> None: ...
+
+
+# -- every match checked against the query ---------------------------------------------------------
+
+# Keys whose absence from a match is tolerated: ModalitiesInStudy is optional matching in many
+# archives, and every series is judged by its own Modality afterwards (``SeriesRules``).
+_MAY_BE_ABSENT = frozenset({"ModalitiesInStudy"})
+_RANGE_VRS = frozenset({"DA", "TM", "DT"})
+_PADDING = " \x00"
+
+
+def returned_values(match: Dataset | Mapping[str, Any], keyword: str) -> list[str]:
+    """The values of ``keyword`` in a match: a C-FIND identifier or a QIDO-RS DICOM JSON object.
+
+    Person names come back as their alphabetic form; absent or empty attributes as ``[]``.
+    Only DICOM's padding (spaces, NUL) is stripped: a UID with a newline stays invalid.
+    """
+    if isinstance(match, Dataset):
+        element = match.get(keyword)
+        items = list(element) if isinstance(element, MultiValue) else [element]
+        return [str(v).strip(_PADDING) for v in items if v is not None and str(v).strip(_PADDING)]
+    tag = tag_for_keyword(keyword)
+    item = match.get(f"{tag:08X}") if tag is not None else None
+    out = []
+    for value in (item or {}).get("Value") or []:
+        if isinstance(value, dict):  # a person name: {"Alphabetic": ...}
+            value = value.get("Alphabetic", "")
+        if value is not None and str(value).strip(_PADDING):
+            out.append(str(value).strip(_PADDING))
+    return out
+
+
+def _single_matches(vr: str, wanted: str, value: str) -> bool:
+    """PS3.4 C.2.2.2: range, wildcard or single value matching of one value."""
+    if vr in _RANGE_VRS and "-" in wanted:
+        low, _, high = wanted.partition("-")
+        value = value.replace(".", "").replace(":", "")
+        # A bound covers every value it is a prefix of ("20200301" covers the whole day).
+        return (not low or value[: len(low)] >= low) and (not high or value[: len(high)] <= high)
+    if vr == "PN":  # case-insensitive, trailing empty components ignored
+        wanted, value = wanted.upper().rstrip("^ "), value.upper().rstrip("^ ")
+    if "*" in wanted or "?" in wanted:
+        pattern = "".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in wanted)
+        return re.fullmatch(pattern, value, flags=re.DOTALL) is not None
+    if vr in ("DA", "TM", "DT"):
+        value = value.replace(".", "").replace(":", "")
+    return value == wanted
+
+
+def query_mismatch(keys: Mapping[str, str], match: Dataset | Mapping[str, Any]) -> str:
+    """Why ``match`` does not satisfy the matching ``keys``, or ``""`` when it does.
+
+    Archives are not trusted to apply every key: one that ignores ``PatientID`` would otherwise
+    feed other patients' studies into a run, and their SRs into those patients' records. So each
+    key is checked again here, on what the archive returned, as PS3.4 C.2.2.2 defines matching:
+    ``\\``-separated alternatives, ``*``/``?`` wildcards, ``A-B`` ranges of dates and times,
+    person names case-insensitive. A key the match does not carry fails: what cannot be checked
+    is not trusted (except ``ModalitiesInStudy``, which each series' Modality answers later).
+    Empty keys are universal matches.
+    """
+    for keyword, wanted in keys.items():
+        alternatives = [w.strip() for w in wanted.split("\\") if w.strip()]
+        if not alternatives:
+            continue
+        values = returned_values(match, keyword)
+        if not values:
+            if keyword in _MAY_BE_ABSENT:
+                continue
+            return f"{keyword} not returned (asked for {wanted!r})"
+        vr = dictionary_VR(keyword) if tag_for_keyword(keyword) is not None else ""
+        if not any(_single_matches(vr, w, v) for w in alternatives for v in values):
+            returned = "\\".join(values)
+            return f"{keyword} {returned!r} does not match {wanted!r}"
+    return ""
+
+
+def accept_match(
+    keys: Mapping[str, str],
+    match: Dataset | Mapping[str, Any],
+    *,
+    uid_keyword: str,
+    source: str,
+) -> str:
+    """The match's UID when it is valid and satisfies ``keys``; ``""`` (and a warning) if not.
+
+    The single check that every archive applies to every match before it becomes a
+    :class:`StudyMatch` or :class:`SeriesMatch`: the UID must be one that may become part of a
+    path or a URL (:func:`~ctcovid.dicom.uids.valid_uid`), and the match must satisfy every
+    matching key (:func:`query_mismatch`). A dropped match is logged with the source, the UID
+    and the attribute, never silently lost.
+    """
+    uids = returned_values(match, uid_keyword)
+    uid = uids[0] if uids else ""
+    if not valid_uid(uid):
+        logger.warning(
+            "%s: a match with %s %s dropped: not a valid UID", source, uid_keyword, repr(uid)[:80]
+        )
+        return ""
+    why = query_mismatch(keys, match)
+    if why:
+        logger.warning(
+            "%s: %s %s dropped: %s; the archive did not apply the key",
+            source,
+            uid_keyword,
+            uid,
+            why,
+        )
+        return ""
+    return uid

@@ -4,21 +4,28 @@ The client comes from :func:`ctcovid.net.dicomweb.make_client` (verified TLS, cr
 the environment or a file). A refusal that sending again cannot change raises
 :class:`StowRefused`: an HTTP 4xx answer other than 408 and 429 (409 Conflict is how a service
 says it refused the instance), or a FailedSOPSequence whose reason is not "out of resources" or
-"processing failure". Anything else (5xx, 408, 429, a refused or lost connection, a timeout, TLS)
-raises a plain :class:`~ctcovid.errors.PacsError`, worth retrying. Messages carry the HTTP status
-and reason and the DICOM failure reason, never the response body (which may echo patient data).
+"processing failure". A 409 is first checked against the archive: a resend of an instance that
+an earlier, abandoned request did store is answered 409, and when a QIDO-RS search finds the
+instance (same SOP Instance UID, in its study) it counts as delivered. Anything else (5xx, 408,
+429, a refused or lost connection, a timeout, TLS) raises a plain
+:class:`~ctcovid.errors.PacsError`, worth retrying. Messages carry the HTTP status and reason and
+the DICOM failure reason, never the response body (which may echo patient data).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import pydicom
 
+from ctcovid.dicom.uids import check_uid
 from ctcovid.errors import PacsError
+
+logger = logging.getLogger(__name__)
 
 # Statuses that may pass: request timeout, too early, too many requests (PS3.18 8.2 and RFC 9110).
 RETRYABLE_HTTP = frozenset({408, 425, 429})
@@ -100,7 +107,13 @@ def stow(client: Any, url: str, paths: Sequence[Path]) -> None:
     try:
         response = client.store_instances(datasets)
     except Exception as exc:
-        raise stow_error(url, what, exc) from exc
+        error = stow_error(url, what, exc)
+        if getattr(error, "http_status", None) == 409 and all(
+            already_stored(client, url, ds) for ds in datasets
+        ):
+            logger.info("event=stow_already_stored url=%s instances=%d", url, len(datasets))
+            return
+        raise error from exc
     failed = list(getattr(response, "FailedSOPSequence", []) or [])
     if failed:
         item = failed[0]
@@ -112,3 +125,30 @@ def stow(client: Any, url: str, paths: Sequence[Path]) -> None:
         if _transient_failure(reason):
             raise PacsError(message)
         raise StowRefused(message)
+
+
+def already_stored(client: Any, url: str, ds: pydicom.Dataset) -> bool:
+    """Whether the service holds ``ds``'s SOP instance in ``ds``'s study (a QIDO-RS search).
+
+    The answer is checked, not trusted: a service that ignores the filter and lists other
+    instances does not make this one delivered. Any failure of the search is a "no".
+    """
+    from ctcovid.net.query import returned_values
+
+    try:
+        study = check_uid(str(ds.StudyInstanceUID), "StudyInstanceUID")
+        sop = check_uid(str(ds.SOPInstanceUID), "SOPInstanceUID")
+        found = client.search_for_instances(
+            study_instance_uid=study,
+            fields=["SOPInstanceUID"],
+            search_filters={"SOPInstanceUID": sop},
+        )
+    except Exception as exc:  # an invalid UID, or the search failed: not known to be stored
+        logger.warning("%s: cannot check whether SOP instance is stored (%s)", url, exc)
+        return False
+    for item in found or []:
+        if sop in returned_values(item, "SOPInstanceUID"):
+            studies = returned_values(item, "StudyInstanceUID")
+            if not studies or study in studies:
+                return True
+    return False
