@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import ssl
 import struct
 import threading
 import time
@@ -64,6 +65,7 @@ class FakePacs:
     final_status: int | None = None
     move_destination: tuple[str, int] | None = None
     pending_every_seconds: float | None = None
+    ssl_context: ssl.SSLContext | None = None
     queries: list[Dataset] = field(default_factory=list)
     # (abstract syntax, transfer syntaxes) of each context the last C-GET's requestor proposed
     get_contexts: list[tuple[str, list[str]]] = field(default_factory=list)
@@ -83,7 +85,7 @@ class FakePacs:
         ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
         self._ae = ae
         self._server = ae.start_server(
-            ("127.0.0.1", 0), block=False, evt_handlers=[
+            ("127.0.0.1", 0), block=False, ssl_context=self.ssl_context, evt_handlers=[
                 (evt.EVT_C_FIND, self._find), (evt.EVT_C_GET, self._get),
                 (evt.EVT_C_MOVE, self._move)],
         )

@@ -5,6 +5,7 @@ partial retrievals reported as such, C-FIND identifiers that say what they mean.
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -271,3 +272,44 @@ def test_c_get_offers_lossless_syntaxes_in_a_context_of_their_own() -> None:
     ct = [syntaxes for uid, syntaxes in pacs.get_contexts if uid == CTImageStorage]
     assert ct[0] and not set(ct[0]) & LOSSY_TRANSFER_SYNTAXES
     assert all(set(s) <= LOSSY_TRANSFER_SYNTAXES for s in ct[1:])
+
+
+# -- 6. TLS on the batch's DIMSE path -------------------------------------------------------------
+
+
+def _self_signed(folder: Path) -> tuple[Path, Path]:
+    cert, key = folder / "pacs.pem", folder / "pacs.key"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+         "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+         "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True, timeout=60,
+    )
+    return cert, key
+
+
+def test_batch_from_pacs_queries_over_tls_with_the_tls_options(tmp_path: Path) -> None:
+    import ssl
+
+    from ctcovid.cli.batch_pacs import pacs_source
+    from ctcovid.net.tls import server_ssl_context
+
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed")
+    cert, key = _self_signed(tmp_path)
+    server_tls = server_ssl_context(cert=cert, key=key)
+    assert isinstance(server_tls, ssl.SSLContext)
+    pacs = FakePacs([ct_instance(STUDY, SERIES)], ssl_context=server_tls)
+    options: dict[str, Any] = dict(
+        from_pacs=f"127.0.0.1:{pacs.port}:{PACS_AET}", from_dicomweb=None, query=None,
+        modality=None, accessions=None, body_part=None, series_description=None,
+        cache_gb=1.0, max_retrievals=1, query_pause=0.0, ae_title=OUR_AET, move_port=None,
+        auth_file=None, ca_file=None,
+    )
+    try:
+        source = pacs_source(**options, tls_ca=cert)
+        assert source is not None
+        studies = within(lambda: source.archive.find_studies({"PatientID": "P1"}))
+    finally:
+        pacs.close()
+    assert [s.study_instance_uid for s in studies] == [STUDY]
