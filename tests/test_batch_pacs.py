@@ -294,7 +294,8 @@ def test_c_move_to_our_own_scp_gives_the_same_rows(
     pacs: Orthanc, tiny_model_dir: Path, classifier: Classifier, folder_rows: dict,
     tmp_path: Path
 ) -> None:
-    receiver = MoveReceiver(OUR_AET, pacs.move_port, host="127.0.0.1")
+    receiver = MoveReceiver(OUR_AET, pacs.move_port, host="127.0.0.1",
+                            allow_ae_titles=(pacs.aet,))
     summary = run_from(dimse_source(pacs, move=receiver), tmp_path / "run", tiny_model_dir,
                        classifier)
     assert_same_rows(rows_of(tmp_path / "run"), folder_rows)

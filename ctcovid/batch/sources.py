@@ -392,7 +392,7 @@ class _Retriever:
                 item = _Ready(entry, f"internal error: {type(exc).__name__}: {exc}")
             self.ready.put(item)
 
-    def _write(self, key: tuple[str, str], sop_instance_uid: str, data: bytes) -> None:
+    def _write(self, key: tuple[str, str], sop_instance_uid: str, data: bytes | Path) -> None:
         self.cache.write(key, sop_instance_uid, data)
 
     def _admit(self, entry: SeriesEntry) -> None:

@@ -124,6 +124,69 @@ MoveDestOption = Annotated[
         rich_help_panel=_PACS,
     ),
 ]
+MoveBindOption = Annotated[
+    str | None,
+    typer.Option(
+        "--move-bind",
+        metavar="ADDRESS",
+        help="Address the C-MOVE receiver listens on (needed with --move-port): the one the "
+        "PACS reaches us at, e.g. this host's IP. Only the PACS's AE title may store into it.",
+        rich_help_panel=_PACS,
+    ),
+]
+MaxInstanceMbOption = Annotated[
+    float,
+    typer.Option(
+        "--max-instance-mb",
+        min=0.001,
+        help="Refuse (and stop the retrieval of) any instance larger than this, as the "
+        "listener does; instances are received to disk, never held in memory.",
+        rich_help_panel=_PACS,
+    ),
+]
+RetrieveDeadlineOption = Annotated[
+    float,
+    typer.Option(
+        "--retrieve-deadline",
+        min=1.0,
+        metavar="SECONDS",
+        help="Give up on a query or a series retrieval that has not finished after this long "
+        "(a stalled or trickling PACS): the series becomes a failed row and the run goes on.",
+        rich_help_panel=_PACS,
+    ),
+]
+TlsCertOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--tls-cert",
+        exists=True,
+        dir_okay=False,
+        help="Our TLS certificate (PEM) for DIMSE with the PACS: C-FIND, C-GET, C-MOVE and "
+        "the C-MOVE receiver.",
+        rich_help_panel=_PACS,
+    ),
+]
+TlsKeyOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--tls-key",
+        exists=True,
+        dir_okay=False,
+        help="The private key (PEM) of --tls-cert.",
+        rich_help_panel=_PACS,
+    ),
+]
+TlsCaOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--tls-ca",
+        exists=True,
+        dir_okay=False,
+        help="CA certificates (PEM) the PACS's certificate must be signed by; turns TLS on for "
+        "--from-pacs (default CAs: the system's).",
+        rich_help_panel=_PACS,
+    ),
+]
 AuthFileOption = Annotated[
     Path | None,
     typer.Option(
@@ -192,13 +255,20 @@ def pacs_source(
     move_port: int | None,
     auth_file: Path | None,
     ca_file: Path | None,
-    retrieve_deadline_seconds: float | None = None,
-    max_instance_mb: float | None = None,
+    move_bind: str | None = None,
+    max_instance_mb: float = 1024.0,
+    retrieve_deadline_seconds: float = 1800.0,
+    tls_cert: Path | None = None,
+    tls_key: Path | None = None,
+    tls_ca: Path | None = None,
+    spool_dir: Path | None = None,
 ) -> PacsSource | None:
     """The PACS to read from, or None for a folder archive.
 
-    ``retrieve_deadline_seconds`` bounds each series retrieval and ``max_instance_mb`` each
-    retrieved instance (DICOMweb; None: the archive's defaults).
+    ``retrieve_deadline_seconds`` bounds each association or series retrieval, and
+    ``max_instance_mb`` each retrieved instance, by DIMSE and by DICOMweb alike. TLS is on for
+    ``--from-pacs`` when any of ``tls_cert``/``tls_key``/``tls_ca`` is given; ``spool_dir``
+    (beside the cache) receives retrieved instances before they enter it.
     """
     from ctcovid.batch.sources import PacsSource
     from ctcovid.net.peers import Peer, check_ae_title
@@ -213,6 +283,9 @@ def pacs_source(
                 ("--query", query),
                 ("--accessions", accessions),
                 ("--move-port", move_port),
+                ("--move-bind", move_bind),
+                ("--tls-cert", tls_cert),
+                ("--tls-ca", tls_ca),
             )
             if v
         ]
@@ -229,23 +302,56 @@ def pacs_source(
     archive: object
     if from_pacs:
         from ctcovid.net.dimse import DimseArchive, MoveReceiver
+        from ctcovid.net.tls import client_ssl_context, server_ssl_context
 
         calling = check_ae_title(ae_title, "--ae-title")
-        receiver = MoveReceiver(calling, move_port) if move_port is not None else None
+        peer = Peer.parse(from_pacs)
+        tls = any(p is not None for p in (tls_cert, tls_key, tls_ca))
+        receiver = None
+        if move_port is not None:
+            if not move_bind:
+                raise ConfigError(
+                    "--move-port needs --move-bind ADDRESS: the address the PACS sends to "
+                    "(this host's IP, or 0.0.0.0 for every interface)"
+                )
+            receiver = MoveReceiver(
+                calling,
+                move_port,
+                host=move_bind,
+                allow_ae_titles=(peer.ae_title,),
+                max_instance_mb=max_instance_mb,
+                spool_dir=spool_dir,
+                ssl_context=(
+                    server_ssl_context(cert=tls_cert, key=tls_key, ca=tls_ca) if tls else None
+                ),
+            )
+        elif move_bind:
+            raise ConfigError("--move-bind is for --move-port (C-MOVE)")
         archive = DimseArchive(
-            Peer.parse(from_pacs), calling_ae_title=calling, move_receiver=receiver
+            peer,
+            calling_ae_title=calling,
+            move_receiver=receiver,
+            max_instance_mb=max_instance_mb,
+            deadline_seconds=retrieve_deadline_seconds,
+            spool_dir=spool_dir,
+            ssl_context=(
+                client_ssl_context(cert=tls_cert, key=tls_key, ca=tls_ca) if tls else None
+            ),
         )
     else:
         from ctcovid.net.dicomweb import AUTH_ENV, DicomWebArchive, HttpAuth
 
         assert from_dicomweb is not None
-        if move_port is not None:
-            raise ConfigError("--move-port is for --from-pacs (DIMSE)")
-        limits: dict[str, Any] = {}
-        if retrieve_deadline_seconds is not None:
-            limits["deadline_seconds"] = retrieve_deadline_seconds
-        if max_instance_mb is not None:
-            limits["max_instance_bytes"] = int(max_instance_mb * 1024 * 1024)
+        if move_port is not None or move_bind:
+            raise ConfigError("--move-port and --move-bind are for --from-pacs (DIMSE)")
+        if any(p is not None for p in (tls_cert, tls_key, tls_ca)):
+            raise ConfigError(
+                "--tls-cert/--tls-key/--tls-ca are for --from-pacs; DICOMweb uses --ca-file"
+            )
+        limits: dict[str, Any] = {
+            "deadline_seconds": retrieve_deadline_seconds,
+            "max_instance_bytes": int(max_instance_mb * 1024 * 1024),
+        }
         archive = DicomWebArchive(
             from_dicomweb, HttpAuth.load(AUTH_ENV, auth_file), ca_file=ca_file, **limits
         )

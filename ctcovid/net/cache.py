@@ -106,29 +106,39 @@ class SeriesCache:
         with self._lock:
             return key in self._complete
 
-    def write(self, key: Key, sop_instance_uid: str, data: bytes) -> Path:
-        """Write one instance of series ``key`` durably (new folders too) within the bound."""
+    def write(self, key: Key, sop_instance_uid: str, data: bytes | Path) -> Path:
+        """Write one instance of series ``key`` (temp file, fsync, rename) within the bound.
+
+        ``data`` is the file's bytes, or a spooled file that is moved into place (copied in
+        chunks when it lies on another file system); its size is checked first, so an
+        instance over the bound is refused unread.
+        """
         name = check_uid(sop_instance_uid, "SOPInstanceUID")
         folder = self.series_dir(key)
+        size = data.stat().st_size if isinstance(data, Path) else len(data)
         with self._lock:
-            if self.used_bytes + len(data) > self.bound_bytes:
+            if self.used_bytes + size > self.bound_bytes:
                 raise CacheFullError(
                     f"cache {self.root} holds {self.used_bytes} bytes; instance {name} "
-                    f"({len(data)} bytes) would exceed its bound of {self.bound_bytes} bytes"
+                    f"({size} bytes) would exceed its bound of {self.bound_bytes} bytes"
                 )
-            self.used_bytes += len(data)
+            self.used_bytes += size
             self.peak_bytes = max(self.peak_bytes, self.used_bytes)
-            self._sizes[key] = self._sizes.get(key, 0) + len(data)
+            self._sizes[key] = self._sizes.get(key, 0) + size
         final = folder / f"{name}.dcm"
         try:
-            write_atomic(final, data)
+            if isinstance(data, Path):
+                spooled = data
+                write_atomic(final, lambda tmp: shutil.move(spooled, tmp))
+            else:
+                write_atomic(final, data)
         except OSError:
             with self._lock:
-                self.used_bytes -= len(data)
-                self._sizes[key] -= len(data)
+                self.used_bytes -= size
+                self._sizes[key] -= size
             raise
         with self._lock:
-            self.bytes_written += len(data)
+            self.bytes_written += size
         return final
 
     def mark_complete(self, key: Key, n_instances: int) -> None:

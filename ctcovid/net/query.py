@@ -222,9 +222,13 @@ class Archive(Protocol):
 
 
 class InstanceWriter(Protocol):
-    """Where a retrieval puts an instance: ``write(sop_instance_uid, encoded_file_bytes)``."""
+    """Where a retrieval puts an instance: ``write(sop_instance_uid, data)``.
 
-    def __call__(self, sop_instance_uid: str, data: bytes) -> None: ...
+    ``data`` is the encoded file, as bytes or as the path of a spooled file that the writer
+    takes over (moves into place), so a large instance never has to be held in memory.
+    """
+
+    def __call__(self, sop_instance_uid: str, data: bytes | Path) -> None: ...
 
 
 # -- every match checked against the query ---------------------------------------------------------

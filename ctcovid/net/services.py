@@ -45,3 +45,17 @@ TRANSFER_SYNTAXES = [
     *(uid for uid in _PREFERRED_ORDER if uid in DECODABLE_TRANSFER_SYNTAXES),
     *sorted(set(DECODABLE_TRANSFER_SYNTAXES) - set(_PREFERRED_ORDER)),
 ]
+# Syntaxes whose pixel data may have lost information (PS3.5 8.2; JPEG 2000 "Lossy or
+# Lossless" is counted as lossy: nothing in the syntax says which it was).
+LOSSY_TRANSFER_SYNTAXES = frozenset(
+    {
+        "1.2.840.10008.1.2.4.50",
+        "1.2.840.10008.1.2.4.51",
+        "1.2.840.10008.1.2.4.81",
+        "1.2.840.10008.1.2.4.91",
+    }
+)
+LOSSLESS_TRANSFER_SYNTAXES = [
+    uid for uid in TRANSFER_SYNTAXES if uid not in LOSSY_TRANSFER_SYNTAXES
+]
+LOSSY_DECODABLE_SYNTAXES = [uid for uid in TRANSFER_SYNTAXES if uid in LOSSY_TRANSFER_SYNTAXES]
