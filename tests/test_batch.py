@@ -753,3 +753,43 @@ def test_indexing_holds_a_batch_of_rows_and_one_series_of_headers_at_most(
     largest = max(n for _, n in alive)
     assert largest < summary.n_instances  # so the bound below is not the whole archive
     assert all(n_alive <= n for n_alive, n in alive), [a for a in alive if a[0] > a[1]]
+
+
+def test_send_to_over_tls_delivers_every_sr_to_a_peer_that_requires_it(
+    archive: dict, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """The batch's C-STORE is the node's sender: with the TLS options it speaks TLS (and shows
+    our certificate to a peer that asks for one); a plain association is refused there."""
+    import ssl
+
+    from node_helpers import make_test_ca
+    from pydicom.uid import Comprehensive3DSRStorage
+    from pynetdicom import AE, evt
+
+    pki = make_test_ca(tmp_path / "pki")
+    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(pki["ca"]))
+    server_tls.load_cert_chain(str(pki["cert"]), str(pki["key"]))
+    server_tls.verify_mode = ssl.CERT_REQUIRED
+    received: list[str] = []
+
+    def store(event: evt.Event) -> int:
+        received.append(str(event.dataset.SOPInstanceUID))
+        return 0x0000
+
+    ae = AE(ae_title="PACS")
+    ae.add_supported_context(Comprehensive3DSRStorage)
+    server = ae.start_server(("127.0.0.1", 0), block=False, ssl_context=server_tls,
+                             evt_handlers=[(evt.EVT_C_STORE, store)])  # fmt: skip
+    try:
+        peer = f"127.0.0.1:{server.server_address[1]}:PACS"
+        result = CliRunner().invoke(app, [
+            "batch", str(archive["root"]), "--out", str(tmp_path / "run"),
+            "--model", str(tiny_model_dir), "--workers", "1", "--send-to", peer,
+            "--tls-cert", str(pki["cert"]), "--tls-key", str(pki["key"]),
+            "--tls-ca", str(pki["ca"]), "--json",
+        ])  # fmt: skip
+    finally:
+        server.shutdown()
+    assert result.exit_code == 0, result.output
+    srs = {p.stem for p in (tmp_path / "run" / "sr").rglob("*.dcm")}
+    assert srs and set(received) == srs

@@ -18,7 +18,6 @@ from node_helpers import Orthanc, free_port, require_tool
 from typer.testing import CliRunner
 
 from ctcovid.batch import CLASSIFIED, FAILED, SKIPPED, BatchOptions, read_results, run_batch
-from ctcovid.batch.destinations import Destination
 from ctcovid.batch.results import RESULTS_FILE
 from ctcovid.batch.sources import PacsSource
 from ctcovid.cli.main import app
@@ -28,6 +27,7 @@ from ctcovid.net import SeriesMatch, SeriesRules, StudyQuery
 from ctcovid.net.dicomweb import DicomWebArchive, HttpAuth
 from ctcovid.net.dimse import DimseArchive, MoveReceiver
 from ctcovid.net.peers import Peer
+from ctcovid.net.sender import SendSettings
 
 pytestmark = pytest.mark.network
 
@@ -217,7 +217,7 @@ def dimse_run(pacs: Orthanc, tiny_model_dir: Path, classifier: Classifier,
     out = tmp_path_factory.mktemp("dimse") / "run"
     summary = run_from(
         dimse_source(pacs), out, tiny_model_dir, classifier,
-        destinations=(Destination.c_store(f"127.0.0.1:{pacs.dicom_port}:{pacs.aet}",
+        destinations=(SendSettings.c_store(f"127.0.0.1:{pacs.dicom_port}:{pacs.aet}",
                                           calling_ae_title=OUR_AET),),
     )
     return out, summary
@@ -271,7 +271,7 @@ def test_dicomweb_batch_with_stow_gives_the_same_rows(
     auth = HttpAuth.load("CTCOVID_UNSET_VARIABLE", secret)
     url = f"http://127.0.0.1:{pacs.http_port}/dicom-web"
     summary = run_from(dicomweb_source(pacs, auth), tmp_path / "run", tiny_model_dir, classifier,
-                       destinations=(Destination.stow_rs(url, auth=auth),))
+                       destinations=(SendSettings.stow_rs(url, auth=auth),))
     rows = rows_of(tmp_path / "run")
     assert_same_rows(rows, folder_rows)
     assert summary["sent"][f"stow-rs {url}"]["sent"] == 2
@@ -497,15 +497,15 @@ def test_undelivered_srs_fail_with_the_reason_and_are_sent_on_resume(
     shutil.copytree(dimse_run[0], out)
     (out / "sent.sqlite").unlink()
     down = f"127.0.0.1:{free_port()}:NOBODY"  # nothing listens there
-    forwarder = SrForwarder(out, (Destination.c_store(down, calling_ae_title=OUR_AET),),
+    forwarder = SrForwarder(out, (SendSettings.c_store(down, calling_ae_title=OUR_AET),),
                             max_attempts=2, retry_seconds=0.05)
     outcome = forwarder.close()[f"c-store {down}"]
     assert (outcome["sent"], outcome["failed"]) == (0, 2)
     assert all(down in error for error in outcome["errors"])
     # The next run (--resume) sends what was not delivered, to the same or another peer.
     up = f"127.0.0.1:{pacs.dicom_port}:{pacs.aet}"
-    again = SrForwarder(out, (Destination.c_store(down, calling_ae_title=OUR_AET),
-                              Destination.c_store(up, calling_ae_title=OUR_AET)),
+    again = SrForwarder(out, (SendSettings.c_store(down, calling_ae_title=OUR_AET),
+                              SendSettings.c_store(up, calling_ae_title=OUR_AET)),
                         max_attempts=1, retry_seconds=0.05).close()
     assert again[f"c-store {up}"]["sent"] == 2
     assert again[f"c-store {down}"]["failed"] == 2

@@ -316,14 +316,14 @@ def test_netrc_does_not_replace_the_configured_credentials(
 
 
 def test_batch_stow_makes_one_request_per_attempt(server, tmp_path: Path) -> None:
-    from ctcovid.batch.destinations import Destination, _Sender
+    from ctcovid.net.sender import SendSettings, sr_sender
 
     archive, url = server
     archive.stow_status = 503
     path = tmp_path / "sr.dcm"
     path.write_bytes(dicom_file())
     with pytest.raises(PacsError, match="HTTP 503"):
-        _Sender(Destination.stow_rs(url)).send(path)
+        sr_sender(SendSettings.stow_rs(url)).send(path)
     assert [r[0] for r in archive.requests] == ["POST"]
 
 

@@ -41,9 +41,10 @@ from pynetdicom.sop_class import (
 )
 
 from ctcovid.errors import PacsError
+from ctcovid.net.sender import send_file
+from ctcovid.net.tls import client_ssl_context
 from ctcovid.node.config import NodeConfig, Peer
 from ctcovid.node.scp import Listener
-from ctcovid.node.sender import client_ssl_context, send_file
 from ctcovid.node.store import Store
 
 pytestmark = pytest.mark.network
@@ -246,9 +247,7 @@ def test_tls_listener_accepts_tls_clients_with_our_ca_only(
 ):
     pki = make_test_ca(tmp_path / "pki")
     listener = start_listener(tls_cert=pki["cert"], tls_key=pki["key"], tls_ca=pki["ca"])
-    client = client_ssl_context(
-        NodeConfig(store=tmp_path, tls_cert=pki["cert"], tls_key=pki["key"], tls_ca=pki["ca"])
-    )
+    client = client_ssl_context(cert=pki["cert"], key=pki["key"], ca=pki["ca"])
     no_cert = ssl.create_default_context(cafile=str(pki["ca"]))
 
     assert scu_store(listener.port, ct_files(studies_root)[0], ssl_context=client) == 0
@@ -322,10 +321,9 @@ def test_sender_speaks_tls_to_a_tls_peer(sr_peer, sr_file: Path, tmp_path: Path)
     server_context.load_cert_chain(str(pki["cert"]), str(pki["key"]))
     server_context.verify_mode = ssl.CERT_REQUIRED
     peer, received = sr_peer(0x0000, server_context)
-    config = NodeConfig(store=tmp_path, tls_cert=pki["cert"], tls_key=pki["key"], tls_ca=pki["ca"])
+    client = client_ssl_context(cert=pki["cert"], key=pki["key"], ca=pki["ca"])
 
-    status = send_file(sr_file, peer, calling_ae_title=NODE_AET,
-                       ssl_context=client_ssl_context(config))
+    status = send_file(sr_file, peer, calling_ae_title=NODE_AET, ssl_context=client)
 
     assert status == 0 and received == ["2.25.1234"]
     with pytest.raises(PacsError):  # without TLS the TLS peer does not talk to us
@@ -575,9 +573,7 @@ def test_silent_tcp_client_does_not_block_tls_associations(
     pki = make_test_ca(tmp_path / "pki")
     listener = start_listener(tls_cert=pki["cert"], tls_key=pki["key"], tls_ca=pki["ca"],
                               network_timeout_seconds=20)
-    client = client_ssl_context(
-        NodeConfig(store=tmp_path, tls_cert=pki["cert"], tls_key=pki["key"], tls_ca=pki["ca"])
-    )
+    client = client_ssl_context(cert=pki["cert"], key=pki["key"], ca=pki["ca"])
     silent = socket.create_connection(("127.0.0.1", listener.port), timeout=30)
 
     status = scu_store(listener.port, ct_files(studies_root)[0], ssl_context=client)

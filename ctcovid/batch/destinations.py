@@ -1,14 +1,15 @@
 """Where the SRs of a batch run go besides ``out/sr``: a PACS by C-STORE, or STOW-RS.
 
 Every classified row's SR is sent to every destination by a background thread, so sending never
-slows classification. C-STORE goes through the node's sender (``ctcovid.node.sender.send_file``,
-the same statuses count as delivered); STOW-RS through ``ctcovid.net.dicomweb``, whose client
-makes one request per attempt (the HTTP client's own quiet retries are off). A failed send is
-retried with exponential backoff, here and only here; after the last try it is ``failed`` with
-the reason. The outcome of every send is kept in ``out/sent.sqlite``: ``--resume`` sends what is
-not ``sent`` yet (including rows of an earlier run that crashed before sending). Re-sending is
-harmless: SR UIDs are derived from the series and the model, and a PACS keeps the first copy of
-a UID (a resend answered 409 counts as delivered when the PACS holds that UID).
+slows classification. Sending is the node's: :mod:`ctcovid.net.sender` (C-STORE, with TLS when
+the TLS files are given, or STOW-RS; the same statuses count as delivered, the same deadline per
+send; one request per attempt, the HTTP client's own quiet retries are off). A failed send is
+retried with exponential backoff, here and only here; after the last try, or at once for a
+refusal that sending again cannot change (STOW-RS 4xx), it is ``failed`` with the reason. The
+outcome of every send is kept in ``out/sent.sqlite``: ``--resume`` sends what is not ``sent``
+yet (including rows of an earlier run that crashed before sending). Re-sending is harmless: SR
+UIDs are derived from the series and the model, and a PACS keeps the first copy of a UID (a
+resend answered 409 counts as delivered when the PACS holds that UID).
 """
 
 from __future__ import annotations
@@ -18,14 +19,14 @@ import logging
 import sqlite3
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ctcovid.batch.results import CLASSIFIED, RESULTS_FILE, ResultRow, read_results
 from ctcovid.batch.shared import BatchProgress
 from ctcovid.errors import PacsError
-from ctcovid.net.dicomweb import HttpAuth
+from ctcovid.net.sender import SendSettings, sr_sender
+from ctcovid.net.stow import StowRefused
 
 logger = logging.getLogger(__name__)
 
@@ -47,72 +48,13 @@ CREATE TABLE IF NOT EXISTS sends (
 """
 
 
-@dataclass(frozen=True)
-class Destination:
-    """A C-STORE peer (``HOST:PORT:AET``) or a STOW-RS service (a DICOMweb base URL)."""
-
-    kind: str  # "c-store" | "stow-rs"
-    target: str
-    calling_ae_title: str = "CTCOVID"
-    auth: HttpAuth | None = field(default=None, compare=False)
-    ca_file: Path | None = None
-    timeout_seconds: float = 60.0
-
-    @classmethod
-    def c_store(cls, text: str, *, calling_ae_title: str = "CTCOVID") -> Destination:
-        from ctcovid.net.peers import Peer
-
-        return cls("c-store", str(Peer.parse(text)), calling_ae_title)
-
-    @classmethod
-    def stow_rs(
-        cls, url: str, *, auth: HttpAuth | None = None, ca_file: Path | None = None
-    ) -> Destination:
-        from ctcovid.net.dicomweb import make_client
-
-        make_client(url, auth, ca_file=ca_file)  # check the URL and the extra now, not later
-        return cls("stow-rs", url.rstrip("/"), auth=auth, ca_file=ca_file)
-
-    def __str__(self) -> str:
-        return f"{self.kind} {self.target}"
-
-
-class _Sender:
-    """Sends one file to one destination; keeps a STOW-RS client between sends."""
-
-    def __init__(self, destination: Destination):
-        self.destination = destination
-        self._client: Any = None
-
-    def send(self, path: Path) -> None:
-        d = self.destination
-        if d.kind == "c-store":
-            from ctcovid.net.peers import Peer
-            from ctcovid.node.sender import send_file
-
-            send_file(
-                path,
-                Peer.parse(d.target),
-                calling_ae_title=d.calling_ae_title,
-                timeout_seconds=d.timeout_seconds,
-            )
-            return
-        from ctcovid.net.dicomweb import make_client, stow
-
-        if self._client is None:
-            self._client = make_client(
-                d.target, d.auth, ca_file=d.ca_file, timeout_seconds=d.timeout_seconds
-            )
-        stow(self._client, d.target, [path])
-
-
 class SrForwarder:
     """Sends the SR of each classified row to every destination, in the background."""
 
     def __init__(
         self,
         out: Path,
-        destinations: tuple[Destination, ...],
+        destinations: tuple[SendSettings, ...],
         *,
         max_attempts: int = 5,
         retry_seconds: float = 2.0,
@@ -123,7 +65,8 @@ class SrForwarder:
         self.max_attempts = max_attempts
         self.retry_seconds = retry_seconds
         self.max_retry_seconds = max_retry_seconds
-        self._senders = {str(d): _Sender(d) for d in destinations}
+        # Made now: a bad URL, TLS file or missing extra shows before any series is classified.
+        self._senders = {str(d): sr_sender(d) for d in destinations}
         self._db = sqlite3.connect(self.out / SENT_FILE, check_same_thread=False)
         self._db.executescript(SCHEMA)
         self._lock = threading.Condition()
@@ -204,7 +147,9 @@ class SrForwarder:
         except Exception as exc:  # refused, unreachable, TLS, failure status: back off
             attempts += 1
             reason = str(exc) if isinstance(exc, PacsError) else f"{type(exc).__name__}: {exc}"
-            if attempts >= self.max_attempts:
+            # A refusal that sending again cannot change (STOW-RS 4xx) fails at once, as in the
+            # node; everything else is retried with backoff.
+            if attempts >= self.max_attempts or isinstance(exc, StowRefused):
                 self._record(row, name, FAILED, attempts, reason)
                 logger.error(
                     "event=sr_send_failed sr=%s destination=%s attempts=%d error=%r",

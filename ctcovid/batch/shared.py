@@ -38,8 +38,8 @@ from ctcovid.model.artifact import ModelArtifact
 from ctcovid.scans import PreparedScan, prepare_scan
 
 if TYPE_CHECKING:
-    from ctcovid.batch.destinations import Destination
     from ctcovid.batch.sources import PacsSource
+    from ctcovid.net.sender import SendSettings
 
 logger = logging.getLogger(__name__)
 
@@ -272,7 +272,7 @@ class BatchOptions:
     # A PACS in place of the archive folder (``sources.py``); ``archive`` is then its cache.
     source: PacsSource | None = None
     # Where every SR also goes, by C-STORE or STOW-RS (``destinations.py``).
-    destinations: tuple[Destination, ...] = ()
+    destinations: tuple[SendSettings, ...] = ()
     # Address-space limit of each decoder process, MiB (0: none).
     decoder_memory_mb: int = DEFAULT_DECODER_MEMORY_MB
     runtime: str = "auto"  # how the model runs (keras | onnx | int8 | auto), not where

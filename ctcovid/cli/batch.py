@@ -242,12 +242,20 @@ def batch(
     )
     if (archive is None) == (source is None):
         raise ConfigError("give an ARCHIVE folder, or --from-pacs / --from-dicomweb (one of them)")
+    if any(p is not None for p in (tls_cert, tls_key, tls_ca)) and not (from_pacs or send_to):
+        raise ConfigError(
+            "--tls-cert/--tls-key/--tls-ca secure DICOM associations (--from-pacs, --send-to); "
+            "DICOMweb uses --ca-file"
+        )
     sends = destinations(
         send_to=send_to,
         stow=stow,
         stow_auth_file=stow_auth_file,
         ca_file=ca_file,
         ae_title=ae_title,
+        tls_cert=tls_cert,
+        tls_key=tls_key,
+        tls_ca=tls_ca,
     )
     model_path = model or default_model_path()
     if not model_path.exists():

@@ -10,8 +10,8 @@ import typer
 from ctcovid.errors import ConfigError
 
 if TYPE_CHECKING:  # imported when used: ``ctcovid --help`` stays instant
-    from ctcovid.batch.destinations import Destination
     from ctcovid.batch.sources import PacsSource
+    from ctcovid.net.sender import SendSettings
 
 _PACS = "PACS source"
 _DEST = "SR destinations"
@@ -161,8 +161,8 @@ TlsCertOption = Annotated[
         "--tls-cert",
         exists=True,
         dir_okay=False,
-        help="Our TLS certificate (PEM) for DIMSE with the PACS: C-FIND, C-GET, C-MOVE and "
-        "the C-MOVE receiver.",
+        help="Our TLS certificate (PEM) for every DICOM association: C-FIND, C-GET, C-MOVE and "
+        "the C-MOVE receiver of --from-pacs, and the C-STORE of --send-to.",
         rich_help_panel=_PACS,
     ),
 ]
@@ -182,8 +182,8 @@ TlsCaOption = Annotated[
         "--tls-ca",
         exists=True,
         dir_okay=False,
-        help="CA certificates (PEM) the PACS's certificate must be signed by; turns TLS on for "
-        "--from-pacs (default CAs: the system's).",
+        help="CA certificates (PEM) the PACS's certificate must be signed by; any TLS option "
+        "turns TLS on for --from-pacs and --send-to (default CAs: the system's).",
         rich_help_panel=_PACS,
     ),
 ]
@@ -284,8 +284,6 @@ def pacs_source(
                 ("--accessions", accessions),
                 ("--move-port", move_port),
                 ("--move-bind", move_bind),
-                ("--tls-cert", tls_cert),
-                ("--tls-ca", tls_ca),
             )
             if v
         ]
@@ -344,10 +342,6 @@ def pacs_source(
         assert from_dicomweb is not None
         if move_port is not None or move_bind:
             raise ConfigError("--move-port and --move-bind are for --from-pacs (DIMSE)")
-        if any(p is not None for p in (tls_cert, tls_key, tls_ca)):
-            raise ConfigError(
-                "--tls-cert/--tls-key/--tls-ca are for --from-pacs; DICOMweb uses --ca-file"
-            )
         limits: dict[str, Any] = {
             "deadline_seconds": retrieve_deadline_seconds,
             "max_instance_bytes": int(max_instance_mb * 1024 * 1024),
@@ -372,16 +366,28 @@ def destinations(
     stow_auth_file: Path | None,
     ca_file: Path | None,
     ae_title: str,
-) -> tuple[Destination, ...]:
-    from ctcovid.batch.destinations import Destination
+    tls_cert: Path | None = None,
+    tls_key: Path | None = None,
+    tls_ca: Path | None = None,
+) -> tuple[SendSettings, ...]:
+    """Where the SRs go; the TLS files, when given, also secure ``--send-to``."""
     from ctcovid.net.dicomweb import STOW_AUTH_ENV, HttpAuth
+    from ctcovid.net.sender import SendSettings
 
     out = []
     if send_to:
-        out.append(Destination.c_store(send_to, calling_ae_title=ae_title))
+        out.append(
+            SendSettings.c_store(
+                send_to,
+                calling_ae_title=ae_title,
+                tls_cert=tls_cert,
+                tls_key=tls_key,
+                tls_ca=tls_ca,
+            )
+        )
     if stow:
         out.append(
-            Destination.stow_rs(
+            SendSettings.stow_rs(
                 stow, auth=HttpAuth.load(STOW_AUTH_ENV, stow_auth_file), ca_file=ca_file
             )
         )

@@ -23,6 +23,7 @@ from ctcovid.net.guard import (
     DEFAULT_MAX_STORE_SECONDS,
 )
 from ctcovid.net.peers import Peer, check_ae_title
+from ctcovid.net.sender import SendSettings
 
 
 @dataclass(frozen=True)
@@ -204,6 +205,34 @@ class NodeConfig:
     def send_tls(self) -> bool:
         """Whether the SR goes to the peer over TLS."""
         return self.tls if self.peer_tls is None else self.peer_tls
+
+    def send_settings(self) -> SendSettings | None:
+        """Where and how the worker sends SRs; None when they stay in the store.
+
+        Reads the STOW-RS credentials (``$CTCOVID_STOW_AUTH`` or ``stow_auth_file``) now, so an
+        unreadable file shows at start.
+        """
+        if self.stow is None and self.peer is None:
+            return None
+        auth = None
+        if self.stow is not None:
+            from ctcovid.net.dicomweb import STOW_AUTH_ENV, HttpAuth
+
+            auth = HttpAuth.load(STOW_AUTH_ENV, self.stow_auth_file)
+        return SendSettings(
+            calling_ae_title=self.ae_title,
+            peer=self.peer if self.stow is None else None,
+            stow_url=self.stow,
+            tls=self.send_tls,
+            tls_cert=self.tls_cert,
+            tls_key=self.tls_key,
+            tls_ca=self.tls_ca,
+            stow_auth=auth,
+            stow_ca_file=self.stow_ca_file,
+            timeout_seconds=self.network_timeout_seconds,
+            deadline_seconds=self.send_deadline,
+            max_pdu_bytes=self.max_pdu_bytes,
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """Plain values (paths and the peer as strings), e.g. to hand to the worker process."""

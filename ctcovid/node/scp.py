@@ -23,7 +23,6 @@ import logging
 import mmap
 import re
 import sqlite3
-import ssl
 import threading
 import time
 import traceback
@@ -58,6 +57,7 @@ from ctcovid.net.services import (
     TRANSFER_SYNTAXES,
     VERIFICATION,
 )
+from ctcovid.net.tls import server_ssl_context
 from ctcovid.node.config import NodeConfig
 from ctcovid.node.store import OutOfSpaceError, Store
 
@@ -408,19 +408,6 @@ def handle_conn_closed(event: Any) -> None:
     discard_spool(event.assoc)
 
 
-def server_ssl_context(config: NodeConfig) -> ssl.SSLContext | None:
-    """TLS for receiving: our certificate; with a CA, callers must show a certificate it signed."""
-    if not config.tls:
-        return None
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.load_cert_chain(str(config.tls_cert), str(config.tls_key))
-    if config.tls_ca is not None:
-        context.load_verify_locations(cafile=str(config.tls_ca))
-        context.verify_mode = ssl.CERT_REQUIRED
-    return context
-
-
 def build_ae(config: NodeConfig) -> AE:
     """The application entity: CT storage and verification only, bounded and allow-listed."""
     ae = AE(ae_title=config.ae_title)
@@ -494,7 +481,13 @@ class Listener:
         ]
         server: GuardedServer = self.ae.make_server(  # type: ignore[assignment]
             (self.config.host, self.config.port),
-            ssl_context=server_ssl_context(self.config),
+            ssl_context=(
+                server_ssl_context(
+                    cert=self.config.tls_cert, key=self.config.tls_key, ca=self.config.tls_ca
+                )
+                if self.config.tls
+                else None
+            ),
             evt_handlers=handlers,
             server_class=GuardedServer,
             limits=transport_limits(self.config, self.store),

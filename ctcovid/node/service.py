@@ -149,9 +149,11 @@ class Node:
     def _check_destination(self) -> None:
         """Fail at start, with the reason, on credentials, TLS files or a URL the worker's
         sender could not use."""
-        from ctcovid.node.sender import sr_sender
+        from ctcovid.net.sender import sr_sender
 
-        sr_sender(self.config)
+        settings = self.config.send_settings()
+        if settings is not None:
+            sr_sender(settings)
 
     def _check_model(self) -> None:
         from ctcovid.model.artifact import default_model_path, read_artifact

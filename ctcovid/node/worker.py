@@ -33,7 +33,7 @@ from ctcovid.node.config import NodeConfig
 from ctcovid.node.store import OutOfSpaceError, SeriesRecord, Store
 
 if TYPE_CHECKING:
-    from ctcovid.node.sender import SrSender
+    from ctcovid.net.sender import SrSender
 
 logger = logging.getLogger(__name__)
 
@@ -123,9 +123,10 @@ class Worker:
         Built again when ``config`` is replaced by other settings.
         """
         if self._sender_config is not self.config:
-            from ctcovid.node.sender import sr_sender
+            from ctcovid.net.sender import sr_sender
 
-            self._sender = sr_sender(self.config)
+            settings = self.config.send_settings()
+            self._sender = sr_sender(settings) if settings is not None else None
             self._sender_config = self.config
         return self._sender
 
@@ -358,8 +359,8 @@ class Worker:
         A refusal that sending again cannot change (STOW-RS answered 4xx, say) fails the job
         at once; ``ctcovid queue --retry`` sends it again once the cause is fixed.
         """
+        from ctcovid.net.sender import SendCancelled
         from ctcovid.net.stow import StowRefused
-        from ctcovid.node.sender import SendCancelled
 
         sender = self.sender
         assert sender is not None

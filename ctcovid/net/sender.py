@@ -1,5 +1,5 @@
-"""Send an SR to where the node delivers: its peer by C-STORE (optionally over TLS), or a
-DICOMweb service by STOW-RS.
+"""The one SR sender of the node and of batch: C-STORE to a peer (optionally over TLS), or
+STOW-RS to a DICOMweb service, built from plain :class:`SendSettings`.
 
 Success and the warning statuses 0xB000 (coercion of data elements), 0xB006 (elements
 discarded) and 0xB007 (data set does not match SOP class) count as delivered by C-STORE: the
@@ -25,6 +25,7 @@ import ssl
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
@@ -33,7 +34,8 @@ from pydicom.uid import Comprehensive3DSRStorage
 from pynetdicom import AE
 
 from ctcovid.errors import PacsError
-from ctcovid.node.config import NodeConfig, Peer
+from ctcovid.net.peers import Peer
+from ctcovid.net.tls import client_ssl_context
 
 logger = logging.getLogger(__name__)
 
@@ -50,15 +52,86 @@ class SendCancelled(PacsError):
     """The send was abandoned because the node is stopping; it is not a failed attempt."""
 
 
-def client_ssl_context(config: NodeConfig) -> ssl.SSLContext:
-    """TLS for sending: verify the peer against ``tls_ca`` and show our certificate."""
-    context = ssl.create_default_context(
-        ssl.Purpose.SERVER_AUTH, cafile=str(config.tls_ca) if config.tls_ca else None
-    )
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    if config.tls_cert is not None and config.tls_key is not None:
-        context.load_cert_chain(str(config.tls_cert), str(config.tls_key))
-    return context
+@dataclass(frozen=True)
+class SendSettings:
+    """Where and how SRs are sent; plain values, so the node (from its TOML) and batch (from
+    its flags) build the same sender.
+
+    Exactly one of ``peer`` (C-STORE) and ``stow_url`` (STOW-RS) is set. ``tls`` turns TLS on
+    for C-STORE, verified against ``tls_ca`` (else the system's CAs), showing ``tls_cert`` and
+    ``tls_key`` when given. ``stow_auth`` and ``stow_ca_file`` are for STOW-RS.
+    ``timeout_seconds`` bounds each network wait, ``deadline_seconds`` (default: three times
+    that) a whole send.
+    """
+
+    calling_ae_title: str = "CTCOVID"
+    peer: Peer | None = None
+    stow_url: str | None = None
+    tls: bool = False
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_ca: Path | None = None
+    stow_auth: Any = field(default=None, repr=False)  # an HttpAuth; never printed
+    stow_ca_file: Path | None = None
+    timeout_seconds: float = 60.0
+    deadline_seconds: float | None = None
+    max_pdu_bytes: int = 262_144
+
+    def __post_init__(self) -> None:
+        if (self.peer is None) == (self.stow_url is None):
+            raise ValueError("SendSettings needs exactly one of peer and stow_url")
+
+    @classmethod
+    def c_store(
+        cls,
+        peer: str,
+        *,
+        calling_ae_title: str = "CTCOVID",
+        tls_cert: Path | None = None,
+        tls_key: Path | None = None,
+        tls_ca: Path | None = None,
+        timeout_seconds: float = 60.0,
+    ) -> SendSettings:
+        """C-STORE to ``HOST:PORT:AET``; TLS when any of the TLS files is given."""
+        return cls(
+            calling_ae_title=calling_ae_title,
+            peer=Peer.parse(peer),
+            tls=any(p is not None for p in (tls_cert, tls_key, tls_ca)),
+            tls_cert=tls_cert,
+            tls_key=tls_key,
+            tls_ca=tls_ca,
+            timeout_seconds=timeout_seconds,
+        )
+
+    @classmethod
+    def stow_rs(
+        cls,
+        url: str,
+        *,
+        auth: Any = None,
+        ca_file: Path | None = None,
+        timeout_seconds: float = 60.0,
+    ) -> SendSettings:
+        """STOW-RS to the DICOMweb base ``url`` (checked now: scheme, credentials, the extra)."""
+        from ctcovid.net.dicomweb import make_client
+
+        make_client(url, auth, ca_file=ca_file)
+        return cls(
+            stow_url=url.rstrip("/"),
+            stow_auth=auth,
+            stow_ca_file=ca_file,
+            timeout_seconds=timeout_seconds,
+        )
+
+    @property
+    def deadline(self) -> float:
+        """Seconds one send may take in all."""
+        if self.deadline_seconds is not None:
+            return self.deadline_seconds
+        return 3 * self.timeout_seconds
+
+    def __str__(self) -> str:
+        return f"c-store {self.peer}" if self.peer is not None else f"stow-rs {self.stow_url}"
 
 
 def send_file(
@@ -267,50 +340,51 @@ class SrSender(Protocol):
 
 
 class CStoreSender:
-    """C-STORE to ``config.peer``, over TLS when ``config.send_tls``."""
+    """C-STORE to ``settings.peer``, over TLS when ``settings.tls``."""
 
-    def __init__(self, config: NodeConfig) -> None:
-        assert config.peer is not None
-        self.config = config
-        self.peer = config.peer
-        self.ssl_context = client_ssl_context(config) if config.send_tls else None
+    def __init__(self, settings: SendSettings) -> None:
+        assert settings.peer is not None
+        self.settings = settings
+        self.peer = settings.peer
+        self.ssl_context = (
+            client_ssl_context(cert=settings.tls_cert, key=settings.tls_key, ca=settings.tls_ca)
+            if settings.tls
+            else None
+        )
 
     def send(self, path: Path, cancel: Cancel | None = None) -> str:
         status = send_file(
             path,
             self.peer,
-            calling_ae_title=self.config.ae_title,
+            calling_ae_title=self.settings.calling_ae_title,
             ssl_context=self.ssl_context,
-            timeout_seconds=self.config.network_timeout_seconds,
-            max_pdu_bytes=self.config.max_pdu_bytes,
-            deadline_seconds=self.config.send_deadline,
+            timeout_seconds=self.settings.timeout_seconds,
+            max_pdu_bytes=self.settings.max_pdu_bytes,
+            deadline_seconds=self.settings.deadline,
             cancel=cancel,
         )
         return f"status=0x{status:04X}"
 
 
 class StowSender:
-    """STOW-RS to ``config.stow``; credentials from ``$CTCOVID_STOW_AUTH`` or the file."""
+    """STOW-RS to ``settings.stow_url`` with ``settings.stow_auth``."""
 
-    def __init__(self, config: NodeConfig) -> None:
-        from ctcovid.net.dicomweb import STOW_AUTH_ENV, HttpAuth, make_client
+    def __init__(self, settings: SendSettings) -> None:
+        from ctcovid.net.dicomweb import make_client
 
-        assert config.stow is not None
-        self.config = config
-        self.url = config.stow
-        self.auth = HttpAuth.load(STOW_AUTH_ENV, config.stow_auth_file)
+        assert settings.stow_url is not None
+        self.settings = settings
+        self.url = settings.stow_url
 
         def new_client() -> Any:
-            client = make_client(
+            # make_client turns the client's own retries off: one retry policy, the caller's
+            # backoff (the node's job, the batch forwarder), not quiet retries within a send.
+            return make_client(
                 self.url,
-                self.auth,
-                ca_file=config.stow_ca_file,
-                timeout_seconds=config.network_timeout_seconds,
+                settings.stow_auth,
+                ca_file=settings.stow_ca_file,
+                timeout_seconds=settings.timeout_seconds,
             )
-            # One retry policy: the node's backoff (retry_seconds, max_attempts, recorded in
-            # the job), not the client's own quiet retries of 429/503 within one send.
-            client.set_http_retry_params(retry=False)
-            return client
 
         self._make_client = new_client
         # Made now: a bad URL or a missing DICOMweb extra shows at start, not at the first send.
@@ -324,8 +398,8 @@ class StowSender:
                 path,
                 self.url,
                 client=self._client,
-                timeout_seconds=self.config.network_timeout_seconds,
-                deadline_seconds=self.config.send_deadline,
+                timeout_seconds=self.settings.timeout_seconds,
+                deadline_seconds=self.settings.deadline,
                 cancel=cancel,
             )
         except BaseException:
@@ -336,14 +410,12 @@ class StowSender:
         return "stored=stow-rs"
 
 
-def sr_sender(config: NodeConfig) -> SrSender | None:
-    """The sender for ``config``'s destination; None when SRs stay in the store.
+def sr_sender(settings: SendSettings) -> SrSender:
+    """The sender for ``settings``.
 
-    Raises :class:`~ctcovid.errors.ConfigError` for unreadable credentials or a bad URL, and
-    ``OSError``/``ssl.SSLError`` for unreadable TLS files.
+    Raises :class:`~ctcovid.errors.ConfigError` for a bad URL, a missing DICOMweb extra or
+    unreadable TLS files.
     """
-    if config.stow is not None:
-        return StowSender(config)
-    if config.peer is not None:
-        return CStoreSender(config)
-    return None
+    if settings.stow_url is not None:
+        return StowSender(settings)
+    return CStoreSender(settings)
