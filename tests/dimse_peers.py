@@ -112,6 +112,8 @@ class FakePacs:
             match = Dataset()
             match.QueryRetrieveLevel = level
             match.StudyInstanceUID = ds.StudyInstanceUID
+            if level == "STUDY":
+                match.PatientID = ds.PatientID  # returned, as a PACS does with a matching key
             if level in ("SERIES", "IMAGE"):
                 match.SeriesInstanceUID = ds.SeriesInstanceUID
             if level == "SERIES":

@@ -498,12 +498,12 @@ class DimseArchive:
         return out
 
     def find_series(self, study: StudyMatch) -> list[SeriesMatch]:
-        query = _query_identifier(
-            "SERIES", SERIES_RETURN_KEYS, {"StudyInstanceUID": study.study_instance_uid}
-        )
+        keys = {"StudyInstanceUID": study.study_instance_uid}
+        query = _query_identifier("SERIES", SERIES_RETURN_KEYS, keys)
         out = []
         for ds in self._find(query, f"series of study {study.study_instance_uid}"):
-            uid = _text(ds, "SeriesInstanceUID")
+            # A series of another study (an archive that ignores the key) is dropped here.
+            uid = accept_match(keys, ds, uid_keyword="SeriesInstanceUID", source=str(self.peer))
             if not uid:
                 continue
             out.append(

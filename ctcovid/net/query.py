@@ -72,6 +72,13 @@ class SeriesMatch:
 
 
 def _check_key(keyword: str, value: str) -> tuple[str, str]:
+    if not value:
+        # PS3.4 C.2.2.2.1: an empty value is a universal match, so "StudyDate=" (a value lost
+        # by the shell, say) would list every study of the archive.
+        raise ConfigError(
+            f"--query {keyword}=: an empty value matches every study; give a value or leave "
+            "the key out"
+        )
     if tag_for_keyword(keyword) is None:
         raise ConfigError(
             f"--query {keyword}={value}: {keyword!r} is not a DICOM keyword (e.g. StudyDate, "
