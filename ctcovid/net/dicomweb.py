@@ -16,8 +16,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from pydicom.datadict import tag_for_keyword
-
 from ctcovid.errors import ConfigError, PacsError
 from ctcovid.net.query import (
     SERIES_RETURN_KEYS,
@@ -26,6 +24,9 @@ from ctcovid.net.query import (
     SeriesMatch,
     StudyMatch,
     accept_match,
+    first_value,
+    series_match,
+    study_match,
 )
 from ctcovid.net.stow import stow as stow  # STOW-RS lives there; batch imports it from here
 
@@ -169,17 +170,6 @@ def make_client(
     return client
 
 
-def _first(item: dict[str, Any], keyword: str) -> str:
-    element = item.get(f"{tag_for_keyword(keyword):08X}", {})
-    values = element.get("Value") or []
-    if not values:
-        return ""
-    value = values[0]
-    if isinstance(value, dict):  # a person name: {"Alphabetic": ...}
-        return str(value.get("Alphabetic", ""))
-    return str(value).strip()
-
-
 def _http_error(url: str, what: str, exc: Exception) -> PacsError:
     response = getattr(exc, "response", None)
     status = getattr(response, "status_code", None)
@@ -203,9 +193,9 @@ def search_all(search: Any, uid_keyword: str, what: str, url: str, **kwargs: Any
             page = search(limit=PAGE_SIZE, offset=offset, **kwargs) or []
         except Exception as exc:  # requests' errors: refused, TLS, HTTP status
             raise _http_error(url, what, exc) from exc
-        new = [item for item in page if _first(item, uid_keyword) not in seen]
+        new = [item for item in page if first_value(item, uid_keyword) not in seen]
         for item in new:
-            seen.add(_first(item, uid_keyword))
+            seen.add(first_value(item, uid_keyword))
         out.extend(new)
         if len(out) > MAX_MATCHES:
             raise PacsError(
@@ -268,14 +258,7 @@ class DicomWebArchive:
         for item in found:
             uid = accept_match(keys, item, uid_keyword="StudyInstanceUID", source=self.url)
             if uid:
-                out.append(
-                    StudyMatch(
-                        study_instance_uid=uid,
-                        patient_id=_first(item, "PatientID"),
-                        accession_number=_first(item, "AccessionNumber"),
-                        study_date=_first(item, "StudyDate"),
-                    )
-                )
+                out.append(study_match(uid, item))
         return out
 
     def find_series(self, study: StudyMatch) -> list[SeriesMatch]:
@@ -292,24 +275,13 @@ class DicomWebArchive:
             # The study is in the URL path; a series that names another study is not ours.
             keys = (
                 {"StudyInstanceUID": study.study_instance_uid}
-                if _first(item, "StudyInstanceUID")
+                if first_value(item, "StudyInstanceUID")
                 else {}
             )
             uid = accept_match(keys, item, uid_keyword="SeriesInstanceUID", source=self.url)
             if not uid:
                 continue
-            n = _first(item, "NumberOfSeriesRelatedInstances")
-            out.append(
-                SeriesMatch(
-                    study_instance_uid=study.study_instance_uid,
-                    series_instance_uid=uid,
-                    patient_id=study.patient_id,
-                    modality=_first(item, "Modality"),
-                    series_description=_first(item, "SeriesDescription"),
-                    body_part=_first(item, "BodyPartExamined"),
-                    n_instances=int(n) if n.isdigit() else None,
-                )
-            )
+            out.append(series_match(study, uid, item))
         return out
 
     def retrieve_series(self, series: SeriesMatch, write: InstanceWriter) -> int:

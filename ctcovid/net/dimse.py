@@ -65,6 +65,8 @@ from ctcovid.net.query import (
     SeriesMatch,
     StudyMatch,
     accept_match,
+    series_match,
+    study_match,
 )
 from ctcovid.net.services import (
     LOSSLESS_TRANSFER_SYNTAXES,
@@ -487,14 +489,7 @@ class DimseArchive:
             uid = accept_match(keys, ds, uid_keyword="StudyInstanceUID", source=str(self.peer))
             if not uid:
                 continue
-            out.append(
-                StudyMatch(
-                    study_instance_uid=uid,
-                    patient_id=_text(ds, "PatientID"),
-                    accession_number=_text(ds, "AccessionNumber"),
-                    study_date=_text(ds, "StudyDate"),
-                )
-            )
+            out.append(study_match(uid, ds))
         return out
 
     def find_series(self, study: StudyMatch) -> list[SeriesMatch]:
@@ -506,17 +501,7 @@ class DimseArchive:
             uid = accept_match(keys, ds, uid_keyword="SeriesInstanceUID", source=str(self.peer))
             if not uid:
                 continue
-            out.append(
-                SeriesMatch(
-                    study_instance_uid=study.study_instance_uid,
-                    series_instance_uid=uid,
-                    patient_id=study.patient_id,
-                    modality=_text(ds, "Modality"),
-                    series_description=_text(ds, "SeriesDescription"),
-                    body_part=_text(ds, "BodyPartExamined"),
-                    n_instances=_int(ds, "NumberOfSeriesRelatedInstances"),
-                )
-            )
+            out.append(series_match(study, uid, ds))
         return out
 
     def find_instances(self, series: SeriesMatch) -> Announced:

@@ -268,6 +268,36 @@ def returned_values(match: Dataset | Mapping[str, Any], keyword: str) -> list[st
     return out
 
 
+def first_value(match: Dataset | Mapping[str, Any], keyword: str) -> str:
+    """The first value of ``keyword`` in a match (see :func:`returned_values`), or ``""``."""
+    values = returned_values(match, keyword)
+    return values[0] if values else ""
+
+
+def study_match(uid: str, match: Dataset | Mapping[str, Any]) -> StudyMatch:
+    """The :class:`StudyMatch` of an accepted study-level match (see :func:`accept_match`)."""
+    return StudyMatch(
+        study_instance_uid=uid,
+        patient_id=first_value(match, "PatientID"),
+        accession_number=first_value(match, "AccessionNumber"),
+        study_date=first_value(match, "StudyDate"),
+    )
+
+
+def series_match(study: StudyMatch, uid: str, match: Dataset | Mapping[str, Any]) -> SeriesMatch:
+    """The :class:`SeriesMatch` of an accepted series-level match of ``study``."""
+    n = first_value(match, "NumberOfSeriesRelatedInstances")
+    return SeriesMatch(
+        study_instance_uid=study.study_instance_uid,
+        series_instance_uid=uid,
+        patient_id=study.patient_id,
+        modality=first_value(match, "Modality"),
+        series_description=first_value(match, "SeriesDescription"),
+        body_part=first_value(match, "BodyPartExamined"),
+        n_instances=int(n) if n.isdigit() else None,
+    )
+
+
 def _single_matches(vr: str, wanted: str, value: str) -> bool:
     """PS3.4 C.2.2.2: range, wildcard or single value matching of one value."""
     if vr in _RANGE_VRS and "-" in wanted:
