@@ -68,7 +68,7 @@ def export_graphs(model_dir: Path, work: Path, input_size: int, kind: str) -> di
     written and, when the gate refused int8, the measured reason."""
     from ctcovid.errors import ModelError
     from ctcovid.model.artifact import read_artifact
-    from ctcovid.model.export import export_model
+    from ctcovid.training.export import export_model
 
     if kind == "none":
         return {"export": "none"}

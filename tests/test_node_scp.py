@@ -41,9 +41,10 @@ from pynetdicom.sop_class import (
 )
 
 from ctcovid.errors import PacsError
+from ctcovid.net.sender import send_file
 from ctcovid.node.config import NodeConfig, Peer
 from ctcovid.node.scp import Listener
-from ctcovid.node.sender import client_ssl_context, send_file
+from ctcovid.node.sender import client_ssl_context
 from ctcovid.node.store import Store
 
 pytestmark = pytest.mark.network
@@ -810,7 +811,7 @@ def test_header_bomb_is_refused_without_parsing_it_all(
 def test_library_records_are_reduced_to_tags_and_vr():
     import logging
 
-    from ctcovid.node.scp import RedactLibraryRecords
+    from ctcovid.logs import RedactLibraryRecords
 
     def reduced(name: str, level: int, msg: str, exc: BaseException | None = None) -> str:
         exc_info = (type(exc), exc, None) if exc else None

@@ -299,7 +299,7 @@ def test_a_send_to_a_stalled_peer_ends_at_its_deadline(
     tmp_path: Path, studies_root: Path, classifier, peer_fixture: str, request
 ):
     from ctcovid.errors import PacsError
-    from ctcovid.node.sender import send_file
+    from ctcovid.net.sender import send_file
 
     peer = request.getfixturevalue(peer_fixture)
     sr = _an_sr(tmp_path, studies_root, classifier)

@@ -1,7 +1,7 @@
 """Where the SRs of a batch run go besides ``out/sr``: a PACS by C-STORE, or STOW-RS.
 
 Every classified row's SR is sent to every destination by a background thread, so sending never
-slows classification. C-STORE goes through the node's sender (``ctcovid.node.sender.send_file``,
+slows classification. C-STORE goes through the one sender (``ctcovid.net.sender.send_file``,
 the same statuses count as delivered); STOW-RS through ``ctcovid.net.dicomweb``. A failed send is
 retried with exponential backoff; after the last try it is ``failed`` with the reason. The
 outcome of every send is kept in ``out/sent.sqlite``: ``--resume`` sends what is not ``sent``
@@ -86,7 +86,7 @@ class _Sender:
         d = self.destination
         if d.kind == "c-store":
             from ctcovid.net.peers import Peer
-            from ctcovid.node.sender import send_file
+            from ctcovid.net.sender import send_file
 
             send_file(
                 path,

@@ -358,8 +358,8 @@ class Worker:
         A refusal that sending again cannot change (STOW-RS answered 4xx, say) fails the job
         at once; ``ctcovid queue --retry`` sends it again once the cause is fixed.
         """
+        from ctcovid.net.sender import SendCancelled
         from ctcovid.net.stow import StowRefused
-        from ctcovid.node.sender import SendCancelled
 
         sender = self.sender
         assert sender is not None
@@ -491,11 +491,9 @@ def run_worker(
     import multiprocessing
 
     _die_with_parent()
-    from ctcovid.logs import configure_logging
+    from ctcovid.logs import configure_logging, quiet_libraries
 
     configure_logging(level=log_level)
-    from ctcovid.node.service import quiet_libraries
-
     quiet_libraries(log_level)
     # The listener decides when to stop: SIGTERM here only asks to finish the current job.
     stop = SignalStop(stop)

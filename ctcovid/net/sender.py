@@ -1,0 +1,250 @@
+"""Send one SR file: to a peer by C-STORE (optionally over TLS), or to a DICOMweb service by
+STOW-RS, under a hard deadline. The node (``ctcovid.node.sender``) and batch's destinations
+send through here.
+
+Success and the warning statuses 0xB000 (coercion of data elements), 0xB006 (elements
+discarded) and 0xB007 (data set does not match SOP class) count as delivered by C-STORE: the
+peer has stored the object (PS3.4 B.2.3). Anything else raises :class:`~ctcovid.errors.PacsError`
+with the reason, which the caller records before backing off. STOW-RS goes through
+:mod:`ctcovid.net.stow`; a refusal that sending again cannot change (an HTTP 4xx such as 409)
+raises :class:`~ctcovid.net.stow.StowRefused`, which the node records as ``failed`` at once.
+
+Every send has a hard deadline. pynetdicom's ACSE, DIMSE and network timeouts are set, but a
+peer that accepts the association and then stalls can still hold a blocked socket past them, so
+the association runs in its own thread: at the deadline (or when the caller is stopping) its
+socket is shut down and its threads stopped, and the caller gets the reason at once. A STOW-RS
+request runs in its own thread too; at the deadline it is abandoned (the thread ends by itself
+within one network timeout, which bounds every wait of the HTTP client).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
+
+import pydicom
+from pydicom.uid import Comprehensive3DSRStorage
+from pynetdicom import AE
+
+from ctcovid.errors import PacsError
+from ctcovid.net.peers import Peer
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+DELIVERED_STATUSES = frozenset({0x0000, 0xB000, 0xB006, 0xB007})
+_SR_TRANSFER_SYNTAXES = ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"]
+
+
+class Cancel(Protocol):
+    def is_set(self) -> bool: ...
+
+
+class SendCancelled(PacsError):
+    """The send was abandoned because the caller is stopping; it is not a failed attempt."""
+
+
+def send_file(
+    path: Path,
+    peer: Peer,
+    *,
+    calling_ae_title: str,
+    ssl_context: ssl.SSLContext | None = None,
+    timeout_seconds: float = 60.0,
+    max_pdu_bytes: int = 262_144,
+    deadline_seconds: float | None = None,
+    cancel: Cancel | None = None,
+) -> int:
+    """C-STORE the DICOM file at ``path`` to ``peer``; returns the (delivered) status.
+
+    ``timeout_seconds`` bounds each network wait; ``deadline_seconds`` (default: three times
+    that) bounds the whole send, connection to release. ``cancel``, when set, aborts the send.
+
+    Raises
+    ------
+    PacsError
+        When the association is refused or lost, the peer answers with a failure status, or
+        the deadline passes (the association is then aborted).
+    SendCancelled
+        When ``cancel`` was set before the send finished.
+    """
+    ds = pydicom.dcmread(path)
+    deadline = deadline_seconds if deadline_seconds is not None else 3 * timeout_seconds
+    ae = AE(ae_title=calling_ae_title)
+    ae.acse_timeout = timeout_seconds
+    ae.dimse_timeout = timeout_seconds
+    ae.network_timeout = timeout_seconds
+    ae.connection_timeout = timeout_seconds
+    transfer_syntax = str(ds.file_meta.TransferSyntaxUID)
+    syntaxes = [transfer_syntax, *[t for t in _SR_TRANSFER_SYNTAXES if t != transfer_syntax]]
+    ae.add_requested_context(Comprehensive3DSRStorage, syntaxes)
+    return run_with_deadline(
+        lambda: _associate_and_store(ae, ds, peer, ssl_context, max_pdu_bytes),
+        deadline_seconds=deadline,
+        cancel=cancel,
+        abort=lambda: _abort_all(ae),
+        name=f"send-{ds.SOPInstanceUID}",
+        cancelled=f"{peer}: sending SR {ds.SOPInstanceUID} abandoned (stopping)",
+        late=f"{peer}: C-STORE of SR {ds.SOPInstanceUID} did not finish within {deadline:.0f} s; "
+        "association aborted",
+    )
+
+
+def run_with_deadline(
+    work: Callable[[], T],
+    *,
+    deadline_seconds: float,
+    cancel: Cancel | None,
+    abort: Callable[[], None],
+    name: str,
+    cancelled: str,
+    late: str,
+) -> T:
+    """``work()`` in a thread of its own; its result, or its exception raised here.
+
+    At ``deadline_seconds``, or as soon as ``cancel`` is set, ``abort`` is called and
+    :class:`~ctcovid.errors.PacsError` (``late``) or :class:`SendCancelled` (``cancelled``) is
+    raised at once, whatever the thread is doing.
+    """
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            outcome["result"] = work()
+        except BaseException as exc:  # handed to the caller's thread
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=run, name=name, daemon=True)
+    thread.start()
+    ends = time.monotonic() + deadline_seconds
+    while thread.is_alive():
+        thread.join(min(0.1, max(0.0, ends - time.monotonic())))
+        if not thread.is_alive():
+            break
+        if cancel is not None and cancel.is_set():
+            abort()
+            raise SendCancelled(cancelled)
+        if time.monotonic() >= ends:
+            abort()
+            raise PacsError(late)
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]  # type: ignore[no-any-return]
+
+
+def _abort_all(ae: AE) -> None:
+    """End ``ae``'s associations at once, whatever the peer does.
+
+    The socket is shut down (which unblocks any thread reading or writing it; the peer sees the
+    connection close) and pynetdicom's DUL reactor is told to stop. An A-ABORT is not sent: the
+    peer is the one not answering, and the DUL thread is not a daemon, so an abort that waits for
+    the peer would keep the process from exiting.
+    """
+    for assoc in list(ae.active_associations):
+        with contextlib.suppress(Exception):
+            raw = assoc.dul.socket.socket if assoc.dul.socket is not None else None
+            if raw is not None:
+                raw.shutdown(socket.SHUT_RDWR)
+        with contextlib.suppress(Exception):
+            assoc.is_aborted = True
+            assoc.is_established = False
+            assoc.dul.kill_dul()
+            assoc._kill = True
+            assoc._reactor_checkpoint.set()  # let its thread run to see the kill
+
+
+def _associate_and_store(
+    ae: AE,
+    ds: pydicom.Dataset,
+    peer: Peer,
+    ssl_context: ssl.SSLContext | None,
+    max_pdu_bytes: int,
+) -> int:
+    tls_args = (ssl_context, peer.host) if ssl_context is not None else None
+    assoc = ae.associate(
+        peer.host,
+        peer.port,
+        ae_title=peer.ae_title,
+        max_pdu=max_pdu_bytes,
+        tls_args=tls_args,
+    )
+    if not assoc.is_established:
+        why = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "failed"
+        raise PacsError(f"association with {peer} {why}")
+    try:
+        status = assoc.send_c_store(ds)
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    if not status or "Status" not in status:
+        raise PacsError(
+            f"{peer}: no C-STORE response for SR {ds.SOPInstanceUID} (timeout or abort)"
+        )
+    code = int(status.Status)
+    if code not in DELIVERED_STATUSES:
+        comment = str(status.get("ErrorComment", "")).strip()
+        raise PacsError(
+            f"{peer} answered C-STORE of SR {ds.SOPInstanceUID} with status 0x{code:04X}"
+            + (f" ({comment})" if comment else "")
+        )
+    if code != 0:
+        logger.warning(
+            "event=sr_stored_with_warning peer=%s sop=%s status=0x%04X",
+            peer,
+            ds.SOPInstanceUID,
+            code,
+        )
+    return code
+
+
+def stow_file(
+    path: Path,
+    url: str,
+    *,
+    client: Any = None,
+    auth: Any = None,
+    ca_file: Path | None = None,
+    timeout_seconds: float = 60.0,
+    deadline_seconds: float | None = None,
+    cancel: Cancel | None = None,
+) -> None:
+    """STOW-RS the DICOM file at ``path`` to the DICOMweb service at ``url``.
+
+    ``client`` is a ``DICOMwebClient`` from :func:`ctcovid.net.dicomweb.make_client`; without
+    one, a client is made with ``auth`` (a :class:`~ctcovid.net.dicomweb.HttpAuth` or None),
+    TLS verified against ``ca_file`` when given. Timeouts and the deadline as for
+    :func:`send_file`.
+
+    Raises
+    ------
+    StowRefused
+        When the service refused the SR for good (HTTP 4xx such as 409, 401, 404).
+    PacsError
+        When the request failed in a way that may pass (5xx, connection refused or lost,
+        timeout), or the deadline passed.
+    SendCancelled
+        When ``cancel`` was set before the send finished.
+    """
+    from ctcovid.net.dicomweb import make_client
+    from ctcovid.net.stow import stow
+
+    deadline = deadline_seconds if deadline_seconds is not None else 3 * timeout_seconds
+    if client is None:
+        client = make_client(url, auth, ca_file=ca_file, timeout_seconds=timeout_seconds)
+    sop = path.stem  # SR files are named by their SOPInstanceUID
+    run_with_deadline(
+        lambda: stow(client, url, [path]),
+        deadline_seconds=deadline,
+        cancel=cancel,
+        abort=lambda: None,  # the thread ends within one network timeout; nothing waits for it
+        name=f"stow-{sop}",
+        cancelled=f"{url}: sending SR {sop} abandoned (stopping)",
+        late=f"{url}: STOW-RS of SR {sop} did not finish within {deadline:.0f} s; abandoned",
+    )
