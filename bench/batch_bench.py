@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import dicom_fixtures
     from ctcovid.batch import BatchOptions, build_index, iter_series, run_batch
-    from ctcovid.batch.shared import decode_entry
+    from ctcovid.batch.engine import decode_entry
     from ctcovid.inference import Classifier
     from ctcovid.model.export import cpu_description
 

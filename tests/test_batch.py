@@ -384,9 +384,9 @@ def test_a_decoder_process_killed_mid_run_is_replaced_and_every_series_finishes(
 ) -> None:
     import threading
 
+    from ctcovid.batch.engine import BatchSink, run_local
     from ctcovid.batch.index import build_index, iter_series, process_pool
-    from ctcovid.batch.local import run_local
-    from ctcovid.batch.shared import BatchProgress, BatchSink
+    from ctcovid.batch.results import BatchProgress
 
     out = tmp_path / "run"
     out.mkdir()
@@ -573,9 +573,10 @@ def test_a_series_whose_decoder_dies_when_run_alone_fails_with_the_reason(
 ) -> None:
     import threading
 
-    import ctcovid.batch.local as local
+    import ctcovid.batch.engine as engine
+    from ctcovid.batch.engine import BatchSink
     from ctcovid.batch.index import build_index, iter_series, process_pool
-    from ctcovid.batch.shared import BatchProgress, BatchSink
+    from ctcovid.batch.results import BatchProgress
 
     out = tmp_path / "run"
     out.mkdir()
@@ -587,7 +588,7 @@ def test_a_series_whose_decoder_dies_when_run_alone_fails_with_the_reason(
         pools.append(process_pool(workers, memory_mb))
         return pools[-1]
 
-    monkeypatch.setattr(local, "process_pool", recorded_pool)
+    monkeypatch.setattr(engine, "process_pool", recorded_pool)
     killed: list[int] = []
 
     def kill_twice() -> None:
@@ -606,7 +607,7 @@ def test_a_series_whose_decoder_dies_when_run_alone_fails_with_the_reason(
     killer.start()
     with pools[0], ResultsWriter(out / RESULTS_FILE) as writer:
         sink = BatchSink(out, classifier, writer, BatchProgress())
-        local.run_local(usable, classifier, sink, workers=1, pool=pools[0])
+        engine.run_local(usable, classifier, sink, workers=1, pool=pools[0])
     killer.join(5)
 
     assert len(killed) == 2

@@ -6,18 +6,20 @@ finishes an interrupted run. The local engine decodes in worker processes and in
 Ray engine (optional extra ``ray``) spreads the same work over a cluster.
 """
 
+from ctcovid.batch.engine import BatchSink, SliceBatcher, decode_entry
 from ctcovid.batch.index import IndexSummary, SeriesEntry, build_index, iter_series
 from ctcovid.batch.job import ENGINES, run_batch
+from ctcovid.batch.options import BatchOptions
 from ctcovid.batch.results import (
     CLASSIFIED,
     FAILED,
     RESULTS_FILE,
     SKIPPED,
+    BatchProgress,
     ResultRow,
     ResultsWriter,
     read_results,
 )
-from ctcovid.batch.shared import BatchOptions, BatchProgress, BatchSink, SliceBatcher, decode_entry
 
 __all__ = [
     "CLASSIFIED",

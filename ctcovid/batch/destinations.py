@@ -20,8 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ctcovid.batch.results import CLASSIFIED, RESULTS_FILE, ResultRow, read_results
-from ctcovid.batch.shared import BatchProgress
+from ctcovid.batch.results import CLASSIFIED, RESULTS_FILE, BatchProgress, ResultRow, read_results
 from ctcovid.errors import PacsError
 from ctcovid.net.dicomweb import HttpAuth
 

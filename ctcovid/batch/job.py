@@ -3,7 +3,7 @@
 ``run_batch`` is the whole job: it locks and checks the output folder (``results.py``), builds
 or reuses the archive index (``index.py``) or asks the PACS (``sources.py``), writes a
 ``skipped`` row for every series judged unusable, and hands the rest to the engine the options
-name: the local engine (``local.py``) or the Ray engine (``ray_engine.py``). ``--resume`` skips
+name: the local engine (``engine.py``) or the Ray engine (``ray_engine.py``). ``--resume`` skips
 every series that already has its row.
 """
 
@@ -16,6 +16,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from ctcovid.batch.engine import BatchSink, run_local, warm_up
 from ctcovid.batch.index import (
     build_index,
     index_is_complete,
@@ -23,7 +24,7 @@ from ctcovid.batch.index import (
     iter_series,
     process_pool,
 )
-from ctcovid.batch.local import run_local
+from ctcovid.batch.options import BatchOptions
 from ctcovid.batch.ray_engine import run_ray
 from ctcovid.batch.results import (
     CLASSIFIED,
@@ -33,13 +34,13 @@ from ctcovid.batch.results import (
     SKIPPED,
     SR_DIR,
     SUMMARY_FILE,
+    BatchProgress,
     ResultsWriter,
     RunInfo,
     lock_output,
     prepare_output,
     write_json_atomic,
 )
-from ctcovid.batch.shared import BatchOptions, BatchProgress, BatchSink, warm_up
 from ctcovid.errors import ConfigError
 from ctcovid.inference import Classifier
 from ctcovid.model.artifact import ModelArtifact, read_artifact

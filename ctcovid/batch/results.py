@@ -332,3 +332,15 @@ def prepare_output(out: Path, run: RunInfo, *, resume: bool) -> RunInfo:
         raise ConfigError(f"{results} exists but {run_file} does not; choose a new --out folder")
     write_json_atomic(asdict(run), run_file)
     return run
+
+
+class BatchProgress:
+    """Callbacks the CLI implements with progress bars; the defaults do nothing."""
+
+    def index_started(self, n_files: int) -> None: ...
+
+    def index_advanced(self, n_done: int, n_total: int) -> None: ...
+
+    def classify_started(self, n_series: int, n_slices: int) -> None: ...
+
+    def series_finished(self, row: ResultRow, n_slices: int) -> None: ...

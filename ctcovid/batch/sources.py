@@ -29,9 +29,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ctcovid.batch.engine import BatchSink, Decoded, Decoders, SliceBatcher
 from ctcovid.batch.index import IndexSummary, SeriesEntry
-from ctcovid.batch.local import Decoders
-from ctcovid.batch.shared import BatchProgress, SliceBatcher
+from ctcovid.batch.results import BatchProgress, ResultRow
 from ctcovid.config import IngestConfig
 from ctcovid.decoder import DEFAULT_DECODER_MEMORY_MB
 from ctcovid.dicom.scan import group_instances, read_header
@@ -42,8 +42,6 @@ from ctcovid.net.cache import CacheFullError, SeriesCache
 from ctcovid.net.query import Archive, SeriesMatch, SeriesRules, StudyMatch, StudyQuery
 
 if TYPE_CHECKING:
-    from ctcovid.batch.results import ResultRow
-    from ctcovid.batch.shared import BatchSink, Decoded
     from ctcovid.inference import Classifier
 
 logger = logging.getLogger(__name__)
@@ -468,7 +466,7 @@ def _drive(
 
     Unlike a folder, the next series may not be there yet: rather than wait for it with slices
     queued, the classifier scores what it has (a partial batch), which also empties the cache.
-    Decoding goes through the local engine's :class:`~ctcovid.batch.local.Decoders`: a series
+    Decoding goes through the local engine's :class:`~ctcovid.batch.engine.Decoders`: a series
     that kills its decoder process fails alone, with the reason, and the run goes on.
     """
     batcher = SliceBatcher(classifier)
