@@ -52,6 +52,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check ctcovid dicom_fixtures
 	$(BIN)/mypy ctcovid
+	PYTHONPATH=$(CURDIR) $(BIN)/lint-imports
 
 fixtures: $(STAMP)
 	$(BIN)/ctcovid fixtures fixtures --studies 6 --seed 0
