@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ctcovid.batch.index import SeriesEntry, load_entry_series, process_pool
+from ctcovid.batch.index import SeriesEntry, process_pool
 from ctcovid.batch.results import (
     CLASSIFIED,
     FAILED,
@@ -34,6 +34,7 @@ from ctcovid.batch.results import (
     ResultsWriter,
 )
 from ctcovid.decoder import DEFAULT_DECODER_MEMORY_MB, crashed_reason, out_of_memory_reason
+from ctcovid.dicom.series import load_series
 from ctcovid.errors import CtCovidError
 from ctcovid.fsio import write_atomic
 from ctcovid.inference import Classifier
@@ -61,7 +62,14 @@ def decode_entry(entry: SeriesEntry, artifact: ModelArtifact) -> Decoded:
     Preparing needs only the artifact's ingest settings: the worker never loads a model.
     """
     try:
-        series = load_entry_series(entry, artifact.ingest_config)
+        # Only the unique files indexed are re-read: the duplicates were counted then.
+        series = load_series(
+            [Path(p) for p in entry.paths],
+            artifact.ingest_config,
+            series_instance_uid=entry.series_instance_uid,
+            study_instance_uid=entry.study_instance_uid,
+            known_duplicates=entry.duplicates,
+        )
         prepared = prepare_scan(series, artifact.ingest_config)
     except CtCovidError as exc:
         return Decoded(entry, error=str(exc))

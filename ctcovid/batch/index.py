@@ -39,7 +39,7 @@ from ctcovid.config import IngestConfig
 from ctcovid.decoder import DEFAULT_DECODER_MEMORY_MB, decoder_pool
 from ctcovid.dicom.scan import group_instances, read_header
 from ctcovid.dicom.series import assess
-from ctcovid.dicom.types import BadFile, Instance, Series
+from ctcovid.dicom.types import BadFile, Instance
 from ctcovid.errors import InvalidInputError
 
 logger = logging.getLogger(__name__)
@@ -643,27 +643,3 @@ def iter_series(db_path: Path) -> Iterator[SeriesEntry]:
             )
     finally:
         conn.close()
-
-
-def load_entry_series(entry: SeriesEntry, config: IngestConfig) -> Series:
-    """Re-read the headers of an indexed series and judge it again, as ``classify`` would.
-
-    The headers (patient and study modules, geometry) are needed to decode and to build the SR;
-    the index stores only what is needed to find and report series.
-    """
-    items = [read_header(Path(p)) for p in entry.paths]
-    bad = [it for it in items if isinstance(it, BadFile)]
-    instances = [it for it in items if isinstance(it, Instance)]
-    series_list, _ = group_instances(instances)
-    match = [s for s in series_list if (s.study_instance_uid, s.series_instance_uid) == entry.key]
-    if not match:
-        detail = f"; {bad[0].path}: {bad[0].reason}" if bad else ""
-        raise InvalidInputError(
-            f"Series {entry.series_instance_uid}: its files changed since indexing{detail}"
-        )
-    series = match[0]
-    series.duplicates = entry.duplicates  # counted at indexing; only unique files are re-read
-    assess(series, config)
-    for b in bad:
-        series.warnings.append(f"skipped {b.path}: {b.reason}")
-    return series

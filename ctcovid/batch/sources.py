@@ -4,7 +4,7 @@
 the studies and series that match the query (``out/pacs.sqlite``; reused by ``--resume``, so a
 resumed run works through the same list); series the rules turn away become ``skipped`` rows.
 ``classify`` retrieves the rest, ``max_retrievals`` at a time, into the cache, judges each
-retrieved series exactly as a folder's series is judged (``group_instances``, ``assess``) and
+retrieved series exactly as a folder's series is judged (``load_series``) and
 feeds the usable ones to the same decoders, classifier and :class:`BatchSink` as a folder run
 (a series that kills its decoder process fails alone, as in a folder run).
 Retrieval runs in background threads, so the next series arrives while this one is classified;
@@ -34,10 +34,8 @@ from ctcovid.batch.index import IndexSummary, SeriesEntry
 from ctcovid.batch.results import BatchProgress, ResultRow
 from ctcovid.config import IngestConfig
 from ctcovid.decoder import DEFAULT_DECODER_MEMORY_MB
-from ctcovid.dicom.scan import group_instances, read_header
-from ctcovid.dicom.series import assess
-from ctcovid.dicom.types import BadFile, Instance
-from ctcovid.errors import ConfigError, CtCovidError, PacsError
+from ctcovid.dicom.series import load_series
+from ctcovid.errors import ConfigError, CtCovidError, InvalidInputError, PacsError
 from ctcovid.net.cache import CacheFullError, SeriesCache
 from ctcovid.net.query import Archive, SeriesMatch, SeriesRules, StudyMatch, StudyQuery
 
@@ -91,20 +89,15 @@ class _Ready:
 
 def judge_retrieved(entry: SeriesEntry, paths: Sequence[Path], config: IngestConfig) -> _Ready:
     """Read the headers of a retrieved series and judge it as the folder ingest would."""
-    items = [read_header(p) for p in paths]
-    instances = [it for it in items if isinstance(it, Instance)]
-    bad = [it for it in items if isinstance(it, BadFile)]
-    series_list, _ = group_instances(instances)
-    match = [s for s in series_list if (s.study_instance_uid, s.series_instance_uid) == entry.key]
-    if not match:
-        detail = f"; {bad[0].path.name}: {bad[0].reason}" if bad else ""
-        return _Ready(
-            entry,
-            f"none of the {len(paths)} instance(s) retrieved for series "
-            f"{entry.series_instance_uid} belong to it{detail}",
+    try:
+        series = load_series(
+            paths,
+            config,
+            series_instance_uid=entry.series_instance_uid,
+            study_instance_uid=entry.study_instance_uid,
         )
-    series = match[0]
-    assess(series, config)
+    except InvalidInputError as exc:
+        return _Ready(entry, str(exc))
     return _Ready(
         SeriesEntry(
             study_instance_uid=series.study_instance_uid,

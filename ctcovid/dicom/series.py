@@ -168,17 +168,60 @@ def select_series(
 
 
 def load_series(
-    path: Path | str,
+    source: Path | str | Sequence[Path],
     config: IngestConfig | None = None,
     *,
+    series_instance_uid: str | None = None,
+    study_instance_uid: str | None = None,
+    known_duplicates: int = 0,
     for_classification: bool = True,
     on_instance: Callable[[Instance], None] | None = None,
 ) -> Series:
-    """Scan ``path`` and return its one usable CT series (see :func:`select_series`;
-    ``on_instance`` as in :func:`scan`)."""
+    """Find one series and judge it: the one finder of classify, the node, batch and training.
+
+    ``source`` is a file or folder tree, or a list of files. With ``series_instance_uid`` the
+    series of that UID is returned, usable or not (and only if its StudyInstanceUID is
+    ``study_instance_uid``, when given); without it, the one usable CT series (see
+    :func:`select_series`). Files that could not be read are named in the series' warnings;
+    ``known_duplicates`` adds duplicates left out before the files were listed (batch re-reads
+    only the unique files it indexed). ``on_instance`` as in :func:`scan`.
+
+    Raises
+    ------
+    InvalidInputError
+        When ``source`` does not exist, the series asked for is not among its files, or (with
+        no UID) there is not exactly one usable CT series.
+    """
     config = config or IngestConfig()
-    report = scan(path, config, on_instance=on_instance)
-    series = select_series(report, path, for_classification=for_classification)
+    if isinstance(source, str | Path):
+        root = Path(source)
+        if not root.exists():
+            raise InvalidInputError(f"{root}: no such file or folder")
+        paths, where = list(iter_files(root)), str(root)
+    else:
+        paths = list(source)
+        where = f"{len(paths)} file(s)"
+    report = scan_files(paths, on_instance)
+    if series_instance_uid is None:
+        for candidate in report.series:
+            assess(candidate, config)
+        series = select_series(report, where, for_classification=for_classification)
+    else:
+        found = [
+            s
+            for s in report.series
+            if s.series_instance_uid == series_instance_uid
+            and study_instance_uid in (None, s.study_instance_uid)
+        ]
+        if not found:
+            unreadable = "".join(f"; skipped {b.path}: {b.reason}" for b in report.bad_files[:3])
+            raise InvalidInputError(
+                f"Series {series_instance_uid}: none of the {len(paths)} file(s) read belong "
+                f"to it{unreadable}"
+            )
+        series = found[0]
+        series.duplicates += known_duplicates
+        assess(series, config)
     for bad in report.bad_files:
         series.warnings.append(f"skipped {bad.path}: {bad.reason}")
     return series

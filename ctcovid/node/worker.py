@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from ctcovid.decoder import crashed_reason, decoder_pool, out_of_memory_reason
+from ctcovid.dicom.series import load_series
 from ctcovid.errors import InvalidInputError, ReportError
 from ctcovid.node.config import NodeConfig
 from ctcovid.node.store import OutOfSpaceError, SeriesRecord, Store
@@ -51,24 +52,9 @@ class DecodeFailed(Exception):
     """The series could not be decoded within the decoder's resources (the reason says which)."""
 
 
-def assessed_series(folder: Path, series_instance_uid: str, ingest_config: Any) -> Any:
-    """The series ``series_instance_uid`` in ``folder``, judged with the ingest rules."""
-    from ctcovid.dicom import scan
-
-    report = scan(folder, ingest_config)
-    for series in report.series:
-        if series.series_instance_uid == series_instance_uid:
-            for bad in report.bad_files:
-                series.warnings.append(f"skipped {bad.path.name}: {bad.reason}")
-            return series
-    reasons = "; ".join(f"{b.path.name}: {b.reason}" for b in report.bad_files[:3])
-    raise InvalidInputError(
-        f"Series {series_instance_uid}: no readable instance in the store"
-        + (f" ({reasons})" if reasons else "")
-    )
-
-
-def prepare_series(folder: Path, series_instance_uid: str, artifact: Any, memory_mb: int) -> Any:
+def prepare_series(
+    folder: Path, study_instance_uid: str, series_instance_uid: str, artifact: Any, memory_mb: int
+) -> Any:
     """Decoder-process task: judge, decode, window and select the slices of a stored series.
 
     Raises :class:`InvalidInputError` for an unusable series, :class:`DecodeFailed` when
@@ -79,7 +65,12 @@ def prepare_series(folder: Path, series_instance_uid: str, artifact: Any, memory
     from ctcovid.inference import Classifier
 
     try:
-        series = assessed_series(folder, series_instance_uid, artifact.ingest_config)
+        series = load_series(
+            folder,
+            artifact.ingest_config,
+            series_instance_uid=series_instance_uid,
+            study_instance_uid=study_instance_uid,
+        )
         if not series.usable:
             raise InvalidInputError(series.reason)
         prepared = Classifier(None, artifact).prepare(series)
@@ -321,13 +312,24 @@ class Worker:
 
     def _assessed_series(self, record: SeriesRecord) -> Any:
         folder = self.store.series_dir(record.study_instance_uid, record.series_instance_uid)
-        return assessed_series(folder, record.series_instance_uid, self.classifier.ingest_config)
+        return load_series(
+            folder,
+            self.classifier.ingest_config,
+            series_instance_uid=record.series_instance_uid,
+            study_instance_uid=record.study_instance_uid,
+        )
 
     def _prepare(self, record: SeriesRecord) -> Any:
         """Decode the series in the decoder process (started on first use, renewed if it died)."""
         memory_mb = self.config.decoder_memory_mb
         folder = self.store.series_dir(record.study_instance_uid, record.series_instance_uid)
-        args = (folder, record.series_instance_uid, self.classifier.artifact, memory_mb)
+        args = (
+            folder,
+            record.study_instance_uid,
+            record.series_instance_uid,
+            self.classifier.artifact,
+            memory_mb,
+        )
         for _ in range(2):
             if self._decoder is None:
                 self._decoder = decoder_pool(1, memory_mb)
