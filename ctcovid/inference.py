@@ -37,6 +37,21 @@ def batches(items: np.ndarray, size: int) -> Iterator[np.ndarray]:
         yield items[start : start + size]
 
 
+def scan_result_of(
+    artifact: ModelArtifact, prepared: PreparedScan, probabilities: np.ndarray, seconds: float
+) -> ScanResult:
+    """The scan-level result under ``artifact``'s threshold and classes (no model needed)."""
+    return scan_result(
+        prepared,
+        probabilities,
+        ingest=artifact.ingest_config,
+        threshold=artifact.threshold,
+        classes=(artifact.positive_class, artifact.negative_class),
+        model=artifact.info,
+        seconds=seconds,
+    )
+
+
 class Classifier:
     """A loaded model with the preprocessing its artifact prescribes."""
 
@@ -157,15 +172,7 @@ class Classifier:
         self, prepared: PreparedScan, probabilities: np.ndarray, seconds: float
     ) -> ScanResult:
         """The scan-level result under this model's threshold and classes."""
-        return scan_result(
-            prepared,
-            probabilities,
-            ingest=self.ingest_config,
-            threshold=self.threshold,
-            classes=(self.artifact.positive_class, self.artifact.negative_class),
-            model=self.artifact.info,
-            seconds=seconds,
-        )
+        return scan_result_of(self.artifact, prepared, probabilities, seconds)
 
     def classify(self, series: Series) -> ScanResult:
         """Classify one assessed, usable series."""

@@ -522,19 +522,20 @@ def test_a_series_that_kills_its_decoder_fails_alone_and_resume_does_not_retry_i
     import threading
     import time
 
-    import ctcovid.batch.engine as engine
     import ctcovid.batch.job as job
-    from ctcovid.batch.index import SeriesEntry, process_pool
+    import ctcovid.decoder as decoder
+    from ctcovid.batch.index import SeriesEntry
+    from ctcovid.decoder import decoder_pool
 
     target = studies["b"].ct_series_instance_uid
     pools: list = []
 
     def recorded_pool(workers: int, memory_mb: int):  # the real pool, remembered for the killer
-        pools.append(process_pool(workers, memory_mb))
+        pools.append(decoder_pool(workers, memory_mb))
         return pools[-1]
 
-    monkeypatch.setattr(job, "process_pool", recorded_pool)
-    monkeypatch.setattr(engine, "process_pool", recorded_pool)
+    monkeypatch.setattr(job, "decoder_pool", recorded_pool)
+    monkeypatch.setattr(decoder, "decoder_pool", recorded_pool)
     killed: list[int] = []  # the pools whose decoders were killed, by position
     finished = threading.Event()
 

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ctcovid.config import IngestConfig
-from ctcovid.decoder import DEFAULT_DECODER_MEMORY_MB, decoder_pool
+from ctcovid.decoder import SeriesFiles, decoder_pool
 from ctcovid.dicom.scan import group_instances, read_header
 from ctcovid.dicom.series import assess
 from ctcovid.dicom.types import BadFile, Instance
@@ -121,6 +121,13 @@ class SeriesEntry:
     reason: str
     paths: tuple[str, ...]
     duplicates: int = 0
+
+    @property
+    def where(self) -> SeriesFiles:
+        """Its files, for a decoder (only the unique ones: the duplicates were counted)."""
+        return SeriesFiles(
+            self.paths, self.study_instance_uid, self.series_instance_uid, self.duplicates
+        )
 
     @property
     def key(self) -> tuple[str, str]:
@@ -281,13 +288,6 @@ def read_header_rows(chunk: Sequence[tuple[int, str]]) -> list[HeaderRow]:
     return rows
 
 
-def process_pool(workers: int, memory_mb: int = DEFAULT_DECODER_MEMORY_MB) -> ProcessPoolExecutor:
-    """A pool of fresh interpreters, each under an address-space limit of ``memory_mb`` MiB
-    (0: none): forking a process that may already run a deep-learning runtime's threads is
-    unsafe, so workers are spawned; a file that declares a huge image fails, not the machine."""
-    return decoder_pool(workers, memory_mb)
-
-
 def connect(db_path: Path) -> sqlite3.Connection:
     conn = sqlite3.connect(db_path)
     conn.execute("PRAGMA journal_mode=WAL")
@@ -409,7 +409,7 @@ def _store_headers(
         for chunk in chunks:
             store(read_header_rows(chunk))
     else:
-        with contextlib.nullcontext(pool) if pool else process_pool(workers) as executor:
+        with contextlib.nullcontext(pool) if pool else decoder_pool(workers) as executor:
             # A bounded number of chunks in flight keeps memory flat on archives of any size.
             pending = {
                 executor.submit(read_header_rows, chunk)

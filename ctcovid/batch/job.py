@@ -16,13 +16,12 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from ctcovid.batch.engine import BatchSink, run_local, warm_up
+from ctcovid.batch.engine import BatchSink, run_local
 from ctcovid.batch.index import (
     build_index,
     index_is_complete,
     index_summary,
     iter_series,
-    process_pool,
 )
 from ctcovid.batch.options import BatchOptions
 from ctcovid.batch.ray_engine import run_ray
@@ -41,6 +40,7 @@ from ctcovid.batch.results import (
     prepare_output,
     write_json_atomic,
 )
+from ctcovid.decoder import decoder_pool, warm_up
 from ctcovid.errors import ConfigError
 from ctcovid.inference import Classifier
 from ctcovid.model.artifact import ModelArtifact, read_artifact
@@ -118,7 +118,7 @@ def _run_locked(
         progress = forwarder.watch(progress)
     try:
         with (
-            process_pool(options.workers, options.decoder_memory_mb)
+            decoder_pool(options.workers, options.decoder_memory_mb)
             if local_pool
             else contextlib.nullcontext()
         ) as pool:
@@ -168,47 +168,37 @@ def _run(
         entries = [e for e in listed if e.key not in writer.done]
         usable = [e for e in entries if e.usable]
         progress.classify_started(len(entries), sum(e.n_slices for e in usable))
+        # Results and SRs need only the artifact: the network is loaded only to infer.
+        sink = BatchSink(out, artifact, writer, progress)
+        for entry in entries:
+            if not entry.usable:
+                sink.skipped(entry)
+        classify_start = time.perf_counter()
+        if usable and classifier is None and options.engine == "local":
+            classifier = Classifier.from_file(
+                options.model_path, batch_size=options.batch_size, runtime=artifact.runtime
+            )
         if options.engine == "ray":
-            # The driver needs no network: results and SRs only need the artifact.
-            sink = BatchSink(out, Classifier(None, artifact), writer, progress)
-            for entry in entries:
-                if not entry.usable:
-                    sink.skipped(entry)
-            classify_start = time.perf_counter()
             run_ray(usable, options, artifact, sink)
-        else:
-            if classifier is None:
-                classifier = (
-                    Classifier.from_file(
-                        options.model_path, batch_size=options.batch_size, runtime=artifact.runtime
-                    )
-                    if usable
-                    else Classifier(None, artifact)  # nothing to infer: do not load the network
-                )
-            sink = BatchSink(out, classifier, writer, progress)
-            for entry in entries:
-                if not entry.usable:
-                    sink.skipped(entry)
-            classify_start = time.perf_counter()
-            if options.source is not None:
-                options.source.classify(
-                    usable,
-                    classifier,
-                    sink,
-                    out=out,
-                    workers=options.workers,
-                    pool=pool,
-                    memory_mb=options.decoder_memory_mb,
-                )
-            else:
-                run_local(
-                    usable,
-                    classifier,
-                    sink,
-                    workers=options.workers,
-                    pool=pool,
-                    memory_mb=options.decoder_memory_mb,
-                )
+        elif options.source is not None:
+            options.source.classify(
+                usable,
+                classifier,
+                sink,
+                out=out,
+                workers=options.workers,
+                pool=pool,
+                memory_mb=options.decoder_memory_mb,
+            )
+        elif classifier is not None and usable:
+            run_local(
+                usable,
+                classifier,
+                sink,
+                workers=options.workers,
+                pool=pool,
+                memory_mb=options.decoder_memory_mb,
+            )
         classify_seconds = time.perf_counter() - classify_start
         rows = list(writer.rows)
 

@@ -20,9 +20,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ctcovid.batch.engine import BatchSink, Decoded, decode_entry
+from ctcovid.batch.engine import BatchSink
 from ctcovid.batch.index import SeriesEntry
 from ctcovid.batch.options import BatchOptions
+from ctcovid.decoder import Decoded, decode_series
 from ctcovid.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -52,7 +53,7 @@ def decode_rows(row: dict[str, Any], artifact: ModelArtifact) -> list[dict[str, 
     and the SR); a series that cannot be prepared becomes one row with ``k = -1`` and the reason.
     """
     entry: SeriesEntry = pickle.loads(row["entry"])
-    decoded = decode_entry(entry, artifact)
+    decoded = decode_series(entry, entry.where, artifact.ingest_config)
     size = artifact.model_config.input_size
     if decoded.prepared is None:
         return [

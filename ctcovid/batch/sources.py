@@ -29,11 +29,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ctcovid.batch.engine import BatchSink, Decoded, Decoders, SliceBatcher
+from ctcovid.batch.engine import BatchSink, SliceBatcher
 from ctcovid.batch.index import IndexSummary, SeriesEntry
 from ctcovid.batch.results import BatchProgress, ResultRow
 from ctcovid.config import IngestConfig
-from ctcovid.decoder import DEFAULT_DECODER_MEMORY_MB
+from ctcovid.decoder import DEFAULT_DECODER_MEMORY_MB, Decoded, Decoders
 from ctcovid.dicom.series import load_series
 from ctcovid.errors import ConfigError, CtCovidError, InvalidInputError, PacsError
 from ctcovid.net.cache import CacheFullError, SeriesCache
@@ -256,7 +256,7 @@ class PacsSource:
     def classify(
         self,
         entries: Sequence[SeriesEntry],
-        classifier: Classifier,
+        classifier: Classifier | None,
         sink: BatchSink,
         *,
         out: Path,
@@ -265,13 +265,16 @@ class PacsSource:
         memory_mb: int = DEFAULT_DECODER_MEMORY_MB,
     ) -> None:
         """Retrieve, judge and classify ``entries`` (series without a row yet), decoding in
-        ``workers`` processes under ``memory_mb`` MiB each (``pool``, when given, is used)."""
+        ``workers`` processes under ``memory_mb`` MiB each (``pool``, when given, is used).
+        With no ``entries`` (and no ``classifier``) the cache is only emptied."""
         cache = SeriesCache(out / CACHE_DIR, self.cache_bytes)
         self.cache = cache
         kept = cache.recover(e.key for e in entries)
         self.stats["reused_from_cache"] = len(kept)
+        if classifier is None or not entries:
+            return
         sink.progress = _Releasing(sink.progress, cache)
-        retriever = _Retriever(self, list(entries), cache, classifier.artifact.ingest_config)
+        retriever = _Retriever(self, list(entries), cache, classifier.ingest_config)
         try:
             _drive(retriever, classifier, sink, workers=workers, pool=pool, memory_mb=memory_mb)
         finally:
@@ -459,16 +462,16 @@ def _drive(
 
     Unlike a folder, the next series may not be there yet: rather than wait for it with slices
     queued, the classifier scores what it has (a partial batch), which also empties the cache.
-    Decoding goes through the local engine's :class:`~ctcovid.batch.engine.Decoders`: a series
+    Decoding goes through :class:`~ctcovid.decoder.Decoders`, as in a folder run: a series
     that kills its decoder process fails alone, with the reason, and the run goes on.
     """
     batcher = SliceBatcher(classifier)
 
     def take(decoded: Decoded) -> None:
         if decoded.prepared is None:
-            sink.failed(decoded.entry, decoded.error)
+            sink.failed(decoded.job, decoded.error)
         else:
-            batcher.add(decoded.entry, decoded.prepared)
+            batcher.add(decoded.job, decoded.prepared)
 
     def score_one() -> None:
         for item in batcher.step():
@@ -482,9 +485,11 @@ def _drive(
         elif not item.entry.usable:
             sink.skipped(item.entry)
         else:
-            decoders.submit(item.entry)
+            decoders.submit(item.entry, item.entry.where)
 
-    with Decoders(classifier.artifact, workers=workers, memory_mb=memory_mb, pool=pool) as decoders:
+    with Decoders(
+        classifier.ingest_config, workers=workers, memory_mb=memory_mb, pool=pool
+    ) as decoders:
         while not retriever.exhausted or decoders.busy:
             # Hand every series that is ready to the decoders (bounded in-flight).
             while decoders.has_room and not retriever.exhausted:
