@@ -3,9 +3,10 @@
 Each series is decoded by :class:`~ctcovid.decoder.Decoders` (memory-capped decoder processes
 that outlive the death of any of them); :class:`SliceBatcher` scores the slices of several
 series in shared batches; :class:`BatchSink` turns each series' probabilities into its result
-row and SR with the same ``Classifier`` and SR builder as ``ctcovid classify``. The local engine
-(:func:`run_local`) decodes in worker processes while this process feeds ONE classifier; the Ray
-engine (``ray_engine.py``) and the PACS source (``sources.py``) are built from the same parts.
+row and SR with the same ``Classifier`` and SR builder as ``ctcovid classify``. The one engine
+loop (:func:`run_local`) decodes in worker processes while this process feeds ONE classifier,
+fed by the folder index or by the PACS retriever (``sources.py``); the Ray engine
+(``ray_engine.py``) is built from the same parts.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from collections.abc import Iterable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 
@@ -40,7 +42,7 @@ from ctcovid.scans import PreparedScan
 logger = logging.getLogger(__name__)
 
 
-# -- results and SRs (driver side) --------------------------------------------------------------
+# -- results and SRs ---------------------------------------------------------------------------
 
 
 class BatchSink:
@@ -189,11 +191,42 @@ class SliceBatcher:
         return finished
 
 
-# -- the local engine: decoders in worker processes, inference in this one --------------------
+# -- the engine loop ----------------------------------------------------------------------------
+
+
+@dataclass
+class Ready:
+    """A series to decode, or why it cannot be had (a PACS that failed to deliver it)."""
+
+    entry: SeriesEntry
+    error: str = ""
+
+
+@runtime_checkable
+class Feed(Protocol):
+    """Where the series of a run come from: the folder index, or the PACS retriever."""
+
+    @property
+    def exhausted(self) -> bool: ...
+
+    def get(self, timeout: float) -> Ready | None: ...
+
+
+class _Listed:
+    """The series of the index, as a feed whose next series is always there."""
+
+    def __init__(self, entries: Iterable[SeriesEntry]):
+        self._todo = iter(entries)
+        self.exhausted = False
+
+    def get(self, timeout: float) -> Ready | None:
+        entry = next(self._todo, None)
+        self.exhausted = entry is None
+        return None if entry is None else Ready(entry)
 
 
 def run_local(
-    entries: Iterable[SeriesEntry],
+    entries: Iterable[SeriesEntry] | Feed,
     classifier: Classifier,
     sink: BatchSink,
     *,
@@ -201,10 +234,16 @@ def run_local(
     pool: ProcessPoolExecutor | None = None,
     memory_mb: int = DEFAULT_DECODER_MEMORY_MB,
 ) -> None:
-    """Decode in ``workers`` processes (in this process when 0) while this process infers;
+    """The one engine loop: decode in ``workers`` processes (in this process when 0) while this
+    process infers; ``entries`` are indexed series or a :class:`Feed` (the PACS retriever).
+
     ``pool``, when given, is used and left open (a new one replaces it if a decoder dies).
     Decoder processes run under ``memory_mb`` MiB of address space; a series that kills its
-    decoder process fails alone (its row says why) and the run goes on (:class:`Decoders`)."""
+    decoder process fails alone (its row says why) and the run goes on. When the next series
+    is not there yet (a PACS still retrieving it), the classifier scores what it has (a partial
+    batch) rather than wait with slices queued.
+    """
+    feed = entries if isinstance(entries, Feed) else _Listed(entries)
     batcher = SliceBatcher(classifier)
 
     def take(decoded: Decoded) -> None:
@@ -213,31 +252,39 @@ def run_local(
         else:
             batcher.add(decoded.job, decoded.prepared)
 
-    def score(final: bool) -> None:
-        while batcher.full or (final and batcher.n_queued):
-            for item in batcher.step():
-                sink.classified(
-                    item.entry, item.prepared, item.probs, time.perf_counter() - item.started
-                )
-            if not final:
-                return  # one batch, then look after the decoders again
+    def score_one() -> None:
+        for item in batcher.step():
+            sink.classified(
+                item.entry, item.prepared, item.probs, time.perf_counter() - item.started
+            )
 
-    todo = iter(entries)
-    exhausted = False
+    def route(item: Ready) -> None:
+        if item.error:
+            sink.failed(item.entry, item.error)
+        elif not item.entry.usable:
+            sink.skipped(item.entry)
+        else:
+            decoders.submit(item.entry, item.entry.where)
+
     with Decoders(
         classifier.ingest_config, workers=workers, memory_mb=memory_mb, pool=pool
     ) as decoders:
-        while True:
-            while not exhausted and decoders.has_room:
-                entry = next(todo, None)
-                if entry is None:
-                    exhausted = True
+        while not feed.exhausted or decoders.busy:
+            while decoders.has_room and not feed.exhausted:  # keep the decoders fed
+                item = feed.get(timeout=0)
+                if item is None:
                     break
-                decoders.submit(entry, entry.where)
-            if exhausted and not decoders.busy:
-                break
-            # Wait for a decoder only when there is no full batch to work on meanwhile.
-            for decoded in decoders.collect(timeout=0 if batcher.full else None):
-                take(decoded)
-            score(final=False)
-    score(final=True)
+                route(item)
+            if batcher.full:
+                score_one()
+            elif decoders.busy:
+                for decoded in decoders.collect(timeout=0.1):
+                    take(decoded)
+            elif batcher.n_queued:
+                score_one()  # nothing to decode and nothing arrived: do not idle
+            elif not feed.exhausted:
+                item = feed.get(timeout=0.5)
+                if item is not None:
+                    route(item)
+    while batcher.n_queued:
+        score_one()

@@ -172,7 +172,12 @@ class Worker:
                     prepared, probabilities, time.perf_counter() - start
                 )
             else:  # no decoder process: decode here, streaming slices into the model
-                series = self._assessed_series(record)
+                series = load_series(
+                    self.store.series_dir(record.study_instance_uid, uid),
+                    self.classifier.ingest_config,
+                    series_instance_uid=uid,
+                    study_instance_uid=record.study_instance_uid,
+                )
                 if not series.usable:
                     raise InvalidInputError(series.reason)
                 result = self.classifier.classify(series)
@@ -276,15 +281,6 @@ class Worker:
                 f"{record.sent_revision} ({path}) cannot be read for its SeriesInstanceUID and "
                 f"SOPInstanceUID: {exc}"
             ) from exc
-
-    def _assessed_series(self, record: SeriesRecord) -> Any:
-        folder = self.store.series_dir(record.study_instance_uid, record.series_instance_uid)
-        return load_series(
-            folder,
-            self.classifier.ingest_config,
-            series_instance_uid=record.series_instance_uid,
-            study_instance_uid=record.study_instance_uid,
-        )
 
     def _prepare(self, record: SeriesRecord) -> Any:
         """Decode the series in the decoder process (started on first use, renewed if it died)."""
