@@ -114,21 +114,25 @@ def assess(series: Series, config: IngestConfig) -> Series:
 
 
 def scan(
-    path: Path | str,
+    source: Path | str | Sequence[Path],
     config: IngestConfig | None = None,
     *,
     on_instance: Callable[[Instance], None] | None = None,
+    judge: bool = True,
 ) -> ScanReport:
-    """Scan a file or folder tree: every series found, assessed, and the skipped files.
+    """Scan a file, a folder tree or a list of files: every series found, assessed (unless not
+    ``judge``), and the skipped files.
 
     ``on_instance`` sees each instance as soon as its header is read (see :func:`scan_files`).
     """
     config = config or IngestConfig()
-    root = Path(path)
-    if not root.exists():
-        raise InvalidInputError(f"{root}: no such file or folder")
-    report = scan_files(list(iter_files(root)), on_instance)
-    for series in report.series:
+    if isinstance(source, str | Path):
+        root = Path(source)
+        if not root.exists():
+            raise InvalidInputError(f"{root}: no such file or folder")
+        source = list(iter_files(root))
+    report = scan_files(list(source), on_instance)
+    for series in report.series if judge else ():
         assess(series, config)
     return report
 
@@ -193,18 +197,9 @@ def load_series(
         no UID) there is not exactly one usable CT series.
     """
     config = config or IngestConfig()
-    if isinstance(source, str | Path):
-        root = Path(source)
-        if not root.exists():
-            raise InvalidInputError(f"{root}: no such file or folder")
-        paths, where = list(iter_files(root)), str(root)
-    else:
-        paths = list(source)
-        where = f"{len(paths)} file(s)"
-    report = scan_files(paths, on_instance)
+    report = scan(source, config, on_instance=on_instance, judge=series_instance_uid is None)
     if series_instance_uid is None:
-        for candidate in report.series:
-            assess(candidate, config)
+        where = source if isinstance(source, str | Path) else f"{report.n_files} file(s)"
         series = select_series(report, where, for_classification=for_classification)
     else:
         found = [
@@ -216,7 +211,7 @@ def load_series(
         if not found:
             unreadable = "".join(f"; skipped {b.path}: {b.reason}" for b in report.bad_files[:3])
             raise InvalidInputError(
-                f"Series {series_instance_uid}: none of the {len(paths)} file(s) read belong "
+                f"Series {series_instance_uid}: none of the {report.n_files} file(s) read belong "
                 f"to it{unreadable}"
             )
         series = found[0]
