@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from ctcovid.batch.engine import BatchSink, Ready, run_local
 from ctcovid.batch.index import IndexSummary, SeriesEntry
-from ctcovid.batch.results import BatchProgress, ResultRow
+from ctcovid.batch.results import ProgressThen
 from ctcovid.config import IngestConfig
 from ctcovid.decoder import DEFAULT_DECODER_MEMORY_MB
 from ctcovid.dicom.series import load_series
@@ -263,7 +263,8 @@ class PacsSource:
         self.stats["reused_from_cache"] = len(kept)
         if classifier is None or not entries:
             return
-        sink.progress = _Releasing(sink.progress, cache)
+        # A series leaves the cache once its row is written.
+        sink.progress = ProgressThen(sink.progress, lambda row: cache.discard(row.key))
         retriever = _Retriever(self, list(entries), cache, classifier.ingest_config)
         try:
             run_local(retriever, classifier, sink, workers=workers, pool=pool, memory_mb=memory_mb)
@@ -288,27 +289,6 @@ class PacsSource:
             "cache_bound_bytes": self.cache_bytes,
             "cache_peak_bytes": cache.peak_bytes if cache else 0,
         }
-
-
-class _Releasing(BatchProgress):
-    """Progress callbacks that also empty the cache of each series whose row was written."""
-
-    def __init__(self, inner: BatchProgress, cache: SeriesCache):
-        self.inner = inner
-        self.cache = cache
-
-    def index_started(self, n_files: int) -> None:
-        self.inner.index_started(n_files)
-
-    def index_advanced(self, n_done: int, n_total: int) -> None:
-        self.inner.index_advanced(n_done, n_total)
-
-    def classify_started(self, n_series: int, n_slices: int) -> None:
-        self.inner.classify_started(n_series, n_slices)
-
-    def series_finished(self, row: ResultRow, n_slices: int) -> None:
-        self.inner.series_finished(row, n_slices)
-        self.cache.discard(row.key)
 
 
 class _Retriever:

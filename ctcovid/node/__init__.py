@@ -7,17 +7,3 @@ into an SR sender); ``service`` runs the listener and the worker process, ``metr
 optional Prometheus endpoint. The machinery it composes lives below it: the wire in
 :mod:`ctcovid.net` (guard, peers, services, sender), decoding in :mod:`ctcovid.decoder`.
 """
-
-from ctcovid.node.config import NodeConfig, Peer, load_config
-from ctcovid.node.store import STATES, JobState, SeriesRecord, Store, valid_uid
-
-__all__ = [
-    "STATES",
-    "JobState",
-    "NodeConfig",
-    "Peer",
-    "SeriesRecord",
-    "Store",
-    "load_config",
-    "valid_uid",
-]
