@@ -207,12 +207,12 @@ class Decoders:
             self._queued.append((job, where))
 
     def decode(self, job: Any, where: SeriesFiles) -> Decoded:
-        """Submit one series and wait for it (the others held are collected on the way)."""
+        """Decode one series and wait for it (for a caller with nothing else in flight)."""
+        assert not self.busy, "decode() waits for one series; use submit() and collect()"
         self.submit(job, where)
-        while True:
-            for decoded in self.collect(timeout=None):
-                if decoded.job is job:
-                    return decoded
+        while not (decoded := self.collect(timeout=None)):
+            pass  # a decoder died: the series runs again alone
+        return decoded[0]
 
     def collect(self, timeout: float | None) -> list[Decoded]:
         """The series decoded since the last call; when there are none yet, wait up to
