@@ -69,4 +69,4 @@ fuzz: $(STAMP)
 		--time-limit $(FUZZ_SECONDS)
 
 clean:
-	rm -rf $(DEMO) fixtures .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(DEMO) fixtures .pytest_cache .mypy_cache .ruff_cache .import_linter_cache
