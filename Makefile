@@ -52,6 +52,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check ctcovid dicom_fixtures
 	$(BIN)/mypy ctcovid
+	PYTHONPATH=$(CURDIR) $(BIN)/lint-imports
 
 fixtures: $(STAMP)
 	$(BIN)/ctcovid fixtures fixtures --studies 6 --seed 0
@@ -68,4 +69,4 @@ fuzz: $(STAMP)
 		--time-limit $(FUZZ_SECONDS)
 
 clean:
-	rm -rf $(DEMO) fixtures .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(DEMO) fixtures .pytest_cache .mypy_cache .ruff_cache .import_linter_cache

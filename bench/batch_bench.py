@@ -11,7 +11,7 @@ Prints one JSON object:
   ``predict_slices`` and the rest (waiting for decoders, results and SRs): a batch slower than
   raw with its model time near raw's lost the difference outside the model, one whose model
   time itself grew was slowed by what ran beside it;
-- ``decode_slices_per_second``: the decode task of the workers (``decode_entry``: headers read
+- ``decode_slices_per_second``: the decode task of the workers (``decode_series``: headers read
   again, pixels decoded, windowed, slice policy) alone, in this process, no model running; with
   the raw rate it says how long batch would take with no overlap (``serial_estimate_s``) and
   with perfect overlap (``overlapped_estimate_s``).
@@ -68,7 +68,7 @@ def export_graphs(model_dir: Path, work: Path, input_size: int, kind: str) -> di
     written and, when the gate refused int8, the measured reason."""
     from ctcovid.errors import ModelError
     from ctcovid.model.artifact import read_artifact
-    from ctcovid.model.export import export_model
+    from ctcovid.training.export import export_model
 
     if kind == "none":
         return {"export": "none"}
@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import dicom_fixtures
     from ctcovid.batch import BatchOptions, build_index, iter_series, run_batch
-    from ctcovid.batch.shared import decode_entry
+    from ctcovid.decoder import decode_series
     from ctcovid.inference import Classifier
     from ctcovid.model.export import cpu_description
 
@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # The workers' decode task alone (this process, no model running): what batch must hide.
     start = time.perf_counter()
-    decoded = [decode_entry(e, classifier.artifact) for e in entries]
+    decoded = [decode_series(e, e.where, classifier.ingest_config) for e in entries]
     decode_s = time.perf_counter() - start
     failed = [d.error for d in decoded if d.prepared is None]
     if failed:

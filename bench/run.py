@@ -433,8 +433,8 @@ def exported_model(size: int) -> tuple[Path, Path, dict[str, Any]]:
     import shutil
 
     from ctcovid.errors import ModelError
-    from ctcovid.model import export as ex
     from ctcovid.model.artifact import read_artifact, write_metadata
+    from ctcovid.training import export as ex
 
     calib = data_dir() / f"calibration-{size}"
     if not (calib / ".done").exists():
@@ -477,8 +477,8 @@ CONVS_ONLY = "int8 convolutions only"
 
 def convolutions_only_graph(folder: Path, calib: Path, artifact: Any) -> Any:
     """An ONNX Runtime session of the model quantised by the convolutions-only recipe."""
-    from ctcovid.model import export as ex
     from ctcovid.model.runtimes import OnnxRuntime
+    from ctcovid.training import export as ex
 
     recipe = next(r for r in ex.RECIPES if r.op_types)
     path = folder / "convolutions-only.int8.onnx"
@@ -491,9 +491,10 @@ def convolutions_only_graph(folder: Path, calib: Path, artifact: Any) -> Any:
 
 def bench_runtimes(repeats: int) -> list[dict[str, Any]]:
     from ctcovid.inference import Classifier
-    from ctcovid.model import export as ex
     from ctcovid.model.artifact import load_model
-    from ctcovid.model.export import cpu_description, read_scans
+    from ctcovid.model.export import cpu_description
+    from ctcovid.training import export as ex
+    from ctcovid.training.export import read_scans
 
     size = int_setting("BENCH_INPUT_SIZE")
     folder, calib, report = exported_model(size)

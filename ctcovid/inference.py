@@ -20,7 +20,6 @@ from ctcovid.errors import InvalidInputError
 from ctcovid.model.artifact import ModelArtifact, default_model_path, load_model, read_artifact
 from ctcovid.model.runtimes import KerasRuntime, Runtime, load_runtime, resolve_runtime
 from ctcovid.preprocess import (
-    PreprocessedSeries,
     assemble_series,
     iter_windowed,
 )
@@ -35,6 +34,21 @@ DEFAULT_BATCH_SIZE = 32
 def batches(items: np.ndarray, size: int) -> Iterator[np.ndarray]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
+
+
+def scan_result_of(
+    artifact: ModelArtifact, prepared: PreparedScan, probabilities: np.ndarray, seconds: float
+) -> ScanResult:
+    """The scan-level result under ``artifact``'s threshold and classes (no model needed)."""
+    return scan_result(
+        prepared,
+        probabilities,
+        ingest=artifact.ingest_config,
+        threshold=artifact.threshold,
+        classes=(artifact.positive_class, artifact.negative_class),
+        model=artifact.info,
+        seconds=seconds,
+    )
 
 
 class Classifier:
@@ -147,25 +161,11 @@ class Classifier:
 
     # -- series -> result ---------------------------------------------------------------------
 
-    def prepare(
-        self, series: Series, preprocessed: PreprocessedSeries | None = None
-    ) -> PreparedScan:
-        """What this model sees of ``series`` (see :func:`ctcovid.scans.prepare_scan`)."""
-        return prepare_scan(series, self.ingest_config, preprocessed)
-
     def result(
         self, prepared: PreparedScan, probabilities: np.ndarray, seconds: float
     ) -> ScanResult:
         """The scan-level result under this model's threshold and classes."""
-        return scan_result(
-            prepared,
-            probabilities,
-            ingest=self.ingest_config,
-            threshold=self.threshold,
-            classes=(self.artifact.positive_class, self.artifact.negative_class),
-            model=self.artifact.info,
-            seconds=seconds,
-        )
+        return scan_result_of(self.artifact, prepared, probabilities, seconds)
 
     def classify(self, series: Series) -> ScanResult:
         """Classify one assessed, usable series."""
@@ -181,7 +181,7 @@ class Classifier:
         start = time.perf_counter()
         config = self.ingest_config
         if config.slice_policy != "all" or config.max_slices is not None:
-            prepared = self.prepare(series)
+            prepared = prepare_scan(series, config)
             probs = self.predict_slices(prepared.used.slices)
             return prepared, self.result(prepared, probs, time.perf_counter() - start)
         if not series.usable:  # refuse before decoding anything
@@ -192,7 +192,7 @@ class Classifier:
         parts: list[np.ndarray] = []
         windowed = iter_windowed(series.slices, config, errors, lookahead=2 * self.batch_size)
         pp = assemble_series(series, config, self._scored(windowed, parts), errors)
-        prepared = self.prepare(series, preprocessed=pp)
+        prepared = prepare_scan(series, config, pp)
         probs = np.concatenate(parts)[: len(prepared.used)]
         return prepared, self.result(prepared, probs, time.perf_counter() - start)
 

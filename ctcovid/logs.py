@@ -10,6 +10,9 @@ asked for with ``-v -v``.
 warning and the oneDNN note straight to file descriptor 2 while it is imported, whatever the
 level. So :func:`quiet_native_imports` runs that one import with descriptor 2 pointed at a
 temporary file, and shows what was written there only if the import fails.
+
+The node's processes also call :func:`quiet_libraries`, which keeps pynetdicom and highdicom at
+WARNING and reduces library records to the tags they name.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import importlib.abc
 import importlib.machinery
 import logging
 import os
+import re
 import sys
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -154,3 +158,66 @@ def quiet_native_imports(names: Sequence[str] = NOISY_NATIVE_PACKAGES) -> None:
     if any(isinstance(f, QuietNativeImport) for f in sys.meta_path):
         return
     sys.meta_path.insert(0, QuietNativeImport(names))
+
+
+def quiet_libraries(level: int) -> None:
+    """pynetdicom and highdicom log every PDU and copied module at INFO: keep that for debug.
+
+    Library records and Python warnings that could quote a received value are reduced to the
+    tags they name (:class:`RedactLibraryRecords`) on every root handler.
+    """
+    library_level = logging.DEBUG if level <= logging.DEBUG else logging.WARNING
+    for name in ("pynetdicom", "highdicom"):
+        logging.getLogger(name).setLevel(library_level)
+    # Warnings go through logging (and so through the filter), not straight to stderr.
+    logging.captureWarnings(True)
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, RedactLibraryRecords) for f in handler.filters):
+            handler.addFilter(RedactLibraryRecords())
+
+
+_TAG_TEXT = re.compile(r"\(\s*([0-9A-Fa-f]{4})\s*,\s*([0-9A-Fa-f]{4})\s*\)")
+_VR_TEXT = re.compile(r"\bVR:? ([A-Z]{2})\b")
+_CATEGORY_TEXT = re.compile(r"\b([A-Z][A-Za-z]*Warning)\b")
+_REDACTED_LOGGERS = ("pydicom", "py.warnings", "pynetdicom")
+
+
+class RedactLibraryRecords(logging.Filter):
+    """Reduce what pydicom and pynetdicom log, and Python warnings, to the tags they name.
+
+    Their messages quote received values (``Invalid value for VR UI: '<value>'``), and a
+    malformed element can swallow its neighbours, so the quoted value may hold the patient's
+    name. A log handler with this filter passes such a record as ``event=library_message`` with
+    the logger, the warning category, the VR and the tags ``(gggg,eeee)`` the text names,
+    without the text itself or an exception's message. pynetdicom's info and debug records
+    (association events, PDU and command set dumps, asked for with ``-v``) pass unchanged.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        name = record.name
+        if not any(name == lib or name.startswith(lib + ".") for lib in _REDACTED_LOGGERS):
+            return True
+        if name.startswith("pynetdicom") and record.levelno < logging.WARNING:
+            return True
+        try:
+            text = record.getMessage()
+        except Exception:
+            text = str(record.msg)
+        parts = [f"event=library_message source={name}"]
+        category = _CATEGORY_TEXT.search(text)
+        if category:
+            parts.append(f"category={category.group(1)}")
+        vr = _VR_TEXT.search(text)
+        if vr:
+            parts.append(f"vr={vr.group(1)}")
+        tags = sorted({f"({g.upper()},{e.upper()})" for g, e in _TAG_TEXT.findall(text)})
+        if tags:
+            parts.append("tags=" + ",".join(tags))
+        if record.exc_info and record.exc_info[0] is not None:
+            parts.append(f"error={record.exc_info[0].__name__}")
+        record.msg = " ".join(parts)
+        record.args = ()
+        record.exc_info = None
+        record.exc_text = None
+        record.stack_info = None
+        return True

@@ -19,9 +19,10 @@ import time
 
 def main(argv: list[str]) -> int:
     from ctcovid.cli.common import setup_logging
+    from ctcovid.logs import quiet_libraries
     from ctcovid.node.config import NodeConfig
     from ctcovid.node.scp import Listener
-    from ctcovid.node.service import LISTENER_DRAIN_SECONDS, quiet_libraries
+    from ctcovid.node.service import LISTENER_DRAIN_SECONDS
     from ctcovid.node.store import Store
 
     setup_logging(1)

@@ -384,15 +384,16 @@ def test_a_decoder_process_killed_mid_run_is_replaced_and_every_series_finishes(
 ) -> None:
     import threading
 
-    from ctcovid.batch.index import build_index, iter_series, process_pool
-    from ctcovid.batch.local import run_local
-    from ctcovid.batch.shared import BatchProgress, BatchSink
+    from ctcovid.batch.engine import BatchSink, run_local
+    from ctcovid.batch.index import build_index, iter_series
+    from ctcovid.batch.results import BatchProgress
+    from ctcovid.decoder import decoder_pool
 
     out = tmp_path / "run"
     out.mkdir()
     build_index(archive["root"], out / "index.sqlite", classifier.ingest_config)
     usable = [e for e in iter_series(out / "index.sqlite") if e.usable]
-    pool = process_pool(1)
+    pool = decoder_pool(1)
     killed: list[int] = []
 
     def kill_while_decoding() -> None:  # as the kernel's OOM killer would
@@ -407,7 +408,7 @@ def test_a_decoder_process_killed_mid_run_is_replaced_and_every_series_finishes(
     killer = threading.Thread(target=kill_while_decoding, daemon=True)
     killer.start()
     with pool, ResultsWriter(out / RESULTS_FILE) as writer:
-        run_local(usable, classifier, BatchSink(out, classifier, writer, BatchProgress()),
+        run_local(usable, classifier, BatchSink(out, classifier.artifact, writer, BatchProgress()),
                   workers=1, pool=pool)
     killer.join(5)
 
@@ -608,21 +609,24 @@ def test_a_series_whose_decoder_dies_when_run_alone_fails_with_the_reason(
 ) -> None:
     import threading
 
-    import ctcovid.batch.local as local
-    from ctcovid.batch.index import build_index, iter_series, process_pool
-    from ctcovid.batch.shared import BatchProgress, BatchSink
+    import ctcovid.batch.engine as engine
+    import ctcovid.decoder as decoder
+    from ctcovid.batch.engine import BatchSink
+    from ctcovid.batch.index import build_index, iter_series
+    from ctcovid.batch.results import BatchProgress
+    from ctcovid.decoder import decoder_pool
 
     out = tmp_path / "run"
     out.mkdir()
     build_index(archive["root"], out / "index.sqlite", classifier.ingest_config)
     usable = [e for e in iter_series(out / "index.sqlite") if e.usable]
-    pools = [process_pool(1)]
+    pools = [decoder_pool(1)]
 
     def recorded_pool(workers: int, memory_mb: int):  # the real pool, remembered for the killer
-        pools.append(process_pool(workers, memory_mb))
+        pools.append(decoder_pool(workers, memory_mb))
         return pools[-1]
 
-    monkeypatch.setattr(local, "process_pool", recorded_pool)
+    monkeypatch.setattr(decoder, "decoder_pool", recorded_pool)
     killed: list[int] = []
 
     def kill_twice() -> None:
@@ -640,8 +644,8 @@ def test_a_series_whose_decoder_dies_when_run_alone_fails_with_the_reason(
     killer = threading.Thread(target=kill_twice, daemon=True)
     killer.start()
     with pools[0], ResultsWriter(out / RESULTS_FILE) as writer:
-        sink = BatchSink(out, classifier, writer, BatchProgress())
-        local.run_local(usable, classifier, sink, workers=1, pool=pools[0])
+        sink = BatchSink(out, classifier.artifact, writer, BatchProgress())
+        engine.run_local(usable, classifier, sink, workers=1, pool=pools[0])
     killer.join(5)
 
     assert len(killed) == 2

@@ -335,7 +335,7 @@ def test_a_pacs_that_goes_down_mid_run_fails_the_rest_and_the_run_goes_on(
     studies: dict, tiny_model_dir: Path, classifier: Classifier, folder_rows: dict,
     tmp_path: Path
 ) -> None:
-    from ctcovid.batch.shared import BatchProgress
+    from ctcovid.batch.results import BatchProgress
 
     orthanc = start_orthanc(tmp_path / "orthanc", studies["files"], free_port())
 
@@ -524,18 +524,19 @@ def test_a_series_that_kills_its_decoder_fails_alone_and_resume_does_not_retry_i
     import time
 
     import ctcovid.batch.job as job
-    import ctcovid.batch.local as local
-    from ctcovid.batch.index import SeriesEntry, process_pool
+    import ctcovid.decoder as decoder
+    from ctcovid.batch.index import SeriesEntry
+    from ctcovid.decoder import decoder_pool
 
     target = studies["b"].ct_series_instance_uid
     pools: list = []
 
     def recorded_pool(workers: int, memory_mb: int):  # the real pool, remembered for the killer
-        pools.append(process_pool(workers, memory_mb))
+        pools.append(decoder_pool(workers, memory_mb))
         return pools[-1]
 
-    monkeypatch.setattr(job, "process_pool", recorded_pool)
-    monkeypatch.setattr(local, "process_pool", recorded_pool)
+    monkeypatch.setattr(job, "decoder_pool", recorded_pool)
+    monkeypatch.setattr(decoder, "decoder_pool", recorded_pool)
     killed: list[int] = []  # the pools whose decoders were killed, by position
     finished = threading.Event()
 

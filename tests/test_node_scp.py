@@ -806,7 +806,7 @@ def test_header_bomb_is_refused_without_parsing_it_all(
 def test_library_records_are_reduced_to_tags_and_vr():
     import logging
 
-    from ctcovid.node.scp import RedactLibraryRecords
+    from ctcovid.logs import RedactLibraryRecords
 
     def reduced(name: str, level: int, msg: str, exc: BaseException | None = None) -> str:
         exc_info = (type(exc), exc, None) if exc else None

@@ -419,7 +419,7 @@ def test_a_killed_decoder_process_is_replaced_and_the_next_series_classified(
         put(worker.store, path)
     run_until_idle(worker)
     assert worker._decoder is not None
-    for pid in list(worker._decoder._processes):  # as the kernel's OOM killer would
+    for pid in list(worker._decoder._executor._processes):  # as the kernel's OOM killer would
         os.kill(pid, signal.SIGKILL)
     time.sleep(1.0)
     for path in ct_files(studies_root, "study_001"):

@@ -291,7 +291,8 @@ def test_int8_refused_when_a_scan_sits_on_the_threshold(exported_dir, calibratio
     """Move the model's threshold between a scan's fp32 and int8 probabilities (the recipe that
     passed, which quantises deterministically): the label flips, so export refuses with the
     measured numbers and leaves the folder as it was."""
-    from ctcovid.model.export import RECIPES, export_model
+    from ctcovid.model.export import RECIPES
+    from ctcovid.training.export import export_model
 
     artifact = read_artifact(exported_dir)
     int8 = artifact.graphs["int8"]

@@ -247,8 +247,8 @@ def test_stage_two_keeps_pretrained_layers_and_batchnorm_frozen_but_not_random_o
 
     from ctcovid.config import ModelConfig
     from ctcovid.model.build import backbone_models, build_res_dense
+    from ctcovid.training.config import TrainConfig
     from ctcovid.training.stages import batchnorm_layers, set_stage
-    from ctcovid.training.train import TrainConfig
 
     core = build_res_dense(ModelConfig(input_size=32))
     pretrained = TrainConfig.create(input_size=32, weights="imagenet")
@@ -273,8 +273,8 @@ def test_stage_two_optimizer_is_rmsprop_pretrained_adam_from_scratch_or_as_asked
     import keras
 
     from ctcovid.errors import ConfigError
+    from ctcovid.training.config import TrainConfig
     from ctcovid.training.stages import compile_stage
-    from ctcovid.training.train import TrainConfig
 
     model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1, activation="sigmoid")])
     adam, rmsprop = keras.optimizers.Adam, keras.optimizers.RMSprop
@@ -492,7 +492,7 @@ def test_train_config_holds_the_ingest_and_model_settings_it_trains_with() -> No
     """Every ingest setting can be trained with: the config holds an IngestConfig and a
     ModelConfig (the model carries both) instead of copies of some of their fields."""
     from ctcovid.errors import ConfigError
-    from ctcovid.training.train import TrainConfig
+    from ctcovid.training.config import TrainConfig
 
     config = TrainConfig.create(
         input_size=64, weights="none", ingest={"window_center_hu": -500.0, "max_slices": 4}

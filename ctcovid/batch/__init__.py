@@ -1,23 +1,27 @@
-"""Batch reprocessing of archives: index every file, classify every usable series, one row each.
+"""Batch reprocessing of archives, a front: classify every usable series, one row each.
 
-``run_batch(BatchOptions(archive, out, model_path))`` writes ``out/index.sqlite``,
-``out/results.csv`` (appended row by row), ``out/sr/`` and ``out/summary.json``; ``--resume``
-finishes an interrupted run. The local engine decodes in worker processes and infers in one; the
-Ray engine (optional extra ``ray``) spreads the same work over a cluster.
+``run_batch(BatchOptions(archive, out, model_path))`` (``job.py``, ``options.py``) writes
+``out/index.sqlite``, ``out/results.csv`` (``results.py``, appended row by row), ``out/sr/`` and
+``out/summary.json``; ``--resume`` finishes an interrupted run. The archive is a folder
+(``index.py``) or a PACS (``sources.py``); ``engine.py`` decodes in capped worker processes
+(:mod:`ctcovid.decoder`) and infers in one, the Ray engine (``ray_engine.py``, optional extra
+``ray``) spreads the same work over a cluster; ``destinations.py`` also sends every SR on.
 """
 
+from ctcovid.batch.engine import BatchSink, SliceBatcher
 from ctcovid.batch.index import IndexSummary, SeriesEntry, build_index, iter_series
 from ctcovid.batch.job import ENGINES, run_batch
+from ctcovid.batch.options import BatchOptions
 from ctcovid.batch.results import (
     CLASSIFIED,
     FAILED,
     RESULTS_FILE,
     SKIPPED,
+    BatchProgress,
     ResultRow,
     ResultsWriter,
     read_results,
 )
-from ctcovid.batch.shared import BatchOptions, BatchProgress, BatchSink, SliceBatcher, decode_entry
 
 __all__ = [
     "CLASSIFIED",
@@ -34,7 +38,6 @@ __all__ = [
     "SeriesEntry",
     "SliceBatcher",
     "build_index",
-    "decode_entry",
     "iter_series",
     "read_results",
     "run_batch",

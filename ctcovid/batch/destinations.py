@@ -22,8 +22,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ctcovid.batch.results import CLASSIFIED, RESULTS_FILE, ResultRow, read_results
-from ctcovid.batch.shared import BatchProgress
+from ctcovid.batch.results import (
+    CLASSIFIED,
+    RESULTS_FILE,
+    BatchProgress,
+    ProgressThen,
+    ResultRow,
+    read_results,
+)
 from ctcovid.errors import PacsError
 from ctcovid.net.sender import SendSettings, sr_sender
 from ctcovid.net.stow import StowRefused
@@ -81,7 +87,7 @@ class SrForwarder:
 
     def watch(self, progress: BatchProgress) -> BatchProgress:
         """``progress`` that also hands every finished row to this forwarder."""
-        return _Forwarding(progress, self)
+        return ProgressThen(progress, self.submit)
 
     def _state(self, sr_path: str, destination: str) -> str | None:
         with self._lock:
@@ -195,22 +201,3 @@ class SrForwarder:
                 out[name] = counts | {"errors": errors[:10]}
             self._db.close()
         return out
-
-
-class _Forwarding(BatchProgress):
-    def __init__(self, inner: BatchProgress, forwarder: SrForwarder):
-        self.inner = inner
-        self.forwarder = forwarder
-
-    def index_started(self, n_files: int) -> None:
-        self.inner.index_started(n_files)
-
-    def index_advanced(self, n_done: int, n_total: int) -> None:
-        self.inner.index_advanced(n_done, n_total)
-
-    def classify_started(self, n_series: int, n_slices: int) -> None:
-        self.inner.classify_started(n_series, n_slices)
-
-    def series_finished(self, row: ResultRow, n_slices: int) -> None:
-        self.inner.series_finished(row, n_slices)
-        self.forwarder.submit(row)

@@ -36,10 +36,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ctcovid.config import IngestConfig
-from ctcovid.decoder import DEFAULT_DECODER_MEMORY_MB, decoder_pool
+from ctcovid.decoder import SeriesFiles, decoder_pool
 from ctcovid.dicom.scan import group_instances, read_header
 from ctcovid.dicom.series import assess
-from ctcovid.dicom.types import BadFile, Instance, Series
+from ctcovid.dicom.types import BadFile, Instance
 from ctcovid.errors import InvalidInputError
 
 logger = logging.getLogger(__name__)
@@ -121,6 +121,13 @@ class SeriesEntry:
     reason: str
     paths: tuple[str, ...]
     duplicates: int = 0
+
+    @property
+    def where(self) -> SeriesFiles:
+        """Its files, for a decoder (only the unique ones: the duplicates were counted)."""
+        return SeriesFiles(
+            self.paths, self.study_instance_uid, self.series_instance_uid, self.duplicates
+        )
 
     @property
     def key(self) -> tuple[str, str]:
@@ -281,13 +288,6 @@ def read_header_rows(chunk: Sequence[tuple[int, str]]) -> list[HeaderRow]:
     return rows
 
 
-def process_pool(workers: int, memory_mb: int = DEFAULT_DECODER_MEMORY_MB) -> ProcessPoolExecutor:
-    """A pool of fresh interpreters, each under an address-space limit of ``memory_mb`` MiB
-    (0: none): forking a process that may already run a deep-learning runtime's threads is
-    unsafe, so workers are spawned; a file that declares a huge image fails, not the machine."""
-    return decoder_pool(workers, memory_mb)
-
-
 def connect(db_path: Path) -> sqlite3.Connection:
     conn = sqlite3.connect(db_path)
     conn.execute("PRAGMA journal_mode=WAL")
@@ -409,7 +409,7 @@ def _store_headers(
         for chunk in chunks:
             store(read_header_rows(chunk))
     else:
-        with contextlib.nullcontext(pool) if pool else process_pool(workers) as executor:
+        with contextlib.nullcontext(pool) if pool else decoder_pool(workers) as executor:
             # A bounded number of chunks in flight keeps memory flat on archives of any size.
             pending = {
                 executor.submit(read_header_rows, chunk)
@@ -643,27 +643,3 @@ def iter_series(db_path: Path) -> Iterator[SeriesEntry]:
             )
     finally:
         conn.close()
-
-
-def load_entry_series(entry: SeriesEntry, config: IngestConfig) -> Series:
-    """Re-read the headers of an indexed series and judge it again, as ``classify`` would.
-
-    The headers (patient and study modules, geometry) are needed to decode and to build the SR;
-    the index stores only what is needed to find and report series.
-    """
-    items = [read_header(Path(p)) for p in entry.paths]
-    bad = [it for it in items if isinstance(it, BadFile)]
-    instances = [it for it in items if isinstance(it, Instance)]
-    series_list, _ = group_instances(instances)
-    match = [s for s in series_list if (s.study_instance_uid, s.series_instance_uid) == entry.key]
-    if not match:
-        detail = f"; {bad[0].path}: {bad[0].reason}" if bad else ""
-        raise InvalidInputError(
-            f"Series {entry.series_instance_uid}: its files changed since indexing{detail}"
-        )
-    series = match[0]
-    series.duplicates = entry.duplicates  # counted at indexing; only unique files are re-read
-    assess(series, config)
-    for b in bad:
-        series.warnings.append(f"skipped {b.path}: {b.reason}")
-    return series

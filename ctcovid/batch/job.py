@@ -3,7 +3,7 @@
 ``run_batch`` is the whole job: it locks and checks the output folder (``results.py``), builds
 or reuses the archive index (``index.py``) or asks the PACS (``sources.py``), writes a
 ``skipped`` row for every series judged unusable, and hands the rest to the engine the options
-name: the local engine (``local.py``) or the Ray engine (``ray_engine.py``). ``--resume`` skips
+name: the local engine (``engine.py``) or the Ray engine (``ray_engine.py``). ``--resume`` skips
 every series that already has its row.
 """
 
@@ -16,14 +16,14 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from ctcovid.batch.engine import BatchSink, run_local
 from ctcovid.batch.index import (
     build_index,
     index_is_complete,
     index_summary,
     iter_series,
-    process_pool,
 )
-from ctcovid.batch.local import run_local
+from ctcovid.batch.options import BatchOptions
 from ctcovid.batch.ray_engine import run_ray
 from ctcovid.batch.results import (
     CLASSIFIED,
@@ -33,13 +33,14 @@ from ctcovid.batch.results import (
     SKIPPED,
     SR_DIR,
     SUMMARY_FILE,
+    BatchProgress,
     ResultsWriter,
     RunInfo,
     lock_output,
     prepare_output,
     write_json_atomic,
 )
-from ctcovid.batch.shared import BatchOptions, BatchProgress, BatchSink, warm_up
+from ctcovid.decoder import decoder_pool, warm_up
 from ctcovid.errors import ConfigError
 from ctcovid.inference import Classifier
 from ctcovid.model.artifact import ModelArtifact, read_artifact
@@ -117,7 +118,7 @@ def _run_locked(
         progress = forwarder.watch(progress)
     try:
         with (
-            process_pool(options.workers, options.decoder_memory_mb)
+            decoder_pool(options.workers, options.decoder_memory_mb)
             if local_pool
             else contextlib.nullcontext()
         ) as pool:
@@ -167,47 +168,37 @@ def _run(
         entries = [e for e in listed if e.key not in writer.done]
         usable = [e for e in entries if e.usable]
         progress.classify_started(len(entries), sum(e.n_slices for e in usable))
+        # Results and SRs need only the artifact: the network is loaded only to infer.
+        sink = BatchSink(out, artifact, writer, progress)
+        for entry in entries:
+            if not entry.usable:
+                sink.skipped(entry)
+        classify_start = time.perf_counter()
+        if usable and classifier is None and options.engine == "local":
+            classifier = Classifier.from_file(
+                options.model_path, batch_size=options.batch_size, runtime=artifact.runtime
+            )
         if options.engine == "ray":
-            # The driver needs no network: results and SRs only need the artifact.
-            sink = BatchSink(out, Classifier(None, artifact), writer, progress)
-            for entry in entries:
-                if not entry.usable:
-                    sink.skipped(entry)
-            classify_start = time.perf_counter()
             run_ray(usable, options, artifact, sink)
-        else:
-            if classifier is None:
-                classifier = (
-                    Classifier.from_file(
-                        options.model_path, batch_size=options.batch_size, runtime=artifact.runtime
-                    )
-                    if usable
-                    else Classifier(None, artifact)  # nothing to infer: do not load the network
-                )
-            sink = BatchSink(out, classifier, writer, progress)
-            for entry in entries:
-                if not entry.usable:
-                    sink.skipped(entry)
-            classify_start = time.perf_counter()
-            if options.source is not None:
-                options.source.classify(
-                    usable,
-                    classifier,
-                    sink,
-                    out=out,
-                    workers=options.workers,
-                    pool=pool,
-                    memory_mb=options.decoder_memory_mb,
-                )
-            else:
-                run_local(
-                    usable,
-                    classifier,
-                    sink,
-                    workers=options.workers,
-                    pool=pool,
-                    memory_mb=options.decoder_memory_mb,
-                )
+        elif options.source is not None:
+            options.source.classify(
+                usable,
+                classifier,
+                sink,
+                out=out,
+                workers=options.workers,
+                pool=pool,
+                memory_mb=options.decoder_memory_mb,
+            )
+        elif classifier is not None and usable:
+            run_local(
+                usable,
+                classifier,
+                sink,
+                workers=options.workers,
+                pool=pool,
+                memory_mb=options.decoder_memory_mb,
+            )
         classify_seconds = time.perf_counter() - classify_start
         rows = list(writer.rows)
 

@@ -3,7 +3,7 @@
 Series list -> decode and preprocess tasks on CPUs (one row per selected slice) -> ``map_batches``
 inference on a pool of classifier actors (one per GPU when the cluster has GPUs, else one on a
 CPU), whose batches mix slices of several series -> the driver collects the probabilities of each
-series and writes its result row and SR through the same :class:`~ctcovid.batch.shared.BatchSink`
+series and writes its result row and SR through the same :class:`~ctcovid.batch.engine.BatchSink`
 as the local engine. Needs the optional extra ``ray`` (``pip install 'ctcovid[ray]'``); on a
 cluster every node needs ctcovid installed and the archive, the model and the output folder's
 parent on shared storage at the same paths.
@@ -20,8 +20,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ctcovid.batch.engine import BatchSink
 from ctcovid.batch.index import SeriesEntry
-from ctcovid.batch.shared import BatchOptions, BatchSink, Decoded, decode_entry
+from ctcovid.batch.options import BatchOptions
+from ctcovid.decoder import Decoded, decode_series
 from ctcovid.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -51,7 +53,7 @@ def decode_rows(row: dict[str, Any], artifact: ModelArtifact) -> list[dict[str, 
     and the SR); a series that cannot be prepared becomes one row with ``k = -1`` and the reason.
     """
     entry: SeriesEntry = pickle.loads(row["entry"])
-    decoded = decode_entry(entry, artifact)
+    decoded = decode_series(entry, entry.where, artifact.ingest_config)
     size = artifact.model_config.input_size
     if decoded.prepared is None:
         return [

@@ -22,7 +22,7 @@ import io
 import json
 import logging
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -332,3 +332,37 @@ def prepare_output(out: Path, run: RunInfo, *, resume: bool) -> RunInfo:
         raise ConfigError(f"{results} exists but {run_file} does not; choose a new --out folder")
     write_json_atomic(asdict(run), run_file)
     return run
+
+
+class BatchProgress:
+    """Callbacks the CLI implements with progress bars; the defaults do nothing."""
+
+    def index_started(self, n_files: int) -> None: ...
+
+    def index_advanced(self, n_done: int, n_total: int) -> None: ...
+
+    def classify_started(self, n_series: int, n_slices: int) -> None: ...
+
+    def series_finished(self, row: ResultRow, n_slices: int) -> None: ...
+
+
+class ProgressThen(BatchProgress):
+    """``inner``'s callbacks, then ``then(row)`` for each row written (send its SR on, empty
+    its cache)."""
+
+    def __init__(self, inner: BatchProgress, then: Callable[[ResultRow], None]):
+        self.inner = inner
+        self.then = then
+
+    def index_started(self, n_files: int) -> None:
+        self.inner.index_started(n_files)
+
+    def index_advanced(self, n_done: int, n_total: int) -> None:
+        self.inner.index_advanced(n_done, n_total)
+
+    def classify_started(self, n_series: int, n_slices: int) -> None:
+        self.inner.classify_started(n_series, n_slices)
+
+    def series_finished(self, row: ResultRow, n_slices: int) -> None:
+        self.inner.series_finished(row, n_slices)
+        self.then(row)

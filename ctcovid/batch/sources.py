@@ -4,9 +4,8 @@
 the studies and series that match the query (``out/pacs.sqlite``; reused by ``--resume``, so a
 resumed run works through the same list); series the rules turn away become ``skipped`` rows.
 ``classify`` retrieves the rest, ``max_retrievals`` at a time, into the cache, judges each
-retrieved series exactly as a folder's series is judged (``group_instances``, ``assess``) and
-feeds the usable ones to the same decoders, classifier and :class:`BatchSink` as a folder run
-(a series that kills its decoder process fails alone, as in a folder run).
+retrieved series exactly as a folder's series is judged (``load_series``) and feeds them to
+the same engine loop as a folder run (``run_local``: decoders, classifier, :class:`BatchSink`).
 Retrieval runs in background threads, so the next series arrives while this one is classified;
 a series leaves the cache when its row is written. A series the PACS fails to deliver becomes a
 ``failed`` row with the reason, and the run goes on.
@@ -25,25 +24,20 @@ import time
 from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ctcovid.batch.engine import BatchSink, Ready, run_local
 from ctcovid.batch.index import IndexSummary, SeriesEntry
-from ctcovid.batch.local import Decoders
-from ctcovid.batch.shared import BatchProgress, SliceBatcher
+from ctcovid.batch.results import ProgressThen
 from ctcovid.config import IngestConfig
 from ctcovid.decoder import DEFAULT_DECODER_MEMORY_MB
-from ctcovid.dicom.scan import group_instances, read_header
-from ctcovid.dicom.series import assess
-from ctcovid.dicom.types import BadFile, Instance
-from ctcovid.errors import ConfigError, CtCovidError, PacsError
+from ctcovid.dicom.series import load_series
+from ctcovid.errors import ConfigError, CtCovidError, InvalidInputError, PacsError
 from ctcovid.net.cache import CacheFullError, SeriesCache
 from ctcovid.net.query import Archive, SeriesMatch, SeriesRules, StudyMatch, StudyQuery
 
 if TYPE_CHECKING:
-    from ctcovid.batch.results import ResultRow
-    from ctcovid.batch.shared import BatchSink, Decoded
     from ctcovid.inference import Classifier
 
 logger = logging.getLogger(__name__)
@@ -83,37 +77,32 @@ class Pacer:
             self._last = time.monotonic()
 
 
-@dataclass
-class _Ready:
-    """A series back from retrieval: judged from its files, or why it could not be had."""
-
-    entry: SeriesEntry
-    error: str = ""
-
-
-def judge_retrieved(entry: SeriesEntry, paths: Sequence[Path], config: IngestConfig) -> _Ready:
+def judge_retrieved(entry: SeriesEntry, paths: Sequence[Path], config: IngestConfig) -> Ready:
     """Read the headers of a retrieved series and judge it as the folder ingest would.
 
-    A file in a syntax the ingest does not decode is a bad file from its file meta alone: its
+    A file in a syntax the ingest does not decode is refused from its file meta alone: its
     header is not read (a deflated data set would be inflated whole, here, without a bound).
     """
     from ctcovid.net.wado import syntax_refusal
 
-    items = [BadFile(p, why) if (why := syntax_refusal(p)) else read_header(p) for p in paths]
-    instances = [it for it in items if isinstance(it, Instance)]
-    bad = [it for it in items if isinstance(it, BadFile)]
-    series_list, _ = group_instances(instances)
-    match = [s for s in series_list if (s.study_instance_uid, s.series_instance_uid) == entry.key]
-    if not match:
-        detail = f"; {bad[0].path.name}: {bad[0].reason}" if bad else ""
-        return _Ready(
+    refused = [(p, why) for p in paths if (why := syntax_refusal(p))]
+    if refused:
+        path, why = refused[0]
+        return Ready(
             entry,
-            f"none of the {len(paths)} instance(s) retrieved for series "
-            f"{entry.series_instance_uid} belong to it{detail}",
+            f"{len(refused)} of the {len(paths)} instance(s) retrieved for series "
+            f"{entry.series_instance_uid} refused unread; {path.name}: {why}",
         )
-    series = match[0]
-    assess(series, config)
-    return _Ready(
+    try:
+        series = load_series(
+            paths,
+            config,
+            series_instance_uid=entry.series_instance_uid,
+            study_instance_uid=entry.study_instance_uid,
+        )
+    except InvalidInputError as exc:
+        return Ready(entry, str(exc))
+    return Ready(
         SeriesEntry(
             study_instance_uid=series.study_instance_uid,
             series_instance_uid=series.series_instance_uid,
@@ -271,7 +260,7 @@ class PacsSource:
     def classify(
         self,
         entries: Sequence[SeriesEntry],
-        classifier: Classifier,
+        classifier: Classifier | None,
         sink: BatchSink,
         *,
         out: Path,
@@ -280,15 +269,19 @@ class PacsSource:
         memory_mb: int = DEFAULT_DECODER_MEMORY_MB,
     ) -> None:
         """Retrieve, judge and classify ``entries`` (series without a row yet), decoding in
-        ``workers`` processes under ``memory_mb`` MiB each (``pool``, when given, is used)."""
+        ``workers`` processes under ``memory_mb`` MiB each (``pool``, when given, is used).
+        With no ``entries`` (and no ``classifier``) the cache is only emptied."""
         cache = SeriesCache(out / CACHE_DIR, self.cache_bytes)
         self.cache = cache
         kept = cache.recover(e.key for e in entries)
         self.stats["reused_from_cache"] = len(kept)
-        sink.progress = _Releasing(sink.progress, cache)
-        retriever = _Retriever(self, list(entries), cache, classifier.artifact.ingest_config)
+        if classifier is None or not entries:
+            return
+        # A series leaves the cache once its row is written.
+        sink.progress = ProgressThen(sink.progress, lambda row: cache.discard(row.key))
+        retriever = _Retriever(self, list(entries), cache, classifier.ingest_config)
         try:
-            _drive(retriever, classifier, sink, workers=workers, pool=pool, memory_mb=memory_mb)
+            run_local(retriever, classifier, sink, workers=workers, pool=pool, memory_mb=memory_mb)
         finally:
             retriever.stop()
 
@@ -312,29 +305,9 @@ class PacsSource:
         }
 
 
-class _Releasing(BatchProgress):
-    """Progress callbacks that also empty the cache of each series whose row was written."""
-
-    def __init__(self, inner: BatchProgress, cache: SeriesCache):
-        self.inner = inner
-        self.cache = cache
-
-    def index_started(self, n_files: int) -> None:
-        self.inner.index_started(n_files)
-
-    def index_advanced(self, n_done: int, n_total: int) -> None:
-        self.inner.index_advanced(n_done, n_total)
-
-    def classify_started(self, n_series: int, n_slices: int) -> None:
-        self.inner.classify_started(n_series, n_slices)
-
-    def series_finished(self, row: ResultRow, n_slices: int) -> None:
-        self.inner.series_finished(row, n_slices)
-        self.cache.discard(row.key)
-
-
 class _Retriever:
-    """Background threads that retrieve series in order into the cache, then judge them."""
+    """Background threads that retrieve series in order into the cache, then judge them: the
+    :class:`~ctcovid.batch.engine.Feed` of a PACS run."""
 
     def __init__(
         self,
@@ -348,7 +321,7 @@ class _Retriever:
         self.config = config
         self.n_total = len(todo)
         self.n_delivered = 0
-        self.ready: queue.Queue[_Ready] = queue.Queue()
+        self.ready: queue.Queue[Ready] = queue.Queue()
         self._todo = deque(todo)
         self._lock = threading.Lock()
         self._stopping = threading.Event()
@@ -364,7 +337,7 @@ class _Retriever:
     def exhausted(self) -> bool:
         return self.n_delivered >= self.n_total
 
-    def get(self, timeout: float) -> _Ready | None:
+    def get(self, timeout: float) -> Ready | None:
         try:
             item = self.ready.get(timeout=timeout) if timeout > 0 else self.ready.get_nowait()
         except queue.Empty:
@@ -389,7 +362,7 @@ class _Retriever:
                 logger.debug("retrieving %s failed", entry.series_instance_uid, exc_info=True)
                 with contextlib.suppress(Exception):
                     self.cache.discard(entry.key)
-                item = _Ready(entry, f"internal error: {type(exc).__name__}: {exc}")
+                item = Ready(entry, f"internal error: {type(exc).__name__}: {exc}")
             self.ready.put(item)
 
     def _write(self, key: tuple[str, str], sop_instance_uid: str, data: bytes | Path) -> None:
@@ -407,14 +380,14 @@ class _Retriever:
                 return
             self.cache.wait_for_change(version, timeout=1.0)
 
-    def _fetch(self, entry: SeriesEntry) -> _Ready:
+    def _fetch(self, entry: SeriesEntry) -> Ready:
         key = entry.key
         match = self.source._matches[key]
         if not self.cache.is_complete(key):
             while True:
                 self._admit(entry)
                 if self._stopping.is_set():
-                    return _Ready(entry, "run stopped before the series was retrieved")
+                    return Ready(entry, "run stopped before the series was retrieved")
                 self.source.pacer.wait()
                 start = time.perf_counter()
                 version = self.cache.version
@@ -425,7 +398,7 @@ class _Retriever:
                 except CacheFullError as exc:
                     self.cache.discard(key)
                     if self.cache.held(besides=key) == 0:
-                        return _Ready(
+                        return Ready(
                             entry,
                             f"series does not fit in the cache on its own ({exc}); "
                             "raise --cache-gb",
@@ -437,10 +410,10 @@ class _Retriever:
                     continue
                 except PacsError as exc:
                     self.cache.discard(key)
-                    return _Ready(entry, str(exc))
+                    return Ready(entry, str(exc))
                 except CtCovidError as exc:
                     self.cache.discard(key)
-                    return _Ready(entry, f"retrieval failed: {exc}")
+                    return Ready(entry, f"retrieval failed: {exc}")
                 self.cache.mark_complete(key, n)
                 seconds = time.perf_counter() - start
                 with self._lock:
@@ -459,67 +432,3 @@ class _Retriever:
                 )
                 break
         return judge_retrieved(entry, self.cache.paths(key), self.config)
-
-
-def _drive(
-    retriever: _Retriever,
-    classifier: Classifier,
-    sink: BatchSink,
-    *,
-    workers: int,
-    pool: ProcessPoolExecutor | None,
-    memory_mb: int,
-) -> None:
-    """The local engine's loop, fed by the retriever instead of an index.
-
-    Unlike a folder, the next series may not be there yet: rather than wait for it with slices
-    queued, the classifier scores what it has (a partial batch), which also empties the cache.
-    Decoding goes through the local engine's :class:`~ctcovid.batch.local.Decoders`: a series
-    that kills its decoder process fails alone, with the reason, and the run goes on.
-    """
-    batcher = SliceBatcher(classifier)
-
-    def take(decoded: Decoded) -> None:
-        if decoded.prepared is None:
-            sink.failed(decoded.entry, decoded.error)
-        else:
-            batcher.add(decoded.entry, decoded.prepared)
-
-    def score_one() -> None:
-        for item in batcher.step():
-            sink.classified(
-                item.entry, item.prepared, item.probs, time.perf_counter() - item.started
-            )
-
-    def route(item: _Ready) -> None:
-        if item.error:
-            sink.failed(item.entry, item.error)
-        elif not item.entry.usable:
-            sink.skipped(item.entry)
-        else:
-            decoders.submit(item.entry)
-
-    with Decoders(classifier.artifact, workers=workers, memory_mb=memory_mb, pool=pool) as decoders:
-        while not retriever.exhausted or decoders.busy:
-            # Hand every series that is ready to the decoders (bounded in-flight).
-            while decoders.has_room and not retriever.exhausted:
-                item = retriever.get(timeout=0)
-                if item is None:
-                    break
-                route(item)
-            if batcher.full:
-                score_one()
-                continue
-            if decoders.busy:
-                for decoded in decoders.collect(timeout=0.1):
-                    take(decoded)
-                continue
-            if batcher.n_queued:
-                score_one()  # nothing to decode and nothing retrieved: do not idle
-                continue
-            if not retriever.exhausted:
-                item = retriever.get(timeout=0.5)
-                if item is not None:
-                    route(item)
-    while batcher.n_queued:
-        score_one()

@@ -1,1 +1,1 @@
-"""Command-line interface (Typer)."""
+"""The command line, the top floor: one thin Typer module per command, composing what is below."""

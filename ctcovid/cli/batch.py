@@ -63,7 +63,7 @@ def _progress_bars(quiet: bool) -> tuple[Any, Any]:
         TimeRemainingColumn,
     )
 
-    from ctcovid.batch.shared import BatchProgress
+    from ctcovid.batch.results import BatchProgress
 
     if quiet:
         return None, BatchProgress()
@@ -213,7 +213,7 @@ def batch(
     setup_logging(verbose, quiet=quiet)
     quiet_keras()
     from ctcovid.batch.job import run_batch
-    from ctcovid.batch.shared import BatchOptions, default_workers
+    from ctcovid.batch.options import BatchOptions, default_workers
     from ctcovid.errors import ConfigError, ModelError
     from ctcovid.model.artifact import default_model_path, missing_model_message
 

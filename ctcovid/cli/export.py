@@ -61,7 +61,7 @@ def export(
     quiet_keras()
     if verbose < 2:  # tf2onnx reports every folded node at INFO
         logging.getLogger("tf2onnx").setLevel(logging.WARNING)
-    from ctcovid.model.export import export_model
+    from ctcovid.training.export import export_model
 
     report = export_model(
         model,

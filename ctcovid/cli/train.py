@@ -127,8 +127,8 @@ def train(
     """
     setup_logging(verbose)
     quiet_keras()
+    from ctcovid.training.config import TrainConfig
     from ctcovid.training.progress import NullProgress, console_progress
-    from ctcovid.training.train import TrainConfig
     from ctcovid.training.train import train as run_training
 
     config = TrainConfig.create(

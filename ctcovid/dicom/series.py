@@ -114,21 +114,25 @@ def assess(series: Series, config: IngestConfig) -> Series:
 
 
 def scan(
-    path: Path | str,
+    source: Path | str | Sequence[Path],
     config: IngestConfig | None = None,
     *,
     on_instance: Callable[[Instance], None] | None = None,
+    judge: bool = True,
 ) -> ScanReport:
-    """Scan a file or folder tree: every series found, assessed, and the skipped files.
+    """Scan a file, a folder tree or a list of files: every series found, assessed (unless not
+    ``judge``), and the skipped files.
 
     ``on_instance`` sees each instance as soon as its header is read (see :func:`scan_files`).
     """
     config = config or IngestConfig()
-    root = Path(path)
-    if not root.exists():
-        raise InvalidInputError(f"{root}: no such file or folder")
-    report = scan_files(list(iter_files(root)), on_instance)
-    for series in report.series:
+    if isinstance(source, str | Path):
+        root = Path(source)
+        if not root.exists():
+            raise InvalidInputError(f"{root}: no such file or folder")
+        source = list(iter_files(root))
+    report = scan_files(list(source), on_instance)
+    for series in report.series if judge else ():
         assess(series, config)
     return report
 
@@ -168,17 +172,51 @@ def select_series(
 
 
 def load_series(
-    path: Path | str,
+    source: Path | str | Sequence[Path],
     config: IngestConfig | None = None,
     *,
+    series_instance_uid: str | None = None,
+    study_instance_uid: str | None = None,
+    known_duplicates: int = 0,
     for_classification: bool = True,
     on_instance: Callable[[Instance], None] | None = None,
 ) -> Series:
-    """Scan ``path`` and return its one usable CT series (see :func:`select_series`;
-    ``on_instance`` as in :func:`scan`)."""
+    """Find one series and judge it: the one finder of classify, the node, batch and training.
+
+    ``source`` is a file or folder tree, or a list of files. With ``series_instance_uid`` the
+    series of that UID is returned, usable or not (and only if its StudyInstanceUID is
+    ``study_instance_uid``, when given); without it, the one usable CT series (see
+    :func:`select_series`). Files that could not be read are named in the series' warnings;
+    ``known_duplicates`` adds duplicates left out before the files were listed (batch re-reads
+    only the unique files it indexed). ``on_instance`` as in :func:`scan`.
+
+    Raises
+    ------
+    InvalidInputError
+        When ``source`` does not exist, the series asked for is not among its files, or (with
+        no UID) there is not exactly one usable CT series.
+    """
     config = config or IngestConfig()
-    report = scan(path, config, on_instance=on_instance)
-    series = select_series(report, path, for_classification=for_classification)
+    report = scan(source, config, on_instance=on_instance, judge=series_instance_uid is None)
+    if series_instance_uid is None:
+        where = source if isinstance(source, str | Path) else f"{report.n_files} file(s)"
+        series = select_series(report, where, for_classification=for_classification)
+    else:
+        found = [
+            s
+            for s in report.series
+            if s.series_instance_uid == series_instance_uid
+            and study_instance_uid in (None, s.study_instance_uid)
+        ]
+        if not found:
+            unreadable = "".join(f"; skipped {b.path}: {b.reason}" for b in report.bad_files[:3])
+            raise InvalidInputError(
+                f"Series {series_instance_uid}: none of the {report.n_files} file(s) read belong "
+                f"to it{unreadable}"
+            )
+        series = found[0]
+        series.duplicates += known_duplicates
+        assess(series, config)
     for bad in report.bad_files:
         series.warnings.append(f"skipped {bad.path}: {bad.reason}")
     return series

@@ -1,21 +1,9 @@
-"""The DICOM node: receive CT by C-STORE, classify complete series, send the SR back.
+"""The DICOM node, a front: receive CT by C-STORE, classify complete series, send the SR back.
 
 ``config`` (NodeConfig, TOML) -> ``scp`` (listener, durable receive) -> ``store`` (``files``:
 instances and SRs on disk; ``jobs``: the SQLite job database and its state table) -> ``worker``
-(classify, build the SR) -> ``sender`` (C-STORE to the peer, or STOW-RS); ``service`` runs the
-listener and the worker process, ``metrics`` the optional Prometheus endpoint.
+(decode in a capped process, classify, build the SR) -> ``sender`` (the node's settings made
+into an SR sender); ``service`` runs the listener and the worker process, ``metrics`` the
+optional Prometheus endpoint. The machinery it composes lives below it: the wire in
+:mod:`ctcovid.net` (guard, peers, services, sender), decoding in :mod:`ctcovid.decoder`.
 """
-
-from ctcovid.node.config import NodeConfig, Peer, load_config
-from ctcovid.node.store import STATES, JobState, SeriesRecord, Store, valid_uid
-
-__all__ = [
-    "STATES",
-    "JobState",
-    "NodeConfig",
-    "Peer",
-    "SeriesRecord",
-    "Store",
-    "load_config",
-    "valid_uid",
-]

@@ -21,7 +21,6 @@ import contextlib
 import io
 import logging
 import mmap
-import re
 import sqlite3
 import threading
 import time
@@ -288,53 +287,6 @@ def _store_instance(event: Any, store: Store) -> int:
         new,
     )
     return STATUS_SUCCESS
-
-
-_TAG_TEXT = re.compile(r"\(\s*([0-9A-Fa-f]{4})\s*,\s*([0-9A-Fa-f]{4})\s*\)")
-_VR_TEXT = re.compile(r"\bVR:? ([A-Z]{2})\b")
-_CATEGORY_TEXT = re.compile(r"\b([A-Z][A-Za-z]*Warning)\b")
-_REDACTED_LOGGERS = ("pydicom", "py.warnings", "pynetdicom")
-
-
-class RedactLibraryRecords(logging.Filter):
-    """Reduce what pydicom and pynetdicom log, and Python warnings, to the tags they name.
-
-    Their messages quote received values (``Invalid value for VR UI: '<value>'``), and a
-    malformed element can swallow its neighbours, so the quoted value may hold the patient's
-    name. A log handler with this filter passes such a record as ``event=library_message`` with
-    the logger, the warning category, the VR and the tags ``(gggg,eeee)`` the text names,
-    without the text itself or an exception's message. pynetdicom's info and debug records
-    (association events, PDU and command set dumps, asked for with ``-v``) pass unchanged.
-    """
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        name = record.name
-        if not any(name == lib or name.startswith(lib + ".") for lib in _REDACTED_LOGGERS):
-            return True
-        if name.startswith("pynetdicom") and record.levelno < logging.WARNING:
-            return True
-        try:
-            text = record.getMessage()
-        except Exception:
-            text = str(record.msg)
-        parts = [f"event=library_message source={name}"]
-        category = _CATEGORY_TEXT.search(text)
-        if category:
-            parts.append(f"category={category.group(1)}")
-        vr = _VR_TEXT.search(text)
-        if vr:
-            parts.append(f"vr={vr.group(1)}")
-        tags = sorted({f"({g.upper()},{e.upper()})" for g, e in _TAG_TEXT.findall(text)})
-        if tags:
-            parts.append("tags=" + ",".join(tags))
-        if record.exc_info and record.exc_info[0] is not None:
-            parts.append(f"error={record.exc_info[0].__name__}")
-        record.msg = " ".join(parts)
-        record.args = ()
-        record.exc_info = None
-        record.exc_text = None
-        record.stack_info = None
-        return True
 
 
 def handle_store(event: Any, store: Store, stats: ReceiveStats) -> int:

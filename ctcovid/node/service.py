@@ -22,8 +22,9 @@ from collections.abc import Callable
 from typing import Any
 
 from ctcovid.errors import ConfigError
+from ctcovid.logs import quiet_libraries
 from ctcovid.node.config import NodeConfig
-from ctcovid.node.scp import Listener, ReceiveStats, RedactLibraryRecords
+from ctcovid.node.scp import Listener, ReceiveStats
 from ctcovid.node.store import Store
 from ctcovid.node.worker import run_worker
 
@@ -34,22 +35,6 @@ WORKER_STOP_SECONDS = 300.0
 # Open associations get this long to finish after SIGTERM, then they are cut (the peer resends).
 LISTENER_DRAIN_SECONDS = 5.0
 MAX_WORKER_RESTART_DELAY_SECONDS = 60.0
-
-
-def quiet_libraries(level: int) -> None:
-    """pynetdicom and highdicom log every PDU and copied module at INFO: keep that for debug.
-
-    Library records and Python warnings that could quote a received value are reduced to the
-    tags they name (:class:`~ctcovid.node.scp.RedactLibraryRecords`) on every root handler.
-    """
-    library_level = logging.DEBUG if level <= logging.DEBUG else logging.WARNING
-    for name in ("pynetdicom", "highdicom"):
-        logging.getLogger(name).setLevel(library_level)
-    # Warnings go through logging (and so through the filter), not straight to stderr.
-    logging.captureWarnings(True)
-    for handler in logging.getLogger().handlers:
-        if not any(isinstance(f, RedactLibraryRecords) for f in handler.filters):
-            handler.addFilter(RedactLibraryRecords())
 
 
 class WorkerSupervisor:

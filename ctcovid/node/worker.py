@@ -22,12 +22,11 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from ctcovid.decoder import crashed_reason, decoder_pool, out_of_memory_reason
+from ctcovid.decoder import Decoders, SeriesFiles
+from ctcovid.dicom.series import load_series
 from ctcovid.errors import InvalidInputError, ReportError
 from ctcovid.node.config import NodeConfig
 from ctcovid.node.store import OutOfSpaceError, SeriesRecord, Store
@@ -51,47 +50,6 @@ class DecodeFailed(Exception):
     """The series could not be decoded within the decoder's resources (the reason says which)."""
 
 
-def assessed_series(folder: Path, series_instance_uid: str, ingest_config: Any) -> Any:
-    """The series ``series_instance_uid`` in ``folder``, judged with the ingest rules."""
-    from ctcovid.dicom import scan
-
-    report = scan(folder, ingest_config)
-    for series in report.series:
-        if series.series_instance_uid == series_instance_uid:
-            for bad in report.bad_files:
-                series.warnings.append(f"skipped {bad.path.name}: {bad.reason}")
-            return series
-    reasons = "; ".join(f"{b.path.name}: {b.reason}" for b in report.bad_files[:3])
-    raise InvalidInputError(
-        f"Series {series_instance_uid}: no readable instance in the store"
-        + (f" ({reasons})" if reasons else "")
-    )
-
-
-def prepare_series(folder: Path, series_instance_uid: str, artifact: Any, memory_mb: int) -> Any:
-    """Decoder-process task: judge, decode, window and select the slices of a stored series.
-
-    Raises :class:`InvalidInputError` for an unusable series, :class:`DecodeFailed` when
-    decoding ran out of the process's memory.
-    """
-    import dataclasses
-
-    from ctcovid.inference import Classifier
-
-    try:
-        series = assessed_series(folder, series_instance_uid, artifact.ingest_config)
-        if not series.usable:
-            raise InvalidInputError(series.reason)
-        prepared = Classifier(None, artifact).prepare(series)
-    except MemoryError:
-        raise DecodeFailed(out_of_memory_reason(memory_mb)) from None
-    # The result needs only the count of all slices, not their pixels: do not ship them back.
-    prepared.all_slices = dataclasses.replace(
-        prepared.all_slices, slices=prepared.all_slices.slices[:0]
-    )
-    return prepared
-
-
 class Worker:
     """Classify and send, one step at a time; the process around it is :func:`run_worker`."""
 
@@ -110,7 +68,7 @@ class Worker:
         self.beat = heartbeat or (lambda: None)
         # Pixels are decoded in a process of their own under a memory limit: a file that
         # crashes or exhausts the decoder fails its series, not the worker.
-        self._decoder: ProcessPoolExecutor | None = None
+        self._decoder: Decoders | None = None
         self._sender: SrSender | None = None
         self._sender_config: NodeConfig | None = None
         # Built now: bad credentials or TLS files fail here, not at the first send.
@@ -155,7 +113,7 @@ class Worker:
     def close(self) -> None:
         """End the decoder process (idle between series, so it exits at once)."""
         if self._decoder is not None:
-            self._decoder.shutdown(wait=True, cancel_futures=True)
+            self._decoder.close(wait=True)
             self._decoder = None
 
     def _send_loop(self, stop: StopFlag, keep_going: Callable[[], bool]) -> None:
@@ -215,7 +173,12 @@ class Worker:
                     prepared, probabilities, time.perf_counter() - start
                 )
             else:  # no decoder process: decode here, streaming slices into the model
-                series = self._assessed_series(record)
+                series = load_series(
+                    self.store.series_dir(record.study_instance_uid, uid),
+                    self.classifier.ingest_config,
+                    series_instance_uid=uid,
+                    study_instance_uid=record.study_instance_uid,
+                )
                 if not series.usable:
                     raise InvalidInputError(series.reason)
                 result = self.classifier.classify(series)
@@ -320,36 +283,18 @@ class Worker:
                 f"SOPInstanceUID: {exc}"
             ) from exc
 
-    def _assessed_series(self, record: SeriesRecord) -> Any:
-        folder = self.store.series_dir(record.study_instance_uid, record.series_instance_uid)
-        return assessed_series(folder, record.series_instance_uid, self.classifier.ingest_config)
-
     def _prepare(self, record: SeriesRecord) -> Any:
         """Decode the series in the decoder process (started on first use, renewed if it died)."""
-        memory_mb = self.config.decoder_memory_mb
-        folder = self.store.series_dir(record.study_instance_uid, record.series_instance_uid)
-        args = (folder, record.series_instance_uid, self.classifier.artifact, memory_mb)
-        for _ in range(2):
-            if self._decoder is None:
-                self._decoder = decoder_pool(1, memory_mb)
-            try:
-                future = self._decoder.submit(prepare_series, *args)
-            except BrokenProcessPool:
-                # It died between series (killed from outside): not this series' doing.
-                self._renew_decoder()
-                continue
-            try:
-                return future.result()
-            except BrokenProcessPool:
-                self._renew_decoder()
-                raise DecodeFailed(crashed_reason(memory_mb)) from None
-        raise DecodeFailed(crashed_reason(memory_mb))
-
-    def _renew_decoder(self) -> None:
-        logger.warning("event=decoder_process_lost; starting a new one")
-        if self._decoder is not None:
-            self._decoder.shutdown(wait=False, cancel_futures=True)
-        self._decoder = None
+        if self._decoder is None:
+            self._decoder = Decoders(
+                self.classifier.ingest_config, workers=1, memory_mb=self.config.decoder_memory_mb
+            )
+        study, uid = record.study_instance_uid, record.series_instance_uid
+        where = SeriesFiles(self.store.series_dir(study, uid), study, uid)
+        decoded = self._decoder.decode(record, where)
+        if decoded.prepared is None:
+            raise (InvalidInputError if decoded.unusable else DecodeFailed)(decoded.error)
+        return decoded.prepared
 
     # -- send -------------------------------------------------------------------------------
 
@@ -492,11 +437,9 @@ def run_worker(
     import multiprocessing
 
     _die_with_parent()
-    from ctcovid.logs import configure_logging
+    from ctcovid.logs import configure_logging, quiet_libraries
 
     configure_logging(level=log_level)
-    from ctcovid.node.service import quiet_libraries
-
     quiet_libraries(log_level)
     # The listener decides when to stop: SIGTERM here only asks to finish the current job.
     stop = SignalStop(stop)

@@ -393,15 +393,7 @@ def load_jpg_slices(item: ScanItem, size: int) -> tuple[np.ndarray, list[str]]:
 
 
 def _prepare_dicom(item: ScanItem, ingest: IngestConfig) -> PreparedScan:
-    from ctcovid.dicom import scan
+    from ctcovid.dicom import load_series
 
-    report = scan(item.source, ingest)
-    series = next(
-        (s for s in report.series if s.series_instance_uid == item.series_instance_uid), None
-    )
-    if series is None:
-        raise InvalidInputError(
-            f"scan {item.scan_id}: series {item.series_instance_uid} is no longer found "
-            f"in {item.source}"
-        )
+    series = load_series(item.source, ingest, series_instance_uid=item.series_instance_uid)
     return prepare_scan(series, ingest)

@@ -10,16 +10,14 @@ before every validation (:func:`recalibrate_batchnorm`).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import keras
 import numpy as np
 
 from ctcovid.model.build import backbone_models
+from ctcovid.training.config import TrainConfig
 from ctcovid.training.feed import SliceBatches
-
-if TYPE_CHECKING:
-    from ctcovid.training.train import TrainConfig
 
 
 def batchnorm_layers(model: keras.Layer) -> list[keras.layers.BatchNormalization]:

@@ -1,12 +1,13 @@
 """Train a Res-Dense Net the paper's way, with its faults fixed, judged at scan level.
 
-Read top to bottom: :class:`TrainConfig` (every setting, saved with the model and in the run
-folder), :func:`train_one_epoch`, :func:`validate` (scan-level macro F1 in inference mode), then
-the run in three steps that :func:`train` ties together: :func:`prepare_run` (split, network,
-slice cache, settings), :func:`fit_stages` (frozen backbones with Adam, then each backbone
-unfrozen except its first layers; best epoch by validation) and :func:`save_best` (the best epoch
-as a model artifact whose threshold was tuned on validation). The feed of training batches is in
-:mod:`.feed`, the freezing, compiling and BatchNormalization re-estimation in :mod:`.stages`.
+Read top to bottom (every setting is a :class:`~.config.TrainConfig`, saved with the model and in
+the run folder): :func:`train_one_epoch`, :func:`validate` (scan-level macro F1 in inference
+mode), then the run in three steps that :func:`train` ties together: :func:`prepare_run` (split,
+network, slice cache, settings), :func:`fit_stages` (frozen backbones with Adam, then each
+backbone unfrozen except its first layers; best epoch by validation) and :func:`save_best` (the
+best epoch as a model artifact whose threshold was tuned on validation). The feed of training
+batches is in :mod:`.feed`, the freezing, compiling and BatchNormalization re-estimation in
+:mod:`.stages`.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import logging
 import platform
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,11 +26,11 @@ import keras
 import numpy as np
 
 from ctcovid import __version__
-from ctcovid.config import IngestConfig, ModelConfig
 from ctcovid.errors import ConfigError
 from ctcovid.model.artifact import ModelArtifact, save_model
-from ctcovid.model.build import build_res_dense, parse_backbones
+from ctcovid.model.build import build_res_dense
 from ctcovid.training.cache import SliceCache, build_cache
+from ctcovid.training.config import TrainConfig
 from ctcovid.training.data import CLASSES, POSITIVE, DataSet, discover
 from ctcovid.training.feed import SliceBatches, input_rate
 from ctcovid.training.metrics import binary_metrics, scan_scores, tune_threshold
@@ -46,162 +47,10 @@ from ctcovid.training.stages import (
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_HEAD_EPOCHS = 5  # stage-1 epochs when the backbones are pretrained
 SETTINGS_FILE = "settings.json"
 METRICS_FILE = "metrics.csv"
 SPLIT_FILE = "split.csv"
 SUMMARY_FILE = "summary.json"
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Every setting of a training run. Saved in the run folder and inside the model artifact.
-
-    ``ingest`` and ``model`` are the settings the trained model will carry (every ingest setting
-    can be trained with); the rest shape the run only. :meth:`create` builds one from flat
-    keyword arguments as the command line has them.
-
-    ``epochs`` counts both stages; the first ``head_epochs`` of them train the head with both
-    backbones frozen (``None``: 5 with pretrained weights, 0 from scratch, where a frozen random
-    backbone would teach the head nothing). Stage 2 keeps the first ``frozen_layers`` layers of
-    each backbone frozen (``None``: the paper's 100 with pretrained weights, 0 from scratch:
-    frozen random layers keep nothing worth keeping, and their BatchNormalization statistics,
-    never estimated, pass unnormalised activations on; measured here, that made training-mode
-    and inference-mode features disagree and validation fail). Stage 2 uses ``optimizer``
-    (``None``: the paper's RMSprop with pretrained weights, Adam from scratch: Keras' RMSprop has
-    no bias correction, so its first steps move every weight by about 3x the learning rate; a
-    random ResNet101 + DenseNet121 never recovered from that in a short run, measured here with
-    training accuracy stuck at 0.5, while Adam at the same rate reached validation ROC AUC 0.95).
-    """
-
-    ingest: IngestConfig = field(default_factory=IngestConfig)
-    model: ModelConfig = field(default_factory=lambda: ModelConfig(weights="imagenet"))
-    epochs: int = 20
-    head_epochs: int | None = None
-    batch_size: int = 32
-    lr: float = 1e-4
-    optimizer: str | None = None  # stage 2: "rmsprop" (the paper's) | "adam"
-    frozen_layers: int | None = None  # first layers of each backbone frozen in stage 2
-    class_weights: bool = False
-    augment: bool = True  # random horizontal flip and rotation, training only
-    rotation: float = 0.2  # fraction of a full turn, as keras.layers.RandomRotation
-    val_fraction: float = 0.25
-    seed: int = 0
-    bn_batches: int = 16  # training batches that re-estimate BN statistics (from scratch only)
-    jit_compile: str = "auto"  # "auto" (XLA where an accelerator is present) | "true" | "false"
-    layout: str = "auto"
-
-    def __post_init__(self) -> None:
-        problems = []
-        if self.epochs < 1:
-            problems.append(f"epochs must be at least 1. Received: {self.epochs}.")
-        if self.head_epochs is not None and not 0 <= self.head_epochs <= self.epochs:
-            problems.append(
-                f"head_epochs must be between 0 and epochs ({self.epochs}). "
-                f"Received: {self.head_epochs}."
-            )
-        if self.batch_size < 1:
-            problems.append(f"batch_size must be at least 1. Received: {self.batch_size}.")
-        if self.lr <= 0:
-            problems.append(f"lr must be positive. Received: {self.lr}.")
-        if self.optimizer not in (None, "adam", "rmsprop"):
-            problems.append(f"optimizer must be adam or rmsprop. Received: {self.optimizer!r}.")
-        if self.jit_compile not in ("auto", "true", "false"):
-            problems.append(
-                f"jit_compile must be auto, true or false. Received: {self.jit_compile!r}."
-            )
-        if self.ingest.image_size != self.model.input_size:
-            problems.append(
-                "ingest image_size and model input_size must agree. Received: "
-                f"{self.ingest.image_size} and {self.model.input_size}."
-            )
-        if problems:
-            raise ConfigError(" ".join(problems))
-        # Validate the backbones now, before anything slow starts.
-        parse_backbones(self.model.backbones)
-
-    @classmethod
-    def create(
-        cls,
-        *,
-        input_size: int = 256,
-        weights: str = "imagenet",
-        backbones: Sequence[str] = ("resnet101", "densenet121"),
-        dropout: float = 0.5,
-        ingest: dict[str, Any] | None = None,
-        **run: Any,
-    ) -> TrainConfig:
-        """A config from flat options: ``input_size`` sets both the slice size and the model
-        input; ``weights`` is ``imagenet``, ``none`` or a folder; ``ingest`` holds any other
-        :class:`IngestConfig` setting; the remaining keywords are the run's own fields."""
-        ingest_kw = {**(ingest or {})}
-        if ingest_kw.setdefault("image_size", input_size) != input_size:
-            raise ConfigError(
-                f"the ingest image_size ({ingest_kw['image_size']}) is the input size: "
-                f"use input_size. Received: input_size={input_size}."
-            )
-        unknown = set(ingest_kw) - {f.name for f in fields(IngestConfig)}
-        if unknown:
-            raise ConfigError(
-                f"unknown ingest setting(s): {', '.join(sorted(unknown))}. Known: "
-                + ", ".join(f.name for f in fields(IngestConfig))
-            )
-        model = ModelConfig(
-            input_size=input_size,
-            backbones=parse_backbones(tuple(backbones)),
-            dropout=dropout,
-            weights=None if weights in ("none", "") else weights,
-        )
-        return cls(ingest=IngestConfig(**ingest_kw), model=model, **run)
-
-    @property
-    def input_size(self) -> int:
-        return self.model.input_size
-
-    @property
-    def pretrained(self) -> bool:
-        return self.model.weights is not None
-
-    @property
-    def stage2_frozen_layers(self) -> int:
-        if self.frozen_layers is not None:
-            return self.frozen_layers
-        return 100 if self.pretrained else 0
-
-    @property
-    def stage2_optimizer(self) -> str:
-        if self.optimizer is not None:
-            return self.optimizer
-        return "rmsprop" if self.pretrained else "adam"
-
-    @property
-    def stage1_epochs(self) -> int:
-        if self.head_epochs is not None:
-            return self.head_epochs
-        return min(DEFAULT_HEAD_EPOCHS, self.epochs - 1) if self.pretrained else 0
-
-    def run_dict(self) -> dict[str, Any]:
-        """The run's own settings, with the stage settings they resolve to."""
-        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in _NESTED}
-        d["stage1_epochs"] = self.stage1_epochs
-        d["stage2_frozen_layers"] = self.stage2_frozen_layers
-        d["stage2_optimizer"] = self.stage2_optimizer
-        return d
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"ingest": self.ingest.to_dict(), "model": self.model.to_dict(), **self.run_dict()}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        known = {f.name for f in fields(cls)} - _NESTED
-        return cls(
-            ingest=IngestConfig.from_dict(data.get("ingest", {})),
-            model=ModelConfig.from_dict(data.get("model", {})),
-            **{k: v for k, v in data.items() if k in known},
-        )
-
-
-_NESTED = frozenset({"ingest", "model"})
 
 
 # -- one epoch, one validation -------------------------------------------------------------------

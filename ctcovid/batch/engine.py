@@ -1,127 +1,60 @@
-"""The parts both engines of ``ctcovid batch`` are built from.
+"""The engines of ``ctcovid batch``: what turns indexed series into rows and SRs.
 
-A decode task (:func:`decode_entry`, run in a worker process) turns one indexed series into what
-the model sees; :class:`SliceBatcher` scores the slices of several series in shared batches;
-:class:`BatchSink` turns each series' probabilities into its result row and SR with the same
-``Classifier`` and SR builder as ``ctcovid classify``. :class:`BatchOptions` and
-:class:`BatchProgress` are what the job (``job.py``) hands to an engine. The local engine
-(``local.py``) and the Ray engine (``ray_engine.py``) import this module, never each other.
+Each series is decoded by :class:`~ctcovid.decoder.Decoders` (memory-capped decoder processes
+that outlive the death of any of them); :class:`SliceBatcher` scores the slices of several
+series in shared batches; :class:`BatchSink` turns each series' probabilities into its result
+row and SR with the same ``Classifier`` and SR builder as ``ctcovid classify``. The one engine
+loop (:func:`run_local`) decodes in worker processes while this process feeds ONE classifier,
+fed by the folder index or by the PACS retriever (``sources.py``); the Ray engine
+(``ray_engine.py``) is built from the same parts.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-import os
 import time
 from collections import deque
+from collections.abc import Iterable
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-from ctcovid.batch.index import SeriesEntry, load_entry_series
+from ctcovid.batch.index import SeriesEntry
 from ctcovid.batch.results import (
     CLASSIFIED,
     FAILED,
     SKIPPED,
     SR_DIR,
+    BatchProgress,
     ResultRow,
     ResultsWriter,
 )
-from ctcovid.decoder import DEFAULT_DECODER_MEMORY_MB, out_of_memory_reason
+from ctcovid.decoder import DEFAULT_DECODER_MEMORY_MB, Decoded, Decoders
 from ctcovid.errors import CtCovidError
 from ctcovid.fsio import write_atomic
-from ctcovid.inference import Classifier
+from ctcovid.inference import Classifier, scan_result_of
 from ctcovid.model.artifact import ModelArtifact
-from ctcovid.scans import PreparedScan, prepare_scan
-
-if TYPE_CHECKING:
-    from ctcovid.batch.sources import PacsSource
-    from ctcovid.net.sender import SendSettings
+from ctcovid.scans import PreparedScan
 
 logger = logging.getLogger(__name__)
 
 
-def default_workers() -> int:
-    """Decode workers: every core but the one that runs inference."""
-    return max(1, (os.cpu_count() or 2) - 1)
-
-
-# -- progress -----------------------------------------------------------------------------------
-
-
-class BatchProgress:
-    """Callbacks the CLI implements with progress bars; the defaults do nothing."""
-
-    def index_started(self, n_files: int) -> None: ...
-
-    def index_advanced(self, n_done: int, n_total: int) -> None: ...
-
-    def classify_started(self, n_series: int, n_slices: int) -> None: ...
-
-    def series_finished(self, row: ResultRow, n_slices: int) -> None: ...
-
-
-# -- decoding (worker side) ---------------------------------------------------------------------
-
-
-@dataclass
-class Decoded:
-    """What a decode task returns: the prepared scan, or why the series failed."""
-
-    entry: SeriesEntry
-    prepared: PreparedScan | None = None
-    error: str = ""
-
-
-def decode_entry(entry: SeriesEntry, artifact: ModelArtifact) -> Decoded:
-    """Worker task: read, judge, decode, window and select the slices of one indexed series.
-
-    Preparing needs only the artifact's ingest settings: the worker never loads a model.
-    """
-    try:
-        series = load_entry_series(entry, artifact.ingest_config)
-        prepared = prepare_scan(series, artifact.ingest_config)
-    except CtCovidError as exc:
-        return Decoded(entry, error=str(exc))
-    except MemoryError:
-        return Decoded(entry, error=out_of_memory_reason(_memory_limit_mb()))
-    except Exception as exc:  # one broken series must not stop an archive
-        logger.debug("decoding series %s failed", entry.series_instance_uid, exc_info=True)
-        return Decoded(entry, error=f"internal error: {type(exc).__name__}: {exc}")
-    # The result needs only the count of all slices, not their pixels: do not ship them back.
-    prepared.all_slices = dataclasses.replace(
-        prepared.all_slices, slices=prepared.all_slices.slices[:0]
-    )
-    return Decoded(entry, prepared=prepared)
-
-
-def _memory_limit_mb() -> int:
-    import resource
-
-    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
-    return 0 if soft == resource.RLIM_INFINITY else soft // (1024 * 1024)
-
-
-def warm_up() -> None:
-    """Worker task that does nothing: unpickling it imports this module and its dependencies."""
-
-
-# -- results and SRs (driver side) --------------------------------------------------------------
+# -- results and SRs ---------------------------------------------------------------------------
 
 
 class BatchSink:
     """Writes each finished series: SR first (atomically), then its row in ``results.csv``."""
 
     def __init__(
-        self, out: Path, classifier: Classifier, writer: ResultsWriter, progress: BatchProgress
+        self, out: Path, artifact: ModelArtifact, writer: ResultsWriter, progress: BatchProgress
     ):
         self.out = out
         self.sr_dir = out / SR_DIR
         self.sr_dir.mkdir(parents=True, exist_ok=True)
-        self.classifier = classifier
+        self.artifact = artifact
         self.writer = writer
         self.progress = progress
         self.n_slices_classified = 0
@@ -150,7 +83,7 @@ class BatchSink:
                 entry.patient_id,
                 FAILED,
                 reason=reason,
-                model_device_uid=self.classifier.artifact.device_uid,
+                model_device_uid=self.artifact.device_uid,
             ),
             entry.n_slices,
         )
@@ -161,7 +94,7 @@ class BatchSink:
         from ctcovid.report import build_sr, write_sr
 
         try:
-            result = self.classifier.result(prepared, probs, seconds)
+            result = scan_result_of(self.artifact, prepared, probs, seconds)
             ds = build_sr(result, prepared.series)
             # SR UIDs are derived from the series and the model: a series redone after a crash
             # rewrites the very same SR, never a second one.
@@ -258,21 +191,100 @@ class SliceBatcher:
         return finished
 
 
-@dataclass(frozen=True)
-class BatchOptions:
-    archive: Path
-    out: Path
-    model_path: Path
-    resume: bool = False
-    workers: int = field(default_factory=default_workers)
-    engine: str = "local"
-    batch_size: int = 32
-    ray_address: str | None = None
-    ray_num_cpus: int | None = None
-    # A PACS in place of the archive folder (``sources.py``); ``archive`` is then its cache.
-    source: PacsSource | None = None
-    # Where every SR also goes, by C-STORE or STOW-RS (``destinations.py``).
-    destinations: tuple[SendSettings, ...] = ()
-    # Address-space limit of each decoder process, MiB (0: none).
-    decoder_memory_mb: int = DEFAULT_DECODER_MEMORY_MB
-    runtime: str = "auto"  # how the model runs (keras | onnx | int8 | auto), not where
+# -- the engine loop ----------------------------------------------------------------------------
+
+
+@dataclass
+class Ready:
+    """A series to decode, or why it cannot be had (a PACS that failed to deliver it)."""
+
+    entry: SeriesEntry
+    error: str = ""
+
+
+@runtime_checkable
+class Feed(Protocol):
+    """Where the series of a run come from: the folder index, or the PACS retriever."""
+
+    @property
+    def exhausted(self) -> bool: ...
+
+    def get(self, timeout: float) -> Ready | None: ...
+
+
+class _Listed:
+    """The series of the index, as a feed whose next series is always there."""
+
+    def __init__(self, entries: Iterable[SeriesEntry]):
+        self._todo = iter(entries)
+        self.exhausted = False
+
+    def get(self, timeout: float) -> Ready | None:
+        entry = next(self._todo, None)
+        self.exhausted = entry is None
+        return None if entry is None else Ready(entry)
+
+
+def run_local(
+    entries: Iterable[SeriesEntry] | Feed,
+    classifier: Classifier,
+    sink: BatchSink,
+    *,
+    workers: int,
+    pool: ProcessPoolExecutor | None = None,
+    memory_mb: int = DEFAULT_DECODER_MEMORY_MB,
+) -> None:
+    """The one engine loop: decode in ``workers`` processes (in this process when 0) while this
+    process infers; ``entries`` are indexed series or a :class:`Feed` (the PACS retriever).
+
+    ``pool``, when given, is used and left open (a new one replaces it if a decoder dies).
+    Decoder processes run under ``memory_mb`` MiB of address space; a series that kills its
+    decoder process fails alone (its row says why) and the run goes on. When the next series
+    is not there yet (a PACS still retrieving it), the classifier scores what it has (a partial
+    batch) rather than wait with slices queued.
+    """
+    feed = entries if isinstance(entries, Feed) else _Listed(entries)
+    batcher = SliceBatcher(classifier)
+
+    def take(decoded: Decoded) -> None:
+        if decoded.prepared is None:
+            sink.failed(decoded.job, decoded.error)
+        else:
+            batcher.add(decoded.job, decoded.prepared)
+
+    def score_one() -> None:
+        for item in batcher.step():
+            sink.classified(
+                item.entry, item.prepared, item.probs, time.perf_counter() - item.started
+            )
+
+    def route(item: Ready) -> None:
+        if item.error:
+            sink.failed(item.entry, item.error)
+        elif not item.entry.usable:
+            sink.skipped(item.entry)
+        else:
+            decoders.submit(item.entry, item.entry.where)
+
+    with Decoders(
+        classifier.ingest_config, workers=workers, memory_mb=memory_mb, pool=pool
+    ) as decoders:
+        while not feed.exhausted or decoders.busy:
+            while decoders.has_room and not feed.exhausted:  # keep the decoders fed
+                item = feed.get(timeout=0)
+                if item is None:
+                    break
+                route(item)
+            if batcher.full:
+                score_one()
+            elif decoders.busy:
+                for decoded in decoders.collect(timeout=0.1):
+                    take(decoded)
+            elif batcher.n_queued:
+                score_one()  # nothing to decode and nothing arrived: do not idle
+            elif not feed.exhausted:
+                item = feed.get(timeout=0.5)
+                if item is not None:
+                    route(item)
+    while batcher.n_queued:
+        score_one()
