@@ -377,7 +377,7 @@ def _stored_in_database(store_dir: Path) -> dict[str, Path]:
     store = Store(store_dir)
     try:
         found: dict[str, Path] = {}
-        for record in store.list_series():
+        for record in store.jobs.list_series():
             for path in store.instance_paths(
                 record.series_instance_uid, record.study_instance_uid
             ):

@@ -29,7 +29,8 @@ from node_helpers import (
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import Comprehensive3DSRStorage, CTImageStorage
 
-from ctcovid.node.store import SENT, Store
+from ctcovid.node.jobs import SENT
+from ctcovid.node.store import Store
 
 pytestmark = pytest.mark.network
 
@@ -44,7 +45,7 @@ def ct_files(studies_root: Path, study: str) -> list[Path]:
 def series_states(store_dir: Path) -> dict[str, tuple[str, int]]:
     store = Store(store_dir)
     try:
-        return {r.series_instance_uid: (r.state, r.attempts) for r in store.list_series()}
+        return {r.series_instance_uid: (r.state, r.attempts) for r in store.jobs.list_series()}
     finally:
         store.close()
 
@@ -111,7 +112,7 @@ def test_kill_9_after_receive_with_pacs_down_delivers_exactly_one_sr_later(
     first.kill9()  # right after the last instance, well within stable_seconds
 
     assert sent.returncode == 0, sent.stderr
-    assert Store(store_dir).count_instances() == len(files)
+    assert Store(store_dir).jobs.count_instances() == len(files)
     second = node_factory(store_dir, *args)
     series_uid = pydicom.dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID
     wait_for(lambda: series_states(store_dir).get(series_uid, ("", 0))[1] >= 1,

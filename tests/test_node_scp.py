@@ -108,8 +108,8 @@ def test_echo_and_store_from_dcmtk_land_in_the_store(start_listener, studies_roo
 
     assert echo.returncode == 0, echo.stderr
     assert store.returncode == 0, store.stderr
-    assert listener.store.count_instances() == len(files)
-    (series,) = listener.store.list_series()
+    assert listener.store.jobs.count_instances() == len(files)
+    (series,) = listener.store.jobs.list_series()
     assert series.n_instances == len(files) and series.state == "received"
     assert listener.stats.stored == len(files)
 
@@ -128,7 +128,7 @@ def test_calling_aet_outside_the_allow_list_is_rejected_at_association(
     assert refused.returncode != 0
     assert "Rejected" in refused.stderr or "rejected" in refused.stderr.lower()
     assert refused_echo.returncode != 0
-    assert listener.store.count_instances() == 2
+    assert listener.store.jobs.count_instances() == 2
 
 
 def test_mr_image_is_refused_at_association(start_listener, tmp_path: Path):
@@ -144,7 +144,7 @@ def test_mr_image_is_refused_at_association(start_listener, tmp_path: Path):
     assert result.returncode != 0
     assert "no presentation context" in (result.stderr + result.stdout).lower()
     assert status is None  # pynetdicom finds no accepted context either
-    assert listener.store.count_instances() == 0
+    assert listener.store.jobs.count_instances() == 0
 
 
 @pytest.mark.parametrize("crafted", ["../../etc/ctcovid_escape", "1.2." + "3" * 66])
@@ -163,7 +163,7 @@ def test_crafted_sop_instance_uid_writes_nothing(
     result = storescu(listener.port, [path], extra=("-v",))
 
     assert "Received Store Response (Error: CannotUnderstand)" in result.stderr, result.stderr
-    assert listener.store.count_instances() == 0
+    assert listener.store.jobs.count_instances() == 0
     new_files = set(files_under(tmp_path.parent)) - before
     assert all(p.name.startswith("node.sqlite") for p in new_files), new_files
     assert not Path("/etc/ctcovid_escape.dcm").exists()
@@ -203,7 +203,7 @@ def test_missing_pixel_data_and_garbage_leave_the_node_answering(
     assert noise_status in (0xA900, 0xC210)  # decodes to nonsense lacking every UID, or not
     assert broken_status == 0xC210
     assert echo.returncode == 0, echo.stderr
-    assert listener.store.count_instances() == 0
+    assert listener.store.jobs.count_instances() == 0
 
 
 def test_free_space_floor_answers_out_of_resources(start_listener, studies_root: Path):
@@ -212,7 +212,7 @@ def test_free_space_floor_answers_out_of_resources(start_listener, studies_root:
     status = scu_store(listener.port, ct_files(studies_root)[0])
 
     assert status == 0xA700
-    assert files_under(listener.store.instances_dir) == []
+    assert files_under(listener.store.files.instances_dir) == []
 
 
 def test_disk_error_answers_out_of_resources(start_listener, studies_root: Path):
@@ -220,7 +220,7 @@ def test_disk_error_answers_out_of_resources(start_listener, studies_root: Path)
     src = ct_files(studies_root)[0]
     study_uid = pydicom.dcmread(src, stop_before_pixels=True).StudyInstanceUID
     # A file where the study folder must go: mkdir fails like a broken disk would.
-    (listener.store.instances_dir / study_uid).write_bytes(b"")
+    (listener.store.files.instances_dir / study_uid).write_bytes(b"")
 
     status = scu_store(listener.port, src)
     echo = echoscu(listener.port)
@@ -253,7 +253,7 @@ def test_tls_listener_accepts_tls_clients_with_our_ca_only(
     assert scu_store(listener.port, ct_files(studies_root)[0], ssl_context=client) == 0
     assert scu_store(listener.port, ct_files(studies_root)[1]) is None  # plain TCP
     assert scu_store(listener.port, ct_files(studies_root)[1], ssl_context=no_cert) is None
-    assert listener.store.count_instances() == 1
+    assert listener.store.jobs.count_instances() == 1
 
 
 @pytest.fixture
@@ -401,8 +401,8 @@ def test_raw_c_store_helper_stores_an_instance(start_listener, studies_root: Pat
         release(sock)
 
     assert status == 0
-    assert listener.store.count_instances() == 1
-    assert list(listener.store.tmp_dir.iterdir()) == []  # the spool file is gone
+    assert listener.store.jobs.count_instances() == 1
+    assert list(listener.store.files.tmp_dir.iterdir()) == []  # the spool file is gone
 
 
 def test_deflated_transfer_syntaxes_are_refused_at_association(start_listener):
@@ -549,7 +549,7 @@ def test_stop_returns_promptly_whatever_peers_do(start_listener, studies_root: P
                         sop_instance=ds.SOPInstanceUID, max_pdu=4096)
     for pdu in pdus[: len(pdus) // 2]:
         half.sendall(pdu)
-    spool_dir = listener.store.tmp_dir
+    spool_dir = listener.store.files.tmp_dir
     wait_for(lambda: list(spool_dir.glob("recv-*")), 10, "the spool file of the cut C-STORE")
 
     started = time.monotonic()
@@ -599,7 +599,7 @@ def test_tls_client_certificate_from_another_ca_is_refused_and_counted(
     status = scu_store(listener.port, ct_files(studies_root)[0], ssl_context=stranger)
 
     assert status is None
-    assert listener.store.count_instances() == 0
+    assert listener.store.jobs.count_instances() == 0
     wait_for(lambda: listener.stats.rejected.get("tls_handshake_failed") == 1, 10,
              "the refused handshake to be counted")
 
@@ -750,7 +750,7 @@ def test_c_store_cut_off_by_its_peer_leaves_no_spool_file(
                         sop_instance=ds.SOPInstanceUID, max_pdu=4096)
     for pdu in pdus[: len(pdus) // 2]:
         sock.sendall(pdu)
-    spool_dir = listener.store.tmp_dir
+    spool_dir = listener.store.files.tmp_dir
     wait_for(lambda: list(spool_dir.glob("recv-*")), 10, "the spool file")
 
     if ending == "A-ABORT":
@@ -758,7 +758,7 @@ def test_c_store_cut_off_by_its_peer_leaves_no_spool_file(
     sock.close()
 
     wait_for(lambda: not list(spool_dir.glob("recv-*")), 10, "the spool file to go")
-    assert listener.store.count_instances() == 0
+    assert listener.store.jobs.count_instances() == 0
     assert echoscu(listener.port).returncode == 0
 
 
@@ -800,7 +800,7 @@ def test_header_bomb_is_refused_without_parsing_it_all(
 
     assert bomb_status == 0xC210
     assert plain_status == 0x0000
-    assert listener.store.count_instances() == 1
+    assert listener.store.jobs.count_instances() == 1
 
 
 def test_library_records_are_reduced_to_tags_and_vr():
@@ -896,8 +896,8 @@ def test_c_store_trickled_past_the_store_cap_is_aborted_and_leaves_nothing(
 
     assert len(pdus) > 50 and 0 < sent < 50
     wait_for(lambda: listener.stats.rejected == {"store_time_exceeded": 1}, 10, "the abort")
-    wait_for(lambda: not list(listener.store.tmp_dir.glob("recv-*")), 10, "the spool to go")
-    assert listener.store.count_instances() == 0
+    wait_for(lambda: not list(listener.store.files.tmp_dir.glob("recv-*")), 10, "the spool to go")
+    assert listener.store.jobs.count_instances() == 0
 
 
 def test_associations_beyond_the_limit_per_address_are_rejected_while_other_addresses_get_in(

@@ -11,20 +11,12 @@ import pytest
 from typer.testing import CliRunner
 
 from ctcovid.cli.main import app
+from ctcovid.dicom.uids import InvalidUidError, valid_uid
 from ctcovid.errors import ConfigError
 from ctcovid.node.config import NodeConfig, Peer, load_config
-from ctcovid.node.store import (
-    CLASSIFIED,
-    CLASSIFYING,
-    FAILED,
-    RECEIVED,
-    SENT,
-    WAITING,
-    InvalidUidError,
-    OutOfSpaceError,
-    Store,
-    valid_uid,
-)
+from ctcovid.node.files import OutOfSpaceError
+from ctcovid.node.jobs import CLASSIFIED, CLASSIFYING, FAILED, RECEIVED, SENT, WAITING
+from ctcovid.node.store import Store
 
 
 def _ct_files(studies_root: Path) -> list[Path]:
@@ -44,11 +36,11 @@ def _put(store: Store, path: Path) -> bool:
 
 def _classified(store: Store, series_uid: str, revision: int = 1) -> None:
     """Walk one series through the worker's store calls up to 'classified'."""
-    store.promote_stable(0.0)
-    record = store.claim_next()
+    store.jobs.promote_stable(0.0)
+    record = store.jobs.claim_next()
     assert record is not None and record.series_instance_uid == series_uid
-    sr = store.sr_path(series_uid, f"2.25.{revision}")
-    store.write_file(sr, b"sr")
+    sr = store.files.sr_path(series_uid, f"2.25.{revision}")
+    store.files.write_file(sr, b"sr")
     assert store.finish_classified(
         record, revision=revision, sr_path=sr, sr_sop_instance_uid=f"2.25.{revision}",
         probability_covid=0.5, label="covid", classify_seconds=1.0,
@@ -82,8 +74,8 @@ def test_instance_is_stored_under_its_uids_and_recorded(tmp_path: Path, studies_
 
     path = store.root / "instances" / ds.StudyInstanceUID / ds.SeriesInstanceUID
     assert (path / f"{ds.SOPInstanceUID}.dcm").read_bytes() == src.read_bytes()
-    assert list(store.tmp_dir.iterdir()) == []
-    record = store.get(ds.SeriesInstanceUID)
+    assert list(store.files.tmp_dir.iterdir()) == []
+    record = store.jobs.get(ds.SeriesInstanceUID)
     assert record is not None and (record.state, record.n_instances) == (RECEIVED, 1)
 
 
@@ -101,7 +93,7 @@ def test_crafted_uid_is_refused_before_anything_is_written(tmp_path: Path):
         )
     assert [p for p in tmp_path.rglob("*") if p.is_file() and p.suffix != ".sqlite"
             and "sqlite" not in p.name] == []
-    assert store.count_instances() == 0
+    assert store.jobs.count_instances() == 0
 
 
 def test_free_space_floor_refuses_to_write(tmp_path: Path):
@@ -111,15 +103,15 @@ def test_free_space_floor_refuses_to_write(tmp_path: Path):
             b"x", study_instance_uid="1.2", series_instance_uid="1.2.3",
             sop_instance_uid="1.2.3.4", sop_class_uid="1.2",
         )
-    assert not (store.instances_dir / "1.2").exists()
+    assert not (store.files.instances_dir / "1.2").exists()
 
 
 def test_series_is_queued_only_after_stable_seconds_of_quiet(tmp_path: Path, studies_root: Path):
     store = Store(tmp_path / "store")
     _put(store, _ct_files(studies_root)[0])
-    assert store.promote_stable(60.0) == 0
-    assert store.promote_stable(60.0, now=time.time() + 61) == 1
-    assert store.list_series()[0].state == WAITING
+    assert store.jobs.promote_stable(60.0) == 0
+    assert store.jobs.promote_stable(60.0, now=time.time() + 61) == 1
+    assert store.jobs.list_series()[0].state == WAITING
 
 
 def test_jobs_are_claimed_in_arrival_order(tmp_path: Path, studies_root: Path):
@@ -128,8 +120,8 @@ def test_jobs_are_claimed_in_arrival_order(tmp_path: Path, studies_root: Path):
     second = sorted((studies_root / "study_001" / "ct").glob("*.dcm"))[0]
     _put(store, first)
     _put(store, second)
-    store.promote_stable(0.0)
-    claimed = store.claim_next()
+    store.jobs.promote_stable(0.0)
+    claimed = store.jobs.claim_next()
     assert claimed is not None
     assert claimed.series_instance_uid == pydicom.dcmread(first).SeriesInstanceUID
     assert claimed.state == CLASSIFYING
@@ -143,12 +135,12 @@ def test_late_instance_reopens_a_sent_series_for_the_next_revision(
     series_uid = pydicom.dcmread(files[0]).SeriesInstanceUID
     _put(store, files[0])
     _classified(store, series_uid)
-    store.mark_sent(store.due_sends()[0])
-    assert store.get(series_uid).state == SENT  # type: ignore[union-attr]
+    store.jobs.mark_sent(store.jobs.due_sends()[0])
+    assert store.jobs.get(series_uid).state == SENT  # type: ignore[union-attr]
 
     _put(store, files[1])
 
-    record = store.get(series_uid)
+    record = store.jobs.get(series_uid)
     assert record is not None
     assert (record.state, record.sent_revision, record.n_instances) == (RECEIVED, 1, 2)
 
@@ -160,18 +152,18 @@ def test_result_of_a_series_that_changed_while_classifying_is_discarded(
     files = _ct_files(studies_root)
     series_uid = pydicom.dcmread(files[0]).SeriesInstanceUID
     _put(store, files[0])
-    store.promote_stable(0.0)
-    record = store.claim_next()
+    store.jobs.promote_stable(0.0)
+    record = store.jobs.claim_next()
     assert record is not None
     _put(store, files[1])  # arrives while the worker classifies
 
     kept = store.finish_classified(
-        record, revision=1, sr_path=store.sr_path(series_uid, "2.25.1"),
+        record, revision=1, sr_path=store.files.sr_path(series_uid, "2.25.1"),
         sr_sop_instance_uid="2.25.1", probability_covid=0.5, label="covid", classify_seconds=1,
     )
 
     assert kept is False
-    assert store.get(series_uid).state == RECEIVED  # type: ignore[union-attr]
+    assert store.jobs.get(series_uid).state == RECEIVED  # type: ignore[union-attr]
 
 
 def test_send_failures_back_off_exponentially_then_fail(tmp_path: Path, studies_root: Path):
@@ -182,21 +174,21 @@ def test_send_failures_back_off_exponentially_then_fail(tmp_path: Path, studies_
     _classified(store, series_uid)
     waits = []
     for _ in range(2):
-        record = store.list_series(CLASSIFIED)[0]
+        record = store.jobs.list_series(CLASSIFIED)[0]
         before = time.time()
-        state, next_try = store.mark_send_failed(
+        state, next_try = store.jobs.mark_send_failed(
             record, "refused", retry_seconds=10, max_retry_seconds=100, max_attempts=3
         )
         assert state == CLASSIFIED and next_try is not None
         waits.append(next_try - before)
     assert waits[0] == pytest.approx(10, abs=1) and waits[1] == pytest.approx(20, abs=1)
 
-    state, next_try = store.mark_send_failed(
-        store.list_series(CLASSIFIED)[0], "refused", retry_seconds=10, max_retry_seconds=100,
+    state, next_try = store.jobs.mark_send_failed(
+        store.jobs.list_series(CLASSIFIED)[0], "refused", retry_seconds=10, max_retry_seconds=100,
         max_attempts=3,
     )
 
-    record = store.get(series_uid)
+    record = store.jobs.get(series_uid)
     assert (state, next_try) == (FAILED, None)
     assert record is not None and record.state == FAILED and "3 time(s)" in record.reason
 
@@ -204,13 +196,13 @@ def test_send_failures_back_off_exponentially_then_fail(tmp_path: Path, studies_
 def test_resume_puts_interrupted_jobs_back_in_the_queue(tmp_path: Path, studies_root: Path):
     store = Store(tmp_path / "store")
     _put(store, _ct_files(studies_root)[0])
-    store.promote_stable(0.0)
-    assert store.claim_next() is not None
+    store.jobs.promote_stable(0.0)
+    assert store.jobs.claim_next() is not None
     store.close()
 
     reopened = Store(tmp_path / "store")  # as after kill -9 of the node
-    assert reopened.resume(max_classify_attempts=3) == 1
-    assert reopened.list_series()[0].state == WAITING
+    assert reopened.jobs.resume(max_classify_attempts=3) == 1
+    assert reopened.jobs.list_series()[0].state == WAITING
 
 
 def test_reconcile_records_files_the_database_missed(tmp_path: Path, studies_root: Path):
@@ -218,13 +210,13 @@ def test_reconcile_records_files_the_database_missed(tmp_path: Path, studies_roo
     src = _ct_files(studies_root)[0]
     ds = pydicom.dcmread(src, stop_before_pixels=True)
     # A crash between rename and commit: the file is in place, the row is not.
-    store.write_file(store.instance_path(ds.StudyInstanceUID, ds.SeriesInstanceUID,
+    store.files.write_file(store.files.instance_path(ds.StudyInstanceUID, ds.SeriesInstanceUID,
                                          ds.SOPInstanceUID), src.read_bytes())
-    (store.tmp_dir / "half.part").write_bytes(b"half")
+    (store.files.tmp_dir / "half.part").write_bytes(b"half")
 
     assert store.reconcile() == 1
-    assert store.count_instances() == 1
-    assert list(store.tmp_dir.iterdir()) == []
+    assert store.jobs.count_instances() == 1
+    assert list(store.files.tmp_dir.iterdir()) == []
 
 
 def _modified(path: Path, **changes: str) -> bytes:
@@ -258,7 +250,7 @@ def _sent_series(store: Store, files: list[Path]) -> str:
     for path in files:
         _put(store, path)
     _classified(store, series_uid)
-    store.mark_sent(store.due_sends()[0])
+    store.jobs.mark_sent(store.jobs.due_sends()[0])
     return series_uid
 
 
@@ -266,14 +258,14 @@ def test_identical_resend_of_an_instance_changes_nothing(tmp_path: Path, studies
     store = Store(tmp_path / "store")
     files = _ct_files(studies_root)[:3]
     series_uid = _sent_series(store, files)
-    before = store.get(series_uid)
+    before = store.jobs.get(series_uid)
 
     again = _put(store, files[1])
 
     assert again is False
-    assert store.get(series_uid) == before  # still sent, same generation, same counts
-    assert store.replaced_instances() == []
-    assert list(store.replaced_dir.rglob("*.dcm")) == []
+    assert store.jobs.get(series_uid) == before  # still sent, same generation, same counts
+    assert store.jobs.replaced_instances() == []
+    assert list(store.files.replaced_dir.rglob("*.dcm")) == []
 
 
 def test_same_uid_with_other_content_keeps_both_and_reruns_the_series(
@@ -282,25 +274,25 @@ def test_same_uid_with_other_content_keeps_both_and_reruns_the_series(
     store = Store(tmp_path / "store")
     files = _ct_files(studies_root)[:3]
     series_uid = _sent_series(store, files)
-    before = store.get(series_uid)
+    before = store.jobs.get(series_uid)
     assert before is not None
     new_bytes = _modified(files[1])
 
     changed = _put_bytes(store, new_bytes)
 
     ds = pydicom.dcmread(files[1], stop_before_pixels=True)
-    path = store.instance_path(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)
+    path = store.files.instance_path(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)
     assert changed is True
     assert path.read_bytes() == new_bytes  # the new instance is the one the series now holds
-    (replaced,) = store.replaced_instances()
+    (replaced,) = store.jobs.replaced_instances()
     assert replaced["sop_instance_uid"] == ds.SOPInstanceUID
     assert (store.root / replaced["path"]).read_bytes() == files[1].read_bytes()  # not lost
-    record = store.get(series_uid)
+    record = store.jobs.get(series_uid)
     assert record is not None
     # Re-run as a revision: back in the queue, same instance count, next revision after 1.
     assert (record.state, record.n_instances, record.sent_revision) == (RECEIVED, 3, 1)
     assert record.generation == before.generation + 1
-    assert store.count_instances() == 3
+    assert store.jobs.count_instances() == 3
 
 
 def test_same_series_uid_in_two_studies_is_two_series(tmp_path: Path, studies_root: Path):
@@ -313,12 +305,12 @@ def test_same_series_uid_in_two_studies_is_two_series(tmp_path: Path, studies_ro
         _put_bytes(store, _modified(path, StudyInstanceUID=other_study,
                                     SOPInstanceUID=f"2.25.4242.{i}"))
 
-    records = store.list_series()
+    records = store.jobs.list_series()
     assert len(records) == 2
     assert {r.series_instance_uid for r in records} == {str(pydicom.dcmread(files[0])
                                                            .SeriesInstanceUID)}
     assert sorted(r.n_instances for r in records) == [2, 2]
-    other = store.get(records[0].series_instance_uid, other_study)
+    other = store.jobs.get(records[0].series_instance_uid, other_study)
     assert other is not None and other.study_instance_uid == other_study
     assert len(store.instance_paths(other.series_instance_uid, other_study)) == 2
 
@@ -328,9 +320,9 @@ def test_series_uid_shared_by_two_studies_is_classified_twice(tmp_path: Path, st
     path = _ct_files(studies_root)[0]
     _put(store, path)
     _put_bytes(store, _modified(path, StudyInstanceUID="2.25.77", SOPInstanceUID="2.25.77.1"))
-    store.promote_stable(0.0)
+    store.jobs.promote_stable(0.0)
 
-    first, second = store.claim_next(), store.claim_next()
+    first, second = store.jobs.claim_next(), store.jobs.claim_next()
 
     assert first is not None and second is not None
     assert {first.study_instance_uid, second.study_instance_uid} == {
@@ -354,9 +346,9 @@ def test_new_study_and_series_folders_are_fsynced_in_their_parents(
 
     _put(store, path)
 
-    study_dir = store.instances_dir / ds.StudyInstanceUID
+    study_dir = store.files.instances_dir / ds.StudyInstanceUID
     # The new study folder's entry lives in instances/, the new series folder's in the study's.
-    assert store.instances_dir in synced
+    assert store.files.instances_dir in synced
     assert study_dir in synced
     assert study_dir / ds.SeriesInstanceUID in synced  # the instance's rename
 
@@ -392,8 +384,8 @@ def test_a_store_keyed_by_series_alone_is_migrated(tmp_path: Path, studies_root:
     store.record_instance(study_instance_uid="1.9", series_instance_uid="1.2.3",
                           sop_instance_uid="1.2.3.4", sop_class_uid="1.2", path=root / "x.dcm")
 
-    assert store.get("1.2.3", "1.2").sent_revision == 1  # type: ignore[union-attr]
-    assert len(store.list_series()) == 2
+    assert store.jobs.get("1.2.3", "1.2").sent_revision == 1  # type: ignore[union-attr]
+    assert len(store.jobs.list_series()) == 2
 
 
 def test_job_states_are_the_strings_existing_databases_hold(tmp_path: Path):
@@ -414,7 +406,7 @@ def test_job_states_are_the_strings_existing_databases_hold(tmp_path: Path):
     assert raw.execute("SELECT typeof(state) FROM series").fetchone()[0] == "text"
     raw.close()
 
-    record = Store(tmp_path / "store").get("1.2.3")
+    record = Store(tmp_path / "store").jobs.get("1.2.3")
 
     assert record is not None and record.state is JobState.SENT and record.state == "sent"
 
@@ -441,24 +433,24 @@ def test_a_transition_the_state_table_does_not_allow_is_refused(
     files = _ct_files(studies_root)
     series_uid = pydicom.dcmread(files[0]).SeriesInstanceUID
     _put(store, files[0])
-    store.promote_stable(0.0)
-    waiting = store.get(series_uid)
+    store.jobs.promote_stable(0.0)
+    waiting = store.jobs.get(series_uid)
     assert waiting is not None and waiting.state == WAITING
 
     with pytest.raises(JobStateError, match="mark_sent applies to a job in state classified"):
-        store.mark_sent(waiting)
+        store.jobs.mark_sent(waiting)
     with pytest.raises(JobStateError, match="not waiting"):
-        store.finish_unusable(waiting, "not a CT")
+        store.jobs.finish_unusable(waiting, "not a CT")
     _classified(store, series_uid)
-    classified = store.get(series_uid)
+    classified = store.jobs.get(series_uid)
     with pytest.raises(JobStateError, match="finish_classified"):
         store.finish_classified(
-            classified, revision=2, sr_path=store.sr_path(series_uid, "2.25.2"),  # type: ignore[arg-type]
+            classified, revision=2, sr_path=store.files.sr_path(series_uid, "2.25.2"),  # type: ignore[arg-type]
             sr_sop_instance_uid="2.25.2", probability_covid=0.1, label="non-covid",
             classify_seconds=1.0,
         )
 
-    after = store.get(series_uid)
+    after = store.jobs.get(series_uid)
     assert after is not None and (after.state, after.revision) == (CLASSIFIED, 1)
 
 
@@ -470,12 +462,12 @@ def test_a_send_that_ends_after_the_series_changed_leaves_it_in_its_new_state(
     series_uid = pydicom.dcmread(files[0]).SeriesInstanceUID
     _put(store, files[0])
     _classified(store, series_uid)
-    (sending,) = store.due_sends()
+    (sending,) = store.jobs.due_sends()
     _put(store, files[1])  # arrives while the SR is on its way
 
-    moved = store.mark_sent(sending)
+    moved = store.jobs.mark_sent(sending)
 
-    record = store.get(series_uid)
+    record = store.jobs.get(series_uid)
     assert moved is False
     assert record is not None and (record.state, record.sent_revision) == (RECEIVED, 1)
     assert record.sent_sr_path == sending.sr_path  # the predecessor of the next revision
@@ -520,8 +512,8 @@ def test_queue_lists_jobs_and_retries_failed_sends(tmp_path: Path, studies_root:
     series_uid = pydicom.dcmread(files[0]).SeriesInstanceUID
     _put(store, files[0])
     _classified(store, series_uid)
-    store.mark_send_failed(
-        store.due_sends()[0], "association rejected", retry_seconds=1, max_retry_seconds=1,
+    store.jobs.mark_send_failed(
+        store.jobs.due_sends()[0], "association rejected", retry_seconds=1, max_retry_seconds=1,
         max_attempts=1,
     )
     store.close()

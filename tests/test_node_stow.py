@@ -24,7 +24,8 @@ from typer.testing import CliRunner
 from ctcovid.cli.main import app
 from ctcovid.errors import ConfigError
 from ctcovid.node.config import NodeConfig, load_config
-from ctcovid.node.store import CLASSIFIED, FAILED, SENT, Store
+from ctcovid.node.jobs import CLASSIFIED, FAILED, SENT
+from ctcovid.node.store import Store
 from ctcovid.node.worker import Worker
 
 pytestmark = pytest.mark.network
@@ -118,7 +119,7 @@ def test_series_stored_to_the_node_ends_sent_with_its_sr_in_its_study_in_orthanc
         listener.store.close()
 
     assert set(statuses) == {0}
-    (record,) = worker.store.list_series()
+    (record,) = worker.store.jobs.list_series()
     assert (record.state, record.attempts, record.reason) == (SENT, 1, "")
     study = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
     assert study_of_instance_in_orthanc(orthanc, record.sr_sop_instance_uid) == study
@@ -147,7 +148,7 @@ def test_listen_with_stow_flags_delivers_the_sr_into_its_study(
     assert f"peer=stow-rs {orthanc.dicomweb_url}" in node.text()
     assert USER[1] not in node.text()  # the credentials are never logged
     store = Store(tmp_path / "store")
-    (record,) = store.list_series()
+    (record,) = store.jobs.list_series()
     store.close()
     assert record.state == SENT
     study = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
@@ -163,9 +164,9 @@ def test_stow_to_a_dead_port_retries_then_fails_and_queue_retry_sends_it(
         put(worker.store, path)
 
     worker.step()  # classify, then the first send
-    (first,) = worker.store.list_series()
+    (first,) = worker.store.jobs.list_series()
     run_until_idle(worker)
-    (record,) = worker.store.list_series()
+    (record,) = worker.store.jobs.list_series()
 
     assert (first.state, first.attempts) == (CLASSIFIED, 1)  # retried, not failed at once
     assert "ConnectionError" in first.reason and dead in first.reason
@@ -181,7 +182,7 @@ def test_stow_to_a_dead_port_retries_then_fails_and_queue_retry_sends_it(
     fixed = make_worker(tmp_path / "store", classifier, stow=orthanc.dicomweb_url,
                         stow_auth_file=auth_file)
     run_until_idle(fixed)
-    (sent,) = fixed.store.list_series()
+    (sent,) = fixed.store.jobs.list_series()
     assert sent.state == SENT
     assert study_of_instance_in_orthanc(orthanc, sent.sr_sop_instance_uid) == \
         sent.study_instance_uid
@@ -199,7 +200,7 @@ def test_a_stow_refused_with_401_fails_at_once_with_the_http_status(
 
     run_until_idle(worker)
 
-    (record,) = worker.store.list_series()
+    (record,) = worker.store.jobs.list_series()
     assert (record.state, record.attempts) == (FAILED, 1)
     assert "HTTP 401 Unauthorized" in record.reason and "cannot help" in record.reason
     assert "wrong-password" not in record.reason
@@ -269,7 +270,7 @@ def test_5xx_and_429_are_retried_and_409_fails_at_once_with_the_reason(
 
     run_until_idle(worker)
 
-    (record,) = worker.store.list_series()
+    (record,) = worker.store.jobs.list_series()
     assert (record.state, record.attempts) == (state, 1)
     assert expected in record.reason
     if state == CLASSIFIED:

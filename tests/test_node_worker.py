@@ -18,7 +18,8 @@ from pynetdicom import AE, evt
 from pynetdicom.sop_class import Comprehensive3DSRStorage
 
 from ctcovid.node.config import NodeConfig, Peer
-from ctcovid.node.store import CLASSIFIED, FAILED, SENT, UNUSABLE, WAITING, Store
+from ctcovid.node.jobs import CLASSIFIED, FAILED, SENT, UNUSABLE, WAITING
+from ctcovid.node.store import Store
 from ctcovid.node.worker import Worker
 
 pytestmark = pytest.mark.network
@@ -134,7 +135,7 @@ def test_complete_series_is_classified_and_its_sr_sent(
 
     run_until_idle(worker)
 
-    (record,) = worker.store.list_series()
+    (record,) = worker.store.jobs.list_series()
     assert (record.state, record.revision, record.sent_revision) == (SENT, 1, 1)
     assert [str(ds.SOPInstanceUID) for ds in received] == [record.sr_sop_instance_uid]
     sr = received[0]
@@ -165,7 +166,7 @@ def test_late_instance_sends_a_revised_sr_naming_its_predecessor(
     assert referenced.ReferencedSOPInstanceUID == first.SOPInstanceUID
     assert len(revised.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0]
                .ReferencedSOPSequence) == len(files)
-    (record,) = worker.store.list_series()
+    (record,) = worker.store.jobs.list_series()
     assert (record.state, record.revision, record.sent_revision) == (SENT, 2, 2)
 
 
@@ -179,7 +180,7 @@ def test_unusable_series_is_recorded_with_its_reason_and_not_retried(
     run_until_idle(worker)
     again = worker.step()
 
-    (record,) = worker.store.list_series()
+    (record,) = worker.store.jobs.list_series()
     assert record.state == UNUSABLE
     assert "too few slices" in record.reason
     assert again is False
@@ -196,10 +197,10 @@ def test_unreachable_peer_is_retried_then_the_job_fails_visibly(
         put(worker.store, path)
 
     worker.step()  # classify, first send fails
-    (after_first,) = worker.store.list_series()
+    (after_first,) = worker.store.jobs.list_series()
     worker.step()  # second send fails: max_attempts reached
 
-    (record,) = worker.store.list_series()
+    (record,) = worker.store.jobs.list_series()
     assert (after_first.state, after_first.attempts) == (CLASSIFIED, 1)
     assert "association" in after_first.reason
     assert (record.state, record.attempts) == (FAILED, 2)
@@ -251,10 +252,10 @@ def test_changed_instance_under_the_same_uid_is_kept_and_the_series_revised(
         listener.store.close()
 
     assert statuses == [0, 0]
-    (record,) = worker.store.list_series()
+    (record,) = worker.store.jobs.list_series()
     assert (record.state, record.revision, record.sent_revision) == (SENT, 2, 2)
     assert len(received) == 2  # the identical resend changed nothing; the changed one revised
-    (replaced,) = worker.store.replaced_instances()
+    (replaced,) = worker.store.jobs.replaced_instances()
     assert replaced["sop_instance_uid"] == changed.SOPInstanceUID
     kept = pydicom.dcmread(worker.store.root / replaced["path"])
     assert kept.PixelData == pydicom.dcmread(files[2]).PixelData  # the old content, not lost
@@ -274,14 +275,14 @@ def test_sr_below_the_disk_floor_waits_for_space_instead_of_failing(
 
     worker.step()
 
-    (record,) = worker.store.list_series()
+    (record,) = worker.store.jobs.list_series()
     assert record.state == WAITING
     assert "disk space" in record.reason and record.classify_attempts == 0
     assert received == []
     worker.store.min_free_bytes = 0  # space returns
     time.sleep(worker.config.poll_seconds + 0.1)  # the deferred job is due again after a pause
     run_until_idle(worker)
-    (record,) = worker.store.list_series()
+    (record,) = worker.store.jobs.list_series()
     assert record.state == SENT and len(received) == 1
 
 
@@ -290,7 +291,7 @@ def _an_sr(tmp_path: Path, studies_root: Path, classifier) -> Path:
     for path in ct_files(studies_root, "study_000"):
         put(worker.store, path)
     run_until_idle(worker)
-    (record,) = worker.store.list_series()
+    (record,) = worker.store.jobs.list_series()
     return worker.store.root / record.sr_path
 
 
@@ -324,13 +325,13 @@ def test_a_stalled_send_neither_blocks_classification_nor_stopping(
     thread = threading.Thread(target=worker.run, args=(stop,), daemon=True)
     thread.start()
     try:
-        wait_for(lambda: worker.store.counts_by_state()["classified"] == 1, 120,
+        wait_for(lambda: worker.store.jobs.counts_by_state()["classified"] == 1, 120,
                  "the first series to be classified (its send then stalls)")
         time.sleep(1.0)  # the sender thread is now inside the stalled C-STORE
         for path in ct_files(studies_root, "study_001"):
             put(worker.store, path)
 
-        wait_for(lambda: worker.store.counts_by_state()["classified"] == 2, 120,
+        wait_for(lambda: worker.store.jobs.counts_by_state()["classified"] == 2, 120,
                  "the second series to be classified while the first send stalls")
     finally:
         stopped_at = time.monotonic()
@@ -339,7 +340,7 @@ def test_a_stalled_send_neither_blocks_classification_nor_stopping(
     assert not thread.is_alive()
     assert time.monotonic() - stopped_at < 10  # the stalled send is abandoned, not waited for
     # Abandoned sends are not failed attempts: both SRs stay due for the next worker.
-    assert [(r.state, r.attempts) for r in worker.store.list_series()] == [
+    assert [(r.state, r.attempts) for r in worker.store.jobs.list_series()] == [
         (CLASSIFIED, 0), (CLASSIFIED, 0)]
 
 
@@ -401,7 +402,7 @@ def test_a_decompression_bomb_fails_its_series_alone_under_the_memory_limit(
     run_until_idle(worker)
     worker.close()
 
-    by_uid = {r.series_instance_uid: r for r in worker.store.list_series()}
+    by_uid = {r.series_instance_uid: r for r in worker.store.jobs.list_series()}
     bomb = by_uid.pop(bomb_uid)
     (healthy,) = by_uid.values()
     assert bomb.state in (FAILED, UNUSABLE)
@@ -428,7 +429,7 @@ def test_a_killed_decoder_process_is_replaced_and_the_next_series_classified(
     run_until_idle(worker)
     worker.close()
 
-    assert [r.state for r in worker.store.list_series()] == [CLASSIFIED, CLASSIFIED]
+    assert [r.state for r in worker.store.jobs.list_series()] == [CLASSIFIED, CLASSIFIED]
 
 
 def test_node_classifies_on_and_stops_within_10_s_while_its_pacs_stalls(
@@ -516,7 +517,7 @@ def test_a_revision_names_the_sent_sr_not_a_later_one_that_never_left(
     worker.config = dataclasses.replace(worker.config, peer=Peer("127.0.0.1", free_port(), "PACS"))
     put(worker.store, files[-2])
     run_until_idle(worker)  # revision 2 built, its only send fails
-    (unsent,) = worker.store.list_series()
+    (unsent,) = worker.store.jobs.list_series()
     assert (unsent.state, unsent.revision, unsent.sent_revision) == (FAILED, 2, 1)
 
     worker.config = dataclasses.replace(worker.config, peer=peer)
@@ -527,5 +528,5 @@ def test_a_revision_names_the_sent_sr_not_a_later_one_that_never_left(
     assert revised.InstanceNumber == 2
     assert revised.SOPInstanceUID != unsent.sr_sop_instance_uid
     assert _predecessor_uids(revised) == (first.SeriesInstanceUID, first.SOPInstanceUID)
-    (record,) = worker.store.list_series()
+    (record,) = worker.store.jobs.list_series()
     assert record.sent_sr_path == record.sr_path

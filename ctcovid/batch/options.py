@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING
 from ctcovid.decoder import DEFAULT_DECODER_MEMORY_MB
 
 if TYPE_CHECKING:
-    from ctcovid.net.sender import SendSettings
     from ctcovid.batch.sources import PacsSource
+    from ctcovid.net.sender import SendSettings
 
 
 def default_workers() -> int:

@@ -44,7 +44,8 @@ def queue(
     """
     setup_logging(verbose)
     from ctcovid.errors import InvalidInputError
-    from ctcovid.node.store import FAILED, Store
+    from ctcovid.node.jobs import FAILED
+    from ctcovid.node.store import Store
 
     if not (store / "node.sqlite").is_file():
         raise InvalidInputError(f"{store}: not a node store (no node.sqlite)")
@@ -54,7 +55,7 @@ def queue(
     requeued: list[str] | None = None
     try:
         if retry is not None:
-            record = node_store.get(retry)
+            record = node_store.jobs.get(retry)
             if record is None:
                 raise InvalidInputError(f"Series {retry}: not in the store {store}")
             if record.state != FAILED:
@@ -64,9 +65,9 @@ def queue(
             requeued = node_store.retry(retry)
         elif retry_all_failed:
             requeued = node_store.retry(None)
-        records = node_store.list_series()
-        counts = node_store.counts_by_state()
-        n_instances = node_store.count_instances()
+        records = node_store.jobs.list_series()
+        counts = node_store.jobs.counts_by_state()
+        n_instances = node_store.jobs.count_instances()
     finally:
         node_store.close()
 

@@ -57,7 +57,7 @@ class _NodeCollector:
         yield rejected
         jobs = GaugeMetricFamily("ctcovid_jobs", "Series (jobs) by state.", labels=["state"])
         try:
-            for state, count in self.store.counts_by_state().items():
+            for state, count in self.store.jobs.counts_by_state().items():
                 jobs.add_metric([state], count)
         except Exception:  # a busy database must not break the scrape of the other values
             logger.debug("job counts unavailable", exc_info=True)

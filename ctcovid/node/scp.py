@@ -58,7 +58,8 @@ from ctcovid.net.services import (
 )
 from ctcovid.net.tls import server_ssl_context
 from ctcovid.node.config import NodeConfig
-from ctcovid.node.store import OutOfSpaceError, Store
+from ctcovid.node.files import OutOfSpaceError
+from ctcovid.node.store import Store
 
 logger = logging.getLogger(__name__)
 
@@ -385,8 +386,8 @@ def transport_limits(config: NodeConfig, store: Store) -> Limits:
         max_instance_bytes=int(config.max_instance_mb * MIB),
         # Room for A-ASSOCIATE-RJ answers beyond the association limit, and for handshakes.
         max_connections=2 * config.max_associations + 8,
-        spool_dir=store.tmp_dir,
-        check_space=store.check_free_space,
+        spool_dir=store.files.tmp_dir,
+        check_space=store.files.check_free_space,
         max_association_seconds=config.max_association_seconds,
         max_store_seconds=config.max_store_seconds,
         max_associations_per_address=config.max_associations_per_address,
@@ -411,7 +412,7 @@ class Listener:
 
     def _clear_spools(self) -> None:
         """Spool files of a previous run (killed mid-transfer) are incomplete: delete them."""
-        for path in self.store.tmp_dir.glob(f"{SPOOL_PREFIX}*"):
+        for path in self.store.files.tmp_dir.glob(f"{SPOOL_PREFIX}*"):
             try:
                 path.unlink()
             except OSError:

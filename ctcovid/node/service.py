@@ -202,8 +202,8 @@ class Node:
     def _serve(self, store: Store) -> int:
         config = self.config
         recovered = store.reconcile()
-        resumed = store.resume(config.max_attempts)
-        counts = store.counts_by_state()
+        resumed = store.jobs.resume(config.max_attempts)
+        counts = store.jobs.counts_by_state()
         logger.info(
             "event=node_start store=%s recovered_instances=%d resumed_jobs=%d %s peer=%s",
             config.store,
@@ -229,7 +229,7 @@ class Node:
             self._start_worker,
             lambda: self._mp.Value("d", 0.0, lock=False),
             stall_seconds=config.worker_stall_seconds,
-            on_lost=lambda: store.resume(config.max_attempts),
+            on_lost=lambda: store.jobs.resume(config.max_attempts),
         )
         supervisor.start()
         try:

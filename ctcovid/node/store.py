@@ -20,43 +20,11 @@ import logging
 import threading
 from pathlib import Path
 
-from ctcovid.dicom.uids import InvalidUidError, check_uid, valid_uid
-from ctcovid.node.files import FileStore, OutOfSpaceError, same_content
+from ctcovid.node.files import FileStore, same_content
 from ctcovid.node.jobs import (
-    CLASSIFIED,
-    CLASSIFYING,
-    FAILED,
-    FINISHED,
-    RECEIVED,
-    SENT,
-    STATES,
-    UNUSABLE,
-    WAITING,
     JobDatabase,
-    JobState,
-    JobStateError,
     SeriesRecord,
 )
-
-__all__ = [
-    "CLASSIFIED",
-    "CLASSIFYING",
-    "FAILED",
-    "FINISHED",
-    "RECEIVED",
-    "SENT",
-    "STATES",
-    "UNUSABLE",
-    "WAITING",
-    "InvalidUidError",
-    "JobState",
-    "JobStateError",
-    "OutOfSpaceError",
-    "SeriesRecord",
-    "Store",
-    "check_uid",
-    "valid_uid",
-]
 
 logger = logging.getLogger(__name__)
 
@@ -67,43 +35,18 @@ class Store:
     """Instances on disk and jobs in SQLite; safe to share between threads of a process.
 
     Several processes (the listener and the worker) open the same store; SQLite's locking
-    serialises their writes. ``files`` and ``jobs`` are the two halves; the methods here are the
-    ones the node calls.
+    serialises their writes. ``files`` (:class:`~ctcovid.node.files.FileStore`) and ``jobs``
+    (:class:`~ctcovid.node.jobs.JobDatabase`, one method per transition of its state table) are
+    the two halves, called as such; the methods here are the ones that need both.
     """
 
     def __init__(self, root: Path | str, *, min_free_mb: float = 0.0) -> None:
         self.files = FileStore(root, min_free_mb=min_free_mb)
         self.root = self.files.root
-        self.instances_dir = self.files.instances_dir
-        self.sr_dir = self.files.sr_dir
-        self.replaced_dir = self.files.replaced_dir
-        self.tmp_dir = self.files.tmp_dir
         self.db_path = self.root / DB_FILE
         self.jobs = JobDatabase(self.db_path)
         # Serialises "compare with the stored file, keep it aside, rename" per SOP instance.
         self._put_lock = threading.Lock()
-        # The job queries, as the node calls them.
-        self.get = self.jobs.get
-        self.list_series = self.jobs.list_series
-        self.counts_by_state = self.jobs.counts_by_state
-        self.count_instances = self.jobs.count_instances
-        self.replaced_instances = self.jobs.replaced_instances
-        self.due_sends = self.jobs.due_sends
-        # The transitions of the state table (ctcovid.node.jobs).
-        self.promote_stable = self.jobs.promote_stable
-        self.claim_next = self.jobs.claim_next
-        self.finish_unusable = self.jobs.finish_unusable
-        self.finish_failed = self.jobs.finish_failed
-        self.defer_classification = self.jobs.defer_classification
-        self.mark_sent = self.jobs.mark_sent
-        self.mark_send_failed = self.jobs.mark_send_failed
-        self.resume = self.jobs.resume
-        # The files, as the node calls them.
-        self.series_dir = self.files.series_dir
-        self.instance_path = self.files.instance_path
-        self.sr_path = self.files.sr_path
-        self.check_free_space = self.files.check_free_space
-        self.write_file = self.files.write_file
 
     @property
     def min_free_bytes(self) -> int:
@@ -134,7 +77,7 @@ class Store:
         Raises :class:`InvalidUidError` before anything is written, :class:`OutOfSpaceError`
         below the free-space floor, ``OSError`` when the disk fails.
         """
-        path = self.instance_path(study_instance_uid, series_instance_uid, sop_instance_uid)
+        path = self.files.instance_path(study_instance_uid, series_instance_uid, sop_instance_uid)
         self.files.check_free_space(len(data))
         tmp = self.files.write_temp(path.name, data)
         try:

@@ -29,7 +29,9 @@ from ctcovid.decoder import Decoders, SeriesFiles
 from ctcovid.dicom.series import load_series
 from ctcovid.errors import InvalidInputError, ReportError
 from ctcovid.node.config import NodeConfig
-from ctcovid.node.store import OutOfSpaceError, SeriesRecord, Store
+from ctcovid.node.files import OutOfSpaceError
+from ctcovid.node.jobs import SeriesRecord
+from ctcovid.node.store import Store
 
 if TYPE_CHECKING:
     from ctcovid.net.sender import SrSender
@@ -129,11 +131,11 @@ class Worker:
     def step(self, stop: StopFlag | None = None, *, send: bool = True) -> bool:
         """One round: queue stable series, classify one and (with ``send``) send what is due.
         True if it did work."""
-        promoted = self.store.promote_stable(self.config.stable_seconds)
+        promoted = self.store.jobs.promote_stable(self.config.stable_seconds)
         if promoted:
             logger.debug("event=series_complete count=%d", promoted)
         did_work = False
-        record = self.store.claim_next()
+        record = self.store.jobs.claim_next()
         if record is not None:
             self.classify(record)
             did_work = True
@@ -146,7 +148,7 @@ class Worker:
         if self.sender is None:
             return False
         did_work = False
-        for due in self.store.due_sends():
+        for due in self.store.jobs.due_sends():
             if stop is not None and stop.is_set():
                 break
             self.send(due, stop)
@@ -163,7 +165,7 @@ class Worker:
         try:
             # Below the floor the SR could not be stored: wait for space before spending the
             # model's time, and do not fail the job for a condition that passes.
-            self.store.check_free_space()
+            self.store.files.check_free_space()
             if self.config.decoder_memory_mb > 0:
                 prepared = self._prepare(record)
                 self.beat()
@@ -174,7 +176,7 @@ class Worker:
                 )
             else:  # no decoder process: decode here, streaming slices into the model
                 series = load_series(
-                    self.store.series_dir(record.study_instance_uid, uid),
+                    self.store.files.series_dir(record.study_instance_uid, uid),
                     self.classifier.ingest_config,
                     series_instance_uid=uid,
                     study_instance_uid=record.study_instance_uid,
@@ -196,25 +198,25 @@ class Worker:
             )
             buffer = io.BytesIO()
             sr.save_as(buffer, enforce_file_format=True)
-            sr_path = self.store.sr_path(uid, str(sr.SOPInstanceUID))
-            self.store.write_file(sr_path, buffer.getvalue())
+            sr_path = self.store.files.sr_path(uid, str(sr.SOPInstanceUID))
+            self.store.files.write_file(sr_path, buffer.getvalue())
         except InvalidInputError as exc:
-            self.store.finish_unusable(record, str(exc))
+            self.store.jobs.finish_unusable(record, str(exc))
             logger.warning("event=series_unusable %s reason=%r", log_ids, str(exc))
             return
         except DecodeFailed as exc:
-            self.store.finish_failed(record, str(exc))
+            self.store.jobs.finish_failed(record, str(exc))
             logger.error("event=classify_failed %s reason=%r", log_ids, str(exc))
             return
         except OSError as exc:
             if not isinstance(exc, OutOfSpaceError) and exc.errno != errno.ENOSPC:
                 logger.exception("event=classify_failed %s", log_ids)
-                self.store.finish_failed(
+                self.store.jobs.finish_failed(
                     record, f"classification failed: {type(exc).__name__}: {exc}"
                 )
                 return
             retry_in = max(self.config.retry_seconds, self.config.poll_seconds)
-            self.store.defer_classification(
+            self.store.jobs.defer_classification(
                 record, f"waiting for disk space: {exc}", retry_seconds=retry_in
             )
             logger.error(
@@ -223,7 +225,9 @@ class Worker:
             return
         except Exception as exc:  # a model or report failure: visible as failed, retryable
             logger.exception("event=classify_failed %s", log_ids)
-            self.store.finish_failed(record, f"classification failed: {type(exc).__name__}: {exc}")
+            self.store.jobs.finish_failed(
+                record, f"classification failed: {type(exc).__name__}: {exc}"
+            )
             return
         seconds = time.perf_counter() - start
         current = self.store.finish_classified(
@@ -290,7 +294,7 @@ class Worker:
                 self.classifier.ingest_config, workers=1, memory_mb=self.config.decoder_memory_mb
             )
         study, uid = record.study_instance_uid, record.series_instance_uid
-        where = SeriesFiles(self.store.series_dir(study, uid), study, uid)
+        where = SeriesFiles(self.store.files.series_dir(study, uid), study, uid)
         decoded = self._decoder.decode(record, where)
         if decoded.prepared is None:
             raise (InvalidInputError if decoded.unusable else DecodeFailed)(decoded.error)
@@ -321,7 +325,7 @@ class Worker:
             logger.info("event=send_abandoned %s reason=stopping", log_ids)
             return
         except Exception as exc:  # refused, unreachable, TLS failure, failure status: retry
-            state, next_try = self.store.mark_send_failed(
+            state, next_try = self.store.jobs.mark_send_failed(
                 record,
                 str(exc),
                 retry_seconds=self.config.retry_seconds,
@@ -349,7 +353,7 @@ class Worker:
                 )
             return
         seconds = time.perf_counter() - start
-        self.store.mark_sent(record)
+        self.store.jobs.mark_sent(record)
         self.observe("send_seconds", seconds)
         logger.info(
             "event=sr_sent %s peer=%s %s seconds=%.2f", log_ids, destination, outcome, seconds
