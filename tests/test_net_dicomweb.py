@@ -341,6 +341,19 @@ def test_wado_writes_every_instance_of_a_multipart_answer(server) -> None:
         assert pydicom.dcmread(io.BytesIO(data)).SOPInstanceUID == sop
 
 
+def test_wado_that_brings_fewer_instances_than_qido_announced_is_incomplete(server) -> None:
+    import dataclasses
+
+    from ctcovid.net.query import IncompleteRetrievalError
+
+    archive, url = server
+    archive.wado = send_multipart(multipart([dicom_file() for _ in range(2)]))
+    announced = dataclasses.replace(SERIES, n_instances=3)
+    with pytest.raises(IncompleteRetrievalError, match="delivered 2 of the 3") as caught:
+        DicomWebArchive(url).retrieve_series(announced, Written())
+    assert (caught.value.delivered, caught.value.announced) == (2, 3)
+
+
 def test_wado_asks_only_for_the_syntaxes_the_ingest_decodes(server) -> None:
     archive, url = server
     archive.wado = send_multipart(multipart([dicom_file()]))

@@ -21,8 +21,9 @@ from pynetdicom import AE
 
 from ctcovid.errors import ConfigError, PacsError
 from ctcovid.net import SeriesMatch
-from ctcovid.net.dimse import DimseArchive, IncompleteRetrievalError, MoveReceiver
+from ctcovid.net.dimse import DimseArchive, MoveReceiver
 from ctcovid.net.peers import Peer
+from ctcovid.net.query import IncompleteRetrievalError
 from ctcovid.net.services import LOSSY_TRANSFER_SYNTAXES
 
 pytestmark = pytest.mark.network
@@ -313,3 +314,51 @@ def test_batch_from_pacs_queries_over_tls_with_the_tls_options(tmp_path: Path) -
     finally:
         pacs.close()
     assert [s.study_instance_uid for s in studies] == [STUDY]
+
+
+# -- the batch over such a PACS: a row per series, and the run finishes -----------------------
+
+
+def _batch_rows(port: int, out: Path, model: Path, **archive_kwargs: Any) -> dict[str, Any]:
+    from ctcovid.batch import RESULTS_FILE, BatchOptions, read_results, run_batch
+    from ctcovid.batch.sources import PacsSource
+    from ctcovid.net.query import SeriesRules, StudyQuery
+
+    source = PacsSource(archive(port, **archive_kwargs), StudyQuery(), SeriesRules(),
+                        cache_bytes=10**8, pause_seconds=0.0)  # fmt: skip
+    try:
+        run_batch(BatchOptions(out / "cache", out, model, workers=0, source=source))
+    finally:
+        source.close()
+    return {r.series_instance_uid: r for r in read_results(out / RESULTS_FILE)}
+
+
+def test_a_batch_rows_a_partly_delivered_series_incomplete_with_the_counts(
+    three_instances: list, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    pacs = FakePacs(three_instances, delivered=three_instances[:2])
+    try:
+        rows = within(lambda: _batch_rows(pacs.port, tmp_path / "run", tiny_model_dir,
+                                          timeout_seconds=10), 120)  # fmt: skip
+    finally:
+        pacs.close()
+    row = rows[SERIES]
+    assert row.status == "incomplete"
+    assert "delivered 2 of the 3" in row.reason and row.sr_path == ""
+
+
+def test_a_batch_whose_pacs_stalls_mid_retrieval_rows_the_series_failed_and_finishes(
+    three_instances: list, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    pacs = FakePacs(three_instances)
+    # Connections: study C-FIND, series C-FIND, image C-FIND, then the C-GET, which stalls.
+    proxy = StallingProxy(pacs.port, stall_connection=3, pass_pdus=1, mode="trickle")
+    try:
+        rows = within(lambda: _batch_rows(proxy.port, tmp_path / "run", tiny_model_dir,
+                                          timeout_seconds=2), 120)  # fmt: skip
+    finally:
+        proxy.close()
+        pacs.close()
+    row = rows[SERIES]
+    assert row.status == "failed"
+    assert "stalled" in row.reason and SERIES in row.reason

@@ -15,6 +15,7 @@ from ctcovid.batch.options import BatchOptions
 from ctcovid.batch.results import (
     CLASSIFIED,
     FAILED,
+    INCOMPLETE,
     RESULTS_FILE,
     SKIPPED,
     BatchProgress,
@@ -27,6 +28,7 @@ __all__ = [
     "CLASSIFIED",
     "ENGINES",
     "FAILED",
+    "INCOMPLETE",
     "RESULTS_FILE",
     "SKIPPED",
     "BatchOptions",

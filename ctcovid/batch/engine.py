@@ -74,14 +74,14 @@ class BatchSink:
             )
         )
 
-    def failed(self, entry: SeriesEntry, reason: str) -> None:
-        logger.warning("series %s failed: %s", entry.series_instance_uid, reason)
+    def failed(self, entry: SeriesEntry, reason: str, status: str = FAILED) -> None:
+        logger.warning("series %s %s: %s", entry.series_instance_uid, status, reason)
         self._append(
             ResultRow(
                 entry.study_instance_uid,
                 entry.series_instance_uid,
                 entry.patient_id,
-                FAILED,
+                status,
                 reason=reason,
                 model_device_uid=self.artifact.device_uid,
             ),
@@ -200,6 +200,7 @@ class Ready:
 
     entry: SeriesEntry
     error: str = ""
+    status: str = FAILED  # or INCOMPLETE: delivered in part
 
 
 @runtime_checkable
@@ -260,7 +261,7 @@ def run_local(
 
     def route(item: Ready) -> None:
         if item.error:
-            sink.failed(item.entry, item.error)
+            sink.failed(item.entry, item.error, item.status)
         elif not item.entry.usable:
             sink.skipped(item.entry)
         else:

@@ -26,12 +26,10 @@ from ctcovid.batch.index import (
 from ctcovid.batch.options import BatchOptions
 from ctcovid.batch.ray_engine import run_ray
 from ctcovid.batch.results import (
-    CLASSIFIED,
-    FAILED,
     INDEX_FILE,
     RESULTS_FILE,
-    SKIPPED,
     SR_DIR,
+    STATUSES,
     SUMMARY_FILE,
     BatchProgress,
     ResultsWriter,
@@ -202,9 +200,7 @@ def _run(
         classify_seconds = time.perf_counter() - classify_start
         rows = list(writer.rows)
 
-    counts = {
-        status: sum(r.status == status for r in rows) for status in (CLASSIFIED, SKIPPED, FAILED)
-    }
+    counts = {status: sum(r.status == status for r in rows) for status in STATUSES}
     wall = time.perf_counter() - wall_start
     summary: dict[str, Any] = {
         "archive": str(archive),

@@ -42,7 +42,10 @@ LOCK_FILE = ".lock"
 CLASSIFIED = "classified"
 SKIPPED = "skipped"
 FAILED = "failed"
-STATUSES = (CLASSIFIED, SKIPPED, FAILED)
+# A PACS delivered fewer instances than it announced: not classified as if whole (the reason
+# gives the counts).
+INCOMPLETE = "incomplete"
+STATUSES = (CLASSIFIED, SKIPPED, FAILED, INCOMPLETE)
 
 
 @dataclass(frozen=True)

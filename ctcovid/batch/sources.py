@@ -29,13 +29,20 @@ from typing import TYPE_CHECKING, Any
 
 from ctcovid.batch.engine import BatchSink, Ready, run_local
 from ctcovid.batch.index import IndexSummary, SeriesEntry
-from ctcovid.batch.results import ProgressThen
+from ctcovid.batch.results import INCOMPLETE, ProgressThen
 from ctcovid.config import IngestConfig
 from ctcovid.decoder import DEFAULT_DECODER_MEMORY_MB
 from ctcovid.dicom.series import load_series
 from ctcovid.errors import ConfigError, CtCovidError, InvalidInputError, PacsError
 from ctcovid.net.cache import CacheFullError, SeriesCache
-from ctcovid.net.query import Archive, SeriesMatch, SeriesRules, StudyMatch, StudyQuery
+from ctcovid.net.query import (
+    Archive,
+    IncompleteRetrievalError,
+    SeriesMatch,
+    SeriesRules,
+    StudyMatch,
+    StudyQuery,
+)
 
 if TYPE_CHECKING:
     from ctcovid.inference import Classifier
@@ -408,6 +415,9 @@ class _Retriever:
                         if self.cache.wait_for_change(version, 1.0) != version:
                             break
                     continue
+                except IncompleteRetrievalError as exc:
+                    self.cache.discard(key)
+                    return Ready(entry, str(exc), INCOMPLETE)
                 except PacsError as exc:
                     self.cache.discard(key)
                     return Ready(entry, str(exc))

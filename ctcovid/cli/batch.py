@@ -63,7 +63,7 @@ def _progress_bars(quiet: bool) -> tuple[Any, Any]:
         TimeRemainingColumn,
     )
 
-    from ctcovid.batch.results import BatchProgress
+    from ctcovid.batch.results import STATUSES, BatchProgress
 
     if quiet:
         return None, BatchProgress()
@@ -95,7 +95,7 @@ def _progress_bars(quiet: bool) -> tuple[Any, Any]:
             bars.update(self.index_task, completed=n_done, rate=f"{speed:.0f}/s" if speed else "")
 
         def classify_started(self, n_series: int, n_slices: int) -> None:
-            self.counts = {"classified": 0, "skipped": 0, "failed": 0}
+            self.counts = dict.fromkeys(STATUSES, 0)
             self.n_series = n_series
             self.classify_task = bars.add_task(
                 f"classifying 0/{n_series} series", total=n_slices, unit="slices", rate=""
@@ -110,7 +110,7 @@ def _progress_bars(quiet: bool) -> tuple[Any, Any]:
                 self.classify_task,
                 rate=f"{task.speed:.1f}/s" if task.speed else "",
                 description=f"classifying {done}/{self.n_series} series "
-                f"({self.counts['failed']} failed)",
+                f"({self.counts['failed'] + self.counts['incomplete']} failed)",
             )
 
     return bars, Bars()
@@ -191,9 +191,9 @@ def batch(
     """Classify every usable CT series of an archive; one row per series in DIR/results.csv.
 
     Writes DIR/index.sqlite (every file: instance, duplicate or bad, and why), DIR/results.csv
-    (status classified | skipped | failed, appended as series finish), DIR/sr/ (one SR per
-    classified series) and DIR/summary.json. After an interruption, --resume finishes the rest.
-    A folder belongs to one model: another model needs a new --out.
+    (status classified | skipped | failed | incomplete, appended as series finish), DIR/sr/ (one
+    SR per classified series) and DIR/summary.json. After an interruption, --resume finishes the
+    rest. A folder belongs to one model: another model needs a new --out.
 
     Examples:
 
@@ -296,7 +296,9 @@ def batch(
     stdout.print(
         f"{summary['series']} series: {counts['classified']} classified "
         f"({summary['positives']} positive), {counts['skipped']} skipped, "
-        f"{counts['failed']} failed; {summary['index']['bad_files']} file(s) not usable. "
+        f"{counts['failed']} failed"
+        + (f", {counts['incomplete']} incomplete" if counts.get("incomplete") else "")
+        + f"; {summary['index']['bad_files']} file(s) not usable. "
         f"This run: {run['slices_classified']} slices, {run['slices_per_second'] or 0:.1f} "
         f"slices/s, {run['wall_seconds']:.1f} s. Results: {summary['results_csv']}",
         highlight=False,

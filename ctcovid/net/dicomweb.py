@@ -20,6 +20,7 @@ from ctcovid.errors import ConfigError, PacsError
 from ctcovid.net.query import (
     SERIES_RETURN_KEYS,
     STUDY_RETURN_KEYS,
+    IncompleteRetrievalError,
     InstanceWriter,
     SeriesMatch,
     StudyMatch,
@@ -285,10 +286,15 @@ class DicomWebArchive:
         return out
 
     def retrieve_series(self, series: SeriesMatch, write: InstanceWriter) -> int:
-        """WADO-RS of the whole series into ``write``, under the deadline and the instance cap."""
+        """WADO-RS of the whole series into ``write``, under the deadline and the instance cap.
+
+        Raises :class:`~ctcovid.net.query.IncompleteRetrievalError` when fewer instances came
+        than QIDO-RS announced (NumberOfSeriesRelatedInstances; WADO-RS returns every instance
+        of the series, whatever its SOP class, so the two counts are comparable).
+        """
         from ctcovid.net.wado import retrieve_series
 
-        return retrieve_series(
+        n = retrieve_series(
             self.client._session,
             self.url,
             series,
@@ -297,3 +303,11 @@ class DicomWebArchive:
             deadline_seconds=self.deadline_seconds,
             max_instance_bytes=self.max_instance_bytes,
         )
+        if series.n_instances is not None and n < series.n_instances:
+            raise IncompleteRetrievalError(
+                f"{self.url}: WADO-RS of series {series.series_instance_uid} delivered {n} of the "
+                f"{series.n_instances} instance(s) QIDO-RS announced; not classified as if whole",
+                delivered=n,
+                announced=series.n_instances,
+            )
+        return n

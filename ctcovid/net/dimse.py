@@ -61,6 +61,7 @@ from ctcovid.net.peers import Peer
 from ctcovid.net.query import (
     SERIES_RETURN_KEYS,
     STUDY_RETURN_KEYS,
+    IncompleteRetrievalError,
     InstanceWriter,
     SeriesMatch,
     StudyMatch,
@@ -100,15 +101,6 @@ _REFUSAL_TEXT = {
     "dataset_too_large": "sent a response data set over the in-memory limit",
     "invalid_message": "sent a DIMSE message that does not decode",
 }
-
-
-class IncompleteRetrievalError(PacsError):
-    """The PACS delivered fewer instances than its image-level C-FIND announced."""
-
-    def __init__(self, message: str, *, delivered: int, announced: int):
-        super().__init__(message)
-        self.delivered = delivered
-        self.announced = announced
 
 
 def _text(ds: Dataset, keyword: str) -> str:

@@ -21,7 +21,7 @@ from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 
 from ctcovid.dicom.uids import valid_uid
-from ctcovid.errors import ConfigError
+from ctcovid.errors import ConfigError, PacsError
 
 logger = logging.getLogger(__name__)
 
@@ -226,6 +226,17 @@ class Archive(Protocol):
     def find_series(self, study: StudyMatch) -> list[SeriesMatch]: ...
 
     def retrieve_series(self, series: SeriesMatch, write: InstanceWriter) -> int: ...
+
+
+class IncompleteRetrievalError(PacsError):
+    """The archive delivered fewer instances of a series than it announced (an image-level
+    C-FIND, or QIDO-RS's NumberOfSeriesRelatedInstances): the series is not judged as if whole.
+    """
+
+    def __init__(self, message: str, *, delivered: int, announced: int):
+        super().__init__(message)
+        self.delivered = delivered
+        self.announced = announced
 
 
 class InstanceWriter(Protocol):
