@@ -17,7 +17,7 @@ from ctcovid.batch.results import (
     ResultsWriter,
     read_results,
 )
-from ctcovid.batch.shared import BatchOptions, BatchProgress, BatchSink, SliceBatcher, decode_entry
+from ctcovid.batch.shared import BatchOptions, BatchProgress, BatchSink, SeriesScorer, decode_entry
 
 __all__ = [
     "CLASSIFIED",
@@ -32,7 +32,7 @@ __all__ = [
     "ResultRow",
     "ResultsWriter",
     "SeriesEntry",
-    "SliceBatcher",
+    "SeriesScorer",
     "build_index",
     "decode_entry",
     "iter_series",

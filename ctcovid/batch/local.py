@@ -1,8 +1,8 @@
 """The local engine of ``ctcovid batch``: decoders in worker processes, inference in this one.
 
 Series are decoded and prepared in a pool of decoder processes (:func:`~ctcovid.batch.shared.
-decode_entry`) while this process feeds ONE classifier, whose batches mix the slices of several
-series (:class:`~ctcovid.batch.shared.SliceBatcher`); finished series go to the
+decode_entry`) while this process feeds ONE classifier, a series at a time
+(:class:`~ctcovid.batch.shared.SeriesScorer`); finished series go to the
 :class:`~ctcovid.batch.shared.BatchSink`. :class:`Decoders` keeps the decoder processes going
 when one dies; the PACS source (``sources.py``) decodes through it too.
 """
@@ -17,7 +17,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wai
 from concurrent.futures.process import BrokenProcessPool
 
 from ctcovid.batch.index import SeriesEntry, process_pool
-from ctcovid.batch.shared import BatchSink, Decoded, SliceBatcher, decode_entry
+from ctcovid.batch.shared import BatchSink, Decoded, SeriesScorer, decode_entry
 from ctcovid.decoder import DEFAULT_DECODER_MEMORY_MB, crashed_reason
 from ctcovid.inference import Classifier
 from ctcovid.model.artifact import ModelArtifact
@@ -175,22 +175,21 @@ def run_local(
     ``pool``, when given, is used and left open (a new one replaces it if a decoder dies).
     Decoder processes run under ``memory_mb`` MiB of address space; a series that kills its
     decoder process fails alone (its row says why) and the run goes on (:class:`Decoders`)."""
-    batcher = SliceBatcher(classifier)
+    scorer = SeriesScorer(classifier)
 
     def take(decoded: Decoded) -> None:
         if decoded.prepared is None:
             sink.failed(decoded.entry, decoded.error)
         else:
-            batcher.add(decoded.entry, decoded.prepared)
+            scorer.add(decoded.entry, decoded.prepared)
 
     def score(final: bool) -> None:
-        while batcher.full or (final and batcher.n_queued):
-            for item in batcher.step():
-                sink.classified(
-                    item.entry, item.prepared, item.probs, time.perf_counter() - item.started
-                )
+        while (item := scorer.step()) is not None:
+            sink.classified(
+                item.entry, item.prepared, item.probs, time.perf_counter() - item.started
+            )
             if not final:
-                return  # one batch, then look after the decoders again
+                return  # one series, then look after the decoders again
 
     todo = iter(entries)
     exhausted = False
@@ -204,8 +203,8 @@ def run_local(
                 decoders.submit(entry)
             if exhausted and not decoders.busy:
                 break
-            # Wait for a decoder only when there is no full batch to work on meanwhile.
-            for decoded in decoders.collect(timeout=0 if batcher.full else None):
+            # Wait for a decoder only when there is no series to score meanwhile.
+            for decoded in decoders.collect(timeout=0 if scorer.ready else None):
                 take(decoded)
             score(final=False)
     score(final=True)

@@ -1,9 +1,9 @@
 """The parts both engines of ``ctcovid batch`` are built from.
 
 A decode task (:func:`decode_entry`, run in a worker process) turns one indexed series into what
-the model sees; :class:`SliceBatcher` scores the slices of several series in shared batches;
-:class:`BatchSink` turns each series' probabilities into its result row and SR with the same
-``Classifier`` and SR builder as ``ctcovid classify``. :class:`BatchOptions` and
+the model sees; :class:`SeriesScorer` scores the queued series one at a time, never two in one
+model call; :class:`BatchSink` turns each series' probabilities into its result row and SR with
+the same ``Classifier`` and SR builder as ``ctcovid classify``. :class:`BatchOptions` and
 :class:`BatchProgress` are what the job (``job.py``) hands to an engine. The local engine
 (``local.py``) and the Ray engine (``ray_engine.py``) import this module, never each other.
 """
@@ -193,7 +193,7 @@ class BatchSink:
         )
 
 
-# -- the shared batches --------------------------------------------------------------------------
+# -- scoring, one series at a time ----------------------------------------------------------------
 
 
 @dataclass
@@ -201,61 +201,36 @@ class _Pending:
     entry: SeriesEntry
     prepared: PreparedScan
     probs: np.ndarray
-    scored: int = 0
     started: float = field(default_factory=time.perf_counter)
 
-    @property
-    def slices(self) -> np.ndarray:
-        return self.prepared.used.slices
 
+class SeriesScorer:
+    """Queues prepared series and scores them one whole series per step.
 
-class SliceBatcher:
-    """Queues prepared series and scores their slices in full batches that span series.
-
-    Only the last batch of a run is padded (inside ``Classifier.predict_slices``), so a series
-    of 10 slices does not cost a batch of 32.
+    A model call never holds slices of two series (``Classifier.predict_slices`` pads a
+    series' last batch instead): the series scored before and after one, and when the
+    retrieval of the next one lags, cannot change its numbers.
     """
 
     def __init__(self, classifier: Classifier):
         self.classifier = classifier
         self.queue: deque[_Pending] = deque()
-        self.n_queued = 0
 
     def add(self, entry: SeriesEntry, prepared: PreparedScan) -> None:
-        n = len(prepared.used)
-        self.queue.append(_Pending(entry, prepared, np.empty(n, np.float32)))
-        self.n_queued += n
+        self.queue.append(_Pending(entry, prepared, np.empty(0, np.float32)))
 
     @property
-    def full(self) -> bool:
-        return self.n_queued >= self.classifier.batch_size
+    def ready(self) -> bool:
+        """Whether a series waits to be scored."""
+        return bool(self.queue)
 
-    def step(self) -> list[_Pending]:
-        """Score one batch (at most ``batch_size`` slices); the series it completed."""
-        want = self.classifier.batch_size
-        parts: list[tuple[_Pending, int, int]] = []
-        taken = 0
-        for item in self.queue:
-            if taken >= want:
-                break
-            n = min(len(item.probs) - item.scored, want - taken)
-            parts.append((item, item.scored, n))
-            taken += n
-        if not parts:
-            return []
-        probs = self.classifier.predict_slices(
-            np.concatenate([item.slices[start : start + n] for item, start, n in parts])
-        )
-        offset = 0
-        for item, start, n in parts:
-            item.probs[start : start + n] = probs[offset : offset + n]
-            item.scored += n
-            offset += n
-        self.n_queued -= taken
-        finished = []
-        while self.queue and self.queue[0].scored == len(self.queue[0].probs):
-            finished.append(self.queue.popleft())
-        return finished
+    def step(self) -> _Pending | None:
+        """Score the series queued first; ``None`` when none waits."""
+        if not self.queue:
+            return None
+        item = self.queue.popleft()
+        item.probs = self.classifier.predict_slices(item.prepared.used.slices)
+        return item
 
 
 @dataclass(frozen=True)

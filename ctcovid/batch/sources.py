@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from ctcovid.batch.index import IndexSummary, SeriesEntry
 from ctcovid.batch.local import Decoders
-from ctcovid.batch.shared import BatchProgress, SliceBatcher
+from ctcovid.batch.shared import BatchProgress, SeriesScorer
 from ctcovid.config import IngestConfig
 from ctcovid.decoder import DEFAULT_DECODER_MEMORY_MB
 from ctcovid.dicom.scan import group_instances, read_header
@@ -472,21 +472,22 @@ def _drive(
 ) -> None:
     """The local engine's loop, fed by the retriever instead of an index.
 
-    Unlike a folder, the next series may not be there yet: rather than wait for it with slices
-    queued, the classifier scores what it has (a partial batch), which also empties the cache.
+    Unlike a folder, the next series may not be there yet: rather than wait for it, the
+    classifier scores the series it has (each one whole, alone), which also empties the cache.
     Decoding goes through the local engine's :class:`~ctcovid.batch.local.Decoders`: a series
     that kills its decoder process fails alone, with the reason, and the run goes on.
     """
-    batcher = SliceBatcher(classifier)
+    scorer = SeriesScorer(classifier)
 
     def take(decoded: Decoded) -> None:
         if decoded.prepared is None:
             sink.failed(decoded.entry, decoded.error)
         else:
-            batcher.add(decoded.entry, decoded.prepared)
+            scorer.add(decoded.entry, decoded.prepared)
 
     def score_one() -> None:
-        for item in batcher.step():
+        item = scorer.step()
+        if item is not None:
             sink.classified(
                 item.entry, item.prepared, item.probs, time.perf_counter() - item.started
             )
@@ -507,19 +508,16 @@ def _drive(
                 if item is None:
                     break
                 route(item)
-            if batcher.full:
+            if scorer.ready:
                 score_one()
                 continue
             if decoders.busy:
                 for decoded in decoders.collect(timeout=0.1):
                     take(decoded)
                 continue
-            if batcher.n_queued:
-                score_one()  # nothing to decode and nothing retrieved: do not idle
-                continue
             if not retriever.exhausted:
                 item = retriever.get(timeout=0.5)
                 if item is not None:
                     route(item)
-    while batcher.n_queued:
+    while scorer.ready:
         score_one()
