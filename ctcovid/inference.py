@@ -2,6 +2,12 @@
 
 ``Classifier.from_file(path).classify(series)`` is the one code path that ``ctcovid classify``,
 the DICOM node and batch reprocessing share.
+
+A series is scored in its own batches of :data:`SCORING_BATCH_SIZE` slices, counted from its
+first slice, the last one padded with blank slices whose outputs are dropped. Every model call
+for a series is then the same whatever the user's ``--batch-size``, the front (classify, node,
+batch) or the series scored before and after it, so its numbers are the same bytes on one
+machine and runtime (the runtime's threads are pinned too, ``ctcovid.model.runtimes``).
 """
 
 from __future__ import annotations
@@ -18,7 +24,13 @@ from ctcovid.config import IngestConfig
 from ctcovid.dicom.types import Series, SliceRef
 from ctcovid.errors import InvalidInputError
 from ctcovid.model.artifact import ModelArtifact, default_model_path, load_model, read_artifact
-from ctcovid.model.runtimes import KerasRuntime, Runtime, load_runtime, resolve_runtime
+from ctcovid.model.runtimes import (
+    KerasRuntime,
+    Runtime,
+    load_runtime,
+    pin_keras_threads,
+    resolve_runtime,
+)
 from ctcovid.preprocess import (
     assemble_series,
     iter_windowed,
@@ -29,11 +41,22 @@ from ctcovid.scans import PreparedScan, prepare_scan, scan_result
 logger = logging.getLogger(__name__)
 
 DEFAULT_BATCH_SIZE = 32
+#: Slices per model call, fixed: a batch's shape and its other slices can change a slice's
+#: output in the last bits (other kernels, other blocking), so neither may depend on a setting.
+SCORING_BATCH_SIZE = 16
 
 
-def batches(items: np.ndarray, size: int) -> Iterator[np.ndarray]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
+def fixed_batches(slices: np.ndarray) -> Iterator[tuple[np.ndarray, int]]:
+    """``(batch, n)`` for consecutive batches of exactly :data:`SCORING_BATCH_SIZE` slices from
+    the first one; the last is padded with blank slices, and only its first ``n`` are real."""
+    size = SCORING_BATCH_SIZE
+    for start in range(0, len(slices), size):
+        chunk = slices[start : start + size]
+        n = len(chunk)
+        if n < size:
+            pad = np.zeros((size - n, *chunk.shape[1:]), chunk.dtype)
+            chunk = np.concatenate([chunk, pad])
+        yield chunk, n
 
 
 def scan_result_of(
@@ -65,7 +88,9 @@ class Classifier:
     ):
         """``runtime`` defaults to Keras on ``model``; an exported graph's runtime is recorded
         in the artifact (result identity). ``model_path`` lets the Keras model be loaded on
-        first use (class-activation maps) when another runtime does the scoring."""
+        first use (class-activation maps) when another runtime does the scoring.
+        ``batch_size`` sets how far decoding runs ahead of the model, not the model's batches
+        (:data:`SCORING_BATCH_SIZE`), so it cannot change a result."""
         self._model = model
         self._model_path = model_path
         if runtime is None and model is not None:
@@ -90,6 +115,7 @@ class Classifier:
     ) -> Classifier:
         """Load a model folder for ``runtime`` (auto | keras | onnx | int8, see runtimes.py)."""
         path = Path(path) if path else default_model_path()
+        pin_keras_threads()  # before Keras loads the model and TensorFlow starts its pools
         if runtime == "keras":  # the common case: one read of the metadata
             model, artifact = load_model(path)
             return cls(model, artifact, **kwargs)
@@ -111,10 +137,11 @@ class Classifier:
     # -- slices -> probabilities ------------------------------------------------------------
 
     def predict_slices(self, slices: np.ndarray) -> np.ndarray:
-        """P(COVID) per slice for uint8 slices (N, S, S); batches of a fixed size.
+        """P(COVID) per slice for the uint8 slices (N, S, S) of ONE series, in order.
 
-        With Keras the last batch is padded to the batch size so that one compiled shape serves
-        every call; ONNX Runtime needs no padding.
+        Scored in :func:`fixed_batches` counted from the first slice given: callers pass a
+        series whole, or in parts that start at multiples of :data:`SCORING_BATCH_SIZE`, so
+        that each slice meets the same batch every time. Never mix series in one call.
         """
         slices = np.asarray(slices)
         if slices.ndim != 3:
@@ -126,16 +153,11 @@ class Classifier:
             )
         if self.runtime is None:
             raise ValueError("this Classifier has no model: it can prepare scans only")
-        out = np.empty(len(slices), np.float32)
-        for start in range(0, len(slices), self.batch_size):
-            chunk = slices[start : start + self.batch_size]
-            n = len(chunk)
-            if n < self.batch_size and self.runtime.pads_batches:
-                pad = np.zeros((self.batch_size - n, size, size), chunk.dtype)
-                chunk = np.concatenate([chunk, pad])
-            x = chunk[..., np.newaxis].astype(np.float32)
-            out[start : start + n] = self.runtime.predict(x)[:n]
-        return out
+        parts = [
+            self.runtime.predict(chunk[..., np.newaxis].astype(np.float32))[:n]
+            for chunk, n in fixed_batches(slices)
+        ]
+        return np.concatenate(parts) if parts else np.empty(0, np.float32)
 
     def class_activation_maps(self, slices: np.ndarray) -> np.ndarray:
         """CAM of the positive class per slice, (N, h, w) in [0, 1] on the feature grid.
@@ -149,12 +171,12 @@ class Classifier:
             self._cam_model = cam_model(self.model)
         kernel = np.asarray(self.model.get_layer("p_covid").kernel, np.float32)[:, 0]
         maps = []
-        for chunk in batches(np.asarray(slices), self.batch_size):
+        for chunk, n in fixed_batches(np.asarray(slices)):  # heatmap pixels: same rule as scores
             features, _ = self._cam_model(
                 [chunk[..., np.newaxis].astype(np.float32)], training=False
             )
             cam = np.tensordot(np.asarray(features, np.float32), kernel, axes=([-1], [0]))
-            maps.append(cam)
+            maps.append(cam[:n])
         cams = np.maximum(np.concatenate(maps), 0.0)
         peak = cams.reshape(len(cams), -1).max(axis=1)
         return cams / np.where(peak > 0, peak, 1.0)[:, None, None]
@@ -199,12 +221,16 @@ class Classifier:
     def _scored(
         self, windowed: Iterable[tuple[SliceRef, np.ndarray]], parts: list[np.ndarray]
     ) -> Iterator[tuple[SliceRef, np.ndarray]]:
-        """Pass slices through, scoring them batch by batch into ``parts`` on the way."""
+        """Pass slices through, scoring them batch by batch into ``parts`` on the way.
+
+        Parts start at multiples of :data:`SCORING_BATCH_SIZE`, so the model calls are those
+        of scoring the series whole (:meth:`predict_slices`).
+        """
         batch: list[np.ndarray] = []
         for ref, u8 in windowed:
             batch.append(u8)
             yield ref, u8
-            if len(batch) == self.batch_size:
+            if len(batch) == SCORING_BATCH_SIZE:
                 parts.append(self.predict_slices(np.stack(batch)))
                 batch = []
         if batch:

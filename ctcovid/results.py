@@ -23,7 +23,9 @@ class ModelInfo:
 class ScanResult:
     """One series, classified.
 
-    ``probability_covid`` is the mean of ``slice_probabilities``; ``label`` applies ``threshold``,
+    ``probability_covid`` is the mean of ``slice_probabilities`` stated at
+    ``ctcovid.scans.PROBABILITY_QUANTUM`` (``probability_covid_raw`` is the mean as computed, for
+    analysis only: nothing is derived from it); ``label`` applies ``threshold`` to the stated value,
     or is ``"indeterminate"`` when more than the ingest's ``max_lost_fraction`` of the slices
     were lost (the probability is still reported).
     ``sop_instance_uids`` lists the instances analysed, in the order of ``slice_probabilities``
@@ -55,6 +57,8 @@ class ScanResult:
     stack: dict[str, Any] | None = None
     # Every ingest setting of the model (IngestConfig.to_dict()): part of what shaped the result.
     ingest: dict[str, Any] = field(default_factory=dict)
+    # The unrounded mean: not stated in the SR, not part of its identity.
+    probability_covid_raw: float | None = None
 
     def to_json_dict(self) -> dict[str, Any]:
         d = asdict(self)

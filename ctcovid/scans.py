@@ -8,6 +8,11 @@ call these functions, so that a model is trained, validated and used on the same
 - :func:`prepare_scan` does that for a DICOM series and keeps what identifies each slice;
 - :func:`scan_probability` and :func:`scan_result` turn slice probabilities into the scan's
   probability, label and result; :func:`lost_slices` counts what the result did not see.
+
+Everything a result states derives from probabilities rounded to :data:`PROBABILITY_QUANTUM`
+(:func:`stated_probability`): the label, the SR's value, the key-slice ranking. Digits below
+it are noise of the arithmetic (thread count, CPU, runtime), not information; a result that
+differs only there is the same result, with the same SR identity.
 """
 
 from __future__ import annotations
@@ -24,6 +29,29 @@ from ctcovid.results import ModelInfo, ScanResult
 
 KEY_SLICES = 5  # slices named as key images in the result and the SR
 INDETERMINATE = "indeterminate"
+
+#: The precision at which probabilities are stated (JSON, SR, label, key slices): 0.001.
+PROBABILITY_DECIMALS = 3
+PROBABILITY_QUANTUM = 10.0**-PROBABILITY_DECIMALS
+
+
+def stated_probability(p: float) -> float:
+    """``p`` rounded to :data:`PROBABILITY_QUANTUM`, the value everything else derives from.
+
+    Python's ``round`` rounds the exact binary value half to even, so the same float always
+    states the same value.
+    """
+    return round(float(p), PROBABILITY_DECIMALS)
+
+
+def key_slice_order(slice_probabilities: np.ndarray | list[float]) -> list[int]:
+    """Slice indices ranked by stated (rounded) probability, highest first, ties by index.
+
+    Ranking rounded values keeps arithmetic noise from reordering slices that are equal at the
+    stated precision, and so from changing which slices the SR names.
+    """
+    stated = [stated_probability(p) for p in slice_probabilities]
+    return sorted(range(len(stated)), key=lambda i: (-stated[i], i))
 
 
 @dataclass
@@ -121,12 +149,17 @@ def scan_label(
     n_slices_lost: int,
     max_lost_fraction: float,
 ) -> str:
-    """The positive class at or above ``threshold``, else the negative one; ``indeterminate``
-    when more than ``max_lost_fraction`` of the slices were lost."""
+    """The positive class when the stated (rounded) ``p_scan`` is at or above ``threshold``,
+    else the negative one; ``indeterminate`` when more than ``max_lost_fraction`` of the slices
+    were lost.
+
+    The label follows the stated value, so a reader who compares the SR's probability with its
+    threshold always finds the label the SR gives.
+    """
     if n_slices_total and n_slices_lost / n_slices_total > max_lost_fraction:
         return INDETERMINATE
     positive, negative = classes
-    return positive if p_scan >= threshold else negative
+    return positive if stated_probability(p_scan) >= threshold else negative
 
 
 def scan_probability(slice_probabilities: np.ndarray) -> float:
@@ -149,8 +182,9 @@ def scan_result(
 ) -> ScanResult:
     """The scan-level result of a prepared series from its slice probabilities.
 
-    ``classes`` is ``(positive, negative)``; the label is the positive class when the scan
-    probability reaches ``threshold``.
+    ``classes`` is ``(positive, negative)``; the label is the positive class when the stated
+    scan probability reaches ``threshold``. ``probability_covid`` is the stated (rounded) mean,
+    ``probability_covid_raw`` the mean as computed.
     """
     probs = np.asarray(slice_probabilities, np.float64)
     used = prepared.used
@@ -159,8 +193,9 @@ def scan_result(
             f"{len(probs)} slice probabilities for {len(used)} slices of series "
             f"{prepared.series.series_instance_uid}."
         )
-    p_scan = scan_probability(probs)
-    order = np.argsort(-probs, kind="stable")[:KEY_SLICES]
+    p_raw = scan_probability(probs)
+    p_scan = stated_probability(p_raw)
+    order = key_slice_order(probs)[:KEY_SLICES]
     n_total, n_lost = lost_slices(prepared)
     label = scan_label(
         p_scan,
@@ -186,6 +221,7 @@ def scan_result(
         study_instance_uid=prepared.series.study_instance_uid,
         series_instance_uid=prepared.series.series_instance_uid,
         probability_covid=p_scan,
+        probability_covid_raw=p_raw,
         label=label,
         threshold=threshold,
         n_slices_total=n_total,
@@ -194,7 +230,7 @@ def scan_result(
         sop_instance_uids=list(used.sop_instance_uids),
         frame_numbers=list(used.frame_numbers),
         z_mm=[None if np.isnan(z) else float(z) for z in used.z_mm],  # type: ignore[misc]
-        key_slice_indices=[int(i) for i in order],
+        key_slice_indices=order,
         model=model,
         window_center_hu=ingest.window_center_hu,
         window_width_hu=ingest.window_width_hu,

@@ -89,7 +89,8 @@ def test_classify_json_has_the_contract_keys(studies_root, study_infos, tiny_mod
     ):
         assert key in data
     assert data["series_instance_uid"] == study_infos[0]["series_instance_uid"]
-    assert data["probability_covid"] == pytest.approx(np.mean(data["slice_probabilities"]))
+    assert data["probability_covid_raw"] == pytest.approx(np.mean(data["slice_probabilities"]))
+    assert data["probability_covid"] == round(data["probability_covid_raw"], 3)
     assert data["label"] == (
         "covid" if data["probability_covid"] >= data["threshold"] else "non-covid"
     )

@@ -37,6 +37,7 @@ from ctcovid.report import (
     write_png,
     write_sr,
 )
+from ctcovid.report.sr import key_slices
 from ctcovid.report.validate import iter_content
 from ctcovid.results import ModelInfo, ScanResult
 
@@ -1160,11 +1161,52 @@ def test_other_report_settings_give_new_sop_instances(
         "indeterminate": build_sr(result, series, indeterminate=True).SOPInstanceUID,
         "key_slice_count": build_sr(result, series, key_slice_count=1).SOPInstanceUID,
     }
+    assert len(set(uids.values())) == len(uids), uids
+
+
+def test_the_sr_uid_does_not_follow_the_package_version(
+    result: ScanResult, series: Series, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A release that states the same result states it under the same UID."""
     import ctcovid
 
+    base = build_sr(result, series).SOPInstanceUID
     monkeypatch.setattr(ctcovid, "__version__", "99.0.0")
-    uids["software_version"] = build_sr(result, series).SOPInstanceUID
-    assert len(set(uids.values())) == len(uids), uids
+    assert build_sr(result, series).SOPInstanceUID == base
+
+
+def test_the_sr_uid_changes_with_the_label(result: ScanResult, series: Series) -> None:
+    flipped = "non-covid" if result.label == "covid" else "covid"
+    assert (
+        build_sr(dataclasses.replace(result, label=flipped), series).SOPInstanceUID
+        != build_sr(result, series).SOPInstanceUID
+    )
+
+
+def test_digits_below_the_stated_precision_do_not_change_the_uid(
+    result: ScanResult, series: Series
+) -> None:
+    """Raw floats (slice probabilities, the unrounded mean) are not what the SR states."""
+    noisy = dataclasses.replace(
+        result,
+        slice_probabilities=[p + 1e-7 for p in result.slice_probabilities],
+        probability_covid_raw=result.probability_covid + 1e-7,
+    )
+    assert build_sr(noisy, series).SOPInstanceUID == build_sr(result, series).SOPInstanceUID
+
+
+def test_the_sr_states_the_probability_at_the_stated_precision(series: Series) -> None:
+    sr = build_sr(_result_for(series, probability_covid=0.98229694366455), series)
+    measured = _group_child(_roundtrip(sr), "122157", "DCM").MeasuredValueSequence[0]
+    assert str(measured.NumericValue) == "0.982"
+
+
+def test_sr_key_slices_rank_stated_probabilities_ties_by_index(series: Series) -> None:
+    """0.9004 and 0.9001 are both 0.900 when stated: the lower index comes first."""
+    result = _result_for(
+        series, slice_probabilities=[0.2, 0.9004, 0.9001, 0.95], key_slice_indices=[2, 1, 3]
+    )
+    assert key_slices(result, 3) == [3, 1, 2]
 
 
 def test_a_new_source_header_gives_a_new_sop_instance(tmp_path: Path) -> None:

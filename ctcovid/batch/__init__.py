@@ -8,7 +8,7 @@
 ``ray``) spreads the same work over a cluster; ``destinations.py`` also sends every SR on.
 """
 
-from ctcovid.batch.engine import BatchSink, SliceBatcher
+from ctcovid.batch.engine import BatchSink, SeriesScorer
 from ctcovid.batch.index import IndexSummary, SeriesEntry, build_index, iter_series
 from ctcovid.batch.job import ENGINES, run_batch
 from ctcovid.batch.options import BatchOptions
@@ -38,7 +38,7 @@ __all__ = [
     "ResultRow",
     "ResultsWriter",
     "SeriesEntry",
-    "SliceBatcher",
+    "SeriesScorer",
     "build_index",
     "iter_series",
     "read_results",

@@ -1,11 +1,11 @@
 """The engines of ``ctcovid batch``: what turns indexed series into rows and SRs.
 
 Each series is decoded by :class:`~ctcovid.decoder.Decoders` (memory-capped decoder processes
-that outlive the death of any of them); :class:`SliceBatcher` scores the slices of several
-series in shared batches; :class:`BatchSink` turns each series' probabilities into its result
-row and SR with the same ``Classifier`` and SR builder as ``ctcovid classify``. The one engine
-loop (:func:`run_local`) decodes in worker processes while this process feeds ONE classifier,
-fed by the folder index or by the PACS retriever (``sources.py``); the Ray engine
+that outlive the death of any of them); :class:`SeriesScorer` scores one whole series at a
+time, never two in one model call; :class:`BatchSink` turns each series' probabilities into its
+result row and SR with the same ``Classifier`` and SR builder as ``ctcovid classify``. The one
+engine loop (:func:`run_local`) decodes in worker processes while this process feeds ONE
+classifier, fed by the folder index or by the PACS retriever (``sources.py``); the Ray engine
 (``ray_engine.py``) is built from the same parts.
 """
 
@@ -134,61 +134,36 @@ class _Pending:
     entry: SeriesEntry
     prepared: PreparedScan
     probs: np.ndarray
-    scored: int = 0
     started: float = field(default_factory=time.perf_counter)
 
-    @property
-    def slices(self) -> np.ndarray:
-        return self.prepared.used.slices
 
+class SeriesScorer:
+    """Queues prepared series and scores them one whole series per step.
 
-class SliceBatcher:
-    """Queues prepared series and scores their slices in full batches that span series.
-
-    Only the last batch of a run is padded (inside ``Classifier.predict_slices``), so a series
-    of 10 slices does not cost a batch of 32.
+    A model call never holds slices of two series (``Classifier.predict_slices`` pads a
+    series' last batch instead): the series scored before and after one, and when the
+    retrieval of the next one lags, cannot change its numbers.
     """
 
     def __init__(self, classifier: Classifier):
         self.classifier = classifier
         self.queue: deque[_Pending] = deque()
-        self.n_queued = 0
 
     def add(self, entry: SeriesEntry, prepared: PreparedScan) -> None:
-        n = len(prepared.used)
-        self.queue.append(_Pending(entry, prepared, np.empty(n, np.float32)))
-        self.n_queued += n
+        self.queue.append(_Pending(entry, prepared, np.empty(0, np.float32)))
 
     @property
-    def full(self) -> bool:
-        return self.n_queued >= self.classifier.batch_size
+    def ready(self) -> bool:
+        """Whether a series waits to be scored."""
+        return bool(self.queue)
 
-    def step(self) -> list[_Pending]:
-        """Score one batch (at most ``batch_size`` slices); the series it completed."""
-        want = self.classifier.batch_size
-        parts: list[tuple[_Pending, int, int]] = []
-        taken = 0
-        for item in self.queue:
-            if taken >= want:
-                break
-            n = min(len(item.probs) - item.scored, want - taken)
-            parts.append((item, item.scored, n))
-            taken += n
-        if not parts:
-            return []
-        probs = self.classifier.predict_slices(
-            np.concatenate([item.slices[start : start + n] for item, start, n in parts])
-        )
-        offset = 0
-        for item, start, n in parts:
-            item.probs[start : start + n] = probs[offset : offset + n]
-            item.scored += n
-            offset += n
-        self.n_queued -= taken
-        finished = []
-        while self.queue and self.queue[0].scored == len(self.queue[0].probs):
-            finished.append(self.queue.popleft())
-        return finished
+    def step(self) -> _Pending | None:
+        """Score the series queued first; ``None`` when none waits."""
+        if not self.queue:
+            return None
+        item = self.queue.popleft()
+        item.probs = self.classifier.predict_slices(item.prepared.used.slices)
+        return item
 
 
 # -- the engine loop ----------------------------------------------------------------------------
@@ -240,21 +215,22 @@ def run_local(
 
     ``pool``, when given, is used and left open (a new one replaces it if a decoder dies).
     Decoder processes run under ``memory_mb`` MiB of address space; a series that kills its
-    decoder process fails alone (its row says why) and the run goes on. When the next series
-    is not there yet (a PACS still retrieving it), the classifier scores what it has (a partial
-    batch) rather than wait with slices queued.
+    decoder process fails alone (its row says why) and the run goes on. Each series is scored
+    whole and alone (:class:`SeriesScorer`), so neither its neighbours nor a PACS that lags can
+    change its numbers.
     """
     feed = entries if isinstance(entries, Feed) else _Listed(entries)
-    batcher = SliceBatcher(classifier)
+    scorer = SeriesScorer(classifier)
 
     def take(decoded: Decoded) -> None:
         if decoded.prepared is None:
             sink.failed(decoded.job, decoded.error)
         else:
-            batcher.add(decoded.job, decoded.prepared)
+            scorer.add(decoded.job, decoded.prepared)
 
     def score_one() -> None:
-        for item in batcher.step():
+        item = scorer.step()
+        if item is not None:
             sink.classified(
                 item.entry, item.prepared, item.probs, time.perf_counter() - item.started
             )
@@ -276,16 +252,14 @@ def run_local(
                 if item is None:
                     break
                 route(item)
-            if batcher.full:
+            if scorer.ready:
                 score_one()
             elif decoders.busy:
                 for decoded in decoders.collect(timeout=0.1):
                     take(decoded)
-            elif batcher.n_queued:
-                score_one()  # nothing to decode and nothing arrived: do not idle
             elif not feed.exhausted:
                 item = feed.get(timeout=0.5)
                 if item is not None:
                     route(item)
-    while batcher.n_queued:
+    while scorer.ready:
         score_one()

@@ -1,10 +1,10 @@
 """The Ray engine of ``ctcovid batch``: the local engine's work expressed with Ray Data.
 
-Series list -> decode and preprocess tasks on CPUs (one row per selected slice) -> ``map_batches``
+Series list -> decode and preprocess tasks on CPUs (one row per series) -> ``map_batches``
 inference on a pool of classifier actors (one per GPU when the cluster has GPUs, else one on a
-CPU), whose batches mix slices of several series -> the driver collects the probabilities of each
-series and writes its result row and SR through the same :class:`~ctcovid.batch.engine.BatchSink`
-as the local engine. Needs the optional extra ``ray`` (``pip install 'ctcovid[ray]'``); on a
+CPU), each scoring one whole series at a time, never two in one model call -> the driver writes
+each series' result row and SR through the same :class:`~ctcovid.batch.engine.BatchSink` as the
+local engine. Needs the optional extra ``ray`` (``pip install 'ctcovid[ray]'``); on a
 cluster every node needs ctcovid installed and the archive, the model and the output folder's
 parent on shared storage at the same paths.
 """
@@ -46,45 +46,29 @@ def import_ray() -> Any:
     return ray
 
 
-def decode_rows(row: dict[str, Any], artifact: ModelArtifact) -> list[dict[str, Any]]:
-    """Ray task: one indexed series -> one row per slice the model will see.
+def decode_row(row: dict[str, Any], artifact: ModelArtifact) -> dict[str, Any]:
+    """Ray task: one indexed series -> one row with its model slices and its prepared scan.
 
-    The first row carries the prepared scan without pixels (what the driver needs for the result
-    and the SR); a series that cannot be prepared becomes one row with ``k = -1`` and the reason.
+    ``meta`` is the prepared scan without pixels (what the driver needs for the result and the
+    SR), ``slices`` the pixels the scorer needs; a series that cannot be prepared comes back
+    with the reason in ``error``.
     """
     entry: SeriesEntry = pickle.loads(row["entry"])
     decoded = decode_series(entry, entry.where, artifact.ingest_config)
-    size = artifact.model_config.input_size
     if decoded.prepared is None:
-        return [
-            {
-                "idx": row["idx"],
-                "k": -1,
-                "n": 0,
-                "slice": np.zeros((size, size), np.uint8),
-                "meta": pickle.dumps(decoded),
-                "error": decoded.error,
-            }
-        ]
+        return {"idx": row["idx"], "slices": b"", "meta": b"", "error": decoded.error}
     used = decoded.prepared.used
-    slices = used.slices
-    decoded.prepared.used = dataclasses.replace(used, slices=slices[:0])
-    meta = pickle.dumps(decoded)
-    return [
-        {
-            "idx": row["idx"],
-            "k": k,
-            "n": len(slices),
-            "slice": slices[k],
-            "meta": meta if k == 0 else b"",
-            "error": "",
-        }
-        for k in range(len(slices))
-    ]
+    decoded.prepared.used = dataclasses.replace(used, slices=used.slices[:0])
+    return {
+        "idx": row["idx"],
+        "slices": pickle.dumps(used.slices),
+        "meta": pickle.dumps(decoded),
+        "error": "",
+    }
 
 
-class SliceScorer:
-    """Ray actor: the model, loaded once, scoring batches of slices from any series."""
+class SeriesScorer:
+    """Ray actor: the model, loaded once, scoring each row's series whole and alone."""
 
     def __init__(self, model_path: str, batch_size: int, runtime: str = "keras"):
         from ctcovid.inference import Classifier
@@ -92,17 +76,14 @@ class SliceScorer:
         self.classifier = Classifier.from_file(model_path, batch_size=batch_size, runtime=runtime)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        k = np.asarray(batch["k"])
-        probs = np.full(len(k), np.nan, np.float32)
-        ok = k >= 0
-        if ok.any():
-            probs[ok] = self.classifier.predict_slices(np.stack(list(batch["slice"][ok])))
+        probs = [
+            b"" if error else pickle.dumps(self.classifier.predict_slices(pickle.loads(slices)))
+            for slices, error in zip(batch["slices"], batch["error"], strict=True)
+        ]
         # The pixels stay here: the driver needs only the probabilities.
         return {
             "idx": batch["idx"],
-            "k": k,
-            "n": batch["n"],
-            "prob": probs,
+            "probs": np.array(probs, dtype=object),
             "meta": batch["meta"],
             "error": batch["error"],
         }
@@ -150,57 +131,38 @@ def run_ray(
     items = [{"idx": i, "entry": pickle.dumps(e)} for i, e in enumerate(entries)]
     ds = (
         ray.data.from_items(items, override_num_blocks=max(1, len(items)))
-        .flat_map(decode_rows, fn_kwargs={"artifact": artifact}, num_cpus=1)
+        .map(decode_row, fn_kwargs={"artifact": artifact}, num_cpus=1)
         .map_batches(
-            SliceScorer,
+            SeriesScorer,
             fn_constructor_kwargs={
                 "model_path": str(options.model_path),
                 "batch_size": options.batch_size,
                 "runtime": artifact.runtime,
             },
-            batch_size=options.batch_size,
+            batch_size=1,
             batch_format="numpy",
             compute=ActorPoolStrategy(size=n_scorers),
             num_gpus=1 if n_gpus else 0,
             num_cpus=0 if n_gpus else 1,
         )
     )
-    started: dict[int, float] = {}
-    probs: dict[int, np.ndarray] = {}
-    counts: dict[int, int] = {}
-    metas: dict[int, Decoded] = {}
+    started = time.perf_counter()
+    done: set[int] = set()
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        for idx, k, n, prob, meta, error in zip(
-            batch["idx"],
-            batch["k"],
-            batch["n"],
-            batch["prob"],
-            batch["meta"],
-            batch["error"],
-            strict=True,
+        for idx, probs, meta, error in zip(
+            batch["idx"], batch["probs"], batch["meta"], batch["error"], strict=True
         ):
-            idx, k, n = int(idx), int(k), int(n)
-            started.setdefault(idx, time.perf_counter())
-            if k < 0:
+            idx = int(idx)
+            done.add(idx)
+            if error:
                 sink.failed(entries[idx], str(error))
                 continue
-            if idx not in probs:
-                probs[idx] = np.empty(n, np.float32)
-                counts[idx] = 0
-            probs[idx][k] = prob
-            counts[idx] += 1
-            if k == 0:
-                metas[idx] = pickle.loads(meta)
-            if counts[idx] == n and idx in metas:
-                decoded = metas.pop(idx)
-                assert decoded.prepared is not None
-                sink.classified(
-                    entries[idx],
-                    decoded.prepared,
-                    probs.pop(idx),
-                    time.perf_counter() - started.pop(idx),
-                )
-                del counts[idx]
-    if probs:
-        missing = ", ".join(entries[i].series_instance_uid for i in probs)
-        raise RuntimeError(f"Ray returned incomplete slice scores for series {missing}")
+            decoded: Decoded = pickle.loads(meta)
+            assert decoded.prepared is not None
+            sink.classified(
+                entries[idx], decoded.prepared, pickle.loads(probs), time.perf_counter() - started
+            )
+            started = time.perf_counter()
+    missing = [e.series_instance_uid for i, e in enumerate(entries) if i not in done]
+    if missing:
+        raise RuntimeError(f"Ray returned no scores for series {', '.join(missing)}")

@@ -145,7 +145,13 @@ def batch(
             "Default: a local Ray instance."
         ),
     ] = None,
-    batch_size: Annotated[int, typer.Option(min=1, help="Slices per model batch.")] = 32,
+    batch_size: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Kept for compatibility: series are scored in fixed batches of their own.",
+        ),
+    ] = 32,
     decoder_memory_mb: Annotated[
         int,
         typer.Option(

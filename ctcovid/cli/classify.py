@@ -37,7 +37,10 @@ def classify(
         bool,
         typer.Option(help="With --heatmaps, also write them as a DICOM Secondary Capture series."),
     ] = False,
-    batch_size: Annotated[int, typer.Option(help="Slices per model batch.")] = 32,
+    batch_size: Annotated[
+        int,
+        typer.Option(help="Slices decoded ahead of the model; results do not depend on it."),
+    ] = 32,
     runtime: Annotated[
         Runtime,
         typer.Option(

@@ -8,11 +8,16 @@ sha256 and the weights they came from.
 ``auto`` picks, among the runtimes whose graph the folder holds, the first of :data:`AUTO_ORDER`:
 ``int8`` (a calibrated graph that passed the accuracy gate at export), then ``onnx`` (fp32), then
 ``keras``. Without ONNX Runtime installed ``auto`` falls back to Keras and says so in the log.
+
+Threads are pinned (:func:`scoring_threads`): a runtime that splits a reduction among another
+number of threads may sum in another order, and the last bits of a probability would follow the
+load of the machine or a setting instead of the slice.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -31,13 +36,47 @@ GRAPH_FILES = {"onnx": "model.onnx", "int8": "model.int8.onnx"}
 INSTALL_HINT = "install the ONNX extra: pip install 'ctcovid[onnx]'"
 
 
+def scoring_threads() -> int:
+    """Intra-op threads of every runtime: the machine's CPU count, whatever process asks.
+
+    Not the process's affinity or a share of the batch workers: those differ between the node,
+    batch and classify on one machine, and the numbers must not.
+    """
+    return os.cpu_count() or 1
+
+
+def pin_keras_threads(threads: int | None = None) -> None:
+    """Pin TensorFlow's intra-op threads (Keras on the TensorFlow backend) before it starts.
+
+    TensorFlow fixes its thread pools when it first runs; once started they cannot change, and
+    a warning says so when they differ. Other Keras backends are left as they are.
+    """
+    import keras
+
+    if keras.backend.backend() != "tensorflow":
+        return
+    import tensorflow as tf
+
+    threads = threads or scoring_threads()
+    current = tf.config.threading.get_intra_op_parallelism_threads()
+    if current == threads:
+        return
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+    except RuntimeError:
+        logger.warning(
+            "TensorFlow started with %d intra-op thread(s) (0: its default) before ctcovid could "
+            "pin %d; scores stay reproducible within this process only",
+            current,
+            threads,
+        )
+
+
 class Runtime(Protocol):
     """What ``Classifier.predict_slices`` needs from an inference engine."""
 
     name: str
     graph_sha256: str
-    # Keras compiles one function per batch shape: a padded last batch reuses it.
-    pads_batches: bool
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         """P(COVID) per slice, shape (N,), for float32 slices (N, S, S, 1)."""
@@ -49,7 +88,6 @@ class KerasRuntime:
 
     name = "keras"
     graph_sha256 = ""
-    pads_batches = True
 
     def __init__(self, model: Any) -> None:
         self.model = model
@@ -59,16 +97,15 @@ class KerasRuntime:
 
 
 class OnnxRuntime:
-    """An exported graph on ONNX Runtime's CPU execution provider."""
-
-    pads_batches = False
+    """An exported graph on ONNX Runtime's CPU execution provider, on pinned threads."""
 
     def __init__(self, path: Path, name: str, graph_sha256: str, threads: int | None = None):
         ort = import_onnxruntime(name)
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if threads:
-            options.intra_op_num_threads = threads
+        options.intra_op_num_threads = threads or scoring_threads()
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.log_severity_level = 3
         try:
             self.session = ort.InferenceSession(

@@ -148,8 +148,8 @@ def build_heatmap_secondary_captures(
     result
         The result the heatmaps explain.
     revision
-        As for ``build_sr``. Each image's SOP Instance UID derives from the result's content,
-        the ctcovid version, the revision, its slice, its pixels and the source header.
+        As for ``build_sr``. Each image's SOP Instance UID derives from what the result states,
+        the revision, its slice, its pixels and the source header.
     slice_indices
         For each overlay, its index into the result's per-slice lists; by default
         ``result.key_slice_indices`` in their order.

@@ -37,7 +37,7 @@ from ctcovid.report.header import (
 from ctcovid.report.uids import sr_uids, tracking_uid
 from ctcovid.report.validate import validate_sr
 from ctcovid.results import ScanResult
-from ctcovid.scans import KEY_SLICES
+from ctcovid.scans import KEY_SLICES, key_slice_order, stated_probability
 
 logger = logging.getLogger(__name__)
 
@@ -67,8 +67,8 @@ def build_sr(
         (copied in full), the character set, the time zone and the requests.
     revision
         1 for the first report of this series, 2, 3, ... for revised ones (for example after
-        late instances arrived). Part of the SOP Instance UID, which also derives from the
-        result's content, the ctcovid version and the source header (``ctcovid.report.uids``):
+        late instances arrived). Part of the SOP Instance UID, which also derives from what the
+        result states and the source header (``ctcovid.report.uids``), not the ctcovid version:
         building the same report twice gives the same SOP instance, any change a new one.
     predecessor_sop_instance_uid, predecessor_series_instance_uid
         The SR this one replaces, as it was sent (PS3.3 C.17.2.3): required when
@@ -301,12 +301,11 @@ def evaluation_value(result: ScanResult, indeterminate: bool) -> hd.sr.CodedConc
 
 
 def key_slices(result: ScanResult, count: int) -> list[int]:
-    """The first ``count`` key slice indices, highest slice probability first."""
-    ranked = sorted(
-        dict.fromkeys(result.key_slice_indices),
-        key=lambda i: -result.slice_probabilities[i],
-    )
-    return ranked[:count]
+    """The first ``count`` key slice indices, highest stated slice probability first, ties by
+    slice index (:func:`ctcovid.scans.key_slice_order`)."""
+    named = set(result.key_slice_indices)
+    ranked = key_slice_order(result.slice_probabilities)
+    return [i for i in ranked if i in named][:count]
 
 
 def _key_slice_references(
@@ -335,7 +334,7 @@ def _measurement_group(
 ) -> hd.sr.MeasurementsAndQualitativeEvaluations:
     probability = hd.sr.Measurement(
         name=codes.PROBABILITY,
-        value=float(result.probability_covid),
+        value=stated_probability(result.probability_covid),
         unit=codes.UNIT_NO_UNITS,
     )
     evaluation = hd.sr.QualitativeEvaluation(

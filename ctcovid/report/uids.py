@@ -4,11 +4,13 @@ PACS keep the first copy of a SOP Instance UID (PS3.3 C.12.1.1.1, PS3.5 9), so t
 mean the same content and any change of content must get a new UID. Every UID is therefore
 derived, never drawn at random:
 
-- a **SOP Instance UID** (SR or heatmap Secondary Capture) from everything that shapes the
-  instance: the whole result (``ScanResult.to_json_dict()`` as canonical JSON: evidence UIDs,
-  probabilities, slice counts, threshold, label, window, slice policy, model and device UID, and
-  any field added later) except the keys in ``NON_CONTENT_KEYS``, the ctcovid version, the
-  revision, the report's own options and a fingerprint of the source header it copies. A resend
+- a **SOP Instance UID** (SR or heatmap Secondary Capture) from what the instance states: the
+  result as canonical JSON (``ScanResult.to_json_dict()``: evidence UIDs, the probability at its
+  stated precision, slice counts, threshold, label, key slices, window, slice policy, ingest
+  settings, model name, version, device UID and runtime, and any field added later) without the
+  keys in ``NON_CONTENT_KEYS`` (raw floats, timings, notes), :data:`REPORT_SCHEMA_VERSION`, the
+  revision, the report's own options and a fingerprint of the source header it copies. Not the
+  ctcovid version: a release that states the same thing states it with the same UID. A resend
   of the same result is harmless; a corrected result is a new instance.
 - a **Series Instance UID** from the source study and series and the model's device UID only, so
   that every revision of one result sits in one series;
@@ -26,16 +28,23 @@ from typing import Any
 
 from pydicom.dataset import Dataset
 
-import ctcovid
 from ctcovid.results import ScanResult
+from ctcovid.scans import PROBABILITY_DECIMALS, stated_probability
 
 # The UUID-derived root of PS3.5 B.2: "2.25." followed by a 128-bit integer in decimal.
 _ROOT = "2.25."
 _SEPARATOR = "\x1f"  # cannot occur in a UID or a version string, so parts never run together
 
-#: Result keys that do not shape the report: how long it took, and free-text notes for people
-#: (they name files, whose names differ between the node, batch and classify).
-NON_CONTENT_KEYS = frozenset({"seconds", "warnings"})
+#: The layout of what the report states. Bump it when the same result comes to be stated
+#: differently (a new content item, another precision), never for a release that does not.
+REPORT_SCHEMA_VERSION = "1"
+
+#: Result keys that the report does not state: how long it took, free-text notes for people
+#: (they name files, whose names differ between the node, batch and classify), and the raw
+#: floats below the stated precision (they move with thread counts, CPUs and runtimes).
+NON_CONTENT_KEYS = frozenset(
+    {"seconds", "warnings", "slice_probabilities", "probability_covid_raw"}
+)
 
 
 def derive_uid(*parts: str) -> str:
@@ -68,13 +77,16 @@ def _jsonable(value: Any) -> Any:
 
 
 def result_fingerprint(result: ScanResult) -> str:
-    """SHA-256 (hex) of the result's content: its JSON without ``NON_CONTENT_KEYS``.
+    """SHA-256 (hex) of what the result states: its JSON without ``NON_CONTENT_KEYS``, the
+    probability as its stated text, and :data:`REPORT_SCHEMA_VERSION`.
 
-    Canonical JSON (sorted keys, no spaces, exact float text), so the same result always gives
-    the same fingerprint and fields added to ``ScanResult`` later take part without a change
-    here.
+    Canonical JSON (sorted keys, no spaces), so the same result always gives the same
+    fingerprint and fields added to ``ScanResult`` later take part without a change here.
     """
     content = {k: v for k, v in result.to_json_dict().items() if k not in NON_CONTENT_KEYS}
+    stated = stated_probability(result.probability_covid)
+    content["probability_covid"] = f"{stated:.{PROBABILITY_DECIMALS}f}"
+    content["report_schema_version"] = REPORT_SCHEMA_VERSION
     text = json.dumps(content, sort_keys=True, separators=(",", ":"), default=_jsonable)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
@@ -111,7 +123,7 @@ def sr_series_uid(study_instance_uid: str, series_instance_uid: str, device_uid:
 
 
 def sr_sop_instance_uid(result: ScanResult, revision: int, *, context: Iterable[str] = ()) -> str:
-    """The SR's SOP Instance UID: result content, ctcovid version, revision and ``context``.
+    """The SR's SOP Instance UID: what the result states, the revision and ``context``.
 
     ``context`` carries what else shapes the document (report options, the source header's
     fingerprint); callers pass the same texts for the same document.
@@ -119,7 +131,6 @@ def sr_sop_instance_uid(result: ScanResult, revision: int, *, context: Iterable[
     _check_revision(revision)
     return derive_uid(
         "ctcovid-sr",
-        ctcovid.__version__,
         str(revision),
         result_fingerprint(result),
         *context,
@@ -152,7 +163,7 @@ def heatmap_uids(
     """Return the Secondary Capture series UID and one SOP Instance UID per heatmap.
 
     The series depends on the source series and the model only; each instance on the result's
-    content, the ctcovid version, the revision, its slice, its pixels (``pixel_digests``, one
+    content, the revision, its slice, its pixels (``pixel_digests``, one
     per slice) and ``context``.
     """
     _check_revision(revision)
@@ -171,7 +182,6 @@ def heatmap_uids(
     sop_uids = [
         derive_uid(
             "ctcovid-heatmap",
-            ctcovid.__version__,
             str(revision),
             fingerprint,
             str(index),

@@ -18,6 +18,7 @@ from pydicom.uid import Comprehensive3DSRStorage
 from ctcovid.errors import ReportError
 from ctcovid.report import codes
 from ctcovid.results import ScanResult
+from ctcovid.scans import stated_probability
 
 _EVALUATIONS = {
     codes.PRESENT.value: "present",
@@ -156,7 +157,7 @@ def validate_sr(ds: Dataset, result: ScanResult | None = None) -> None:
     one measurement group with the COVID-19 finding, its qualitative evaluation and a
     probability in [0, 1], image references that are all in the evidence, and an algorithm
     Contributing Equipment item with a Device UID. With ``result``: same study, evidence equal
-    to the analysed instances, the same probability and device UID.
+    to the analysed instances, the same stated probability and device UID.
 
     Raises
     ------
@@ -231,12 +232,11 @@ def _problems(ds: Dataset, result: ScanResult | None) -> list[str]:
             )
         if len(evidence) != len(set(evidence)):
             problems.append("the evidence lists an instance more than once")
+        stated = stated_probability(result.probability_covid)
         if probability is not None and not math.isclose(
-            probability, result.probability_covid, abs_tol=_PROBABILITY_TOLERANCE
+            probability, stated, abs_tol=_PROBABILITY_TOLERANCE
         ):
-            problems.append(
-                f"Probability {probability} differs from the result's {result.probability_covid}"
-            )
+            problems.append(f"Probability {probability} differs from the result's stated {stated}")
         if summary["device_uid"] is not None and summary["device_uid"] != result.model.device_uid:
             problems.append(
                 f"algorithm DeviceUID {summary['device_uid']} differs from the model's "
