@@ -20,6 +20,7 @@ from typer.testing import CliRunner
 from ctcovid.batch import (
     CLASSIFIED,
     FAILED,
+    INCOMPLETE,
     SKIPPED,
     BatchOptions,
     ResultRow,
@@ -181,7 +182,8 @@ def test_batch_gives_the_numbers_of_classify(archive: dict, local_run: tuple,
 def test_summary_counts_statuses(local_run: tuple) -> None:
     out, summary = local_run
     on_disk = json.loads((out / "summary.json").read_text())
-    assert on_disk["counts"] == summary["counts"] == {CLASSIFIED: 2, SKIPPED: 3, FAILED: 1}
+    expected = {CLASSIFIED: 2, SKIPPED: 3, FAILED: 1, INCOMPLETE: 0}
+    assert on_disk["counts"] == summary["counts"] == expected
     assert on_disk["this_run"]["slices_classified"] == 2 * N_SLICES
 
 
@@ -375,7 +377,7 @@ def test_a_bomb_fails_its_series_alone_and_resume_does_not_retry_it(
     bomb = rows[bomb_archive["bomb"]]
     assert bomb.status == FAILED
     assert "allocate" in bomb.reason or "memory" in bomb.reason
-    assert summary["counts"] == {CLASSIFIED: 1, SKIPPED: 0, FAILED: 1}
+    assert summary["counts"] == {CLASSIFIED: 1, SKIPPED: 0, FAILED: 1, INCOMPLETE: 0}
     assert again["this_run"]["series"] == 0  # a failed row is final: --resume moves on
 
 

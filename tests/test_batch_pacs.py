@@ -17,7 +17,15 @@ import pytest
 from node_helpers import Orthanc, free_port, require_tool
 from typer.testing import CliRunner
 
-from ctcovid.batch import CLASSIFIED, FAILED, SKIPPED, BatchOptions, read_results, run_batch
+from ctcovid.batch import (
+    CLASSIFIED,
+    FAILED,
+    INCOMPLETE,
+    SKIPPED,
+    BatchOptions,
+    read_results,
+    run_batch,
+)
 from ctcovid.batch.results import RESULTS_FILE
 from ctcovid.batch.sources import PacsSource
 from ctcovid.cli.main import app
@@ -227,7 +235,7 @@ def test_dimse_batch_gives_the_rows_and_sr_uids_of_a_folder_batch(dimse_run: tup
                                                                   folder_rows: dict) -> None:
     out, summary = dimse_run
     assert_same_rows(rows_of(out), folder_rows)
-    assert summary["counts"] == {CLASSIFIED: 2, SKIPPED: 3, FAILED: 0}
+    assert summary["counts"] == {CLASSIFIED: 2, SKIPPED: 3, FAILED: 0, INCOMPLETE: 0}
 
 
 def test_query_records_non_ct_localizer_and_unusable_series_with_reasons(

@@ -17,7 +17,13 @@ from ctcovid.batch.results import CLASSIFIED, RESULTS_FILE, read_results
 from ctcovid.dicom.series import load_series
 from ctcovid.inference import SCORING_BATCH_SIZE, Classifier
 from ctcovid.report import build_sr
-from ctcovid.scans import PROBABILITY_QUANTUM, key_slice_order, scan_label, stated_probability
+from ctcovid.scans import (
+    PROBABILITY_QUANTUM,
+    key_slice_order,
+    prepare_scan,
+    scan_label,
+    stated_probability,
+)
 
 SIZE = 64
 # More slices than one scoring batch, and not a multiple of it: the last batch is padded.
@@ -91,7 +97,8 @@ def test_a_slice_scores_the_same_alone_and_amid_other_series(
     """What shares a model call with a series is its own slices and blank padding only."""
     classifier = Classifier.from_file(tiny_model_dir)
     ct_dir = sorted({p.parent for p in archive.rglob("*.dcm")})[0]
-    slices = classifier.prepare(load_series(ct_dir, classifier.ingest_config)).used.slices
+    config = classifier.ingest_config
+    slices = prepare_scan(load_series(ct_dir, config), config).used.slices
     whole = classifier.predict_slices(slices)
     head = classifier.predict_slices(slices[:SCORING_BATCH_SIZE])
     assert whole.tobytes()[: head.nbytes] == head.tobytes()
