@@ -742,3 +742,21 @@ def test_enhanced_ct_with_fewer_per_frame_items_than_frames_is_refused_naming_th
 
     assert "PerFrameFunctionalGroupsSequence (5200,9230) has 1 item(s)" in str(refused.value)
     assert "frame 3 of 3" in str(refused.value)
+
+
+def test_slices_that_arrived_lossy_compressed_are_reported_in_the_warnings(tmp_path):
+    """A PACS may hand over a series recompressed with loss (JPEG 2000 irreversible here): it
+    is still classified, and the result says how many instances came that way."""
+    from pydicom.uid import JPEG2000
+
+    info = write(tmp_path, n_slices=6)
+    for path in info.paths[:2]:
+        ds = pydicom.dcmread(path)
+        ds.compress(JPEG2000, j2k_cr=[10])
+        ds.save_as(path)
+    series = load_series(info.ct_dir, CONFIG)
+    assert series.usable
+    lossy = [w for w in series.warnings if "lossy transfer syntax" in w]
+    assert len(lossy) == 1 and "2 of 6 instance(s)" in lossy[0] and "JPEG 2000" in lossy[0]
+    lossless = load_series(write(tmp_path / "other", n_slices=6).ct_dir, CONFIG)
+    assert not any("lossy" in w for w in lossless.warnings)

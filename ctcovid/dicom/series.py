@@ -7,6 +7,8 @@ import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from pydicom.uid import UID
+
 from ctcovid.config import IngestConfig
 from ctcovid.dicom.scan import ScanReport, iter_files, scan_files
 from ctcovid.dicom.stacks import (
@@ -18,6 +20,7 @@ from ctcovid.dicom.stacks import (
     slice_normal,
     split_stacks,
 )
+from ctcovid.dicom.syntaxes import LOSSY_TRANSFER_SYNTAXES
 from ctcovid.dicom.types import CT_STORAGE_CLASSES, Instance, Series
 from ctcovid.errors import InvalidInputError
 
@@ -96,6 +99,14 @@ def assess(series: Series, config: IngestConfig) -> Series:
     series.reason = chosen.reason
     series.usable = not series.reason
     series.warnings.extend(chosen.warnings)
+    lossy = sorted({i.transfer_syntax_uid for i in chosen.instances} & LOSSY_TRANSFER_SYNTAXES)
+    if lossy:
+        n_lossy = sum(i.transfer_syntax_uid in LOSSY_TRANSFER_SYNTAXES for i in chosen.instances)
+        series.warnings.append(
+            f"{name}: {n_lossy} of {len(chosen.instances)} instance(s) arrived in a lossy "
+            f"transfer syntax ({', '.join(UID(u).name for u in lossy)}): the pixels may differ "
+            "from the scanner's"
+        )
     if chosen.dropped:
         series.warnings.append(
             f"{name}: {len(chosen.dropped)} instance(s) ({chosen.n_slices_dropped} slice(s)) "

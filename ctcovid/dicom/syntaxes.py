@@ -41,6 +41,13 @@ VERIFIED_TRANSFER_SYNTAXES = NATIVE_TRANSFER_SYNTAXES | {
 }
 
 
+# Syntaxes whose pixel data may have lost information (PS3.5 8.2; JPEG 2000 "Lossy or
+# Lossless" is counted as lossy: nothing in the syntax says which it was).
+LOSSY_TRANSFER_SYNTAXES = frozenset(
+    {JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLSNearLossless, JPEG2000}
+)
+
+
 def _decodable() -> frozenset[UID]:
     out = set()
     for uid in VERIFIED_TRANSFER_SYNTAXES:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from pydicom.uid import CTImageStorage, EnhancedCTImageStorage
 
 from ctcovid.dicom import DECODABLE_TRANSFER_SYNTAXES
+from ctcovid.dicom.syntaxes import LOSSY_TRANSFER_SYNTAXES
 
 STATUS_SUCCESS = 0x0000
 STATUS_OUT_OF_RESOURCES = 0xA700
@@ -45,16 +46,6 @@ TRANSFER_SYNTAXES = [
     *(uid for uid in _PREFERRED_ORDER if uid in DECODABLE_TRANSFER_SYNTAXES),
     *sorted(set(DECODABLE_TRANSFER_SYNTAXES) - set(_PREFERRED_ORDER)),
 ]
-# Syntaxes whose pixel data may have lost information (PS3.5 8.2; JPEG 2000 "Lossy or
-# Lossless" is counted as lossy: nothing in the syntax says which it was).
-LOSSY_TRANSFER_SYNTAXES = frozenset(
-    {
-        "1.2.840.10008.1.2.4.50",
-        "1.2.840.10008.1.2.4.51",
-        "1.2.840.10008.1.2.4.81",
-        "1.2.840.10008.1.2.4.91",
-    }
-)
 LOSSLESS_TRANSFER_SYNTAXES = [
     uid for uid in TRANSFER_SYNTAXES if uid not in LOSSY_TRANSFER_SYNTAXES
 ]
