@@ -45,9 +45,18 @@ def archive(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def _classify(model_dir: Path, archive: Path, batch_size: int) -> dict[str, tuple[dict, str]]:
-    """Per series: the result's JSON probabilities and the SR's SOP Instance UID."""
-    classifier = Classifier.from_file(model_dir, batch_size=batch_size)
+@pytest.fixture(scope="module")
+def classifier(tiny_model_dir: Path) -> Classifier:
+    """The tiny model, loaded once: loading is most of a small run's time."""
+    return Classifier.from_file(tiny_model_dir)
+
+
+def _classify(
+    classifier: Classifier, archive: Path, batch_size: int
+) -> dict[str, tuple[dict, str]]:
+    """Per series: the result's JSON probabilities and the SR's SOP Instance UID, with the
+    classifier's ``batch_size`` set as ``--batch-size`` would set it."""
+    classifier.batch_size = batch_size
     out = {}
     for ct_dir in sorted({p.parent for p in archive.rglob("*.dcm")}):
         series = load_series(ct_dir, classifier.ingest_config)
@@ -64,23 +73,24 @@ def test_the_series_are_longer_than_one_scoring_batch() -> None:
 
 
 def test_classify_gives_the_same_bytes_and_sr_at_batch_sizes_1_7_and_32(
-    tiny_model_dir: Path, archive: Path
+    classifier: Classifier, archive: Path
 ) -> None:
-    runs = {size: _classify(tiny_model_dir, archive, size) for size in (1, 7, 32)}
+    runs = {size: _classify(classifier, archive, size) for size in (1, 7, 32)}
     assert len(runs[32]) == len(N_SLICES)
     assert runs[1] == runs[32]
     assert runs[7] == runs[32]
 
 
 def test_batch_with_1_and_2_workers_and_any_batch_size_matches_classify(
-    tiny_model_dir: Path, archive: Path, tmp_path: Path
+    classifier: Classifier, tiny_model_dir: Path, archive: Path, tmp_path: Path
 ) -> None:
-    expected = _classify(tiny_model_dir, archive, 32)
-    for workers, batch_size in ((1, 7), (2, 32), (2, 1)):
+    expected = _classify(classifier, archive, 32)
+    for workers, batch_size in ((1, 7), (2, 32)):
         out = tmp_path / f"w{workers}b{batch_size}"
+        classifier.batch_size = batch_size
         run_batch(
             BatchOptions(archive, out, tiny_model_dir, workers=workers, batch_size=batch_size),
-            classifier=Classifier.from_file(tiny_model_dir, batch_size=batch_size),
+            classifier=classifier,
         )
         rows = [r for r in read_results(out / RESULTS_FILE) if r.status == CLASSIFIED]
         assert len(rows) == len(expected)
@@ -92,10 +102,9 @@ def test_batch_with_1_and_2_workers_and_any_batch_size_matches_classify(
 
 
 def test_a_slice_scores_the_same_alone_and_amid_other_series(
-    tiny_model_dir: Path, archive: Path
+    classifier: Classifier, archive: Path
 ) -> None:
     """What shares a model call with a series is its own slices and blank padding only."""
-    classifier = Classifier.from_file(tiny_model_dir)
     ct_dir = sorted({p.parent for p in archive.rglob("*.dcm")})[0]
     config = classifier.ingest_config
     slices = prepare_scan(load_series(ct_dir, config), config).used.slices
