@@ -319,7 +319,17 @@ def test_batch_from_pacs_queries_over_tls_with_the_tls_options(tmp_path: Path) -
 # -- the batch over such a PACS: a row per series, and the run finishes -----------------------
 
 
-def _batch_rows(port: int, out: Path, model: Path, **archive_kwargs: Any) -> dict[str, Any]:
+@pytest.fixture(scope="module")
+def classifier(tiny_model_dir: Path) -> Any:
+    """The tiny model, loaded once for the batch runs of this module."""
+    from ctcovid.inference import Classifier
+
+    return Classifier.from_file(tiny_model_dir)
+
+
+def _batch_rows(
+    port: int, out: Path, model: Path, classifier: Any, **archive_kwargs: Any
+) -> dict[str, Any]:
     from ctcovid.batch import RESULTS_FILE, BatchOptions, read_results, run_batch
     from ctcovid.batch.sources import PacsSource
     from ctcovid.net.query import SeriesRules, StudyQuery
@@ -327,19 +337,20 @@ def _batch_rows(port: int, out: Path, model: Path, **archive_kwargs: Any) -> dic
     source = PacsSource(archive(port, **archive_kwargs), StudyQuery(), SeriesRules(),
                         cache_bytes=10**8, pause_seconds=0.0)  # fmt: skip
     try:
-        run_batch(BatchOptions(out / "cache", out, model, workers=0, source=source))
+        run_batch(BatchOptions(out / "cache", out, model, workers=0, source=source),
+                  classifier=classifier)  # fmt: skip
     finally:
         source.close()
     return {r.series_instance_uid: r for r in read_results(out / RESULTS_FILE)}
 
 
 def test_a_batch_rows_a_partly_delivered_series_incomplete_with_the_counts(
-    three_instances: list, tiny_model_dir: Path, tmp_path: Path
+    three_instances: list, tiny_model_dir: Path, classifier: Any, tmp_path: Path
 ) -> None:
     pacs = FakePacs(three_instances, delivered=three_instances[:2])
     try:
         rows = within(lambda: _batch_rows(pacs.port, tmp_path / "run", tiny_model_dir,
-                                          timeout_seconds=10), 120)  # fmt: skip
+                                          classifier, timeout_seconds=10), 120)  # fmt: skip
     finally:
         pacs.close()
     row = rows[SERIES]
@@ -348,14 +359,14 @@ def test_a_batch_rows_a_partly_delivered_series_incomplete_with_the_counts(
 
 
 def test_a_batch_whose_pacs_stalls_mid_retrieval_rows_the_series_failed_and_finishes(
-    three_instances: list, tiny_model_dir: Path, tmp_path: Path
+    three_instances: list, tiny_model_dir: Path, classifier: Any, tmp_path: Path
 ) -> None:
     pacs = FakePacs(three_instances)
     # Connections: study C-FIND, series C-FIND, image C-FIND, then the C-GET, which stalls.
     proxy = StallingProxy(pacs.port, stall_connection=3, pass_pdus=1, mode="trickle")
     try:
         rows = within(lambda: _batch_rows(proxy.port, tmp_path / "run", tiny_model_dir,
-                                          timeout_seconds=2), 120)  # fmt: skip
+                                          classifier, timeout_seconds=2), 120)  # fmt: skip
     finally:
         proxy.close()
         pacs.close()
