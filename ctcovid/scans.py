@@ -44,6 +44,21 @@ def stated_probability(p: float) -> float:
     return round(float(p), PROBABILITY_DECIMALS)
 
 
+def stated_text(p: float) -> str:
+    """``p`` as the report states it: :data:`PROBABILITY_DECIMALS` digits after the point."""
+    return f"{stated_probability(p):.{PROBABILITY_DECIMALS}f}"
+
+
+def same_finding(
+    label: str, probability: float | None, other_label: str, other_probability: float | None
+) -> bool:
+    """Whether two results say the same thing clinically: the same label and the same
+    probability as stated. A new result that says what was delivered is not sent again."""
+    if probability is None or other_probability is None or not label:
+        return False
+    return label == other_label and stated_text(probability) == stated_text(other_probability)
+
+
 def key_slice_order(slice_probabilities: np.ndarray | list[float]) -> list[int]:
     """Slice indices ranked by stated (rounded) probability, highest first, ties by index.
 

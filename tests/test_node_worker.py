@@ -499,8 +499,9 @@ def test_a_revision_after_a_model_change_names_the_sr_the_pacs_received(
 
     first, revised = received
     assert revised.InstanceNumber == 2
-    # Another model reports in another SR series, and still names the SR the PACS holds.
-    assert revised.SeriesInstanceUID != first.SeriesInstanceUID
+    # Another version of the same model (another device UID) revises in the same SR series,
+    # naming the SR the PACS holds.
+    assert revised.SeriesInstanceUID == first.SeriesInstanceUID
     assert _predecessor_uids(revised) == (first.SeriesInstanceUID, first.SOPInstanceUID)
 
 

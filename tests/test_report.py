@@ -33,11 +33,12 @@ from ctcovid.report import (
     overlay_rgb,
     sr_summary,
     sr_uids,
+    tracking_uid,
     validate_sr,
     write_png,
     write_sr,
 )
-from ctcovid.report.sr import key_slices
+from ctcovid.report.sr import key_slices, revise_sr
 from ctcovid.report.validate import iter_content
 from ctcovid.results import ModelInfo, ScanResult
 
@@ -451,12 +452,32 @@ def test_same_result_twice_gives_the_same_uids(result: ScanResult, series: Serie
     assert UID(first.SOPInstanceUID).is_valid
 
 
-def test_another_model_gives_other_uids(result: ScanResult, series: Series) -> None:
-    other_model = dataclasses.replace(result.model, device_uid=DEVICE_UID + ".2")
-    other = build_sr(dataclasses.replace(result, model=other_model), series)
+def _tracking_uid(sr: Dataset) -> str:
+    return str(_group_child(sr, "112040", "DCM").UID)
+
+
+def test_sr_series_and_tracking_uid_follow_the_model_name_not_its_weights(
+    result: ScanResult, series: Series
+) -> None:
+    # Another version, weights or runtime of the same model (fp32 then int8, say): its
+    # revisions land in the same SR series under the same Tracking UID.
     first = build_sr(result, series)
-    assert other.SeriesInstanceUID != first.SeriesInstanceUID
-    assert other.SOPInstanceUID != first.SOPInstanceUID
+    retrained = dataclasses.replace(
+        result.model, device_uid=DEVICE_UID + ".2", version="2.0", runtime="int8"
+    )
+    other = build_sr(dataclasses.replace(result, model=retrained), series)
+    assert other.SeriesInstanceUID == first.SeriesInstanceUID
+    assert _tracking_uid(other) == _tracking_uid(first)
+    assert other.SOPInstanceUID != first.SOPInstanceUID  # it states another model
+    renamed = dataclasses.replace(result.model, name="another-model")
+    third = build_sr(dataclasses.replace(result, model=renamed), series)
+    assert third.SeriesInstanceUID != first.SeriesInstanceUID
+    assert _tracking_uid(third) != _tracking_uid(first)
+
+
+def test_tracking_uid_depends_on_the_study(result: ScanResult, series: Series) -> None:
+    # The same SeriesInstanceUID in another study is another series (PS3.3 C.7.3.1).
+    assert tracking_uid(STUDY_UID, "1.2.3", "m") != tracking_uid(STUDY_UID + ".9", "1.2.3", "m")
 
 
 def test_revision_is_a_new_instance_in_the_same_sr_series(
@@ -480,6 +501,31 @@ def test_revision_names_its_predecessor(result: ScanResult, series: Series) -> N
     (ref,) = ref_series.ReferencedSOPSequence
     assert ref.ReferencedSOPInstanceUID == first.SOPInstanceUID
     assert ref.ReferencedSOPClassUID == Comprehensive3DSRStorage
+
+
+def test_revision_from_the_first_file_is_the_revision_built_from_the_result(
+    result: ScanResult, series: Series
+) -> None:
+    # Batch revises the SR file it wrote; the node builds from the result: the same revision n
+    # over the same predecessor is the same instance, whoever makes it.
+    first = build_sr(result, series)
+    predecessor = ("1.2.826.0.1.3680043.8.498.77", str(first.SeriesInstanceUID))
+    built = build_sr(
+        result,
+        series,
+        revision=3,
+        predecessor_sop_instance_uid=predecessor[0],
+        predecessor_series_instance_uid=predecessor[1],
+    )
+    revised = revise_sr(_roundtrip(first), 3, *predecessor)
+    assert revised.SOPInstanceUID == built.SOPInstanceUID
+    assert revised.file_meta.MediaStorageSOPInstanceUID == revised.SOPInstanceUID
+    assert revised.InstanceNumber == built.InstanceNumber == 3
+    assert revised.PredecessorDocumentsSequence == built.PredecessorDocumentsSequence
+    assert sr_summary(revised)["predecessor_sop_instance_uids"] == [predecessor[0]]
+    assert first.InstanceNumber == 1 and "PredecessorDocumentsSequence" not in first
+    with pytest.raises(ReportError, match="not a revision 1"):
+        revise_sr(revised, 4, str(revised.SOPInstanceUID), predecessor[1])
 
 
 def test_revision_must_name_the_sr_it_replaces(result: ScanResult, series: Series) -> None:
@@ -1236,14 +1282,6 @@ def test_time_taken_and_notes_do_not_change_the_uid(result: ScanResult, series: 
         dataclasses.replace(result, seconds=99.0, warnings=["skipped a.dcm: not DICOM"]), series
     )
     assert again.SOPInstanceUID == base.SOPInstanceUID
-
-
-def test_another_model_is_another_sr_series(result: ScanResult, series: Series) -> None:
-    other_model = dataclasses.replace(result.model, device_uid=DEVICE_UID + ".2")
-    other = build_sr(dataclasses.replace(result, model=other_model), series)
-    first = build_sr(result, series)
-    assert other.SeriesInstanceUID != first.SeriesInstanceUID
-    assert _group_child(other, "112040", "DCM").UID != _group_child(first, "112040", "DCM").UID
 
 
 def test_ten_and_eight_slice_results_of_one_series_are_different_instances(

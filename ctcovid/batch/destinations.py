@@ -8,8 +8,18 @@ retried with exponential backoff, here and only here; after the last try, or at 
 refusal that sending again cannot change (STOW-RS 4xx), it is ``failed`` with the reason. The
 outcome of every send is kept in ``out/sent.sqlite``: ``--resume`` sends what is not ``sent``
 yet (including rows of an earlier run that crashed before sending). Re-sending is harmless: SR
-UIDs are derived from the series and the model, and a PACS keeps the first copy of a UID (a
-resend answered 409 counts as delivered when the PACS holds that UID).
+UIDs are derived from what the SR states, and a PACS keeps the first copy of a UID (a resend
+answered 409 counts as delivered when the PACS holds that UID).
+
+One current result per series: before each send the forwarder asks the destination which
+revisions of that result's SR series it holds (C-FIND / QIDO-RS) and reads its own delivery
+record (``deliveries`` in ``out/sent.sqlite``: per destination, study, series and SR series,
+the SR, revision, label and stated probability delivered), then sends what
+:func:`~ctcovid.report.delivery.plan_delivery` says: revision 1, nothing (the destination
+already holds this report, or one with the same label and probability), or revision n + 1
+naming revision n (made from the run's revision-1 file by :func:`~ctcovid.report.revise_sr`
+and kept beside it in ``out/sr``). A destination that cannot answer the query is warned about
+once, and the record alone decides.
 """
 
 from __future__ import annotations
@@ -22,6 +32,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pydicom
+from pydicom.dataset import Dataset
+
 from ctcovid.batch.results import (
     CLASSIFIED,
     RESULTS_FILE,
@@ -31,8 +44,11 @@ from ctcovid.batch.results import (
     read_results,
 )
 from ctcovid.errors import PacsError
+from ctcovid.fsio import write_atomic
+from ctcovid.net.query import HeldInstance
 from ctcovid.net.sender import SendSettings, sr_sender
 from ctcovid.net.stow import StowRefused
+from ctcovid.report.delivery import Delivered, Delivery, plan_delivery
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +66,19 @@ CREATE TABLE IF NOT EXISTS sends (
     attempts INTEGER NOT NULL,
     error TEXT NOT NULL,
     PRIMARY KEY (sr_path, destination)
+);
+CREATE TABLE IF NOT EXISTS deliveries (
+    destination TEXT NOT NULL,
+    study_instance_uid TEXT NOT NULL,
+    series_instance_uid TEXT NOT NULL,
+    sr_series_instance_uid TEXT NOT NULL,
+    sop_instance_uid TEXT NOT NULL,
+    revision INTEGER NOT NULL,
+    label TEXT NOT NULL,
+    probability REAL,
+    predecessor_sop_instance_uid TEXT NOT NULL,
+    sr_path TEXT NOT NULL,
+    PRIMARY KEY (destination, study_instance_uid, series_instance_uid, sr_series_instance_uid)
 );
 """
 
@@ -73,6 +102,7 @@ class SrForwarder:
         self.max_retry_seconds = max_retry_seconds
         # Made now: a bad URL, TLS file or missing extra shows before any series is classified.
         self._senders = {str(d): sr_sender(d) for d in destinations}
+        self._unqueryable: set[str] = set()
         self._db = sqlite3.connect(self.out / SENT_FILE, check_same_thread=False)
         self._db.executescript(SCHEMA)
         self._lock = threading.Condition()
@@ -146,9 +176,89 @@ class SrForwarder:
                 _, _, name, _, row, attempts = heapq.heappop(self._heap)
             self._send(name, row, attempts)
 
-    def _send(self, name: str, row: ResultRow, attempts: int) -> None:
-        path = self.out / row.sr_path
+    def _recorded(self, name: str, sr: Dataset, row: ResultRow) -> Delivered | None:
+        with self._lock:
+            found = self._db.execute(
+                "SELECT sop_instance_uid, revision, label, probability, "
+                "predecessor_sop_instance_uid FROM deliveries WHERE destination = ? AND "
+                "study_instance_uid = ? AND series_instance_uid = ? AND sr_series_instance_uid = ?",
+                (name, row.study_instance_uid, row.series_instance_uid, str(sr.SeriesInstanceUID)),
+            ).fetchone()
+        return Delivered(*found) if found else None
+
+    def _record_delivery(
+        self, name: str, sr: Dataset, row: ResultRow, delivered: Delivered, sr_path: str
+    ) -> None:
+        with self._lock, self._db:
+            self._db.execute(
+                "INSERT OR REPLACE INTO deliveries VALUES (?,?,?,?,?,?,?,?,?,?)",
+                (
+                    name,
+                    row.study_instance_uid,
+                    row.series_instance_uid,
+                    str(sr.SeriesInstanceUID),
+                    delivered.sop_instance_uid,
+                    delivered.revision,
+                    delivered.label,
+                    delivered.probability,
+                    delivered.predecessor_sop_instance_uid,
+                    sr_path,
+                ),
+            )
+
+    def _held(self, name: str, sr: Dataset) -> list[HeldInstance] | None:
+        """What the destination holds in the SR series; None (warned once) if it cannot say."""
         try:
+            return self._senders[name].held(str(sr.StudyInstanceUID), str(sr.SeriesInstanceUID))
+        except Exception as exc:
+            if name not in self._unqueryable:
+                self._unqueryable.add(name)
+                logger.warning(
+                    "event=destination_not_queryable destination=%s error=%r: deciding "
+                    "revisions from this run folder's delivery record alone",
+                    name,
+                    str(exc),
+                )
+            return None
+
+    def _plan(self, name: str, row: ResultRow) -> tuple[Path | None, Delivery, Dataset]:
+        """The file to send (None: nothing to send) and the plan, for ``row`` at ``name``."""
+        first = pydicom.dcmread(self.out / row.sr_path)
+        recorded = self._recorded(name, first, row)
+        held = self._held(name, first)
+        assert row.label is not None and row.probability_covid is not None  # a classified row
+        plan = plan_delivery(
+            str(first.SOPInstanceUID),
+            row.label,
+            row.probability_covid,
+            recorded=recorded,
+            held=held,
+        )
+        if not plan.needed:
+            return None, plan, first
+        if plan.revision == 1:
+            return self.out / row.sr_path, plan, first
+        assert plan.predecessor_sop_instance_uid is not None
+        from ctcovid.report import revise_sr, write_sr
+
+        revised = revise_sr(
+            first,
+            plan.revision,
+            plan.predecessor_sop_instance_uid,
+            str(first.SeriesInstanceUID),
+        )
+        path = write_atomic(
+            (self.out / row.sr_path).with_name(f"{revised.SOPInstanceUID}.dcm"),
+            lambda tmp: write_sr(revised, tmp),
+        )
+        return path, plan, revised
+
+    def _send(self, name: str, row: ResultRow, attempts: int) -> None:
+        try:
+            path, plan, sr = self._plan(name, row)
+            if path is None:
+                self._unchanged(name, row, plan, sr)
+                return
             self._senders[name].send(path)
         except Exception as exc:  # refused, unreachable, TLS, failure status: back off
             attempts += 1
@@ -178,7 +288,32 @@ class SrForwarder:
             self._push(time.monotonic() + delay, name, row, attempts)
             return
         self._record(row, name, SENT, attempts + 1, "")
-        logger.info("event=sr_sent sr=%s destination=%s", row.sr_path, name)
+        assert row.label is not None
+        delivered = Delivered(
+            str(sr.SOPInstanceUID),
+            plan.revision,
+            row.label,
+            row.probability_covid,
+            plan.predecessor_sop_instance_uid or "",
+        )
+        relative = str(path.relative_to(self.out))
+        self._record_delivery(name, sr, row, delivered, relative)
+        logger.info(
+            "event=sr_sent sr=%s destination=%s revision=%d (%s)",
+            relative,
+            name,
+            plan.revision,
+            plan.reason,
+        )
+
+    def _unchanged(self, name: str, row: ResultRow, plan: Delivery, first: Dataset) -> None:
+        """Nothing to send: the destination holds this result already (recorded as sent)."""
+        self._record(row, name, SENT, 0, "")
+        if plan.stands is not None:  # now known, if another sender delivered it
+            self._record_delivery(name, first, row, plan.stands, row.sr_path)
+        logger.info(
+            "event=sr_not_sent sr=%s destination=%s reason=%r", row.sr_path, name, plan.reason
+        )
 
     def close(self) -> dict[str, Any]:
         """Finish every send (with its retries); the outcome per destination."""

@@ -20,12 +20,14 @@ from ctcovid.errors import ConfigError, PacsError
 from ctcovid.net.query import (
     SERIES_RETURN_KEYS,
     STUDY_RETURN_KEYS,
+    HeldInstance,
     IncompleteRetrievalError,
     InstanceWriter,
     SeriesMatch,
     StudyMatch,
     accept_match,
     first_value,
+    held_instances,
     series_match,
     study_match,
 )
@@ -284,6 +286,19 @@ class DicomWebArchive:
                 continue
             out.append(series_match(study, uid, item))
         return out
+
+    def find_held(self, study_instance_uid: str, series_instance_uid: str) -> list[HeldInstance]:
+        """The instances the service holds in one series, with their InstanceNumber (QIDO-RS)."""
+        found = search_all(
+            self.client.search_for_instances,
+            "SOPInstanceUID",
+            f"QIDO-RS instances of series {series_instance_uid}",
+            self.url,
+            study_instance_uid=study_instance_uid,
+            series_instance_uid=series_instance_uid,
+            fields=["SOPInstanceUID", "InstanceNumber", "SeriesInstanceUID"],
+        )
+        return held_instances(study_instance_uid, series_instance_uid, found, self.url)
 
     def retrieve_series(self, series: SeriesMatch, write: InstanceWriter) -> int:
         """WADO-RS of the whole series into ``write``, under the deadline and the instance cap.

@@ -61,11 +61,13 @@ from ctcovid.net.peers import Peer
 from ctcovid.net.query import (
     SERIES_RETURN_KEYS,
     STUDY_RETURN_KEYS,
+    HeldInstance,
     IncompleteRetrievalError,
     InstanceWriter,
     SeriesMatch,
     StudyMatch,
     accept_match,
+    held_instances,
     series_match,
     study_match,
 )
@@ -531,6 +533,14 @@ class DimseArchive:
             else:
                 taken.add(uid)
         return Announced(frozenset(taken), others)
+
+    def find_held(self, study_instance_uid: str, series_instance_uid: str) -> list[HeldInstance]:
+        """The instances ``peer`` holds in one series, with their InstanceNumber (an image-level
+        C-FIND): what a destination already has of an SR series."""
+        keys = {"StudyInstanceUID": study_instance_uid, "SeriesInstanceUID": series_instance_uid}
+        query = _query_identifier("IMAGE", ("SOPInstanceUID", "InstanceNumber"), keys)
+        found = self._find(query, f"instances of series {series_instance_uid}")
+        return held_instances(study_instance_uid, series_instance_uid, found, str(self.peer))
 
     # -- C-GET / C-MOVE -------------------------------------------------------------------------
 

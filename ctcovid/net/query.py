@@ -386,3 +386,32 @@ def accept_match(
         )
         return ""
     return uid
+
+
+@dataclass(frozen=True)
+class HeldInstance:
+    """An instance an archive holds in one series, with its InstanceNumber (None if absent)."""
+
+    sop_instance_uid: str
+    instance_number: int | None
+
+
+def held_instances(
+    study_instance_uid: str,
+    series_instance_uid: str,
+    matches: Sequence[Dataset | Mapping[str, Any]],
+    source: str,
+) -> list[HeldInstance]:
+    """The instances of an image-level search (C-FIND or QIDO-RS) of one series, each match
+    checked (:func:`accept_match`: a valid SOP Instance UID, the study and series asked for)."""
+    keys = {"StudyInstanceUID": study_instance_uid, "SeriesInstanceUID": series_instance_uid}
+    out = []
+    for match in matches:
+        # The study and series may be in a QIDO-RS URL path and not repeated in the answer.
+        present = {k: v for k, v in keys.items() if returned_values(match, k)}
+        uid = accept_match(present, match, uid_keyword="SOPInstanceUID", source=source)
+        if not uid:
+            continue
+        number = first_value(match, "InstanceNumber")
+        out.append(HeldInstance(uid, int(number) if number.lstrip("+-").isdigit() else None))
+    return out

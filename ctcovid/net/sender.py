@@ -35,6 +35,7 @@ from pynetdicom import AE
 
 from ctcovid.errors import PacsError
 from ctcovid.net.peers import Peer
+from ctcovid.net.query import HeldInstance
 from ctcovid.net.tls import client_ssl_context
 
 logger = logging.getLogger(__name__)
@@ -334,9 +335,17 @@ def stow_file(
 
 
 class SrSender(Protocol):
-    """Delivers one SR file; returns a ``key=value`` note on the outcome for the log line."""
+    """Delivers one SR file; returns a ``key=value`` note on the outcome for the log line.
+
+    ``held`` lists what the destination holds in one series (C-FIND at the C-STORE peer, QIDO-RS
+    at the DICOMweb service), so that a sender that did not deliver an SR itself (batch after
+    the node, a second run) learns its revisions; :class:`~ctcovid.errors.PacsError` when the
+    destination cannot answer.
+    """
 
     def send(self, path: Path, cancel: Cancel | None = None) -> str: ...
+
+    def held(self, study_instance_uid: str, series_instance_uid: str) -> list[HeldInstance]: ...
 
 
 class CStoreSender:
@@ -364,6 +373,22 @@ class CStoreSender:
             cancel=cancel,
         )
         return f"status=0x{status:04X}"
+
+    def held(self, study_instance_uid: str, series_instance_uid: str) -> list[HeldInstance]:
+        from ctcovid.net.dimse import DimseArchive
+
+        archive = DimseArchive(
+            self.peer,
+            calling_ae_title=self.settings.calling_ae_title,
+            timeout_seconds=self.settings.timeout_seconds,
+            deadline_seconds=self.settings.deadline,
+            max_pdu_bytes=self.settings.max_pdu_bytes,
+            ssl_context=self.ssl_context,
+        )
+        try:
+            return archive.find_held(study_instance_uid, series_instance_uid)
+        finally:
+            archive.close()
 
 
 class StowSender:
@@ -408,6 +433,17 @@ class StowSender:
             self._client = None
             raise
         return "stored=stow-rs"
+
+    def held(self, study_instance_uid: str, series_instance_uid: str) -> list[HeldInstance]:
+        from ctcovid.net.dicomweb import DicomWebArchive
+
+        archive = DicomWebArchive(
+            self.url,
+            self.settings.stow_auth,
+            ca_file=self.settings.stow_ca_file,
+            timeout_seconds=self.settings.timeout_seconds,
+        )
+        return archive.find_held(study_instance_uid, series_instance_uid)
 
 
 def sr_sender(settings: SendSettings) -> SrSender:

@@ -20,7 +20,10 @@ state             meaning, and the transitions out of it (method)
 ``classified``    SR built and stored, to be sent (``attempts``, ``next_try``); ``sent``
                   (:meth:`~JobDatabase.mark_sent`), or a failed send: ``classified`` again
                   later, ``failed`` after the last attempt (:meth:`~JobDatabase.mark_send_failed`)
-``sent``          the peer accepted the SR (revision ``sent_revision``, file ``sent_sr_path``)
+``sent``          the peer accepted the SR (revision ``sent_revision``, file ``sent_sr_path``,
+                  its label and stated probability ``sent_label``, ``sent_probability``); or
+                  the series was classified again and the result is clinically the same as
+                  the one delivered (:meth:`~JobDatabase.finish_unchanged`): nothing new to send
 ``failed``        classification error, or sending gave up; ``reason`` says which. Re-queued by
                   hand (:meth:`~JobDatabase.retry`): ``classified`` when its SR is still there,
                   else ``waiting``
@@ -30,8 +33,13 @@ state             meaning, and the transitions out of it (method)
 A new instance for a series in any later state moves it back to ``received``
 (:meth:`~JobDatabase.record_instance`): it is classified again and, when an SR was already
 delivered, sent as revision ``sent_revision + 1`` that names the SR in ``sent_sr_path`` as its
-predecessor. A job being classified keeps its state; its generation changes, so the worker's
-result is known to be stale when it finishes.
+predecessor, unless its label and stated probability are those delivered (then it is not sent
+again). A job being classified keeps its state; its generation changes, so the worker's result
+is known to be stale when it finishes. A send of the previous SR may also finish while the
+series is classified again: the worker's SR was then built on an older predecessor, and
+:meth:`~JobDatabase.finish_classified` refuses it (:class:`PredecessorChanged`, with the
+record as it is now) so that the worker builds the next revision instead, never a second
+revision 1 beside the one just delivered.
 
 A transition is applied only from the states :data:`TRANSITIONS` allows. A caller that asks for
 one with a record in another state gets :class:`JobStateError`; a job that moved on in the
@@ -93,6 +101,7 @@ TRANSITIONS: dict[str, tuple[frozenset[JobState], frozenset[JobState]]] = {
     "promote_stable": (frozenset({RECEIVED}), frozenset({WAITING})),
     "claim_next": (frozenset({WAITING}), frozenset({CLASSIFYING})),
     "finish_classified": (frozenset({CLASSIFYING}), frozenset({CLASSIFIED, RECEIVED})),
+    "finish_unchanged": (frozenset({CLASSIFYING}), frozenset({SENT, RECEIVED})),
     "finish_unusable": (frozenset({CLASSIFYING}), frozenset({UNUSABLE, RECEIVED})),
     "finish_failed": (frozenset({CLASSIFYING}), frozenset({FAILED, RECEIVED})),
     "defer_classification": (frozenset({CLASSIFYING}), frozenset({WAITING, RECEIVED})),
@@ -135,6 +144,8 @@ CREATE TABLE IF NOT EXISTS series (
     classify_seconds REAL,
     updated_at REAL NOT NULL,
     sent_sr_path TEXT NOT NULL DEFAULT '',
+    sent_label TEXT NOT NULL DEFAULT '',
+    sent_probability REAL,
     PRIMARY KEY (study_instance_uid, series_instance_uid)
 );
 CREATE INDEX IF NOT EXISTS series_state ON series(state);
@@ -153,6 +164,18 @@ SCHEMA_VERSION = 2
 
 class JobStateError(ValueError):
     """A transition asked of a job in a state the state table does not allow it from."""
+
+
+class PredecessorChanged(Exception):
+    """An SR was delivered while the series was classified again: the result must be stated as
+    the revision after it. ``record`` is the job as it is now (still ``classifying``)."""
+
+    def __init__(self, record: SeriesRecord) -> None:
+        super().__init__(
+            f"Series {record.series_instance_uid}: revision {record.sent_revision} was "
+            "delivered while it was classified again"
+        )
+        self.record = record
 
 
 @dataclass
@@ -180,6 +203,9 @@ class SeriesRecord:
     updated_at: float
     # The SR file of revision sent_revision, as the peer received it: a revision's predecessor.
     sent_sr_path: str = ""
+    # What that SR states: a new result with the same label and stated probability is not sent.
+    sent_label: str = ""
+    sent_probability: float | None = None
 
     def __post_init__(self) -> None:
         self.state = JobState(self.state)
@@ -235,11 +261,15 @@ class JobDatabase:
     def _add_missing_columns(self) -> None:
         """Bring a store made by an older version up to the schema (new columns only)."""
         present = {row[1] for row in self._conn.execute("PRAGMA table_info(series)")}
-        if "sent_sr_path" not in present:
+        for column, declaration in (
+            ("sent_sr_path", "TEXT NOT NULL DEFAULT ''"),
+            ("sent_label", "TEXT NOT NULL DEFAULT ''"),
+            ("sent_probability", "REAL"),
+        ):
+            if column in present:
+                continue
             try:
-                self._conn.execute(
-                    "ALTER TABLE series ADD COLUMN sent_sr_path TEXT NOT NULL DEFAULT ''"
-                )
+                self._conn.execute(f"ALTER TABLE series ADD COLUMN {column} {declaration}")
             except sqlite3.OperationalError as exc:  # the other process added it first
                 if "duplicate column" not in str(exc):
                     raise
@@ -501,20 +531,47 @@ class JobDatabase:
         return record
 
     def _finish(
-        self, transition: str, record: SeriesRecord, assignments: str, args: tuple[Any, ...]
+        self,
+        transition: str,
+        record: SeriesRecord,
+        assignments: str,
+        args: tuple[Any, ...],
+        *,
+        on_predecessor: bool = False,
     ) -> bool:
-        """Apply a worker result unless a new instance arrived meanwhile (then ``received``)."""
+        """Apply a worker result unless a new instance arrived meanwhile (then ``received``).
+
+        ``on_predecessor``: the result names the delivered SR ``record.sent_revision``; if
+        another was delivered since, raise :class:`PredecessorChanged` (the job stays
+        ``classifying``), checked in the same transaction that stores the result.
+        """
         _require(transition, record)
         now = time.time()
         with self._transaction() as db:
             cur = db.execute(
                 f"UPDATE series SET {assignments}, updated_at = ? "
                 "WHERE study_instance_uid = ? AND series_instance_uid = ? AND state = ? "
-                "AND generation = ?",
-                (*args, now, *_key(record), CLASSIFYING, record.generation),
+                "AND generation = ?" + (" AND sent_revision = ?" if on_predecessor else ""),
+                (
+                    *args,
+                    now,
+                    *_key(record),
+                    CLASSIFYING,
+                    record.generation,
+                    *((record.sent_revision,) if on_predecessor else ()),
+                ),
             )
             if cur.rowcount == 1:
                 return True
+            if on_predecessor:
+                row = db.execute(
+                    f"SELECT {_COLUMNS} FROM series "
+                    "WHERE study_instance_uid = ? AND series_instance_uid = ? AND state = ? "
+                    "AND generation = ?",
+                    (*_key(record), CLASSIFYING, record.generation),
+                ).fetchone()
+                if row is not None:
+                    raise PredecessorChanged(SeriesRecord(**dict(row)))
             db.execute(
                 "UPDATE series SET state = ?, updated_at = ? "
                 "WHERE study_instance_uid = ? AND series_instance_uid = ? AND state = ?",
@@ -534,7 +591,14 @@ class JobDatabase:
         classify_seconds: float,
     ) -> bool:
         """``classifying`` -> ``classified`` with the built SR (``sr_path`` relative to the
-        store); False (and ``received``) if the series changed while classifying."""
+        store); False (and ``received``) if the series changed while classifying.
+
+        Raises
+        ------
+        PredecessorChanged
+            If an SR was delivered after ``record`` was read: the SR names the wrong
+            predecessor (revision ``record.sent_revision``) and must be built again.
+        """
         return self._finish(
             "finish_classified",
             record,
@@ -550,6 +614,32 @@ class JobDatabase:
                 classify_seconds,
                 time.time(),
             ),
+            on_predecessor=True,
+        )
+
+    def finish_unchanged(
+        self,
+        record: SeriesRecord,
+        *,
+        probability_covid: float,
+        label: str,
+        classify_seconds: float,
+    ) -> bool:
+        """``classifying`` -> ``sent``: the new result states what revision
+        ``record.sent_revision`` states (label and probability), so nothing is sent. False as
+        :meth:`finish_classified`, which also raises :class:`PredecessorChanged` likewise.
+        """
+        reason = (
+            f"classified again: label and probability unchanged, revision "
+            f"{record.sent_revision} stands"
+        )
+        return self._finish(
+            "finish_unchanged",
+            record,
+            "state = ?, reason = ?, revision = sent_revision, sr_path = sent_sr_path, "
+            "probability_covid = ?, label = ?, classify_seconds = ?, attempts = 0",
+            (SENT, reason, probability_covid, label, classify_seconds),
+            on_predecessor=True,
         )
 
     def finish_unusable(self, record: SeriesRecord, reason: str) -> bool:
@@ -587,11 +677,25 @@ class JobDatabase:
         _require("mark_sent", record)
         now = time.time()
         with self._transaction() as db:
+            newest = "CASE WHEN ? >= sent_revision THEN ? ELSE {} END"
             db.execute(
-                "UPDATE series SET sent_revision = MAX(sent_revision, ?), updated_at = ?, "
-                "sent_sr_path = CASE WHEN ? >= sent_revision THEN ? ELSE sent_sr_path END "
+                "UPDATE series SET "
+                f"sent_sr_path = {newest.format('sent_sr_path')}, "
+                f"sent_label = {newest.format('sent_label')}, "
+                f"sent_probability = {newest.format('sent_probability')}, "
+                "sent_revision = MAX(sent_revision, ?), updated_at = ? "
                 "WHERE study_instance_uid = ? AND series_instance_uid = ?",
-                (record.revision, now, record.revision, record.sr_path, *_key(record)),
+                (
+                    record.revision,
+                    record.sr_path,
+                    record.revision,
+                    record.label,
+                    record.revision,
+                    record.probability_covid,
+                    record.revision,
+                    now,
+                    *_key(record),
+                ),
             )
             cur = db.execute(
                 "UPDATE series SET state = ?, reason = '', attempts = attempts + 1 "

@@ -30,8 +30,9 @@ from ctcovid.dicom.series import load_series
 from ctcovid.errors import InvalidInputError, ReportError
 from ctcovid.node.config import NodeConfig
 from ctcovid.node.files import OutOfSpaceError
-from ctcovid.node.jobs import SeriesRecord
+from ctcovid.node.jobs import PredecessorChanged, SeriesRecord
 from ctcovid.node.store import Store
+from ctcovid.scans import same_finding, stated_text
 
 if TYPE_CHECKING:
     from ctcovid.net.sender import SrSender
@@ -40,6 +41,10 @@ logger = logging.getLogger(__name__)
 
 Observer = Callable[[str, float], None]
 LOCK_FILE = "worker.lock"
+# Each rebuild follows a delivery that finished meanwhile; more in a row means a loop.
+MAX_REBUILDS = 5
+# A built SR: its revision, the dataset and where it is stored.
+Built = tuple[int, Any, Path]
 
 
 class StopFlag(Protocol):
@@ -185,21 +190,7 @@ class Worker:
                     raise InvalidInputError(series.reason)
                 result = self.classifier.classify(series)
             self.beat()
-            revision = record.sent_revision + 1
-            predecessor_series, predecessor_sop = self._sent_sr_uids(record)
-            from ctcovid.report import build_sr
-
-            sr = build_sr(
-                result,
-                series,
-                revision=revision,
-                predecessor_sop_instance_uid=predecessor_sop,
-                predecessor_series_instance_uid=predecessor_series,
-            )
-            buffer = io.BytesIO()
-            sr.save_as(buffer, enforce_file_format=True)
-            sr_path = self.store.files.sr_path(uid, str(sr.SOPInstanceUID))
-            self.store.files.write_file(sr_path, buffer.getvalue())
+            built = self._build_sr(record, result, series)
         except InvalidInputError as exc:
             self.store.jobs.finish_unusable(record, str(exc))
             logger.warning("event=series_unusable %s reason=%r", log_ids, str(exc))
@@ -209,19 +200,7 @@ class Worker:
             logger.error("event=classify_failed %s reason=%r", log_ids, str(exc))
             return
         except OSError as exc:
-            if not isinstance(exc, OutOfSpaceError) and exc.errno != errno.ENOSPC:
-                logger.exception("event=classify_failed %s", log_ids)
-                self.store.jobs.finish_failed(
-                    record, f"classification failed: {type(exc).__name__}: {exc}"
-                )
-                return
-            retry_in = max(self.config.retry_seconds, self.config.poll_seconds)
-            self.store.jobs.defer_classification(
-                record, f"waiting for disk space: {exc}", retry_seconds=retry_in
-            )
-            logger.error(
-                "event=classify_deferred %s reason=%r retry_in=%.0fs", log_ids, str(exc), retry_in
-            )
+            self._failed_on_os_error(record, exc, log_ids)
             return
         except Exception as exc:  # a model or report failure: visible as failed, retryable
             logger.exception("event=classify_failed %s", log_ids)
@@ -229,8 +208,101 @@ class Worker:
                 record, f"classification failed: {type(exc).__name__}: {exc}"
             )
             return
-        seconds = time.perf_counter() - start
-        current = self.store.finish_classified(
+        # An SR may be delivered meanwhile (the previous result's send was in flight): the
+        # store refuses a result built on the older predecessor, and the next revision is built.
+        for _ in range(MAX_REBUILDS):
+            seconds = time.perf_counter() - start
+            try:
+                current = self._finish(record, result, built, seconds)
+                break
+            except PredecessorChanged as changed:
+                record = changed.record
+                logger.info(
+                    "event=predecessor_changed %s sent_revision=%d; building the next revision",
+                    log_ids,
+                    record.sent_revision,
+                )
+                try:
+                    built = self._build_sr(record, result, series)
+                except Exception as exc:
+                    logger.exception("event=classify_failed %s", log_ids)
+                    self.store.jobs.finish_failed(
+                        record, f"classification failed: {type(exc).__name__}: {exc}"
+                    )
+                    return
+        else:
+            self.store.jobs.finish_failed(
+                record,
+                f"the delivered SR changed {MAX_REBUILDS} times while the result was recorded",
+            )
+            return
+        self.observe("classify_seconds", seconds)
+        if not current:
+            logger.info("event=series_changed_while_classifying %s; it will run again", log_ids)
+            return
+        if built is None:
+            logger.info(
+                "event=result_unchanged %s revision=%d probability_covid=%s label=%s "
+                "slices=%d seconds=%.2f (not sent again)",
+                log_ids,
+                record.sent_revision,
+                stated_text(result.probability_covid),
+                result.label,
+                result.n_slices_used,
+                seconds,
+            )
+            return
+        revision, sr, _ = built
+        logger.info(
+            "event=classified %s revision=%d probability_covid=%s label=%s slices=%d "
+            "seconds=%.2f sr=%s",
+            log_ids,
+            revision,
+            stated_text(result.probability_covid),
+            result.label,
+            result.n_slices_used,
+            seconds,
+            sr.SOPInstanceUID,
+        )
+
+    def _build_sr(self, record: SeriesRecord, result: Any, series: Any) -> Built | None:
+        """The SR that states ``result`` as the revision after the delivered one, written to
+        the store; None when the delivered SR already states it (same label and probability).
+        """
+        if record.sent_revision >= 1 and same_finding(
+            record.sent_label, record.sent_probability, result.label, result.probability_covid
+        ):
+            return None
+        revision = record.sent_revision + 1
+        predecessor_series, predecessor_sop = self._sent_sr_uids(record)
+        from ctcovid.report import build_sr
+
+        sr = build_sr(
+            result,
+            series,
+            revision=revision,
+            predecessor_sop_instance_uid=predecessor_sop,
+            predecessor_series_instance_uid=predecessor_series,
+        )
+        buffer = io.BytesIO()
+        sr.save_as(buffer, enforce_file_format=True)
+        sr_path = self.store.files.sr_path(record.series_instance_uid, str(sr.SOPInstanceUID))
+        self.store.files.write_file(sr_path, buffer.getvalue())
+        return revision, sr, sr_path
+
+    def _finish(
+        self, record: SeriesRecord, result: Any, built: Built | None, seconds: float
+    ) -> bool:
+        """Store the outcome of ``record``; raises ``PredecessorChanged`` as the store does."""
+        if built is None:
+            return self.store.jobs.finish_unchanged(
+                record,
+                probability_covid=result.probability_covid,
+                label=result.label,
+                classify_seconds=seconds,
+            )
+        revision, sr, sr_path = built
+        return self.store.finish_classified(
             record,
             revision=revision,
             sr_path=sr_path,
@@ -239,20 +311,21 @@ class Worker:
             label=result.label,
             classify_seconds=seconds,
         )
-        self.observe("classify_seconds", seconds)
-        if not current:
-            logger.info("event=series_changed_while_classifying %s; it will run again", log_ids)
+
+    def _failed_on_os_error(self, record: SeriesRecord, exc: OSError, log_ids: str) -> None:
+        """A file error fails the job; a full disk defers it (a condition that passes)."""
+        if not isinstance(exc, OutOfSpaceError) and exc.errno != errno.ENOSPC:
+            logger.exception("event=classify_failed %s", log_ids)
+            self.store.jobs.finish_failed(
+                record, f"classification failed: {type(exc).__name__}: {exc}"
+            )
             return
-        logger.info(
-            "event=classified %s revision=%d probability_covid=%.4f label=%s slices=%d "
-            "seconds=%.2f sr=%s",
-            log_ids,
-            revision,
-            result.probability_covid,
-            result.label,
-            result.n_slices_used,
-            seconds,
-            sr.SOPInstanceUID,
+        retry_in = max(self.config.retry_seconds, self.config.poll_seconds)
+        self.store.jobs.defer_classification(
+            record, f"waiting for disk space: {exc}", retry_seconds=retry_in
+        )
+        logger.error(
+            "event=classify_deferred %s reason=%r retry_in=%.0fs", log_ids, str(exc), retry_in
         )
 
     def _sent_sr_uids(self, record: SeriesRecord) -> tuple[str | None, str | None]:

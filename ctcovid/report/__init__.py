@@ -15,7 +15,7 @@ from ctcovid.report.heatmap import (
     overlay_rgb,
     write_png,
 )
-from ctcovid.report.sr import build_sr, write_sr
+from ctcovid.report.sr import build_sr, revise_sr, write_sr
 from ctcovid.report.uids import (
     derive_uid,
     heatmap_uids,
@@ -35,6 +35,7 @@ __all__ = [
     "heatmap_uids",
     "overlay_rgb",
     "result_fingerprint",
+    "revise_sr",
     "sr_series_number",
     "sr_summary",
     "sr_uids",

@@ -8,6 +8,7 @@ qualitative evaluation, the probability and references to the key slices.
 
 from __future__ import annotations
 
+import copy
 import logging
 from pathlib import Path
 
@@ -34,7 +35,7 @@ from ctcovid.report.header import (
     sr_series_number,
     stack_text,
 )
-from ctcovid.report.uids import sr_uids, tracking_uid
+from ctcovid.report.uids import sr_revision_uid, sr_uids, tracking_uid
 from ctcovid.report.validate import validate_sr
 from ctcovid.results import ScanResult
 from ctcovid.scans import KEY_SLICES, key_slice_order, stated_probability
@@ -98,19 +99,24 @@ def build_sr(
         raise ValueError(
             f"key_slice_count must be >= 0. Received: key_slice_count={key_slice_count}."
         )
-    predecessor = _predecessor(
-        result, revision, predecessor_sop_instance_uid, predecessor_series_instance_uid
+    _check_predecessor(
+        result.series_instance_uid,
+        revision,
+        predecessor_sop_instance_uid,
+        predecessor_series_instance_uid,
     )
     _check_result_matches_series(result, series)
     evidence = _evidence(result, series)
     source = series.header
+    # Revision 1 first; a later revision is revision 1 renumbered with its predecessor
+    # (revise_sr), so that the node and batch, from a result or from a revision-1 file, build
+    # the very same revision n.
     sr_series_uid, sr_sop_uid = sr_uids(
         result,
-        revision,
+        1,
         context=(
             f"key_slice_count={key_slice_count}",
             f"indeterminate={indeterminate}",
-            f"predecessor={predecessor_sop_instance_uid or ''}",
             source_context(source),
         ),
     )
@@ -126,12 +132,11 @@ def build_sr(
         series_instance_uid=sr_series_uid,
         series_number=sr_series_number(source),
         sop_instance_uid=sr_sop_uid,
-        instance_number=revision,
+        instance_number=1,
         manufacturer=MANUFACTURER,
         is_complete=True,
         is_final=False,
         is_verified=False,
-        previous_versions=[predecessor] if predecessor is not None else None,
         series_description=series_description(SR_SERIES_DESCRIPTION, source, result),
         manufacturer_model_name=MANUFACTURER_MODEL_NAME,
         software_versions=f"ctcovid {__version__}",
@@ -146,14 +151,76 @@ def build_sr(
         sr.ReferencedRequestSequence = requests
     apply_time_zone(sr, source)
     add_algorithm_equipment(sr, result.model)
+    if revision > 1:
+        assert predecessor_sop_instance_uid and predecessor_series_instance_uid  # checked above
+        _renumber(sr, revision, predecessor_sop_instance_uid, predecessor_series_instance_uid)
     validate_sr(sr, result)
     logger.debug(
         "Built SR %s (revision %d) for series %s",
-        sr_sop_uid,
+        sr.SOPInstanceUID,
         revision,
         result.series_instance_uid,
     )
     return sr
+
+
+def revise_sr(
+    first: Dataset,
+    revision: int,
+    predecessor_sop_instance_uid: str,
+    predecessor_series_instance_uid: str,
+) -> Dataset:
+    """Revision ``revision`` of the SR whose revision 1 is ``first`` (a copy; ``first`` is kept).
+
+    The same as ``build_sr(..., revision=revision, predecessor_...)`` of the result ``first``
+    reports: InstanceNumber ``revision``, the Predecessor Documents Sequence naming the SR it
+    replaces (PS3.3 C.17.2.3), and the SOP Instance UID of :func:`~ctcovid.report.uids.
+    sr_revision_uid`. Batch uses it to send the revision a destination needs from the SR file it
+    wrote, without the source images.
+
+    Raises
+    ------
+    ReportError
+        If ``first`` is not a revision 1 (InstanceNumber 1, no predecessor) or the revision
+        fails ``validate_sr``.
+    ValueError
+        If the revision is below 2 or the predecessor is missing.
+    """
+    series_uid = str(first.get("SeriesInstanceUID", ""))
+    if first.get("InstanceNumber") != 1 or "PredecessorDocumentsSequence" in first:
+        raise ReportError(
+            f"SR {first.get('SOPInstanceUID', '?')} of series {series_uid} is not a revision 1 "
+            "(InstanceNumber 1, no predecessor); a revision is made from revision 1 only."
+        )
+    if revision < 2:
+        raise ValueError(f"revise_sr makes revisions 2, 3, ... Received: revision={revision}.")
+    _check_predecessor(
+        series_uid, revision, predecessor_sop_instance_uid, predecessor_series_instance_uid
+    )
+    revised = copy.deepcopy(first)
+    _renumber(revised, revision, predecessor_sop_instance_uid, predecessor_series_instance_uid)
+    validate_sr(revised)
+    return revised
+
+
+def _renumber(sr: Dataset, revision: int, predecessor_sop: str, predecessor_series: str) -> None:
+    """Make revision-1 ``sr`` revision ``revision`` replacing the SR ``predecessor_sop``."""
+    uid = sr_revision_uid(str(sr.SOPInstanceUID), revision, predecessor_sop)
+    sr.SOPInstanceUID = uid
+    meta = getattr(sr, "file_meta", None)
+    if meta is not None and "MediaStorageSOPInstanceUID" in meta:
+        meta.MediaStorageSOPInstanceUID = uid
+    sr.InstanceNumber = revision
+    reference = Dataset()
+    reference.ReferencedSOPClassUID = Comprehensive3DSRStorage
+    reference.ReferencedSOPInstanceUID = predecessor_sop
+    series_item = Dataset()
+    series_item.SeriesInstanceUID = predecessor_series
+    series_item.ReferencedSOPSequence = [reference]
+    study_item = Dataset()
+    study_item.StudyInstanceUID = sr.StudyInstanceUID
+    study_item.ReferencedSeriesSequence = [series_item]
+    sr.PredecessorDocumentsSequence = [study_item]
 
 
 def write_sr(ds: Dataset, path: str | Path) -> Path:
@@ -214,37 +281,31 @@ def _evidence(result: ScanResult, series: Series) -> list[Dataset]:
     return evidence
 
 
-def _predecessor(
-    result: ScanResult,
+def _check_predecessor(
+    series_instance_uid: str,
     revision: int,
     sop_instance_uid: str | None,
-    series_instance_uid: str | None,
-) -> Dataset | None:
-    """The identifying attributes of the SR a revision replaces, for highdicom."""
+    predecessor_series_instance_uid: str | None,
+) -> None:
+    """A revision > 1 names the SR it replaces (both UIDs); revision 1 names none."""
     if not isinstance(revision, int) or isinstance(revision, bool) or revision < 1:
         raise ValueError(f"revision must be an integer >= 1. Received: revision={revision!r}.")
-    if (sop_instance_uid is None) != (series_instance_uid is None):
+    if (sop_instance_uid is None) != (predecessor_series_instance_uid is None):
         raise ValueError(
             "predecessor_sop_instance_uid and predecessor_series_instance_uid go together. "
-            f"Received: {sop_instance_uid!r} and {series_instance_uid!r}."
+            f"Received: {sop_instance_uid!r} and {predecessor_series_instance_uid!r}."
         )
     if revision == 1:
         if sop_instance_uid is not None:
             raise ValueError(
                 f"Revision 1 has no predecessor. Received: predecessor {sop_instance_uid}."
             )
-        return None
-    if sop_instance_uid is None or series_instance_uid is None:
+        return
+    if sop_instance_uid is None or predecessor_series_instance_uid is None:
         raise ValueError(
-            f"Series {result.series_instance_uid}: revision {revision} must name the SR it "
+            f"Series {series_instance_uid}: revision {revision} must name the SR it "
             "replaces, as sent (predecessor_sop_instance_uid, predecessor_series_instance_uid)."
         )
-    ds = Dataset()
-    ds.StudyInstanceUID = result.study_instance_uid
-    ds.SeriesInstanceUID = series_instance_uid
-    ds.SOPInstanceUID = sop_instance_uid
-    ds.SOPClassUID = Comprehensive3DSRStorage
-    return ds
 
 
 def _observation_context(result: ScanResult) -> hd.sr.ObservationContext:
@@ -342,7 +403,9 @@ def _measurement_group(
     )
     return hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
-            uid=tracking_uid(result.series_instance_uid, result.model.device_uid),
+            uid=tracking_uid(
+                result.study_instance_uid, result.series_instance_uid, result.model.name
+            ),
             identifier=TRACKING_IDENTIFIER,
         ),
         finding_type=codes.COVID_19,

@@ -9,13 +9,16 @@ derived, never drawn at random:
   stated precision, slice counts, threshold, label, key slices, window, slice policy, ingest
   settings, model name, version, device UID and runtime, and any field added later) without the
   keys in ``NON_CONTENT_KEYS`` (raw floats, timings, notes), :data:`REPORT_SCHEMA_VERSION`, the
-  revision, the report's own options and a fingerprint of the source header it copies. Not the
-  ctcovid version: a release that states the same thing states it with the same UID. A resend
-  of the same result is harmless; a corrected result is a new instance.
-- a **Series Instance UID** from the source study and series and the model's device UID only, so
-  that every revision of one result sits in one series;
-- the **Tracking UID** of the finding from the source series and the device UID, the same
-  across revisions.
+  report's own options and a fingerprint of the source header it copies. Not the ctcovid
+  version: a release that states the same thing states it with the same UID. A resend of the
+  same result is harmless; a corrected result is a new instance. That UID is revision 1's;
+  revision n > 1 of the same content derives from it, n and the predecessor's SOP Instance UID
+  (:func:`sr_revision_uid`), so whoever builds revision n of one result over one predecessor
+  (the node, batch, from the result or from the revision-1 file) builds the same UID.
+- a **Series Instance UID** from the source study and series and the model's *name* only, so
+  that every revision of one result sits in one series, whichever version, weights or runtime
+  (int8 after fp32, say) computed it;
+- the **Tracking UID** of the finding from the same three, the same across revisions.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from typing import Any
 from pydicom.dataset import Dataset
 
 from ctcovid.results import ScanResult
-from ctcovid.scans import PROBABILITY_DECIMALS, stated_probability
+from ctcovid.scans import stated_text
 
 # The UUID-derived root of PS3.5 B.2: "2.25." followed by a 128-bit integer in decimal.
 _ROOT = "2.25."
@@ -84,8 +87,7 @@ def result_fingerprint(result: ScanResult) -> str:
     fingerprint and fields added to ``ScanResult`` later take part without a change here.
     """
     content = {k: v for k, v in result.to_json_dict().items() if k not in NON_CONTENT_KEYS}
-    stated = stated_probability(result.probability_covid)
-    content["probability_covid"] = f"{stated:.{PROBABILITY_DECIMALS}f}"
+    content["probability_covid"] = stated_text(result.probability_covid)
     content["report_schema_version"] = REPORT_SCHEMA_VERSION
     text = json.dumps(content, sort_keys=True, separators=(",", ":"), default=_jsonable)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
@@ -117,39 +119,76 @@ def header_fingerprint(source: Dataset, keywords: Iterable[str]) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def sr_series_uid(study_instance_uid: str, series_instance_uid: str, device_uid: str) -> str:
-    """The SR series of one source series and model: the same for every revision."""
-    return derive_uid("ctcovid-sr-series", study_instance_uid, series_instance_uid, device_uid)
+def sr_series_uid(study_instance_uid: str, series_instance_uid: str, model_name: str) -> str:
+    """The SR series of one source series and model name: the same for every revision."""
+    return derive_uid("ctcovid-sr-series", study_instance_uid, series_instance_uid, model_name)
 
 
-def sr_sop_instance_uid(result: ScanResult, revision: int, *, context: Iterable[str] = ()) -> str:
-    """The SR's SOP Instance UID: what the result states, the revision and ``context``.
+def sr_revision_uid(first_uid: str, revision: int, predecessor_sop_instance_uid: str | None) -> str:
+    """The SOP Instance UID of revision ``revision`` of the SR whose revision 1 is ``first_uid``.
+
+    Revision 1 is ``first_uid`` itself and has no predecessor; a later revision derives from
+    the content (``first_uid``), its number and the SR it replaces.
+
+    Raises
+    ------
+    ValueError
+        If the revision is not an integer >= 1, or the predecessor is missing for a later
+        revision or given for revision 1.
+    """
+    _check_revision(revision)
+    if revision == 1:
+        if predecessor_sop_instance_uid:
+            raise ValueError(
+                f"Revision 1 has no predecessor. Received: {predecessor_sop_instance_uid}."
+            )
+        return first_uid
+    if not predecessor_sop_instance_uid:
+        raise ValueError(f"Revision {revision} must name the SR it replaces.")
+    return derive_uid("ctcovid-sr-revision", first_uid, str(revision), predecessor_sop_instance_uid)
+
+
+def sr_sop_instance_uid(
+    result: ScanResult,
+    revision: int = 1,
+    *,
+    context: Iterable[str] = (),
+    predecessor_sop_instance_uid: str | None = None,
+) -> str:
+    """The SR's SOP Instance UID: what the result states and ``context`` (revision 1), then
+    :func:`sr_revision_uid` for a later revision.
 
     ``context`` carries what else shapes the document (report options, the source header's
     fingerprint); callers pass the same texts for the same document.
     """
     _check_revision(revision)
-    return derive_uid(
-        "ctcovid-sr",
-        str(revision),
-        result_fingerprint(result),
-        *context,
-    )
+    first = derive_uid("ctcovid-sr", "1", result_fingerprint(result), *context)
+    return sr_revision_uid(first, revision, predecessor_sop_instance_uid)
 
 
 def sr_uids(
-    result: ScanResult, revision: int = 1, *, context: Iterable[str] = ()
+    result: ScanResult,
+    revision: int = 1,
+    *,
+    context: Iterable[str] = (),
+    predecessor_sop_instance_uid: str | None = None,
 ) -> tuple[str, str]:
     """Return ``(series_instance_uid, sop_instance_uid)`` of the SR reporting ``result``."""
     series_uid = sr_series_uid(
-        result.study_instance_uid, result.series_instance_uid, result.model.device_uid
+        result.study_instance_uid, result.series_instance_uid, result.model.name
     )
-    return series_uid, sr_sop_instance_uid(result, revision, context=context)
+    sop_uid = sr_sop_instance_uid(
+        result,
+        revision,
+        context=context,
+        predecessor_sop_instance_uid=predecessor_sop_instance_uid,
+    )
+    return series_uid, sop_uid
 
 
-def tracking_uid(series_instance_uid: str, device_uid: str) -> str:
+def tracking_uid(study_instance_uid: str, series_instance_uid: str, model_name: str) -> str:
     """Tracking Unique Identifier of the COVID-19 finding: the same across revisions."""
-    return derive_uid("ctcovid-tracking", series_instance_uid, device_uid)
+    return derive_uid("ctcovid-tracking", study_instance_uid, series_instance_uid, model_name)
 
 
 def heatmap_uids(
@@ -162,9 +201,9 @@ def heatmap_uids(
 ) -> tuple[str, list[str]]:
     """Return the Secondary Capture series UID and one SOP Instance UID per heatmap.
 
-    The series depends on the source series and the model only; each instance on the result's
-    content, the revision, its slice, its pixels (``pixel_digests``, one
-    per slice) and ``context``.
+    The series depends on the source study, series and the model's name only; each instance on
+    the result's content, the revision, its slice, its pixels (``pixel_digests``, one per slice)
+    and ``context``.
     """
     _check_revision(revision)
     if len(slice_indices) != len(pixel_digests):
@@ -175,7 +214,7 @@ def heatmap_uids(
         "ctcovid-heatmap-series",
         result.study_instance_uid,
         result.series_instance_uid,
-        result.model.device_uid,
+        result.model.name,
     )
     fingerprint = result_fingerprint(result)
     context = tuple(context)

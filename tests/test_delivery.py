@@ -1,0 +1,289 @@
+"""One current result per series at each destination: the delivery plan, the node's race, and
+batch and the node sending to a real Orthanc (C-STORE in, C-FIND asked first)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pydicom
+import pytest
+from node_helpers import LOOPBACK, Orthanc, free_port
+
+from ctcovid.batch import BatchOptions, run_batch
+from ctcovid.batch.results import CLASSIFIED, RESULTS_FILE, read_results
+from ctcovid.net.sender import SendSettings
+from ctcovid.node.config import NodeConfig
+from ctcovid.node.jobs import CLASSIFYING, SENT, PredecessorChanged
+from ctcovid.node.store import Store
+from ctcovid.node.worker import Worker
+from ctcovid.report.delivery import Delivered, plan_delivery
+from ctcovid.report.uids import sr_revision_uid
+
+FIRST = "2.25.1001"
+
+
+@dataclass(frozen=True)
+class Held:
+    sop_instance_uid: str
+    instance_number: int | None
+
+
+# -- the plan ----------------------------------------------------------------------------------
+
+
+def test_nothing_delivered_is_revision_1() -> None:
+    plan = plan_delivery(FIRST, "covid", 0.9, recorded=None, held=[])
+    assert (plan.revision, plan.predecessor_sop_instance_uid) == (1, None)
+    assert plan_delivery(FIRST, "covid", 0.9, recorded=None, held=None).revision == 1
+
+
+def test_the_very_report_held_is_not_sent_again_at_any_revision() -> None:
+    assert not plan_delivery(FIRST, "covid", 0.9, recorded=None, held=[Held(FIRST, 1)]).needed
+    second = sr_revision_uid(FIRST, 2, "2.25.7")
+    plan = plan_delivery(
+        FIRST, "covid", 0.9, recorded=None, held=[Held("2.25.7", 1), Held(second, 2)]
+    )
+    assert not plan.needed
+    assert plan.stands == Delivered(second, 2, "covid", 0.9, "2.25.7")
+
+
+def test_another_report_held_gets_the_next_revision_naming_the_newest() -> None:
+    held = [Held("2.25.8", 2), Held("2.25.7", 1), Held("2.25.99", None)]
+    plan = plan_delivery(FIRST, "covid", 0.9, recorded=None, held=held)
+    assert (plan.revision, plan.predecessor_sop_instance_uid) == (3, "2.25.8")
+
+
+def test_the_record_tells_a_clinically_unchanged_result() -> None:
+    recorded = Delivered("2.25.7", 1, "covid", 0.9)
+    same = plan_delivery(FIRST, "covid", 0.9004, recorded=recorded, held=[Held("2.25.7", 1)])
+    assert not same.needed and same.stands == recorded
+    changed = plan_delivery(FIRST, "covid", 0.91, recorded=recorded, held=[Held("2.25.7", 1)])
+    assert (changed.revision, changed.predecessor_sop_instance_uid) == (2, "2.25.7")
+    flipped = plan_delivery(FIRST, "non-covid", 0.9, recorded=recorded, held=None)
+    assert (flipped.revision, flipped.predecessor_sop_instance_uid) == (2, "2.25.7")
+    # The destination holds a newer revision than the record knows: its content is unknown.
+    newer = plan_delivery(
+        FIRST, "covid", 0.9, recorded=recorded, held=[Held("2.25.7", 1), Held("2.25.8", 2)]
+    )
+    assert (newer.revision, newer.predecessor_sop_instance_uid) == (3, "2.25.8")
+
+
+# -- the node's race, replayed on the job database ---------------------------------------------
+
+
+def _store_with_series(tmp_path: Path, files: list[Path]) -> Store:
+    store = Store(tmp_path / "store")
+    for path in files:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        store.put_instance(
+            path.read_bytes(),
+            study_instance_uid=ds.StudyInstanceUID,
+            series_instance_uid=ds.SeriesInstanceUID,
+            sop_instance_uid=ds.SOPInstanceUID,
+            sop_class_uid=ds.SOPClassUID,
+        )
+    return store
+
+
+def _finish(store: Store, record, revision: int, sop: str, label: str) -> bool:
+    path = store.files.sr_path(record.series_instance_uid, sop)
+    store.files.write_file(path, b"sr")
+    return store.finish_classified(
+        record, revision=revision, sr_path=path, sr_sop_instance_uid=sop,
+        probability_covid=0.9 if label == "covid" else 0.1, label=label, classify_seconds=1.0,
+    )
+
+
+def test_a_send_finishing_while_the_series_is_classified_again_makes_the_next_revision(
+    tmp_path: Path, studies_root: Path
+) -> None:
+    files = sorted((studies_root / "study_000" / "ct").glob("*.dcm"))
+    store = _store_with_series(tmp_path, files[:-1])
+    jobs = store.jobs
+    jobs.promote_stable(0.0)
+    first = jobs.claim_next()
+    assert _finish(store, first, 1, "2.25.101", "covid")  # A, revision 1, its send starts
+    (sending,) = jobs.due_sends()
+
+    _store_with_series(tmp_path, files[-1:])  # a late instance: classify again
+    jobs.promote_stable(0.0)
+    again = jobs.claim_next()
+    assert again is not None and again.sent_revision == 0
+    assert jobs.mark_sent(sending) is False  # A delivered; the job has moved on
+    with pytest.raises(PredecessorChanged) as raised:
+        _finish(store, again, 1, "2.25.102", "non-covid")  # B built as revision 1: refused
+    now = raised.value.record
+    assert (now.state, now.sent_revision, now.sent_label) == (CLASSIFYING, 1, "covid")
+    assert now.sent_sr_path.endswith("2.25.101.dcm")
+    assert _finish(store, now, 2, "2.25.103", "non-covid")  # B as revision 2, naming A
+    (record,) = jobs.list_series()
+    assert (record.revision, record.sent_revision, record.sr_sop_instance_uid) == (
+        2, 1, "2.25.103"
+    )
+
+
+def test_a_clinically_unchanged_result_is_not_sent_again(
+    tmp_path: Path, studies_root: Path
+) -> None:
+    files = sorted((studies_root / "study_000" / "ct").glob("*.dcm"))
+    store = _store_with_series(tmp_path, files[:-1])
+    jobs = store.jobs
+    jobs.promote_stable(0.0)
+    assert _finish(store, jobs.claim_next(), 1, "2.25.201", "covid")
+    (sending,) = jobs.due_sends()
+    assert jobs.mark_sent(sending)
+    _store_with_series(tmp_path, files[-1:])
+    jobs.promote_stable(0.0)
+    again = jobs.claim_next()
+    assert (again.sent_label, again.sent_probability) == ("covid", 0.9)
+    assert jobs.finish_unchanged(again, probability_covid=0.9, label="covid", classify_seconds=1)
+    (record,) = jobs.list_series()
+    assert (record.state, record.revision, record.sent_revision) == (SENT, 1, 1)
+    assert "revision 1 stands" in record.reason
+    assert jobs.due_sends() == []
+
+
+# -- batch and the node sending to Orthanc ------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Orthanc]:
+    server = Orthanc(tmp_path_factory.mktemp("orthanc"), free_port())
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope="module")
+def classifier(tiny_model_dir: Path):
+    from ctcovid.inference import Classifier
+
+    return Classifier.from_file(tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory: pytest.TempPathFactory, studies_root: Path) -> Path:
+    root = tmp_path_factory.mktemp("delivery-archive")
+    for study in ("study_000", "study_001"):
+        shutil.copytree(studies_root / study / "ct", root / study)
+    return root
+
+
+def _batch(classifier, model: Path, archive: Path, out: Path, orthanc: Orthanc, batch_size: int):
+    classifier.batch_size = batch_size
+    options = BatchOptions(
+        archive, out, model, workers=0, batch_size=batch_size,
+        destinations=(SendSettings.c_store(f"127.0.0.1:{orthanc.dicom_port}:{orthanc.aet}"),),
+    )
+    summary = run_batch(options, classifier=classifier)
+    rows = [r for r in read_results(out / RESULTS_FILE) if r.status == CLASSIFIED]
+    return summary, {r.series_instance_uid: r for r in rows}
+
+
+def _sr_files_in_orthanc(orthanc: Orthanc, study_uid: str) -> list[pydicom.Dataset]:
+    """Every SR Orthanc holds in one study, read from its stored files."""
+    found = orthanc.request(
+        "POST", "/tools/find",
+        json.dumps({"Level": "Instance", "Query": {"StudyInstanceUID": study_uid,
+                                                    "Modality": "SR"}}).encode(),
+    )
+    out = []
+    for instance in found:
+        url = f"http://127.0.0.1:{orthanc.http_port}/instances/{instance}/file"
+        with LOOPBACK.open(url, timeout=60) as response:
+            out.append(pydicom.dcmread(pydicom.filebase.DicomBytesIO(response.read())))
+    return sorted(out, key=lambda ds: (str(ds.SeriesInstanceUID), int(ds.InstanceNumber)))
+
+
+def _predecessor(sr: pydicom.Dataset) -> str:
+    (study,) = sr.PredecessorDocumentsSequence
+    (series,) = study.ReferencedSeriesSequence
+    (reference,) = series.ReferencedSOPSequence
+    assert series.SeriesInstanceUID == sr.SeriesInstanceUID
+    return str(reference.ReferencedSOPInstanceUID)
+
+
+def _flipping_model(tiny_model_dir: Path, target: Path, probabilities: list[float]) -> Path:
+    """A copy of the tiny model whose threshold flips the label of exactly one series: the
+    one nearest the original threshold."""
+    shutil.copytree(tiny_model_dir, target)
+    meta = json.loads((target / "ctcovid.json").read_text())
+    threshold = meta["threshold"]
+    nearest = min(probabilities, key=lambda p: abs(p - threshold))
+    assert probabilities.count(nearest) == 1
+    meta["threshold"] = round(nearest + 0.001, 3) if nearest >= threshold else nearest
+    (target / "ctcovid.json").write_text(json.dumps(meta))
+    return target
+
+
+def test_batch_runs_at_other_batch_sizes_then_a_changed_model_keep_one_current_sr(
+    classifier, tiny_model_dir: Path, archive: Path, orthanc: Orthanc, tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="ctcovid.batch.destinations")
+    _, first = _batch(classifier, tiny_model_dir, archive, tmp_path / "run1", orthanc, 7)
+    _, second = _batch(classifier, tiny_model_dir, archive, tmp_path / "run2", orthanc, 32)
+    assert len(first) == 2
+    # The second run asked Orthanc (C-FIND), found this very report and sent nothing.
+    assert caplog.text.count("is this very report") == 2
+    for uid, row in first.items():
+        (sr,) = _sr_files_in_orthanc(orthanc, row.study_instance_uid)
+        assert Path(second[uid].sr_path).name == Path(row.sr_path).name
+        assert Path(row.sr_path).name == f"{sr.SOPInstanceUID}.dcm"
+        assert sr.InstanceNumber == 1
+
+    model = _flipping_model(
+        tiny_model_dir, tmp_path / "model2", [r.probability_covid for r in first.values()]
+    )
+    _, third = _batch(classifier, model, archive, tmp_path / "run3", orthanc, 16)
+    flipped = [uid for uid in first if third[uid].label != first[uid].label]
+    assert len(flipped) == 1
+    for row in first.values():
+        revisions = _sr_files_in_orthanc(orthanc, row.study_instance_uid)
+        # A new run folder knows revision 1 only by its UID: the result it states now (another
+        # threshold; for one series another label) goes as revision 2 naming revision 1.
+        assert [int(sr.InstanceNumber) for sr in revisions] == [1, 2]
+        old, new = revisions
+        assert new.SeriesInstanceUID == old.SeriesInstanceUID
+        assert _predecessor(new) == old.SOPInstanceUID
+        assert new.SOPInstanceUID != old.SOPInstanceUID
+    # The changed model again, in a fourth folder at another batch size: revision 2 there is
+    # this very report (its UID derives from the content, 2 and revision 1), so nothing is sent.
+    caplog.clear()
+    _batch(classifier, model, archive, tmp_path / "run4", orthanc, 32)
+    assert caplog.text.count("revision 2 (") == 2
+    assert caplog.text.count("is this very report") == 2
+    for row in first.values():
+        assert len(_sr_files_in_orthanc(orthanc, row.study_instance_uid)) == 2
+
+
+def test_node_then_batch_over_the_same_study_put_one_sr_into_orthanc(
+    classifier, tiny_model_dir: Path, studies_root: Path, orthanc: Orthanc, tmp_path: Path,
+) -> None:
+    from ctcovid.net.peers import Peer
+
+    files = sorted(p for p in (studies_root / "study_002" / "ct").iterdir() if p.is_file())
+    config = NodeConfig(
+        store=tmp_path / "store", peer=Peer("127.0.0.1", orthanc.dicom_port, orthanc.aet),
+        stable_seconds=0, retry_seconds=0, min_free_mb=0,
+    )
+    worker = Worker(config, _store_with_series(tmp_path, files), classifier)
+    for _ in range(5):
+        if not worker.step():
+            break
+    (record,) = worker.store.jobs.list_series()
+    assert record.state == SENT
+    study = record.study_instance_uid
+    (sent,) = _sr_files_in_orthanc(orthanc, study)
+
+    archive = tmp_path / "archive"
+    shutil.copytree(studies_root / "study_002" / "ct", archive / "study_002")
+    _, rows = _batch(classifier, tiny_model_dir, archive, tmp_path / "run", orthanc, 32)
+    assert Path(rows[record.series_instance_uid].sr_path).name == f"{sent.SOPInstanceUID}.dcm"
+    assert [sr.SOPInstanceUID for sr in _sr_files_in_orthanc(orthanc, study)] == [
+        sent.SOPInstanceUID
+    ]
