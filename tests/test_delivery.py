@@ -15,10 +15,11 @@ import pytest
 from node_helpers import LOOPBACK, Orthanc, free_port
 
 from ctcovid.batch import BatchOptions, run_batch
-from ctcovid.batch.results import CLASSIFIED, RESULTS_FILE, read_results
+from ctcovid.batch.results import CLASSIFIED as ROW_CLASSIFIED
+from ctcovid.batch.results import RESULTS_FILE, read_results
 from ctcovid.net.sender import SendSettings
 from ctcovid.node.config import NodeConfig
-from ctcovid.node.jobs import CLASSIFYING, SENT, PredecessorChanged
+from ctcovid.node.jobs import CLASSIFIED, CLASSIFYING, SENT, PredecessorChanged
 from ctcovid.node.store import Store
 from ctcovid.node.worker import Worker
 from ctcovid.report.delivery import Delivered, plan_delivery
@@ -180,7 +181,7 @@ def _batch(classifier, model: Path, archive: Path, out: Path, orthanc: Orthanc, 
         destinations=(SendSettings.c_store(f"127.0.0.1:{orthanc.dicom_port}:{orthanc.aet}"),),
     )
     summary = run_batch(options, classifier=classifier)
-    rows = [r for r in read_results(out / RESULTS_FILE) if r.status == CLASSIFIED]
+    rows = [r for r in read_results(out / RESULTS_FILE) if r.status == ROW_CLASSIFIED]
     return summary, {r.series_instance_uid: r for r in rows}
 
 
@@ -287,3 +288,91 @@ def test_node_then_batch_over_the_same_study_put_one_sr_into_orthanc(
     assert [sr.SOPInstanceUID for sr in _sr_files_in_orthanc(orthanc, study)] == [
         sent.SOPInstanceUID
     ]
+
+
+def test_a_result_stored_while_the_previous_sr_was_in_flight_goes_as_the_next_revision(
+    tmp_path: Path, studies_root: Path
+) -> None:
+    files = sorted((studies_root / "study_000" / "ct").glob("*.dcm"))
+    store = _store_with_series(tmp_path, files[:-1])
+    jobs = store.jobs
+    jobs.promote_stable(0.0)
+    assert _finish(store, jobs.claim_next(), 1, "2.25.301", "covid")
+    (sending,) = jobs.due_sends()  # A in flight
+    _store_with_series(tmp_path, files[-1:])
+    jobs.promote_stable(0.0)
+    assert _finish(store, jobs.claim_next(), 1, "2.25.302", "non-covid")  # B, before A lands
+    assert jobs.mark_sent(sending) is False  # A delivered: B named no predecessor
+    (record,) = jobs.list_series()
+    assert (record.state, record.sent_revision) == ("waiting", 1)
+    assert "classifying again" in record.reason
+    again = jobs.claim_next()
+    assert again is not None and again.sent_sr_path.endswith("2.25.301.dcm")
+
+
+def test_node_race_end_to_end_with_a_pacs_that_holds_the_first_send(
+    tmp_path: Path, studies_root: Path, classifier
+) -> None:
+    """The first SR's send outlasts ``stable_seconds``; a late instance is classified meanwhile.
+    The PACS ends up with revision 1 and a revision 2 that names it, never two revisions 1."""
+    import threading
+    import time
+
+    from pynetdicom import AE, evt
+    from pynetdicom.sop_class import Comprehensive3DSRStorage
+
+    from ctcovid.net.peers import Peer
+
+    received: list[pydicom.Dataset] = []
+    in_flight, release = threading.Event(), threading.Event()
+
+    def handle(event: evt.Event) -> int:
+        if not received and not release.is_set():
+            in_flight.set()
+            release.wait(120)
+        received.append(event.dataset)
+        return 0x0000
+
+    ae = AE(ae_title="PACS")
+    ae.add_supported_context(Comprehensive3DSRStorage)
+    server = ae.start_server(
+        ("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, handle)]
+    )
+    config = NodeConfig(
+        store=tmp_path / "store", peer=Peer("127.0.0.1", server.server_address[1], "PACS"),
+        stable_seconds=0.5, poll_seconds=0.1, retry_seconds=0, min_free_mb=0,
+    )
+    files = sorted(p for p in (studies_root / "study_001" / "ct").iterdir() if p.is_file())
+    worker = Worker(config, _store_with_series(tmp_path, files[:-1]), classifier)
+    stop = threading.Event()
+    thread = threading.Thread(target=worker.run, args=(stop,), daemon=True)
+    thread.start()
+    try:
+        assert in_flight.wait(120), "the first SR never reached the PACS"
+        (a,) = worker.store.jobs.list_series()
+        _store_with_series(tmp_path, files[-1:])  # the late instance, while A is in flight
+        deadline = time.monotonic() + 120
+
+        def now():
+            (record,) = worker.store.jobs.list_series()
+            return record
+
+        while now().state != CLASSIFIED or now().sr_sop_instance_uid == a.sr_sop_instance_uid:
+            assert time.monotonic() < deadline, f"the late instance was not classified: {now()}"
+            time.sleep(0.1)
+        assert now().revision == 1  # B, built while A was not yet delivered
+        release.set()  # A lands after B was stored
+        while len(received) < 2 or now().state != SENT:
+            assert time.monotonic() < deadline, f"no revision 2 was sent: {now()}"
+            time.sleep(0.1)
+    finally:
+        release.set()
+        stop.set()
+        thread.join(60)
+        server.shutdown()
+    first, revised = received
+    assert (first.InstanceNumber, revised.InstanceNumber) == (1, 2)
+    assert revised.SeriesInstanceUID == first.SeriesInstanceUID
+    assert _predecessor(revised) == first.SOPInstanceUID
+    (record,) = worker.store.jobs.list_series()
+    assert (record.revision, record.sent_revision) == (2, 2)

@@ -19,7 +19,9 @@ state             meaning, and the transitions out of it (method)
                   is stale)
 ``classified``    SR built and stored, to be sent (``attempts``, ``next_try``); ``sent``
                   (:meth:`~JobDatabase.mark_sent`), or a failed send: ``classified`` again
-                  later, ``failed`` after the last attempt (:meth:`~JobDatabase.mark_send_failed`)
+                  later, ``failed`` after the last attempt (:meth:`~JobDatabase.mark_send_failed`);
+                  ``waiting`` when an earlier SR of the series is delivered while this one waits
+                  (it names an older predecessor: classified again)
 ``sent``          the peer accepted the SR (revision ``sent_revision``, file ``sent_sr_path``,
                   its label and stated probability ``sent_label``, ``sent_probability``); or
                   the series was classified again and the result is clinically the same as
@@ -105,7 +107,7 @@ TRANSITIONS: dict[str, tuple[frozenset[JobState], frozenset[JobState]]] = {
     "finish_unusable": (frozenset({CLASSIFYING}), frozenset({UNUSABLE, RECEIVED})),
     "finish_failed": (frozenset({CLASSIFYING}), frozenset({FAILED, RECEIVED})),
     "defer_classification": (frozenset({CLASSIFYING}), frozenset({WAITING, RECEIVED})),
-    "mark_sent": (frozenset({CLASSIFIED}), frozenset({SENT})),
+    "mark_sent": (frozenset({CLASSIFIED}), frozenset({SENT, WAITING})),
     "mark_send_failed": (frozenset({CLASSIFIED}), frozenset({CLASSIFIED, FAILED})),
     "resume": (frozenset({CLASSIFYING}), frozenset({WAITING, FAILED})),
     "retry": (frozenset({FAILED}), frozenset({CLASSIFIED, WAITING})),
@@ -672,7 +674,10 @@ class JobDatabase:
     def mark_sent(self, record: SeriesRecord) -> bool:
         """``classified`` -> ``sent``. The peer has revision ``record.revision``, whatever
         happened to the series since: that is recorded in any case (it is the predecessor of
-        the next revision). False when the job moved on (it keeps its new state).
+        the next revision). False when the job moved on (it keeps its new state); a newer
+        result that was stored meanwhile as a revision not above this one (it was built before
+        this delivery was known, naming an older predecessor) goes back to ``waiting`` to be
+        classified again as the revision after this one, never sent beside it.
         """
         _require("mark_sent", record)
         now = time.time()
@@ -700,11 +705,34 @@ class JobDatabase:
             cur = db.execute(
                 "UPDATE series SET state = ?, reason = '', attempts = attempts + 1 "
                 "WHERE study_instance_uid = ? AND series_instance_uid = ? AND state = ? "
-                "AND revision = ?",
-                (SENT, *_key(record), CLASSIFIED, record.revision),
+                "AND sr_path = ?",
+                (SENT, *_key(record), CLASSIFIED, record.sr_path),
             )
             moved = cur.rowcount == 1
-        if not moved:
+            # A newer result stored while this SR was in flight was built on the older
+            # predecessor: classify it again, so that it goes as the revision after this one.
+            stale = db.execute(
+                "UPDATE series SET state = ?, next_try = 0, classify_attempts = 0, reason = ? "
+                "WHERE study_instance_uid = ? AND series_instance_uid = ? AND state = ? "
+                "AND sr_path != ? AND revision <= ?",
+                (
+                    WAITING,
+                    f"revision {record.revision} was delivered while a newer result waited to "
+                    "be sent; classifying again to state the revision after it",
+                    *_key(record),
+                    CLASSIFIED,
+                    record.sr_path,
+                    record.revision,
+                ),
+            ).rowcount
+        if stale:
+            logger.info(
+                "event=requeued_after_delivery study=%s series=%s delivered_revision=%d",
+                record.study_instance_uid,
+                record.series_instance_uid,
+                record.revision,
+            )
+        elif not moved:
             self._refused("mark_sent", record)
         return moved
 
@@ -744,7 +772,7 @@ class JobDatabase:
             cur = db.execute(
                 "UPDATE series SET state = ?, reason = ?, attempts = ?, next_try = ?, "
                 "updated_at = ? WHERE study_instance_uid = ? AND series_instance_uid = ? "
-                "AND state = ? AND revision = ?",
+                "AND state = ? AND sr_path = ?",
                 (
                     state,
                     reason,
@@ -753,7 +781,7 @@ class JobDatabase:
                     now,
                     *_key(record),
                     CLASSIFIED,
-                    record.revision,
+                    record.sr_path,
                 ),
             )
             moved = cur.rowcount == 1
@@ -798,8 +826,8 @@ class JobDatabase:
         now = time.time()
         with self._transaction() as db:
             query = (
-                "SELECT study_instance_uid, series_instance_uid, sr_path FROM series "
-                "WHERE state = ?"
+                "SELECT study_instance_uid, series_instance_uid, sr_path, revision, "
+                "sent_revision FROM series WHERE state = ?"
             )
             args: tuple[Any, ...] = (FAILED,)
             if series_instance_uid is not None:
@@ -809,8 +837,9 @@ class JobDatabase:
                 query += " AND study_instance_uid = ?"
                 args = (*args, study_instance_uid)
             rows = db.execute(query, args).fetchall()
-            for study, uid, sr_path in rows:
-                if sr_path and sr_exists(sr_path):
+            for study, uid, sr_path, revision, sent_revision in rows:
+                # An SR at or below the delivered revision names an older predecessor.
+                if sr_path and revision > sent_revision and sr_exists(sr_path):
                     db.execute(
                         "UPDATE series SET state = ?, reason = '', attempts = 0, next_try = ?, "
                         "updated_at = ? WHERE study_instance_uid = ? AND series_instance_uid = ?",
