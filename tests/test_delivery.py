@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from node_helpers import LOOPBACK, Orthanc, free_port
+from node_helpers import LOOPBACK, Orthanc, orthanc_with_dicomweb
 
 from ctcovid.batch import BatchOptions, run_batch
 from ctcovid.batch.results import CLASSIFIED as ROW_CLASSIFIED
@@ -154,7 +154,8 @@ def test_a_clinically_unchanged_result_is_not_sent_again(
 
 @pytest.fixture(scope="module")
 def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Orthanc]:
-    server = Orthanc(tmp_path_factory.mktemp("orthanc"), free_port())
+    """Orthanc taking C-STORE and C-FIND, and STOW-RS and QIDO-RS at ``dicomweb_url``."""
+    server = orthanc_with_dicomweb(tmp_path_factory.mktemp("orthanc"))
     yield server
     server.close()
 
@@ -174,11 +175,18 @@ def archive(tmp_path_factory: pytest.TempPathFactory, studies_root: Path) -> Pat
     return root
 
 
-def _batch(classifier, model: Path, archive: Path, out: Path, orthanc: Orthanc, batch_size: int):
+def _batch(
+    classifier, model: Path, archive: Path, out: Path, orthanc: Orthanc, batch_size: int,
+    *, stow: bool = False,
+):
     classifier.batch_size = batch_size
+    destination = (
+        SendSettings.stow_rs(orthanc.dicomweb_url)
+        if stow
+        else SendSettings.c_store(f"127.0.0.1:{orthanc.dicom_port}:{orthanc.aet}")
+    )
     options = BatchOptions(
-        archive, out, model, workers=0, batch_size=batch_size,
-        destinations=(SendSettings.c_store(f"127.0.0.1:{orthanc.dicom_port}:{orthanc.aet}"),),
+        archive, out, model, workers=0, batch_size=batch_size, destinations=(destination,)
     )
     summary = run_batch(options, classifier=classifier)
     rows = [r for r in read_results(out / RESULTS_FILE) if r.status == ROW_CLASSIFIED]
@@ -227,10 +235,12 @@ def test_batch_runs_at_other_batch_sizes_then_a_changed_model_keep_one_current_s
 ) -> None:
     caplog.set_level(logging.INFO, logger="ctcovid.batch.destinations")
     _, first = _batch(classifier, tiny_model_dir, archive, tmp_path / "run1", orthanc, 7)
-    _, second = _batch(classifier, tiny_model_dir, archive, tmp_path / "run2", orthanc, 32)
+    summary, second = _batch(classifier, tiny_model_dir, archive, tmp_path / "run2", orthanc, 32)
     assert len(first) == 2
     # The second run asked Orthanc (C-FIND), found this very report and sent nothing.
     assert caplog.text.count("is this very report") == 2
+    (outcome,) = summary["sent"].values()
+    assert (outcome["sent"], outcome["unchanged"], outcome["failed"]) == (0, 2, 0)
     for uid, row in first.items():
         (sr,) = _sr_files_in_orthanc(orthanc, row.study_instance_uid)
         assert Path(second[uid].sr_path).name == Path(row.sr_path).name
@@ -260,6 +270,24 @@ def test_batch_runs_at_other_batch_sizes_then_a_changed_model_keep_one_current_s
     assert caplog.text.count("is this very report") == 2
     for row in first.values():
         assert len(_sr_files_in_orthanc(orthanc, row.study_instance_uid)) == 2
+
+
+def test_batch_by_stow_asks_qido_first_and_sends_one_sr_per_series(
+    classifier, tiny_model_dir: Path, studies_root: Path, orthanc: Orthanc, tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    pytest.importorskip("dicomweb_client", reason="pip install 'ctcovid[dicomweb]'")
+    caplog.set_level(logging.INFO, logger="ctcovid.batch.destinations")
+    archive = tmp_path / "archive"
+    shutil.copytree(studies_root / "study_003" / "ct", archive / "study_003")
+    _, first = _batch(classifier, tiny_model_dir, archive, tmp_path / "a", orthanc, 7, stow=True)
+    _, again = _batch(classifier, tiny_model_dir, archive, tmp_path / "b", orthanc, 32, stow=True)
+    (row,) = first.values()
+    (sr,) = _sr_files_in_orthanc(orthanc, row.study_instance_uid)
+    assert Path(row.sr_path).name == f"{sr.SOPInstanceUID}.dcm"
+    assert again[row.series_instance_uid].sr_path == row.sr_path
+    assert caplog.text.count("is this very report") == 1
+    assert "destination_not_queryable" not in caplog.text
 
 
 def test_node_then_batch_over_the_same_study_put_one_sr_into_orthanc(

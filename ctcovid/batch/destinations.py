@@ -54,6 +54,7 @@ logger = logging.getLogger(__name__)
 
 SENT_FILE = "sent.sqlite"
 SENT = "sent"
+UNCHANGED = "unchanged"  # not sent: the destination holds this result already
 FAILED = "failed"
 PENDING = "pending"
 SCHEMA = """
@@ -149,7 +150,7 @@ class SrForwarder:
         if row.status != CLASSIFIED or not row.sr_path:
             return
         for name in self._senders:
-            if self._state(row.sr_path, name) == SENT:
+            if self._state(row.sr_path, name) in (SENT, UNCHANGED):
                 continue
             self._record(row, name, PENDING, 0, "")
             self._push(time.monotonic(), name, row, 0)
@@ -308,7 +309,7 @@ class SrForwarder:
 
     def _unchanged(self, name: str, row: ResultRow, plan: Delivery, first: Dataset) -> None:
         """Nothing to send: the destination holds this result already (recorded as sent)."""
-        self._record(row, name, SENT, 0, "")
+        self._record(row, name, UNCHANGED, 0, "")
         if plan.stands is not None:  # now known, if another sender delivered it
             self._record_delivery(name, first, row, plan.stands, row.sr_path)
         logger.info(
@@ -331,7 +332,9 @@ class SrForwarder:
                     "SELECT state, error, series_instance_uid FROM sends WHERE destination = ?",
                     (name,),
                 ).fetchall()
-                counts = {state: sum(r[0] == state for r in rows) for state in (SENT, FAILED)}
+                counts = {
+                    state: sum(r[0] == state for r in rows) for state in (SENT, UNCHANGED, FAILED)
+                }
                 errors = [f"series {uid}: {err}" for state, err, uid in rows if state == FAILED]
                 out[name] = counts | {"errors": errors[:10]}
             self._db.close()
