@@ -96,6 +96,8 @@ def test_orthanc_sends_a_study_and_gets_the_sr_back_in_the_same_study(
     finally:
         orthanc.close()
     assert node.terminate() == 0  # SIGTERM: stop accepting, finish, exit 0
+    # The worker got the same SIGTERM: its exit is a stop, never a death to alert on.
+    assert "event=worker_died" not in node.text() and "worker_restart" not in node.text()
 
 
 def test_kill_9_after_receive_with_pacs_down_delivers_exactly_one_sr_later(

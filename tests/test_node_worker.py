@@ -381,6 +381,47 @@ def test_supervisor_restarts_a_worker_whose_heartbeat_stops() -> None:
     assert started[0].exitcode is not None  # the stalled one was killed, not left running
 
 
+def _exits_cleanly(heartbeat) -> None:
+    """A worker process that obeys a stop at once (SIGTERM to the group)."""
+
+
+def test_a_worker_stopping_with_the_node_is_not_a_death(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import multiprocessing
+
+    from ctcovid.node import service
+    from ctcovid.node.service import WorkerSupervisor
+
+    monkeypatch.setattr(service, "STOP_GRACE_SECONDS", 0.5)
+    mp = multiprocessing.get_context("spawn")
+    lost: list[float] = []
+    stopping = threading.Event()
+
+    def start(heartbeat):
+        process = mp.Process(target=_exits_cleanly, args=(heartbeat,), daemon=True)
+        process.start()
+        process.join(60)  # it has exited before the node's own stop shows
+        return process
+
+    supervisor = WorkerSupervisor(
+        start, lambda: mp.Value("d", 0.0, lock=False), stall_seconds=60,
+        on_lost=lambda: lost.append(time.monotonic()), stopping=stopping.is_set,
+    )
+    supervisor.start()
+    threading.Timer(0.1, stopping.set).start()  # the node's SIGTERM handler, a moment later
+    supervisor.poll()
+    assert (lost, supervisor.restarts, supervisor.process) == ([], 0, None)
+    assert "worker_died" not in caplog.text
+
+    # The same clean exit while the node runs on (a SIGTERM to the worker alone): restarted.
+    stopping.clear()
+    supervisor.start()
+    supervisor.poll()
+    assert supervisor.restarts == 1 and len(lost) == 1
+    assert "event=worker_died exitcode=0" in caplog.text
+
+
 def test_a_decompression_bomb_fails_its_series_alone_under_the_memory_limit(
     tmp_path: Path, studies_root: Path, unbounded_model_dir: Path, pacs
 ):

@@ -34,6 +34,8 @@ NODE_LOCK_FILE = "node.lock"
 WORKER_STOP_SECONDS = 300.0
 # Open associations get this long to finish after SIGTERM, then they are cut (the peer resends).
 LISTENER_DRAIN_SECONDS = 5.0
+# How long a worker that exited cleanly waits for the node's own stop to show (see poll).
+STOP_GRACE_SECONDS = 2.0
 MAX_WORKER_RESTART_DELAY_SECONDS = 60.0
 
 
@@ -45,6 +47,10 @@ class WorkerSupervisor:
 
     ``start_process(heartbeat)`` starts a worker with a fresh shared heartbeat value;
     ``on_lost()`` runs after a worker was lost (the node puts its job back in the queue).
+    ``stopping()`` says whether the node is stopping: a worker that exits then has stopped, not
+    died. A clean exit (code 0) is the worker obeying a stop: SIGTERM to the process group
+    reaches it at the same moment as the node, so the node's own stop is given
+    ``STOP_GRACE_SECONDS`` to show before the exit counts as a death.
     """
 
     def __init__(
@@ -54,11 +60,13 @@ class WorkerSupervisor:
         *,
         stall_seconds: float,
         on_lost: Callable[[], object],
+        stopping: Callable[[], bool] = lambda: False,
     ) -> None:
         self.start_process = start_process
         self.make_heartbeat = make_heartbeat
         self.stall_seconds = stall_seconds
         self.on_lost = on_lost
+        self.stopping = stopping
         self.process: Any = None
         self.heartbeat: Any = None
         self.restarts = 0
@@ -77,6 +85,10 @@ class WorkerSupervisor:
         if process is not None:
             lost = False
             if not process.is_alive():
+                if self._stopped_cleanly(process):
+                    logger.info("event=worker_stopped_with_node exitcode=%s", process.exitcode)
+                    self.process, self.restart_at = None, None
+                    return
                 lost = True
                 logger.error("event=worker_died exitcode=%s", process.exitcode)
             else:
@@ -99,6 +111,19 @@ class WorkerSupervisor:
                 self.process, self.restart_at = None, now + delay
         if self.process is None and self.restart_at is not None and now >= self.restart_at:
             self.start()
+
+    def _stopped_cleanly(self, process: Any) -> bool:
+        """Whether the exited ``process`` stopped because the node is stopping."""
+        if self.stopping():
+            return True
+        if process.exitcode != 0:
+            return False
+        deadline = time.monotonic() + STOP_GRACE_SECONDS
+        while time.monotonic() < deadline:
+            if self.stopping():
+                return True
+            time.sleep(0.05)
+        return False
 
     def stop(self, timeout_seconds: float) -> None:
         """Wait for the worker (already asked to stop) to exit; kill it after the timeout."""
@@ -230,13 +255,15 @@ class Node:
             lambda: self._mp.Value("d", 0.0, lock=False),
             stall_seconds=config.worker_stall_seconds,
             on_lost=lambda: store.jobs.resume(config.max_attempts),
+            stopping=lambda: self._stop_requested,
         )
         supervisor.start()
         try:
             while not self._stop_requested:
                 time.sleep(0.25)
                 self._drain_events()
-                supervisor.poll()
+                if not self._stop_requested:
+                    supervisor.poll()
         finally:
             logger.info("event=node_stopping")
             # The worker first: it finishes its job and abandons a send at once, meanwhile
