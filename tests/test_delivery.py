@@ -404,3 +404,60 @@ def test_node_race_end_to_end_with_a_pacs_that_holds_the_first_send(
     assert _predecessor(revised) == first.SOPInstanceUID
     (record,) = worker.store.jobs.list_series()
     assert (record.revision, record.sent_revision) == (2, 2)
+
+
+def test_the_node_does_not_resend_a_result_that_states_the_same(
+    tmp_path: Path, studies_root: Path, classifier
+) -> None:
+    """An instance replaced by one that differs outside its pixels reopens the series; the
+    result is the same, so the PACS gets nothing new and the job says which revision stands."""
+    from io import BytesIO
+
+    from pynetdicom import AE, evt
+    from pynetdicom.sop_class import Comprehensive3DSRStorage
+
+    from ctcovid.net.peers import Peer
+
+    received: list[pydicom.Dataset] = []
+
+    def handle(event: evt.Event) -> int:
+        received.append(event.dataset)
+        return 0x0000
+
+    ae = AE(ae_title="PACS")
+    ae.add_supported_context(Comprehensive3DSRStorage)
+    server = ae.start_server(
+        ("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, handle)]
+    )
+    try:
+        config = NodeConfig(
+            store=tmp_path / "store", peer=Peer("127.0.0.1", server.server_address[1], "PACS"),
+            stable_seconds=0, retry_seconds=0, min_free_mb=0,
+        )
+        files = sorted(p for p in (studies_root / "study_000" / "ct").iterdir() if p.is_file())
+        worker = Worker(config, _store_with_series(tmp_path, files), classifier)
+        for _ in range(5):
+            if not worker.step():
+                break
+        (sent,) = worker.store.jobs.list_series()
+        ds = pydicom.dcmread(files[0])
+        ds.ImageComments = "corrected header"  # new bytes, same pixels
+        buffer = BytesIO()
+        ds.save_as(buffer, enforce_file_format=True)
+        assert worker.store.put_instance(
+            buffer.getvalue(), study_instance_uid=ds.StudyInstanceUID,
+            series_instance_uid=ds.SeriesInstanceUID, sop_instance_uid=ds.SOPInstanceUID,
+            sop_class_uid=ds.SOPClassUID,
+        )
+        (reopened,) = worker.store.jobs.list_series()
+        assert reopened.state == "received" and reopened.generation > sent.generation
+        for _ in range(5):
+            if not worker.step():
+                break
+    finally:
+        server.shutdown()
+    (record,) = worker.store.jobs.list_series()
+    assert len(received) == 1
+    assert (record.state, record.revision, record.sent_revision) == (SENT, 1, 1)
+    assert record.sr_sop_instance_uid == received[0].SOPInstanceUID
+    assert "revision 1 stands" in record.reason

@@ -626,6 +626,7 @@ class JobDatabase:
         probability_covid: float,
         label: str,
         classify_seconds: float,
+        sent_sop_instance_uid: str = "",
     ) -> bool:
         """``classifying`` -> ``sent``: the new result states what revision
         ``record.sent_revision`` states (label and probability), so nothing is sent. False as
@@ -639,8 +640,9 @@ class JobDatabase:
             "finish_unchanged",
             record,
             "state = ?, reason = ?, revision = sent_revision, sr_path = sent_sr_path, "
-            "probability_covid = ?, label = ?, classify_seconds = ?, attempts = 0",
-            (SENT, reason, probability_covid, label, classify_seconds),
+            "sr_sop_instance_uid = ?, probability_covid = ?, label = ?, classify_seconds = ?, "
+            "attempts = 0",
+            (SENT, reason, sent_sop_instance_uid, probability_covid, label, classify_seconds),
             on_predecessor=True,
         )
 

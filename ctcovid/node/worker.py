@@ -295,11 +295,16 @@ class Worker:
     ) -> bool:
         """Store the outcome of ``record``; raises ``PredecessorChanged`` as the store does."""
         if built is None:
+            try:
+                standing = self._sent_sr_uids(record)[1] or ""
+            except ReportError:  # only shown in the job's row; the delivery itself is recorded
+                standing = ""
             return self.store.jobs.finish_unchanged(
                 record,
                 probability_covid=result.probability_covid,
                 label=result.label,
                 classify_seconds=seconds,
+                sent_sop_instance_uid=standing,
             )
         revision, sr, sr_path = built
         return self.store.finish_classified(
