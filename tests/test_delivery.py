@@ -6,8 +6,11 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from io import BytesIO
 from pathlib import Path
 
 import pydicom
@@ -17,6 +20,7 @@ from node_helpers import LOOPBACK, Orthanc, orthanc_with_dicomweb
 from ctcovid.batch import BatchOptions, run_batch
 from ctcovid.batch.results import CLASSIFIED as ROW_CLASSIFIED
 from ctcovid.batch.results import RESULTS_FILE, read_results
+from ctcovid.net.peers import Peer
 from ctcovid.net.sender import SendSettings
 from ctcovid.node.config import NodeConfig
 from ctcovid.node.jobs import CLASSIFIED, CLASSIFYING, SENT, PredecessorChanged
@@ -100,18 +104,23 @@ def _finish(store: Store, record, revision: int, sop: str, label: str) -> bool:
     )
 
 
+def _revision_1_due(tmp_path: Path, studies_root: Path, sop: str):
+    """A series without its last instance classified as revision 1 (SR ``sop``), its send
+    due; the store, that send's record and the late instance."""
+    files = sorted((studies_root / "study_000" / "ct").glob("*.dcm"))
+    store = _store_with_series(tmp_path, files[:-1])
+    store.jobs.promote_stable(0.0)
+    assert _finish(store, store.jobs.claim_next(), 1, sop, "covid")
+    (sending,) = store.jobs.due_sends()
+    return store, sending, files[-1]
+
+
 def test_a_send_finishing_while_the_series_is_classified_again_makes_the_next_revision(
     tmp_path: Path, studies_root: Path
 ) -> None:
-    files = sorted((studies_root / "study_000" / "ct").glob("*.dcm"))
-    store = _store_with_series(tmp_path, files[:-1])
+    store, sending, late = _revision_1_due(tmp_path, studies_root, "2.25.101")  # A in flight
     jobs = store.jobs
-    jobs.promote_stable(0.0)
-    first = jobs.claim_next()
-    assert _finish(store, first, 1, "2.25.101", "covid")  # A, revision 1, its send starts
-    (sending,) = jobs.due_sends()
-
-    _store_with_series(tmp_path, files[-1:])  # a late instance: classify again
+    _store_with_series(tmp_path, [late])  # a late instance: classify again
     jobs.promote_stable(0.0)
     again = jobs.claim_next()
     assert again is not None and again.sent_revision == 0
@@ -131,14 +140,10 @@ def test_a_send_finishing_while_the_series_is_classified_again_makes_the_next_re
 def test_a_clinically_unchanged_result_is_not_sent_again(
     tmp_path: Path, studies_root: Path
 ) -> None:
-    files = sorted((studies_root / "study_000" / "ct").glob("*.dcm"))
-    store = _store_with_series(tmp_path, files[:-1])
+    store, sending, late = _revision_1_due(tmp_path, studies_root, "2.25.201")
     jobs = store.jobs
-    jobs.promote_stable(0.0)
-    assert _finish(store, jobs.claim_next(), 1, "2.25.201", "covid")
-    (sending,) = jobs.due_sends()
     assert jobs.mark_sent(sending)
-    _store_with_series(tmp_path, files[-1:])
+    _store_with_series(tmp_path, [late])
     jobs.promote_stable(0.0)
     again = jobs.claim_next()
     assert (again.sent_label, again.sent_probability) == ("covid", 0.9)
@@ -293,17 +298,11 @@ def test_batch_by_stow_asks_qido_first_and_sends_one_sr_per_series(
 def test_node_then_batch_over_the_same_study_put_one_sr_into_orthanc(
     classifier, tiny_model_dir: Path, studies_root: Path, orthanc: Orthanc, tmp_path: Path,
 ) -> None:
-    from ctcovid.net.peers import Peer
-
     files = sorted(p for p in (studies_root / "study_002" / "ct").iterdir() if p.is_file())
-    config = NodeConfig(
-        store=tmp_path / "store", peer=Peer("127.0.0.1", orthanc.dicom_port, orthanc.aet),
-        stable_seconds=0, retry_seconds=0, min_free_mb=0,
+    worker = _worker(
+        tmp_path, files, classifier, Peer("127.0.0.1", orthanc.dicom_port, orthanc.aet)
     )
-    worker = Worker(config, _store_with_series(tmp_path, files), classifier)
-    for _ in range(5):
-        if not worker.step():
-            break
+    _until_idle(worker)
     (record,) = worker.store.jobs.list_series()
     assert record.state == SENT
     study = record.study_instance_uid
@@ -321,13 +320,9 @@ def test_node_then_batch_over_the_same_study_put_one_sr_into_orthanc(
 def test_a_result_stored_while_the_previous_sr_was_in_flight_goes_as_the_next_revision(
     tmp_path: Path, studies_root: Path
 ) -> None:
-    files = sorted((studies_root / "study_000" / "ct").glob("*.dcm"))
-    store = _store_with_series(tmp_path, files[:-1])
+    store, sending, late = _revision_1_due(tmp_path, studies_root, "2.25.301")  # A in flight
     jobs = store.jobs
-    jobs.promote_stable(0.0)
-    assert _finish(store, jobs.claim_next(), 1, "2.25.301", "covid")
-    (sending,) = jobs.due_sends()  # A in flight
-    _store_with_series(tmp_path, files[-1:])
+    _store_with_series(tmp_path, [late])
     jobs.promote_stable(0.0)
     assert _finish(store, jobs.claim_next(), 1, "2.25.302", "non-covid")  # B, before A lands
     assert jobs.mark_sent(sending) is False  # A delivered: B named no predecessor
@@ -338,27 +333,30 @@ def test_a_result_stored_while_the_previous_sr_was_in_flight_goes_as_the_next_re
     assert again is not None and again.sent_sr_path.endswith("2.25.301.dcm")
 
 
-def test_node_race_end_to_end_with_a_pacs_that_holds_the_first_send(
-    tmp_path: Path, studies_root: Path, classifier
-) -> None:
-    """The first SR's send outlasts ``stable_seconds``; a late instance is classified meanwhile.
-    The PACS ends up with revision 1 and a revision 2 that names it, never two revisions 1."""
-    import threading
-    import time
+@dataclass
+class Pacs:
+    """An SR storage SCP on loopback that keeps what it receives; with ``hold_first`` it holds
+    the first C-STORE until ``release`` is set (``in_flight`` tells it arrived)."""
 
+    peer: Peer
+    received: list[pydicom.Dataset]
+    in_flight: threading.Event
+    release: threading.Event
+    hold_first: bool = False
+
+
+@pytest.fixture
+def pacs() -> Iterator[Pacs]:
     from pynetdicom import AE, evt
     from pynetdicom.sop_class import Comprehensive3DSRStorage
 
-    from ctcovid.net.peers import Peer
-
-    received: list[pydicom.Dataset] = []
-    in_flight, release = threading.Event(), threading.Event()
+    state = Pacs(Peer("127.0.0.1", 0, "PACS"), [], threading.Event(), threading.Event())
 
     def handle(event: evt.Event) -> int:
-        if not received and not release.is_set():
-            in_flight.set()
-            release.wait(120)
-        received.append(event.dataset)
+        if state.hold_first and not state.received and not state.release.is_set():
+            state.in_flight.set()
+            state.release.wait(120)
+        state.received.append(event.dataset)
         return 0x0000
 
     ae = AE(ae_title="PACS")
@@ -366,17 +364,43 @@ def test_node_race_end_to_end_with_a_pacs_that_holds_the_first_send(
     server = ae.start_server(
         ("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, handle)]
     )
+    state.peer = Peer("127.0.0.1", server.server_address[1], "PACS")
+    yield state
+    state.release.set()
+    server.shutdown()
+
+
+def _worker(tmp_path: Path, files: list[Path], classifier, peer: Peer, **settings) -> Worker:
+    """A node worker in this process over a store holding ``files``, sending to ``peer``."""
     config = NodeConfig(
-        store=tmp_path / "store", peer=Peer("127.0.0.1", server.server_address[1], "PACS"),
-        stable_seconds=0.5, poll_seconds=0.1, retry_seconds=0, min_free_mb=0,
+        store=tmp_path / "store", peer=peer, retry_seconds=0, min_free_mb=0,
+        **({"stable_seconds": 0} | settings),
     )
+    return Worker(config, _store_with_series(tmp_path, files), classifier)
+
+
+def _until_idle(worker: Worker) -> None:
+    for _ in range(5):
+        if not worker.step():
+            return
+    pytest.fail("the worker still had work after 5 steps")
+
+
+def test_node_race_end_to_end_with_a_pacs_that_holds_the_first_send(
+    tmp_path: Path, studies_root: Path, classifier, pacs: Pacs
+) -> None:
+    """The first SR's send outlasts ``stable_seconds``; a late instance is classified meanwhile.
+    The PACS ends up with revision 1 and a revision 2 that names it, never two revisions 1."""
+    pacs.hold_first = True
     files = sorted(p for p in (studies_root / "study_001" / "ct").iterdir() if p.is_file())
-    worker = Worker(config, _store_with_series(tmp_path, files[:-1]), classifier)
+    worker = _worker(
+        tmp_path, files[:-1], classifier, pacs.peer, stable_seconds=0.5, poll_seconds=0.1
+    )
     stop = threading.Event()
     thread = threading.Thread(target=worker.run, args=(stop,), daemon=True)
     thread.start()
     try:
-        assert in_flight.wait(120), "the first SR never reached the PACS"
+        assert pacs.in_flight.wait(120), "the first SR never reached the PACS"
         (a,) = worker.store.jobs.list_series()
         _store_with_series(tmp_path, files[-1:])  # the late instance, while A is in flight
         deadline = time.monotonic() + 120
@@ -389,16 +413,15 @@ def test_node_race_end_to_end_with_a_pacs_that_holds_the_first_send(
             assert time.monotonic() < deadline, f"the late instance was not classified: {now()}"
             time.sleep(0.1)
         assert now().revision == 1  # B, built while A was not yet delivered
-        release.set()  # A lands after B was stored
-        while len(received) < 2 or now().state != SENT:
+        pacs.release.set()  # A lands after B was stored
+        while len(pacs.received) < 2 or now().state != SENT:
             assert time.monotonic() < deadline, f"no revision 2 was sent: {now()}"
             time.sleep(0.1)
     finally:
-        release.set()
+        pacs.release.set()
         stop.set()
         thread.join(60)
-        server.shutdown()
-    first, revised = received
+    first, revised = pacs.received
     assert (first.InstanceNumber, revised.InstanceNumber) == (1, 2)
     assert revised.SeriesInstanceUID == first.SeriesInstanceUID
     assert _predecessor(revised) == first.SOPInstanceUID
@@ -407,57 +430,28 @@ def test_node_race_end_to_end_with_a_pacs_that_holds_the_first_send(
 
 
 def test_the_node_does_not_resend_a_result_that_states_the_same(
-    tmp_path: Path, studies_root: Path, classifier
+    tmp_path: Path, studies_root: Path, classifier, pacs: Pacs
 ) -> None:
     """An instance replaced by one that differs outside its pixels reopens the series; the
     result is the same, so the PACS gets nothing new and the job says which revision stands."""
-    from io import BytesIO
-
-    from pynetdicom import AE, evt
-    from pynetdicom.sop_class import Comprehensive3DSRStorage
-
-    from ctcovid.net.peers import Peer
-
-    received: list[pydicom.Dataset] = []
-
-    def handle(event: evt.Event) -> int:
-        received.append(event.dataset)
-        return 0x0000
-
-    ae = AE(ae_title="PACS")
-    ae.add_supported_context(Comprehensive3DSRStorage)
-    server = ae.start_server(
-        ("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, handle)]
+    files = sorted(p for p in (studies_root / "study_000" / "ct").iterdir() if p.is_file())
+    worker = _worker(tmp_path, files, classifier, pacs.peer)
+    _until_idle(worker)
+    (sent,) = worker.store.jobs.list_series()
+    ds = pydicom.dcmread(files[0])
+    ds.ImageComments = "corrected header"  # new bytes, same pixels
+    buffer = BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    assert worker.store.put_instance(
+        buffer.getvalue(), study_instance_uid=ds.StudyInstanceUID,
+        series_instance_uid=ds.SeriesInstanceUID, sop_instance_uid=ds.SOPInstanceUID,
+        sop_class_uid=ds.SOPClassUID,
     )
-    try:
-        config = NodeConfig(
-            store=tmp_path / "store", peer=Peer("127.0.0.1", server.server_address[1], "PACS"),
-            stable_seconds=0, retry_seconds=0, min_free_mb=0,
-        )
-        files = sorted(p for p in (studies_root / "study_000" / "ct").iterdir() if p.is_file())
-        worker = Worker(config, _store_with_series(tmp_path, files), classifier)
-        for _ in range(5):
-            if not worker.step():
-                break
-        (sent,) = worker.store.jobs.list_series()
-        ds = pydicom.dcmread(files[0])
-        ds.ImageComments = "corrected header"  # new bytes, same pixels
-        buffer = BytesIO()
-        ds.save_as(buffer, enforce_file_format=True)
-        assert worker.store.put_instance(
-            buffer.getvalue(), study_instance_uid=ds.StudyInstanceUID,
-            series_instance_uid=ds.SeriesInstanceUID, sop_instance_uid=ds.SOPInstanceUID,
-            sop_class_uid=ds.SOPClassUID,
-        )
-        (reopened,) = worker.store.jobs.list_series()
-        assert reopened.state == "received" and reopened.generation > sent.generation
-        for _ in range(5):
-            if not worker.step():
-                break
-    finally:
-        server.shutdown()
+    (reopened,) = worker.store.jobs.list_series()
+    assert reopened.state == "received" and reopened.generation > sent.generation
+    _until_idle(worker)
     (record,) = worker.store.jobs.list_series()
-    assert len(received) == 1
+    assert len(pacs.received) == 1
     assert (record.state, record.revision, record.sent_revision) == (SENT, 1, 1)
-    assert record.sr_sop_instance_uid == received[0].SOPInstanceUID
+    assert record.sr_sop_instance_uid == pacs.received[0].SOPInstanceUID
     assert "revision 1 stands" in record.reason
