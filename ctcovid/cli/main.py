@@ -11,6 +11,7 @@ from ctcovid import __version__
 from ctcovid.cli import (
     batch,
     classify,
+    conformance,
     evaluate,
     export,
     fixtures,
@@ -84,6 +85,7 @@ app.command("export")(export.export)
 app.command("listen")(listen.listen)
 app.command("queue")(queue.queue)
 app.command("batch")(batch.batch)
+app.command("conformance")(conformance.conformance)
 
 
 def main() -> None:

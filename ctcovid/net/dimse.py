@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from pydicom.dataset import Dataset
-from pynetdicom import AE, build_role, evt
+from pynetdicom import AE, DEFAULT_TRANSFER_SYNTAXES, build_role, evt
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelGet,
@@ -94,6 +94,14 @@ DEFAULT_MAX_PDU_BYTES = 262_144
 DEFAULT_MAX_INSTANCE_MB = 1024.0
 # One association: a C-FIND, or the C-GET/C-MOVE of one series (a 2 GB series at 1 MB/s fits).
 DEFAULT_DEADLINE_SECONDS = 3600.0
+# Proposed for C-ECHO, C-FIND, C-GET and C-MOVE (the requests and identifiers): pynetdicom's
+# defaults, in its order.
+QUERY_TRANSFER_SYNTAXES: tuple[str, ...] = tuple(DEFAULT_TRANSFER_SYNTAXES)
+QUERY_RETRIEVE_CLASSES = (
+    StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelMove,
+)
 # Values in a C-FIND identifier beyond ASCII go out as UTF-8, declared (PS3.5 6.1.2.3).
 UTF8_CHARACTER_SET = "ISO_IR 192"
 _REFUSAL_TEXT = {
@@ -444,7 +452,7 @@ class DimseArchive:
         """C-ECHO the PACS (a check that it answers us), under the same bounds."""
         watch = _Watch()
         ae = self._ae(watch)
-        ae.add_requested_context(VERIFICATION)
+        ae.add_requested_context(VERIFICATION, list(QUERY_TRANSFER_SYNTAXES))
         with self._association(ae, watch, "C-ECHO") as assoc:
             status = assoc.send_c_echo()
         code = int(status.Status) if status and "Status" in status else None
@@ -457,7 +465,9 @@ class DimseArchive:
     def _find(self, identifier: Dataset, what: str) -> list[Dataset]:
         watch = _Watch()
         ae = self._ae(watch)
-        ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+        ae.add_requested_context(
+            StudyRootQueryRetrieveInformationModelFind, list(QUERY_TRANSFER_SYNTAXES)
+        )
         matches: list[Dataset] = []
         final: int | None = None
         with self._association(ae, watch, f"C-FIND {what}") as assoc:
@@ -569,7 +579,9 @@ class DimseArchive:
     def _get(self, series: SeriesMatch, target: _StoreTarget, what: str) -> Dataset | None:
         watch = _Watch()
         ae = self._ae(watch)
-        ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
+        ae.add_requested_context(
+            StudyRootQueryRetrieveInformationModelGet, list(QUERY_TRANSFER_SYNTAXES)
+        )
         # Lossless syntaxes in one context, lossy ones in another: a PACS picks from each
         # context separately, so an instance it holds losslessly never comes back lossy.
         for uid in STORAGE_CLASSES:
@@ -592,7 +604,9 @@ class DimseArchive:
         assert self.move_receiver is not None
         watch = _Watch()
         ae = self._ae(watch)
-        ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
+        ae.add_requested_context(
+            StudyRootQueryRetrieveInformationModelMove, list(QUERY_TRANSFER_SYNTAXES)
+        )
         with self._association(ae, watch, f"C-MOVE {what}") as assoc:
             target.on_refusal = lambda: _abort_soon(assoc)
             return _final_status(

@@ -76,7 +76,7 @@ _PDU_TYPES = (0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07)
 _A_ABORT_PROVIDER = b"\x07\x00\x00\x00\x00\x04\x00\x00\x02\x00"
 # A-ASSOCIATE-RJ (result, source, diagnostic): transient, service provider (presentation),
 # local limit exceeded (PS3.8 9.3.4): the peer may try again later.
-_REJECT_LOCAL_LIMIT = (0x02, 0x03, 0x02)
+REJECT_LOCAL_LIMIT = (0x02, 0x03, 0x02)
 
 # A CT study of a few thousand instances on one association takes minutes on a hospital
 # network; an hour leaves a wide margin yet frees a slot held by a trickling peer.
@@ -362,7 +362,7 @@ class _Guard:
             with contextlib.suppress(Exception):  # only for the log line
                 self.assoc.requestor.ae_title = acse.requestor.primitive.calling_ae_title
             address, calling = _peer(self.assoc)
-            acse.send_reject(*_REJECT_LOCAL_LIMIT)
+            acse.send_reject(*REJECT_LOCAL_LIMIT)
             self.on_refused("too_many_associations_from_address", address, calling)
             self.assoc.kill()
             return

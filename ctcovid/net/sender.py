@@ -42,7 +42,8 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 DELIVERED_STATUSES = frozenset({0x0000, 0xB000, 0xB006, 0xB007})
-_SR_TRANSFER_SYNTAXES = ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"]
+# Proposed for the SR, after the SR file's own syntax: Explicit, then Implicit VR Little Endian.
+SR_TRANSFER_SYNTAXES = ("1.2.840.10008.1.2.1", "1.2.840.10008.1.2")
 
 
 class Cancel(Protocol):
@@ -167,7 +168,7 @@ def send_file(
     ae.network_timeout = timeout_seconds
     ae.connection_timeout = timeout_seconds
     transfer_syntax = str(ds.file_meta.TransferSyntaxUID)
-    syntaxes = [transfer_syntax, *[t for t in _SR_TRANSFER_SYNTAXES if t != transfer_syntax]]
+    syntaxes = [transfer_syntax, *[t for t in SR_TRANSFER_SYNTAXES if t != transfer_syntax]]
     ae.add_requested_context(Comprehensive3DSRStorage, syntaxes)
     return run_with_deadline(
         lambda: _associate_and_store(ae, ds, peer, ssl_context, max_pdu_bytes),

@@ -18,6 +18,37 @@ STATUS_CANNOT_UNDERSTAND = 0xC210
 STATUS_INVALID_UID = 0xC211
 STATUS_PROCESSING_FAILURE = 0x0110
 
+#: What the listener answers a C-STORE with, and why (the conformance statement's table; the
+#: handlers in ``ctcovid.node.scp`` return exactly these codes).
+STORE_STATUSES: dict[int, tuple[str, str]] = {
+    STATUS_SUCCESS: (
+        "Success",
+        "stored: the file fsynced and renamed into the store, recorded in the job database",
+    ),
+    STATUS_OUT_OF_RESOURCES: (
+        "Refused: Out of Resources",
+        "below the free-space floor (min_free_mb), a disk or database error, or a data set "
+        "larger than max_instance_mb (received to disk up to that size, the rest dropped)",
+    ),
+    STATUS_DATASET_MISMATCH: (
+        "Error: Data Set does not match SOP Class",
+        "no pixel data, a SOP Instance, Study or Series Instance UID missing, or SOP Class/"
+        "Instance UID differing from the request's Affected SOP Class/Instance UID",
+    ),
+    STATUS_CANNOT_UNDERSTAND: (
+        "Error: Cannot understand",
+        "the data set could not be parsed, or holds more elements than the parser may read",
+    ),
+    STATUS_INVALID_UID: (
+        "Error: Cannot understand (invalid UID)",
+        "a UID of the request or the data set is not a valid UID; nothing is written",
+    ),
+    STATUS_PROCESSING_FAILURE: (
+        "Failure: Processing failure",
+        "anything unexpected in the handler (logged with its traceback)",
+    ),
+}
+
 STORAGE_CLASSES = (CTImageStorage, EnhancedCTImageStorage)
 VERIFICATION = "1.2.840.10008.1.1"
 MIB = 1024 * 1024

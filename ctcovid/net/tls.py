@@ -13,6 +13,9 @@ from pathlib import Path
 
 from ctcovid.errors import ConfigError
 
+# The oldest TLS version accepted, opening or accepting an association.
+MINIMUM_TLS_VERSION = ssl.TLSVersion.TLSv1_2
+
 
 def _load_chain(context: ssl.SSLContext, cert: Path | None, key: Path | None) -> None:
     if (cert is None) != (key is None):
@@ -35,7 +38,7 @@ def client_ssl_context(
         )
     except (OSError, ssl.SSLError) as exc:
         raise ConfigError(f"{ca}: cannot load the TLS CA certificates ({exc})") from exc
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.minimum_version = MINIMUM_TLS_VERSION
     _load_chain(context, cert, key)
     return context
 
@@ -48,7 +51,7 @@ def server_ssl_context(
     if cert is None or key is None:
         raise ConfigError("accepting TLS associations needs --tls-cert and --tls-key")
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.minimum_version = MINIMUM_TLS_VERSION
     _load_chain(context, cert, key)
     if ca is not None:
         try:

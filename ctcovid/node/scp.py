@@ -4,7 +4,8 @@ Data sets arrive on disk (a spool file in the store's ``tmp`` folder) and only t
 parsed here; :mod:`ctcovid.net.guard` bounds what a peer can make the listener spend.
 
 Handlers get their dependencies as arguments and answer with DICOM status codes; they never
-raise, so nothing a peer sends can take the listener down. Storage statuses (PS3.4 B.2.3):
+raise, so nothing a peer sends can take the listener down. Storage statuses (PS3.4 B.2.3; the
+conformance statement reads them from ``ctcovid.net.services.STORE_STATUSES``):
 
 ``0x0000``  stored (file fsynced and renamed, recorded in the job database)
 ``0xA700``  out of resources: below the free-space floor, the disk failed, or the data set is
@@ -322,7 +323,7 @@ def handle_accepted(event: Any) -> None:
 
 
 # A-ASSOCIATE-RJ (result source, diagnostic) -> reason (PS3.8 9.3.4).
-_REJECT_REASONS = {
+REJECT_REASONS = {
     (1, 3): "calling_aet_not_allowed",
     (1, 7): "called_aet_not_recognised",
     (1, 2): "application_context_not_supported",
@@ -340,7 +341,7 @@ def handle_rejected(event: Any, stats: ReceiveStats) -> None:
     except Exception:
         key = (0, 0)
     record_refusal(
-        stats, _REJECT_REASONS.get(key, "rejected"), _peer_address(event), _calling_aet(event)
+        stats, REJECT_REASONS.get(key, "rejected"), _peer_address(event), _calling_aet(event)
     )
 
 
@@ -361,13 +362,26 @@ def handle_conn_closed(event: Any) -> None:
     discard_spool(event.assoc)
 
 
+# The association handshake (A-ASSOCIATE-RQ to -AC) waits at most this long, or the network
+# timeout when that is shorter.
+MAX_ACSE_TIMEOUT_SECONDS = 30.0
+# Connections (associations and TLS handshakes) beyond twice max_associations plus this many
+# are closed at once: room for A-ASSOCIATE-RJ answers beyond the limit, and for handshakes.
+EXTRA_CONNECTIONS = 8
+
+
+def connection_limit(config: NodeConfig) -> int:
+    """Connections the listener holds at once (see :data:`EXTRA_CONNECTIONS`)."""
+    return 2 * config.max_associations + EXTRA_CONNECTIONS
+
+
 def build_ae(config: NodeConfig) -> AE:
     """The application entity: CT storage and verification only, bounded and allow-listed."""
     ae = AE(ae_title=config.ae_title)
     ae.maximum_associations = config.max_associations
     ae.maximum_pdu_size = config.max_pdu_bytes
     ae.network_timeout = config.network_timeout_seconds
-    ae.acse_timeout = min(30.0, config.network_timeout_seconds)
+    ae.acse_timeout = min(MAX_ACSE_TIMEOUT_SECONDS, config.network_timeout_seconds)
     ae.dimse_timeout = config.network_timeout_seconds
     if config.allow_aet:
         # pynetdicom rejects any other calling AE at association (A-ASSOCIATE-RJ, reason 3).
@@ -384,8 +398,7 @@ def transport_limits(config: NodeConfig, store: Store) -> Limits:
         network_timeout_seconds=config.network_timeout_seconds,
         max_pdu_bytes=config.max_pdu_bytes,
         max_instance_bytes=int(config.max_instance_mb * MIB),
-        # Room for A-ASSOCIATE-RJ answers beyond the association limit, and for handshakes.
-        max_connections=2 * config.max_associations + 8,
+        max_connections=connection_limit(config),
         spool_dir=store.files.tmp_dir,
         check_space=store.files.check_free_space,
         max_association_seconds=config.max_association_seconds,
