@@ -190,6 +190,9 @@ def test_json_has_the_required_shape(data):
     } <= scu
     assert "ISO_IR 192" in data["character_sets"] and "" not in data["character_sets"]
     assert data["implementation_class_uid"] and data["implementation_version_name"]
+    # Deflate is neither accepted nor proposed anywhere (inflating a peer's stream is unbounded).
+    for syntaxes in data["transfer_syntaxes"].values():
+        assert "1.2.840.10008.1.2.1.99" not in syntaxes
 
 
 def test_every_setting_is_listed_and_explained(data):

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from pydicom.dataset import Dataset
+from pydicom.uid import DeflatedExplicitVRLittleEndian
 from pynetdicom import AE, DEFAULT_TRANSFER_SYNTAXES, build_role, evt
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelFind,
@@ -95,8 +96,11 @@ DEFAULT_MAX_INSTANCE_MB = 1024.0
 # One association: a C-FIND, or the C-GET/C-MOVE of one series (a 2 GB series at 1 MB/s fits).
 DEFAULT_DEADLINE_SECONDS = 3600.0
 # Proposed for C-ECHO, C-FIND, C-GET and C-MOVE (the requests and identifiers): pynetdicom's
-# defaults, in its order.
-QUERY_TRANSFER_SYNTAXES: tuple[str, ...] = tuple(DEFAULT_TRANSFER_SYNTAXES)
+# defaults in its order, less Deflated Explicit VR Little Endian: a peer's identifiers are never
+# inflated here (a small deflated stream can expand without bound), as for every other service.
+QUERY_TRANSFER_SYNTAXES: tuple[str, ...] = tuple(
+    ts for ts in DEFAULT_TRANSFER_SYNTAXES if ts != DeflatedExplicitVRLittleEndian
+)
 QUERY_RETRIEVE_CLASSES = (
     StudyRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelGet,
