@@ -36,6 +36,7 @@ from ctcovid.batch.results import (
     RunInfo,
     lock_output,
     prepare_output,
+    read_results,
     write_json_atomic,
 )
 from ctcovid.decoder import decoder_pool, warm_up
@@ -114,6 +115,15 @@ def _run_locked(
 
         forwarder = SrForwarder(out, options.destinations)
         progress = forwarder.watch(progress)
+    from ctcovid.batch.auditing import batch_audit
+
+    trail = batch_audit(
+        out, file=options.audit_file, syslog=options.audit_syslog, ca=options.audit_ca
+    )
+    if trail is not None:
+        trail.activity(started=True)
+        if options.source is not None:
+            options.source.audit = trail
     try:
         with (
             decoder_pool(options.workers, options.decoder_memory_mb)
@@ -124,8 +134,13 @@ def _run_locked(
                 for _ in range(options.workers):
                     pool.submit(warm_up)
             summary = _run(options, progress, classifier, artifact, pool, wall_start)
+        if trail is not None:  # results.csv names patients (by ID): an Export
+            trail.export(out / RESULTS_FILE, read_results(out / RESULTS_FILE))
     finally:
         sent = forwarder.close() if forwarder is not None else None
+        if trail is not None:
+            trail.activity(started=False)
+            trail.close()
     if sent is not None:
         summary["sent"] = sent
         write_json_atomic(summary, out / SUMMARY_FILE)

@@ -151,6 +151,8 @@ class PacsSource:
         self._entries: list[SeriesEntry] = []
         self._n_studies = 0
         self.cache: SeriesCache | None = None
+        # A ctcovid.batch.auditing.BatchAudit (set by the run), or None.
+        self.audit: Any = None
         self.stats = {"retrieved_series": 0, "reused_from_cache": 0, "retrieve_seconds": 0.0}
 
     def describe(self) -> str:
@@ -212,13 +214,14 @@ class PacsSource:
         studies: dict[str, StudyMatch] = {}
         for keys in self.query.study_queries():
             self.pacer.wait()
-            for study in self.archive.find_studies(keys):
+            for study in self._find("STUDY", keys, self.archive.find_studies, keys):
                 studies.setdefault(study.study_instance_uid, study)
         logger.info("%s: %d matching studies", self.archive.describe(), len(studies))
         rows: list[tuple[object, ...]] = []
         for study in studies.values():
             self.pacer.wait()
-            for match in self.archive.find_series(study):
+            keys = {"StudyInstanceUID": study.study_instance_uid}
+            for match in self._find("SERIES", keys, self.archive.find_series, study):
                 rows.append(
                     (
                         match.study_instance_uid,
@@ -239,6 +242,18 @@ class PacsSource:
             meta = self._meta() | {"studies": str(len(studies)), "complete": "1"}
             # In the same transaction as the rows: a crash never leaves a half list "complete".
             conn.executemany("INSERT INTO meta VALUES (?,?)", list(meta.items()))
+
+    def _find(self, level: str, keys: dict[str, str], find: Any, arg: Any) -> list[Any]:
+        """``find(arg)``, audited as a Query when the run has an audit trail."""
+        try:
+            found = list(find(arg))
+        except Exception as exc:
+            if self.audit is not None:
+                self.audit.query(self.archive, level, keys, error=str(exc))
+            raise
+        if self.audit is not None:
+            self.audit.query(self.archive, level, keys)
+        return found
 
     def _load(self, conn: sqlite3.Connection) -> None:
         self._n_studies = int(
@@ -375,6 +390,22 @@ class _Retriever:
     def _write(self, key: tuple[str, str], sop_instance_uid: str, data: bytes | Path) -> None:
         self.cache.write(key, sop_instance_uid, data)
 
+    def _retrieve(self, match: SeriesMatch, key: tuple[str, str]) -> int:
+        """One retrieval, audited (Begin Transferring, Instances Transferred) when the run has
+        an audit trail; a retrieval retried for room in the cache is audited again."""
+        archive, trail = self.source.archive, self.source.audit
+        if trail is not None:
+            trail.transfer(archive, match, begun=True)
+        try:
+            n = archive.retrieve_series(match, functools.partial(self._write, key))
+        except Exception as exc:
+            if trail is not None:
+                trail.transfer(archive, match, begun=False, error=f"{type(exc).__name__}: {exc}")
+            raise
+        if trail is not None:
+            trail.transfer(archive, match, begun=False, n_instances=n)
+        return n
+
     def _admit(self, entry: SeriesEntry) -> None:
         """Wait until the series is likely to fit beside what the cache holds."""
         while not self._stopping.is_set():
@@ -399,9 +430,7 @@ class _Retriever:
                 start = time.perf_counter()
                 version = self.cache.version
                 try:
-                    n = self.source.archive.retrieve_series(
-                        match, functools.partial(self._write, key)
-                    )
+                    n = self._retrieve(match, key)
                 except CacheFullError as exc:
                     self.cache.discard(key)
                     if self.cache.held(besides=key) == 0:

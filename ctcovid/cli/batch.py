@@ -36,6 +36,9 @@ from ctcovid.cli.batch_pacs import (
     pacs_source,
 )
 from ctcovid.cli.common import (
+    AuditCaOption,
+    AuditFileOption,
+    AuditSyslogOption,
     ModelOption,
     Runtime,
     console,
@@ -193,6 +196,9 @@ def batch(
     send_to: SendToOption = None,
     stow: StowOption = None,
     stow_auth_file: StowAuthFileOption = None,
+    audit_file: AuditFileOption = None,
+    audit_syslog: AuditSyslogOption = None,
+    audit_ca: AuditCaOption = None,
 ) -> None:
     """Classify every usable CT series of an archive; one row per series in DIR/results.csv.
 
@@ -263,6 +269,12 @@ def batch(
         tls_key=tls_key,
         tls_ca=tls_ca,
     )
+    if audit_syslog:
+        from ctcovid.audit import parse_endpoint
+
+        parse_endpoint(audit_syslog)
+        if audit_ca is None:
+            raise ConfigError("--audit-syslog needs --audit-ca (the repository's CA, PEM)")
     model_path = model or default_model_path()
     if not model_path.exists():
         raise ModelError(missing_model_message(model_path))
@@ -280,6 +292,9 @@ def batch(
         destinations=sends,
         decoder_memory_mb=decoder_memory_mb,
         runtime=runtime.value,
+        audit_file=audit_file,
+        audit_syslog=audit_syslog,
+        audit_ca=audit_ca,
     )
     # Redrawn bars come out as broken lines in a log or a pipe: bars only on a terminal.
     bars, progress = _progress_bars(quiet or json_out or not console.is_terminal)

@@ -20,6 +20,33 @@ from ctcovid.logs import configure_logging, quiet_tensorflow
 
 F = TypeVar("F", bound=Callable[..., Any])
 
+# The audit trail (ctcovid.audit) of ``listen`` and ``batch``.
+AuditFileOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--audit-file",
+        dir_okay=False,
+        help="Append DICOM audit messages (PS3.15 A.5), one XML message a line, to this file.",
+    ),
+]
+AuditSyslogOption = Annotated[
+    str | None,
+    typer.Option(
+        "--audit-syslog",
+        help="Send audit messages to this Audit Record Repository, HOST:PORT, syslog over TLS "
+        "(RFC 5425); spooled on disk while it is unreachable. Needs --audit-ca.",
+    ),
+]
+AuditCaOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--audit-ca",
+        exists=True,
+        dir_okay=False,
+        help="CA certificate (PEM) the repository's TLS certificate must be signed by.",
+    ),
+]
+
 # The --model option of every command that runs a model.
 ModelOption = Annotated[
     Path | None,

@@ -8,7 +8,15 @@ from typing import Annotated
 
 import typer
 
-from ctcovid.cli.common import ModelOption, Runtime, handle_errors, setup_logging
+from ctcovid.cli.common import (
+    AuditCaOption,
+    AuditFileOption,
+    AuditSyslogOption,
+    ModelOption,
+    Runtime,
+    handle_errors,
+    setup_logging,
+)
 
 
 @handle_errors
@@ -142,6 +150,9 @@ def listen(
             help="Associations one peer address may hold at once; more are rejected. Default 5."
         ),
     ] = None,
+    audit_file: AuditFileOption = None,
+    audit_syslog: AuditSyslogOption = None,
+    audit_ca: AuditCaOption = None,
     verbose: Annotated[int, typer.Option("-v", count=True, help="More logging (-vv: debug).")] = 0,
 ) -> None:
     """Run the DICOM node: C-STORE CT in, one SR per complete CT series out to --peer (C-STORE)
@@ -199,6 +210,9 @@ def listen(
             "max_association_seconds": max_association_seconds,
             "max_store_seconds": max_store_seconds,
             "max_associations_per_address": max_associations_per_address,
+            "audit_file": audit_file,
+            "audit_syslog": audit_syslog,
+            "audit_ca": audit_ca,
         },
     )
     level = logging.DEBUG if verbose >= 1 else logging.INFO

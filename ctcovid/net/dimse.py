@@ -153,6 +153,19 @@ def _query_identifier(level: str, return_keys: tuple[str, ...], keys: dict[str, 
     return query
 
 
+def encoded_query(level: str, keys: dict[str, str]) -> bytes:
+    """The C-FIND identifier of a STUDY or SERIES query as sent, Explicit VR Little Endian (for
+    the audit trail's ParticipantObjectQuery)."""
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset
+
+    return_keys = STUDY_RETURN_KEYS if level == "STUDY" else SERIES_RETURN_KEYS
+    buffer = DicomBytesIO()
+    buffer.is_little_endian, buffer.is_implicit_VR = True, False
+    write_dataset(buffer, _query_identifier(level, return_keys, keys))
+    return bytes(buffer.getvalue())
+
+
 class _Watch:
     """What happened to one association: the guard's refusal, the deadline passing."""
 

@@ -79,6 +79,10 @@ class NodeConfig:
     poll_seconds: float = 0.5
     batch_size: int = 32
     runtime: str = "auto"  # auto | keras | onnx | int8 (ctcovid.model.runtimes)
+    # The audit trail (ctcovid.audit): a file of messages, and/or a syslog repository over TLS.
+    audit_file: Path | None = None
+    audit_syslog: str | None = None  # HOST:PORT
+    audit_ca: Path | None = None
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
@@ -89,11 +93,26 @@ class NodeConfig:
         )
         if isinstance(self.peer, str):
             object.__setattr__(self, "peer", Peer.parse(self.peer))
-        for name in ("model", "tls_cert", "tls_key", "tls_ca", "stow_auth_file", "stow_ca_file"):
+        for name in (
+            "model",
+            "tls_cert",
+            "tls_key",
+            "tls_ca",
+            "stow_auth_file",
+            "stow_ca_file",
+            "audit_file",
+            "audit_ca",
+        ):
             value = getattr(self, name)
             if value is not None:
                 object.__setattr__(self, name, Path(value))
         self._check_stow()
+        if self.audit_syslog:
+            from ctcovid.audit import parse_endpoint
+
+            parse_endpoint(self.audit_syslog)
+            if self.audit_ca is None:
+                raise ConfigError("audit_syslog needs audit_ca (the repository's CA, PEM).")
         if not 0 <= self.port < 65536:
             raise ConfigError(f"port must be 0-65535. Received: port={self.port}.")
         if self.metrics_port is not None and not 0 <= self.metrics_port < 65536:
@@ -288,6 +307,8 @@ def read_toml(path: Path) -> dict[str, Any]:
         "tls_ca",
         "stow_auth_file",
         "stow_ca_file",
+        "audit_file",
+        "audit_ca",
     ):
         if isinstance(data.get(key), str) and data[key]:
             value = Path(data[key]).expanduser()

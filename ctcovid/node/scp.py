@@ -58,6 +58,7 @@ from ctcovid.net.services import (
     VERIFICATION,
 )
 from ctcovid.net.tls import server_ssl_context
+from ctcovid.node.auditing import NodeAudit, note_received
 from ctcovid.node.config import NodeConfig
 from ctcovid.node.files import OutOfSpaceError
 from ctcovid.node.store import Store
@@ -74,6 +75,7 @@ _IDENTITY_TAGS = [
         "SOPInstanceUID",
         "StudyInstanceUID",
         "SeriesInstanceUID",
+        "PatientID",  # for the audit trail only; never logged
         *_PIXEL_KEYWORDS,
     )
 ]
@@ -280,6 +282,7 @@ def _store_instance(event: Any, store: Store) -> int:
             series=series,
             sop=sop,
         )
+    note_received(event.assoc, study, str(ds.get("PatientID", "") or ""), str(sop_class_uid))
     logger.debug(
         "event=stored calling_aet=%s study=%s series=%s sop=%s new=%s",
         calling,
@@ -333,16 +336,18 @@ REJECT_REASONS = {
 }
 
 
-def handle_rejected(event: Any, stats: ReceiveStats) -> None:
+def handle_rejected(event: Any, stats: ReceiveStats, on_refused: Any = None) -> None:
     """EVT_REJECTED: log who was turned away and why (never anything they sent but the AE)."""
     try:
         primitive = event.assoc.acceptor.primitive
         key = (int(primitive.result_source), int(primitive.diagnostic))
     except Exception:
         key = (0, 0)
-    record_refusal(
-        stats, REJECT_REASONS.get(key, "rejected"), _peer_address(event), _calling_aet(event)
-    )
+    reason = REJECT_REASONS.get(key, "rejected")
+    if on_refused is not None:  # the listener's: counts, logs and audits
+        on_refused(reason, _peer_address(event), _calling_aet(event))
+        return
+    record_refusal(stats, reason, _peer_address(event), _calling_aet(event))
 
 
 def record_refusal(stats: ReceiveStats, reason: str, address: str, calling: str) -> None:
@@ -415,8 +420,10 @@ class Listener:
         config: NodeConfig,
         store: Store,
         stats: ReceiveStats | None = None,
+        audit: NodeAudit | None = None,
     ) -> None:
         self.config = config
+        self.audit = audit
         self.store = store
         self.stats = stats or ReceiveStats()
         self.ae = build_ae(config)
@@ -433,6 +440,8 @@ class Listener:
 
     def _refused(self, reason: str, address: str, calling: str) -> None:
         record_refusal(self.stats, reason, address, calling)
+        if self.audit is not None:
+            self.audit.refused(reason, address, calling)
 
     def start(self) -> None:
         check_library()
@@ -441,9 +450,10 @@ class Listener:
             (evt.EVT_C_STORE, handle_store, [self.store, self.stats]),
             (evt.EVT_C_ECHO, handle_echo),
             (evt.EVT_ACCEPTED, handle_accepted),
-            (evt.EVT_REJECTED, handle_rejected, [self.stats]),
+            (evt.EVT_REJECTED, handle_rejected, [self.stats, self._refused]),
             (evt.EVT_RELEASED, handle_released),
             (evt.EVT_CONN_CLOSE, handle_conn_closed),
+            *(self.audit.handlers() if self.audit is not None else ()),
         ]
         server: GuardedServer = self.ae.make_server(  # type: ignore[assignment]
             (self.config.host, self.config.port),

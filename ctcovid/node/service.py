@@ -23,6 +23,7 @@ from typing import Any
 
 from ctcovid.errors import ConfigError
 from ctcovid.logs import quiet_libraries
+from ctcovid.node.auditing import node_audit
 from ctcovid.node.config import NodeConfig
 from ctcovid.node.scp import Listener, ReceiveStats
 from ctcovid.node.store import Store
@@ -248,8 +249,11 @@ class Node:
         self._events = self._mp.Queue()
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, self.request_stop)
-        self.listener = Listener(config, store, stats)
+        audit = node_audit(config, deliver=True)
+        self.listener = Listener(config, store, stats, audit)
         self.listener.start()
+        if audit is not None:
+            audit.started()
         supervisor = WorkerSupervisor(
             self._start_worker,
             lambda: self._mp.Value("d", 0.0, lock=False),
@@ -276,5 +280,8 @@ class Node:
                 with contextlib.suppress(Exception):
                     self.metrics.close()
             store.close()
+            if audit is not None:
+                audit.stopped()
+                audit.close()
         logger.info("event=node_stopped")
         return 0

@@ -67,8 +67,10 @@ class Worker:
         classifier: Any,
         observe: Observer | None = None,
         heartbeat: Callable[[], None] | None = None,
+        audit: Any = None,
     ) -> None:
         self.config = config
+        self.audit = audit  # a ctcovid.node.auditing.NodeAudit, or None
         self.store = store
         self.classifier = classifier
         self.observe = observe or (lambda name, value: None)
@@ -412,6 +414,8 @@ class Worker:
                 permanent=isinstance(exc, StowRefused),
             )
             if next_try is None:
+                if self.audit is not None:
+                    self.audit.sr_sent(self.store.root / record.sr_path, failure=str(exc))
                 logger.error(
                     "event=send_failed %s peer=%s attempts=%d state=%s error=%r",
                     log_ids,
@@ -432,6 +436,8 @@ class Worker:
             return
         seconds = time.perf_counter() - start
         self.store.jobs.mark_sent(record)
+        if self.audit is not None:
+            self.audit.sr_sent(self.store.root / record.sr_path)
         self.observe("send_seconds", seconds)
         logger.info(
             "event=sr_sent %s peer=%s %s seconds=%.2f", log_ids, destination, outcome, seconds
@@ -561,7 +567,12 @@ def run_worker(
             classifier.artifact.device_uid,
             time.perf_counter() - start,
         )
-        Worker(config, store, classifier, observe, beat).run(stop, parent_alive)
+        from ctcovid.node.auditing import node_audit
+
+        audit = node_audit(config, deliver=False)  # the listener's process delivers the spool
+        Worker(config, store, classifier, observe, beat, audit).run(stop, parent_alive)
+        if audit is not None:
+            audit.close()
     store.close()
     # Every job is recorded and the store closed. The deep-learning runtime's teardown at
     # interpreter exit takes seconds (measured about 9 s with a loaded model on 2 busy cores),

@@ -1,0 +1,413 @@
+"""The audit trail (IHE ATNA): DICOM audit messages (PS3.15 A.5) to a file and to rsyslog.
+
+Every message is validated against the schema of PS3.15 A.5.1 (``audit_message.rng``, the part
+ctcovid uses). The Audit Record Repository is Debian's rsyslog with rsyslog-gnutls, run in the
+foreground on 127.0.0.1 with a throwaway CA, receiving syslog over TLS (RFC 5425) and writing
+each raw message to a file. The listener runs in this process; nothing loads the model.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pydicom
+import pytest
+from dimse_peers import FakePacs, ct_instance
+from node_helpers import NODE_AET, free_port, make_test_ca, storescu, wait_for
+
+from ctcovid import audit
+from ctcovid.audit import AuditTrail, Participant
+from ctcovid.batch.auditing import BatchAudit
+from ctcovid.node.auditing import NodeAudit
+from ctcovid.node.config import NodeConfig
+from ctcovid.node.scp import Listener
+from ctcovid.node.store import Store
+
+etree = pytest.importorskip("lxml.etree")
+
+SCHEMA = Path(__file__).with_name("audit_message.rng")
+BOM = "\ufeff"
+
+
+@pytest.fixture(scope="module")
+def schema():
+    return etree.RelaxNG(etree.parse(str(SCHEMA)))
+
+
+def check_valid(schema, xml: str):
+    doc = etree.fromstring(xml.encode())
+    assert schema.validate(doc), f"{schema.error_log}\n{xml}"
+    return doc
+
+
+def event_id(doc) -> str:
+    return doc.find("EventIdentification/EventID").get("csd-code")
+
+
+# -- rsyslog, the Audit Record Repository ---------------------------------------------------------
+
+
+class Rsyslog:
+    """rsyslogd -n with imtcp over TLS (gtls) on 127.0.0.1; every raw message a line of
+    ``received``."""
+
+    def __init__(self, folder: Path) -> None:
+        if shutil.which("rsyslogd") is None:
+            pytest.skip("rsyslogd is not installed (Debian packages rsyslog, rsyslog-gnutls)")
+        self.folder = folder
+        self.tls = make_test_ca(folder / "tls")
+        self.port = free_port()
+        self.received = folder / "received.log"
+        self.conf = folder / "rsyslog.conf"
+        self.pidfile = folder / "rsyslogd.pid"
+        work = folder / "work"
+        work.mkdir(exist_ok=True)
+        self.conf.write_text(
+            f'global(workDirectory="{work}" maxMessageSize="64k"\n'
+            f'  DefaultNetstreamDriver="gtls"\n'
+            f'  DefaultNetstreamDriverCAFile="{self.tls["ca"]}"\n'
+            f'  DefaultNetstreamDriverCertFile="{self.tls["cert"]}"\n'
+            f'  DefaultNetstreamDriverKeyFile="{self.tls["key"]}")\n'
+            'module(load="imtcp" StreamDriver.Name="gtls" StreamDriver.Mode="1"\n'
+            '  StreamDriver.AuthMode="anon")\n'
+            f'input(type="imtcp" address="127.0.0.1" port="{self.port}" ruleset="audit")\n'
+            'template(name="raw" type="string" string="%rawmsg%\\n")\n'
+            'ruleset(name="audit") {\n'
+            f'  action(type="omfile" file="{self.received}" template="raw")\n'
+            "}\n"
+        )
+        self.proc: subprocess.Popen | None = None
+        self.start()
+
+    @property
+    def endpoint(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def _listening(self) -> bool:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            pytest.fail(f"rsyslogd exited: {self.proc.stdout.read() if self.proc.stdout else ''}")
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+                return True
+        except OSError:
+            return False
+
+    def start(self) -> None:
+        self.pidfile.unlink(missing_ok=True)
+        self.proc = subprocess.Popen(
+            ["rsyslogd", "-n", "-f", str(self.conf), "-i", str(self.pidfile)],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        wait_for(self._listening, 20, "rsyslogd to listen", interval=0.1)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self.proc = None
+
+    def lines(self) -> list[str]:
+        if not self.received.exists():
+            return []
+        return self.received.read_text(encoding="utf-8").splitlines()
+
+    def messages(self) -> list[tuple[list[str], str]]:
+        """(header fields, XML) of every message received: PRI+VERSION, TIMESTAMP, HOSTNAME,
+        APP-NAME, PROCID, MSGID, STRUCTURED-DATA."""
+        out = []
+        for line in self.lines():
+            parts = line.split(" ", 7)
+            assert len(parts) == 8, line
+            header, msg = parts[:7], parts[7]
+            assert msg.startswith(BOM), msg[:20]
+            out.append((header, msg[len(BOM):]))
+        return out
+
+
+@pytest.fixture(scope="module")
+def rsyslog(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rsyslog]:
+    server = Rsyslog(tmp_path_factory.mktemp("rsyslog"))
+    yield server
+    server.stop()
+
+
+def wait_messages(server: Rsyslog, predicate, what: str, timeout: float = 20):
+    def found():
+        matches = [(h, x) for h, x in server.messages() if predicate(h, x)]
+        return matches or None
+
+    return wait_for(found, timeout, what, interval=0.1)
+
+
+# -- the messages alone ---------------------------------------------------------------------------
+
+
+def test_every_kind_of_message_is_valid_against_the_schema(schema, tmp_path: Path) -> None:
+    me = Participant("CTCOVID", role=audit.ROLE_APPLICATION, address="node1")
+    peer = Participant("MODALITY", requestor=True, address="10.0.0.7")
+    messages = [
+        audit.application_activity_message(me, "CTCOVID", started=True, user="ctcovid"),
+        audit.application_activity_message(me, "CTCOVID", started=False),
+        audit.security_alert_message(
+            me, "CTCOVID", kind=audit.NODE_AUTHENTICATION, description="tls failed", peer=peer
+        ),
+        audit.security_alert_message(
+            me, "CTCOVID", kind=audit.SECURITY_CONFIGURATION, description="allow_aet changed",
+            outcome=audit.SUCCESS,
+        ),
+        audit.transfer_message(
+            audit.BEGIN_TRANSFERRING, source=peer, destination=me, source_id="x",
+            study_uid="1.2.3", patient_id="", sop_classes={}, action="E",
+        ),
+        audit.transfer_message(
+            audit.INSTANCES_TRANSFERRED, source=peer, destination=me, source_id="x",
+            study_uid="1.2.3", patient_id="P\x00<&>\"", sop_classes={"1.2.840.10008.5.1.4.1.1.2": 3},
+            action="C", outcome=audit.MINOR_FAILURE, description="aborted",
+        ),
+        audit.query_message(
+            me, peer, "x", query=b"\x08\x00\x52\x00", object_id="1.2.840.10008.5.1.4.1.2.2.1",
+            transfer_syntax="1.2.840.10008.1.2.1",
+        ),
+        audit.query_message(
+            me, peer, "x", query=b"StudyDate=20200101", object_id="https://vna/dicom-web/studies",
+            id_type=audit.ID_URI,
+        ),
+        audit.export_message(
+            me, Participant("/srv/out/results.csv", role=audit.ROLE_DESTINATION_MEDIA),
+            "x", patients=["P1", "P2"], studies=["1.2.3"],
+        ),
+    ]
+    for xml in messages:
+        assert "\n" not in xml
+        check_valid(schema, xml)
+    # A message the schema must refuse: the check is not vacuous.
+    broken = messages[0].replace('EventOutcomeIndicator="0"', 'EventOutcomeIndicator="3"')
+    assert not schema.validate(etree.fromstring(broken.encode()))
+
+
+def test_the_file_sink_appends_one_line_a_message_and_follows_a_rotation(
+    schema, tmp_path: Path
+) -> None:
+    path = tmp_path / "audit.log"
+    trail = AuditTrail(source_id="CTCOVID", file=path)
+    me = trail.me
+    trail.emit(audit.application_activity_message(me, "CTCOVID", started=True))
+    wait_for(lambda: path.exists() and path.read_text().count("\n") == 1, 10, "the first line")
+    path.rename(tmp_path / "audit.log.1")  # logrotate: rename, the writer goes on
+    trail.emit(audit.application_activity_message(me, "CTCOVID", started=False))
+    trail.close()
+    assert (tmp_path / "audit.log.1").read_text().count("\n") == 1
+    lines = path.read_text().splitlines()
+    assert len(lines) == 1
+    doc = check_valid(schema, lines[0])
+    assert doc.find("EventIdentification/EventTypeCode").get("csd-code") == "110121"
+
+
+def test_a_worker_sr_send_is_audited_through_the_shared_spool(
+    schema, rsyslog: Rsyslog, tmp_path: Path, studies_root: Path
+) -> None:
+    """The worker's trail only writes spool files and the audit file; the node's delivers."""
+    sr = sorted((studies_root / "study_000" / "ct").glob("*.dcm"))[0]
+    ds = pydicom.dcmread(sr, stop_before_pixels=True)
+    config = NodeConfig(
+        store=tmp_path / "store", peer="127.0.0.1:11113:PACS", audit_file=tmp_path / "a.log",
+        audit_syslog=rsyslog.endpoint, audit_ca=rsyslog.tls["ca"],
+    )
+    worker = NodeAudit(config, deliver=False)
+    worker.sr_sent(sr)
+    worker.close()
+    assert len(list((tmp_path / "store" / "audit-spool").glob("*.msg"))) == 1
+    node = NodeAudit(config, deliver=True)
+    try:
+        (header, xml), = wait_messages(
+            rsyslog, lambda h, x: str(ds.StudyInstanceUID) in x and "110104" in x,
+            "the SR's Instances Transferred",
+        )
+    finally:
+        node.close()
+    doc = check_valid(schema, xml)
+    roles = {
+        p.find("RoleIDCode").get("csd-code"): p.get("UserID") for p in doc.iter("ActiveParticipant")
+    }
+    assert roles == {"110153": "CTCOVID", "110152": "PACS"}
+    assert doc.find("EventIdentification").get("EventActionCode") == "R"
+    assert (tmp_path / "a.log").read_text().count("\n") == 1
+    assert not list((tmp_path / "store" / "audit-spool").glob("*.msg"))
+
+
+# -- the node and the batch against rsyslog -----------------------------------------------------
+
+
+def test_received_study_refused_association_and_query_reach_the_repository(
+    schema, rsyslog: Rsyslog, tmp_path: Path, studies_root: Path
+) -> None:
+    files = sorted((studies_root / "study_001" / "ct").glob("*.dcm"))
+    first = pydicom.dcmread(files[0], stop_before_pixels=True)
+    study_uid, patient_id = str(first.StudyInstanceUID), str(first.PatientID)
+    patient_name = str(first.PatientName)
+    assert patient_name and patient_id
+    config = NodeConfig(
+        store=tmp_path / "store", host="127.0.0.1", port=0, ae_title=NODE_AET, min_free_mb=0,
+        allow_aet=("STORESCU",), audit_file=tmp_path / "audit.log",
+        audit_syslog=rsyslog.endpoint, audit_ca=rsyslog.tls["ca"],
+    )
+    node_audit = NodeAudit(config, deliver=True)
+    listener = Listener(config, Store(config.store, min_free_mb=0), audit=node_audit)
+    listener.start()
+    try:
+        node_audit.started()
+        assert storescu(listener.port, files).returncode == 0
+        refused = storescu(listener.port, files[:1], calling="INTRUDER")
+        assert refused.returncode != 0
+        transferred = wait_messages(
+            rsyslog, lambda h, x: study_uid in x and 'csd-code="110104"' in x,
+            "Instances Transferred of the study",
+        )
+        alerts = wait_messages(
+            rsyslog, lambda h, x: 'csd-code="110113"' in x and "INTRUDER" in x,
+            "the Security Alert of the refused association",
+        )
+    finally:
+        listener.stop(drain_seconds=5)
+        listener.store.close()
+        node_audit.stopped()
+        node_audit.close()
+
+    (header, xml), = transferred
+    doc = check_valid(schema, xml)
+    assert header[3:6] == ["ctcovid", header[4], "IHE+RFC-3881"]
+    assert header[0] == "<85>1"  # authpriv.notice, version 1
+    sop = doc.find("ParticipantObjectIdentification/SOPClass")
+    assert sop.get("UID") == str(first.SOPClassUID)
+    assert sop.get("NumberOfInstances") == str(len(files))
+    ids = {o.get("ParticipantObjectTypeCodeRole"): o.get("ParticipantObjectID")
+           for o in doc.iter("ParticipantObjectIdentification")}
+    assert ids == {"3": study_uid, "1": patient_id}
+    source = [p for p in doc.iter("ActiveParticipant")
+              if p.find("RoleIDCode").get("csd-code") == "110153"]
+    assert [(p.get("UserID"), p.get("NetworkAccessPointID")) for p in source] == [
+        ("STORESCU", "127.0.0.1")
+    ]
+    (alert_header, alert_xml), = alerts
+    alert = check_valid(schema, alert_xml)
+    assert alert.find("EventIdentification/EventTypeCode").get("csd-code") == "110126"
+    assert alert.find("EventIdentification").get("EventOutcomeIndicator") == "4"
+    assert alert_header[0] == "<84>1"  # authpriv.warning
+
+    # The batch side: a C-FIND of a (pynetdicom) PACS, study then series level.
+    from ctcovid.batch.sources import PacsSource
+    from ctcovid.net import SeriesRules, StudyQuery
+    from ctcovid.net.dimse import DimseArchive
+    from ctcovid.net.peers import Peer
+
+    pacs = FakePacs([ct_instance("1.2.826.0.1.3680043.2.1125.9.1", "1.2.826.0.1.3680043.2.1125.9.2")])
+    out = tmp_path / "batch"
+    out.mkdir()
+    batch = BatchAudit(out, file=None, syslog=rsyslog.endpoint, ca=rsyslog.tls["ca"])
+    try:
+        source = PacsSource(
+            DimseArchive(Peer("127.0.0.1", pacs.port, "PACS"), timeout_seconds=10),
+            StudyQuery.parse(["PatientID=P1"]), SeriesRules(), cache_bytes=10**8,
+            pause_seconds=0.0,
+        )
+        source.audit = batch
+        source.plan(out, resume=False)
+        source.close()
+        queries = wait_messages(
+            rsyslog, lambda h, x: 'csd-code="110112"' in x, "the Query events", timeout=20
+        )
+        wait_for(lambda: len(wait_messages(rsyslog, lambda h, x: 'csd-code="110112"' in x,
+                                           "queries")) >= 2, 20, "both queries")
+    finally:
+        batch.close()
+        pacs.close()
+    queries = [x for h, x in rsyslog.messages() if 'csd-code="110112"' in x]
+    docs = [check_valid(schema, x) for x in queries]
+    sent = [base64.b64decode(d.find("ParticipantObjectIdentification/ParticipantObjectQuery").text)
+            for d in docs]
+    assert any(b"P1" in q and b"STUDY" in q for q in sent)
+    assert any(b"SERIES" in q for q in sent)
+    assert {d.find("ParticipantObjectIdentification").get("ParticipantObjectID") for d in docs} == {
+        "1.2.840.10008.5.1.4.1.2.2.1"
+    }
+
+    # Never a patient's name or ID in a syslog header; every message valid.
+    everything = rsyslog.messages()
+    assert {h[3] for h, _ in everything} == {"ctcovid"}
+    for header, xml in everything:
+        assert patient_name not in " ".join(header) and patient_id not in " ".join(header)
+        check_valid(schema, xml)
+    assert patient_name not in (tmp_path / "audit.log").read_text()
+    events = [event_id(etree.fromstring(line.encode()))
+              for line in (tmp_path / "audit.log").read_text().splitlines()]
+    assert events[0] == "110100" and events[-1] == "110100"
+    assert {"110104", "110113"} <= set(events)
+
+
+def test_messages_spooled_while_the_repository_is_down_arrive_once_and_in_order(
+    schema, tmp_path: Path
+) -> None:
+    server = Rsyslog(tmp_path / "rsyslog")
+    trail = AuditTrail(
+        source_id="CTCOVID", syslog=server.endpoint, ca=server.tls["ca"],
+        spool_dir=tmp_path / "spool",
+    )
+    me = trail.me
+
+    def message(n: int) -> str:
+        return audit.security_alert_message(
+            me, "CTCOVID", kind=audit.NETWORK_CONFIGURATION, description=f"event-{n:03d}",
+            outcome=audit.SUCCESS,
+        )
+
+    try:
+        trail.emit(message(0))  # the connection is up and idle when the repository stops
+        wait_for(lambda: len(server.lines()) == 1, 20, "the first message")
+        server.stop()
+        for n in range(1, 51):
+            trail.emit(message(n))
+        wait_for(lambda: len(trail.pending()) == 50, 20, "50 messages in the spool")
+        time.sleep(1.0)
+        assert len(server.lines()) == 1
+        server.start()
+        wait_for(lambda: not trail.pending() and len(server.lines()) >= 51, 60,
+                 "the spool to be delivered")
+        time.sleep(1.0)  # anything sent twice would show now
+    finally:
+        trail.close()
+        server.stop()
+    received = [x for _, x in server.messages()]
+    order = [etree.fromstring(x.encode()).findtext("EventIdentification/EventOutcomeDescription")
+             for x in received]
+    assert order == [f"event-{n:03d}" for n in range(51)]
+    check_valid(schema, received[-1])
+    assert trail.dropped == 0
+
+
+def test_a_full_spool_drops_and_counts_never_blocks(tmp_path: Path) -> None:
+    # Nothing listens on the port: everything stays in the spool, bounded.
+    trail = AuditTrail(
+        source_id="CTCOVID", syslog=f"127.0.0.1:{free_port()}", ca=make_test_ca(tmp_path)["ca"],
+        spool_dir=tmp_path / "spool", max_spool=5,
+    )
+    start = time.monotonic()
+    for n in range(12):
+        trail.emit(audit.application_activity_message(trail.me, f"n{n}", started=True))
+    assert time.monotonic() - start < 1.0
+    wait_for(lambda: trail.dropped == 7, 20, "7 messages dropped")
+    assert len(trail.pending()) == 5
+    trail.close(flush_seconds=0.5)
+    assert os.listdir(tmp_path / "spool")
