@@ -401,6 +401,15 @@ class _Incident:
     announced: bool = False
 
 
+def _duration(seconds: float) -> str:
+    """``45 s``, ``16 min``, ``2.5 h``: how long, as an operator reads it."""
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
 def _ids(record: SeriesRecord) -> str:
     return f"study={record.study_instance_uid} series={record.series_instance_uid}"
 
@@ -570,11 +579,11 @@ class AlertMonitor:
         def firing() -> Alert:
             oldest = min(failing, key=lambda r: r.updated_at)
             most = max(failing, key=lambda r: r.attempts)
-            minutes = (now - since) / 60.0 if since is not None else 0.0
+            failing_for = _duration(now - since if since is not None else 0.0)
             return Alert(
                 key,
                 "firing",
-                f"Sending SRs to {self.destination} has been failing for {minutes:.0f} min",
+                f"Sending SRs to {self.destination} has been failing for {failing_for}",
                 f"{len(failing)} SR(s) wait to be sent again. Oldest: {_ids(oldest)}; most "
                 f"attempts: {most.attempts} ({_ids(most)}). The node keeps retrying; "
                 "'ctcovid queue' shows the errors.",
@@ -772,7 +781,7 @@ def start_alerts(
         started_at=started_at,
     )
     logger.info(
-        "event=alerts channels=%s after_minutes=%.0f positive=%s",
+        "event=alerts channels=%s after_minutes=%g positive=%s",
         ",".join(c.name for c in channels),
         settings.after_minutes,
         settings.positive,
