@@ -142,6 +142,35 @@ def listen(
             help="Associations one peer address may hold at once; more are rejected. Default 5."
         ),
     ] = None,
+    alert_webhook: Annotated[
+        str | None,
+        typer.Option(
+            help='Post alerts here as JSON {"text": ...} (Slack or Teams incoming webhook). '
+            "The URL is a secret: prefer alert_webhook in the --config file."
+        ),
+    ] = None,
+    alert_smtp: Annotated[
+        str | None,
+        typer.Option(help="Mail alerts through this SMTP server, HOST:PORT (STARTTLS if offered)."),
+    ] = None,
+    alert_to: Annotated[
+        list[str] | None, typer.Option(help="Recipient of alert mails (repeatable).")
+    ] = None,
+    alert_from: Annotated[
+        str | None, typer.Option(help="Sender of alert mails. Default ctcovid@HOSTNAME.")
+    ] = None,
+    alert_after: Annotated[
+        float | None,
+        typer.Option(help="Minutes sending may keep failing before an alert. Default 15."),
+    ] = None,
+    alert_positive: Annotated[
+        bool | None,
+        typer.Option(
+            "--alert-positive/--no-alert-positive",
+            help="Also alert on every positive result (UIDs only). Default off.",
+            show_default=False,
+        ),
+    ] = None,
     verbose: Annotated[int, typer.Option("-v", count=True, help="More logging (-vv: debug).")] = 0,
 ) -> None:
     """Run the DICOM node: C-STORE CT in, one SR per complete CT series out to --peer (C-STORE)
@@ -162,6 +191,8 @@ def listen(
       ctcovid listen --store /srv/ctcovid --tls-cert node.pem --tls-key node.key --tls-ca ca.pem
 
       ctcovid listen --store /srv/ctcovid --stow https://vna.example.org/dicom-web
+
+      ctcovid listen --config node.toml --alert-smtp mail:587 --alert-to radiology-it@example.org
     """
     # A service logs its activity by default; -v adds debug detail.
     setup_logging(verbose + 1)
@@ -199,6 +230,12 @@ def listen(
             "max_association_seconds": max_association_seconds,
             "max_store_seconds": max_store_seconds,
             "max_associations_per_address": max_associations_per_address,
+            "alert_webhook": alert_webhook,
+            "alert_smtp": alert_smtp,
+            "alert_to": tuple(alert_to) if alert_to else None,
+            "alert_from": alert_from,
+            "alert_after_minutes": alert_after,
+            "alert_positive": alert_positive,
         },
     )
     level = logging.DEBUG if verbose >= 1 else logging.INFO

@@ -13,7 +13,7 @@ import dataclasses
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from ctcovid.errors import ConfigError
@@ -24,6 +24,9 @@ from ctcovid.net.guard import (
 )
 from ctcovid.net.peers import Peer, check_ae_title
 from ctcovid.net.sender import SendSettings
+
+if TYPE_CHECKING:
+    from ctcovid.node.alerts import AlertSettings
 
 
 @dataclass(frozen=True)
@@ -79,6 +82,13 @@ class NodeConfig:
     poll_seconds: float = 0.5
     batch_size: int = 32
     runtime: str = "auto"  # auto | keras | onnx | int8 (ctcovid.model.runtimes)
+    # Alerts (ctcovid.node.alerts): a webhook URL (JSON {"text": ...}) and/or e-mail by SMTP.
+    alert_webhook: str | None = None
+    alert_smtp: str | None = None  # HOST:PORT
+    alert_to: tuple[str, ...] = ()
+    alert_from: str | None = None
+    alert_after_minutes: float = 15.0
+    alert_positive: bool = False
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
@@ -151,6 +161,10 @@ class NodeConfig:
             raise ConfigError("tls_cert and tls_key go together: give both or neither.")
         if self.tls_ca is not None and self.tls_cert is None:
             raise ConfigError("tls_ca needs tls_cert and tls_key (the node's own certificate).")
+        if isinstance(self.alert_to, str):
+            object.__setattr__(self, "alert_to", (self.alert_to,))
+        object.__setattr__(self, "alert_to", tuple(self.alert_to))
+        self.alert_settings()
 
     def _check_stow(self) -> None:
         if self.stow in (None, ""):
@@ -232,6 +246,19 @@ class NodeConfig:
             timeout_seconds=self.network_timeout_seconds,
             deadline_seconds=self.send_deadline,
             max_pdu_bytes=self.max_pdu_bytes,
+        )
+
+    def alert_settings(self) -> AlertSettings | None:
+        """Where alerts go and what raises them; None without a webhook or mail server."""
+        from ctcovid.node.alerts import AlertSettings
+
+        return AlertSettings.build(
+            webhook=self.alert_webhook,
+            smtp=self.alert_smtp,
+            to=self.alert_to,
+            sender=self.alert_from,
+            after_minutes=self.alert_after_minutes,
+            positive=self.alert_positive,
         )
 
     def to_dict(self) -> dict[str, Any]:

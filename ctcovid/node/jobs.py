@@ -151,6 +151,7 @@ CREATE TABLE IF NOT EXISTS series (
     PRIMARY KEY (study_instance_uid, series_instance_uid)
 );
 CREATE INDEX IF NOT EXISTS series_state ON series(state);
+CREATE INDEX IF NOT EXISTS series_updated ON series(updated_at);
 CREATE TABLE IF NOT EXISTS replaced (
     sop_instance_uid TEXT NOT NULL,
     study_instance_uid TEXT NOT NULL,
@@ -478,6 +479,18 @@ class JobDatabase:
             args = (JobState(state),)
         with self._lock:
             rows = self._conn.execute(query + " ORDER BY first_received, rowid", args).fetchall()
+        return [SeriesRecord(**dict(r)) for r in rows]
+
+    def updated_since(self, since: float, states: tuple[JobState, ...]) -> list[SeriesRecord]:
+        """Jobs in one of ``states`` whose record changed at or after ``since`` (oldest change
+        first): what the node's alerts poll for."""
+        marks = ", ".join("?" for _ in states)
+        with self._lock:
+            rows = self._conn.execute(
+                f"SELECT {_COLUMNS} FROM series WHERE updated_at >= ? AND state IN ({marks}) "
+                "ORDER BY updated_at, rowid",
+                (since, *states),
+            ).fetchall()
         return [SeriesRecord(**dict(r)) for r in rows]
 
     def counts_by_state(self) -> dict[str, int]:

@@ -23,6 +23,7 @@ from typing import Any
 
 from ctcovid.errors import ConfigError
 from ctcovid.logs import quiet_libraries
+from ctcovid.node.alerts import start_alerts
 from ctcovid.node.config import NodeConfig
 from ctcovid.node.scp import Listener, ReceiveStats
 from ctcovid.node.store import Store
@@ -37,6 +38,8 @@ LISTENER_DRAIN_SECONDS = 5.0
 # How long a worker that exited cleanly waits for the node's own stop to show (see poll).
 STOP_GRACE_SECONDS = 2.0
 MAX_WORKER_RESTART_DELAY_SECONDS = 60.0
+# Alerts still queued at stop get this long to be delivered.
+ALERT_DRAIN_SECONDS = 3.0
 
 
 class WorkerSupervisor:
@@ -226,6 +229,7 @@ class Node:
 
     def _serve(self, store: Store) -> int:
         config = self.config
+        started = time.time()
         recovered = store.reconcile()
         resumed = store.jobs.resume(config.max_attempts)
         counts = store.jobs.counts_by_state()
@@ -258,12 +262,15 @@ class Node:
             stopping=lambda: self._stop_requested,
         )
         supervisor.start()
+        alerts = start_alerts(config, store, stats, supervisor, started_at=started)
         try:
             while not self._stop_requested:
                 time.sleep(0.25)
                 self._drain_events()
                 if not self._stop_requested:
                     supervisor.poll()
+                if alerts is not None and not self._stop_requested:
+                    alerts.check()
         finally:
             logger.info("event=node_stopping")
             # The worker first: it finishes its job and abandons a send at once, meanwhile
@@ -272,6 +279,8 @@ class Node:
             self.listener.stop(LISTENER_DRAIN_SECONDS)
             supervisor.stop(WORKER_STOP_SECONDS)
             self._drain_events()
+            if alerts is not None:
+                alerts.close(ALERT_DRAIN_SECONDS)
             if self.metrics is not None:
                 with contextlib.suppress(Exception):
                     self.metrics.close()
