@@ -127,6 +127,12 @@ _SETTINGS: dict[str, str] = {
     "poll_seconds": "how often the worker looks for work",
     "batch_size": "slices decoded ahead of the model",
     "runtime": "how the model runs: auto, keras, onnx or int8",
+    "alert_webhook": "URL alerts are POSTed to as JSON (none: no webhook)",
+    "alert_smtp": "mail server alerts are sent through, HOST:PORT (STARTTLS when offered)",
+    "alert_to": "e-mail recipients of alerts",
+    "alert_from": "sender address of alert e-mails",
+    "alert_after_minutes": "an SR failing to send this long raises an alert",
+    "alert_positive": "also alert on every positive result",
 }
 
 
@@ -1033,6 +1039,9 @@ def conformance_statement(config: NodeConfig, source: Path | None = None) -> Sta
                     "Access control: allow_aet rejects other calling AE titles at association; "
                     "bounds on PDUs, time, memory, disk and connections protect against hostile "
                     "peers.",
+                    "Alerts (alert_webhook, alert_smtp) are outgoing connections of their own; "
+                    "they name study and series UIDs and counts, never patient data or the "
+                    "free-text reasons that may quote received values.",
                     "Audit trail (PS3.15 A.5, IHE ATNA): not yet implemented. The node writes "
                     "key=value logs (UIDs, never patient names), which are not an audit trail.",
                 )
