@@ -503,6 +503,26 @@ def test_export_without_validation_is_unverified_and_auto_uses_fp32(gate_data, t
     assert "running the int8 graph as asked" in warning and "no validation scans" in warning
 
 
+def test_export_json_and_summary_say_what_gated_int8(gate_data, tmp_path):
+    from ctcovid.cli.export import int8_summary
+
+    folder = gate_copy(gate_data, tmp_path)
+    args = ["--calibration", gate_data["calibration"], "--validation", gate_data["validation"]]
+    args += ["--min-scans", 12, "--min-per-class", 3, "--min-near-threshold", 3]
+    result = invoke("export", folder, "--int8", *args, "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["confirmation"]["passed"] and data["attempts"][-1]["passed"]
+    record = data["graphs"]["int8"]
+    assert record == read_artifact(folder).graphs["int8"]
+    selected, verified, gated = int8_summary(record)
+    assert "selected on 4 calibration scan(s)" in selected
+    assert f"VERIFIED on 16 validation scan(s) of {gate_data['validation']}" in verified
+    assert f"upper bound on the flip rate {1 - 0.05 ** (1 / 16):.2%} (all scans)" in verified
+    assert "0 labels flipped" in verified and "per slice" in verified
+    assert "each load re-checks 4 slices" in gated
+
+
 def test_validation_scans_shared_with_calibration_are_refused(gate_data, tmp_path):
     from ctcovid.training.export import export_model
 
