@@ -178,7 +178,7 @@ class ScanSlices:
                 f"SeriesInstanceUID {self.series_instance_uid}"
             )
         digest = hashlib.sha256(np.ascontiguousarray(self.slices).tobytes()).hexdigest()
-        keys[f"pixels {digest}"] = "identical slices"
+        keys[f"pixels {digest}"] = "slice pixels"
         return keys
 
 
