@@ -471,6 +471,9 @@ def test_verified_int8_records_what_gated_it(verified_dir, gate_data, caplog):
     # The load check: 4 uint8 slices with their fp32 and int8 logits, its sha256 recorded.
     check = record["load_check"]
     assert check["sha256"] == sha256_file(verified_dir / CHECK_FILE)
+    assert check["from"] == "validation scans" and len(check["slices"]) == 4
+    scans = {s["scan"] for s in confirmation["scans"]}
+    assert {name.rsplit("[", 1)[0] for name in check["slices"]} <= scans
     with np.load(verified_dir / CHECK_FILE) as data:
         assert data["slices"].shape == (4, GATE_SIZE, GATE_SIZE)
         assert data["slices"].dtype == np.uint8

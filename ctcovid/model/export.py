@@ -583,16 +583,18 @@ def flip_rate_upper_bound(flips: int, n: int, confidence: float = CONFIDENCE) ->
 
 def check_slices(
     scans: Sequence[ScanSlices], fp32: dict[str, Scored], int8: dict[str, Scored], n: int
-) -> np.ndarray:
+) -> tuple[np.ndarray, list[str]]:
     """The ``n`` slices where int8's logit moved most from fp32's: the int8 load check's
-    inputs, the slices most sensitive to a change in the int8 arithmetic."""
+    inputs, the slices most sensitive to a change in the int8 arithmetic. Returns them and
+    where each came from (``scan_id[index]``, the index among the scan's model slices)."""
     candidates = [
         (float(abs(float(fp32[s.scan_id].z[i]) - float(int8[s.scan_id].z[i]))), k, i)
         for k, s in enumerate(scans)
         for i in range(len(s.slices))
     ]
     chosen = sorted(candidates, key=lambda c: (-c[0], c[1], c[2]))[:n]
-    return np.stack([scans[k].slices[i] for _, k, i in chosen])
+    slices = np.stack([scans[k].slices[i] for _, k, i in chosen])
+    return slices, [f"{scans[k].scan_id}[{i}]" for _, k, i in chosen]
 
 
 def write_check(

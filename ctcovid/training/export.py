@@ -385,12 +385,8 @@ def export_model(
                 }
             staged[GRAPH_FILES["int8"]] = int8_path
             check_path = tmp / CHECK_FILE
-            check = write_check(
-                check_path,
-                check_slices(check_from, check_fp32, check_int8, CHECK_SLICES),
-                fp32_runtime,
-                int8_runtime,
-            )
+            slices, origins = check_slices(check_from, check_fp32, check_int8, CHECK_SLICES)
+            check = write_check(check_path, slices, fp32_runtime, int8_runtime)
             staged[CHECK_FILE] = check_path
             selection = attempts[-1]
             graphs["int8"] = {
@@ -419,6 +415,7 @@ def export_model(
                     "file": CHECK_FILE,
                     "sha256": sha256_file(check_path),
                     "from": "validation scans" if validation is not None else "calibration scans",
+                    "slices": origins,
                     **check,
                 },
             }
