@@ -154,8 +154,8 @@ def pacs(studies: dict, tmp_path_factory: pytest.TempPathFactory):
 
 
 @pytest.fixture(scope="module")
-def classifier(tiny_model_dir: Path) -> Classifier:
-    return Classifier.from_file(tiny_model_dir)
+def classifier(tiny_classifier) -> Classifier:
+    return Classifier(tiny_classifier.model, tiny_classifier.artifact)
 
 
 @pytest.fixture(scope="module")

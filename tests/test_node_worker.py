@@ -26,10 +26,10 @@ pytestmark = pytest.mark.network
 
 
 @pytest.fixture(scope="module")
-def classifier(tiny_model_dir: Path):
+def classifier(tiny_classifier):
     from ctcovid.inference import Classifier
 
-    return Classifier.from_file(tiny_model_dir)
+    return Classifier(tiny_classifier.model, tiny_classifier.artifact)
 
 
 @pytest.fixture

@@ -732,7 +732,9 @@ def test_classify_json_and_sr_name_the_runtime(exported_dir, studies_root, study
     (keras_json, keras_sr), (int8_json, int8_sr) = outputs["keras"], outputs["int8"]
     assert keras_json["model"]["device_uid"] != int8_json["model"]["device_uid"]
     assert keras_sr.SOPInstanceUID != int8_sr.SOPInstanceUID
-    assert keras_sr.SeriesInstanceUID != int8_sr.SeriesInstanceUID
+    # One SR series per study, series and model, whatever runtime computed the result: a
+    # revision after an auto -> int8 switch lands beside its predecessor.
+    assert keras_sr.SeriesInstanceUID == int8_sr.SeriesInstanceUID
     equipment = int8_sr.ContributingEquipmentSequence[-1]
     assert equipment.DeviceUID == int8_json["model"]["device_uid"]
     assert abs(keras_json["probability_covid"] - int8_json["probability_covid"]) <= INT8_TOLERANCE
