@@ -446,7 +446,7 @@ def test_cli_refuses_an_archive_and_a_pacs_together(tmp_path: Path, tiny_model_d
 
 @pytest.mark.slow  # a real process loads the model: a minute or more on two cores
 def test_kill_9_then_resume_retrieves_no_classified_series_again(
-    pacs: Orthanc, studies: dict, tiny_model_dir: Path, tmp_path: Path
+    pacs: Orthanc, studies: dict, tiny_model_dir: Path, classifier: Classifier, tmp_path: Path
 ) -> None:
     import os
     import signal
@@ -477,7 +477,6 @@ def test_kill_9_then_resume_retrieves_no_classified_series_again(
     assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
     # The batch size no longer matters (series are scored in their own fixed batches): the
     # reference runs at the default one, unlike the killed run's 2.
-    classifier = Classifier.from_file(tiny_model_dir)
     reference = tmp_path / "folder"
     run_batch(BatchOptions(studies["root"], reference, tiny_model_dir, workers=0),
               classifier=classifier)
