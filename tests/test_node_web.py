@@ -13,10 +13,12 @@ import logging
 import os
 import shutil
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
 
+import pydicom
 import pytest
 from node_helpers import free_port, wait_for
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -357,3 +359,107 @@ def test_browser_shows_results_and_failures_and_retry_requeues(filled, tmp_path)
         driver.quit()
         server.stop()
     assert (tmp_path / "status-page.png").stat().st_size > 1000
+
+
+# -- the real node ------------------------------------------------------------------------
+
+
+@pytest.mark.slow  # about 30 s: the worker loads TensorFlow and the model
+@pytest.mark.network
+def test_listen_serves_probes_api_and_metrics_on_one_port(
+    tmp_path: Path, tiny_model_dir: Path, studies_root: Path
+) -> None:
+    """``ctcovid listen --http-port 0``: not ready while the worker loads the model, ready
+    after; a study sent by storescu shows in the API with its accession number and P(COVID),
+    never with the patient's name."""
+    import re
+
+    from node_helpers import NodeProcess, storescu
+
+    node = NodeProcess(tmp_path / "store", tiny_model_dir, tmp_path / "node.log", "--port", "0",
+                       "--stable-seconds", "1", "--http-port", "0")
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+    def get(path: str) -> tuple[int, Any]:
+        try:
+            with opener.open(base + path, timeout=30) as response:
+                body = response.read()
+                status = response.status
+        except urllib.error.HTTPError as exc:
+            body, status = exc.read(), exc.code
+        return status, (json.loads(body) if path != "/metrics" else body.decode())
+
+    try:
+        port = wait_for(lambda: re.search(r"event=http_listening host=\S+ port=(\d+)",
+                                          node.text()), 30, "the HTTP server")
+        base = f"http://127.0.0.1:{port.group(1)}"
+        assert get("/healthz") == (200, {"status": "ok"})
+        wait_for(lambda: get("/readyz")[0] == 200, 240, "the node to be ready", interval=1.0)
+        ready = get("/readyz")[1]
+        assert ready["checks"]["model"]["ok"] and "Res-Dense" in ready["checks"]["model"]["detail"]
+        files = sorted(p for p in (studies_root / "study_000" / "ct").iterdir() if p.is_file())
+        assert storescu(node.port, files).returncode == 0
+        source = pydicom.dcmread(files[0], stop_before_pixels=True)
+        listing = wait_for(lambda: [s for s in get("/api/series?state=classified")[1]["series"]],
+                           180, "the series to be classified", interval=1.0)
+        status, metrics = get("/metrics")
+        page = opener.open(base + "/", timeout=30).read().decode()
+    finally:
+        code = node.terminate()
+    assert code == 0
+    (series,) = listing
+    assert series["accession_number"] == str(source.AccessionNumber)
+    assert 0.0 <= series["probability_covid"] <= 1.0 and series["instances"] == len(files)
+    assert status == 200 and 'ctcovid_jobs{state="classified"} 1.0' in metrics
+    assert str(source.PatientName) not in page and str(source.PatientID) not in page
+    assert str(source.AccessionNumber) in page
+
+
+def test_a_store_from_before_gets_the_new_columns_and_history(tmp_path: Path) -> None:
+    import sqlite3
+
+    from ctcovid.node.jobs import JobDatabase
+
+    store = Store(tmp_path / "store")
+    study, series = receive(store, "ACC-1", n=1)
+    store.close()
+    conn = sqlite3.connect(tmp_path / "store" / "node.sqlite")
+    for statement in ("DROP TRIGGER history_insert", "DROP TRIGGER history_update",
+                      "DROP TABLE history", "ALTER TABLE series DROP COLUMN accession_number",
+                      "ALTER TABLE series DROP COLUMN slice_probabilities"):
+        conn.execute(statement)
+    conn.commit()
+    conn.close()
+
+    jobs = JobDatabase(tmp_path / "store" / "node.sqlite")
+    try:
+        record = jobs.get(series, study)
+        assert record is not None and record.accession_number == ""
+        assert jobs.history(series, study) == []
+        jobs.promote_stable(0)
+        assert [h["state"] for h in jobs.history(series, study)] == ["waiting"]
+    finally:
+        jobs.close()
+
+
+def test_http_credentials_prints_lines_the_server_accepts(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from ctcovid.cli.main import app
+    from ctcovid.node.webauth import Credentials, LoginGuard
+
+    runner = CliRunner()
+    user = runner.invoke(app, ["http-credentials", "alice"], input="long enough pw\n")
+    token = runner.invoke(app, ["http-credentials", "ci", "--token"])
+    assert user.exit_code == 0 and token.exit_code == 0, (user.output, token.output)
+    secret = token.output.split("(shown once): ")[1].split()[0]
+    lines = [line for line in (user.stdout + token.stdout).splitlines()
+             if line.startswith(("user ", "token "))]
+    (tmp_path / "users").write_text("\n".join(lines) + "\n")
+    assert "long enough pw" not in (tmp_path / "users").read_text()
+
+    guard = LoginGuard(Credentials.load(tmp_path / "users"))
+    basic = "Basic " + base64.b64encode(b"alice:long enough pw").decode()
+    assert guard.authenticate(basic, "127.0.0.1").name == "alice"
+    assert guard.authenticate(f"Bearer {secret}", "127.0.0.1").by_token
+    assert runner.invoke(app, ["http-credentials", "bob"], input="short\n").exit_code == 1
