@@ -10,7 +10,6 @@ import base64
 import io
 import json
 import logging
-import os
 import shutil
 import time
 import urllib.error
@@ -304,18 +303,135 @@ def test_credentials_basic_and_bearer_failures_counted_logged_and_slowed(
     assert guard.authenticate("Bearer nope", "10.0.0.1") is None and guard.failures_total == 1
 
 
+def test_a_failing_request_is_answered_500_and_the_server_goes_on(
+    filled, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ctx = context(filled)
+    web = TestClient(create_app(ctx), base_url="http://127.0.0.1", raise_server_exceptions=False)
+
+    def broken(**kwargs: Any) -> Any:
+        raise RuntimeError("database gone")
+
+    monkeypatch.setattr(ctx.store.jobs, "page", broken)
+
+    assert web.get("/api/series").status_code == 500
+    assert web.get("/healthz").status_code == 200
+    assert web.get("/readyz").status_code == 200
+
+
+def test_https_with_credentials_beyond_loopback_settings(filled, tmp_path) -> None:
+    """The settings a non-loopback address needs (TLS and credentials), served on loopback."""
+    import ssl
+
+    from node_helpers import make_test_ca
+
+    from ctcovid.node.webauth import hash_password
+
+    pki = make_test_ca(tmp_path / "pki")
+    auth = tmp_path / "users"
+    auth.write_text(f"user alice {hash_password('correct horse')}\n")
+    NodeConfig(store=filled["root"], http_port=0, http_host="0.0.0.0", http_tls_cert=pki["cert"],
+               http_tls_key=pki["key"], http_auth_file=auth)  # accepted
+    ctx = context(filled, http_tls_cert=pki["cert"], http_tls_key=pki["key"],
+                  http_auth_file=auth)
+    server = WebServer(ctx)
+    server.start()
+    https = ssl.create_default_context(cafile=str(pki["ca"]))
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}),
+                                         urllib.request.HTTPSHandler(context=https))
+    url = f"https://127.0.0.1:{server.port}/api/series"
+    try:
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            opener.open(url, timeout=10)
+        request = urllib.request.Request(url, headers={
+            "Authorization": "Basic " + base64.b64encode(b"alice:correct horse").decode()})
+        with opener.open(request, timeout=10) as response:
+            listing = json.loads(response.read())
+    finally:
+        server.stop()
+    assert refused.value.code == 401
+    assert listing["total"] == 3
+
+
+def test_slow_clients_and_a_request_flood_neither_stop_receiving_nor_go_unbounded(
+    filled, studies_root: Path
+) -> None:
+    import socket
+    import threading
+
+    from node_helpers import storescu
+
+    from ctcovid.node.scp import Listener
+    from ctcovid.node.web import MAX_CONNECTIONS
+
+    server = WebServer(context(filled))
+    server.start()
+    listener = Listener(NodeConfig(store=filled["root"], host="127.0.0.1", port=0,
+                                   min_free_mb=0), Store(filled["root"]))
+    listener.start()
+    slow: list[socket.socket] = []
+    stop = threading.Event()
+    answers: list[int] = []
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    base = f"http://127.0.0.1:{server.port}"
+
+    def flood() -> None:
+        while not stop.is_set():
+            try:
+                with opener.open(base + "/", timeout=10) as response:
+                    answers.append(response.status)
+            except urllib.error.HTTPError as exc:
+                answers.append(exc.code)
+            except OSError:
+                answers.append(0)
+
+    floods = [threading.Thread(target=flood, daemon=True) for _ in range(4)]
+    files = sorted((studies_root / "study_001" / "ct").glob("*.dcm"))
+    before = listener.store.jobs.count_instances()
+    try:
+        for _ in range(2 * MAX_CONNECTIONS):  # headers started, never finished
+            sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+            slow.append(sock)
+        for thread in floods:
+            thread.start()
+        started = time.monotonic()
+        sent = storescu(listener.port, files)
+        seconds = time.monotonic() - started
+    finally:
+        stop.set()
+        for thread in floods:
+            thread.join(15)
+        for sock in slow:
+            sock.close()
+    try:
+        assert sent.returncode == 0, sent.stderr
+        assert listener.store.jobs.count_instances() == before + len(files)
+        assert seconds < 30
+        assert answers and set(answers) <= {200, 503}
+        assert 503 in answers  # beyond MAX_CONNECTIONS the server answers at once, unserved
+        wait_for(lambda: opener.open(base + "/healthz", timeout=10).status == 200, 15,
+                 "the server to serve again")
+    finally:
+        listener.stop(drain_seconds=1)
+        listener.store.close()
+        server.stop()
+
+
 # -- a real browser -----------------------------------------------------------------------
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
 
 
-def test_browser_shows_results_and_failures_and_retry_requeues(filled, tmp_path) -> None:
+def test_browser_shows_results_and_failures_and_retry_requeues(
+    filled, tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     pytest.importorskip("selenium")
     if CHROMIUM is None or not Path(CHROMEDRIVER).exists():
         pytest.skip("Chromium and its driver are not installed (Debian: chromium "
                     "chromium-driver)")
-    os.environ["SE_OFFLINE"] = "true"  # Selenium Manager must never download a browser
+    monkeypatch.setenv("SE_OFFLINE", "true")  # Selenium Manager must never download anything
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
