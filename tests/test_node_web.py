@@ -236,6 +236,40 @@ def test_destination_is_asked_at_most_once_a_minute(filled) -> None:
     assert probe.check().ok and probe.check().ok and len(asked) == 1
 
 
+def test_stow_destination_is_reachable_unless_it_refuses_our_credentials(tmp_path) -> None:
+    pytest.importorskip("requests")
+    import http.server
+    import threading
+
+    status = {"code": 200}
+
+    class Service(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(status["code"])
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Service)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    config = NodeConfig(store=tmp_path / "s", stow=f"http://127.0.0.1:{httpd.server_port}/dicom-web")
+    probe = DestinationProbe(config, interval_seconds=0)
+    try:
+        reachable = probe.check()
+        status["code"] = 401
+        refused = probe.check()
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    gone = probe.check()
+
+    assert reachable.ok and "stow-rs" in reachable.detail
+    assert not refused.ok and "HTTP 401" in refused.detail
+    assert not gone.ok
+
+
 def test_metrics_are_served_at_slash_metrics(filled) -> None:
     pytest.importorskip("prometheus_client")
     from ctcovid.node.metrics import Metrics

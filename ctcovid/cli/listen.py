@@ -132,13 +132,13 @@ def listen(
         ),
     ] = None,
     http_show_phi: Annotated[
-        bool | None,
+        bool,
         typer.Option(
             "--http-show-phi",
             help="Show patient name, ID and birth date on the page and in the API.",
             show_default=False,
         ),
-    ] = None,
+    ] = False,
     metrics_port: Annotated[
         int | None, typer.Option(help="Deprecated alias of --http-port.")
     ] = None,
@@ -233,7 +233,7 @@ def listen(
             "http_tls_cert": http_tls_cert,
             "http_tls_key": http_tls_key,
             "http_auth_file": http_auth_file,
-            "http_show_phi": http_show_phi,
+            "http_show_phi": True if http_show_phi else None,
             "metrics_port": metrics_port,
             "metrics_host": metrics_host,
             "network_timeout_seconds": network_timeout,
