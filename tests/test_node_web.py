@@ -388,16 +388,17 @@ def test_https_with_credentials_beyond_loopback_settings(filled, tmp_path) -> No
 
 
 def test_slow_clients_and_a_request_flood_neither_stop_receiving_nor_go_unbounded(
-    filled, studies_root: Path
+    filled, studies_root: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import socket
     import threading
 
-    from node_helpers import storescu
+    from node_helpers import closed_by_peer, storescu
 
     from ctcovid.node.scp import Listener
     from ctcovid.node.web import MAX_CONNECTIONS
 
+    monkeypatch.setattr("ctcovid.node.web.HEADER_SECONDS", 2.0)
     server = WebServer(context(filled))
     server.start()
     listener = Listener(NodeConfig(store=filled["root"], host="127.0.0.1", port=0,
@@ -432,10 +433,13 @@ def test_slow_clients_and_a_request_flood_neither_stop_receiving_nor_go_unbounde
         started = time.monotonic()
         sent = storescu(listener.port, files)
         seconds = time.monotonic() - started
-    finally:
         stop.set()
         for thread in floods:
             thread.join(15)
+        # Headers never finished: the server closes those connections after HEADER_SECONDS.
+        cut = [closed_by_peer(sock, 10) for sock in slow]
+    finally:
+        stop.set()
         for sock in slow:
             sock.close()
     try:
@@ -444,6 +448,7 @@ def test_slow_clients_and_a_request_flood_neither_stop_receiving_nor_go_unbounde
         assert seconds < 30
         assert answers and set(answers) <= {200, 503}
         assert 503 in answers  # beyond MAX_CONNECTIONS the server answers at once, unserved
+        assert all(cut)
         wait_for(lambda: opener.open(base + "/healthz", timeout=10).status == 200, 15,
                  "the server to serve again")
     finally:

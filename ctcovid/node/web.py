@@ -3,7 +3,8 @@
 Built on Starlette and served by uvicorn in a thread of the node process, with its own
 connection to the job database: a crashed, slow or flooded web server never holds up receiving
 or classifying (at most ``MAX_CONNECTIONS`` requests at once, more are answered 503; idle
-connections closed after ``KEEP_ALIVE_SECONDS``). Needs ``pip install 'ctcovid[web]'``.
+connections closed after ``KEEP_ALIVE_SECONDS``, and those whose request headers have not
+arrived whole after ``HEADER_SECONDS``). Needs ``pip install 'ctcovid[web]'``.
 
 ``GET /``                                    the status page (refreshes itself)
 ``GET /series/{study}/{series}``             one series: result, slice plot, history
@@ -60,6 +61,9 @@ logger = logging.getLogger(__name__)
 TEMPLATES = Path(__file__).with_name("templates")
 MAX_CONNECTIONS = 32
 KEEP_ALIVE_SECONDS = 5
+# A request's headers must arrive whole within this time, or its connection is closed (a slow
+# client cannot hold one of the MAX_CONNECTIONS slots).
+HEADER_SECONDS = 10.0
 PAGE_REFRESH_SECONDS = 10
 PAGE_SIZE = 50
 MAX_LIMIT = 500
@@ -509,6 +513,50 @@ class _LoginCollector:
         )
 
 
+def _protocol_with_header_deadline(seconds: float) -> Any:
+    """uvicorn's h11 protocol, closing a connection whose request headers are not complete
+    ``seconds`` after it opened or after its previous response (uvicorn has no such timeout:
+    a client that sends a byte now and then would otherwise keep its connection forever)."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class Protocol(H11Protocol):  # type: ignore[misc]
+        _deadline: Any = None
+
+        def _arm(self) -> None:
+            if self._deadline is None and not self.transport.is_closing():
+                self._deadline = self.loop.call_later(seconds, self._expired)
+
+        def _disarm(self) -> None:
+            if self._deadline is not None:
+                self._deadline.cancel()
+                self._deadline = None
+
+        def _expired(self) -> None:
+            self._deadline = None
+            if self.cycle is None or self.cycle.response_complete:  # waiting for headers
+                self.transport.close()
+
+        def connection_made(self, transport: Any) -> None:
+            super().connection_made(transport)
+            self._arm()
+
+        def handle_events(self) -> None:
+            before = self.cycle
+            super().handle_events()
+            if self.cycle is not before:  # a request's headers arrived whole
+                self._disarm()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._arm()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+    return Protocol
+
+
 class WebServer:
     """uvicorn serving :func:`create_app` in a daemon thread; the port is bound at start, so a
     port in use fails the node's start with the reason."""
@@ -537,6 +585,7 @@ class WebServer:
         self.server = uvicorn.Server(
             uvicorn.Config(
                 self.app,
+                http=_protocol_with_header_deadline(HEADER_SECONDS),
                 limit_concurrency=MAX_CONNECTIONS,
                 timeout_keep_alive=KEEP_ALIVE_SECONDS,
                 timeout_graceful_shutdown=2,
