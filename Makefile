@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	@echo "== Installing ctcovid and its dependencies into $(VENV) (a few minutes the first time) =="
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@$(BIN)/python -m pip install -qq --upgrade pip
-	@$(BIN)/python -m pip install -qq -e ".[dev,jax,ray,metrics,dicomweb,onnx]"
+	@$(BIN)/python -m pip install -qq -e ".[dev,jax,ray,metrics,dicomweb,onnx,web]"
 	@touch $(STAMP)
 
 $(DEMO)/data/manifest.json: | $(STAMP)

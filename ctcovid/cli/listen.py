@@ -101,12 +101,49 @@ def listen(
             show_default=False,
         ),
     ] = None,
+    http_port: Annotated[
+        int | None,
+        typer.Option(
+            help="Serve the status page, JSON API, probes (/healthz, /readyz) and Prometheus "
+            "metrics (/metrics) on this port (0: any free port). Needs ctcovid[web]."
+        ),
+    ] = None,
+    http_host: Annotated[
+        str | None,
+        typer.Option(
+            help="Address of the HTTP server. Default 127.0.0.1; any other address needs "
+            "--http-tls-cert, --http-tls-key and --http-auth-file."
+        ),
+    ] = None,
+    http_tls_cert: Annotated[
+        Path | None,
+        typer.Option(exists=True, dir_okay=False, help="TLS certificate (PEM) of the HTTP server."),
+    ] = None,
+    http_tls_key: Annotated[
+        Path | None, typer.Option(exists=True, dir_okay=False, help="Its private key (PEM).")
+    ] = None,
+    http_auth_file: Annotated[
+        Path | None,
+        typer.Option(
+            exists=True,
+            dir_okay=False,
+            help="Users (scrypt hashes) and API tokens allowed on the HTTP server; make lines "
+            "with 'ctcovid http-credentials'.",
+        ),
+    ] = None,
+    http_show_phi: Annotated[
+        bool,
+        typer.Option(
+            "--http-show-phi",
+            help="Show patient name, ID and birth date on the page and in the API.",
+            show_default=False,
+        ),
+    ] = False,
     metrics_port: Annotated[
-        int | None, typer.Option(help="Serve Prometheus metrics on this port.")
+        int | None, typer.Option(help="Deprecated alias of --http-port.")
     ] = None,
     metrics_host: Annotated[
-        str | None,
-        typer.Option(help="Address of the metrics page (not authenticated). Default 127.0.0.1."),
+        str | None, typer.Option(help="Deprecated alias of --http-host.")
     ] = None,
     network_timeout: Annotated[
         float | None,
@@ -186,7 +223,7 @@ def listen(
 
       ctcovid listen --store /var/lib/ctcovid --port 11112 --ae-title CTCOVID --peer pacs:104:PACS
 
-      ctcovid listen --config node.toml --allow-aet PACS --allow-aet ROUTER --metrics-port 9108
+      ctcovid listen --config node.toml --allow-aet PACS --allow-aet ROUTER --http-port 8080
 
       ctcovid listen --store /srv/ctcovid --tls-cert node.pem --tls-key node.key --tls-ca ca.pem
 
@@ -222,6 +259,12 @@ def listen(
             "tls_key": tls_key,
             "tls_ca": tls_ca,
             "peer_tls": peer_tls,
+            "http_port": http_port,
+            "http_host": http_host,
+            "http_tls_cert": http_tls_cert,
+            "http_tls_key": http_tls_key,
+            "http_auth_file": http_auth_file,
+            "http_show_phi": True if http_show_phi else None,
             "metrics_port": metrics_port,
             "metrics_host": metrics_host,
             "network_timeout_seconds": network_timeout,

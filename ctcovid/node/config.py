@@ -10,6 +10,7 @@ URL or the command line. Command-line flags win over the file.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -76,9 +77,19 @@ class NodeConfig:
     tls_ca: Path | None = None
     # None: use TLS towards the peer exactly when TLS is configured for receiving.
     peer_tls: bool | None = None
+    # The node's HTTP server (status page, JSON API, probes, /metrics); None: no server.
+    http_port: int | None = None
+    # Loopback unless told otherwise; another address needs http_tls_* and http_auth_file.
+    http_host: str = "127.0.0.1"
+    http_tls_cert: Path | None = None
+    http_tls_key: Path | None = None
+    # Users (scrypt hashes) and API tokens allowed on the HTTP server (see ctcovid.node.webauth).
+    http_auth_file: Path | None = None
+    # Show patient name, ID and birth date on the page and in the API (off: accession only).
+    http_show_phi: bool = False
+    # Deprecated aliases of http_port and http_host (Prometheus metrics are at /metrics there).
     metrics_port: int | None = None
-    # Loopback unless told otherwise: the metrics page is not authenticated.
-    metrics_host: str = "127.0.0.1"
+    metrics_host: str | None = None
     poll_seconds: float = 0.5
     batch_size: int = 32
     runtime: str = "auto"  # auto | keras | onnx | int8 (ctcovid.model.runtimes)
@@ -99,15 +110,24 @@ class NodeConfig:
         )
         if isinstance(self.peer, str):
             object.__setattr__(self, "peer", Peer.parse(self.peer))
-        for name in ("model", "tls_cert", "tls_key", "tls_ca", "stow_auth_file", "stow_ca_file"):
+        for name in (
+            "model",
+            "tls_cert",
+            "tls_key",
+            "tls_ca",
+            "stow_auth_file",
+            "stow_ca_file",
+            "http_tls_cert",
+            "http_tls_key",
+            "http_auth_file",
+        ):
             value = getattr(self, name)
             if value is not None:
                 object.__setattr__(self, name, Path(value))
         self._check_stow()
         if not 0 <= self.port < 65536:
             raise ConfigError(f"port must be 0-65535. Received: port={self.port}.")
-        if self.metrics_port is not None and not 0 <= self.metrics_port < 65536:
-            raise ConfigError(f"metrics_port must be 0-65535. Received: {self.metrics_port}.")
+        self._check_http()
         for name in (
             "stable_seconds",
             "retry_seconds",
@@ -165,6 +185,39 @@ class NodeConfig:
             object.__setattr__(self, "alert_to", (self.alert_to,))
         object.__setattr__(self, "alert_to", tuple(self.alert_to))
         self.alert_settings()
+
+    def _check_http(self) -> None:
+        """The HTTP server's settings; ``metrics_port``/``metrics_host`` (deprecated) alias
+        ``http_port``/``http_host``."""
+        if self.metrics_port is not None:
+            if self.http_port is not None and self.http_port != self.metrics_port:
+                raise ConfigError(
+                    "metrics_port is a deprecated alias of http_port (metrics are served at "
+                    f"/metrics there): give http_port only. Received: http_port={self.http_port}"
+                    f", metrics_port={self.metrics_port}."
+                )
+            object.__setattr__(self, "http_port", self.metrics_port)
+        if self.metrics_host is not None and self.http_host == "127.0.0.1":
+            object.__setattr__(self, "http_host", self.metrics_host)
+        if self.http_port is not None and not 0 <= self.http_port < 65536:
+            raise ConfigError(f"http_port must be 0-65535. Received: {self.http_port}.")
+        if (self.http_tls_cert is None) != (self.http_tls_key is None):
+            raise ConfigError("http_tls_cert and http_tls_key go together: give both or neither.")
+        if self.http_port is None or is_loopback(self.http_host):
+            return
+        missing = [
+            flag
+            for flag, value in (
+                ("--http-tls-cert and --http-tls-key", self.http_tls_cert),
+                ("--http-auth-file", self.http_auth_file),
+            )
+            if value is None
+        ]
+        if missing:
+            raise ConfigError(
+                f"--http-host {self.http_host} is not loopback: the page and API need "
+                f"{' and '.join(missing)} there (TLS and credentials), or use 127.0.0.1."
+            )
 
     def _check_stow(self) -> None:
         if self.stow in (None, ""):
@@ -294,6 +347,16 @@ class NodeConfig:
             raise ConfigError(f"invalid node settings: {exc}") from None
 
 
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (an address or ``localhost``) is reachable from this machine only."""
+    if host.strip("[]").lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
 def read_toml(path: Path) -> dict[str, Any]:
     """The node settings in a TOML file (top level, or the ``[node]`` table when present)."""
     try:
@@ -315,6 +378,9 @@ def read_toml(path: Path) -> dict[str, Any]:
         "tls_ca",
         "stow_auth_file",
         "stow_ca_file",
+        "http_tls_cert",
+        "http_tls_key",
+        "http_auth_file",
     ):
         if isinstance(data.get(key), str) and data[key]:
             value = Path(data[key]).expanduser()

@@ -185,6 +185,47 @@ class Node:
             artifact.device_uid,
         )
 
+    def _start_web(self, store: Store, stats: ReceiveStats, supervisor: WorkerSupervisor) -> Any:
+        """The HTTP server (page, API, probes, /metrics) in a thread, on its own connection to
+        the store; started before the listener, so that a port in use fails the start."""
+        from ctcovid.node.health import model_summary
+        from ctcovid.node.metrics import Metrics
+        from ctcovid.node.web import WebContext, WebServer, require_web
+
+        config = self.config
+        require_web()
+        if config.metrics_port is not None:
+            logger.warning(
+                "event=deprecated_option metrics_port/--metrics-port: use http_port/--http-port "
+                "(metrics are served at /metrics there)"
+            )
+        self.metrics = Metrics(None, config.http_host, store, stats)
+
+        def heartbeat() -> float | None:
+            process, beat = supervisor.process, supervisor.heartbeat
+            if process is None or beat is None or not process.is_alive():
+                return None
+            return float(beat.value)
+
+        web_store = Store(config.store, min_free_mb=config.min_free_mb)
+        listener = self.listener
+        try:
+            web = WebServer(
+                WebContext(
+                    config=config,
+                    store=web_store,
+                    model=model_summary(config),
+                    heartbeat=heartbeat,
+                    metrics=self.metrics,
+                    dicom_port=(lambda: listener.port) if listener is not None else None,
+                )
+            )
+        except BaseException:
+            web_store.close()
+            raise
+        web.start()
+        return web
+
     def _start_worker(self, heartbeat: Any) -> Any:
         process = self._mp.Process(
             target=run_worker,
@@ -244,16 +285,9 @@ class Node:
         if not config.sends:
             logger.warning("event=no_peer SRs are kept in %s/sr and not sent", config.store)
         stats = ReceiveStats()
-        if config.metrics_port is not None:
-            from ctcovid.node.metrics import Metrics
-
-            self.metrics = Metrics(config.metrics_port, config.metrics_host, store, stats)
         self._worker_stop = self._mp.Event()
         self._events = self._mp.Queue()
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(signum, self.request_stop)
         self.listener = Listener(config, store, stats)
-        self.listener.start()
         supervisor = WorkerSupervisor(
             self._start_worker,
             lambda: self._mp.Value("d", 0.0, lock=False),
@@ -261,6 +295,10 @@ class Node:
             on_lost=lambda: store.jobs.resume(config.max_attempts),
             stopping=lambda: self._stop_requested,
         )
+        web = self._start_web(store, stats, supervisor) if config.http_port is not None else None
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self.request_stop)
+        self.listener.start()
         supervisor.start()
         alerts = start_alerts(config, store, stats, supervisor, started_at=started)
         try:
@@ -281,9 +319,10 @@ class Node:
             self._drain_events()
             if alerts is not None:
                 alerts.close(ALERT_DRAIN_SECONDS)
-            if self.metrics is not None:
+            if web is not None:
                 with contextlib.suppress(Exception):
-                    self.metrics.close()
+                    web.stop()
+                    web.ctx.store.close()
             store.close()
         logger.info("event=node_stopped")
         return 0
