@@ -17,27 +17,34 @@ $(STAMP): pyproject.toml
 	@echo "== Installing ctcovid and its dependencies into $(VENV) (a few minutes the first time) =="
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@$(BIN)/python -m pip install -qq --upgrade pip
-	@$(BIN)/python -m pip install -qq -e ".[dev,jax,ray,metrics,dicomweb,onnx]"
+	@$(BIN)/python -m pip install -qq -e ".[dev,jax,ray,metrics,dicomweb,onnx,web]"
 	@touch $(STAMP)
 
 $(DEMO)/data/manifest.json: | $(STAMP)
 	$(BIN)/ctcovid fixtures $(DEMO)/data --studies 2 --slices 24 --size 128 --seed 11 \
 		--cov19-per-class 32 --cov19-slices 6
 
+# Scans that confirm the int8 graph: other phantoms (other seeds) than the training, validation
+# and calibration scans, 128 of them, so that the gate can bound the label flip rate.
+$(DEMO)/gate/cov19: | $(STAMP)
+	$(BIN)/ctcovid fixtures $(DEMO)/gate --studies 0 --size 128 --seed 29 \
+		--cov19-per-class 32 --cov19-slices 6
+
 $(DEMO)/model/ctcovid.json: $(DEMO)/data/manifest.json
 	$(BIN)/ctcovid train $(DEMO)/data/cov19 --out $(DEMO)/model --run-dir $(DEMO)/run \
 		$(DEMO_TRAIN_FLAGS)
 
-demo: $(DEMO)/model/ctcovid.json
+demo: $(DEMO)/model/ctcovid.json $(DEMO)/gate/cov19
 	@echo "== Classifying the held-out DICOM studies (never seen in training) =="
 	$(BIN)/ctcovid classify $(DEMO)/data/study_000/ct --model $(DEMO)/model --runtime keras \
 		--sr $(DEMO)/out/study_000_sr.dcm --heatmaps $(DEMO)/out/heatmaps_000
 	$(BIN)/ctcovid classify $(DEMO)/data/study_001/ct --model $(DEMO)/model --runtime keras \
 		--sr $(DEMO)/out/study_001_sr.dcm --heatmaps $(DEMO)/out/heatmaps_001
 	@echo "== The same studies on ONNX Runtime int8 (ctcovid export --int8, gated against fp32) =="
-	@if $(BIN)/ctcovid export $(DEMO)/model --int8 --calibration $(DEMO)/data/cov19/val; then \
-		$(BIN)/ctcovid classify $(DEMO)/data/study_000/ct --model $(DEMO)/model --runtime int8; \
-		$(BIN)/ctcovid classify $(DEMO)/data/study_001/ct --model $(DEMO)/model --runtime int8; \
+	@if $(BIN)/ctcovid export $(DEMO)/model --int8 --calibration $(DEMO)/data/cov19/val \
+		--validation $(DEMO)/gate/cov19; then \
+		$(BIN)/ctcovid classify $(DEMO)/data/study_000/ct --model $(DEMO)/model --runtime auto; \
+		$(BIN)/ctcovid classify $(DEMO)/data/study_001/ct --model $(DEMO)/model --runtime auto; \
 	else echo "no int8 graph kept (the reason is above): the Keras results stand"; fi
 	@echo "Ground truth: $$(grep -o '"label": "[^"]*"' $(DEMO)/data/manifest.json | tr '\n' ' ')"
 	@echo "Structured Reports and heatmaps are in $(DEMO)/out/. Synthetic data: no clinical value."

@@ -522,8 +522,11 @@ def bench_runtimes(repeats: int) -> list[dict[str, Any]]:
     outputs = {name: np.asarray(fn()).reshape(-1) for name, fn in fns.items()}  # warm-up
     times = round_robin(fns, repeats)
     base = statistics.median(times["model.predict"])
-    gate = report.get("graphs", {}).get("int8", {}).get("agreement") or {
-        "refused": report.get("refused", "")}
+    int8_record = report.get("graphs", {}).get("int8", {})
+    gate = ({**int8_record["selection"],
+             "labels_agree": not int8_record["selection"]["label_flips"],
+             "status": int8_record["verification"]["status"]}
+            if "selection" in int8_record else {"refused": report.get("refused", "")})
     rows: list[dict[str, Any]] = []
     for name in [*classifiers, CONVS_ONLY]:
         med = statistics.median(times[name])
@@ -541,7 +544,8 @@ def bench_runtimes(repeats: int) -> list[dict[str, Any]]:
             "max_probability_difference": float(np.abs(outputs[name] - reference).max()),
             "cpu": cpu,
             **({"int8_gate": {k: gate.get(k) for k in ("max_probability_difference",
-                                                      "labels_agree", "refused") if k in gate},
+                                                      "labels_agree", "status", "refused")
+                              if k in gate},
                 "int8_recipe": report.get("graphs", {}).get("int8", {}).get("recipe", {})}
                if name == "int8" else {}),
         })

@@ -58,6 +58,20 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_classifier(tiny_model_dir: Path):
+    """The tiny model loaded once for the session (``Classifier.from_file``): each load builds
+    both backbones again and compiles its own predict function, seconds every time.
+
+    Tests share its Keras model and must not change its weights. A module that changes a
+    Classifier's settings (artifact, batch size) takes its own over the same model:
+    ``Classifier(tiny_classifier.model, tiny_classifier.artifact)``.
+    """
+    from ctcovid.inference import Classifier
+
+    return Classifier.from_file(tiny_model_dir)
+
+
+@pytest.fixture(scope="session")
 def unbounded_model_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
     """The tiny model with its ingest's size limits (rows, columns) raised far enough that a
     decompression bomb passes the header checks and reaches the decoder: for tests of the

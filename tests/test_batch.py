@@ -85,9 +85,9 @@ def archive(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 
 @pytest.fixture(scope="module")
-def classifier(tiny_model_dir: Path) -> Classifier:
-    """The tiny model, loaded once for the module (loading is most of a small run's time)."""
-    return Classifier.from_file(tiny_model_dir)
+def classifier(tiny_classifier) -> Classifier:
+    """The tiny model, loaded once for the session (loading is most of a small run's time)."""
+    return Classifier(tiny_classifier.model, tiny_classifier.artifact)
 
 
 @pytest.fixture(scope="module")

@@ -154,8 +154,8 @@ def pacs(studies: dict, tmp_path_factory: pytest.TempPathFactory):
 
 
 @pytest.fixture(scope="module")
-def classifier(tiny_model_dir: Path) -> Classifier:
-    return Classifier.from_file(tiny_model_dir)
+def classifier(tiny_classifier) -> Classifier:
+    return Classifier(tiny_classifier.model, tiny_classifier.artifact)
 
 
 @pytest.fixture(scope="module")
@@ -256,7 +256,7 @@ def test_srs_sent_by_c_store_land_in_their_studies(dimse_run: tuple, pacs: Ortha
     for row in classified:
         assert sr_study_in_pacs(pacs, row.sr_path) == row.study_instance_uid
     (sent,) = summary["sent"].values()
-    assert sent == {"sent": 2, "failed": 0, "errors": []}
+    assert sent == {"sent": 2, "unchanged": 0, "failed": 0, "errors": []}
 
 
 def test_cache_is_emptied_and_nothing_on_the_pacs_changes(dimse_run: tuple, pacs: Orthanc,
@@ -270,7 +270,7 @@ def test_cache_is_emptied_and_nothing_on_the_pacs_changes(dimse_run: tuple, pacs
 
 def test_dicomweb_batch_with_stow_gives_the_same_rows(
     pacs: Orthanc, tiny_model_dir: Path, classifier: Classifier, folder_rows: dict,
-    tmp_path: Path
+    dimse_run: tuple, tmp_path: Path
 ) -> None:
     pytest.importorskip("dicomweb_client", reason="pip install 'ctcovid[dicomweb]'")
     secret = tmp_path / "auth"
@@ -282,7 +282,9 @@ def test_dicomweb_batch_with_stow_gives_the_same_rows(
                        destinations=(SendSettings.stow_rs(url, auth=auth),))
     rows = rows_of(tmp_path / "run")
     assert_same_rows(rows, folder_rows)
-    assert summary["sent"][f"stow-rs {url}"]["sent"] == 2
+    # The DIMSE run already stored these very SRs: QIDO-RS finds them, nothing is sent twice.
+    assert summary["sent"][f"stow-rs {url}"]["unchanged"] == 2
+    assert summary["sent"][f"stow-rs {url}"]["sent"] == 0
     for row in rows.values():
         if row.status == CLASSIFIED:
             assert sr_study_in_pacs(pacs, row.sr_path) == row.study_instance_uid
@@ -444,7 +446,7 @@ def test_cli_refuses_an_archive_and_a_pacs_together(tmp_path: Path, tiny_model_d
 
 @pytest.mark.slow  # a real process loads the model: a minute or more on two cores
 def test_kill_9_then_resume_retrieves_no_classified_series_again(
-    pacs: Orthanc, studies: dict, tiny_model_dir: Path, tmp_path: Path
+    pacs: Orthanc, studies: dict, tiny_model_dir: Path, classifier: Classifier, tmp_path: Path
 ) -> None:
     import os
     import signal
@@ -475,7 +477,6 @@ def test_kill_9_then_resume_retrieves_no_classified_series_again(
     assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
     # The batch size no longer matters (series are scored in their own fixed batches): the
     # reference runs at the default one, unlike the killed run's 2.
-    classifier = Classifier.from_file(tiny_model_dir)
     reference = tmp_path / "folder"
     run_batch(BatchOptions(studies["root"], reference, tiny_model_dir, workers=0),
               classifier=classifier)
@@ -509,7 +510,11 @@ def test_undelivered_srs_fail_with_the_reason_and_are_sent_on_resume(
     outcome = forwarder.close()[f"c-store {down}"]
     assert (outcome["sent"], outcome["failed"]) == (0, 2)
     assert all(down in error for error in outcome["errors"])
-    # The next run (--resume) sends what was not delivered, to the same or another peer.
+    # The next run (--resume) sends what was not delivered, to the same or another peer; that
+    # peer must not hold them already (the DIMSE run stored them there), or nothing is sent.
+    for sr_path in {r.sr_path for r in rows_of(out).values() if r.status == CLASSIFIED}:
+        (found,) = pacs.request("POST", "/tools/lookup", Path(sr_path).stem.encode())
+        pacs.request("DELETE", f"/instances/{found['ID']}")
     up = f"127.0.0.1:{pacs.dicom_port}:{pacs.aet}"
     again = SrForwarder(out, (SendSettings.c_store(down, calling_ae_title=OUR_AET),
                               SendSettings.c_store(up, calling_ae_title=OUR_AET)),

@@ -99,11 +99,12 @@ def test_undecodable_file_is_skipped_with_its_reason(
 
 
 def test_streaming_classify_equals_plain_model_predict(
-    tiny_model_dir: Path, studies_root: Path, study_infos: list
+    tiny_classifier, studies_root: Path, study_infos: list
 ) -> None:
     from ctcovid.inference import Classifier
 
-    classifier = Classifier.from_file(tiny_model_dir, batch_size=5)  # 12 slices: 5 + 5 + 2
+    # The session's loaded tiny model (conftest), decoding 5 slices ahead: 12 slices: 5 + 5 + 2.
+    classifier = Classifier(tiny_classifier.model, tiny_classifier.artifact, batch_size=5)
     ct_dir = studies_root / study_infos[0]["study_dir"] / "ct"
     series = load_series(ct_dir, classifier.ingest_config)
     prepared, result = classifier.run(series)
@@ -117,12 +118,12 @@ def test_streaming_classify_equals_plain_model_predict(
 
 
 def test_lung_policy_classifies_from_the_whole_series(
-    tiny_model_dir: Path, studies_root: Path, study_infos: list
+    tiny_classifier, studies_root: Path, study_infos: list
 ) -> None:
     from ctcovid.inference import Classifier
     from ctcovid.preprocess import select_slices
 
-    classifier = Classifier.from_file(tiny_model_dir)
+    classifier = Classifier(tiny_classifier.model, tiny_classifier.artifact)
     classifier.artifact = replace(
         classifier.artifact,
         ingest_config=replace(classifier.ingest_config, slice_policy="lung", max_slices=6),

@@ -320,11 +320,11 @@ def test_batch_from_pacs_queries_over_tls_with_the_tls_options(tmp_path: Path) -
 
 
 @pytest.fixture(scope="module")
-def classifier(tiny_model_dir: Path) -> Any:
-    """The tiny model, loaded once for the batch runs of this module."""
+def classifier(tiny_classifier) -> Any:
+    """The tiny model, loaded once for the session, for the batch runs of this module."""
     from ctcovid.inference import Classifier
 
-    return Classifier.from_file(tiny_model_dir)
+    return Classifier(tiny_classifier.model, tiny_classifier.artifact)
 
 
 def _batch_rows(

@@ -42,10 +42,10 @@ def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Orthanc]:
 
 
 @pytest.fixture(scope="module")
-def classifier(tiny_model_dir: Path):
+def classifier(tiny_classifier):
     from ctcovid.inference import Classifier
 
-    return Classifier.from_file(tiny_model_dir)
+    return Classifier(tiny_classifier.model, tiny_classifier.artifact)
 
 
 @pytest.fixture

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
 import socket
 import threading
@@ -26,10 +27,10 @@ pytestmark = pytest.mark.network
 
 
 @pytest.fixture(scope="module")
-def classifier(tiny_model_dir: Path):
+def classifier(tiny_classifier):
     from ctcovid.inference import Classifier
 
-    return Classifier.from_file(tiny_model_dir)
+    return Classifier(tiny_classifier.model, tiny_classifier.artifact)
 
 
 @pytest.fixture
@@ -142,6 +143,11 @@ def test_complete_series_is_classified_and_its_sr_sent(
     assert sr.StudyInstanceUID == pydicom.dcmread(files[0]).StudyInstanceUID
     assert sr.Modality == "SR"
     assert (worker.store.root / record.sr_path).is_file()
+    # Shown on the node's page: the per-slice result and how the job got here.
+    assert len(json.loads(record.slice_probabilities)) >= 4
+    history = worker.store.jobs.history(record.series_instance_uid, record.study_instance_uid)
+    assert [h["state"] for h in history] == ["received", "waiting", "classifying", "classified",
+                                             "sent"]
 
 
 def test_late_instance_sends_a_revised_sr_naming_its_predecessor(

@@ -1,10 +1,22 @@
-"""Runtimes behind the Classifier: choosing a graph, refusing a tampered one, the int8 gate, and
-the runtime's place in the result's identity (JSON, SR parameters, device and SR UIDs)."""
+"""Runtimes behind the Classifier: choosing a graph, refusing a tampered one, the int8 gate (what
+it selects and confirms on which scans, and when it refuses), the int8 load check, and the
+runtime's place in the result's identity (JSON, SR parameters, device and SR UIDs).
+
+The gate and load-check tests run on a small hand-built ONNX graph with the exported graphs'
+interface (slices in, probability and logit out), recorded as the folder's fp32 graph: export
+then quantises it without converting the Keras model, in well under a second. Nothing here
+asserts speed, or int8 numbers that depend on the CPU's int8 kernels (AVX2, VNNI, AMX): the
+int8 graph is checked on the machine that quantised it, and where another CPU is the point the
+CPU's description is substituted.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
+import logging
+import math
 import shutil
 from pathlib import Path
 
@@ -14,15 +26,32 @@ import pytest
 from typer.testing import CliRunner
 
 from ctcovid.cli.main import app
-from ctcovid.errors import ConfigError, ModelError
+from ctcovid.errors import ConfigError, InvalidInputError, ModelError
 from ctcovid.model.artifact import (
     WEIGHTS_FILE,
+    ModelArtifact,
     read_artifact,
     sha256_file,
     write_metadata,
 )
-from ctcovid.model.export import INT8_TOLERANCE, judge
-from ctcovid.model.runtimes import AUTO_ORDER, GRAPH_FILES, resolve_runtime
+from ctcovid.model.export import (
+    INT8_LOGIT_TOLERANCE,
+    INT8_SLICE_TOLERANCE,
+    INT8_TOLERANCE,
+    RECIPES,
+    GateRequirements,
+    Recipe,
+    flip_rate_upper_bound,
+    judge,
+)
+from ctcovid.model.runtimes import (
+    AUTO_ORDER,
+    CHECK_FILE,
+    GRAPH_FILES,
+    cpu_description,
+    load_runtime,
+    resolve_runtime,
+)
 from ctcovid.report.uids import sr_uids
 from ctcovid.results import ScanResult
 
@@ -38,15 +67,19 @@ def model_copy(source: Path, dest: Path) -> Path:
     dest.mkdir(parents=True)
     shutil.copy(source / "ctcovid.json", dest / "ctcovid.json")
     (dest / WEIGHTS_FILE).symlink_to(source / WEIGHTS_FILE)
-    for name in GRAPH_FILES.values():
+    for name in [*GRAPH_FILES.values(), CHECK_FILE]:
         if (source / name).exists():
             (dest / name).symlink_to(source / name)
     return dest
 
 
-def record_graph(folder: Path, runtime: str, content: bytes, *, sha256: str | None = None) -> str:
+def record_graph(
+    folder: Path, runtime: str, content: bytes, *, sha256: str | None = None, **extra: object
+) -> str:
     """Put a graph file in ``folder`` and record it in ctcovid.json (as export does)."""
     path = folder / GRAPH_FILES[runtime]
+    if path.is_symlink():
+        path.unlink()
     path.write_bytes(content)
     artifact = read_artifact(folder)
     digest = sha256 or sha256_file(path)
@@ -56,6 +89,7 @@ def record_graph(folder: Path, runtime: str, content: bytes, *, sha256: str | No
             "file": path.name,
             "sha256": digest,
             "weights_sha256": artifact.weights_sha256,
+            **extra,
         },
     }
     write_metadata(dataclasses.replace(artifact, graphs=graphs), folder)
@@ -65,17 +99,25 @@ def record_graph(folder: Path, runtime: str, content: bytes, *, sha256: str | No
 # -- choosing a runtime (metadata and files only: nothing is loaded) ---------------------------
 
 
-def test_auto_picks_int8_then_onnx_then_keras(tiny_model_dir, tmp_path):
+def test_auto_picks_int8_then_onnx_then_keras(tiny_model_dir, verified_dir, tmp_path, caplog):
     folder = model_copy(tiny_model_dir, tmp_path / "m")
     assert AUTO_ORDER == ("int8", "onnx", "keras")
     assert resolve_runtime(folder, read_artifact(folder), "auto").name == "keras"
     onnx_sha = record_graph(folder, "onnx", b"fp32 graph")
     choice = resolve_runtime(folder, read_artifact(folder), "auto")
     assert (choice.name, choice.graph_sha256) == ("onnx", onnx_sha)
+    # An int8 graph recorded without a confirmed gate (an older export's record) is passed over.
     record_graph(folder, "int8", b"int8 graph")
-    assert resolve_runtime(folder, read_artifact(folder), "auto").name == "int8"
+    with caplog.at_level(logging.INFO, logger="ctcovid.model.runtimes"):
+        assert resolve_runtime(folder, read_artifact(folder), "auto").name == "onnx"
+    assert "older ctcovid" in caplog.text
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    # A verified one that passes its load check is taken.
+    copy = model_copy(verified_dir, tmp_path / "verified")
+    choice = resolve_runtime(copy, read_artifact(copy), "auto")
+    assert choice.name == "int8" and choice.loaded is not None  # opened once, reused
     # An explicit choice wins over auto.
-    assert resolve_runtime(folder, read_artifact(folder), "onnx").name == "onnx"
+    assert resolve_runtime(copy, read_artifact(copy), "onnx").name == "onnx"
     assert resolve_runtime(folder, read_artifact(folder), "keras").name == "keras"
 
 
@@ -205,6 +247,404 @@ def test_gate_refuses_an_empty_set():
     assert not judge("minmax", [], 0.5).passed
 
 
+def test_gate_refuses_a_slice_whose_probability_or_logit_moved():
+    """Scan means within the tolerance, the same labels, but one slice moved: refused."""
+    close = rows((0.10, 0.10), (0.90, 0.90))
+    assert judge("minmax", close, 0.5).passed
+    for key, limit in (
+        ("max_slice_dp", INT8_SLICE_TOLERANCE),
+        ("max_slice_dz", INT8_LOGIT_TOLERANCE),
+    ):
+        moved = [dict(r) for r in close]
+        moved[1][key] = limit * 1.01
+        result = judge("minmax", moved, 0.5)
+        assert not result.passed and not result.label_flips
+        assert result.max_probability_difference == 0.0
+    result = judge("minmax", moved, 0.5)
+    assert result.max_slice_logit_difference == pytest.approx(INT8_LOGIT_TOLERANCE * 1.01)
+    assert "logit" in result.summary()
+
+
+def test_flip_rate_upper_bound_is_the_exact_clopper_pearson_bound():
+    # No flip in n scans: 1 - 0.05 ** (1 / n), about 3 / n.
+    for n in (1, 10, 100, 300):
+        assert flip_rate_upper_bound(0, n) == pytest.approx(1 - 0.05 ** (1 / n), rel=1e-12)
+    assert flip_rate_upper_bound(0, 100) == pytest.approx(0.0295, abs=1e-4)
+    assert flip_rate_upper_bound(0, 1) == pytest.approx(0.95)
+    # With flips: the p at which P(X <= k | n, p) = 0.05, e.g. 1 flip in 10 -> 0.3942.
+    assert flip_rate_upper_bound(1, 10) == pytest.approx(0.39416, abs=1e-5)
+    for k, n in ((1, 10), (3, 50), (7, 300)):
+        bound = flip_rate_upper_bound(k, n)
+        cdf = sum(math.comb(n, i) * bound**i * (1 - bound) ** (n - i) for i in range(k + 1))
+        assert cdf == pytest.approx(0.05, abs=1e-9)
+    assert flip_rate_upper_bound(5, 5) == 1.0
+    assert flip_rate_upper_bound(0, 0) == 1.0
+    with pytest.raises(ValueError, match=r"flips must be within 0\.\.3"):
+        flip_rate_upper_bound(4, 3)
+
+
+def test_requirements_say_what_they_have_and_need():
+    requirements = GateRequirements(min_scans=100, min_per_class=10, min_near_threshold=10)
+    probabilities = [0.05] * 30 + [0.45] * 3 + [0.95] * 7
+    counts = requirements.counts(probabilities, 0.5)
+    assert counts == {"n_scans": 40, "n_positive": 7, "n_negative": 33, "n_near_threshold": 3}
+    assert requirements.shortfall(counts, 0.5) == [
+        "40 scan(s), needs 100",
+        "7 scan(s) at or above the threshold 0.5 by fp32, needs 10",
+        "3 scan(s) within 0.1 of the threshold by fp32, needs 10",
+    ]
+
+
+def test_cpu_description_names_the_int8_flags():
+    cpu = cpu_description()
+    assert set(cpu) == {"model", "machine", "flags", "source"}
+    assert cpu["source"] in ("/proc/cpuinfo", "numpy", "none")
+    assert set(cpu["flags"]) <= {
+        "avx2",
+        "avx512f",
+        "avx512bw",
+        "avx512_vnni",
+        "avx_vnni",
+        "amx_int8",
+    }
+
+
+# -- the int8 gate and load check on a small hand-built graph -----------------------------------
+
+GATE_SIZE = 32
+# What the 16 validation scans can hold: the defaults (100 scans...) scaled down.
+SMALL = GateRequirements(min_scans=12, min_per_class=3, min_near_threshold=3)
+# The convolution in int8 (ONNX Runtime's integer kernels), the head in float: on the small graph
+# it moves a scan's probability by about 0.007 with or without 7-bit weights (CPUs without VNNI).
+CONVOLUTION = Recipe("convolution", "MinMax", keep_ends_float=False, op_types=("Conv",))
+
+
+def small_graph(path: Path, scale: float = 1.0, offset: float = 0.0) -> None:
+    """slices (N, S, S, 1) -> Conv 3x3 (8 channels), ReLU, global average, MatMul: the logit
+    ``scale * m + offset``, and its sigmoid: an exported graph's interface and operators."""
+    from onnx import TensorProto, helper, numpy_helper, save
+
+    rng = np.random.default_rng(0)
+    initializers = [
+        numpy_helper.from_array(rng.normal(0, 1, (8, 1, 3, 3)).astype(np.float32) / 255, "w"),
+        numpy_helper.from_array(np.zeros(8, np.float32), "b"),
+        numpy_helper.from_array(scale * rng.normal(0, 1, (8, 1)).astype(np.float32), "v"),
+        numpy_helper.from_array(np.array([offset], np.float32), "c"),
+    ]
+    nodes = [
+        helper.make_node("Transpose", ["slice"], ["nchw"], perm=[0, 3, 1, 2]),
+        helper.make_node("Conv", ["nchw", "w", "b"], ["conv"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["conv"], ["relu"]),
+        helper.make_node("GlobalAveragePool", ["relu"], ["gap"]),
+        helper.make_node("Flatten", ["gap"], ["flat"]),
+        helper.make_node("MatMul", ["flat", "v"], ["mm"]),
+        helper.make_node("Add", ["mm", "c"], ["logit"]),
+        helper.make_node("Sigmoid", ["logit"], ["p"]),
+    ]
+    shape = ["N", GATE_SIZE, GATE_SIZE, 1]
+    graph = helper.make_graph(
+        nodes,
+        "small",
+        [helper.make_tensor_value_info("slice", TensorProto.FLOAT, shape)],
+        [
+            helper.make_tensor_value_info("p", TensorProto.FLOAT, ["N", 1]),
+            helper.make_tensor_value_info("logit", TensorProto.FLOAT, ["N", 1]),
+        ],
+        initializers,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    save(model, str(path))
+
+
+@pytest.fixture(scope="module")
+def gate_data(tmp_path_factory) -> dict:
+    """A model folder whose fp32 graph is :func:`small_graph` (no Keras), 4 calibration scans
+    and 16 validation scans (other phantoms), and a threshold that splits the validation scans
+    in a wide gap between two of them: int8 moves them far less, on any CPU."""
+    import dicom_fixtures
+    from ctcovid.config import IngestConfig, ModelConfig
+    from ctcovid.model.export import score
+    from ctcovid.model.runtimes import OnnxRuntime
+    from ctcovid.training.export import read_scans
+
+    root = tmp_path_factory.mktemp("gate")
+    calibration, validation = root / "calibration", root / "validation"
+    dicom_fixtures.write_cov19_layout(calibration, n_per_class=2, n_slices=6, size=64, seed=3)
+    dicom_fixtures.write_cov19_layout(validation, n_per_class=8, n_slices=6, size=64, seed=21)
+    folder = root / "model"
+    folder.mkdir()
+    (folder / WEIGHTS_FILE).write_bytes(b"weights")
+    artifact = ModelArtifact(
+        model_config=ModelConfig(input_size=GATE_SIZE),
+        ingest_config=IngestConfig(image_size=GATE_SIZE, min_slices=4),
+        weights_sha256=sha256_file(folder / WEIGHTS_FILE),
+    )
+    write_metadata(artifact, folder)
+    # Spread the validation scans' mean logits over 1 around 0 (probabilities about 0.38-0.62).
+    scans, _ = read_scans(validation, artifact.ingest_config)
+    graph = folder / GRAPH_FILES["onnx"]
+    small_graph(graph)
+    raw = [s.z.mean() for s in score(OnnxRuntime(graph, "onnx", ""), scans).values()]
+    scale = 1.0 / float(np.ptp(raw))
+    small_graph(graph, scale, -scale * float(np.median(raw)))
+    record_graph(folder, "onnx", graph.read_bytes(), outputs={"probability": 0, "logit": "logit"})
+    fp32 = sorted(s.scan_probability for s in score(OnnxRuntime(graph, "onnx", ""), scans).values())
+    middle = fp32[4:12]
+    gap, low = max((b - a, a) for a, b in itertools.pairwise(middle))
+    threshold = low + gap / 2
+    write_metadata(dataclasses.replace(read_artifact(folder), threshold=threshold), folder)
+    return {
+        "folder": folder,
+        "calibration": calibration,
+        "validation": validation,
+        "threshold": threshold,
+        "margin": gap / 2,
+        "fp32": fp32,
+    }
+
+
+def gate_copy(gate_data: dict, dest: Path) -> Path:
+    folder = dest / "model"
+    shutil.copytree(gate_data["folder"], folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def verified_dir(gate_data, tmp_path_factory) -> Path:
+    from ctcovid.training.export import export_model
+
+    folder = gate_copy(gate_data, tmp_path_factory.mktemp("verified"))
+    export_model(
+        folder,
+        int8=True,
+        calibration=gate_data["calibration"],
+        validation=gate_data["validation"],
+        recipes=[CONVOLUTION],
+        requirements=SMALL,
+    )
+    return folder
+
+
+def warnings_of(caplog) -> list[str]:
+    """Warnings logged, less TensorFlow's note on its threads (other tests may start it)."""
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.levelno >= logging.WARNING and not r.getMessage().startswith("TensorFlow started")
+    ]
+
+
+def test_gate_data_has_a_margin(gate_data):
+    # The int8 numbers on this graph are some 1e-3 (any CPU); the threshold sits further away.
+    assert gate_data["margin"] > 0.01
+    below = sum(p < gate_data["threshold"] for p in gate_data["fp32"])
+    assert 4 <= below <= 12
+
+
+def test_verified_int8_records_what_gated_it(verified_dir, gate_data, caplog):
+    record = read_artifact(verified_dir).graphs["int8"]
+    assert record["recipe"]["name"] == CONVOLUTION.name
+    assert record["recipe"]["activations"] == "uint8"
+    assert isinstance(record["recipe"]["reduce_range"], bool)
+    # Selected on the calibration scans, confirmed on the (other) validation scans.
+    assert record["selection"]["source"] == str(gate_data["calibration"])
+    assert record["selection"]["n_scans"] == 4
+    verification = record["verification"]
+    assert verification["status"] == "verified"
+    confirmation = verification["confirmation"]
+    assert confirmation["source"] == str(gate_data["validation"])
+    assert confirmation["n_scans"] == 16 and len(confirmation["scans"]) == 16
+    assert confirmation["n_slices"] == sum(s["n_slices"] for s in confirmation["scans"])
+    assert confirmation["n_positive"] + confirmation["n_negative"] == 16
+    assert confirmation["n_near_threshold"] >= SMALL.min_near_threshold
+    assert confirmation["label_flips"] == []
+    assert confirmation["max_probability_difference"] <= INT8_TOLERANCE
+    assert confirmation["max_slice_probability_difference"] <= INT8_SLICE_TOLERANCE
+    assert confirmation["max_slice_logit_difference"] <= INT8_LOGIT_TOLERANCE
+    bound = confirmation["flip_rate_upper_bound"]
+    assert bound["all_scans"] == pytest.approx(1 - 0.05 ** (1 / 16))
+    assert bound["near_threshold"] == pytest.approx(
+        1 - 0.05 ** (1 / confirmation["n_near_threshold"])
+    )
+    assert record["cpu"] == cpu_description()
+    # The load check: 4 uint8 slices with their fp32 and int8 logits, its sha256 recorded.
+    check = record["load_check"]
+    assert check["sha256"] == sha256_file(verified_dir / CHECK_FILE)
+    assert check["from"] == "validation scans" and len(check["slices"]) == 4
+    scans = {s["scan"] for s in confirmation["scans"]}
+    assert {name.rsplit("[", 1)[0] for name in check["slices"]} <= scans
+    with np.load(verified_dir / CHECK_FILE) as data:
+        assert data["slices"].shape == (4, GATE_SIZE, GATE_SIZE)
+        assert data["slices"].dtype == np.uint8
+        assert data["fp32_logit"].shape == data["int8_logit"].shape == (4,)
+    # What Classifier.from_file does (without starting TensorFlow, which it pins first).
+    caplog.clear()
+    choice = resolve_runtime(verified_dir, read_artifact(verified_dir), "auto")
+    assert (choice.name, load_runtime(choice).name) == ("int8", "int8")
+    assert warnings_of(caplog) == []
+
+
+def test_export_without_validation_is_unverified_and_auto_uses_fp32(gate_data, tmp_path, caplog):
+    folder = gate_copy(gate_data, tmp_path)
+    result = invoke("export", folder, "--int8", "--calibration", gate_data["calibration"])
+    assert result.exit_code == 0, result.output
+    assert "int8 UNVERIFIED (no --validation)" in result.output
+    record = read_artifact(folder).graphs["int8"]
+    assert record["verification"]["status"] == "unverified"
+    assert record["verification"]["confirmed_on"] is None
+    assert (folder / GRAPH_FILES["int8"]).is_file() and (folder / CHECK_FILE).is_file()
+    caplog.clear()
+    choice = resolve_runtime(folder, read_artifact(folder), "auto")
+    assert (choice.name, load_runtime(choice).name) == ("onnx", "onnx")
+    assert warnings_of(caplog) == []
+    # Asked for explicitly it runs, with one warning saying why it should not be trusted.
+    caplog.clear()
+    choice = resolve_runtime(folder, read_artifact(folder), "int8")
+    assert load_runtime(choice).name == "int8"
+    (warning,) = warnings_of(caplog)
+    assert "running the int8 graph as asked" in warning and "no validation scans" in warning
+
+
+def test_export_json_and_summary_say_what_gated_int8(gate_data, tmp_path):
+    from ctcovid.cli.export import int8_summary
+
+    folder = gate_copy(gate_data, tmp_path)
+    args = ["--calibration", gate_data["calibration"], "--validation", gate_data["validation"]]
+    args += ["--min-scans", 12, "--min-per-class", 3, "--min-near-threshold", 3]
+    result = invoke("export", folder, "--int8", *args, "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["confirmation"]["passed"] and data["attempts"][-1]["passed"]
+    record = data["graphs"]["int8"]
+    assert record == read_artifact(folder).graphs["int8"]
+    selected, verified, gated = int8_summary(record)
+    assert "selected on 4 calibration scan(s)" in selected
+    assert f"VERIFIED on 16 validation scan(s) of {gate_data['validation']}" in verified
+    assert f"upper bound on the flip rate {1 - 0.05 ** (1 / 16):.2%} (all scans)" in verified
+    assert "0 labels flipped" in verified and "per slice" in verified
+    assert "each load re-checks 4 slices" in gated
+
+
+def test_validation_scans_shared_with_calibration_are_refused(gate_data, tmp_path):
+    from ctcovid.training.export import export_model
+
+    folder = gate_copy(gate_data, tmp_path)
+    before = (folder / "ctcovid.json").read_text()
+    # The same folder (same files), and a copy of it elsewhere (same pixels).
+    copy = tmp_path / "copy"
+    shutil.copytree(gate_data["calibration"], copy / "more")
+    shutil.copytree(gate_data["validation"], copy / "val")
+    for validation, why in ((gate_data["calibration"], "same file"), (copy, "same slice pixels")):
+        with pytest.raises(InvalidInputError, match="disjoint from the calibration scans") as err:
+            export_model(
+                folder, int8=True, calibration=gate_data["calibration"], validation=validation
+            )
+        assert "4 of its" in str(err.value) and why in str(err.value)
+    assert (folder / "ctcovid.json").read_text() == before
+    assert not (folder / GRAPH_FILES["int8"]).exists()
+
+
+def test_too_few_scans_near_the_threshold_refuses(gate_data, tmp_path):
+    folder = gate_copy(gate_data, tmp_path)
+    before = (folder / "ctcovid.json").read_text()
+    args = ["export", folder, "--int8", "--calibration", gate_data["calibration"]]
+    args += ["--validation", gate_data["validation"], "--min-scans", "12"]
+    result = invoke(*args, "--min-per-class", "3", "--min-near-threshold", "40")
+    assert result.exit_code == 1
+    assert "cannot state a bound on the label flip rate" in result.output
+    assert "of the threshold by fp32, needs 40" in " ".join(result.output.split())
+    # With the default minimum of 100 scans it says that too.
+    result = invoke(*args[:-2])
+    assert "16 scan(s), needs 100" in " ".join(result.output.split())
+    assert (folder / "ctcovid.json").read_text() == before
+    assert not (folder / GRAPH_FILES["int8"]).exists() and not (folder / CHECK_FILE).exists()
+
+
+def damage_int8_graph(folder: Path) -> None:
+    """Scale the int8 graph's first weight scale by 1.5 and record the new file's sha256, as if
+    the graph had changed after its gate (another quantiser, another ONNX Runtime)."""
+    import onnx
+    from onnx import numpy_helper
+
+    path = folder / GRAPH_FILES["int8"]
+    model = onnx.load(str(path))
+    dq = next(n for n in model.graph.node if n.op_type == "DequantizeLinear" and "w" in n.input[0])
+    scale = next(i for i in model.graph.initializer if i.name == dq.input[1])
+    scale.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(scale) * 1.5, scale.name))
+    record = read_artifact(folder).graphs["int8"]
+    record_graph(folder, "int8", model.SerializeToString(), **{
+        k: v for k, v in record.items() if k not in ("file", "sha256", "weights_sha256")
+    })  # fmt: skip
+
+
+def test_int8_graph_that_fails_its_load_check_falls_back_with_one_warning(
+    verified_dir, tmp_path, caplog
+):
+    folder = model_copy(verified_dir, tmp_path / "m")
+    damage_int8_graph(folder)
+    caplog.clear()
+    choice = resolve_runtime(folder, read_artifact(folder), "auto")
+    assert (choice.name, load_runtime(choice).name) == ("onnx", "onnx")
+    (warning,) = warnings_of(caplog)
+    assert "int8 graph not used" in warning and CHECK_FILE in warning
+    assert "the fp32 graph model.onnx" in warning
+    # Asked for explicitly: it runs, with one warning.
+    caplog.clear()
+    choice = resolve_runtime(folder, read_artifact(folder), "int8")
+    assert load_runtime(choice).name == "int8"
+    (warning,) = warnings_of(caplog)
+    assert "running the int8 graph as asked" in warning and "differ from those" in warning
+
+
+def test_check_slices_that_disagree_fall_back_with_one_warning(verified_dir, tmp_path, caplog):
+    folder = model_copy(verified_dir, tmp_path / "m")
+    (folder / CHECK_FILE).unlink()
+    with np.load(verified_dir / CHECK_FILE) as data:
+        arrays = dict(data)
+    arrays["int8_logit"] = arrays["int8_logit"] + 0.5
+    np.savez(folder / CHECK_FILE, **arrays)
+    artifact = read_artifact(folder)
+    record = artifact.graphs["int8"]
+    record["load_check"]["sha256"] = sha256_file(folder / CHECK_FILE)
+    write_metadata(artifact, folder)
+    caplog.clear()
+    assert resolve_runtime(folder, read_artifact(folder), "auto").name == "onnx"
+    (warning,) = warnings_of(caplog)
+    assert "differ from those measured at export by up to" in warning
+    # A check file that no longer matches its recorded sha256 is a failed check as well.
+    np.savez(folder / CHECK_FILE, **dict(arrays, int8_logit=arrays["int8_logit"] - 0.5))
+    caplog.clear()
+    assert resolve_runtime(folder, read_artifact(folder), "auto").name == "onnx"
+    (warning,) = warnings_of(caplog)
+    assert "sha256 differs" in warning
+
+
+@pytest.mark.parametrize("change", ["vnni", "amx"])
+def test_other_int8_arithmetic_falls_back_with_one_warning(
+    verified_dir, tmp_path, caplog, monkeypatch, change
+):
+    """The gate's CPU and this one differ in VNNI or AMX (whatever this machine has): auto
+    does not trust the int8 numbers measured on the other one."""
+    import ctcovid.model.runtimes as runtimes
+
+    gated = read_artifact(verified_dir).graphs["int8"]["cpu"]
+    if change == "amx" and gated["source"] != "/proc/cpuinfo":
+        pytest.skip("AMX is known from /proc/cpuinfo only")
+    flags = set(gated["flags"])
+    toggled = {"vnni": {"avx512_vnni", "avx_vnni"}, "amx": {"amx_int8"}}[change]
+    flags = flags - toggled if flags & toggled else flags | {min(toggled)}
+    other = {**gated, "source": "/proc/cpuinfo", "flags": sorted(flags)}
+    monkeypatch.setattr(runtimes, "current_cpu", lambda: other)
+    caplog.clear()
+    assert resolve_runtime(verified_dir, read_artifact(verified_dir), "auto").name == "onnx"
+    (warning,) = warnings_of(caplog)
+    assert change.upper() in warning and "int8 arithmetic differs" in warning
+    # The same flags: taken.
+    monkeypatch.setattr(runtimes, "current_cpu", lambda: dict(gated))
+    assert resolve_runtime(verified_dir, read_artifact(verified_dir), "auto").name == "int8"
+
+
 # -- real exports (tf2onnx and ONNX Runtime on the tiny 32 px model) -----------------------------
 
 
@@ -220,7 +660,9 @@ def calibration_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def exported_dir(tiny_model_dir: Path, calibration_dir: Path, tmp_path_factory) -> Path:
-    """The tiny model with model.onnx and a gated model.int8.onnx, exported once."""
+    """The tiny model with model.onnx and an int8 graph selected on the calibration scans, exported
+    once. No validation scans: the int8 graph is recorded unverified (the tiny untrained model's
+    int8 numbers depend on the CPU too much to confirm it on any set of scans)."""
     folder = tmp_path_factory.mktemp("exported") / "model"
     shutil.copytree(tiny_model_dir, folder)
     result = invoke("export", folder, "--int8", "--calibration", calibration_dir, "--json")
@@ -235,16 +677,24 @@ def test_export_records_both_graphs_with_sha256_and_agreement(exported_dir, cali
         record = artifact.graphs[runtime]
         assert record["sha256"] == sha256_file(exported_dir / GRAPH_FILES[runtime])
         assert record["weights_sha256"] == artifact.weights_sha256
-    assert artifact.graphs["onnx"]["check"]["max_slice_difference_vs_keras"] <= 1e-4
+    check = artifact.graphs["onnx"]["check"]
+    assert check["max_slice_difference_vs_keras"] <= 1e-4
+    assert check["max_slice_logit_difference_vs_keras"] <= 1e-3
+    assert check["source"] == str(calibration_dir)  # real scans, not noise
+    assert artifact.graphs["onnx"]["outputs"]["logit"]
     int8 = artifact.graphs["int8"]
+    assert int8["verification"]["status"] == "unverified"
     assert int8["calibration"]["source"] == str(calibration_dir)
     assert int8["calibration"]["n_scans"] == 4
-    agreement = int8["agreement"]
-    assert agreement["labels_agree"] is True
-    assert agreement["max_probability_difference"] <= INT8_TOLERANCE
-    assert len(agreement["scans"]) == 4
-    for scan in agreement["scans"]:
+    selection = int8["selection"]
+    assert selection["label_flips"] == []
+    assert selection["max_probability_difference"] <= INT8_TOLERANCE
+    assert selection["max_slice_probability_difference"] <= INT8_SLICE_TOLERANCE
+    assert selection["max_slice_logit_difference"] <= INT8_LOGIT_TOLERANCE
+    assert len(selection["scans"]) == 4
+    for scan in selection["scans"]:
         assert abs(scan["int8"] - scan["fp32"]) <= INT8_TOLERANCE
+    assert int8["load_check"]["sha256"] == sha256_file(exported_dir / CHECK_FILE)
 
 
 @pytest.mark.slow
@@ -256,7 +706,9 @@ def test_onnx_matches_keras_per_slice(exported_dir):
     onnx = Classifier.from_file(exported_dir, runtime="onnx")
     assert onnx.runtime is not None and onnx.runtime.name == "onnx"
     np.testing.assert_allclose(onnx.predict_slices(slices), keras_probs, atol=1e-4, rtol=0)
-    int8 = Classifier.from_file(exported_dir, runtime="auto")
+    # The int8 graph is unverified: auto takes fp32; asked for, int8 runs.
+    assert Classifier.from_file(exported_dir, runtime="auto").artifact.runtime == "onnx"
+    int8 = Classifier.from_file(exported_dir, runtime="int8")
     assert int8.artifact.runtime == "int8"
     assert np.abs(int8.predict_slices(slices) - keras_probs).max() < 0.1
 
@@ -280,7 +732,9 @@ def test_classify_json_and_sr_name_the_runtime(exported_dir, studies_root, study
     (keras_json, keras_sr), (int8_json, int8_sr) = outputs["keras"], outputs["int8"]
     assert keras_json["model"]["device_uid"] != int8_json["model"]["device_uid"]
     assert keras_sr.SOPInstanceUID != int8_sr.SOPInstanceUID
-    assert keras_sr.SeriesInstanceUID != int8_sr.SeriesInstanceUID
+    # One SR series per study, series and model, whatever runtime computed the result: a
+    # revision after an auto -> int8 switch lands beside its predecessor.
+    assert keras_sr.SeriesInstanceUID == int8_sr.SeriesInstanceUID
     equipment = int8_sr.ContributingEquipmentSequence[-1]
     assert equipment.DeviceUID == int8_json["model"]["device_uid"]
     assert abs(keras_json["probability_covid"] - int8_json["probability_covid"]) <= INT8_TOLERANCE
@@ -288,16 +742,15 @@ def test_classify_json_and_sr_name_the_runtime(exported_dir, studies_root, study
 
 @pytest.mark.slow
 def test_int8_refused_when_a_scan_sits_on_the_threshold(exported_dir, calibration_dir, tmp_path):
-    """Move the model's threshold between a scan's fp32 and int8 probabilities (the recipe that
-    passed, which quantises deterministically): the label flips, so export refuses with the
-    measured numbers and leaves the folder as it was."""
-    from ctcovid.model.export import RECIPES
+    """Move the model's threshold between a calibration scan's fp32 and int8 probabilities (the
+    recipe that was selected, which quantises deterministically): the label flips, so selection
+    refuses with the measured numbers and leaves the folder as it was."""
     from ctcovid.training.export import export_model
 
     artifact = read_artifact(exported_dir)
     int8 = artifact.graphs["int8"]
     recipe = next(r for r in RECIPES if r.name == int8["recipe"]["name"])
-    scan = max(int8["agreement"]["scans"], key=lambda s: abs(s["int8"] - s["fp32"]))
+    scan = max(int8["selection"]["scans"], key=lambda s: abs(s["int8"] - s["fp32"]))
     assert scan["int8"] != scan["fp32"]
     folder = model_copy(exported_dir, tmp_path / "m")
     (folder / GRAPH_FILES["int8"]).unlink()

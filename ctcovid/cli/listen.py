@@ -109,12 +109,49 @@ def listen(
             show_default=False,
         ),
     ] = None,
+    http_port: Annotated[
+        int | None,
+        typer.Option(
+            help="Serve the status page, JSON API, probes (/healthz, /readyz) and Prometheus "
+            "metrics (/metrics) on this port (0: any free port). Needs ctcovid[web]."
+        ),
+    ] = None,
+    http_host: Annotated[
+        str | None,
+        typer.Option(
+            help="Address of the HTTP server. Default 127.0.0.1; any other address needs "
+            "--http-tls-cert, --http-tls-key and --http-auth-file."
+        ),
+    ] = None,
+    http_tls_cert: Annotated[
+        Path | None,
+        typer.Option(exists=True, dir_okay=False, help="TLS certificate (PEM) of the HTTP server."),
+    ] = None,
+    http_tls_key: Annotated[
+        Path | None, typer.Option(exists=True, dir_okay=False, help="Its private key (PEM).")
+    ] = None,
+    http_auth_file: Annotated[
+        Path | None,
+        typer.Option(
+            exists=True,
+            dir_okay=False,
+            help="Users (scrypt hashes) and API tokens allowed on the HTTP server; make lines "
+            "with 'ctcovid http-credentials'.",
+        ),
+    ] = None,
+    http_show_phi: Annotated[
+        bool,
+        typer.Option(
+            "--http-show-phi",
+            help="Show patient name, ID and birth date on the page and in the API.",
+            show_default=False,
+        ),
+    ] = False,
     metrics_port: Annotated[
-        int | None, typer.Option(help="Serve Prometheus metrics on this port.")
+        int | None, typer.Option(help="Deprecated alias of --http-port.")
     ] = None,
     metrics_host: Annotated[
-        str | None,
-        typer.Option(help="Address of the metrics page (not authenticated). Default 127.0.0.1."),
+        str | None, typer.Option(help="Deprecated alias of --http-host.")
     ] = None,
     network_timeout: Annotated[
         float | None,
@@ -153,6 +190,35 @@ def listen(
     audit_file: AuditFileOption = None,
     audit_syslog: AuditSyslogOption = None,
     audit_ca: AuditCaOption = None,
+    alert_webhook: Annotated[
+        str | None,
+        typer.Option(
+            help='Post alerts here as JSON {"text": ...} (Slack or Teams incoming webhook). '
+            "The URL is a secret: prefer alert_webhook in the --config file."
+        ),
+    ] = None,
+    alert_smtp: Annotated[
+        str | None,
+        typer.Option(help="Mail alerts through this SMTP server, HOST:PORT (STARTTLS if offered)."),
+    ] = None,
+    alert_to: Annotated[
+        list[str] | None, typer.Option(help="Recipient of alert mails (repeatable).")
+    ] = None,
+    alert_from: Annotated[
+        str | None, typer.Option(help="Sender of alert mails. Default ctcovid@HOSTNAME.")
+    ] = None,
+    alert_after: Annotated[
+        float | None,
+        typer.Option(help="Minutes sending may keep failing before an alert. Default 15."),
+    ] = None,
+    alert_positive: Annotated[
+        bool | None,
+        typer.Option(
+            "--alert-positive/--no-alert-positive",
+            help="Also alert on every positive result (UIDs only). Default off.",
+            show_default=False,
+        ),
+    ] = None,
     verbose: Annotated[int, typer.Option("-v", count=True, help="More logging (-vv: debug).")] = 0,
 ) -> None:
     """Run the DICOM node: C-STORE CT in, one SR per complete CT series out to --peer (C-STORE)
@@ -168,11 +234,13 @@ def listen(
 
       ctcovid listen --store /var/lib/ctcovid --port 11112 --ae-title CTCOVID --peer pacs:104:PACS
 
-      ctcovid listen --config node.toml --allow-aet PACS --allow-aet ROUTER --metrics-port 9108
+      ctcovid listen --config node.toml --allow-aet PACS --allow-aet ROUTER --http-port 8080
 
       ctcovid listen --store /srv/ctcovid --tls-cert node.pem --tls-key node.key --tls-ca ca.pem
 
       ctcovid listen --store /srv/ctcovid --stow https://vna.example.org/dicom-web
+
+      ctcovid listen --config node.toml --alert-smtp mail:587 --alert-to radiology-it@example.org
     """
     # A service logs its activity by default; -v adds debug detail.
     setup_logging(verbose + 1)
@@ -202,6 +270,12 @@ def listen(
             "tls_key": tls_key,
             "tls_ca": tls_ca,
             "peer_tls": peer_tls,
+            "http_port": http_port,
+            "http_host": http_host,
+            "http_tls_cert": http_tls_cert,
+            "http_tls_key": http_tls_key,
+            "http_auth_file": http_auth_file,
+            "http_show_phi": True if http_show_phi else None,
             "metrics_port": metrics_port,
             "metrics_host": metrics_host,
             "network_timeout_seconds": network_timeout,
@@ -213,6 +287,12 @@ def listen(
             "audit_file": audit_file,
             "audit_syslog": audit_syslog,
             "audit_ca": audit_ca,
+            "alert_webhook": alert_webhook,
+            "alert_smtp": alert_smtp,
+            "alert_to": tuple(alert_to) if alert_to else None,
+            "alert_from": alert_from,
+            "alert_after_minutes": alert_after,
+            "alert_positive": alert_positive,
         },
     )
     level = logging.DEBUG if verbose >= 1 else logging.INFO

@@ -15,6 +15,7 @@ from ctcovid.cli import (
     evaluate,
     export,
     fixtures,
+    http_credentials,
     listen,
     preprocess,
     queue,
@@ -84,6 +85,7 @@ app.command("evaluate")(evaluate.evaluate)
 app.command("export")(export.export)
 app.command("listen")(listen.listen)
 app.command("queue")(queue.queue)
+app.command("http-credentials")(http_credentials.http_credentials)
 app.command("batch")(batch.batch)
 app.command("conformance")(conformance.conformance)
 

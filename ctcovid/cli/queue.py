@@ -44,8 +44,7 @@ def queue(
     """
     setup_logging(verbose)
     from ctcovid.errors import InvalidInputError
-    from ctcovid.node.jobs import FAILED
-    from ctcovid.node.store import Store
+    from ctcovid.node.store import NotRetryable, Store
 
     if not (store / "node.sqlite").is_file():
         raise InvalidInputError(f"{store}: not a node store (no node.sqlite)")
@@ -55,14 +54,10 @@ def queue(
     requeued: list[str] | None = None
     try:
         if retry is not None:
-            record = node_store.jobs.get(retry)
-            if record is None:
-                raise InvalidInputError(f"Series {retry}: not in the store {store}")
-            if record.state != FAILED:
-                raise InvalidInputError(
-                    f"Series {retry}: state is {record.state}, only failed jobs can be retried"
-                )
-            requeued = node_store.retry(retry)
+            try:
+                requeued = node_store.retry_series(retry)
+            except NotRetryable as exc:
+                raise InvalidInputError(str(exc)) from None
         elif retry_all_failed:
             requeued = node_store.retry(None)
         records = node_store.jobs.list_series()

@@ -1,12 +1,19 @@
 """Inference graphs for ONNX Runtime, fp32 and calibrated int8, and the gate that judges them.
 
-The fp32 graph (``model.onnx``) is the Keras model converted by tf2onnx; it must give the Keras
-probability of every checked slice within :data:`FP32_TOLERANCE`. The int8 graph
-(``model.int8.onnx``) is ONNX Runtime's static quantisation of it (QDQ, per-channel int8 weights,
-uint8 activations). It is kept only if, on the gate scans, every scan's int8 probability is
-within :data:`INT8_TOLERANCE` of the fp32 one and every label agrees at the model's threshold;
-:data:`RECIPES` are the ways to quantise, tried in order (the head and the first convolutions
-kept in float, then only the convolutions quantised, then percentile and entropy calibration).
+The fp32 graph (``model.onnx``) is the Keras model converted by tf2onnx, with the logit (the
+sigmoid's input) added as a second output; on every checked slice its logit must match Keras'
+within :data:`FP32_LOGIT_TOLERANCE` (times max(1, |logit|)) and its probability within
+:data:`FP32_TOLERANCE`. The int8 graph (``model.int8.onnx``) is ONNX Runtime's static
+quantisation of it (QDQ, per-channel int8 weights, uint8 or int8 activations).
+
+The int8 gate (:func:`judge`) compares int8 with fp32 on whole scans: every scan's probability
+(mean of its slices) within :data:`INT8_TOLERANCE`, every slice's within
+:data:`INT8_SLICE_TOLERANCE` and its logit within :data:`INT8_LOGIT_TOLERANCE`, and no label
+flipped at the model's threshold. It is used twice, on different scans: :data:`RECIPES` are tried
+in order on the calibration scans and the first that passes is *selected*; that one recipe is
+then *confirmed* once on validation scans disjoint from them. Confirmation needs enough scans to
+state a bound (:class:`GateRequirements`: scans, both fp32 labels, scans near the threshold), and
+reports the exact one-sided 95% upper bound on the label flip rate (:func:`flip_rate_upper_bound`).
 ``ctcovid export`` (:mod:`ctcovid.training.export`) reads the scans and drives these steps.
 """
 
@@ -14,29 +21,82 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import hashlib
 import io
 import logging
+import math
 import os
-import platform
 import tempfile
 import warnings
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ctcovid.errors import ModelError
-from ctcovid.model.runtimes import OnnxRuntime, import_onnxruntime
+from ctcovid.model.runtimes import (
+    CHECK_LOGIT_TOLERANCE,
+    OnnxRuntime,
+    import_onnxruntime,
+    int8_arithmetic,
+)
+from ctcovid.model.runtimes import cpu_description as cpu_description  # re-exported (bench)
 
 logger = logging.getLogger(__name__)
 
-FP32_TOLERANCE = 1e-4  # per slice, ONNX fp32 vs Keras
-INT8_TOLERANCE = 0.02  # per scan, int8 vs fp32
+FP32_TOLERANCE = 1e-4  # per slice probability, ONNX fp32 vs Keras
+FP32_LOGIT_TOLERANCE = 1e-3  # per slice logit, ONNX fp32 vs Keras, times max(1, |logit|)
+INT8_TOLERANCE = 0.02  # per scan probability (mean of its slices), int8 vs fp32
+INT8_SLICE_TOLERANCE = 0.1  # per slice probability, int8 vs fp32
+INT8_LOGIT_TOLERANCE = 1.0  # per slice logit, int8 vs fp32 (a saturated sigmoid hides these)
 OPSET = 17
 DEFAULT_CALIBRATION_SLICES = 32
 FP32_CHECK_SLICES = 16
+CHECK_SLICES = 4  # slices of the int8 load check (model.int8.check.npz)
+CONFIDENCE = 0.95  # of the upper bound on the label flip rate
+
+
+@dataclass(frozen=True)
+class GateRequirements:
+    """What the confirmation scans must hold before the int8 gate can state a bound.
+
+    Classes and nearness are counted on the fp32 scan probabilities (what int8 could flip).
+    """
+
+    min_scans: int = 100
+    min_per_class: int = 10  # scans on each side of the threshold
+    min_near_threshold: int = 10  # scans whose fp32 probability is within ``near`` of it
+    near: float = 0.1
+
+    def counts(self, fp32: Sequence[float], threshold: float) -> dict[str, int]:
+        """Scans, positives, negatives and near-threshold scans among fp32 probabilities."""
+        positives = sum(p >= threshold for p in fp32)
+        return {
+            "n_scans": len(fp32),
+            "n_positive": positives,
+            "n_negative": len(fp32) - positives,
+            "n_near_threshold": sum(abs(p - threshold) <= self.near for p in fp32),
+        }
+
+    def shortfall(self, counts: dict[str, int], threshold: float) -> list[str]:
+        """One phrase per requirement ``counts`` misses: how many it has and needs."""
+        missing = []
+        if counts["n_scans"] < self.min_scans:
+            missing.append(f"{counts['n_scans']} scan(s), needs {self.min_scans}")
+        for side, key in (("at or above", "n_positive"), ("below", "n_negative")):
+            if counts[key] < self.min_per_class:
+                missing.append(
+                    f"{counts[key]} scan(s) {side} the threshold {threshold:g} by fp32, "
+                    f"needs {self.min_per_class}"
+                )
+        if counts["n_near_threshold"] < self.min_near_threshold:
+            missing.append(
+                f"{counts['n_near_threshold']} scan(s) within {self.near:g} of the threshold by "
+                f"fp32, needs {self.min_near_threshold}"
+            )
+        return missing
 
 
 @dataclass(frozen=True)
@@ -51,6 +111,32 @@ class Recipe:
     # pooling, the pre-activation BatchNorm of DenseNet's blocks...). The convolutions carry
     # nearly all the arithmetic, so quantising only them keeps most of the speed.
     op_types: tuple[str, ...] | None = None
+    activations: str = "uint8"  # uint8 (U8S8) | int8 (S8S8); weights are always int8
+    # 7-bit weights. None: on where the exporting CPU has no VNNI, as ONNX Runtime's
+    # quantisation guide advises for U8S8 there (its 16-bit intermediate sums may saturate).
+    reduce_range: bool | None = None
+
+    def resolved(self, cpu: dict[str, Any]) -> Recipe:
+        """This recipe with ``reduce_range`` decided for ``cpu`` (:func:`cpu_description`)."""
+        if self.reduce_range is not None:
+            return self
+        vnni = int8_arithmetic(cpu)["vnni"]
+        machine = str(cpu.get("machine") or "").lower()
+        x86 = machine in ("x86_64", "amd64", "i386", "i686", "x86")
+        return replace(self, reduce_range=bool(x86 and self.activations == "uint8" and not vnni))
+
+    def describe(self) -> dict[str, Any]:
+        """The recipe as ``ctcovid.json`` records it."""
+        return {
+            "name": self.name,
+            "method": self.method,
+            "format": "QDQ",
+            "weights": "int8 per channel" + (" (7-bit range)" if self.reduce_range else ""),
+            "activations": self.activations,
+            "reduce_range": bool(self.reduce_range),
+            "op_types": list(self.op_types) if self.op_types else "all",
+            "ends_in_fp32": self.keep_ends_float,
+        }
 
 
 RECIPES = (
@@ -64,26 +150,62 @@ RECIPES = (
     ),
     Recipe("percentile 99.999, ends in fp32", "Percentile", keep_ends_float=True),
     Recipe("entropy, ends in fp32", "Entropy", keep_ends_float=True),
+    # S8S8: int8 activations, ONNX Runtime's default for QDQ.
+    Recipe(
+        "minmax, S8S8, convolutions only, ends in fp32",
+        "MinMax",
+        keep_ends_float=True,
+        op_types=("Conv", "MatMul", "Gemm"),
+        activations="int8",
+    ),
 )
 
 
 @dataclass
 class ScanSlices:
-    """One scan as inference sees it (after the slice policy)."""
+    """One scan as inference sees it (after the slice policy), and what identifies it."""
 
     scan_id: str
     slices: np.ndarray  # (N, S, S) uint8
+    files: tuple[str, ...] = ()  # resolved input file paths
+    series_instance_uid: str = ""  # DICOM only
+
+    def identities(self) -> dict[str, str]:
+        """Keys shared by two copies of one scan: input files, SeriesInstanceUID, pixels."""
+        keys = {f"file {f}": f"file {f}" for f in self.files}
+        if self.series_instance_uid:
+            keys[f"series {self.series_instance_uid}"] = (
+                f"SeriesInstanceUID {self.series_instance_uid}"
+            )
+        digest = hashlib.sha256(np.ascontiguousarray(self.slices).tobytes()).hexdigest()
+        keys[f"pixels {digest}"] = "slice pixels"
+        return keys
+
+
+@dataclass
+class Scored:
+    """fp32 or int8 outputs of one scan: per slice probability and logit."""
+
+    p: np.ndarray
+    z: np.ndarray
+
+    @property
+    def scan_probability(self) -> float:
+        return float(np.mean(self.p)) if len(self.p) else float("nan")
 
 
 @dataclass
 class GateResult:
-    """int8 against fp32 on the gate scans."""
+    """int8 against fp32 on one set of scans (selection or confirmation)."""
 
     recipe: str
     passed: bool
-    max_probability_difference: float
+    max_probability_difference: float  # scan level
     label_flips: list[str]
     scans: list[dict[str, Any]] = field(default_factory=list)
+    max_slice_probability_difference: float = 0.0
+    max_slice_logit_difference: float = 0.0
+    n_slices: int = 0
 
     def summary(self, max_named: int = 5) -> str:
         """One line; names at most ``max_named`` flipped scans (all are in ``label_flips``)."""
@@ -95,8 +217,10 @@ class GateResult:
                 f" and {more} more" if more > 0 else ""
             )
         return (
-            f"{self.recipe}: max |int8 - fp32| = {self.max_probability_difference:.4f} "
-            f"(limit {INT8_TOLERANCE}){flips}"
+            f"{self.recipe}: max |int8 - fp32| = {self.max_probability_difference:.4f} per scan "
+            f"(limit {INT8_TOLERANCE}), {self.max_slice_probability_difference:.4f} per slice "
+            f"(limit {INT8_SLICE_TOLERANCE}), logit {self.max_slice_logit_difference:.3f} per "
+            f"slice (limit {INT8_LOGIT_TOLERANCE}) on {len(self.scans)} scan(s){flips}"
         )
 
 
@@ -109,6 +233,22 @@ def sample_slices(scans: Sequence[ScanSlices], n: int) -> np.ndarray:
     if len(every) <= n:
         return every
     return every[np.unique(np.linspace(0, len(every) - 1, n).round().astype(int))]
+
+
+def overlap(first: Sequence[ScanSlices], second: Sequence[ScanSlices]) -> list[str]:
+    """Scans of ``second`` that are also in ``first``: the same input file, the same DICOM
+    SeriesInstanceUID, or identical slices (a copy). One phrase per such scan."""
+    seen: dict[str, str] = {}
+    for scan in first:
+        for key in scan.identities():
+            seen.setdefault(key, scan.scan_id)
+    found = []
+    for scan in second:
+        for key, why in scan.identities().items():
+            if key in seen:
+                found.append(f"{scan.scan_id} (same {why} as {seen[key]})")
+                break
+    return found
 
 
 # -- fp32 -----------------------------------------------------------------------------------------
@@ -162,12 +302,47 @@ def convert_to_onnx(model: Any, out: Path, input_size: int) -> None:
         )
 
 
-def keras_probabilities(model: Any, slices: np.ndarray, batch_size: int = 32) -> np.ndarray:
-    out = [
-        np.asarray(model.predict_on_batch(slices[i : i + batch_size, ..., None].astype(np.float32)))
-        for i in range(0, len(slices), batch_size)
-    ]
-    return np.concatenate(out).reshape(-1).astype(np.float32)
+def add_logit_output(path: Path) -> str:
+    """Add the sigmoid's input (the logit) to the graph in ``path`` as its second output.
+
+    Returns the logit tensor's name. The probability stays the first output, which is all that
+    inference reads; the gate compares logits, which a saturated sigmoid does not flatten.
+    """
+    import onnx
+
+    model = onnx.load(str(path))
+    graph = model.graph
+    output = graph.output[0].name
+    producer = next((n for n in graph.node if output in n.output), None)
+    if producer is None or producer.op_type != "Sigmoid":
+        raise ModelError(
+            f"{path}: the graph's output {output!r} is not a Sigmoid's "
+            f"({producer.op_type if producer else 'no node'}); cannot find the logit"
+        )
+    name = producer.input[0]
+    if name not in [o.name for o in graph.output]:
+        graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+        onnx.save(model, str(path))
+    return name
+
+
+def keras_outputs(model: Any, slices: np.ndarray, batch_size: int = 32) -> Scored:
+    """Keras probabilities and logits (the head's Dense before its sigmoid) per slice."""
+    import keras
+
+    head = model.get_layer("p_covid")
+    features = keras.Model(model.inputs, head.input)
+    kernel = np.asarray(head.kernel, np.float64)
+    bias = np.asarray(head.bias, np.float64) if head.use_bias else np.zeros(1)
+    p, z = [], []
+    for i in range(0, len(slices), batch_size):
+        x = slices[i : i + batch_size, ..., None].astype(np.float32)
+        p.append(np.asarray(model.predict_on_batch(x)).reshape(-1))
+        f = np.asarray(features.predict_on_batch(x), np.float64)
+        z.append((f @ kernel + bias).reshape(-1))
+    if not p:
+        return Scored(np.empty(0, np.float32), np.empty(0, np.float32))
+    return Scored(np.concatenate(p).astype(np.float32), np.concatenate(z).astype(np.float32))
 
 
 def runtime_probabilities(
@@ -178,6 +353,30 @@ def runtime_probabilities(
         for i in range(0, len(slices), batch_size)
     ]
     return np.concatenate(out) if out else np.empty(0, np.float32)
+
+
+def runtime_outputs(runtime: OnnxRuntime, slices: np.ndarray, batch_size: int = 32) -> Scored:
+    """Probabilities and logits of ``runtime`` per slice."""
+    p, z = [], []
+    for i in range(0, len(slices), batch_size):
+        pi, zi = runtime.predict_with_logits(
+            slices[i : i + batch_size, ..., None].astype(np.float32)
+        )
+        p.append(pi)
+        z.append(zi)
+    if not p:
+        return Scored(np.empty(0, np.float32), np.empty(0, np.float32))
+    return Scored(np.concatenate(p), np.concatenate(z))
+
+
+def fp32_difference(reference: Scored, graph: Scored) -> dict[str, float]:
+    """The fp32 graph against Keras: largest probability and scaled logit differences."""
+    dp = np.abs(reference.p.astype(np.float64) - graph.p)
+    dz = np.abs(reference.z.astype(np.float64) - graph.z) / np.maximum(1.0, np.abs(reference.z))
+    return {
+        "max_slice_difference_vs_keras": float(dp.max()) if len(dp) else 0.0,
+        "max_slice_logit_difference_vs_keras": float(dz.max()) if len(dz) else 0.0,
+    }
 
 
 # -- int8 -----------------------------------------------------------------------------------------
@@ -275,7 +474,10 @@ def quantize(fp32_path: Path, out: Path, calibration: np.ndarray, recipe: Recipe
                 _Reader(input_name, calibration),
                 quant_format=QuantFormat.QDQ,
                 per_channel=True,
-                activation_type=QuantType.QUInt8,
+                reduce_range=bool(recipe.reduce_range),
+                activation_type=QuantType.QInt8
+                if recipe.activations == "int8"
+                else QuantType.QUInt8,
                 weight_type=QuantType.QInt8,
                 calibrate_method=getattr(CalibrationMethod, recipe.method),
                 nodes_to_exclude=float_ends(pre) if recipe.keep_ends_float else [],
@@ -286,53 +488,140 @@ def quantize(fp32_path: Path, out: Path, calibration: np.ndarray, recipe: Recipe
             logger.debug("quantizer: %s", " | ".join(printed.getvalue().split("\n")))
 
 
+def score(runtime: OnnxRuntime, scans: Sequence[ScanSlices]) -> dict[str, Scored]:
+    """Outputs of ``runtime`` on every slice of every scan, by scan id."""
+    return {scan.scan_id: runtime_outputs(runtime, scan.slices) for scan in scans}
+
+
 def gate(
-    recipe: Recipe,
+    recipe: Recipe | str,
     scans: Sequence[ScanSlices],
-    fp32: dict[str, float],
-    int8: OnnxRuntime,
+    fp32: dict[str, Scored],
+    int8: OnnxRuntime | dict[str, Scored],
     threshold: float,
 ) -> GateResult:
-    """Scan probabilities (mean of slices) of int8 against the fp32 ones (by scan id)."""
+    """int8 against fp32 (by scan id) on ``scans``: :func:`judge` on measured outputs."""
+    name = recipe if isinstance(recipe, str) else recipe.name
+    measured = int8 if isinstance(int8, dict) else score(int8, scans)
     rows = []
     for scan in scans:
-        p8 = float(np.mean(runtime_probabilities(int8, scan.slices)))
+        a, b = fp32[scan.scan_id], measured[scan.scan_id]
         rows.append(
             {
                 "scan": scan.scan_id,
-                "fp32": fp32[scan.scan_id],
-                "int8": p8,
+                "fp32": a.scan_probability,
+                "int8": b.scan_probability,
                 "n_slices": len(scan.slices),
+                "max_slice_dp": float(np.abs(a.p.astype(np.float64) - b.p).max(initial=0.0)),
+                "max_slice_dz": float(np.abs(a.z.astype(np.float64) - b.z).max(initial=0.0)),
             }
         )
-    return judge(recipe.name, rows, threshold)
+    return judge(name, rows, threshold)
 
 
 def judge(recipe: str, rows: list[dict[str, Any]], threshold: float) -> GateResult:
-    """The accuracy gate on measured scan probabilities: |int8 - fp32| and labels."""
+    """The accuracy gate on measured outputs: per scan |int8 - fp32| and labels, and per slice
+    the largest probability (``max_slice_dp``) and logit (``max_slice_dz``) differences."""
     worst = max((abs(r["int8"] - r["fp32"]) for r in rows), default=0.0)
+    slice_dp = max((r.get("max_slice_dp", 0.0) for r in rows), default=0.0)
+    slice_dz = max((r.get("max_slice_dz", 0.0) for r in rows), default=0.0)
     flips = [r["scan"] for r in rows if (r["int8"] >= threshold) != (r["fp32"] >= threshold)]
-    passed = bool(rows) and worst <= INT8_TOLERANCE and not flips
-    return GateResult(recipe, passed, round(worst, 6), flips, rows)
+    passed = (
+        bool(rows)
+        and worst <= INT8_TOLERANCE
+        and slice_dp <= INT8_SLICE_TOLERANCE
+        and slice_dz <= INT8_LOGIT_TOLERANCE
+        and not flips
+    )
+    return GateResult(
+        recipe,
+        passed,
+        round(worst, 6),
+        flips,
+        rows,
+        max_slice_probability_difference=round(slice_dp, 6),
+        max_slice_logit_difference=round(slice_dz, 6),
+        n_slices=sum(int(r.get("n_slices", 0)) for r in rows),
+    )
+
+
+def flip_rate_upper_bound(flips: int, n: int, confidence: float = CONFIDENCE) -> float:
+    """Exact (Clopper-Pearson) one-sided upper confidence bound on a rate seen ``flips`` times
+    in ``n`` trials: the rate p at which P(X <= flips) = 1 - ``confidence`` for X ~ Bin(n, p).
+
+    With no flip it is ``1 - (1 - confidence) ** (1 / n)`` (about 3/n at 95%, "rule of three").
+    """
+    if n <= 0:
+        return 1.0
+    if not 0 <= flips <= n:
+        raise ValueError(f"flips must be within 0..{n}. Received: {flips}.")
+    alpha = 1.0 - confidence
+    if flips == n:
+        return 1.0
+    if flips == 0:
+        return 1.0 - alpha ** (1.0 / n)
+
+    def cdf(p: float) -> float:  # P(X <= flips), falling in p
+        log_q, log_p = math.log1p(-p), math.log(p)
+        return sum(
+            math.exp(
+                math.lgamma(n + 1)
+                - math.lgamma(k + 1)
+                - math.lgamma(n - k + 1)
+                + k * log_p
+                + (n - k) * log_q
+            )
+            for k in range(flips + 1)
+        )
+
+    lo, hi = flips / n, 1.0
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if cdf(mid) > alpha else (lo, mid)
+    return hi
+
+
+def check_slices(
+    scans: Sequence[ScanSlices], fp32: dict[str, Scored], int8: dict[str, Scored], n: int
+) -> tuple[np.ndarray, list[str]]:
+    """The ``n`` slices where int8's logit moved most from fp32's: the int8 load check's
+    inputs, the slices most sensitive to a change in the int8 arithmetic. Returns them and
+    where each came from (``scan_id[index]``, the index among the scan's model slices)."""
+    candidates = [
+        (float(abs(float(fp32[s.scan_id].z[i]) - float(int8[s.scan_id].z[i]))), k, i)
+        for k, s in enumerate(scans)
+        for i in range(len(s.slices))
+    ]
+    chosen = sorted(candidates, key=lambda c: (-c[0], c[1], c[2]))[:n]
+    slices = np.stack([scans[k].slices[i] for _, k, i in chosen])
+    return slices, [f"{scans[k].scan_id}[{i}]" for _, k, i in chosen]
+
+
+def write_check(
+    path: Path, slices: np.ndarray, fp32: OnnxRuntime, int8: OnnxRuntime
+) -> dict[str, Any]:
+    """Write the int8 load check (``slices`` with their fp32 and int8 outputs, each graph run
+    on them in one batch, as the load check runs them); returns its record."""
+    x = slices[..., None].astype(np.float32)
+    p32, z32 = fp32.predict_with_logits(x)
+    p8, z8 = int8.predict_with_logits(x)
+    with open(path, "wb") as fh:
+        np.savez(
+            fh,
+            slices=slices.astype(np.uint8),
+            fp32_logit=z32,
+            int8_logit=z8,
+            fp32_probability=p32,
+            int8_probability=p8,
+        )
+    return {
+        "n_slices": len(slices),
+        "logit_tolerance": CHECK_LOGIT_TOLERANCE,
+        "max_logit_difference_int8_vs_fp32": float(np.abs(z8.astype(np.float64) - z32).max()),
+    }
 
 
 # -- the record --------------------------------------------------------------------------
-
-
-def cpu_description() -> dict[str, Any]:
-    """The CPU the gate was measured on: int8 kernels differ between instruction sets."""
-    model, flags = platform.processor(), set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and not model:
-                model = line.split(":", 1)[1].strip()
-            elif line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                break
-    except OSError:  # no /proc/cpuinfo (not Linux): platform.processor() and no flags
-        pass
-    wanted = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8", "amx_bf16")
-    return {"model": model, "flags": [f for f in wanted if f in flags]}
 
 
 def utc_now() -> str:

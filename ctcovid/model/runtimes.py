@@ -6,8 +6,13 @@ engine); ``ctcovid export`` adds graphs to the folder, recorded in ``ctcovid.jso
 sha256 and the weights they came from.
 
 ``auto`` picks, among the runtimes whose graph the folder holds, the first of :data:`AUTO_ORDER`:
-``int8`` (a calibrated graph that passed the accuracy gate at export), then ``onnx`` (fp32), then
-``keras``. Without ONNX Runtime installed ``auto`` falls back to Keras and says so in the log.
+``int8``, then ``onnx`` (fp32), then ``keras``. Without ONNX Runtime installed ``auto`` falls back
+to Keras and says so in the log. ``auto`` takes the int8 graph only when it is ``verified`` (its
+gate was confirmed on validation scans disjoint from the calibration scans) and it passes the
+load check (:func:`check_int8`): the CPU's int8 arithmetic (VNNI, AMX) is the one the gate ran on,
+and the graph reproduces the logits recorded for a few slices (``model.int8.check.npz``). Else it
+takes the fp32 graph and logs one warning naming the reason. An explicit ``int8`` runs the graph
+in any case, with one warning when it is unverified or fails the load check.
 
 Threads are pinned (:func:`scoring_threads`): a runtime that splits a reduction among another
 number of threads may sum in another order, and the last bits of a probability would follow the
@@ -18,7 +23,8 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+import platform
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -33,6 +39,22 @@ RUNTIMES = ("auto", "keras", "onnx", "int8")
 # Fastest first; measured in bench/run.py ("runtimes" section) and the README's table.
 AUTO_ORDER = ("int8", "onnx", "keras")
 GRAPH_FILES = {"onnx": "model.onnx", "int8": "model.int8.onnx"}
+#: A few slices with the fp32 and int8 logits the gate measured: the int8 load check.
+CHECK_FILE = "model.int8.check.npz"
+#: |int8 logit now - int8 logit at export| allowed on the check slices, times max(1, |logit|):
+#: the same kernels give the same logits to rounding; other kernels (VNNI against AVX2's
+#: saturating U8S8 products) give other ones.
+CHECK_LOGIT_TOLERANCE = 0.05
+VERIFIED = "verified"
+UNVERIFIED = "unverified"
+#: The CPU flags that select ONNX Runtime's int8 kernels, and so the int8 arithmetic.
+CPU_FLAGS = ("avx2", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8")
+_NUMPY_FLAGS = {
+    "avx2": "AVX2",
+    "avx512f": "AVX512F",
+    "avx512bw": "AVX512BW",
+    "avx512_vnni": "AVX512VNNI",
+}
 INSTALL_HINT = "install the ONNX extra: pip install 'ctcovid[onnx]'"
 
 
@@ -119,8 +141,21 @@ class OnnxRuntime:
         self.path = path
 
     def predict(self, x: np.ndarray) -> np.ndarray:
+        # Every output (the logit too): the same run as the gate measured.
         out = self.session.run(None, {self.input_name: np.ascontiguousarray(x, np.float32)})
         return np.asarray(out[0], np.float32).reshape(-1)
+
+    def predict_with_logits(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """P(COVID) and the logit (the sigmoid's input) per slice, from one run.
+
+        Graphs exported by ``ctcovid export`` carry the logit as their second output; for an
+        older graph it is computed back from the probability (inexact where that saturates).
+        """
+        out = self.session.run(None, {self.input_name: np.ascontiguousarray(x, np.float32)})
+        p = np.asarray(out[0], np.float32).reshape(-1)
+        if len(out) > 1:
+            return p, np.asarray(out[1], np.float32).reshape(-1)
+        return p, logit(p)
 
 
 def import_onnxruntime(why: str = "onnx") -> Any:
@@ -148,6 +183,8 @@ class RuntimeChoice:
     name: str
     path: Path | None = None
     graph_sha256: str = ""
+    # The graph's session when resolving already opened it (the int8 load check): reused.
+    loaded: Runtime | None = field(default=None, compare=False, repr=False)
 
 
 def check_runtime_name(runtime: str) -> str:
@@ -190,7 +227,11 @@ def graph_path(folder: Path, artifact: ModelArtifact, runtime: str, *, verify: b
 def resolve_runtime(
     folder: Path, artifact: ModelArtifact, requested: str = "auto"
 ) -> RuntimeChoice:
-    """Which runtime ``requested`` means for this model folder (graphs verified, none loaded)."""
+    """Which runtime ``requested`` means for this model folder (graphs verified).
+
+    For ``int8`` (asked, or the first choice of ``auto``) the graph is opened and checked on a few
+    slices (:func:`check_int8`); the session comes back in the choice for :func:`load_runtime`.
+    """
     check_runtime_name(requested)
     folder = Path(folder)
     if requested == "auto":
@@ -203,18 +244,188 @@ def resolve_runtime(
                 INSTALL_HINT,
             )
             present = ["keras"]
+        if present[0] == "int8":
+            path = graph_path(folder, artifact, "int8")
+            reason = unverified_reason(artifact.graphs["int8"])
+            if reason:
+                logger.info(
+                    "model %s: the int8 graph is %s (%s); auto uses %s",
+                    folder,
+                    UNVERIFIED,
+                    reason,
+                    present[1],
+                )
+            else:
+                runtime, reason = check_int8(folder, artifact, path)
+                if not reason and runtime is not None:
+                    return RuntimeChoice("int8", path, runtime.graph_sha256, loaded=runtime)
+                logger.warning(
+                    "model %s: int8 graph not used, %s; auto falls back to %s",
+                    folder,
+                    reason,
+                    present[1]
+                    if present[1] == "keras"
+                    else f"the fp32 graph {GRAPH_FILES[present[1]]}",
+                )
+            present = present[1:]
         requested = present[0]
     if requested == "keras":
         return RuntimeChoice("keras")
     path = graph_path(folder, artifact, requested)
-    return RuntimeChoice(requested, path, str(artifact.graphs[requested]["sha256"]))
+    sha = str(artifact.graphs[requested]["sha256"])
+    if requested != "int8":
+        return RuntimeChoice(requested, path, sha)
+    runtime, reason = check_int8(folder, artifact, path)
+    reasons = [r for r in (unverified_reason(artifact.graphs["int8"]), reason) if r]
+    if reasons:
+        logger.warning(
+            "model %s: running the int8 graph as asked (--runtime int8), but %s",
+            folder,
+            "; and ".join(reasons),
+        )
+    return RuntimeChoice("int8", path, sha, loaded=runtime)
 
 
 def load_runtime(choice: RuntimeChoice, model: Any = None) -> Runtime:
     """Open the runtime of ``choice`` (``model`` is the Keras model for ``keras``)."""
+    if choice.loaded is not None:
+        return choice.loaded
     if choice.name == "keras":
         if model is None:
             raise ModelError("the keras runtime needs the Keras model")
         return KerasRuntime(model)
     assert choice.path is not None
     return OnnxRuntime(choice.path, choice.name, choice.graph_sha256)
+
+
+# -- the int8 graph: verified at export, checked at load ------------------------------------------
+
+
+def logit(p: np.ndarray) -> np.ndarray:
+    """log(p / (1 - p)) in float64, for graphs without a logit output (infinite at 0 and 1)."""
+    p = np.asarray(p, np.float64)
+    with np.errstate(divide="ignore"):
+        return (np.log(p) - np.log1p(-p)).astype(np.float32)
+
+
+def unverified_reason(record: dict[str, Any]) -> str:
+    """Why an int8 graph's record does not count as verified ('' when it does)."""
+    verification = record.get("verification")
+    if not isinstance(verification, dict):
+        return "exported by an older ctcovid, whose gate was not confirmed on separate scans"
+    if verification.get("status") == VERIFIED:
+        return ""
+    return str(verification.get("reason") or "its gate was not confirmed on validation scans")
+
+
+def cpu_description() -> dict[str, Any]:
+    """The CPU: its model name and the instruction-set flags that select int8 kernels.
+
+    Flags come from ``/proc/cpuinfo`` (Linux), else from numpy's dispatch table (no AMX or
+    AVX-VNNI there); ``source`` says which, ``"none"`` when neither could be read.
+    """
+    model, flags, source = platform.processor(), None, "none"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and not model:
+                model = line.split(":", 1)[1].strip()
+            elif line.startswith(("flags", "Features")):
+                flags, source = set(line.split(":", 1)[1].split()), "/proc/cpuinfo"
+                break
+    except OSError:  # not Linux
+        pass
+    if flags is None:
+        try:
+            from numpy._core._multiarray_umath import __cpu_features__ as features
+
+            flags = {ours for ours, theirs in _NUMPY_FLAGS.items() if features.get(theirs)}
+            source = "numpy"
+        except (ImportError, AttributeError):
+            flags = set()
+    return {
+        "model": model,
+        "machine": platform.machine(),
+        "flags": [f for f in CPU_FLAGS if f in flags],
+        "source": source,
+    }
+
+
+def int8_arithmetic(cpu: dict[str, Any]) -> dict[str, Any]:
+    """What sets ONNX Runtime's int8 arithmetic on a CPU: the machine, VNNI and AMX.
+
+    Without VNNI, x86 U8S8 products go through 16-bit sums that saturate (VPMADDUBSW); with it
+    they are exact; AMX runs other kernels again. A value is ``None`` where ``cpu``'s flags
+    cannot tell (AMX and AVX-VNNI from numpy's table; no flags at all).
+    """
+    source = cpu.get("source", "/proc/cpuinfo")  # records before "source": /proc/cpuinfo
+    flags = set(cpu.get("flags", []))
+    known = source != "none"
+    return {
+        "machine": cpu.get("machine") or None,
+        "vnni": bool(flags & {"avx512_vnni", "avx_vnni"}) if known else None,
+        "amx": ("amx_int8" in flags) if source == "/proc/cpuinfo" else None,
+    }
+
+
+def arithmetic_difference(recorded: dict[str, Any], current: dict[str, Any]) -> str:
+    """A phrase naming how two CPUs' int8 arithmetic differs ('' when it does not, or unknown)."""
+    a, b = int8_arithmetic(recorded), int8_arithmetic(current)
+    differ = [k for k in a if a[k] is not None and b[k] is not None and a[k] != b[k]]
+    if not differ:
+        return ""
+
+    def words(x: dict[str, Any]) -> str:
+        return ", ".join(
+            f"{k} {x[k]}" if k == "machine" else (k.upper() if x[k] else f"no {k.upper()}")
+            for k in differ
+        )
+
+    return f"its gate ran on a CPU with {words(a)}, this one has {words(b)}"
+
+
+_CURRENT_CPU: dict[str, Any] = {}
+
+
+def current_cpu() -> dict[str, Any]:
+    """:func:`cpu_description` of this machine, read once per process."""
+    if not _CURRENT_CPU:
+        _CURRENT_CPU.update(cpu_description())
+    return _CURRENT_CPU
+
+
+def check_int8(folder: Path, artifact: ModelArtifact, path: Path) -> tuple[OnnxRuntime | None, str]:
+    """The int8 load check: this CPU's int8 arithmetic and the recorded check slices.
+
+    Returns the opened graph (``None`` when the check stopped before opening it) and the reason
+    it failed, ``''`` when it passed. Cheap: a few slices in one batch. A graph ONNX Runtime
+    cannot open raises :class:`ModelError`.
+    """
+    record = artifact.graphs["int8"]
+    check = record.get("load_check")
+    if not isinstance(check, dict):
+        return None, f"no load check recorded for it ({CHECK_FILE}; re-run 'ctcovid export')"
+    difference = arithmetic_difference(dict(record.get("cpu") or {}), current_cpu())
+    if difference:
+        return None, f"{difference} (int8 arithmetic differs; re-run 'ctcovid export' here)"
+    fixture = folder / str(check.get("file", CHECK_FILE))
+    if not fixture.is_file():
+        return None, f"its check slices {fixture} are missing"
+    if sha256_file(fixture) != check.get("sha256"):
+        return None, f"{fixture} does not match {METADATA_FILE} (sha256 differs)"
+    try:
+        with np.load(fixture) as data:
+            slices, recorded = data["slices"], data["int8_logit"]
+    except (OSError, KeyError, ValueError) as exc:
+        return None, f"{fixture}: unreadable ({exc})"
+    runtime = OnnxRuntime(path, "int8", str(record["sha256"]))
+    _, now = runtime.predict_with_logits(slices[..., None].astype(np.float32))
+    tolerance = float(check.get("logit_tolerance", CHECK_LOGIT_TOLERANCE))
+    scaled = np.abs(now.astype(np.float64) - recorded) / np.maximum(1.0, np.abs(recorded))
+    worst = float(np.nan_to_num(scaled, nan=np.inf).max()) if len(scaled) else 0.0
+    if worst > tolerance:
+        return runtime, (
+            f"on this CPU its logits on the {len(slices)} check slices of {fixture.name} "
+            f"differ from those measured at export by up to {worst:.3g} (limit {tolerance:g} "
+            "times max(1, |logit|))"
+        )
+    return runtime, ""

@@ -10,10 +10,11 @@ URL or the command line. Command-line flags win over the file.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from ctcovid.errors import ConfigError
@@ -24,6 +25,9 @@ from ctcovid.net.guard import (
 )
 from ctcovid.net.peers import Peer, check_ae_title
 from ctcovid.net.sender import SendSettings
+
+if TYPE_CHECKING:
+    from ctcovid.node.alerts import AlertSettings
 
 
 @dataclass(frozen=True)
@@ -73,9 +77,19 @@ class NodeConfig:
     tls_ca: Path | None = None
     # None: use TLS towards the peer exactly when TLS is configured for receiving.
     peer_tls: bool | None = None
+    # The node's HTTP server (status page, JSON API, probes, /metrics); None: no server.
+    http_port: int | None = None
+    # Loopback unless told otherwise; another address needs http_tls_* and http_auth_file.
+    http_host: str = "127.0.0.1"
+    http_tls_cert: Path | None = None
+    http_tls_key: Path | None = None
+    # Users (scrypt hashes) and API tokens allowed on the HTTP server (see ctcovid.node.webauth).
+    http_auth_file: Path | None = None
+    # Show patient name, ID and birth date on the page and in the API (off: accession only).
+    http_show_phi: bool = False
+    # Deprecated aliases of http_port and http_host (Prometheus metrics are at /metrics there).
     metrics_port: int | None = None
-    # Loopback unless told otherwise: the metrics page is not authenticated.
-    metrics_host: str = "127.0.0.1"
+    metrics_host: str | None = None
     poll_seconds: float = 0.5
     batch_size: int = 32
     runtime: str = "auto"  # auto | keras | onnx | int8 (ctcovid.model.runtimes)
@@ -83,6 +97,13 @@ class NodeConfig:
     audit_file: Path | None = None
     audit_syslog: str | None = None  # HOST:PORT
     audit_ca: Path | None = None
+    # Alerts (ctcovid.node.alerts): a webhook URL (JSON {"text": ...}) and/or e-mail by SMTP.
+    alert_webhook: str | None = None
+    alert_smtp: str | None = None  # HOST:PORT
+    alert_to: tuple[str, ...] = ()
+    alert_from: str | None = None
+    alert_after_minutes: float = 15.0
+    alert_positive: bool = False
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
@@ -102,6 +123,9 @@ class NodeConfig:
             "stow_ca_file",
             "audit_file",
             "audit_ca",
+            "http_tls_cert",
+            "http_tls_key",
+            "http_auth_file",
         ):
             value = getattr(self, name)
             if value is not None:
@@ -115,8 +139,7 @@ class NodeConfig:
                 raise ConfigError("audit_syslog needs audit_ca (the repository's CA, PEM).")
         if not 0 <= self.port < 65536:
             raise ConfigError(f"port must be 0-65535. Received: port={self.port}.")
-        if self.metrics_port is not None and not 0 <= self.metrics_port < 65536:
-            raise ConfigError(f"metrics_port must be 0-65535. Received: {self.metrics_port}.")
+        self._check_http()
         for name in (
             "stable_seconds",
             "retry_seconds",
@@ -170,6 +193,43 @@ class NodeConfig:
             raise ConfigError("tls_cert and tls_key go together: give both or neither.")
         if self.tls_ca is not None and self.tls_cert is None:
             raise ConfigError("tls_ca needs tls_cert and tls_key (the node's own certificate).")
+        if isinstance(self.alert_to, str):
+            object.__setattr__(self, "alert_to", (self.alert_to,))
+        object.__setattr__(self, "alert_to", tuple(self.alert_to))
+        self.alert_settings()
+
+    def _check_http(self) -> None:
+        """The HTTP server's settings; ``metrics_port``/``metrics_host`` (deprecated) alias
+        ``http_port``/``http_host``."""
+        if self.metrics_port is not None:
+            if self.http_port is not None and self.http_port != self.metrics_port:
+                raise ConfigError(
+                    "metrics_port is a deprecated alias of http_port (metrics are served at "
+                    f"/metrics there): give http_port only. Received: http_port={self.http_port}"
+                    f", metrics_port={self.metrics_port}."
+                )
+            object.__setattr__(self, "http_port", self.metrics_port)
+        if self.metrics_host is not None and self.http_host == "127.0.0.1":
+            object.__setattr__(self, "http_host", self.metrics_host)
+        if self.http_port is not None and not 0 <= self.http_port < 65536:
+            raise ConfigError(f"http_port must be 0-65535. Received: {self.http_port}.")
+        if (self.http_tls_cert is None) != (self.http_tls_key is None):
+            raise ConfigError("http_tls_cert and http_tls_key go together: give both or neither.")
+        if self.http_port is None or is_loopback(self.http_host):
+            return
+        missing = [
+            flag
+            for flag, value in (
+                ("--http-tls-cert and --http-tls-key", self.http_tls_cert),
+                ("--http-auth-file", self.http_auth_file),
+            )
+            if value is None
+        ]
+        if missing:
+            raise ConfigError(
+                f"--http-host {self.http_host} is not loopback: the page and API need "
+                f"{' and '.join(missing)} there (TLS and credentials), or use 127.0.0.1."
+            )
 
     def _check_stow(self) -> None:
         if self.stow in (None, ""):
@@ -253,6 +313,19 @@ class NodeConfig:
             max_pdu_bytes=self.max_pdu_bytes,
         )
 
+    def alert_settings(self) -> AlertSettings | None:
+        """Where alerts go and what raises them; None without a webhook or mail server."""
+        from ctcovid.node.alerts import AlertSettings
+
+        return AlertSettings.build(
+            webhook=self.alert_webhook,
+            smtp=self.alert_smtp,
+            to=self.alert_to,
+            sender=self.alert_from,
+            after_minutes=self.alert_after_minutes,
+            positive=self.alert_positive,
+        )
+
     def to_dict(self) -> dict[str, Any]:
         """Plain values (paths and the peer as strings), e.g. to hand to the worker process."""
         out: dict[str, Any] = {}
@@ -286,6 +359,16 @@ class NodeConfig:
             raise ConfigError(f"invalid node settings: {exc}") from None
 
 
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (an address or ``localhost``) is reachable from this machine only."""
+    if host.strip("[]").lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
 def read_toml(path: Path) -> dict[str, Any]:
     """The node settings in a TOML file (top level, or the ``[node]`` table when present)."""
     try:
@@ -309,6 +392,9 @@ def read_toml(path: Path) -> dict[str, Any]:
         "stow_ca_file",
         "audit_file",
         "audit_ca",
+        "http_tls_cert",
+        "http_tls_key",
+        "http_auth_file",
     ):
         if isinstance(data.get(key), str) and data[key]:
             value = Path(data[key]).expanduser()

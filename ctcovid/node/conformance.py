@@ -122,14 +122,27 @@ _SETTINGS: dict[str, str] = {
     "tls_key": "the key of tls_cert",
     "tls_ca": "CA callers' certificates must be signed by (client certificates required)",
     "peer_tls": "TLS towards the peer (default: as for receiving)",
-    "metrics_port": "Prometheus metrics port (none: off)",
-    "metrics_host": "address of the metrics endpoint",
+    "http_port": "port of the node's HTTP server: status page, JSON API, probes, /metrics "
+    "(none: off)",
+    "http_host": "address the HTTP server binds (beyond loopback: TLS and credentials)",
+    "http_tls_cert": "the HTTP server's TLS certificate",
+    "http_tls_key": "the key of http_tls_cert",
+    "http_auth_file": "users (scrypt hashes) and API tokens (sha256) of the HTTP server",
+    "http_show_phi": "show patient name, ID and birth date on the page and in the API",
+    "metrics_port": "deprecated alias of http_port",
+    "metrics_host": "deprecated alias of http_host",
     "poll_seconds": "how often the worker looks for work",
     "batch_size": "slices decoded ahead of the model",
     "runtime": "how the model runs: auto, keras, onnx or int8",
     "audit_file": "DICOM audit messages (PS3.15 A.5), one a line, appended to this file",
     "audit_syslog": "Audit Record Repository, HOST:PORT: syslog over TLS (RFC 5425), spooled",
     "audit_ca": "CA (PEM) the audit repository's certificate must be signed by",
+    "alert_webhook": "URL alerts are POSTed to as JSON (none: no webhook)",
+    "alert_smtp": "mail server alerts are sent through, HOST:PORT (STARTTLS when offered)",
+    "alert_to": "e-mail recipients of alerts",
+    "alert_from": "sender address of alert e-mails",
+    "alert_after_minutes": "an SR failing to send this long raises an alert",
+    "alert_positive": "also alert on every positive result",
 }
 
 
@@ -1036,6 +1049,12 @@ def conformance_statement(config: NodeConfig, source: Path | None = None) -> Sta
                     "Access control: allow_aet rejects other calling AE titles at association; "
                     "bounds on PDUs, time, memory, disk and connections protect against hostile "
                     "peers.",
+                    "HTTP server (http_port): loopback by default; any other address needs TLS "
+                    "and credentials (HTTP Basic for people, bearer tokens for scripts), every "
+                    "POST a CSRF or API token; no patient data unless http_show_phi.",
+                    "Alerts (alert_webhook, alert_smtp) are outgoing connections of their own; "
+                    "they name study and series UIDs and counts, never patient data or the "
+                    "free-text reasons that may quote received values.",
                     "Audit trail (PS3.15 A.5, IHE ATNA): not yet implemented. The node writes "
                     "key=value logs (UIDs, never patient names), which are not an audit trail.",
                 )

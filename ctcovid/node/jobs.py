@@ -55,6 +55,7 @@ superseded one, so that a receipt and the job it opens commit together.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import sqlite3
 import threading
@@ -148,9 +149,12 @@ CREATE TABLE IF NOT EXISTS series (
     sent_sr_path TEXT NOT NULL DEFAULT '',
     sent_label TEXT NOT NULL DEFAULT '',
     sent_probability REAL,
+    accession_number TEXT NOT NULL DEFAULT '',
+    slice_probabilities TEXT NOT NULL DEFAULT '',
     PRIMARY KEY (study_instance_uid, series_instance_uid)
 );
 CREATE INDEX IF NOT EXISTS series_state ON series(state);
+CREATE INDEX IF NOT EXISTS series_updated ON series(updated_at);
 CREATE TABLE IF NOT EXISTS replaced (
     sop_instance_uid TEXT NOT NULL,
     study_instance_uid TEXT NOT NULL,
@@ -162,6 +166,31 @@ CREATE TABLE IF NOT EXISTS replaced (
 """
 # Schema 2 keys series by (study, series); version 1 keyed them by series alone.
 SCHEMA_VERSION = 2
+# Every change of a job's state, reason or send attempts, one row each, written by the database
+# itself (triggers), so that no transition can forget it. Kept apart from SCHEMA: its triggers
+# hold semicolons. A store from before it simply has no history for its earlier changes.
+HISTORY_SCHEMA = """
+CREATE TABLE IF NOT EXISTS history (
+    study_instance_uid TEXT NOT NULL,
+    series_instance_uid TEXT NOT NULL,
+    at REAL NOT NULL,
+    state TEXT NOT NULL,
+    reason TEXT NOT NULL DEFAULT '',
+    attempts INTEGER NOT NULL DEFAULT 0,
+    revision INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS history_series ON history(study_instance_uid, series_instance_uid);
+CREATE TRIGGER IF NOT EXISTS history_insert AFTER INSERT ON series BEGIN
+    INSERT INTO history VALUES (NEW.study_instance_uid, NEW.series_instance_uid,
+        NEW.updated_at, NEW.state, NEW.reason, NEW.attempts, NEW.revision);
+END;
+CREATE TRIGGER IF NOT EXISTS history_update AFTER UPDATE ON series
+WHEN NEW.state IS NOT OLD.state OR NEW.reason IS NOT OLD.reason
+    OR NEW.attempts IS NOT OLD.attempts BEGIN
+    INSERT INTO history VALUES (NEW.study_instance_uid, NEW.series_instance_uid,
+        NEW.updated_at, NEW.state, NEW.reason, NEW.attempts, NEW.revision);
+END;
+"""
 
 
 class JobStateError(ValueError):
@@ -208,6 +237,10 @@ class SeriesRecord:
     # What that SR states: a new result with the same label and stated probability is not sent.
     sent_label: str = ""
     sent_probability: float | None = None
+    # AccessionNumber (0008,0050) of the study as received (shown on the node's page).
+    accession_number: str = ""
+    # The result's per-slice P(COVID), as a JSON list ('' before a result).
+    slice_probabilities: str = ""
 
     def __post_init__(self) -> None:
         self.state = JobState(self.state)
@@ -258,6 +291,7 @@ class JobDatabase:
             self._migrate()
             self._conn.executescript(SCHEMA)
             self._add_missing_columns()
+            self._conn.executescript(HISTORY_SCHEMA)
             self._conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
     def _add_missing_columns(self) -> None:
@@ -267,6 +301,8 @@ class JobDatabase:
             ("sent_sr_path", "TEXT NOT NULL DEFAULT ''"),
             ("sent_label", "TEXT NOT NULL DEFAULT ''"),
             ("sent_probability", "REAL"),
+            ("accession_number", "TEXT NOT NULL DEFAULT ''"),
+            ("slice_probabilities", "TEXT NOT NULL DEFAULT ''"),
         ):
             if column in present:
                 continue
@@ -354,9 +390,10 @@ class JobDatabase:
         calling_aet: str = "",
         received_at: float | None = None,
         supersedes: tuple[str, str, str] | None = None,
+        accession_number: str = "",
     ) -> bool:
         """Record a stored instance (``path`` relative to the store); a new one (re)opens its
-        series for classification.
+        series for classification. ``accession_number`` is noted on the series when it has none.
 
         ``supersedes`` is ``(study, series, kept_as)`` when the instance replaces different
         content under the same SOPInstanceUID: the replacement is recorded, and the series that
@@ -397,9 +434,17 @@ class JobDatabase:
             if row is None:
                 db.execute(
                     "INSERT INTO series (series_instance_uid, study_instance_uid, state, "
-                    "n_instances, first_received, last_received, updated_at) "
-                    "VALUES (?, ?, ?, 1, ?, ?, ?)",
-                    (series_instance_uid, study_instance_uid, RECEIVED, now, now, now),
+                    "n_instances, first_received, last_received, updated_at, accession_number) "
+                    "VALUES (?, ?, ?, 1, ?, ?, ?, ?)",
+                    (
+                        series_instance_uid,
+                        study_instance_uid,
+                        RECEIVED,
+                        now,
+                        now,
+                        now,
+                        accession_number,
+                    ),
                 )
             elif changed:
                 added = 0 if supersedes is not None and supersedes[:2] == key else 1
@@ -410,6 +455,12 @@ class JobDatabase:
                     "UPDATE series SET last_received = ? "
                     "WHERE study_instance_uid = ? AND series_instance_uid = ?",
                     (now, *key),
+                )
+            if row is not None and accession_number:
+                db.execute(
+                    "UPDATE series SET accession_number = ? WHERE study_instance_uid = ? "
+                    "AND series_instance_uid = ? AND accession_number = ''",
+                    (accession_number, *key),
                 )
         return changed
 
@@ -480,12 +531,96 @@ class JobDatabase:
             rows = self._conn.execute(query + " ORDER BY first_received, rowid", args).fetchall()
         return [SeriesRecord(**dict(r)) for r in rows]
 
+    def updated_since(self, since: float, states: tuple[JobState, ...]) -> list[SeriesRecord]:
+        """Jobs in one of ``states`` whose record changed at or after ``since`` (oldest change
+        first): what the node's alerts poll for."""
+        marks = ", ".join("?" for _ in states)
+        with self._lock:
+            rows = self._conn.execute(
+                f"SELECT {_COLUMNS} FROM series WHERE updated_at >= ? AND state IN ({marks}) "
+                "ORDER BY updated_at, rowid",
+                (since, *states),
+            ).fetchall()
+        return [SeriesRecord(**dict(r)) for r in rows]
+
     def counts_by_state(self) -> dict[str, int]:
         """The number of jobs in each state, every state named (plain strings as keys)."""
         with self._lock:
             rows = self._conn.execute("SELECT state, COUNT(*) FROM series GROUP BY state")
             found = {r[0]: r[1] for r in rows}
         return {state.value: found.get(state.value, 0) for state in STATES}
+
+    def page(
+        self,
+        *,
+        state: str | None = None,
+        accession_number: str | None = None,
+        limit: int = 50,
+        offset: int = 0,
+    ) -> tuple[int, list[SeriesRecord]]:
+        """``(total, records)``: the series matching ``state`` and an accession number
+        containing ``accession_number``, newest first (by last arrival), ``limit`` of them
+        from ``offset``."""
+        where: list[str] = []
+        args: list[Any] = []
+        if state:
+            where.append("state = ?")
+            args.append(JobState(state))
+        if accession_number:
+            where.append("instr(accession_number, ?) > 0")
+            args.append(accession_number)
+        clause = (" WHERE " + " AND ".join(where)) if where else ""
+        with self._lock:
+            total = int(
+                self._conn.execute(f"SELECT COUNT(*) FROM series{clause}", args).fetchone()[0]
+            )
+            rows = self._conn.execute(
+                f"SELECT {_COLUMNS} FROM series{clause} "
+                "ORDER BY last_received DESC, rowid DESC LIMIT ? OFFSET ?",
+                (*args, max(0, limit), max(0, offset)),
+            ).fetchall()
+        return total, [SeriesRecord(**dict(r)) for r in rows]
+
+    def history(self, series_instance_uid: str, study_instance_uid: str) -> list[dict[str, Any]]:
+        """The recorded changes of a series' job, oldest first: ``at``, ``state``, ``reason``,
+        ``attempts``, ``revision``."""
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT at, state, reason, attempts, revision FROM history "
+                "WHERE study_instance_uid = ? AND series_instance_uid = ? ORDER BY rowid",
+                (study_instance_uid, series_instance_uid),
+            ).fetchall()
+        return [dict(r) for r in rows]
+
+    def last_times(self) -> dict[str, float | None]:
+        """When an instance was last received, and a job last became classified and sent."""
+        with self._lock:
+            received = self._conn.execute("SELECT MAX(last_received) FROM series").fetchone()[0]
+            found = dict(
+                self._conn.execute(
+                    "SELECT state, MAX(at) FROM history WHERE state IN (?, ?) GROUP BY state",
+                    (CLASSIFIED, SENT),
+                ).fetchall()
+            )
+        return {
+            "received": received,
+            "classified": found.get(CLASSIFIED.value),
+            "sent": found.get(SENT.value),
+        }
+
+    def note_slice_probabilities(self, record: SeriesRecord, probabilities: list[float]) -> None:
+        """Keep the per-slice P(COVID) of the result just recorded for ``record`` (for display;
+        not a transition)."""
+        with self._transaction() as db:
+            db.execute(
+                "UPDATE series SET slice_probabilities = ? "
+                "WHERE study_instance_uid = ? AND series_instance_uid = ? AND generation = ?",
+                (
+                    json.dumps([round(float(p), 6) for p in probabilities]),
+                    *_key(record),
+                    record.generation,
+                ),
+            )
 
     def due_sends(self, now: float | None = None) -> list[SeriesRecord]:
         """``classified`` series whose next send attempt is due, earliest first."""

@@ -1,4 +1,5 @@
-"""Optional Prometheus endpoint of the node (``--metrics-port``; needs ``prometheus-client``).
+"""Prometheus metrics of the node, served at ``/metrics`` by its HTTP server (``--http-port``;
+needs ``prometheus-client``), or on a port of their own (``Metrics(port, ...)``).
 
 Exposes ``ctcovid_instances_received_total``, ``ctcovid_instances_refused_total{status}``,
 ``ctcovid_associations_rejected_total{reason}`` (associations rejected and connections cut),
@@ -67,12 +68,13 @@ class _NodeCollector:
 class Metrics:
     """The HTTP endpoint and the histograms the worker's observations feed."""
 
-    def __init__(self, port: int, host: str, store: Store, stats: ReceiveStats) -> None:
+    def __init__(self, port: int | None, host: str, store: Store, stats: ReceiveStats) -> None:
+        """``port`` None: no endpoint of its own (the node's HTTP server calls :meth:`render`)."""
         try:
             from prometheus_client import CollectorRegistry, Histogram, start_http_server
         except ImportError:
             raise ConfigError(
-                "--metrics-port needs prometheus-client: pip install 'ctcovid[metrics]'"
+                "metrics need prometheus-client: pip install 'ctcovid[web]'"
             ) from None
         self.registry = CollectorRegistry()
         self.registry.register(_NodeCollector(store, stats))
@@ -90,10 +92,20 @@ class Metrics:
                 registry=self.registry,
             ),
         }
+        self._server: Any = None
+        self.port = port
+        if port is None:
+            return
         result = start_http_server(port, addr=host, registry=self.registry)
         self._server = result[0] if isinstance(result, tuple) else None
         self.port = int(self._server.server_address[1]) if self._server is not None else port
         logger.info("event=metrics_listening host=%s port=%d", host, self.port)
+
+    def render(self) -> tuple[bytes, str]:
+        """The exposition text of every metric and its content type."""
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
     def observe(self, name: str, value: float) -> None:
         histogram = self.histograms.get(name)

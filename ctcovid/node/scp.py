@@ -76,6 +76,7 @@ _IDENTITY_TAGS = [
         "StudyInstanceUID",
         "SeriesInstanceUID",
         "PatientID",  # for the audit trail only; never logged
+        "AccessionNumber",
         *_PIXEL_KEYWORDS,
     )
 ]
@@ -165,6 +166,14 @@ def _read_identity(source: Path | bytes) -> Dataset:
         )
 
 
+def _accession_number(value: object) -> str:
+    """AccessionNumber (SH: at most 16 characters) as text to keep; anything else is dropped."""
+    text = str(value or "").strip()
+    if len(text) > 16 or not text.isprintable():
+        return ""
+    return text
+
+
 def _put(store: Store, source: Path | bytes, **identity: str) -> bool:
     """Store the received file; a spooled one is mapped, never read into memory whole."""
     if isinstance(source, bytes):
@@ -225,6 +234,7 @@ def _store_instance(event: Any, store: Store) -> int:
         study_uid = ds.get("StudyInstanceUID")
         series_uid = ds.get("SeriesInstanceUID")
         sop_class_uid = ds.get("SOPClassUID")
+        accession = _accession_number(ds.get("AccessionNumber"))
         has_pixels = any(kw in ds for kw in _PIXEL_KEYWORDS)
     except Exception as exc:  # pydicom raises many types on corrupt input
         # The exception's text may quote received values: its type is enough.
@@ -268,6 +278,7 @@ def _store_instance(event: Any, store: Store) -> int:
             sop_instance_uid=sop,
             sop_class_uid=str(sop_class_uid),
             calling_aet=calling,
+            accession_number=accession,
         )
     except OutOfSpaceError as exc:
         return _refuse(

@@ -23,6 +23,7 @@ from typing import Any
 
 from ctcovid.errors import ConfigError
 from ctcovid.logs import quiet_libraries
+from ctcovid.node.alerts import start_alerts
 from ctcovid.node.auditing import node_audit
 from ctcovid.node.config import NodeConfig
 from ctcovid.node.scp import Listener, ReceiveStats
@@ -38,6 +39,8 @@ LISTENER_DRAIN_SECONDS = 5.0
 # How long a worker that exited cleanly waits for the node's own stop to show (see poll).
 STOP_GRACE_SECONDS = 2.0
 MAX_WORKER_RESTART_DELAY_SECONDS = 60.0
+# Alerts still queued at stop get this long to be delivered.
+ALERT_DRAIN_SECONDS = 3.0
 
 
 class WorkerSupervisor:
@@ -183,6 +186,47 @@ class Node:
             artifact.device_uid,
         )
 
+    def _start_web(self, store: Store, stats: ReceiveStats, supervisor: WorkerSupervisor) -> Any:
+        """The HTTP server (page, API, probes, /metrics) in a thread, on its own connection to
+        the store; started before the listener, so that a port in use fails the start."""
+        from ctcovid.node.health import model_summary
+        from ctcovid.node.metrics import Metrics
+        from ctcovid.node.web import WebContext, WebServer, require_web
+
+        config = self.config
+        require_web()
+        if config.metrics_port is not None:
+            logger.warning(
+                "event=deprecated_option metrics_port/--metrics-port: use http_port/--http-port "
+                "(metrics are served at /metrics there)"
+            )
+        self.metrics = Metrics(None, config.http_host, store, stats)
+
+        def heartbeat() -> float | None:
+            process, beat = supervisor.process, supervisor.heartbeat
+            if process is None or beat is None or not process.is_alive():
+                return None
+            return float(beat.value)
+
+        web_store = Store(config.store, min_free_mb=config.min_free_mb)
+        listener = self.listener
+        try:
+            web = WebServer(
+                WebContext(
+                    config=config,
+                    store=web_store,
+                    model=model_summary(config),
+                    heartbeat=heartbeat,
+                    metrics=self.metrics,
+                    dicom_port=(lambda: listener.port) if listener is not None else None,
+                )
+            )
+        except BaseException:
+            web_store.close()
+            raise
+        web.start()
+        return web
+
     def _start_worker(self, heartbeat: Any) -> Any:
         process = self._mp.Process(
             target=run_worker,
@@ -227,6 +271,7 @@ class Node:
 
     def _serve(self, store: Store) -> int:
         config = self.config
+        started = time.time()
         recovered = store.reconcile()
         resumed = store.jobs.resume(config.max_attempts)
         counts = store.jobs.counts_by_state()
@@ -241,19 +286,10 @@ class Node:
         if not config.sends:
             logger.warning("event=no_peer SRs are kept in %s/sr and not sent", config.store)
         stats = ReceiveStats()
-        if config.metrics_port is not None:
-            from ctcovid.node.metrics import Metrics
-
-            self.metrics = Metrics(config.metrics_port, config.metrics_host, store, stats)
         self._worker_stop = self._mp.Event()
         self._events = self._mp.Queue()
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(signum, self.request_stop)
         audit = node_audit(config, deliver=True)
         self.listener = Listener(config, store, stats, audit)
-        self.listener.start()
-        if audit is not None:
-            audit.started()
         supervisor = WorkerSupervisor(
             self._start_worker,
             lambda: self._mp.Value("d", 0.0, lock=False),
@@ -261,13 +297,22 @@ class Node:
             on_lost=lambda: store.jobs.resume(config.max_attempts),
             stopping=lambda: self._stop_requested,
         )
+        web = self._start_web(store, stats, supervisor) if config.http_port is not None else None
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self.request_stop)
+        self.listener.start()
+        if audit is not None:
+            audit.started()
         supervisor.start()
+        alerts = start_alerts(config, store, stats, supervisor, started_at=started)
         try:
             while not self._stop_requested:
                 time.sleep(0.25)
                 self._drain_events()
                 if not self._stop_requested:
                     supervisor.poll()
+                if alerts is not None and not self._stop_requested:
+                    alerts.check()
         finally:
             logger.info("event=node_stopping")
             # The worker first: it finishes its job and abandons a send at once, meanwhile
@@ -276,9 +321,12 @@ class Node:
             self.listener.stop(LISTENER_DRAIN_SECONDS)
             supervisor.stop(WORKER_STOP_SECONDS)
             self._drain_events()
-            if self.metrics is not None:
+            if alerts is not None:
+                alerts.close(ALERT_DRAIN_SECONDS)
+            if web is not None:
                 with contextlib.suppress(Exception):
-                    self.metrics.close()
+                    web.stop()
+                    web.ctx.store.close()
             store.close()
             if audit is not None:
                 audit.stopped()

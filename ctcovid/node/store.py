@@ -22,6 +22,7 @@ from pathlib import Path
 
 from ctcovid.node.files import FileStore, same_content
 from ctcovid.node.jobs import (
+    FAILED,
     JobDatabase,
     SeriesRecord,
 )
@@ -71,6 +72,7 @@ class Store:
         sop_instance_uid: str,
         sop_class_uid: str,
         calling_aet: str = "",
+        accession_number: str = "",
     ) -> bool:
         """Store one instance (Part 10 bytes) and record it; True if it was new to the store.
 
@@ -90,6 +92,7 @@ class Store:
                     sop_instance_uid=sop_instance_uid,
                     sop_class_uid=sop_class_uid,
                     calling_aet=calling_aet,
+                    accession_number=accession_number,
                 )
         finally:
             with contextlib.suppress(OSError):
@@ -105,6 +108,7 @@ class Store:
         sop_instance_uid: str,
         sop_class_uid: str,
         calling_aet: str,
+        accession_number: str = "",
     ) -> bool:
         """Rename the fsynced ``tmp`` into place unless the store already holds these bytes."""
         row = self.jobs.stored_instance(sop_instance_uid)
@@ -120,6 +124,7 @@ class Store:
                     sop_class_uid=sop_class_uid,
                     path=path,
                     calling_aet=calling_aet,
+                    accession_number=accession_number,
                 )
             old_study = row[1] if row is not None else study_instance_uid
             old_series = row[2] if row is not None else series_instance_uid
@@ -149,6 +154,7 @@ class Store:
             path=path,
             calling_aet=calling_aet,
             supersedes=supersedes,
+            accession_number=accession_number,
         )
 
     def record_instance(
@@ -162,6 +168,7 @@ class Store:
         calling_aet: str = "",
         received_at: float | None = None,
         supersedes: tuple[str, str, str] | None = None,
+        accession_number: str = "",
     ) -> bool:
         """Record the instance stored at ``path``; see :meth:`JobDatabase.record_instance`."""
         return self.jobs.record_instance(
@@ -173,6 +180,7 @@ class Store:
             calling_aet=calling_aet,
             received_at=received_at,
             supersedes=supersedes,
+            accession_number=accession_number,
         )
 
     def reconcile(self) -> int:
@@ -251,3 +259,29 @@ class Store:
             study_instance_uid,
             sr_exists=lambda sr_path: (self.root / sr_path).exists(),
         )
+
+    def retry_series(
+        self, series_instance_uid: str, study_instance_uid: str | None = None
+    ) -> list[str]:
+        """Re-queue one failed series, as :meth:`retry`; :class:`NotRetryable` (with the
+        reason) when the store has no such series or its job is not failed. The one path of
+        ``ctcovid queue --retry`` and of the node's page and API."""
+        record = self.jobs.get(series_instance_uid, study_instance_uid)
+        if record is None:
+            raise NotRetryable(
+                f"Series {series_instance_uid}: not in the store {self.root}", missing=True
+            )
+        if record.state != FAILED:
+            raise NotRetryable(
+                f"Series {series_instance_uid}: state is {record.state}, only failed jobs can "
+                "be retried"
+            )
+        return self.retry(series_instance_uid, record.study_instance_uid)
+
+
+class NotRetryable(ValueError):
+    """A retry asked for a series that is not in the store or whose job is not failed."""
+
+    def __init__(self, message: str, *, missing: bool = False) -> None:
+        super().__init__(message)
+        self.missing = missing

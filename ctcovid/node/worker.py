@@ -239,6 +239,9 @@ class Worker:
             )
             return
         self.observe("classify_seconds", seconds)
+        if current:
+            with contextlib.suppress(Exception):  # shown on the node's page; never fails a job
+                self.store.jobs.note_slice_probabilities(record, list(result.slice_probabilities))
         if not current:
             logger.info("event=series_changed_while_classifying %s; it will run again", log_ids)
             return

@@ -2,8 +2,13 @@
 
 The graphs and their gate are :mod:`ctcovid.model.export`; this module reads the calibration and
 validation scans through the model's own ingest and slice policy (the training data readers) and
-writes the graphs and their record only once every check passed. When every recipe fails nothing
-is written and the measured numbers are reported.
+writes the graphs and their record only once every check passed.
+
+int8 recipes are selected on the calibration scans and the selected one is confirmed once on the
+validation scans, which must be disjoint from the calibration scans (no shared input file, DICOM
+SeriesInstanceUID or identical slices) and enough to state a bound (:class:`GateRequirements`).
+Without validation scans the int8 graph is written but recorded ``unverified``: ``--runtime auto``
+does not use it. A refusal writes nothing and reports the measured numbers.
 """
 
 from __future__ import annotations
@@ -20,28 +25,55 @@ import numpy as np
 
 from ctcovid.config import IngestConfig
 from ctcovid.errors import InvalidInputError, ModelError
-from ctcovid.model.artifact import ModelArtifact, load_model, sha256_file, write_metadata
+from ctcovid.model.artifact import (
+    ModelArtifact,
+    load_model,
+    read_artifact,
+    sha256_file,
+    write_metadata,
+)
 from ctcovid.model.export import (
+    CHECK_SLICES,
+    CONFIDENCE,
     DEFAULT_CALIBRATION_SLICES,
     FP32_CHECK_SLICES,
+    FP32_LOGIT_TOLERANCE,
     FP32_TOLERANCE,
+    INT8_LOGIT_TOLERANCE,
+    INT8_SLICE_TOLERANCE,
     INT8_TOLERANCE,
     OPSET,
     RECIPES,
+    GateRequirements,
     GateResult,
     Recipe,
     ScanSlices,
+    Scored,
+    add_logit_output,
+    check_slices,
     convert_to_onnx,
     cpu_description,
+    flip_rate_upper_bound,
+    fp32_difference,
     gate,
-    keras_probabilities,
+    keras_outputs,
+    overlap,
     package_versions,
     quantize,
-    runtime_probabilities,
+    runtime_outputs,
     sample_slices,
+    score,
     utc_now,
+    write_check,
 )
-from ctcovid.model.runtimes import GRAPH_FILES, OnnxRuntime, graph_path
+from ctcovid.model.runtimes import (
+    CHECK_FILE,
+    GRAPH_FILES,
+    UNVERIFIED,
+    VERIFIED,
+    OnnxRuntime,
+    graph_path,
+)
 from ctcovid.training.data import discover, load_scan
 
 logger = logging.getLogger(__name__)
@@ -49,10 +81,14 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class ExportReport:
+    """What ``export_model`` wrote, and the gate's runs: recipes tried on the calibration scans
+    (``attempts``, in order), and the confirmation of the selected one on validation scans."""
+
     model: Path
     graphs: dict[str, dict[str, Any]]
     written: list[str]
     attempts: list[GateResult] = field(default_factory=list)
+    confirmation: GateResult | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -60,6 +96,7 @@ class ExportReport:
             "written": self.written,
             "graphs": self.graphs,
             "attempts": [asdict(a) for a in self.attempts],
+            "confirmation": asdict(self.confirmation) if self.confirmation else None,
         }
 
 
@@ -78,7 +115,14 @@ def read_scans(data_dir: Path, ingest: IngestConfig) -> tuple[list[ScanSlices], 
             skipped.append(f"{item.scan_id}: {exc}")
             continue
         if len(loaded.slices):
-            scans.append(ScanSlices(item.scan_id, loaded.slices))
+            scans.append(
+                ScanSlices(
+                    item.scan_id,
+                    loaded.slices,
+                    files=tuple(str(f.resolve()) for f in item.files),
+                    series_instance_uid=item.series_instance_uid,
+                )
+            )
     if not scans:
         raise InvalidInputError(f"{data_dir}: no scan could be read for export")
     return scans, skipped
@@ -87,11 +131,76 @@ def read_scans(data_dir: Path, ingest: IngestConfig) -> tuple[list[ScanSlices], 
 def _valid_graph(folder: Path, artifact: ModelArtifact, runtime: str) -> Path | None:
     if runtime not in artifact.graphs:
         return None
+    if runtime == "onnx" and not dict(artifact.graphs["onnx"].get("outputs") or {}).get("logit"):
+        logger.info("re-exporting: the recorded fp32 graph has no logit output (older ctcovid)")
+        return None
     try:
         return graph_path(folder, artifact, runtime)
     except ModelError as exc:
         logger.info("re-exporting: %s", exc)
         return None
+
+
+def _fp32_graph(
+    folder: Path, artifact: ModelArtifact, out: Path, scans: list[ScanSlices], source: str
+) -> dict[str, Any]:
+    """Convert the Keras model to ``out`` and check it against Keras; returns its record."""
+    model, artifact = load_model(folder)
+    size = artifact.model_config.input_size
+    logger.info("converting %s to ONNX", folder)
+    convert_to_onnx(model, out, size)
+    logit_name = add_logit_output(out)
+    if scans:
+        check = sample_slices(scans, FP32_CHECK_SLICES)
+    else:
+        logger.warning(
+            "no scans given: the ONNX graph is checked against Keras on random slices only; "
+            "pass --validation DATA to check it on real scans"
+        )
+        source = "random uint8 slices"
+        check = np.random.default_rng(0).integers(
+            0, 256, (FP32_CHECK_SLICES, size, size), dtype=np.uint8
+        )
+    sha = sha256_file(out)
+    measured = fp32_difference(
+        keras_outputs(model, check), runtime_outputs(OnnxRuntime(out, "onnx", sha), check)
+    )
+    dp = measured["max_slice_difference_vs_keras"]
+    dz = measured["max_slice_logit_difference_vs_keras"]
+    if dp > FP32_TOLERANCE or dz > FP32_LOGIT_TOLERANCE:
+        raise ModelError(
+            f"{folder}: the ONNX graph differs from Keras on {source}: by {dp:.2e} in a slice's "
+            f"probability (limit {FP32_TOLERANCE:g}) and {dz:.2e} in its logit (limit "
+            f"{FP32_LOGIT_TOLERANCE:g} times max(1, |logit|)); nothing written"
+        )
+    return {
+        "file": GRAPH_FILES["onnx"],
+        "sha256": sha,
+        "weights_sha256": artifact.weights_sha256,
+        "created": utc_now(),
+        "exporter": package_versions("tf2onnx", "onnx"),
+        "opset": OPSET,
+        "outputs": {"probability": 0, "logit": logit_name},
+        "check": {
+            "n_slices": len(check),
+            "source": source,
+            **measured,
+            "tolerance": FP32_TOLERANCE,
+            "logit_tolerance": FP32_LOGIT_TOLERANCE,
+        },
+    }
+
+
+def _gate_record(result: GateResult) -> dict[str, Any]:
+    return {
+        "n_scans": len(result.scans),
+        "n_slices": result.n_slices,
+        "max_probability_difference": result.max_probability_difference,
+        "max_slice_probability_difference": result.max_slice_probability_difference,
+        "max_slice_logit_difference": result.max_slice_logit_difference,
+        "label_flips": result.label_flips,
+        "scans": result.scans,
+    }
 
 
 def export_model(
@@ -103,129 +212,214 @@ def export_model(
     calibration_slices: int = DEFAULT_CALIBRATION_SLICES,
     force: bool = False,
     recipes: Sequence[Recipe] = RECIPES,
+    requirements: GateRequirements | None = None,
 ) -> ExportReport:
     """Add ``model.onnx`` (and with ``int8`` a gated ``model.int8.onnx``) to a model folder.
 
-    A valid fp32 graph already recorded for these weights is reused unless ``force``. Files are
-    written under temporary names and only renamed, and ``ctcovid.json`` updated, once every
-    check passed: a refusal leaves the folder as it was.
+    Files are written under temporary names and only renamed, and ``ctcovid.json`` updated, once
+    every check passed: a refusal leaves the folder as it was. A valid fp32 graph already
+    recorded for these weights (with its logit output) is reused unless ``force``.
+
+    Parameters
+    ----------
+    folder
+        The model folder.
+    int8
+        Also quantise; needs ``calibration``.
+    calibration
+        Scans (COV19-CT-DB or DICOM folder) whose slices calibrate int8 and select the recipe.
+    validation
+        Scans disjoint from ``calibration`` that confirm the selected recipe; without them the
+        int8 graph is recorded ``unverified``. They also check the fp32 graph against Keras.
+    calibration_slices
+        Calibration slices, spread evenly over the calibration scans.
+    force
+        Convert again even if a valid fp32 graph is recorded for these weights.
+    recipes
+        The quantisation recipes to try, in order.
+    requirements
+        What the validation scans must hold (default :class:`GateRequirements`).
+
+    Returns
+    -------
+    ExportReport
+
+    Raises
+    ------
+    InvalidInputError
+        ``int8`` without ``calibration``, unreadable data, or validation scans that are also
+        calibration scans.
+    ModelError
+        A check or gate refused; nothing was written.
     """
     folder = Path(folder)
+    requirements = requirements or GateRequirements()
     if int8 and calibration is None:
         raise InvalidInputError("--int8 needs --calibration DATA (COV19-CT-DB or DICOM folder)")
-    model, artifact = load_model(folder)
-    size = artifact.model_config.input_size
+    artifact = read_artifact(folder)
     ingest = artifact.ingest_config
+    threshold = artifact.threshold
     calib_scans: list[ScanSlices] = []
+    val_scans: list[ScanSlices] = []
     skipped: list[str] = []
+    val_skipped: list[str] = []
     if calibration is not None:
         calib_scans, skipped = read_scans(calibration, ingest)
-    gate_scans, gate_skipped = (
-        read_scans(validation, ingest) if validation is not None else (calib_scans, skipped)
-    )
+    if validation is not None:
+        val_scans, val_skipped = read_scans(validation, ingest)
+    if int8 and val_scans:
+        shared = overlap(calib_scans, val_scans)
+        if shared:
+            raise InvalidInputError(
+                f"{validation}: {len(shared)} of its {len(val_scans)} scan(s) are also "
+                f"calibration scans of {calibration}: {'; '.join(shared[:5])}"
+                + (f" and {len(shared) - 5} more" if len(shared) > 5 else "")
+                + ". The int8 gate needs validation scans disjoint from the calibration scans "
+                "(compared by input file path, DICOM SeriesInstanceUID and pixels)"
+            )
     graphs = dict(artifact.graphs)
-    staged: dict[str, Path] = {}
+    staged: dict[str, Path] = {}  # final file name -> staged file
     attempts: list[GateResult] = []
+    confirmation: GateResult | None = None
     with tempfile.TemporaryDirectory(dir=folder, prefix=".export-") as tmp_dir:
         tmp = Path(tmp_dir)
         fp32_path = None if force else _valid_graph(folder, artifact, "onnx")
         if fp32_path is None:
             fp32_path = tmp / GRAPH_FILES["onnx"]
-            logger.info("converting %s to ONNX", folder)
-            convert_to_onnx(model, fp32_path, size)
-            check = (
-                sample_slices(calib_scans, FP32_CHECK_SLICES)
-                if calib_scans
-                else np.random.default_rng(0).integers(
-                    0, 256, (FP32_CHECK_SLICES, size, size), dtype=np.uint8
-                )
+            sources = [str(p) for p in (validation, calibration) if p is not None]
+            graphs["onnx"] = _fp32_graph(
+                folder, artifact, fp32_path, val_scans + calib_scans, " and ".join(sources)
             )
-            sha = sha256_file(fp32_path)
-            runtime = OnnxRuntime(fp32_path, "onnx", sha)
-            diff = float(
-                np.abs(
-                    keras_probabilities(model, check) - runtime_probabilities(runtime, check)
-                ).max()
-            )
-            if diff > FP32_TOLERANCE:
-                raise ModelError(
-                    f"{folder}: the ONNX graph differs from Keras by {diff:.2e} on a slice "
-                    f"(limit {FP32_TOLERANCE:g}); nothing written"
-                )
-            staged["onnx"] = fp32_path
-            graphs["onnx"] = {
-                "file": GRAPH_FILES["onnx"],
-                "sha256": sha,
-                "weights_sha256": artifact.weights_sha256,
-                "created": utc_now(),
-                "exporter": package_versions("tf2onnx", "onnx"),
-                "opset": OPSET,
-                "check": {
-                    "n_slices": len(check),
-                    "source": "calibration data" if calib_scans else "random uint8 slices",
-                    "max_slice_difference_vs_keras": diff,
-                },
-            }
+            staged[GRAPH_FILES["onnx"]] = fp32_path
         if int8:
+            cpu = cpu_description()
             fp32_runtime = OnnxRuntime(fp32_path, "onnx", graphs["onnx"]["sha256"])
+            counts: dict[str, int] = {}
+            fp32_val: dict[str, Scored] = {}
+            if validation is not None:
+                # Before any quantising: can these scans state a bound at all?
+                fp32_val = score(fp32_runtime, val_scans)
+                counts = requirements.counts(
+                    [fp32_val[s.scan_id].scan_probability for s in val_scans], threshold
+                )
+                missing = requirements.shortfall(counts, threshold)
+                if missing:
+                    raise ModelError(
+                        f"{folder}: int8 refused: the validation scans of {validation} cannot "
+                        f"state a bound on the label flip rate: {'; '.join(missing)} (set by "
+                        "--min-scans, --min-per-class, --min-near-threshold); nothing written"
+                    )
+            fp32_cal = score(fp32_runtime, calib_scans)
             calib = sample_slices(calib_scans, calibration_slices)
-            fp32_scan = {
-                s.scan_id: float(np.mean(runtime_probabilities(fp32_runtime, s.slices)))
-                for s in gate_scans
-            }
             int8_path = tmp / GRAPH_FILES["int8"]
-            chosen: GateResult | None = None
+            chosen: tuple[Recipe, OnnxRuntime, dict[str, Scored]] | None = None
             for recipe in recipes:
+                recipe = recipe.resolved(cpu)
                 logger.info("quantising with recipe %r on %d slices", recipe.name, len(calib))
                 quantize(fp32_path, int8_path, calib, recipe)
                 int8_runtime = OnnxRuntime(int8_path, "int8", "")
-                result = gate(recipe, gate_scans, fp32_scan, int8_runtime, artifact.threshold)
+                int8_cal = score(int8_runtime, calib_scans)
+                result = gate(recipe, calib_scans, fp32_cal, int8_cal, threshold)
                 attempts.append(result)
-                logger.info("gate: %s -> %s", result.summary(), "pass" if result.passed else "fail")
+                logger.info(
+                    "selection on the calibration scans: %s -> %s",
+                    result.summary(),
+                    "pass" if result.passed else "fail",
+                )
                 if result.passed:
-                    chosen = result
+                    chosen = (recipe, int8_runtime, int8_cal)
                     break
             if chosen is None:
                 raise ModelError(
-                    f"{folder}: int8 refused, no recipe kept every scan within {INT8_TOLERANCE} "
-                    f"of fp32 with the same label at threshold {artifact.threshold:g} on "
-                    f"{len(gate_scans)} scan(s); nothing written. Measured: "
+                    f"{folder}: int8 refused, no recipe kept the {len(calib_scans)} calibration "
+                    f"scan(s) within the tolerances with the same labels at threshold "
+                    f"{threshold:g}; nothing written. Measured: "
                     + "; ".join(a.summary() for a in attempts)
                 )
-            staged["int8"] = int8_path
+            recipe, int8_runtime, int8_cal = chosen
+            check_from, check_fp32, check_int8 = calib_scans, fp32_cal, int8_cal
+            verification: dict[str, Any]
+            if validation is not None:
+                int8_val = score(int8_runtime, val_scans)
+                confirmation = gate(recipe, val_scans, fp32_val, int8_val, threshold)
+                logger.info("confirmation on the validation scans: %s", confirmation.summary())
+                if not confirmation.passed:
+                    raise ModelError(
+                        f"{folder}: int8 refused: recipe {recipe.name!r}, selected on the "
+                        f"calibration scans, failed its confirmation on the validation scans of "
+                        f"{validation} ({confirmation.summary()}); nothing written. Other "
+                        "recipes are not tried on these scans: that would make them selection "
+                        "scans"
+                    )
+                check_from, check_fp32, check_int8 = val_scans, fp32_val, int8_val
+                near = [
+                    s.scan_id
+                    for s in val_scans
+                    if abs(fp32_val[s.scan_id].scan_probability - threshold) <= requirements.near
+                ]
+                verification = {
+                    "status": VERIFIED,
+                    "selected_on": "calibration scans",
+                    "confirmed_on": "validation scans",
+                    "confirmation": {
+                        "source": str(validation),
+                        "skipped": val_skipped,
+                        **counts,
+                        "requirements": asdict(requirements),
+                        **_gate_record(confirmation),
+                        "flip_rate_upper_bound": {
+                            "confidence": CONFIDENCE,
+                            "method": "Clopper-Pearson, one-sided",
+                            "all_scans": flip_rate_upper_bound(0, len(val_scans)),
+                            "near_threshold": flip_rate_upper_bound(0, len(near)),
+                        },
+                    },
+                }
+            else:
+                verification = {
+                    "status": UNVERIFIED,
+                    "reason": "no validation scans at export (--validation); its recipe was "
+                    "selected on the calibration scans and never confirmed on other scans",
+                    "selected_on": "calibration scans",
+                    "confirmed_on": None,
+                }
+            staged[GRAPH_FILES["int8"]] = int8_path
+            check_path = tmp / CHECK_FILE
+            slices, origins = check_slices(check_from, check_fp32, check_int8, CHECK_SLICES)
+            check = write_check(check_path, slices, fp32_runtime, int8_runtime)
+            staged[CHECK_FILE] = check_path
+            selection = attempts[-1]
             graphs["int8"] = {
                 "file": GRAPH_FILES["int8"],
                 "sha256": sha256_file(int8_path),
                 "weights_sha256": artifact.weights_sha256,
                 "created": utc_now(),
                 "quantizer": package_versions("onnxruntime", "onnx"),
-                "recipe": {
-                    "name": chosen.recipe,
-                    "format": "QDQ",
-                    "weights": "int8 per channel",
-                    "activations": "uint8",
-                    "tried": [a.recipe for a in attempts],
-                },
+                "recipe": {**recipe.describe(), "tried": [a.recipe for a in attempts]},
+                "verification": verification,
                 "calibration": {
                     "source": str(calibration),
                     "n_scans": len(calib_scans),
                     "n_slices": len(calib),
                     "skipped": skipped,
                 },
-                "agreement": {
-                    "on": "validation" if validation is not None else "calibration",
-                    "source": str(validation if validation is not None else calibration),
-                    "n_scans": len(gate_scans),
-                    "skipped": gate_skipped,
-                    "max_probability_difference": chosen.max_probability_difference,
-                    "labels_agree": not chosen.label_flips,
-                    "threshold": artifact.threshold,
-                    "tolerance": INT8_TOLERANCE,
-                    "cpu": cpu_description(),
-                    "scans": chosen.scans,
+                "selection": {"source": str(calibration), **_gate_record(selection)},
+                "threshold": threshold,
+                "tolerances": {
+                    "scan_probability": INT8_TOLERANCE,
+                    "slice_probability": INT8_SLICE_TOLERANCE,
+                    "slice_logit": INT8_LOGIT_TOLERANCE,
+                },
+                "cpu": cpu,
+                "load_check": {
+                    "file": CHECK_FILE,
+                    "sha256": sha256_file(check_path),
+                    "from": "validation scans" if validation is not None else "calibration scans",
+                    "slices": origins,
+                    **check,
                 },
             }
         for name, path in staged.items():
-            os.replace(path, folder / GRAPH_FILES[name])
+            os.replace(path, folder / name)
     write_metadata(replace(artifact, graphs=graphs), folder)
-    return ExportReport(folder, graphs, sorted(GRAPH_FILES[n] for n in staged), attempts)
+    return ExportReport(folder, graphs, sorted(staged), attempts, confirmation)

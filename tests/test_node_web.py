@@ -1,0 +1,620 @@
+"""The node's HTTP server: page, JSON API, probes, metrics, PHI and access rules.
+
+In-process (Starlette's test client) over a real store filled by the store's own methods, no
+model; one test drives the page with a real headless Chromium.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import logging
+import shutil
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import pytest
+from node_helpers import free_port, wait_for
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+from ctcovid.errors import ConfigError
+from ctcovid.node.config import NodeConfig
+from ctcovid.node.health import DestinationProbe
+from ctcovid.node.jobs import CLASSIFIED, FAILED
+from ctcovid.node.store import Store
+
+pytest.importorskip("starlette")
+pytest.importorskip("jinja2")
+pytest.importorskip("uvicorn")
+
+from starlette.testclient import TestClient
+
+from ctcovid.node.web import WebContext, WebServer, create_app
+
+PATIENT_NAME = "SENTINEL^PATIENTNAME"
+PATIENT_ID = "SENTINEL-PID-4711"
+BIRTH_DATE = "19450102"
+MODEL = {"name": "tiny", "version": "0.1.0", "sha256": "ab" * 32, "runtime": "keras",
+         "threshold": 0.5}
+SLICES = [0.1, 0.5, 0.9, 0.95, 0.8]
+
+
+def instance_bytes(study: str, series: str, accession: str) -> tuple[str, bytes]:
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
+    sop = generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = sop
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, sop
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+    ds.AccessionNumber, ds.Modality = accession, "CT"
+    ds.PatientName, ds.PatientID, ds.PatientBirthDate = PATIENT_NAME, PATIENT_ID, BIRTH_DATE
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return sop, buffer.getvalue()
+
+
+def receive(store: Store, accession: str, n: int = 3) -> tuple[str, str]:
+    study, series = generate_uid(), generate_uid()
+    for _ in range(n):
+        sop, data = instance_bytes(study, series, accession)
+        store.put_instance(data, study_instance_uid=study, series_instance_uid=series,
+                           sop_instance_uid=sop, sop_class_uid=CTImageStorage,
+                           accession_number=accession)
+    return study, series
+
+
+def classify(store: Store, probability: float, label: str) -> Any:
+    """What the worker does with the next waiting series: an SR file and the result."""
+    store.jobs.promote_stable(0)
+    record = store.jobs.claim_next()
+    sr_uid = generate_uid()
+    sr_path = store.files.sr_path(record.series_instance_uid, sr_uid)
+    store.files.write_file(sr_path, b"not really an SR")
+    assert store.finish_classified(record, revision=1, sr_path=sr_path,
+                                   sr_sop_instance_uid=sr_uid, probability_covid=probability,
+                                   label=label, classify_seconds=1.0)
+    store.jobs.note_slice_probabilities(record, SLICES)
+    return store.jobs.get(record.series_instance_uid, record.study_instance_uid)
+
+
+@pytest.fixture
+def filled(tmp_path: Path) -> dict[str, Any]:
+    """Three series: classified (ACC-OK), failed sending (ACC-FAIL), still arriving (ACC-NEW)."""
+    store = Store(tmp_path / "store")
+    ok = receive(store, "ACC-OK")
+    classify(store, 0.87, "covid")
+    failed = receive(store, "ACC-FAIL")
+    record = classify(store, 0.12, "non-covid")
+    store.jobs.mark_send_failed(record, "association with PACS rejected", retry_seconds=1,
+                                max_retry_seconds=1, max_attempts=1)
+    new = receive(store, "ACC-NEW", n=1)
+    yield {"store": store, "ok": ok, "failed": failed, "new": new, "root": tmp_path / "store"}
+    store.close()
+
+
+def context(filled: dict[str, Any], **settings: Any) -> WebContext:
+    config = NodeConfig(store=filled["root"], http_port=0, min_free_mb=0, **settings)
+    return WebContext(config=config, store=filled["store"], model=MODEL,
+                      heartbeat=time.monotonic,
+                      destination=DestinationProbe(config, interval_seconds=0))
+
+
+def client(ctx: WebContext, **kwargs: Any) -> TestClient:
+    return TestClient(create_app(ctx, csrf_token="the-token", **kwargs),
+                      base_url="http://127.0.0.1")
+
+
+def test_api_lists_series_newest_first_filters_and_shows_one_with_history(filled) -> None:
+    web = client(context(filled))
+
+    listing = web.get("/api/series").json()
+    one = web.get("/api/series/{}/{}".format(*filled["ok"])).json()
+
+    assert listing["total"] == 3
+    assert [s["accession_number"] for s in listing["series"]] == ["ACC-NEW", "ACC-FAIL", "ACC-OK"]
+    first = listing["series"][2]
+    assert set(first) == {"study_instance_uid", "series_instance_uid", "accession_number",
+                          "state", "reason", "received", "updated", "instances",
+                          "probability_covid", "label", "sr_instance_uid", "attempts"}
+    assert (first["state"], first["probability_covid"], first["label"]) == (
+        "classified", 0.87, "covid")
+    assert first["instances"] == 3 and first["sr_instance_uid"]
+    failed = web.get("/api/series?state=failed").json()
+    assert failed["total"] == 1 and "rejected" in failed["series"][0]["reason"]
+    assert web.get("/api/series?accession=FAIL").json()["total"] == 1
+    page = web.get("/api/series?limit=1&offset=1").json()
+    assert page["total"] == 3 and [s["accession_number"] for s in page["series"]] == ["ACC-FAIL"]
+    assert web.get("/api/series?state=bogus").status_code == 400
+    assert one["slice_probabilities"] == SLICES
+    assert [h["state"] for h in one["history"]] == ["received", "waiting", "classifying",
+                                                     "classified"]
+    assert web.get("/api/series/1.2.3/4.5.6").status_code == 404
+    assert web.get("/api/series/x/y").status_code == 404
+
+
+def test_page_shows_node_model_counts_results_failures_and_a_series(filled) -> None:
+    web = client(context(filled, allow_aet=("PACS",)))
+
+    html = web.get("/").text
+    detail = web.get("/series/{}/{}".format(*filled["ok"]))
+    search = web.get("/?accession=ACC-OK").text
+
+    assert "CTCOVID" in html and "PACS" in html and "TLS off" in html
+    assert "tiny 0.1.0" in html and "0.870" in html and "covid" in html
+    assert "association with PACS rejected" in html and 'class="retry"' in html
+    assert 'http-equiv="refresh"' in html and "<script" not in html
+    assert "classified</a> 1" in html and "failed</a> 1" in html
+    assert "ACC-OK" in search and "ACC-NEW" not in search
+    assert detail.status_code == 200 and "<svg" in detail.text and "<polyline" in detail.text
+    assert "classifying" in detail.text  # the history
+    assert web.get("/series/1.2.3/4.5.6").status_code == 404
+    assert "default-src 'none'" in web.get("/").headers["content-security-policy"]
+
+
+def test_no_patient_name_id_or_birth_date_unless_show_phi(filled) -> None:
+    paths = ["/", "/api/series", "/api/status", "/api/series/{}/{}".format(*filled["ok"]),
+             "/series/{}/{}".format(*filled["ok"])]
+    hidden = client(context(filled))
+    shown = client(context(filled, http_show_phi=True))
+
+    for path in paths:
+        text = hidden.get(path).text
+        assert PATIENT_NAME not in text and PATIENT_ID not in text and BIRTH_DATE not in text
+        assert "ACC-" in text or path == "/api/status"
+    assert PATIENT_NAME in shown.get("/").text and PATIENT_ID in shown.get("/").text
+    api = shown.get("/api/series/{}/{}".format(*filled["ok"])).json()
+    assert api["patient"] == {"name": PATIENT_NAME, "id": PATIENT_ID, "birth_date": BIRTH_DATE}
+
+
+def test_retry_needs_the_csrf_token_and_takes_the_queue_path(filled) -> None:
+    web = client(context(filled))
+    study, series = filled["failed"]
+    url = f"/api/series/{study}/{series}/retry"
+
+    refused = web.post(url)
+    wrong = web.post(url, headers={"X-CSRF-Token": "guess"})
+    assert (refused.status_code, wrong.status_code) == (403, 403)
+    assert filled["store"].jobs.get(series, study).state == FAILED
+    accepted = web.post(url, headers={"X-CSRF-Token": "the-token"})
+    assert accepted.status_code == 200 and accepted.json() == {"requeued": [series]}
+    assert filled["store"].jobs.get(series, study).state == CLASSIFIED  # its SR is resent
+    assert web.post(url, headers={"X-CSRF-Token": "the-token"}).status_code == 409
+    # The page's form: token in the body, answered with a redirect to the page.
+    form = web.post(f"/series/{study}/{series}/retry", data={"csrf_token": "nope"},
+                    follow_redirects=False)
+    assert form.status_code == 403
+
+
+def test_readyz_names_the_failing_check_and_recovers(filled) -> None:
+    from pynetdicom import AE
+
+    pacs_port = free_port()
+    ctx = context(filled, peer=f"127.0.0.1:{pacs_port}:PACS")
+    beat = {"value": time.monotonic()}
+    ctx.heartbeat = lambda: beat["value"]
+    web = client(ctx)
+
+    down = web.get("/readyz")
+    assert down.status_code == 503 and down.json()["ready"] is False
+    checks = down.json()["checks"]
+    assert set(checks) == {"database", "disk", "worker", "destination", "model"}
+    assert not checks["destination"]["ok"] and "PACS" in checks["destination"]["detail"]
+    assert all(checks[name]["ok"] for name in ("database", "disk", "worker", "model"))
+    pacs = AE(ae_title="PACS")
+    pacs.add_supported_context("1.2.840.10008.1.1")
+    server = pacs.start_server(("127.0.0.1", pacs_port), block=False)
+    try:
+        assert web.get("/readyz").status_code == 200
+        filled["store"].min_free_bytes = shutil.disk_usage(filled["root"]).free * 2
+        disk = web.get("/readyz")
+        assert disk.status_code == 503 and not disk.json()["checks"]["disk"]["ok"]
+        assert "below floor" in disk.json()["checks"]["disk"]["detail"]
+        filled["store"].min_free_bytes = 0
+        beat["value"] = time.monotonic() - ctx.config.worker_stall_seconds - 5
+        stale = web.get("/readyz")
+        assert stale.status_code == 503 and "stale" in stale.json()["checks"]["worker"]["detail"]
+        beat["value"] = time.monotonic()
+        assert web.get("/readyz").status_code == 200
+    finally:
+        server.shutdown()
+    assert web.get("/healthz").json() == {"status": "ok"}
+
+
+def test_destination_is_asked_at_most_once_a_minute(filled) -> None:
+    asked: list[float] = []
+    config = NodeConfig(store=filled["root"], peer="127.0.0.1:1:PACS")
+    probe = DestinationProbe(config, ask=lambda c: asked.append(time.time()))
+
+    assert probe.check().ok and probe.check().ok and len(asked) == 1
+
+
+def test_stow_destination_is_reachable_unless_it_refuses_our_credentials(tmp_path) -> None:
+    pytest.importorskip("requests")
+    import http.server
+    import threading
+
+    status = {"code": 200}
+
+    class Service(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(status["code"])
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Service)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    config = NodeConfig(store=tmp_path / "s", stow=f"http://127.0.0.1:{httpd.server_port}/dicom-web")
+    probe = DestinationProbe(config, interval_seconds=0)
+    try:
+        reachable = probe.check()
+        status["code"] = 401
+        refused = probe.check()
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    gone = probe.check()
+
+    assert reachable.ok and "stow-rs" in reachable.detail
+    assert not refused.ok and "HTTP 401" in refused.detail
+    assert not gone.ok
+
+
+def test_metrics_are_served_at_slash_metrics(filled) -> None:
+    pytest.importorskip("prometheus_client")
+    from ctcovid.node.metrics import Metrics
+    from ctcovid.node.scp import ReceiveStats
+
+    ctx = context(filled)
+    ctx.metrics = Metrics(None, "127.0.0.1", filled["store"], ReceiveStats())
+    ctx.metrics.observe("classify_seconds", 2.0)
+
+    text = client(ctx).get("/metrics").text
+
+    assert 'ctcovid_jobs{state="failed"} 1.0' in text
+    assert "ctcovid_classify_seconds_count 1.0" in text
+
+
+def test_loopback_only_names_and_non_loopback_needs_tls_and_credentials(filled, tmp_path) -> None:
+    web = client(context(filled))
+    assert web.get("/healthz", headers={"Host": "attacker.example"}).status_code == 400
+
+    with pytest.raises(ConfigError, match="--http-tls-cert and --http-tls-key and "
+                                          "--http-auth-file"):
+        NodeConfig(store=tmp_path / "s", http_port=8080, http_host="0.0.0.0")
+    auth = tmp_path / "users"
+    auth.write_text("user a scrypt$1$1$1$AA==$AA==\n")
+    with pytest.raises(ConfigError, match="--http-tls-cert"):
+        NodeConfig(store=tmp_path / "s", http_port=8080, http_host="0.0.0.0",
+                   http_auth_file=auth)
+    # The deprecated flag is an alias of --http-port.
+    assert NodeConfig(store=tmp_path / "s", metrics_port=9108).http_port == 9108
+
+
+def test_credentials_basic_and_bearer_failures_counted_logged_and_slowed(
+    filled, tmp_path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from ctcovid.node.webauth import Credentials, LoginGuard, hash_password, token_line
+
+    token, line = token_line("script")
+    auth = tmp_path / "users"
+    auth.write_text(f"# node users\nuser alice {hash_password('correct horse')}\n{line}\n")
+    credentials = Credentials.load(auth)
+    ctx = context(filled, http_auth_file=auth)
+    web = client(ctx, credentials=credentials)
+
+    def basic(user: str, password: str) -> dict[str, str]:
+        return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode())
+                .decode()}
+
+    assert web.get("/api/series").status_code == 401
+    assert web.get("/readyz").status_code == 200  # probes stay open
+    assert web.get("/api/series", headers=basic("alice", "correct horse")).status_code == 200
+    with caplog.at_level(logging.WARNING, logger="ctcovid.node.webauth"):
+        started = time.monotonic()
+        assert web.get("/", headers=basic("alice", "wrong-secret-1")).status_code == 401
+        assert web.get("/", headers=basic("alice", "wrong-secret-2")).status_code == 401
+        slowed = time.monotonic() - started
+    assert slowed >= 0.5 + 1.0 - 0.05  # 0.5 s after the first failure, 1 s after the second
+    log = caplog.text
+    assert "event=http_login_failed user=alice" in log and "wrong-secret" not in log
+    study, series = filled["failed"]
+    bearer = {"Authorization": f"Bearer {token}"}
+    assert web.post(f"/api/series/{study}/{series}/retry", headers=bearer).status_code == 200
+    assert web.post(f"/api/series/{study}/{series}/retry",
+                    headers=basic("alice", "correct horse")).status_code == 403  # no CSRF
+    guard = LoginGuard(credentials)
+    assert guard.authenticate("Bearer nope", "10.0.0.1") is None and guard.failures_total == 1
+
+
+def test_a_failing_request_is_answered_500_and_the_server_goes_on(
+    filled, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ctx = context(filled)
+    web = TestClient(create_app(ctx), base_url="http://127.0.0.1", raise_server_exceptions=False)
+
+    def broken(**kwargs: Any) -> Any:
+        raise RuntimeError("database gone")
+
+    monkeypatch.setattr(ctx.store.jobs, "page", broken)
+
+    assert web.get("/api/series").status_code == 500
+    assert web.get("/healthz").status_code == 200
+    assert web.get("/readyz").status_code == 200
+
+
+def test_https_with_credentials_beyond_loopback_settings(filled, tmp_path) -> None:
+    """The settings a non-loopback address needs (TLS and credentials), served on loopback."""
+    import ssl
+
+    from node_helpers import make_test_ca
+
+    from ctcovid.node.webauth import hash_password
+
+    pki = make_test_ca(tmp_path / "pki")
+    auth = tmp_path / "users"
+    auth.write_text(f"user alice {hash_password('correct horse')}\n")
+    NodeConfig(store=filled["root"], http_port=0, http_host="0.0.0.0", http_tls_cert=pki["cert"],
+               http_tls_key=pki["key"], http_auth_file=auth)  # accepted
+    ctx = context(filled, http_tls_cert=pki["cert"], http_tls_key=pki["key"],
+                  http_auth_file=auth)
+    server = WebServer(ctx)
+    server.start()
+    https = ssl.create_default_context(cafile=str(pki["ca"]))
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}),
+                                         urllib.request.HTTPSHandler(context=https))
+    url = f"https://127.0.0.1:{server.port}/api/series"
+    try:
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            opener.open(url, timeout=10)
+        request = urllib.request.Request(url, headers={
+            "Authorization": "Basic " + base64.b64encode(b"alice:correct horse").decode()})
+        with opener.open(request, timeout=10) as response:
+            listing = json.loads(response.read())
+    finally:
+        server.stop()
+    assert refused.value.code == 401
+    assert listing["total"] == 3
+
+
+def test_slow_clients_and_a_request_flood_neither_stop_receiving_nor_go_unbounded(
+    filled, studies_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import socket
+    import threading
+
+    from node_helpers import closed_by_peer, storescu
+
+    from ctcovid.node.scp import Listener
+    from ctcovid.node.web import MAX_CONNECTIONS
+
+    monkeypatch.setattr("ctcovid.node.web.HEADER_SECONDS", 2.0)
+    server = WebServer(context(filled))
+    server.start()
+    listener = Listener(NodeConfig(store=filled["root"], host="127.0.0.1", port=0,
+                                   min_free_mb=0), Store(filled["root"]))
+    listener.start()
+    slow: list[socket.socket] = []
+    stop = threading.Event()
+    answers: list[int] = []
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    base = f"http://127.0.0.1:{server.port}"
+
+    def flood() -> None:
+        while not stop.is_set():
+            try:
+                with opener.open(base + "/", timeout=10) as response:
+                    answers.append(response.status)
+            except urllib.error.HTTPError as exc:
+                answers.append(exc.code)
+            except OSError:
+                answers.append(0)
+
+    floods = [threading.Thread(target=flood, daemon=True) for _ in range(4)]
+    files = sorted((studies_root / "study_001" / "ct").glob("*.dcm"))
+    before = listener.store.jobs.count_instances()
+    try:
+        for _ in range(2 * MAX_CONNECTIONS):  # headers started, never finished
+            sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+            slow.append(sock)
+        for thread in floods:
+            thread.start()
+        started = time.monotonic()
+        sent = storescu(listener.port, files)
+        seconds = time.monotonic() - started
+        stop.set()
+        for thread in floods:
+            thread.join(15)
+        # Headers never finished: the server closes those connections after HEADER_SECONDS.
+        cut = [closed_by_peer(sock, 10) for sock in slow]
+    finally:
+        stop.set()
+        for sock in slow:
+            sock.close()
+    try:
+        assert sent.returncode == 0, sent.stderr
+        assert listener.store.jobs.count_instances() == before + len(files)
+        assert seconds < 30
+        assert answers and set(answers) <= {200, 503}
+        assert 503 in answers  # beyond MAX_CONNECTIONS the server answers at once, unserved
+        assert all(cut)
+        wait_for(lambda: opener.open(base + "/healthz", timeout=10).status == 200, 15,
+                 "the server to serve again")
+    finally:
+        listener.stop(drain_seconds=1)
+        listener.store.close()
+        server.stop()
+
+
+# -- a real browser -----------------------------------------------------------------------
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
+
+
+def test_browser_shows_results_and_failures_and_retry_requeues(
+    filled, tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("selenium")
+    if CHROMIUM is None or not Path(CHROMEDRIVER).exists():
+        pytest.skip("Chromium and its driver are not installed (Debian: chromium "
+                    "chromium-driver)")
+    monkeypatch.setenv("SE_OFFLINE", "true")  # Selenium Manager must never download anything
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+
+    ctx = context(filled)
+    ctx.config = NodeConfig(store=filled["root"], http_port=0, min_free_mb=0)
+    server = WebServer(ctx)
+    server.start()
+    base = f"http://127.0.0.1:{server.port}"
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for argument in ("--headless=new", "--no-sandbox", "--disable-gpu",
+                     "--disable-dev-shm-usage", "--window-size=1400,1000",
+                     f"--user-data-dir={tmp_path / 'chromium'}"):
+        options.add_argument(argument)
+    driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
+    try:
+        driver.set_page_load_timeout(30)
+        driver.get(base + "/")
+        rows = {r.get_attribute("data-series"): r.text
+                for r in driver.find_elements(By.CSS_SELECTOR, "tr.series-row")}
+        ok_series, failed_series = filled["ok"][1], filled["failed"][1]
+        assert "classified" in rows[ok_series] and "0.870" in rows[ok_series]
+        failed_row = driver.find_element(By.CSS_SELECTOR, "#failed tr.failed-row")
+        assert "association with PACS rejected" in failed_row.text
+        assert PATIENT_NAME not in driver.page_source
+        driver.save_screenshot(str(tmp_path / "status-page.png"))
+
+        failed_row.find_element(By.CSS_SELECTOR, "button.retry").click()
+        wait_for(lambda: "re-queued" in driver.page_source, 15, "the page after Retry")
+        driver.save_screenshot(str(tmp_path / "after-retry.png"))
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        with opener.open(f"{base}/api/series/{filled['failed'][0]}/{failed_series}",
+                         timeout=10) as response:
+            after = json.loads(response.read())
+        assert after["state"] == "classified"
+        assert [h["state"] for h in after["history"]][-2:] == ["failed", "classified"]
+        driver.get(f"{base}/series/{filled['ok'][0]}/{ok_series}")
+        assert driver.find_element(By.CSS_SELECTOR, "svg.plot")
+    finally:
+        driver.quit()
+        server.stop()
+    assert (tmp_path / "status-page.png").stat().st_size > 1000
+
+
+# -- the real node ------------------------------------------------------------------------
+
+
+@pytest.mark.slow  # about 30 s: the worker loads TensorFlow and the model
+@pytest.mark.network
+def test_listen_serves_probes_api_and_metrics_on_one_port(
+    tmp_path: Path, tiny_model_dir: Path, studies_root: Path
+) -> None:
+    """``ctcovid listen --http-port 0``: not ready while the worker loads the model, ready
+    after; a study sent by storescu shows in the API with its accession number and P(COVID),
+    never with the patient's name."""
+    import re
+
+    from node_helpers import NodeProcess, storescu
+
+    node = NodeProcess(tmp_path / "store", tiny_model_dir, tmp_path / "node.log", "--port", "0",
+                       "--stable-seconds", "1", "--http-port", "0")
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+    def get(path: str) -> tuple[int, Any]:
+        try:
+            with opener.open(base + path, timeout=30) as response:
+                body = response.read()
+                status = response.status
+        except urllib.error.HTTPError as exc:
+            body, status = exc.read(), exc.code
+        return status, (json.loads(body) if path != "/metrics" else body.decode())
+
+    try:
+        port = wait_for(lambda: re.search(r"event=http_listening host=\S+ port=(\d+)",
+                                          node.text()), 30, "the HTTP server")
+        base = f"http://127.0.0.1:{port.group(1)}"
+        assert get("/healthz") == (200, {"status": "ok"})
+        wait_for(lambda: get("/readyz")[0] == 200, 240, "the node to be ready", interval=1.0)
+        ready = get("/readyz")[1]
+        assert ready["checks"]["model"]["ok"] and "Res-Dense" in ready["checks"]["model"]["detail"]
+        files = sorted(p for p in (studies_root / "study_000" / "ct").iterdir() if p.is_file())
+        assert storescu(node.port, files).returncode == 0
+        source = pydicom.dcmread(files[0], stop_before_pixels=True)
+        listing = wait_for(lambda: [s for s in get("/api/series?state=classified")[1]["series"]],
+                           180, "the series to be classified", interval=1.0)
+        status, metrics = get("/metrics")
+        page = opener.open(base + "/", timeout=30).read().decode()
+    finally:
+        code = node.terminate()
+    assert code == 0
+    (series,) = listing
+    assert series["accession_number"] == str(source.AccessionNumber)
+    assert 0.0 <= series["probability_covid"] <= 1.0 and series["instances"] == len(files)
+    assert status == 200 and 'ctcovid_jobs{state="classified"} 1.0' in metrics
+    assert str(source.PatientName) not in page and str(source.PatientID) not in page
+    assert str(source.AccessionNumber) in page
+
+
+def test_a_store_from_before_gets_the_new_columns_and_history(tmp_path: Path) -> None:
+    import sqlite3
+
+    from ctcovid.node.jobs import JobDatabase
+
+    store = Store(tmp_path / "store")
+    study, series = receive(store, "ACC-1", n=1)
+    store.close()
+    conn = sqlite3.connect(tmp_path / "store" / "node.sqlite")
+    for statement in ("DROP TRIGGER history_insert", "DROP TRIGGER history_update",
+                      "DROP TABLE history", "ALTER TABLE series DROP COLUMN accession_number",
+                      "ALTER TABLE series DROP COLUMN slice_probabilities"):
+        conn.execute(statement)
+    conn.commit()
+    conn.close()
+
+    jobs = JobDatabase(tmp_path / "store" / "node.sqlite")
+    try:
+        record = jobs.get(series, study)
+        assert record is not None and record.accession_number == ""
+        assert jobs.history(series, study) == []
+        jobs.promote_stable(0)
+        assert [h["state"] for h in jobs.history(series, study)] == ["waiting"]
+    finally:
+        jobs.close()
+
+
+def test_http_credentials_prints_lines_the_server_accepts(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from ctcovid.cli.main import app
+    from ctcovid.node.webauth import Credentials, LoginGuard
+
+    runner = CliRunner()
+    user = runner.invoke(app, ["http-credentials", "alice"], input="long enough pw\n")
+    token = runner.invoke(app, ["http-credentials", "ci", "--token"])
+    assert user.exit_code == 0 and token.exit_code == 0, (user.output, token.output)
+    secret = token.output.split("(shown once): ")[1].split()[0]
+    lines = [line for line in (user.stdout + token.stdout).splitlines()
+             if line.startswith(("user ", "token "))]
+    (tmp_path / "users").write_text("\n".join(lines) + "\n")
+    assert "long enough pw" not in (tmp_path / "users").read_text()
+
+    guard = LoginGuard(Credentials.load(tmp_path / "users"))
+    basic = "Basic " + base64.b64encode(b"alice:long enough pw").decode()
+    assert guard.authenticate(basic, "127.0.0.1").name == "alice"
+    assert guard.authenticate(f"Bearer {secret}", "127.0.0.1").by_token
+    assert runner.invoke(app, ["http-credentials", "bob"], input="short\n").exit_code == 1
