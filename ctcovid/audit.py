@@ -20,7 +20,8 @@ Sinks:
   order when it is back. Before each message the connection is checked for a close by the
   repository (a stopped rsyslog), so that a message is not written into a dead connection.
   The spool is bounded (``max_spool`` files): past it new messages are dropped, counted and
-  logged (they still go to ``audit_file``).
+  logged (they still go to ``audit_file``); once the spool has room again, a Security Alert
+  (Audit Recording Stopped) saying how many were lost goes first.
 
 Several processes may write one spool (the node's listener and its worker): only one of them,
 ``deliver=True``, runs the sender thread, which sends every process's files in name order
@@ -69,6 +70,7 @@ NODE_AUTHENTICATION: Code = ("110126", "DCM", "Node Authentication")
 NETWORK_CONFIGURATION: Code = ("110128", "DCM", "Network Configuration")
 SECURITY_CONFIGURATION: Code = ("110129", "DCM", "Security Configuration")
 USE_OF_RESTRICTED_FUNCTION: Code = ("110132", "DCM", "Use of Restricted Function")
+AUDIT_RECORDING_STOPPED: Code = ("110133", "DCM", "Audit Recording Stopped")
 # Active participant roles (CID 402).
 ROLE_APPLICATION: Code = ("110150", "DCM", "Application")
 ROLE_APPLICATION_LAUNCHER: Code = ("110151", "DCM", "Application Launcher")
@@ -451,6 +453,7 @@ class AuditTrail:
         spool_dir: Path | None = None,
         deliver: bool = True,
         max_spool: int = DEFAULT_MAX_SPOOL,
+        max_retry_seconds: float = MAX_RETRY_SECONDS,
         app_user_id: str | None = None,
     ) -> None:
         if syslog and ca is None:
@@ -479,7 +482,10 @@ class AuditTrail:
         if self.spool_dir is not None and self.endpoint is not None:
             self.spool_dir.mkdir(parents=True, exist_ok=True)
         self.max_spool = max_spool
+        self.max_retry_seconds = max_retry_seconds
         self.dropped = 0
+        self._unreported = 0  # dropped since the last Security Alert about it
+        self._count_lock = threading.Lock()
         self.sent = 0
         self._seq = itertools.count()
         self._queue: queue.Queue[tuple[str, datetime, bool] | None] = queue.Queue(QUEUE_SIZE)
@@ -506,34 +512,60 @@ class AuditTrail:
             logger.exception("event=audit_emit_failed")
 
     def _count_dropped(self, why: str) -> None:
-        self.dropped += 1
-        if self.dropped == 1 or self.dropped % 100 == 0:
-            logger.error("event=audit_dropped reason=%r dropped_total=%d", why, self.dropped)
+        with self._count_lock:
+            self.dropped += 1
+            self._unreported += 1
+            total = self.dropped
+        if total == 1 or total % 100 == 0:
+            logger.error("event=audit_dropped reason=%r dropped_total=%d", why, total)
 
     def _write_loop(self) -> None:
         while True:
             item = self._queue.get()
             if item is None:
                 return
-            xml, when, failure = item
-            if self.file is not None:
-                try:
-                    append_line(self.file, xml)
-                except OSError as exc:
-                    logger.error("event=audit_file_failed path=%s error=%r", self.file, str(exc))
-            if self.endpoint is not None:
-                self._spool(
-                    syslog_frame(xml, host=self.host, pid=os.getpid(), when=when, failure=failure),
-                    when,
+            if self._unreported and self._has_room():
+                with self._count_lock:
+                    lost, self._unreported = self._unreported, 0
+                alert = security_alert_message(
+                    self.me,
+                    self.source_id,
+                    kind=AUDIT_RECORDING_STOPPED,
+                    description=f"{lost} audit message(s) lost: the queue or the spool "
+                    f"({self.max_spool} messages) was full",
                 )
+                self._write(alert, datetime.now(UTC), True)
+            self._write(*item)
 
-    def _spool(self, frame: bytes, when: datetime) -> None:
+    def _write(self, xml: str, when: datetime, failure: bool) -> None:
+        if self.file is not None:
+            try:
+                append_line(self.file, xml)
+            except OSError as exc:
+                logger.error("event=audit_file_failed path=%s error=%r", self.file, str(exc))
+        if self.endpoint is not None:
+            frame = syslog_frame(xml, host=self.host, pid=os.getpid(), when=when, failure=failure)
+            self._spool(frame)
+
+    def _held(self) -> int:
         assert self.spool_dir is not None
+        return sum(1 for n in os.listdir(self.spool_dir) if n.endswith(SPOOL_SUFFIX))
+
+    def _has_room(self) -> bool:
+        """Room in the spool for the alert about lost messages and the next message."""
+        if self.endpoint is None:
+            return True
         try:
-            held = sum(1 for n in os.listdir(self.spool_dir) if n.endswith(SPOOL_SUFFIX))
-            if held >= self.max_spool:
+            return self._held() + 2 <= self.max_spool
+        except OSError:
+            return False
+
+    def _spool(self, frame: bytes) -> None:
+        try:
+            if self._held() >= self.max_spool:
                 self._count_dropped(f"spool full ({self.max_spool} messages)")
                 return
+            assert self.spool_dir is not None
             name = f"{time.time_ns():020d}-{os.getpid():07d}-{next(self._seq):09d}"
             tmp = self.spool_dir / f".{name}.{uuid.uuid4().hex}.tmp"
             with open(tmp, "wb") as fh:
@@ -595,9 +627,9 @@ class AuditTrail:
                     delay = 1.0
                 if self._stopping.is_set() and (failed or not self.pending()):
                     return
-                if failed:
-                    self._wake.wait(delay)
-                    delay = min(MAX_RETRY_SECONDS, delay * 2)
+                if failed:  # new messages do not hurry a retry: the delay grows with time
+                    self._stopping.wait(delay)
+                    delay = min(self.max_retry_seconds, delay * 2)
                 else:
                     self._wake.wait(0.5)
         finally:

@@ -9,7 +9,6 @@ each raw message to a file. The listener runs in this process; nothing loads the
 from __future__ import annotations
 
 import base64
-import os
 import shutil
 import signal
 import socket
@@ -105,7 +104,9 @@ class Rsyslog:
         self.pidfile.unlink(missing_ok=True)
         self.proc = subprocess.Popen(
             ["rsyslogd", "-n", "-f", str(self.conf), "-i", str(self.pidfile)],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
         )
         wait_for(self._listening, 20, "rsyslogd to listen", interval=0.1)
 
@@ -133,7 +134,7 @@ class Rsyslog:
             assert len(parts) == 8, line
             header, msg = parts[:7], parts[7]
             assert msg.startswith(BOM), msg[:20]
-            out.append((header, msg[len(BOM):]))
+            out.append((header, msg[len(BOM) :]))
         return out
 
 
@@ -165,29 +166,56 @@ def test_every_kind_of_message_is_valid_against_the_schema(schema, tmp_path: Pat
             me, "CTCOVID", kind=audit.NODE_AUTHENTICATION, description="tls failed", peer=peer
         ),
         audit.security_alert_message(
-            me, "CTCOVID", kind=audit.SECURITY_CONFIGURATION, description="allow_aet changed",
+            me,
+            "CTCOVID",
+            kind=audit.SECURITY_CONFIGURATION,
+            description="allow_aet changed",
             outcome=audit.SUCCESS,
         ),
         audit.transfer_message(
-            audit.BEGIN_TRANSFERRING, source=peer, destination=me, source_id="x",
-            study_uid="1.2.3", patient_id="", sop_classes={}, action="E",
+            audit.BEGIN_TRANSFERRING,
+            source=peer,
+            destination=me,
+            source_id="x",
+            study_uid="1.2.3",
+            patient_id="",
+            sop_classes={},
+            action="E",
         ),
         audit.transfer_message(
-            audit.INSTANCES_TRANSFERRED, source=peer, destination=me, source_id="x",
-            study_uid="1.2.3", patient_id="P\x00<&>\"", sop_classes={"1.2.840.10008.5.1.4.1.1.2": 3},
-            action="C", outcome=audit.MINOR_FAILURE, description="aborted",
+            audit.INSTANCES_TRANSFERRED,
+            source=peer,
+            destination=me,
+            source_id="x",
+            study_uid="1.2.3",
+            patient_id='P\x00<&>"',
+            sop_classes={"1.2.840.10008.5.1.4.1.1.2": 3},
+            action="C",
+            outcome=audit.MINOR_FAILURE,
+            description="aborted",
         ),
         audit.query_message(
-            me, peer, "x", query=b"\x08\x00\x52\x00", object_id="1.2.840.10008.5.1.4.1.2.2.1",
+            me,
+            peer,
+            "x",
+            query=b"\x08\x00\x52\x00",
+            object_id="1.2.840.10008.5.1.4.1.2.2.1",
             transfer_syntax="1.2.840.10008.1.2.1",
         ),
         audit.query_message(
-            me, peer, "x", query=b"StudyDate=20200101", object_id="https://vna/dicom-web/studies",
+            me,
+            peer,
+            "x",
+            query=b"StudyDate=20200101",
+            object_id="https://vna/dicom-web/studies",
             id_type=audit.ID_URI,
         ),
         audit.export_message(
-            me, Participant("/srv/out/results.csv", role=audit.ROLE_DESTINATION_MEDIA),
-            "x", patients=["P1", "P2"], studies=["1.2.3"],
+            me,
+            Participant("/srv/out/results.csv", role=audit.ROLE_DESTINATION_MEDIA),
+            "x",
+            patients=["P1", "P2"],
+            studies=["1.2.3"],
         ),
     ]
     for xml in messages:
@@ -223,8 +251,11 @@ def test_a_worker_sr_send_is_audited_through_the_shared_spool(
     sr = sorted((studies_root / "study_000" / "ct").glob("*.dcm"))[0]
     ds = pydicom.dcmread(sr, stop_before_pixels=True)
     config = NodeConfig(
-        store=tmp_path / "store", peer="127.0.0.1:11113:PACS", audit_file=tmp_path / "a.log",
-        audit_syslog=rsyslog.endpoint, audit_ca=rsyslog.tls["ca"],
+        store=tmp_path / "store",
+        peer="127.0.0.1:11113:PACS",
+        audit_file=tmp_path / "a.log",
+        audit_syslog=rsyslog.endpoint,
+        audit_ca=rsyslog.tls["ca"],
     )
     worker = NodeAudit(config, deliver=False)
     worker.sr_sent(sr)
@@ -232,8 +263,9 @@ def test_a_worker_sr_send_is_audited_through_the_shared_spool(
     assert len(list((tmp_path / "store" / "audit-spool").glob("*.msg"))) == 1
     node = NodeAudit(config, deliver=True)
     try:
-        (header, xml), = wait_messages(
-            rsyslog, lambda h, x: str(ds.StudyInstanceUID) in x and "110104" in x,
+        ((_header, xml),) = wait_messages(
+            rsyslog,
+            lambda h, x: str(ds.StudyInstanceUID) in x and "110104" in x,
             "the SR's Instances Transferred",
         )
     finally:
@@ -260,9 +292,15 @@ def test_received_study_refused_association_and_query_reach_the_repository(
     patient_name = str(first.PatientName)
     assert patient_name and patient_id
     config = NodeConfig(
-        store=tmp_path / "store", host="127.0.0.1", port=0, ae_title=NODE_AET, min_free_mb=0,
-        allow_aet=("STORESCU",), audit_file=tmp_path / "audit.log",
-        audit_syslog=rsyslog.endpoint, audit_ca=rsyslog.tls["ca"],
+        store=tmp_path / "store",
+        host="127.0.0.1",
+        port=0,
+        ae_title=NODE_AET,
+        min_free_mb=0,
+        allow_aet=("STORESCU",),
+        audit_file=tmp_path / "audit.log",
+        audit_syslog=rsyslog.endpoint,
+        audit_ca=rsyslog.tls["ca"],
     )
     node_audit = NodeAudit(config, deliver=True)
     listener = Listener(config, Store(config.store, min_free_mb=0), audit=node_audit)
@@ -273,11 +311,13 @@ def test_received_study_refused_association_and_query_reach_the_repository(
         refused = storescu(listener.port, files[:1], calling="INTRUDER")
         assert refused.returncode != 0
         transferred = wait_messages(
-            rsyslog, lambda h, x: study_uid in x and 'csd-code="110104"' in x,
+            rsyslog,
+            lambda h, x: study_uid in x and 'csd-code="110104"' in x,
             "Instances Transferred of the study",
         )
         alerts = wait_messages(
-            rsyslog, lambda h, x: 'csd-code="110113"' in x and "INTRUDER" in x,
+            rsyslog,
+            lambda h, x: 'csd-code="110113"' in x and "INTRUDER" in x,
             "the Security Alert of the refused association",
         )
     finally:
@@ -286,22 +326,25 @@ def test_received_study_refused_association_and_query_reach_the_repository(
         node_audit.stopped()
         node_audit.close()
 
-    (header, xml), = transferred
+    ((header, xml),) = transferred
     doc = check_valid(schema, xml)
     assert header[3:6] == ["ctcovid", header[4], "IHE+RFC-3881"]
     assert header[0] == "<85>1"  # authpriv.notice, version 1
     sop = doc.find("ParticipantObjectIdentification/SOPClass")
     assert sop.get("UID") == str(first.SOPClassUID)
     assert sop.get("NumberOfInstances") == str(len(files))
-    ids = {o.get("ParticipantObjectTypeCodeRole"): o.get("ParticipantObjectID")
-           for o in doc.iter("ParticipantObjectIdentification")}
+    ids = {
+        o.get("ParticipantObjectTypeCodeRole"): o.get("ParticipantObjectID")
+        for o in doc.iter("ParticipantObjectIdentification")
+    }
     assert ids == {"3": study_uid, "1": patient_id}
-    source = [p for p in doc.iter("ActiveParticipant")
-              if p.find("RoleIDCode").get("csd-code") == "110153"]
+    source = [
+        p for p in doc.iter("ActiveParticipant") if p.find("RoleIDCode").get("csd-code") == "110153"
+    ]
     assert [(p.get("UserID"), p.get("NetworkAccessPointID")) for p in source] == [
         ("STORESCU", "127.0.0.1")
     ]
-    (alert_header, alert_xml), = alerts
+    ((alert_header, alert_xml),) = alerts
     alert = check_valid(schema, alert_xml)
     assert alert.find("EventIdentification/EventTypeCode").get("csd-code") == "110126"
     assert alert.find("EventIdentification").get("EventOutcomeIndicator") == "4"
@@ -313,14 +356,18 @@ def test_received_study_refused_association_and_query_reach_the_repository(
     from ctcovid.net.dimse import DimseArchive
     from ctcovid.net.peers import Peer
 
-    pacs = FakePacs([ct_instance("1.2.826.0.1.3680043.2.1125.9.1", "1.2.826.0.1.3680043.2.1125.9.2")])
+    pacs = FakePacs(
+        [ct_instance("1.2.826.0.1.3680043.2.1125.9.1", "1.2.826.0.1.3680043.2.1125.9.2")]
+    )
     out = tmp_path / "batch"
     out.mkdir()
     batch = BatchAudit(out, file=None, syslog=rsyslog.endpoint, ca=rsyslog.tls["ca"])
     try:
         source = PacsSource(
             DimseArchive(Peer("127.0.0.1", pacs.port, "PACS"), timeout_seconds=10),
-            StudyQuery.parse(["PatientID=P1"]), SeriesRules(), cache_bytes=10**8,
+            StudyQuery.parse(["PatientID=P1"]),
+            SeriesRules(),
+            cache_bytes=10**8,
             pause_seconds=0.0,
         )
         source.audit = batch
@@ -329,15 +376,22 @@ def test_received_study_refused_association_and_query_reach_the_repository(
         queries = wait_messages(
             rsyslog, lambda h, x: 'csd-code="110112"' in x, "the Query events", timeout=20
         )
-        wait_for(lambda: len(wait_messages(rsyslog, lambda h, x: 'csd-code="110112"' in x,
-                                           "queries")) >= 2, 20, "both queries")
+        wait_for(
+            lambda: (
+                len(wait_messages(rsyslog, lambda h, x: 'csd-code="110112"' in x, "queries")) >= 2
+            ),
+            20,
+            "both queries",
+        )
     finally:
         batch.close()
         pacs.close()
     queries = [x for h, x in rsyslog.messages() if 'csd-code="110112"' in x]
     docs = [check_valid(schema, x) for x in queries]
-    sent = [base64.b64decode(d.find("ParticipantObjectIdentification/ParticipantObjectQuery").text)
-            for d in docs]
+    sent = [
+        base64.b64decode(d.find("ParticipantObjectIdentification/ParticipantObjectQuery").text)
+        for d in docs
+    ]
     assert any(b"P1" in q and b"STUDY" in q for q in sent)
     assert any(b"SERIES" in q for q in sent)
     assert {d.find("ParticipantObjectIdentification").get("ParticipantObjectID") for d in docs} == {
@@ -351,8 +405,10 @@ def test_received_study_refused_association_and_query_reach_the_repository(
         assert patient_name not in " ".join(header) and patient_id not in " ".join(header)
         check_valid(schema, xml)
     assert patient_name not in (tmp_path / "audit.log").read_text()
-    events = [event_id(etree.fromstring(line.encode()))
-              for line in (tmp_path / "audit.log").read_text().splitlines()]
+    events = [
+        event_id(etree.fromstring(line.encode()))
+        for line in (tmp_path / "audit.log").read_text().splitlines()
+    ]
     assert events[0] == "110100" and events[-1] == "110100"
     assert {"110104", "110113"} <= set(events)
 
@@ -362,14 +418,20 @@ def test_messages_spooled_while_the_repository_is_down_arrive_once_and_in_order(
 ) -> None:
     server = Rsyslog(tmp_path / "rsyslog")
     trail = AuditTrail(
-        source_id="CTCOVID", syslog=server.endpoint, ca=server.tls["ca"],
+        source_id="CTCOVID",
+        syslog=server.endpoint,
+        ca=server.tls["ca"],
         spool_dir=tmp_path / "spool",
+        max_retry_seconds=1.0,
     )
     me = trail.me
 
     def message(n: int) -> str:
         return audit.security_alert_message(
-            me, "CTCOVID", kind=audit.NETWORK_CONFIGURATION, description=f"event-{n:03d}",
+            me,
+            "CTCOVID",
+            kind=audit.NETWORK_CONFIGURATION,
+            description=f"event-{n:03d}",
             outcome=audit.SUCCESS,
         )
 
@@ -383,31 +445,62 @@ def test_messages_spooled_while_the_repository_is_down_arrive_once_and_in_order(
         time.sleep(1.0)
         assert len(server.lines()) == 1
         server.start()
-        wait_for(lambda: not trail.pending() and len(server.lines()) >= 51, 60,
-                 "the spool to be delivered")
+        wait_for(
+            lambda: not trail.pending() and len(server.lines()) >= 51,
+            60,
+            "the spool to be delivered",
+        )
         time.sleep(1.0)  # anything sent twice would show now
     finally:
         trail.close()
         server.stop()
     received = [x for _, x in server.messages()]
-    order = [etree.fromstring(x.encode()).findtext("EventIdentification/EventOutcomeDescription")
-             for x in received]
+    order = [
+        etree.fromstring(x.encode()).findtext("EventIdentification/EventOutcomeDescription")
+        for x in received
+    ]
     assert order == [f"event-{n:03d}" for n in range(51)]
     check_valid(schema, received[-1])
     assert trail.dropped == 0
 
 
-def test_a_full_spool_drops_and_counts_never_blocks(tmp_path: Path) -> None:
-    # Nothing listens on the port: everything stays in the spool, bounded.
+def test_a_full_spool_drops_counts_never_blocks_and_reports_the_loss(
+    schema, tmp_path: Path
+) -> None:
+    server = Rsyslog(tmp_path / "rsyslog")
+    server.stop()  # unreachable: everything stays in the spool, bounded
     trail = AuditTrail(
-        source_id="CTCOVID", syslog=f"127.0.0.1:{free_port()}", ca=make_test_ca(tmp_path)["ca"],
-        spool_dir=tmp_path / "spool", max_spool=5,
+        source_id="CTCOVID",
+        file=tmp_path / "audit.log",
+        syslog=server.endpoint,
+        ca=server.tls["ca"],
+        spool_dir=tmp_path / "spool",
+        max_spool=5,
+        max_retry_seconds=1.0,
     )
     start = time.monotonic()
     for n in range(12):
         trail.emit(audit.application_activity_message(trail.me, f"n{n}", started=True))
     assert time.monotonic() - start < 1.0
-    wait_for(lambda: trail.dropped == 7, 20, "7 messages dropped")
-    assert len(trail.pending()) == 5
-    trail.close(flush_seconds=0.5)
-    assert os.listdir(tmp_path / "spool")
+    try:
+        wait_for(lambda: trail.dropped == 7, 20, "7 messages dropped")
+        assert len(trail.pending()) == 5
+        server.start()
+        wait_for(lambda: not trail.pending(), 20, "the spool to be delivered")
+        # The next message is preceded by a Security Alert about the 7 lost.
+        trail.emit(audit.application_activity_message(trail.me, "n12", started=True))
+        wait_for(lambda: len(server.lines()) == 7, 20, "the alert and the next message")
+    finally:
+        trail.close(flush_seconds=2)
+        server.stop()
+    docs = [check_valid(schema, x) for _, x in server.messages()]
+    sources = [d.find("AuditSourceIdentification").get("AuditSourceID") for d in docs]
+    assert sources == ["n0", "n1", "n2", "n3", "n4", "CTCOVID", "n12"]
+    alert = docs[5]
+    assert event_id(alert) == "110113"
+    assert alert.find("EventIdentification/EventTypeCode").get("csd-code") == "110133"
+    assert "7 audit message(s) lost" in alert.findtext(
+        "EventIdentification/EventOutcomeDescription"
+    )
+    # The audit file has every message and the alert.
+    assert len((tmp_path / "audit.log").read_text().splitlines()) == 14
