@@ -504,3 +504,49 @@ def test_a_full_spool_drops_counts_never_blocks_and_reports_the_loss(
     )
     # The audit file has every message and the alert.
     assert len((tmp_path / "audit.log").read_text().splitlines()) == 14
+
+
+def test_a_failed_login_to_the_status_page_is_a_security_alert(schema, tmp_path: Path) -> None:
+    import urllib.error
+    import urllib.request
+
+    from ctcovid.node.web import WebContext, WebServer
+    from ctcovid.node.webauth import hash_password
+
+    auth = tmp_path / "users"
+    auth.write_text(f"user alice {hash_password('correct horse')}\n")
+    config = NodeConfig(
+        store=tmp_path / "store",
+        http_port=0,
+        min_free_mb=0,
+        http_auth_file=auth,
+        audit_file=tmp_path / "audit.log",
+    )
+    node_audit = NodeAudit(config, deliver=True)
+    store = Store(config.store, min_free_mb=0)
+    server = WebServer(
+        WebContext(config=config, store=store, model={}, on_login_failed=node_audit.login_failed)
+    )
+    server.start()
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    wrong = base64.b64encode(b"alice:wrong horse").decode()
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{server.port}/", headers={"Authorization": f"Basic {wrong}"}
+    )
+    try:
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            opener.open(request, timeout=10)
+    finally:
+        server.stop()
+        store.close()
+        node_audit.close()
+    assert refused.value.code == 401
+    (line,) = (tmp_path / "audit.log").read_text().splitlines()
+    doc = check_valid(schema, line)
+    assert event_id(doc) == "110113"
+    assert doc.find("EventIdentification/EventTypeCode").get("csd-code") == "110132"
+    peer = [p for p in doc.iter("ActiveParticipant") if p.get("UserIsRequestor") == "true"]
+    assert [(p.get("UserID"), p.get("NetworkAccessPointID")) for p in peer] == [
+        ("alice", "127.0.0.1")
+    ]
+    assert "wrong horse" not in line

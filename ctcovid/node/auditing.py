@@ -44,6 +44,7 @@ ALERTS = {
 SECURITY_SETTINGS = frozenset(
     {"allow_aet", "tls_cert", "tls_key", "tls_ca", "peer_tls", "stow_auth_file", "stow_ca_file"}
     | {"audit_file", "audit_syslog", "audit_ca", "metrics_host"}
+    | {"http_host", "http_tls_cert", "http_tls_key", "http_auth_file", "http_show_phi"}
 )
 _TALLY = "_ctcovid_audit_tally"
 
@@ -136,6 +137,20 @@ class NodeAudit:
                 kind=kind,
                 description=f"{reason} from {address or 'unknown address'}"
                 + (f" calling AE {calling}" if calling else ""),
+                peer=peer,
+            ),
+            failure=True,
+        )
+
+    def login_failed(self, user: str, address: str) -> None:
+        """A Security Alert for a failed login to the node's HTTP server (status page, API)."""
+        peer = Participant(user or "(unknown)", requestor=True, address=address or None)
+        self.trail.emit(
+            audit.security_alert_message(
+                self.me,
+                self.trail.source_id,
+                kind=audit.USE_OF_RESTRICTED_FUNCTION,
+                description=f"failed login to the HTTP server as {user} from {address}",
                 peer=peer,
             ),
             failure=True,

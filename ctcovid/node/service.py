@@ -210,6 +210,7 @@ class Node:
 
         web_store = Store(config.store, min_free_mb=config.min_free_mb)
         listener = self.listener
+        audit = listener.audit if listener is not None else None
         try:
             web = WebServer(
                 WebContext(
@@ -219,6 +220,7 @@ class Node:
                     heartbeat=heartbeat,
                     metrics=self.metrics,
                     dicom_port=(lambda: listener.port) if listener is not None else None,
+                    on_login_failed=audit.login_failed if audit is not None else None,
                 )
             )
         except BaseException:

@@ -111,6 +111,8 @@ class WebContext:
     metrics: Any = None
     dicom_port: Callable[[], int] | None = None
     started: float = field(default_factory=time.time)
+    # Called with (the user tried, the client address) on a failed login: the audit trail.
+    on_login_failed: Callable[[str, str], None] | None = None
     _patients: dict[tuple[str, str], dict[str, str]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -265,7 +267,7 @@ def create_app(
     token = csrf_token or secrets.token_urlsafe(32)
     if credentials is None and config.http_auth_file is not None:
         credentials = Credentials.load(config.http_auth_file)
-    guard = LoginGuard(credentials) if credentials is not None else None
+    guard = LoginGuard(credentials, ctx.on_login_failed) if credentials is not None else None
     env = Environment(loader=FileSystemLoader(TEMPLATES), autoescape=select_autoescape())
     env.filters["prob"] = lambda p: "" if p is None else f"{float(p):.3f}"
     env.filters["when"] = lambda ts: (_iso(ts) or "—").replace("+00:00", "Z")

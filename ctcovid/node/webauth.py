@@ -22,6 +22,7 @@ import logging
 import secrets
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -121,8 +122,13 @@ class LoginGuard:
     """Checks ``Authorization`` headers against :class:`Credentials`; counts and slows
     failures per client address."""
 
-    def __init__(self, credentials: Credentials) -> None:
+    def __init__(
+        self,
+        credentials: Credentials,
+        on_failure: Callable[[str, str], None] | None = None,
+    ) -> None:
         self.credentials = credentials
+        self.on_failure = on_failure  # (the user tried, the address): the audit trail's
         self.failures_total = 0
         self._failures: dict[str, int] = {}
         self._verified: dict[str, tuple[float, Identity]] = {}
@@ -159,6 +165,8 @@ class LoginGuard:
                 address,
                 count,
             )
+            if self.on_failure is not None:
+                self.on_failure(tried, address)
             return None
         with self._lock:
             if len(self._verified) > 1000:
