@@ -245,7 +245,10 @@ def test_markdown_and_html_for_the_readme_configuration(tmp_path: Path):
             assert sop_class["uid"] in document and sop_class["name"] in document
         assert "PACS, ROUTER" in document  # the allow-list as configured
         assert "pacs.example.org:104:PACS" in document
-        assert "Audit trail" in document and "not yet implemented" in document
+        # The audit trail: what is audited, and where it goes as configured.
+        assert "Audit trail" in document and "IHE+RFC-3881" in document
+        assert "Instances Transferred" in document and "110113" in document
+        assert "arr.example.org:6514" in document
         assert data["implementation_class_uid"] in document
     # Self-contained and escaped: no script, no external resource, quotes of text escaped.
     assert "script" not in parser.tags and "link" not in parser.tags

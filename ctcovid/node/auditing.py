@@ -48,6 +48,23 @@ SECURITY_SETTINGS = frozenset(
 )
 _TALLY = "_ctcovid_audit_tally"
 
+# What the node audits, and when (the conformance statement lists it).
+EVENTS: tuple[tuple[audit.Code, str], ...] = (
+    (audit.APPLICATION_ACTIVITY, "the node started, the node stopped"),
+    (
+        audit.SECURITY_ALERT,
+        "an association refused (calling AE title not allowed, called AE title unknown, "
+        "no acceptable presentation context), a failed TLS handshake, a failed login to the "
+        "HTTP server, settings changed since the last start, audit messages lost",
+    ),
+    (
+        audit.INSTANCES_TRANSFERRED,
+        "a study received, once per study and association (study UID, patient ID, SOP classes "
+        "with counts, the calling AE title and address); an SR sent or given up on (the "
+        "destination a participant)",
+    ),
+)
+
 
 def _host(address: str) -> str:
     return address.rsplit(":", 1)[0] if address.count(":") == 1 else address

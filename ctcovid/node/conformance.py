@@ -29,6 +29,7 @@ from pydicom.sr.codedict import codes as dicom_codes
 from pydicom.uid import UID, Comprehensive3DSRStorage, SecondaryCaptureImageStorage
 
 from ctcovid import __version__
+from ctcovid.audit import APP_NAME, DEFAULT_MAX_SPOOL, MSGID
 from ctcovid.dicom.modules import COPIED_MODULES
 from ctcovid.net import guard
 from ctcovid.net.dicomweb import AUTH_ENV, STOW_AUTH_ENV
@@ -57,6 +58,8 @@ from ctcovid.net.services import (
 from ctcovid.net.stow import RETRYABLE_HTTP
 from ctcovid.net.tls import MINIMUM_TLS_VERSION
 from ctcovid.net.wado import accept_header
+from ctcovid.node.auditing import EVENTS as AUDIT_EVENTS
+from ctcovid.node.auditing import SPOOL_DIR as AUDIT_SPOOL_DIR
 from ctcovid.node.config import NodeConfig, load_config, read_toml
 from ctcovid.node.scp import (
     MAX_HEADER_READS,
@@ -1055,9 +1058,12 @@ def conformance_statement(config: NodeConfig, source: Path | None = None) -> Sta
                     "Alerts (alert_webhook, alert_smtp) are outgoing connections of their own; "
                     "they name study and series UIDs and counts, never patient data or the "
                     "free-text reasons that may quote received values.",
-                    "Audit trail (PS3.15 A.5, IHE ATNA): not yet implemented. The node writes "
-                    "key=value logs (UIDs, never patient names), which are not an audit trail.",
+                    _audit_text(config),
                 )
+            ),
+            Table(
+                ("audit event", "EventID", "when"),
+                tuple((code[2], f"({code[0]}, {code[1]})", when) for code, when in AUDIT_EVENTS),
             ),
         ),
     )
@@ -1101,9 +1107,36 @@ def conformance_statement(config: NodeConfig, source: Path | None = None) -> Sta
             for f in dataclasses.fields(NodeConfig)
             if f.name != "extra"
         },
-        "audit_trail": "not implemented",
+        "audit_trail": {
+            "events": [
+                {"event_id": code[0], "coding_scheme": code[1], "meaning": code[2], "when": when}
+                for code, when in AUDIT_EVENTS
+            ],
+            "file": _json_value(config.audit_file),
+            "syslog": config.audit_syslog,
+            "msgid": MSGID,
+            "max_spool": DEFAULT_MAX_SPOOL,
+        },
     }
     return Statement(f"DICOM Conformance Statement: ctcovid {__version__}", sections, data)
+
+
+def _audit_text(config: NodeConfig) -> str:
+    where = [f"the file {config.audit_file}"] if config.audit_file is not None else []
+    if config.audit_syslog:
+        where.append(f"the Audit Record Repository {config.audit_syslog}")
+    return (
+        "Audit trail (PS3.15 A.5, IHE ATNA): DICOM audit messages for the events below, to "
+        "audit_file (one XML message a line, appended and fsynced) and/or audit_syslog with "
+        f"audit_ca (syslog over TLS, RFC 5424 and 5425, APP-NAME {APP_NAME}, MSGID {MSGID}, "
+        "facility authpriv). Messages for the repository wait in the store's "
+        f"{AUDIT_SPOOL_DIR} folder while it is unreachable (at most {DEFAULT_MAX_SPOOL}; past "
+        "that they are dropped, counted and then audited as lost) and are delivered in order "
+        "once it is back; receiving never waits for them. Patients are named by ID, only in "
+        "the messages; logs never name patients. Configured: "
+        + (" and ".join(where) if where else "off")
+        + "."
+    )
 
 
 def _tls_version() -> str:
