@@ -9,6 +9,7 @@ each raw message to a file. The listener runs in this process; nothing loads the
 from __future__ import annotations
 
 import base64
+import io
 import shutil
 import signal
 import socket
@@ -19,8 +20,15 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from dimse_peers import FakePacs, ct_instance
-from node_helpers import NODE_AET, free_port, make_test_ca, storescu, wait_for
+from node_helpers import (
+    NODE_AET,
+    Orthanc,
+    free_port,
+    make_test_ca,
+    storescu,
+    study_of_instance_in_orthanc,
+    wait_for,
+)
 
 from ctcovid import audit
 from ctcovid.audit import AuditTrail, Participant
@@ -283,9 +291,77 @@ def test_a_worker_sr_send_is_audited_through_the_shared_spool(
 # -- the node and the batch against rsyslog -----------------------------------------------------
 
 
-def test_received_study_refused_association_and_query_reach_the_repository(
-    schema, rsyslog: Rsyslog, tmp_path: Path, studies_root: Path
+BATCH_AET = "CTBATCH"
+
+
+@pytest.fixture(scope="module")
+def orthanc(tmp_path_factory: pytest.TempPathFactory, studies_root: Path) -> Iterator[Orthanc]:
+    """Orthanc holding study_001 (CT), taking SRs by C-STORE and C-FIND from ``BATCH_AET``."""
+    server = Orthanc(
+        tmp_path_factory.mktemp("orthanc"),
+        free_port(),
+        extra_config={
+            "DicomModalities": {
+                "batch": {"AET": BATCH_AET, "Host": "127.0.0.1", "Port": 1, "AllowFind": True}
+            },
+            "DicomCheckModalityHost": False,
+        },
+    )
+    for path in sorted((studies_root / "study_001" / "ct").glob("*.dcm")):
+        server.upload(path)
+    yield server
+    server.close()
+
+
+def _classified_series_with_sr(store: Store, folder: Path) -> pydicom.Dataset:
+    """A small series in ``store``, classified without a model: its SR built and due to be
+    sent, as the worker leaves it. Returns the SR."""
+    from test_report import _ct_dataset, _result_for, _write_series
+
+    from ctcovid.report import build_sr
+
+    folder.mkdir()
+    series = _write_series(folder, [_ct_dataset(i) for i in range(4)])
+    for path in sorted(folder.glob("*.dcm")):
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        store.put_instance(
+            path.read_bytes(),
+            study_instance_uid=ds.StudyInstanceUID,
+            series_instance_uid=ds.SeriesInstanceUID,
+            sop_instance_uid=ds.SOPInstanceUID,
+            sop_class_uid=ds.SOPClassUID,
+        )
+    store.jobs.promote_stable(0.0)
+    record = store.jobs.claim_next()
+    sr = build_sr(_result_for(series), series)
+    buffer = io.BytesIO()
+    sr.save_as(buffer, enforce_file_format=True)
+    path = store.files.sr_path(record.series_instance_uid, sr.SOPInstanceUID)
+    store.files.write_file(path, buffer.getvalue())
+    assert store.finish_classified(
+        record,
+        revision=1,
+        sr_path=path,
+        sr_sop_instance_uid=sr.SOPInstanceUID,
+        probability_covid=0.9,
+        label="covid",
+        classify_seconds=1.0,
+    )
+    return sr
+
+
+def test_node_and_batch_events_reach_the_repository(
+    schema, rsyslog: Rsyslog, orthanc: Orthanc, tmp_path: Path, studies_root: Path
 ) -> None:
+    """storescu sends a study, the worker sends an SR to Orthanc, a disallowed AE is refused and
+    a batch run queries Orthanc by C-FIND: each event reaches rsyslog, valid, with no patient
+    in any syslog header."""
+    from ctcovid.batch.sources import PacsSource
+    from ctcovid.net import SeriesRules, StudyQuery
+    from ctcovid.net.dimse import DimseArchive
+    from ctcovid.net.peers import Peer
+    from ctcovid.node.worker import Worker
+
     files = sorted((studies_root / "study_001" / "ct").glob("*.dcm"))
     first = pydicom.dcmread(files[0], stop_before_pixels=True)
     study_uid, patient_id = str(first.StudyInstanceUID), str(first.PatientID)
@@ -298,6 +374,7 @@ def test_received_study_refused_association_and_query_reach_the_repository(
         ae_title=NODE_AET,
         min_free_mb=0,
         allow_aet=("STORESCU",),
+        peer=f"127.0.0.1:{orthanc.dicom_port}:{orthanc.aet}",
         audit_file=tmp_path / "audit.log",
         audit_syslog=rsyslog.endpoint,
         audit_ca=rsyslog.tls["ca"],
@@ -307,15 +384,32 @@ def test_received_study_refused_association_and_query_reach_the_repository(
     listener.start()
     try:
         node_audit.started()
+        # The worker (its own process in a node, its own trail writing the shared spool).
+        worker_store = Store(config.store, min_free_mb=0)
+        sr = _classified_series_with_sr(worker_store, tmp_path / "series")
+        worker_audit = NodeAudit(config, deliver=False)
+        worker = Worker(config, worker_store, None, audit=worker_audit)
+        try:
+            assert worker.send_due()
+        finally:
+            worker.close()
+            worker_store.close()
+            worker_audit.close()
+        assert study_of_instance_in_orthanc(orthanc, str(sr.SOPInstanceUID))
+        # A study received, and an association refused.
         assert storescu(listener.port, files).returncode == 0
-        refused = storescu(listener.port, files[:1], calling="INTRUDER")
-        assert refused.returncode != 0
-        transferred = wait_messages(
+        assert storescu(listener.port, files[:1], calling="INTRUDER").returncode != 0
+        ((_, sent_xml),) = wait_messages(
+            rsyslog,
+            lambda h, x: str(sr.StudyInstanceUID) in x and 'csd-code="110104"' in x,
+            "Instances Transferred of the SR",
+        )
+        ((header, xml),) = wait_messages(
             rsyslog,
             lambda h, x: study_uid in x and 'csd-code="110104"' in x,
             "Instances Transferred of the study",
         )
-        alerts = wait_messages(
+        ((alert_header, alert_xml),) = wait_messages(
             rsyslog,
             lambda h, x: 'csd-code="110113"' in x and "INTRUDER" in x,
             "the Security Alert of the refused association",
@@ -326,7 +420,20 @@ def test_received_study_refused_association_and_query_reach_the_repository(
         node_audit.stopped()
         node_audit.close()
 
-    ((header, xml),) = transferred
+    # The SR sent: this node the source, Orthanc the destination; the SR's study and patient.
+    sent = check_valid(schema, sent_xml)
+    roles = {
+        p.find("RoleIDCode").get("csd-code"): (p.get("UserID"), p.get("NetworkAccessPointID"))
+        for p in sent.iter("ActiveParticipant")
+    }
+    assert roles["110152"] == (orthanc.aet, "127.0.0.1") and roles["110153"][0] == NODE_AET
+    assert sent.find("EventIdentification").get("EventActionCode") == "R"
+    objects = {
+        o.get("ParticipantObjectTypeCodeRole"): o.get("ParticipantObjectID")
+        for o in sent.iter("ParticipantObjectIdentification")
+    }
+    assert objects == {"3": str(sr.StudyInstanceUID), "1": str(sr.PatientID)}
+    # The study received: per SOP class the count, the sending AE and its address.
     doc = check_valid(schema, xml)
     assert header[3:6] == ["ctcovid", header[4], "IHE+RFC-3881"]
     assert header[0] == "<85>1"  # authpriv.notice, version 1
@@ -344,59 +451,53 @@ def test_received_study_refused_association_and_query_reach_the_repository(
     assert [(p.get("UserID"), p.get("NetworkAccessPointID")) for p in source] == [
         ("STORESCU", "127.0.0.1")
     ]
-    ((alert_header, alert_xml),) = alerts
+    # The refusal.
     alert = check_valid(schema, alert_xml)
     assert alert.find("EventIdentification/EventTypeCode").get("csd-code") == "110126"
     assert alert.find("EventIdentification").get("EventOutcomeIndicator") == "4"
     assert alert_header[0] == "<84>1"  # authpriv.warning
 
-    # The batch side: a C-FIND of a (pynetdicom) PACS, study then series level.
-    from ctcovid.batch.sources import PacsSource
-    from ctcovid.net import SeriesRules, StudyQuery
-    from ctcovid.net.dimse import DimseArchive
-    from ctcovid.net.peers import Peer
-
-    pacs = FakePacs(
-        [ct_instance("1.2.826.0.1.3680043.2.1125.9.1", "1.2.826.0.1.3680043.2.1125.9.2")]
-    )
+    # The batch side: a C-FIND of Orthanc, study then series level.
     out = tmp_path / "batch"
     out.mkdir()
     batch = BatchAudit(out, file=None, syslog=rsyslog.endpoint, ca=rsyslog.tls["ca"])
     try:
         source = PacsSource(
-            DimseArchive(Peer("127.0.0.1", pacs.port, "PACS"), timeout_seconds=10),
-            StudyQuery.parse(["PatientID=P1"]),
+            DimseArchive(
+                Peer("127.0.0.1", orthanc.dicom_port, orthanc.aet),
+                calling_ae_title=BATCH_AET,
+                timeout_seconds=10,
+            ),
+            StudyQuery.parse([f"PatientID={patient_id}"]),
             SeriesRules(),
             cache_bytes=10**8,
             pause_seconds=0.0,
         )
         source.audit = batch
-        source.plan(out, resume=False)
+        assert source.plan(out, resume=False).n_series == 1
+
+        def batch_queries() -> list[str] | None:
+            found = [x for _, x in rsyslog.messages() if BATCH_AET in x and "110112" in x]
+            return found if len(found) >= 2 else None
+
         source.close()
-        queries = wait_messages(
-            rsyslog, lambda h, x: 'csd-code="110112"' in x, "the Query events", timeout=20
-        )
-        wait_for(
-            lambda: (
-                len(wait_messages(rsyslog, lambda h, x: 'csd-code="110112"' in x, "queries")) >= 2
-            ),
-            20,
-            "both queries",
-        )
+        queries = wait_for(batch_queries, 20, "the study and series queries")
     finally:
         batch.close()
-        pacs.close()
-    queries = [x for h, x in rsyslog.messages() if 'csd-code="110112"' in x]
     docs = [check_valid(schema, x) for x in queries]
-    sent = [
+    asked = [
         base64.b64decode(d.find("ParticipantObjectIdentification/ParticipantObjectQuery").text)
         for d in docs
     ]
-    assert any(b"P1" in q and b"STUDY" in q for q in sent)
-    assert any(b"SERIES" in q for q in sent)
+    assert [(b"STUDY" in q, b"SERIES" in q) for q in asked] == [(True, False), (False, True)]
+    assert patient_id.encode() in asked[0] and study_uid.encode() in asked[1]
     assert {d.find("ParticipantObjectIdentification").get("ParticipantObjectID") for d in docs} == {
         "1.2.840.10008.5.1.4.1.2.2.1"
     }
+    archive = [
+        (p.get("UserID"), p.get("UserIsRequestor")) for p in docs[0].iter("ActiveParticipant")
+    ]
+    assert archive == [(BATCH_AET, "true"), (orthanc.aet, "false")]
 
     # Never a patient's name or ID in a syslog header; every message valid.
     everything = rsyslog.messages()
