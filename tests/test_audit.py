@@ -9,6 +9,7 @@ each raw message to a file. The listener runs in this process; nothing loads the
 from __future__ import annotations
 
 import base64
+import dataclasses
 import io
 import shutil
 import signal
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from lxml import etree
 from node_helpers import (
     NODE_AET,
     Orthanc,
@@ -37,8 +39,6 @@ from ctcovid.node.auditing import NodeAudit
 from ctcovid.node.config import NodeConfig
 from ctcovid.node.scp import Listener
 from ctcovid.node.store import Store
-
-etree = pytest.importorskip("lxml.etree")
 
 SCHEMA = Path(__file__).with_name("audit_message.rng")
 BOM = "\ufeff"
@@ -286,6 +286,26 @@ def test_a_worker_sr_send_is_audited_through_the_shared_spool(
     assert doc.find("EventIdentification").get("EventActionCode") == "R"
     assert (tmp_path / "a.log").read_text().count("\n") == 1
     assert not list((tmp_path / "store" / "audit-spool").glob("*.msg"))
+
+
+def test_a_change_of_settings_between_starts_is_a_security_alert(schema, tmp_path: Path) -> None:
+    log = tmp_path / "audit.log"
+    first = NodeConfig(store=tmp_path / "store", audit_file=log, allow_aet=("PACS",))
+    changed = dataclasses.replace(first, allow_aet=("PACS", "ROUTER"), retry_seconds=5)
+    for config in (first, changed, changed):  # the third start changes nothing
+        node_audit = NodeAudit(config, deliver=True)
+        node_audit.started()
+        node_audit.stopped()
+        node_audit.close()
+    docs = [check_valid(schema, line) for line in log.read_text().splitlines()]
+    kinds = [
+        (event_id(d), d.find("EventIdentification/EventTypeCode").get("csd-code")) for d in docs
+    ]
+    start, stop = ("110100", "110120"), ("110100", "110121")
+    assert kinds == [start, stop, start, ("110113", "110129"), stop, start, stop]
+    assert docs[3].findtext("EventIdentification/EventOutcomeDescription") == (
+        "settings changed since the last start: allow_aet, retry_seconds"
+    )
 
 
 # -- the node and the batch against rsyslog -----------------------------------------------------
