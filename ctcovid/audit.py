@@ -470,13 +470,20 @@ class AuditTrail:
             address=self.host,
         )
         self.file = Path(file) if file is not None else None
+        if self.file is not None:  # a wrong path fails the start, not each message
+            try:
+                os.close(os.open(self.file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600))
+            except OSError as exc:
+                raise ConfigError(
+                    f"audit_file {self.file}: cannot append ({exc.strerror})"
+                ) from exc
         self.endpoint = parse_endpoint(syslog) if syslog else None
         self.context: ssl.SSLContext | None = None
         if self.endpoint is not None:
             try:
                 self.context = ssl.create_default_context(cafile=str(ca))
             except (OSError, ssl.SSLError) as exc:
-                raise ConfigError(f"{ca}: cannot load the audit CA ({exc})") from exc
+                raise ConfigError(f"audit_ca {ca}: cannot load it as a PEM CA ({exc})") from exc
             self.context.minimum_version = ssl.TLSVersion.TLSv1_2
         self.spool_dir = Path(spool_dir) if spool_dir is not None else None
         if self.spool_dir is not None and self.endpoint is not None:

@@ -9,6 +9,7 @@ each raw message to a file. The listener runs in this process; nothing loads the
 from __future__ import annotations
 
 import base64
+import contextlib
 import dataclasses
 import io
 import shutil
@@ -532,6 +533,62 @@ def test_node_and_batch_events_reach_the_repository(
     ]
     assert events[0] == "110100" and events[-1] == "110100"
     assert {"110104", "110113"} <= set(events)
+
+
+def test_nothing_acceptable_and_a_failed_tls_handshake_are_security_alerts(
+    schema, tmp_path: Path
+) -> None:
+    from pynetdicom import AE
+    from pynetdicom.sop_class import MRImageStorage
+
+    log = tmp_path / "audit.log"
+    tls = make_test_ca(tmp_path / "tls")
+    plain = NodeConfig(
+        store=tmp_path / "store",
+        host="127.0.0.1",
+        port=0,
+        ae_title=NODE_AET,
+        min_free_mb=0,
+        audit_file=log,
+    )
+    secure = dataclasses.replace(plain, tls_cert=tls["cert"], tls_key=tls["key"])
+    for config in (plain, secure):
+        node_audit = NodeAudit(config, deliver=True)
+        listener = Listener(config, Store(config.store, min_free_mb=0), audit=node_audit)
+        listener.start()
+        try:
+            if config.tls_cert is None:  # an MR sender: nothing it proposes is acceptable
+                ae = AE(ae_title="MRSCU")
+                ae.add_requested_context(MRImageStorage)
+                assoc = ae.associate("127.0.0.1", listener.port, ae_title=NODE_AET)
+                if assoc.is_established:
+                    assoc.release()
+            else:  # a plain-text caller at a TLS port
+                with socket.create_connection(("127.0.0.1", listener.port), timeout=5) as sock:
+                    sock.sendall(b"GET / HTTP/1.0\r\n\r\n")
+                    sock.settimeout(5)
+                    with contextlib.suppress(OSError):
+                        sock.recv(100)
+            wait_for(lambda: log.exists() and log.read_text(), 10, "the alert")
+        finally:
+            listener.stop(drain_seconds=2)
+            listener.store.close()
+            node_audit.close()
+    docs = [check_valid(schema, line) for line in log.read_text().splitlines()]
+    described = [
+        (
+            event_id(d),
+            d.find("EventIdentification/EventTypeCode").get("csd-code"),
+            d.findtext("EventIdentification/EventOutcomeDescription").split(" ")[0],
+        )
+        for d in docs
+    ]
+    assert described == [
+        ("110113", "110132", "no_acceptable_presentation_context"),
+        ("110113", "110126", "tls_handshake_failed"),
+    ]
+    requestor = [p.get("UserID") for p in docs[0].iter("ActiveParticipant")]
+    assert requestor == [NODE_AET, "MRSCU"]
 
 
 def test_messages_spooled_while_the_repository_is_down_arrive_once_and_in_order(
