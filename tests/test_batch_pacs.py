@@ -7,6 +7,7 @@ studies in the PACS, and the cache must stay within its bound.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import shutil
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from lxml import etree
 from node_helpers import Orthanc, free_port, require_tool
 from typer.testing import CliRunner
 
@@ -26,6 +28,7 @@ from ctcovid.batch import (
     read_results,
     run_batch,
 )
+from ctcovid.batch.auditing import STUDY_ROOT_FIND
 from ctcovid.batch.results import RESULTS_FILE
 from ctcovid.batch.sources import PacsSource
 from ctcovid.cli.main import app
@@ -227,8 +230,47 @@ def dimse_run(pacs: Orthanc, tiny_model_dir: Path, classifier: Classifier,
         dimse_source(pacs), out, tiny_model_dir, classifier,
         destinations=(SendSettings.c_store(f"127.0.0.1:{pacs.dicom_port}:{pacs.aet}",
                                           calling_ae_title=OUR_AET),),
+        audit_file=out.parent / "audit.log",
     )
     return out, summary
+
+
+def audit_events(path: Path) -> list[tuple[str, etree._Element]]:
+    """(EventID, message) of each audit message in ``path``, each valid against the schema."""
+    schema = etree.RelaxNG(etree.parse(str(Path(__file__).with_name("audit_message.rng"))))
+    events = []
+    for line in path.read_text().splitlines():
+        doc = etree.fromstring(line.encode())
+        assert schema.validate(doc), f"{schema.error_log}\n{line}"
+        events.append((doc.find("EventIdentification/EventID").get("csd-code"), doc))
+    return events
+
+
+def assert_batch_audited(path: Path, rows: dict, *, query_object: str) -> list:
+    """Start, queries, a Begin Transferring and an Instances Transferred per series retrieved,
+    the Export of results.csv and the stop; returns the Query messages."""
+    events = audit_events(path)
+    ids = [event for event, _ in events]
+    assert ids[0] == ids[-1] == "110100" and ids[-2] == "110106"
+    retrieved = [r for r in rows.values() if r.status == CLASSIFIED]  # and some unusable ones
+    assert ids.count("110102") == ids.count("110104") >= len(retrieved)
+    assert {
+        doc.find("EventIdentification").get("EventOutcomeIndicator")
+        for event, doc in events if event == "110104"
+    } == {"0"}
+    transferred = {
+        o.get("ParticipantObjectID")
+        for event, doc in events if event == "110104"
+        for o in doc.iter("ParticipantObjectIdentification")
+    }
+    assert {r.study_instance_uid for r in retrieved} <= transferred
+    assert {r.patient_id for r in retrieved} <= transferred
+    queries = [doc for event, doc in events if event == "110112"]
+    assert queries and all(
+        query_object in q.find("ParticipantObjectIdentification").get("ParticipantObjectID")
+        for q in queries
+    )
+    return queries
 
 
 def test_dimse_batch_gives_the_rows_and_sr_uids_of_a_folder_batch(dimse_run: tuple,
@@ -236,6 +278,11 @@ def test_dimse_batch_gives_the_rows_and_sr_uids_of_a_folder_batch(dimse_run: tup
     out, summary = dimse_run
     assert_same_rows(rows_of(out), folder_rows)
     assert summary["counts"] == {CLASSIFIED: 2, SKIPPED: 3, FAILED: 0, INCOMPLETE: 0}
+    # Audited: C-FIND queries (the identifier as sent), the C-GETs, the export.
+    queries = assert_batch_audited(out.parent / "audit.log", rows_of(out),
+                                   query_object=STUDY_ROOT_FIND)
+    assert b"STUDY" in base64.b64decode(queries[0].findtext(
+        "ParticipantObjectIdentification/ParticipantObjectQuery"))
 
 
 def test_query_records_non_ct_localizer_and_unusable_series_with_reasons(
@@ -279,9 +326,14 @@ def test_dicomweb_batch_with_stow_gives_the_same_rows(
     auth = HttpAuth.load("CTCOVID_UNSET_VARIABLE", secret)
     url = f"http://127.0.0.1:{pacs.http_port}/dicom-web"
     summary = run_from(dicomweb_source(pacs, auth), tmp_path / "run", tiny_model_dir, classifier,
-                       destinations=(SendSettings.stow_rs(url, auth=auth),))
+                       destinations=(SendSettings.stow_rs(url, auth=auth),),
+                       audit_file=tmp_path / "audit.log")
     rows = rows_of(tmp_path / "run")
     assert_same_rows(rows, folder_rows)
+    # Audited: QIDO-RS searches (the query string), the WADO-RS retrievals, the export.
+    queries = assert_batch_audited(tmp_path / "audit.log", rows, query_object="/dicom-web/studies")
+    assert queries[0].find("ParticipantObjectIdentification/ParticipantObjectIDTypeCode").get(
+        "csd-code") == "12"  # a URI
     # The DIMSE run already stored these very SRs: QIDO-RS finds them, nothing is sent twice.
     assert summary["sent"][f"stow-rs {url}"]["unchanged"] == 2
     assert summary["sent"][f"stow-rs {url}"]["sent"] == 0
@@ -418,10 +470,11 @@ def test_cli_batch_from_pacs(pacs: Orthanc, tiny_model_dir: Path, folder_rows: d
         "batch", "--from-pacs", f"127.0.0.1:{pacs.dicom_port}:{pacs.aet}", "--ae-title", OUR_AET,
         "--query", "StudyDate=19000101-21001231", "--modality", "CT", "--cache-gb", "0.5",
         "--query-pause", "0", "--out", str(out), "--model", str(tiny_model_dir), "--workers", "0",
-        "--json",
+        "--json", "--audit-file", str(tmp_path / "audit.log"),
     ])
     assert result.exit_code == 0, result.output
     assert_same_rows(rows_of(out), folder_rows)
+    assert_batch_audited(tmp_path / "audit.log", rows_of(out), query_object=STUDY_ROOT_FIND)
 
 
 def test_cli_reports_an_unreachable_pacs_in_one_line(tmp_path: Path, tiny_model_dir: Path

@@ -573,9 +573,11 @@ def run_worker(
         from ctcovid.node.auditing import node_audit
 
         audit = node_audit(config, deliver=False)  # the listener's process delivers the spool
-        Worker(config, store, classifier, observe, beat, audit).run(stop, parent_alive)
-        if audit is not None:
-            audit.close()
+        try:
+            Worker(config, store, classifier, observe, beat, audit).run(stop, parent_alive)
+        finally:
+            if audit is not None:
+                audit.close()
     store.close()
     # Every job is recorded and the store closed. The deep-learning runtime's teardown at
     # interpreter exit takes seconds (measured about 9 s with a loaded model on 2 busy cores),
