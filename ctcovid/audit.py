@@ -43,7 +43,6 @@ import socket
 import ssl
 import threading
 import time
-import uuid
 import xml.etree.ElementTree as ET
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -51,6 +50,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from ctcovid.errors import ConfigError
+from ctcovid.fsio import write_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -420,6 +420,11 @@ class _Connection:
                 sock.close()
 
 
+def _spooled(name: str) -> bool:
+    """A spooled message (a temporary file of :func:`write_atomic` starts with a dot)."""
+    return name.endswith(SPOOL_SUFFIX) and not name.startswith(".")
+
+
 def append_line(path: Path, line: str) -> None:
     """Append one line to ``path`` durably, under an exclusive lock (other processes write
     it too); opened for each line, so that a rotated file is left alone."""
@@ -556,7 +561,7 @@ class AuditTrail:
 
     def _held(self) -> int:
         assert self.spool_dir is not None
-        return sum(1 for n in os.listdir(self.spool_dir) if n.endswith(SPOOL_SUFFIX))
+        return sum(1 for n in os.listdir(self.spool_dir) if _spooled(n))
 
     def _has_room(self) -> bool:
         """Room in the spool for the alert about lost messages and the next message."""
@@ -574,12 +579,7 @@ class AuditTrail:
                 return
             assert self.spool_dir is not None
             name = f"{time.time_ns():020d}-{os.getpid():07d}-{next(self._seq):09d}"
-            tmp = self.spool_dir / f".{name}.{uuid.uuid4().hex}.tmp"
-            with open(tmp, "wb") as fh:
-                fh.write(frame)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.rename(tmp, self.spool_dir / f"{name}{SPOOL_SUFFIX}")
+            write_atomic(self.spool_dir / f"{name}{SPOOL_SUFFIX}", frame)
         except OSError as exc:
             self._count_dropped(f"spool write failed: {exc}")
             return
@@ -591,7 +591,7 @@ class AuditTrail:
         """Spooled messages not yet delivered, oldest first."""
         if self.spool_dir is None or not self.spool_dir.is_dir():
             return []
-        return sorted(p for p in self.spool_dir.iterdir() if p.name.endswith(SPOOL_SUFFIX))
+        return sorted(p for p in self.spool_dir.iterdir() if _spooled(p.name))
 
     def _send_loop(self) -> None:
         assert self.endpoint is not None and self.context is not None
