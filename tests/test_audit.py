@@ -309,6 +309,40 @@ def test_a_change_of_settings_between_starts_is_a_security_alert(schema, tmp_pat
     )
 
 
+def test_audit_settings_are_read_from_toml_and_bad_ones_name_the_setting(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from ctcovid.cli.main import app
+    from ctcovid.errors import ConfigError
+    from ctcovid.node.config import load_config
+
+    toml = tmp_path / "node.toml"
+    toml.write_text(
+        '[node]\nstore = "store"\naudit_file = "logs/audit.log"\n'
+        'audit_syslog = "arr.example.org:6514"\naudit_ca = "arr-ca.pem"\n'
+    )
+    config = load_config(toml, {})
+    assert (config.audit_file, config.audit_syslog, config.audit_ca) == (
+        tmp_path / "logs" / "audit.log",
+        "arr.example.org:6514",
+        tmp_path / "arr-ca.pem",
+    )
+    with pytest.raises(ConfigError, match="audit_syslog must be HOST:PORT"):
+        NodeConfig(store=tmp_path, audit_syslog="arr.example.org", audit_ca=tmp_path / "ca")
+    with pytest.raises(ConfigError, match="audit_syslog needs audit_ca"):
+        NodeConfig(store=tmp_path, audit_syslog="arr.example.org:6514")
+    with pytest.raises(ConfigError, match=r"audit_file .*logs/audit\.log: cannot append"):
+        NodeAudit(config, deliver=False)  # its folder does not exist
+    (tmp_path / "arr-ca.pem").write_text("not a certificate\n")
+    (tmp_path / "logs").mkdir()
+    with pytest.raises(ConfigError, match=r"audit_ca .*arr-ca\.pem: cannot load it"):
+        NodeAudit(config, deliver=False)
+    result = CliRunner().invoke(
+        app, ["batch", str(tmp_path), "--out", str(tmp_path / "out"), "--audit-syslog", "h:1"]
+    )
+    assert result.exit_code != 0 and "--audit-syslog needs --audit-ca" in result.output
+
+
 # -- the node and the batch against rsyslog -----------------------------------------------------
 
 
