@@ -18,6 +18,7 @@ from node_helpers import free_port, wait_for
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import Comprehensive3DSRStorage
 
+from ctcovid.node.auditing import NodeAudit
 from ctcovid.node.config import NodeConfig, Peer
 from ctcovid.node.jobs import CLASSIFIED, FAILED, SENT, UNUSABLE, WAITING
 from ctcovid.node.store import Store
@@ -197,14 +198,16 @@ def test_unreachable_peer_is_retried_then_the_job_fails_visibly(
 ):
     worker = make_worker(
         tmp_path, classifier, Peer("127.0.0.1", free_port(), "PACS"), max_attempts=2,
-        network_timeout_seconds=5,
+        network_timeout_seconds=5, audit_file=tmp_path / "audit.log",
     )
+    worker.audit = NodeAudit(worker.config, deliver=False)
     for path in ct_files(studies_root, "study_003"):
         put(worker.store, path)
 
     worker.step()  # classify, first send fails
     (after_first,) = worker.store.jobs.list_series()
     worker.step()  # second send fails: max_attempts reached
+    worker.audit.close()
 
     (record,) = worker.store.jobs.list_series()
     assert (after_first.state, after_first.attempts) == (CLASSIFIED, 1)
@@ -212,6 +215,10 @@ def test_unreachable_peer_is_retried_then_the_job_fails_visibly(
     assert (record.state, record.attempts) == (FAILED, 2)
     assert "2 time(s)" in record.reason
     assert (worker.store.root / record.sr_path).is_file()  # kept for a retry
+    # Given up: audited once, an Instances Transferred that failed (serious failure, 8).
+    (line,) = (tmp_path / "audit.log").read_text().splitlines()
+    assert 'csd-code="110104"' in line and 'EventOutcomeIndicator="8"' in line
+    assert record.study_instance_uid in line and 'UserID="PACS"' in line
 
 
 def _store_over_association(port: int, datasets: list[pydicom.Dataset]) -> list[int]:
