@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from lxml import etree
 from node_helpers import (
     NODE_AET,
     PACS_AET,
@@ -70,7 +71,9 @@ def test_orthanc_sends_a_study_and_gets_the_sr_back_in_the_same_study(
 ):
     require_tool("Orthanc")
     orthanc_dicom_port = free_port()
-    node = node_factory(tmp_path / "store", "--peer", f"127.0.0.1:{orthanc_dicom_port}:ORTHANC")
+    audit_log = tmp_path / "audit.log"
+    node = node_factory(tmp_path / "store", "--peer", f"127.0.0.1:{orthanc_dicom_port}:ORTHANC",
+                        "--audit-file", str(audit_log))
     orthanc = Orthanc(tmp_path / "orthanc", node.port, dicom_port=orthanc_dicom_port)
     try:
         files = ct_files(studies_root, "study_000")
@@ -98,6 +101,19 @@ def test_orthanc_sends_a_study_and_gets_the_sr_back_in_the_same_study(
     assert node.terminate() == 0  # SIGTERM: stop accepting, finish, exit 0
     # The worker got the same SIGTERM: its exit is a stop, never a death to alert on.
     assert "event=worker_died" not in node.text() and "worker_restart" not in node.text()
+    # The audit trail: start, the study received from Orthanc, the SR sent to it, stop.
+    schema = etree.RelaxNG(etree.parse(str(Path(__file__).with_name("audit_message.rng"))))
+    lines = audit_log.read_text().splitlines()
+    docs = [etree.fromstring(line.encode()) for line in lines]
+    assert all(schema.validate(doc) for doc in docs), schema.error_log
+    events = [
+        (d.find("EventIdentification/EventID").get("csd-code"),
+         d.find("EventIdentification").get("EventActionCode"))
+        for d in docs
+    ]
+    assert events == [("110100", "E"), ("110104", "C"), ("110104", "R"), ("110100", "E")]
+    assert all(source.StudyInstanceUID in lines[i] and "ORTHANC" in lines[i] for i in (1, 2))
+    assert str(source.PatientName) not in audit_log.read_text()
 
 
 def test_kill_9_after_receive_with_pacs_down_delivers_exactly_one_sr_later(
