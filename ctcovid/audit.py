@@ -297,6 +297,37 @@ def transfer_message(
     )
 
 
+def sr_sent_message(
+    *,
+    source: Participant,
+    source_id: str,
+    peer: tuple[str, str] | None,
+    url: str | None,
+    study_uid: str,
+    patient_id: str,
+    sop_class_uid: str,
+    failure: str | None = None,
+) -> str:
+    """Instances Transferred: one SR sent to ``peer`` (AE title, host: C-STORE) or ``url``
+    (STOW-RS), or given up on (``failure``: why)."""
+    if peer is not None:
+        destination = Participant(peer[0], False, ROLE_DESTINATION, peer[1])
+    else:
+        destination = Participant(str(url), False, ROLE_DESTINATION, url)
+    return transfer_message(
+        INSTANCES_TRANSFERRED,
+        source=source,
+        destination=destination,
+        source_id=source_id,
+        study_uid=study_uid,
+        patient_id=patient_id,
+        sop_classes={sop_class_uid: 1},
+        action="R",
+        outcome=SERIOUS_FAILURE if failure else SUCCESS,
+        description=failure,
+    )
+
+
 def query_message(
     me: Participant,
     archive: Participant,

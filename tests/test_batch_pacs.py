@@ -246,22 +246,30 @@ def audit_events(path: Path) -> list[tuple[str, etree._Element]]:
     return events
 
 
-def assert_batch_audited(path: Path, rows: dict, *, query_object: str) -> list:
+def assert_batch_audited(path: Path, rows: dict, *, query_object: str, sent_to: str = "",
+                         n_sent: int = 0) -> list:
     """Start, queries, a Begin Transferring and an Instances Transferred per series retrieved,
-    the Export of results.csv and the stop; returns the Query messages."""
+    an Instances Transferred per SR sent (to ``sent_to``), the Export of results.csv and the
+    stop; returns the Query messages."""
     events = audit_events(path)
     ids = [event for event, _ in events]
-    assert ids[0] == ids[-1] == "110100" and ids[-2] == "110106"
+    assert ids[0] == ids[-1] == "110100" and ids.count("110106") == 1
+    actions = [(event, doc.find("EventIdentification").get("EventActionCode"))
+               for event, doc in events]
     retrieved = [r for r in rows.values() if r.status == CLASSIFIED]  # and some unusable ones
-    assert ids.count("110102") == ids.count("110104") >= len(retrieved)
-    assert {
-        doc.find("EventIdentification").get("EventOutcomeIndicator")
-        for event, doc in events if event == "110104"
-    } == {"0"}
+    assert ids.count("110102") == actions.count(("110104", "C")) >= len(retrieved)
+    assert actions.count(("110104", "R")) == n_sent
+    transfers = [doc for event, doc in events if event == "110104"]
+    assert {d.find("EventIdentification").get("EventOutcomeIndicator") for d in transfers} == {"0"}
+    sr_destinations = {
+        p.get("UserID")
+        for d in transfers if d.find("EventIdentification").get("EventActionCode") == "R"
+        for p in d.iter("ActiveParticipant") if p.find("RoleIDCode").get("csd-code") == "110152"
+    }
+    assert sr_destinations == ({sent_to} if n_sent else set())
     transferred = {
-        o.get("ParticipantObjectID")
-        for event, doc in events if event == "110104"
-        for o in doc.iter("ParticipantObjectIdentification")
+        o.get("ParticipantObjectID") for d in transfers
+        for o in d.iter("ParticipantObjectIdentification")
     }
     assert {r.study_instance_uid for r in retrieved} <= transferred
     assert {r.patient_id for r in retrieved} <= transferred
@@ -279,8 +287,9 @@ def test_dimse_batch_gives_the_rows_and_sr_uids_of_a_folder_batch(dimse_run: tup
     assert_same_rows(rows_of(out), folder_rows)
     assert summary["counts"] == {CLASSIFIED: 2, SKIPPED: 3, FAILED: 0, INCOMPLETE: 0}
     # Audited: C-FIND queries (the identifier as sent), the C-GETs, the export.
+    # and the SRs sent back by C-STORE.
     queries = assert_batch_audited(out.parent / "audit.log", rows_of(out),
-                                   query_object=STUDY_ROOT_FIND)
+                                   query_object=STUDY_ROOT_FIND, sent_to="ORTHANC", n_sent=2)
     assert b"STUDY" in base64.b64decode(queries[0].findtext(
         "ParticipantObjectIdentification/ParticipantObjectQuery"))
 

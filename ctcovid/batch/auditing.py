@@ -1,6 +1,7 @@
 """The audit messages of a batch run (see :mod:`ctcovid.audit`): start and stop, each query of a
 PACS (C-FIND or QIDO-RS), each series retrieval (C-GET, C-MOVE or WADO-RS: Begin Transferring,
-then Instances Transferred) and the export of results that identify patients.
+then Instances Transferred), each SR sent (Instances Transferred) and the export of results that
+identify patients.
 
 The run's spool is ``OUT/audit-spool``; what the repository did not take before the run ended
 stays there and goes first at the next run with the same ``--out``.
@@ -18,6 +19,7 @@ from urllib.parse import urlencode
 from ctcovid import audit
 from ctcovid.audit import AuditTrail, Participant
 from ctcovid.net.query import SERIES_RETURN_KEYS, STUDY_RETURN_KEYS, SeriesMatch
+from ctcovid.net.sender import SendSettings
 
 logger = logging.getLogger(__name__)
 
@@ -148,6 +150,26 @@ class BatchAudit:
                 description=error,
             ),
             failure=error is not None,
+        )
+
+    def sr_sent(self, settings: SendSettings, sr: Any, *, failure: str | None = None) -> None:
+        """Instances Transferred: an SR sent to a ``--send-to`` or ``--stow`` destination (or
+        given up on)."""
+        peer = settings.peer
+        self.trail.emit(
+            audit.sr_sent_message(
+                source=Participant(
+                    settings.calling_ae_title, True, audit.ROLE_SOURCE, self.me.address
+                ),
+                source_id=self.trail.source_id,
+                peer=(peer.ae_title, peer.host) if peer is not None else None,
+                url=settings.stow_url,
+                study_uid=str(sr.get("StudyInstanceUID", "")),
+                patient_id=str(sr.get("PatientID", "")),
+                sop_class_uid=str(sr.get("SOPClassUID", "")),
+                failure=failure,
+            ),
+            failure=failure is not None,
         )
 
     def export(self, path: Path, rows: Iterable[Any]) -> None:

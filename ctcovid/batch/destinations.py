@@ -95,6 +95,7 @@ class SrForwarder:
         max_attempts: int = 5,
         retry_seconds: float = 2.0,
         max_retry_seconds: float = 60.0,
+        audit: Any = None,
     ):
         self.out = Path(out)
         self.destinations = destinations
@@ -103,6 +104,8 @@ class SrForwarder:
         self.max_retry_seconds = max_retry_seconds
         # Made now: a bad URL, TLS file or missing extra shows before any series is classified.
         self._senders = {str(d): sr_sender(d) for d in destinations}
+        self._settings = {str(d): d for d in destinations}
+        self.audit = audit  # a ctcovid.batch.auditing.BatchAudit, or None
         self._unqueryable: set[str] = set()
         self._db = sqlite3.connect(self.out / SENT_FILE, check_same_thread=False)
         self._db.executescript(SCHEMA)
@@ -255,6 +258,7 @@ class SrForwarder:
         return path, plan, revised
 
     def _send(self, name: str, row: ResultRow, attempts: int) -> None:
+        sr: Dataset | None = None
         try:
             path, plan, sr = self._plan(name, row)
             if path is None:
@@ -268,6 +272,8 @@ class SrForwarder:
             # node; everything else is retried with backoff.
             if attempts >= self.max_attempts or isinstance(exc, StowRefused):
                 self._record(row, name, FAILED, attempts, reason)
+                if self.audit is not None and sr is not None:
+                    self.audit.sr_sent(self._settings[name], sr, failure=reason)
                 logger.error(
                     "event=sr_send_failed sr=%s destination=%s attempts=%d error=%r",
                     row.sr_path,
@@ -289,6 +295,8 @@ class SrForwarder:
             self._push(time.monotonic() + delay, name, row, attempts)
             return
         self._record(row, name, SENT, attempts + 1, "")
+        if self.audit is not None:
+            self.audit.sr_sent(self._settings[name], sr)
         assert row.label is not None
         delivered = Delivered(
             str(sr.SOPInstanceUID),

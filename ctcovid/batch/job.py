@@ -109,12 +109,6 @@ def _run_locked(
     # One pool of workers for both phases: the decoders start warm (modules imported) while the
     # model loads.
     local_pool = options.engine == "local" and options.workers > 0
-    forwarder = None
-    if options.destinations:
-        from ctcovid.batch.destinations import SrForwarder
-
-        forwarder = SrForwarder(out, options.destinations)
-        progress = forwarder.watch(progress)
     from ctcovid.batch.auditing import batch_audit
 
     trail = batch_audit(
@@ -124,7 +118,13 @@ def _run_locked(
         trail.activity(started=True)
         if options.source is not None:
             options.source.audit = trail
+    forwarder = None
     try:
+        if options.destinations:
+            from ctcovid.batch.destinations import SrForwarder
+
+            forwarder = SrForwarder(out, options.destinations, audit=trail)
+            progress = forwarder.watch(progress)
         with (
             decoder_pool(options.workers, options.decoder_memory_mb)
             if local_pool

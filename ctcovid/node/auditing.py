@@ -255,27 +255,17 @@ class NodeAudit:
             )
             return
         config = self.config
-        if config.peer is not None:
-            destination = Participant(
-                config.peer.ae_title, False, audit.ROLE_DESTINATION, config.peer.host
-            )
-        else:
-            destination = Participant(
-                str(config.stow), False, audit.ROLE_DESTINATION, str(config.stow)
-            )
-        source = Participant(config.ae_title, True, audit.ROLE_SOURCE, self.me.address)
+        peer = config.peer if config.stow is None else None
         self.trail.emit(
-            audit.transfer_message(
-                audit.INSTANCES_TRANSFERRED,
-                source=source,
-                destination=destination,
+            audit.sr_sent_message(
+                source=Participant(config.ae_title, True, audit.ROLE_SOURCE, self.me.address),
                 source_id=self.trail.source_id,
+                peer=(peer.ae_title, peer.host) if peer is not None else None,
+                url=config.stow,
                 study_uid=study_uid,
                 patient_id=patient_id,
-                sop_classes={sop_class: 1},
-                action="R",
-                outcome=audit.SERIOUS_FAILURE if failure else audit.SUCCESS,
-                description=failure,
+                sop_class_uid=sop_class,
+                failure=failure,
             ),
             failure=failure is not None,
         )
