@@ -82,7 +82,19 @@ def classify(store: Store, probability: float, label: str) -> Any:
                                    sr_sop_instance_uid=sr_uid, probability_covid=probability,
                                    label=label, classify_seconds=1.0)
     store.jobs.note_slice_probabilities(record, SLICES)
+    store.files.write_heatmaps(record.study_instance_uid, record.series_instance_uid,
+                               [heatmap_png(p) for p in sorted(SLICES, reverse=True)[:3]])
     return store.jobs.get(record.series_instance_uid, record.study_instance_uid)
+
+
+def heatmap_png(probability: float) -> bytes:
+    """A key-slice heatmap as the worker makes one: a CAM blended over a grey slice."""
+    import numpy as np
+
+    from ctcovid.report import overlay_rgb, png_bytes
+
+    grey = np.tile(np.linspace(0, 255, 32, dtype=np.uint8), (32, 1))
+    return png_bytes(overlay_rgb(grey, np.full((2, 2), probability, np.float32)))
 
 
 @pytest.fixture
@@ -159,12 +171,53 @@ def test_page_shows_node_model_counts_results_failures_and_a_series(filled) -> N
     assert "default-src 'none'" in web.get("/").headers["content-security-policy"]
 
 
+def test_series_page_shows_its_key_slice_heatmaps_served_as_png_by_checked_uids(
+    filled, tmp_path: Path
+) -> None:
+    from PIL import Image
+
+    study, series = filled["ok"]
+    web = client(context(filled))
+    page = web.get(f"/series/{study}/{series}").text
+    api = web.get(f"/api/series/{study}/{series}").json()
+    first = web.get(f"/series/{study}/{series}/heatmap/1.png")
+
+    urls = [f"/series/{study}/{series}/heatmap/{n}.png" for n in (1, 2, 3)]
+    assert api["heatmaps"] == urls and all(f'<img src="{url}"' in page for url in urls)
+    assert first.status_code == 200 and first.headers["content-type"] == "image/png"
+    assert first.content == filled["store"].files.heatmap_path(study, series, 1).read_bytes()
+    image = Image.open(io.BytesIO(first.content))
+    assert image.size == (32, 32) and not image.text  # pixels only: no text chunk
+    new_study, new_series = filled["new"]
+    assert "No heatmaps yet" in web.get(f"/series/{new_study}/{new_series}").text
+    for path in (f"/series/{study}/{series}/heatmap/4.png",  # only three key slices
+                 f"/series/{study}/{series}/heatmap/0.png",
+                 f"/series/{study}/{series}/heatmap/99999999999999999999.png",
+                 f"/series/{new_study}/{new_series}/heatmap/1.png",
+                 f"/series/{study}/1.2.3/heatmap/1.png",  # no such series
+                 f"/series/{study}/{series}x/heatmap/1.png",
+                 f"/series/{study}/..%2F..%2Fsr/heatmap/1.png",
+                 f"/series/{study}/{series}/heatmap/..%2F..%2F..%2Fnode.sqlite"):
+        assert web.get(path).status_code == 404, path
+    # The same access rules as the page: with credentials configured, none: no image.
+    from ctcovid.node.webauth import token_line
+
+    secret, line = token_line("ci")
+    (tmp_path / "users").write_text(line + "\n")
+    guarded = client(context(filled, http_auth_file=tmp_path / "users"))
+    url = f"/series/{study}/{series}/heatmap/1.png"
+    assert guarded.get(url).status_code == 401
+    assert guarded.get(url, headers={"Authorization": f"Bearer {secret}"}).status_code == 200
+
+
 def test_no_patient_name_id_or_birth_date_unless_show_phi(filled) -> None:
     paths = ["/", "/api/series", "/api/status", "/api/series/{}/{}".format(*filled["ok"]),
              "/series/{}/{}".format(*filled["ok"])]
     hidden = client(context(filled))
     shown = client(context(filled, http_show_phi=True))
 
+    heatmap = hidden.get("/series/{}/{}/heatmap/1.png".format(*filled["ok"]))
+    assert heatmap.status_code == 200 and PATIENT_NAME.encode() not in heatmap.content
     for path in paths:
         text = hidden.get(path).text
         assert PATIENT_NAME not in text and PATIENT_ID not in text and BIRTH_DATE not in text
