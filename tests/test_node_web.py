@@ -1,7 +1,8 @@
 """The node's HTTP server: page, JSON API, probes, metrics, PHI and access rules.
 
 In-process (Starlette's test client) over a real store filled by the store's own methods, no
-model; one test drives the page with a real headless Chromium.
+model; one test drives a running node (listener, worker with the tiny model, HTTP server) with
+storescu, Orthanc as its peer and a real headless Chromium.
 """
 
 from __future__ import annotations
@@ -516,9 +517,9 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
 
 
-def test_browser_shows_results_and_failures_and_retry_requeues(
-    filled, tmp_path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+@pytest.fixture
+def browser(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """Headless Chromium through the distribution's chromedriver (never a downloaded one)."""
     pytest.importorskip("selenium")
     if CHROMIUM is None or not Path(CHROMEDRIVER).exists():
         pytest.skip("Chromium and its driver are not installed (Debian: chromium "
@@ -526,46 +527,120 @@ def test_browser_shows_results_and_failures_and_retry_requeues(
     monkeypatch.setenv("SE_OFFLINE", "true")  # Selenium Manager must never download anything
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
-    from selenium.webdriver.common.by import By
 
-    ctx = context(filled)
-    ctx.config = NodeConfig(store=filled["root"], http_port=0, min_free_mb=0)
-    server = WebServer(ctx)
-    server.start()
-    base = f"http://127.0.0.1:{server.port}"
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
     for argument in ("--headless=new", "--no-sandbox", "--disable-gpu",
-                     "--disable-dev-shm-usage", "--window-size=1400,1000",
+                     "--disable-dev-shm-usage", "--window-size=1280,900",
                      f"--user-data-dir={tmp_path / 'chromium'}"):
         options.add_argument(argument)
     driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
-    try:
-        driver.set_page_load_timeout(30)
-        driver.get(base + "/")
-        rows = {r.get_attribute("data-series"): r.text
-                for r in driver.find_elements(By.CSS_SELECTOR, "tr.series-row")}
-        ok_series, failed_series = filled["ok"][1], filled["failed"][1]
-        assert "classified" in rows[ok_series] and "0.870" in rows[ok_series]
-        failed_row = driver.find_element(By.CSS_SELECTOR, "#failed tr.failed-row")
-        assert "association with PACS rejected" in failed_row.text
-        assert PATIENT_NAME not in driver.page_source
-        driver.save_screenshot(str(tmp_path / "status-page.png"))
+    driver.set_page_load_timeout(30)
+    yield driver
+    driver.quit()
 
+
+@pytest.mark.network
+def test_browser_follows_studies_from_storescu_to_orthanc_through_a_failure_and_a_retry(
+    tmp_path: Path, browser: Any, tiny_classifier: Any, tiny_model_dir: Path,
+    studies_root: Path,
+) -> None:
+    """storescu sends a study to a running node (listener, worker, HTTP server over one store):
+    the page shows it sent with P(COVID) and its heatmaps load. Orthanc stops: the next study
+    ends failed with its reason on the page. Orthanc starts again: Retry in the browser sends
+    the SR (Orthanc's REST API has it) and the page shows the series sent."""
+    import threading
+
+    from node_helpers import Orthanc, storescu, study_of_instance_in_orthanc
+    from selenium.webdriver.common.by import By
+
+    from ctcovid.node.health import model_summary
+    from ctcovid.node.scp import Listener
+    from ctcovid.node.worker import Worker
+
+    orthanc = Orthanc(tmp_path / "orthanc", free_port())
+    config = NodeConfig(
+        store=tmp_path / "store", host="127.0.0.1", port=0, http_port=0, min_free_mb=0,
+        model=tiny_model_dir, peer=f"127.0.0.1:{orthanc.dicom_port}:{orthanc.aet}",
+        stable_seconds=1, poll_seconds=0.2, max_attempts=1, retry_seconds=1,
+    )
+    listener = Listener(config, Store(config.store))
+    worker = Worker(config, Store(config.store), tiny_classifier)
+    server = WebServer(WebContext(config=config, store=Store(config.store),
+                                  model=model_summary(config), heartbeat=time.monotonic,
+                                  dicom_port=lambda: listener.port))
+    stop = threading.Event()
+    working = threading.Thread(target=worker.run, args=(stop,), daemon=True)
+    api = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    base = f"http://127.0.0.1:{server.port}"
+
+    def series(study: str) -> dict[str, Any] | None:
+        with api.open(f"{base}/api/series", timeout=10) as response:
+            listing = json.loads(response.read())["series"]
+        return next((s for s in listing if s["study_instance_uid"] == study), None)
+
+    def ends(study: str, state: str) -> dict[str, Any]:
+        def reached() -> dict[str, Any] | None:
+            found = series(study)
+            return found if found is not None and found["state"] == state else None
+        return wait_for(reached, 120, f"study {study} to be {state}")
+
+    def send(name: str) -> str:
+        files = sorted(p for p in (studies_root / name / "ct").iterdir() if p.is_file())
+        assert storescu(listener.port, files).returncode == 0
+        return str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+
+    listener.start()
+    server.start()
+    working.start()
+    try:
+        first = ends(send("study_000"), "sent")
+        assert study_of_instance_in_orthanc(orthanc, first["sr_instance_uid"]) == \
+            first["study_instance_uid"]
+        browser.get(f"{base}/series/{first['study_instance_uid']}/"
+                    f"{first['series_instance_uid']}")
+        probability = f"{first['probability_covid']:.3f}"
+        assert probability in browser.find_element(By.CSS_SELECTOR, "td.probability").text
+        widths = browser.execute_script(
+            "return Array.from(document.querySelectorAll('figure.heatmap img'), "
+            "i => i.complete ? i.naturalWidth : 0)")
+        assert len(widths) >= 1 and all(w > 0 for w in widths), widths
+        browser.save_screenshot(str(tmp_path / "series-page.png"))
+
+        orthanc.close()
+        second = ends(send("study_001"), "failed")
+        browser.get(base + "/")
+        rows = {r.get_attribute("data-series"): r.text
+                for r in browser.find_elements(By.CSS_SELECTOR, "tr.series-row")}
+        assert "sent" in rows[first["series_instance_uid"]]
+        assert probability in rows[first["series_instance_uid"]]
+        failed_row = browser.find_element(By.CSS_SELECTOR, "#failed tr.failed-row")
+        assert failed_row.get_attribute("data-series") == second["series_instance_uid"]
+        assert second["reason"] and second["reason"] in failed_row.text
+        browser.save_screenshot(str(tmp_path / "status-page.png"))
+
+        orthanc = Orthanc(tmp_path / "orthanc", free_port(), dicom_port=orthanc.dicom_port)
         failed_row.find_element(By.CSS_SELECTOR, "button.retry").click()
-        wait_for(lambda: "re-queued" in driver.page_source, 15, "the page after Retry")
-        driver.save_screenshot(str(tmp_path / "after-retry.png"))
-        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-        with opener.open(f"{base}/api/series/{filled['failed'][0]}/{failed_series}",
-                         timeout=10) as response:
-            after = json.loads(response.read())
-        assert after["state"] == "classified"
-        assert [h["state"] for h in after["history"]][-2:] == ["failed", "classified"]
-        driver.get(f"{base}/series/{filled['ok'][0]}/{ok_series}")
-        assert driver.find_element(By.CSS_SELECTOR, "svg.plot")
+        wait_for(lambda: "re-queued" in browser.page_source, 15, "the page after Retry")
+        resent = ends(second["study_instance_uid"], "sent")
+        assert study_of_instance_in_orthanc(orthanc, resent["sr_instance_uid"]) == \
+            second["study_instance_uid"]
+        browser.get(base + "/")
+        row = browser.find_element(
+            By.CSS_SELECTOR, f"tr.series-row[data-series='{second['series_instance_uid']}']")
+        assert "sent" in row.text
+        assert not browser.find_elements(By.CSS_SELECTOR, "#failed tr.failed-row")
+        source = pydicom.dcmread(next((studies_root / "study_001" / "ct").iterdir()),
+                                 stop_before_pixels=True)
+        assert str(source.PatientName) not in browser.page_source
     finally:
-        driver.quit()
+        stop.set()
+        working.join(60)
         server.stop()
+        listener.stop(drain_seconds=1)
+        for store in (listener.store, worker.store, server.ctx.store):
+            store.close()
+        orthanc.close()
     assert (tmp_path / "status-page.png").stat().st_size > 1000
 
 
