@@ -441,74 +441,99 @@ def test_https_with_credentials_beyond_loopback_settings(filled, tmp_path) -> No
     assert listing["total"] == 3
 
 
-def test_slow_clients_and_a_request_flood_neither_stop_receiving_nor_go_unbounded(
-    filled, studies_root: Path, monkeypatch: pytest.MonkeyPatch
+def test_200_page_loads_and_slow_clients_neither_stop_receiving_nor_classifying(
+    filled, tmp_path: Path, tiny_classifier: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """200 clients loading the page at once and 64 connections that never finish their
+    headers, while storescu sends a series of 100 instances to the listener and a worker
+    classifies: all 100 are received and the series classified; the server answers beyond
+    ``MAX_CONNECTIONS`` with 503 at once, serves every client in the end and cuts the slow
+    connections."""
+    import random
     import socket
     import threading
 
     from node_helpers import closed_by_peer, storescu
 
+    import dicom_fixtures
     from ctcovid.node.scp import Listener
     from ctcovid.node.web import MAX_CONNECTIONS
+    from ctcovid.node.worker import Worker
 
     monkeypatch.setattr("ctcovid.node.web.HEADER_SECONDS", 2.0)
+    dicom_fixtures.generate_studies(tmp_path / "big", 1, seed=3, n_slices=100, size=64)
+    files = sorted((tmp_path / "big" / "study_000" / "ct").iterdir())
+    source = pydicom.dcmread(files[0], stop_before_pixels=True)
+    config = NodeConfig(store=filled["root"], host="127.0.0.1", port=0, min_free_mb=0,
+                        stable_seconds=1, poll_seconds=0.2, decoder_memory_mb=0)
     server = WebServer(context(filled))
-    server.start()
-    listener = Listener(NodeConfig(store=filled["root"], host="127.0.0.1", port=0,
-                                   min_free_mb=0), Store(filled["root"]))
-    listener.start()
+    listener = Listener(config, Store(filled["root"]))
+    worker = Worker(config, Store(filled["root"]), tiny_classifier)
     slow: list[socket.socket] = []
-    stop = threading.Event()
+    stop, stop_worker = threading.Event(), threading.Event()
     answers: list[int] = []
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     base = f"http://127.0.0.1:{server.port}"
 
-    def flood() -> None:
-        while not stop.is_set():
+    def load_page() -> None:
+        """Load the page once; a 503 (server full) is tried again shortly, as a browser would."""
+        deadline = time.monotonic() + 90
+        while not stop.is_set() and time.monotonic() < deadline:
             try:
                 with opener.open(base + "/", timeout=10) as response:
+                    response.read()
                     answers.append(response.status)
+                    return
             except urllib.error.HTTPError as exc:
                 answers.append(exc.code)
             except OSError:
                 answers.append(0)
+            time.sleep(random.uniform(0.05, 0.3))
 
-    floods = [threading.Thread(target=flood, daemon=True) for _ in range(4)]
-    files = sorted((studies_root / "study_001" / "ct").glob("*.dcm"))
-    before = listener.store.jobs.count_instances()
+    def big_series() -> Any:
+        return listener.store.jobs.get(str(source.SeriesInstanceUID),
+                                       str(source.StudyInstanceUID))
+
+    clients = [threading.Thread(target=load_page, daemon=True) for _ in range(200)]
+    working = threading.Thread(target=worker.run, args=(stop_worker,), daemon=True)
+    server.start()
+    listener.start()
+    working.start()
     try:
         for _ in range(2 * MAX_CONNECTIONS):  # headers started, never finished
             sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
             sock.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n")
             slow.append(sock)
-        for thread in floods:
+        for thread in clients:
             thread.start()
         started = time.monotonic()
         sent = storescu(listener.port, files)
         seconds = time.monotonic() - started
-        stop.set()
-        for thread in floods:
-            thread.join(15)
+        for thread in clients:
+            thread.join(100)
         # Headers never finished: the server closes those connections after HEADER_SECONDS.
         cut = [closed_by_peer(sock, 10) for sock in slow]
-    finally:
-        stop.set()
-        for sock in slow:
-            sock.close()
-    try:
         assert sent.returncode == 0, sent.stderr
-        assert listener.store.jobs.count_instances() == before + len(files)
-        assert seconds < 30
-        assert answers and set(answers) <= {200, 503}
-        assert 503 in answers  # beyond MAX_CONNECTIONS the server answers at once, unserved
-        assert all(cut)
+        classified = wait_for(
+            lambda: (r := big_series()) is not None and r.state == CLASSIFIED
+            and r.n_instances == len(files) and r, 120, "the 100 instances to be classified")
         wait_for(lambda: opener.open(base + "/healthz", timeout=10).status == 200, 15,
                  "the server to serve again")
     finally:
+        stop.set()
+        stop_worker.set()
+        for sock in slow:
+            sock.close()
+        working.join(60)
         listener.stop(drain_seconds=1)
-        listener.store.close()
         server.stop()
+        listener.store.close()
+        worker.store.close()
+    assert len(files) == 100 and classified.probability_covid is not None
+    assert seconds < 60  # the send was not held up (about 5 s on 2 busy cores)
+    assert answers.count(200) == len(clients)  # every client got its page
+    assert set(answers) == {200, 503}  # beyond MAX_CONNECTIONS: answered at once, unserved
+    assert all(cut)
 
 
 # -- a real browser -----------------------------------------------------------------------
