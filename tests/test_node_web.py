@@ -672,15 +672,17 @@ def test_browser_follows_studies_from_storescu_to_orthanc_through_a_failure_and_
 # -- the real node ------------------------------------------------------------------------
 
 
-@pytest.mark.slow  # about 30 s: the worker loads TensorFlow and the model
+@pytest.mark.slow  # about 50 s: the worker loads TensorFlow and the model, twice
 @pytest.mark.network
 def test_listen_serves_probes_api_and_metrics_on_one_port(
     tmp_path: Path, tiny_model_dir: Path, studies_root: Path
 ) -> None:
     """``ctcovid listen --http-port 0``: not ready while the worker loads the model, ready
     after; a study sent by storescu shows in the API with its accession number and P(COVID),
-    never with the patient's name."""
+    never with the patient's name; the worker process killed, not ready until it is back."""
+    import os
     import re
+    import signal
 
     from node_helpers import NodeProcess, storescu
 
@@ -712,8 +714,15 @@ def test_listen_serves_probes_api_and_metrics_on_one_port(
                            180, "the series to be classified", interval=1.0)
         status, metrics = get("/metrics")
         page = opener.open(base + "/", timeout=30).read().decode()
+        # The worker process killed: not ready, naming the worker, until its restart is ready.
+        worker_pid = int(re.findall(r"event=worker_started pid=(\d+)", node.text())[-1])
+        os.kill(worker_pid, signal.SIGKILL)
+        dead = wait_for(lambda: (r := get("/readyz"))[0] == 503 and r[1], 30,
+                        "/readyz to report the killed worker")
+        wait_for(lambda: get("/readyz")[0] == 200, 240, "the restarted worker", interval=1.0)
     finally:
         code = node.terminate()
+    assert [name for name, check in dead["checks"].items() if not check["ok"]] == ["worker"]
     assert code == 0
     (series,) = listing
     assert series["accession_number"] == str(source.AccessionNumber)
