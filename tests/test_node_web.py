@@ -214,11 +214,20 @@ def test_series_page_shows_its_key_slice_heatmaps_served_as_png_by_checked_uids(
 def test_no_patient_name_id_or_birth_date_unless_show_phi(filled) -> None:
     paths = ["/", "/api/series", "/api/status", "/api/series/{}/{}".format(*filled["ok"]),
              "/series/{}/{}".format(*filled["ok"])]
-    hidden = client(context(filled))
+    from ctcovid.node.metrics import Metrics
+    from ctcovid.node.scp import ReceiveStats
+
+    hidden_ctx = context(filled)
+    hidden_ctx.metrics = Metrics(None, "127.0.0.1", filled["store"], ReceiveStats())
+    hidden = client(hidden_ctx)
     shown = client(context(filled, http_show_phi=True))
 
-    heatmap = hidden.get("/series/{}/{}/heatmap/1.png".format(*filled["ok"]))
-    assert heatmap.status_code == 200 and PATIENT_NAME.encode() not in heatmap.content
+    for path in ("/healthz", "/readyz", "/metrics", "/series/{}/{}/heatmap/1.png".format(
+            *filled["ok"])):
+        answer = hidden.get(path)
+        assert answer.status_code == 200, path
+        assert PATIENT_NAME.encode() not in answer.content, path
+        assert PATIENT_ID.encode() not in answer.content, path
     for path in paths:
         text = hidden.get(path).text
         assert PATIENT_NAME not in text and PATIENT_ID not in text and BIRTH_DATE not in text
