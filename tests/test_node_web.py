@@ -468,6 +468,7 @@ def test_200_page_loads_and_slow_clients_neither_stop_receiving_nor_classifying(
     from ctcovid.node.scp import Listener
     from ctcovid.node.web import MAX_CONNECTIONS
     from ctcovid.node.worker import Worker
+    from ctcovid.scans import KEY_SLICES
 
     monkeypatch.setattr("ctcovid.node.web.HEADER_SECONDS", 2.0)
     dicom_fixtures.generate_studies(tmp_path / "big", 1, seed=3, n_slices=100, size=64)
@@ -539,6 +540,9 @@ def test_200_page_loads_and_slow_clients_neither_stop_receiving_nor_classifying(
         listener.store.close()
         worker.store.close()
     assert len(files) == 100 and classified.probability_covid is not None
+    # Decoded in the worker's own process here (decoder_memory_mb=0): heatmaps all the same.
+    assert filled["store"].files.heatmap_count(str(source.StudyInstanceUID),
+                                               str(source.SeriesInstanceUID)) == KEY_SLICES
     assert seconds < 60  # the send was not held up (about 5 s on 2 busy cores)
     assert answers.count(200) == len(clients)  # every client got its page
     assert set(answers) == {200, 503}  # beyond MAX_CONNECTIONS: answered at once, unserved
