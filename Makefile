@@ -48,6 +48,10 @@ demo: $(DEMO)/model/ctcovid.json $(DEMO)/gate/cov19
 	else echo "no int8 graph kept (the reason is above): the Keras results stand"; fi
 	@echo "Ground truth: $$(grep -o '"label": "[^"]*"' $(DEMO)/data/manifest.json | tr '\n' ' ')"
 	@echo "Structured Reports and heatmaps are in $(DEMO)/out/. Synthetic data: no clinical value."
+	@echo "== To run the DICOM node with its status page (not started here) =="
+	@echo "  $(BIN)/ctcovid listen --store $(DEMO)/node --model $(DEMO)/model --port 11112 --http-port 8080"
+	@echo "  then open http://127.0.0.1:8080/ and send it a study from another shell:"
+	@echo "  storescu -aec CTCOVID 127.0.0.1 11112 $(DEMO)/data/study_000/ct/*"
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow" --durations=15

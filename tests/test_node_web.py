@@ -1,7 +1,8 @@
 """The node's HTTP server: page, JSON API, probes, metrics, PHI and access rules.
 
 In-process (Starlette's test client) over a real store filled by the store's own methods, no
-model; one test drives the page with a real headless Chromium.
+model; one test drives a running node (listener, worker with the tiny model, HTTP server) with
+storescu, Orthanc as its peer and a real headless Chromium.
 """
 
 from __future__ import annotations
@@ -82,7 +83,19 @@ def classify(store: Store, probability: float, label: str) -> Any:
                                    sr_sop_instance_uid=sr_uid, probability_covid=probability,
                                    label=label, classify_seconds=1.0)
     store.jobs.note_slice_probabilities(record, SLICES)
+    store.files.write_heatmaps(record.study_instance_uid, record.series_instance_uid,
+                               [heatmap_png(p) for p in sorted(SLICES, reverse=True)[:3]])
     return store.jobs.get(record.series_instance_uid, record.study_instance_uid)
+
+
+def heatmap_png(probability: float) -> bytes:
+    """A key-slice heatmap as the worker makes one: a CAM blended over a grey slice."""
+    import numpy as np
+
+    from ctcovid.report import overlay_rgb, png_bytes
+
+    grey = np.tile(np.linspace(0, 255, 32, dtype=np.uint8), (32, 1))
+    return png_bytes(overlay_rgb(grey, np.full((2, 2), probability, np.float32)))
 
 
 @pytest.fixture
@@ -159,12 +172,62 @@ def test_page_shows_node_model_counts_results_failures_and_a_series(filled) -> N
     assert "default-src 'none'" in web.get("/").headers["content-security-policy"]
 
 
+def test_series_page_shows_its_key_slice_heatmaps_served_as_png_by_checked_uids(
+    filled, tmp_path: Path
+) -> None:
+    from PIL import Image
+
+    study, series = filled["ok"]
+    web = client(context(filled))
+    page = web.get(f"/series/{study}/{series}").text
+    api = web.get(f"/api/series/{study}/{series}").json()
+    first = web.get(f"/series/{study}/{series}/heatmap/1.png")
+
+    urls = [f"/series/{study}/{series}/heatmap/{n}.png" for n in (1, 2, 3)]
+    assert api["heatmaps"] == urls and all(f'<img src="{url}"' in page for url in urls)
+    assert first.status_code == 200 and first.headers["content-type"] == "image/png"
+    assert first.content == filled["store"].files.heatmap_path(study, series, 1).read_bytes()
+    image = Image.open(io.BytesIO(first.content))
+    assert image.size == (32, 32) and not image.text  # pixels only: no text chunk
+    new_study, new_series = filled["new"]
+    assert "No heatmaps yet" in web.get(f"/series/{new_study}/{new_series}").text
+    for path in (f"/series/{study}/{series}/heatmap/4.png",  # only three key slices
+                 f"/series/{study}/{series}/heatmap/0.png",
+                 f"/series/{study}/{series}/heatmap/99999999999999999999.png",
+                 f"/series/{new_study}/{new_series}/heatmap/1.png",
+                 f"/series/{study}/1.2.3/heatmap/1.png",  # no such series
+                 f"/series/{study}/{series}x/heatmap/1.png",
+                 f"/series/{study}/..%2F..%2Fsr/heatmap/1.png",
+                 f"/series/{study}/{series}/heatmap/..%2F..%2F..%2Fnode.sqlite"):
+        assert web.get(path).status_code == 404, path
+    # The same access rules as the page: with credentials configured, none: no image.
+    from ctcovid.node.webauth import token_line
+
+    secret, line = token_line("ci")
+    (tmp_path / "users").write_text(line + "\n")
+    guarded = client(context(filled, http_auth_file=tmp_path / "users"))
+    url = f"/series/{study}/{series}/heatmap/1.png"
+    assert guarded.get(url).status_code == 401
+    assert guarded.get(url, headers={"Authorization": f"Bearer {secret}"}).status_code == 200
+
+
 def test_no_patient_name_id_or_birth_date_unless_show_phi(filled) -> None:
     paths = ["/", "/api/series", "/api/status", "/api/series/{}/{}".format(*filled["ok"]),
              "/series/{}/{}".format(*filled["ok"])]
-    hidden = client(context(filled))
+    from ctcovid.node.metrics import Metrics
+    from ctcovid.node.scp import ReceiveStats
+
+    hidden_ctx = context(filled)
+    hidden_ctx.metrics = Metrics(None, "127.0.0.1", filled["store"], ReceiveStats())
+    hidden = client(hidden_ctx)
     shown = client(context(filled, http_show_phi=True))
 
+    for path in ("/healthz", "/readyz", "/metrics", "/series/{}/{}/heatmap/1.png".format(
+            *filled["ok"])):
+        answer = hidden.get(path)
+        assert answer.status_code == 200, path
+        assert PATIENT_NAME.encode() not in answer.content, path
+        assert PATIENT_ID.encode() not in answer.content, path
     for path in paths:
         text = hidden.get(path).text
         assert PATIENT_NAME not in text and PATIENT_ID not in text and BIRTH_DATE not in text
@@ -387,74 +450,103 @@ def test_https_with_credentials_beyond_loopback_settings(filled, tmp_path) -> No
     assert listing["total"] == 3
 
 
-def test_slow_clients_and_a_request_flood_neither_stop_receiving_nor_go_unbounded(
-    filled, studies_root: Path, monkeypatch: pytest.MonkeyPatch
+def test_200_page_loads_and_slow_clients_neither_stop_receiving_nor_classifying(
+    filled, tmp_path: Path, tiny_classifier: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """200 clients loading the page at once and 64 connections that never finish their
+    headers, while storescu sends a series of 100 instances to the listener and a worker
+    classifies: all 100 are received and the series classified; the server answers beyond
+    ``MAX_CONNECTIONS`` with 503 at once, serves every client in the end and cuts the slow
+    connections."""
+    import random
     import socket
     import threading
 
     from node_helpers import closed_by_peer, storescu
 
+    import dicom_fixtures
     from ctcovid.node.scp import Listener
     from ctcovid.node.web import MAX_CONNECTIONS
+    from ctcovid.node.worker import Worker
+    from ctcovid.scans import KEY_SLICES
 
     monkeypatch.setattr("ctcovid.node.web.HEADER_SECONDS", 2.0)
+    dicom_fixtures.generate_studies(tmp_path / "big", 1, seed=3, n_slices=100, size=64)
+    files = sorted((tmp_path / "big" / "study_000" / "ct").iterdir())
+    source = pydicom.dcmread(files[0], stop_before_pixels=True)
+    config = NodeConfig(store=filled["root"], host="127.0.0.1", port=0, min_free_mb=0,
+                        stable_seconds=1, poll_seconds=0.2, decoder_memory_mb=0)
     server = WebServer(context(filled))
-    server.start()
-    listener = Listener(NodeConfig(store=filled["root"], host="127.0.0.1", port=0,
-                                   min_free_mb=0), Store(filled["root"]))
-    listener.start()
+    listener = Listener(config, Store(filled["root"]))
+    worker = Worker(config, Store(filled["root"]), tiny_classifier)
     slow: list[socket.socket] = []
-    stop = threading.Event()
+    stop, stop_worker = threading.Event(), threading.Event()
     answers: list[int] = []
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     base = f"http://127.0.0.1:{server.port}"
 
-    def flood() -> None:
-        while not stop.is_set():
+    def load_page() -> None:
+        """Load the page once; a 503 (server full) is tried again shortly, as a browser would."""
+        deadline = time.monotonic() + 90
+        while not stop.is_set() and time.monotonic() < deadline:
             try:
                 with opener.open(base + "/", timeout=10) as response:
+                    response.read()
                     answers.append(response.status)
+                    return
             except urllib.error.HTTPError as exc:
                 answers.append(exc.code)
             except OSError:
                 answers.append(0)
+            time.sleep(random.uniform(0.05, 0.3))
 
-    floods = [threading.Thread(target=flood, daemon=True) for _ in range(4)]
-    files = sorted((studies_root / "study_001" / "ct").glob("*.dcm"))
-    before = listener.store.jobs.count_instances()
+    def big_series() -> Any:
+        return listener.store.jobs.get(str(source.SeriesInstanceUID),
+                                       str(source.StudyInstanceUID))
+
+    clients = [threading.Thread(target=load_page, daemon=True) for _ in range(200)]
+    working = threading.Thread(target=worker.run, args=(stop_worker,), daemon=True)
+    server.start()
+    listener.start()
+    working.start()
     try:
         for _ in range(2 * MAX_CONNECTIONS):  # headers started, never finished
             sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
             sock.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n")
             slow.append(sock)
-        for thread in floods:
+        for thread in clients:
             thread.start()
         started = time.monotonic()
         sent = storescu(listener.port, files)
         seconds = time.monotonic() - started
-        stop.set()
-        for thread in floods:
-            thread.join(15)
+        for thread in clients:
+            thread.join(100)
         # Headers never finished: the server closes those connections after HEADER_SECONDS.
         cut = [closed_by_peer(sock, 10) for sock in slow]
-    finally:
-        stop.set()
-        for sock in slow:
-            sock.close()
-    try:
         assert sent.returncode == 0, sent.stderr
-        assert listener.store.jobs.count_instances() == before + len(files)
-        assert seconds < 30
-        assert answers and set(answers) <= {200, 503}
-        assert 503 in answers  # beyond MAX_CONNECTIONS the server answers at once, unserved
-        assert all(cut)
+        classified = wait_for(
+            lambda: (r := big_series()) is not None and r.state == CLASSIFIED
+            and r.n_instances == len(files) and r, 120, "the 100 instances to be classified")
         wait_for(lambda: opener.open(base + "/healthz", timeout=10).status == 200, 15,
                  "the server to serve again")
     finally:
+        stop.set()
+        stop_worker.set()
+        for sock in slow:
+            sock.close()
+        working.join(60)
         listener.stop(drain_seconds=1)
-        listener.store.close()
         server.stop()
+        listener.store.close()
+        worker.store.close()
+    assert len(files) == 100 and classified.probability_covid is not None
+    # Decoded in the worker's own process here (decoder_memory_mb=0): heatmaps all the same.
+    assert filled["store"].files.heatmap_count(str(source.StudyInstanceUID),
+                                               str(source.SeriesInstanceUID)) == KEY_SLICES
+    assert seconds < 60  # the send was not held up (about 5 s on 2 busy cores)
+    assert answers.count(200) == len(clients)  # every client got its page
+    assert set(answers) == {200, 503}  # beyond MAX_CONNECTIONS: answered at once, unserved
+    assert all(cut)
 
 
 # -- a real browser -----------------------------------------------------------------------
@@ -463,9 +555,9 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
 
 
-def test_browser_shows_results_and_failures_and_retry_requeues(
-    filled, tmp_path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+@pytest.fixture
+def browser(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """Headless Chromium through the distribution's chromedriver (never a downloaded one)."""
     pytest.importorskip("selenium")
     if CHROMIUM is None or not Path(CHROMEDRIVER).exists():
         pytest.skip("Chromium and its driver are not installed (Debian: chromium "
@@ -473,61 +565,137 @@ def test_browser_shows_results_and_failures_and_retry_requeues(
     monkeypatch.setenv("SE_OFFLINE", "true")  # Selenium Manager must never download anything
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
-    from selenium.webdriver.common.by import By
 
-    ctx = context(filled)
-    ctx.config = NodeConfig(store=filled["root"], http_port=0, min_free_mb=0)
-    server = WebServer(ctx)
-    server.start()
-    base = f"http://127.0.0.1:{server.port}"
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
     for argument in ("--headless=new", "--no-sandbox", "--disable-gpu",
-                     "--disable-dev-shm-usage", "--window-size=1400,1000",
+                     "--disable-dev-shm-usage", "--window-size=1280,900",
                      f"--user-data-dir={tmp_path / 'chromium'}"):
         options.add_argument(argument)
     driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
-    try:
-        driver.set_page_load_timeout(30)
-        driver.get(base + "/")
-        rows = {r.get_attribute("data-series"): r.text
-                for r in driver.find_elements(By.CSS_SELECTOR, "tr.series-row")}
-        ok_series, failed_series = filled["ok"][1], filled["failed"][1]
-        assert "classified" in rows[ok_series] and "0.870" in rows[ok_series]
-        failed_row = driver.find_element(By.CSS_SELECTOR, "#failed tr.failed-row")
-        assert "association with PACS rejected" in failed_row.text
-        assert PATIENT_NAME not in driver.page_source
-        driver.save_screenshot(str(tmp_path / "status-page.png"))
+    driver.set_page_load_timeout(30)
+    yield driver
+    driver.quit()
 
+
+@pytest.mark.network
+def test_browser_follows_studies_from_storescu_to_orthanc_through_a_failure_and_a_retry(
+    tmp_path: Path, browser: Any, tiny_classifier: Any, tiny_model_dir: Path,
+    studies_root: Path,
+) -> None:
+    """storescu sends a study to a running node (listener, worker, HTTP server over one store):
+    the page shows it sent with P(COVID) and its heatmaps load. Orthanc stops: the next study
+    ends failed with its reason on the page. Orthanc starts again: Retry in the browser sends
+    the SR (Orthanc's REST API has it) and the page shows the series sent."""
+    import threading
+
+    from node_helpers import Orthanc, storescu, study_of_instance_in_orthanc
+    from selenium.webdriver.common.by import By
+
+    from ctcovid.node.health import model_summary
+    from ctcovid.node.scp import Listener
+    from ctcovid.node.worker import Worker
+
+    orthanc = Orthanc(tmp_path / "orthanc", free_port())
+    config = NodeConfig(
+        store=tmp_path / "store", host="127.0.0.1", port=0, http_port=0, min_free_mb=0,
+        model=tiny_model_dir, peer=f"127.0.0.1:{orthanc.dicom_port}:{orthanc.aet}",
+        stable_seconds=1, poll_seconds=0.2, max_attempts=1, retry_seconds=1,
+    )
+    listener = Listener(config, Store(config.store))
+    worker = Worker(config, Store(config.store), tiny_classifier)
+    server = WebServer(WebContext(config=config, store=Store(config.store),
+                                  model=model_summary(config), heartbeat=time.monotonic,
+                                  dicom_port=lambda: listener.port))
+    stop = threading.Event()
+    working = threading.Thread(target=worker.run, args=(stop,), daemon=True)
+    api = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    base = f"http://127.0.0.1:{server.port}"
+
+    def series(study: str) -> dict[str, Any] | None:
+        with api.open(f"{base}/api/series", timeout=10) as response:
+            listing = json.loads(response.read())["series"]
+        return next((s for s in listing if s["study_instance_uid"] == study), None)
+
+    def ends(study: str, state: str) -> dict[str, Any]:
+        def reached() -> dict[str, Any] | None:
+            found = series(study)
+            return found if found is not None and found["state"] == state else None
+        return wait_for(reached, 120, f"study {study} to be {state}")
+
+    def send(name: str) -> str:
+        files = sorted(p for p in (studies_root / name / "ct").iterdir() if p.is_file())
+        assert storescu(listener.port, files).returncode == 0
+        return str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+
+    listener.start()
+    server.start()
+    working.start()
+    try:
+        first = ends(send("study_000"), "sent")
+        assert study_of_instance_in_orthanc(orthanc, first["sr_instance_uid"]) == \
+            first["study_instance_uid"]
+        browser.get(f"{base}/series/{first['study_instance_uid']}/"
+                    f"{first['series_instance_uid']}")
+        probability = f"{first['probability_covid']:.3f}"
+        assert probability in browser.find_element(By.CSS_SELECTOR, "td.probability").text
+        widths = browser.execute_script(
+            "return Array.from(document.querySelectorAll('figure.heatmap img'), "
+            "i => i.complete ? i.naturalWidth : 0)")
+        assert len(widths) >= 1 and all(w > 0 for w in widths), widths
+        browser.save_screenshot(str(tmp_path / "series-page.png"))
+
+        orthanc.close()
+        second = ends(send("study_001"), "failed")
+        browser.get(base + "/")
+        rows = {r.get_attribute("data-series"): r.text
+                for r in browser.find_elements(By.CSS_SELECTOR, "tr.series-row")}
+        assert "sent" in rows[first["series_instance_uid"]]
+        assert probability in rows[first["series_instance_uid"]]
+        failed_row = browser.find_element(By.CSS_SELECTOR, "#failed tr.failed-row")
+        assert failed_row.get_attribute("data-series") == second["series_instance_uid"]
+        assert second["reason"] and second["reason"] in failed_row.text
+        browser.save_screenshot(str(tmp_path / "status-page.png"))
+
+        orthanc = Orthanc(tmp_path / "orthanc", free_port(), dicom_port=orthanc.dicom_port)
         failed_row.find_element(By.CSS_SELECTOR, "button.retry").click()
-        wait_for(lambda: "re-queued" in driver.page_source, 15, "the page after Retry")
-        driver.save_screenshot(str(tmp_path / "after-retry.png"))
-        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-        with opener.open(f"{base}/api/series/{filled['failed'][0]}/{failed_series}",
-                         timeout=10) as response:
-            after = json.loads(response.read())
-        assert after["state"] == "classified"
-        assert [h["state"] for h in after["history"]][-2:] == ["failed", "classified"]
-        driver.get(f"{base}/series/{filled['ok'][0]}/{ok_series}")
-        assert driver.find_element(By.CSS_SELECTOR, "svg.plot")
+        wait_for(lambda: "re-queued" in browser.page_source, 15, "the page after Retry")
+        resent = ends(second["study_instance_uid"], "sent")
+        assert study_of_instance_in_orthanc(orthanc, resent["sr_instance_uid"]) == \
+            second["study_instance_uid"]
+        browser.get(base + "/")
+        row = browser.find_element(
+            By.CSS_SELECTOR, f"tr.series-row[data-series='{second['series_instance_uid']}']")
+        assert "sent" in row.text
+        assert not browser.find_elements(By.CSS_SELECTOR, "#failed tr.failed-row")
+        source = pydicom.dcmread(next((studies_root / "study_001" / "ct").iterdir()),
+                                 stop_before_pixels=True)
+        assert str(source.PatientName) not in browser.page_source
     finally:
-        driver.quit()
+        stop.set()
+        working.join(60)
         server.stop()
+        listener.stop(drain_seconds=1)
+        for store in (listener.store, worker.store, server.ctx.store):
+            store.close()
+        orthanc.close()
     assert (tmp_path / "status-page.png").stat().st_size > 1000
 
 
 # -- the real node ------------------------------------------------------------------------
 
 
-@pytest.mark.slow  # about 30 s: the worker loads TensorFlow and the model
+@pytest.mark.slow  # about 50 s: the worker loads TensorFlow and the model, twice
 @pytest.mark.network
 def test_listen_serves_probes_api_and_metrics_on_one_port(
     tmp_path: Path, tiny_model_dir: Path, studies_root: Path
 ) -> None:
     """``ctcovid listen --http-port 0``: not ready while the worker loads the model, ready
     after; a study sent by storescu shows in the API with its accession number and P(COVID),
-    never with the patient's name."""
+    never with the patient's name; the worker process killed, not ready until it is back."""
+    import os
     import re
+    import signal
 
     from node_helpers import NodeProcess, storescu
 
@@ -559,8 +727,15 @@ def test_listen_serves_probes_api_and_metrics_on_one_port(
                            180, "the series to be classified", interval=1.0)
         status, metrics = get("/metrics")
         page = opener.open(base + "/", timeout=30).read().decode()
+        # The worker process killed: not ready, naming the worker, until its restart is ready.
+        worker_pid = int(re.findall(r"event=worker_started pid=(\d+)", node.text())[-1])
+        os.kill(worker_pid, signal.SIGKILL)
+        dead = wait_for(lambda: (r := get("/readyz"))[0] == 503 and r[1], 30,
+                        "/readyz to report the killed worker")
+        wait_for(lambda: get("/readyz")[0] == 200, 240, "the restarted worker", interval=1.0)
     finally:
         code = node.terminate()
+    assert [name for name, check in dead["checks"].items() if not check["ok"]] == ["worker"]
     assert code == 0
     (series,) = listing
     assert series["accession_number"] == str(source.AccessionNumber)

@@ -149,6 +149,17 @@ def test_complete_series_is_classified_and_its_sr_sent(
     history = worker.store.jobs.history(record.series_instance_uid, record.study_instance_uid)
     assert [h["state"] for h in history] == ["received", "waiting", "classifying", "classified",
                                              "sent"]
+    # And its key slices' heatmaps: one PNG per key slice, at the model's input size.
+    from PIL import Image
+
+    from ctcovid.scans import KEY_SLICES
+
+    study, series = record.study_instance_uid, record.series_instance_uid
+    keys = min(KEY_SLICES, len(json.loads(record.slice_probabilities)))
+    assert worker.store.files.heatmap_count(study, series) == keys
+    for number in range(1, keys + 1):
+        with Image.open(worker.store.files.heatmap_path(study, series, number)) as image:
+            assert (image.format, image.mode, image.size) == ("PNG", "RGB", (32, 32))
 
 
 def test_late_instance_sends_a_revised_sr_naming_its_predecessor(

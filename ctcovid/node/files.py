@@ -4,6 +4,7 @@ Layout under the store folder::
 
     instances/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm   received, as sent
     sr/<SeriesInstanceUID>/<SR SOPInstanceUID>.dcm                          reports built
+    heatmaps/<StudyInstanceUID>/<SeriesInstanceUID>/key<N>.png              for the node's page
     replaced/<StudyInstanceUID>/<SeriesInstanceUID>/<SOP>.<ns>.dcm          superseded content
     tmp/                                                                    half-written files
 
@@ -32,6 +33,8 @@ from ctcovid.fsio import fsync_dir, make_dirs_durable
 
 # Suffix of the half-written files in tmp/; any left after a crash are removed on start.
 PART_SUFFIX = ".part"
+# Heatmaps kept per series (the key slices of a result are fewer).
+MAX_HEATMAPS = 16
 
 
 class OutOfSpaceError(OSError):
@@ -54,6 +57,7 @@ class FileStore:
         self.min_free_bytes = int(min_free_mb * 1024 * 1024)
         self.instances_dir = self.root / "instances"
         self.sr_dir = self.root / "sr"
+        self.heatmaps_dir = self.root / "heatmaps"
         self.replaced_dir = self.root / "replaced"
         self.tmp_dir = self.root / "tmp"
         for folder in (self.root, self.instances_dir, self.sr_dir, self.replaced_dir, self.tmp_dir):
@@ -74,6 +78,29 @@ class FileStore:
         series = check_uid(series_instance_uid, "SeriesInstanceUID (0020,000E)")
         sop = check_uid(sr_sop_instance_uid, "SR SOPInstanceUID")
         return self.sr_dir / series / f"{sop}.dcm"
+
+    def heatmap_path(self, study: str, series: str, number: int) -> Path:
+        """The ``number``-th key slice's heatmap (1 = the most suspicious slice)."""
+        if not 1 <= number <= MAX_HEATMAPS:
+            raise ValueError(f"heatmap number must be in 1-{MAX_HEATMAPS}. Received: {number}.")
+        study = check_uid(study, "StudyInstanceUID (0020,000D)")
+        series = check_uid(series, "SeriesInstanceUID (0020,000E)")
+        return self.heatmaps_dir / study / series / f"key{number}.png"
+
+    def heatmap_count(self, study: str, series: str) -> int:
+        """How many heatmaps of the series are on disk (numbered from 1 without a gap)."""
+        count = 0
+        while count < MAX_HEATMAPS and self.heatmap_path(study, series, count + 1).is_file():
+            count += 1
+        return count
+
+    def write_heatmaps(self, study: str, series: str, pngs: list[bytes]) -> None:
+        """Store the series' key-slice heatmaps, replacing those of an earlier result."""
+        for number, data in enumerate(pngs[:MAX_HEATMAPS], start=1):
+            self.write_file(self.heatmap_path(study, series, number), data)
+        for number in range(len(pngs) + 1, MAX_HEATMAPS + 1):
+            with contextlib.suppress(FileNotFoundError):
+                self.remove(self.heatmap_path(study, series, number))
 
     def relative(self, path: Path) -> str:
         """``path`` as the job database records it: relative to the store folder."""

@@ -7,7 +7,8 @@ connections closed after ``KEEP_ALIVE_SECONDS``, and those whose request headers
 arrived whole after ``HEADER_SECONDS``). Needs ``pip install 'ctcovid[web]'``.
 
 ``GET /``                                    the status page (refreshes itself)
-``GET /series/{study}/{series}``             one series: result, slice plot, history
+``GET /series/{study}/{series}``             one series: result, slice plot, heatmaps, history
+``GET /series/{study}/{series}/heatmap/{n}.png``   the n-th key slice's heatmap (PNG, pixels only)
 ``GET /healthz``                             200 ``{"status": "ok"}`` while the server runs
 ``GET /readyz``                              200 ready / 503 not, with each check (see health)
 ``GET /metrics``                             Prometheus metrics
@@ -44,6 +45,7 @@ from ctcovid import __version__
 from ctcovid.dicom.uids import valid_uid
 from ctcovid.errors import ConfigError
 from ctcovid.node.config import NodeConfig, is_loopback
+from ctcovid.node.files import MAX_HEATMAPS
 from ctcovid.node.health import (
     Check,
     DestinationProbe,
@@ -196,6 +198,13 @@ class WebContext:
                 out["slice_probabilities"] = json.loads(record.slice_probabilities or "[]")
             except ValueError:
                 out["slice_probabilities"] = []
+            count = self.store.files.heatmap_count(
+                record.study_instance_uid, record.series_instance_uid
+            )
+            out["heatmaps"] = [
+                f"/series/{record.study_instance_uid}/{record.series_instance_uid}/heatmap/{n}.png"
+                for n in range(1, count + 1)
+            ]
             out["history"] = [
                 {**h, "at": _iso(h["at"])}
                 for h in self.store.jobs.history(
@@ -435,6 +444,20 @@ def create_app(
             plot=Markup(slice_plot_svg(data["slice_probabilities"], threshold)),
         )
 
+    def heatmap(request: Request) -> Response:
+        record = find(request)
+        number = int(request.path_params["number"])
+        if record is None or not 1 <= number <= MAX_HEATMAPS:
+            return Response("No such heatmap.", status_code=404, media_type="text/plain")
+        path = ctx.store.files.heatmap_path(
+            record.study_instance_uid, record.series_instance_uid, number
+        )
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            return Response("No such heatmap.", status_code=404, media_type="text/plain")
+        return Response(data, media_type="image/png")
+
     async def page_retry(request: Request) -> Response:
         form = await read_form(request)
         if not csrf_ok(request, form):
@@ -490,6 +513,7 @@ def create_app(
         Route("/api/series/{study}/{series}/retry", api_retry, methods=["POST"]),
         Route("/series/{study}/{series}", series_page),
         Route("/series/{study}/{series}/retry", page_retry, methods=["POST"]),
+        Route("/series/{study}/{series}/heatmap/{number:int}.png", heatmap),
     ]
     middleware = [Middleware(Access)]
     if allowed_hosts is None and is_loopback(config.http_host):

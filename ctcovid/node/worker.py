@@ -2,11 +2,11 @@
 
 Each step queues the series that have been quiet for ``stable_seconds`` and classifies the oldest
 waiting one (scan its folder, judge it with the ingest rules, ``Classifier.classify``,
-``build_sr``, store the SR). SRs whose send is due go out from a thread of their own, each send
-under a hard deadline, so a slow or stalled PACS never holds up classification. The worker
-beats a heartbeat at every step and phase; the node restarts a worker whose heartbeat stops.
-All state lives in the :class:`~ctcovid.node.store.Store`, so the process can be killed at any
-moment and resumed.
+``build_sr``, store the SR and, for the node's page, key-slice heatmaps as PNG). SRs whose send
+is due go out from a thread of their own, each send under a hard deadline, so a slow or stalled
+PACS never holds up classification. The worker beats a heartbeat at every step and phase; the
+node restarts a worker whose heartbeat stops. All state lives in the
+:class:`~ctcovid.node.store.Store`, so the process can be killed at any moment and resumed.
 """
 
 from __future__ import annotations
@@ -190,7 +190,7 @@ class Worker:
                 )
                 if not series.usable:
                     raise InvalidInputError(series.reason)
-                result = self.classifier.classify(series)
+                prepared, result = self.classifier.run(series)
             self.beat()
             built = self._build_sr(record, result, series)
         except InvalidInputError as exc:
@@ -210,6 +210,8 @@ class Worker:
                 record, f"classification failed: {type(exc).__name__}: {exc}"
             )
             return
+        self._write_heatmaps(record, prepared.used.slices, result, log_ids)
+        self.beat()
         # An SR may be delivered meanwhile (the previous result's send was in flight): the
         # store refuses a result built on the older predecessor, and the next revision is built.
         for _ in range(MAX_REBUILDS):
@@ -269,6 +271,26 @@ class Worker:
             seconds,
             sr.SOPInstanceUID,
         )
+
+    def _write_heatmaps(self, record: SeriesRecord, slices: Any, result: Any, log_ids: str) -> None:
+        """Key-slice class-activation maps over their slices, as PNG for the node's page.
+
+        Written before the result is recorded, so a classified series shows its heatmaps; a
+        failure here is logged and never fails the job (the SR does not depend on them).
+        """
+        from ctcovid.report import overlay_rgb, png_bytes
+
+        keys = list(result.key_slice_indices)
+        try:
+            cams = self.classifier.class_activation_maps(slices[keys]) if keys else []
+            pngs = [
+                png_bytes(overlay_rgb(slices[i], cam)) for i, cam in zip(keys, cams, strict=True)
+            ]
+            self.store.files.write_heatmaps(
+                record.study_instance_uid, record.series_instance_uid, pngs
+            )
+        except Exception:
+            logger.warning("event=heatmaps_failed %s", log_ids, exc_info=True)
 
     def _build_sr(self, record: SeriesRecord, result: Any, series: Any) -> Built | None:
         """The SR that states ``result`` as the revision after the delivered one, written to

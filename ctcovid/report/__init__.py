@@ -13,6 +13,7 @@ from ctcovid.report.header import (
 from ctcovid.report.heatmap import (
     build_heatmap_secondary_captures,
     overlay_rgb,
+    png_bytes,
     write_png,
 )
 from ctcovid.report.sr import build_sr, revise_sr, write_sr
@@ -34,6 +35,7 @@ __all__ = [
     "heatmap_series_number",
     "heatmap_uids",
     "overlay_rgb",
+    "png_bytes",
     "result_fingerprint",
     "revise_sr",
     "sr_series_number",

@@ -7,6 +7,7 @@ DICOM Secondary Capture images that file into the source study next to the SR.
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -89,15 +90,23 @@ def overlay_rgb(
     return np.round(np.clip(blended, 0.0, 1.0) * 255.0).astype(np.uint8)
 
 
-def write_png(rgb: np.ndarray, path: str | Path) -> Path:
-    """Write an (H, W, 3) uint8 image as PNG and return the path."""
+def png_bytes(rgb: np.ndarray) -> bytes:
+    """An (H, W, 3) uint8 image encoded as PNG: pixels only, no text chunks."""
     if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
         raise ValueError(
             f"rgb must be an (H, W, 3) uint8 array. Received: shape={rgb.shape}, dtype={rgb.dtype}."
         )
+    buffer = io.BytesIO()
+    Image.fromarray(rgb, mode="RGB").save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def write_png(rgb: np.ndarray, path: str | Path) -> Path:
+    """Write an (H, W, 3) uint8 image as PNG and return the path."""
+    data = png_bytes(rgb)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(rgb, mode="RGB").save(path, format="PNG")
+    path.write_bytes(data)
     return path
 
 
