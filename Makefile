@@ -53,11 +53,15 @@ demo: $(DEMO)/model/ctcovid.json $(DEMO)/gate/cov19
 	@echo "  then open http://127.0.0.1:8080/ and send it a study from another shell:"
 	@echo "  storescu -aec CTCOVID 127.0.0.1 11112 $(DEMO)/data/study_000/ct/*"
 
+# Two workers (pytest-xdist): many tests wait on peers, timeouts and subprocesses, and the
+# suite's one training run overlaps them. Groups: see tests/conftest.py. TEST_WORKERS=0 runs
+# everything in one process.
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not slow" --durations=15
+	$(BIN)/python -m pytest -q -m "not slow" -n $(TEST_WORKERS) --dist loadgroup --durations=15
 
 test-all: $(STAMP)
-	$(BIN)/python -m pytest -q --durations=15
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --durations=15
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
