@@ -172,6 +172,17 @@ def test_page_shows_node_model_counts_results_failures_and_a_series(filled) -> N
     assert "default-src 'none'" in web.get("/").headers["content-security-policy"]
 
 
+def test_page_draws_series_received_and_classified_per_hour_today(filled) -> None:
+    jobs = filled["store"].jobs
+    # The fixture's three series arrived within the last minute; two were classified.
+    assert jobs.per_hour(time.time() - 60, hours=1) == {
+        "received": [3], "classified": [2], "sent": [0]}
+    assert jobs.per_hour(time.time() + 1, hours=1)["received"] == [0]
+    html = client(context(filled)).get("/").text
+    assert 'class="hourly"' in html
+    assert ":00 received 3</title>" in html and ":00 classified 2</title>" in html
+
+
 def test_series_page_shows_its_key_slice_heatmaps_served_as_png_by_checked_uids(
     filled, tmp_path: Path
 ) -> None:

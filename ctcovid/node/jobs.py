@@ -608,6 +608,24 @@ class JobDatabase:
             "sent": found.get(SENT.value),
         }
 
+    def per_hour(self, since: float, hours: int = 24) -> dict[str, list[int]]:
+        """Per hour from ``since``: series first received, results classified, SRs sent."""
+        with self._lock:
+            received = self._conn.execute(
+                "SELECT first_received FROM series WHERE first_received >= ?", (since,)
+            ).fetchall()
+            done = self._conn.execute(
+                "SELECT state, at FROM history WHERE at >= ? AND state IN (?, ?)",
+                (since, CLASSIFIED, SENT),
+            ).fetchall()
+        counts = {name: [0] * hours for name in ("received", CLASSIFIED.value, SENT.value)}
+        events = [("received", at) for (at,) in received] + [(state, at) for state, at in done]
+        for name, at in events:
+            hour = int((at - since) // 3600)
+            if hour < hours:
+                counts[name][hour] += 1
+        return counts
+
     def note_slice_probabilities(self, record: SeriesRecord, probabilities: list[float]) -> None:
         """Keep the per-slice P(COVID) of the result just recorded for ``record`` (for display;
         not a transition)."""

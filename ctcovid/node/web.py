@@ -252,6 +252,45 @@ def slice_plot_svg(probabilities: list[float], threshold: float = 0.5) -> str:
     )
 
 
+def hourly_svg(counts: dict[str, list[int]], now_hour: int) -> str:
+    """Series received and results classified in each hour of today, as inline SVG bars."""
+    width, height, pad, hours = 600, 120, 20, 24
+    step = (width - 2 * pad) / hours
+    top = max([1, *counts["received"], *counts["classified"]])
+    bars = []
+    for name, shift, colour in (("received", 0.1, "#9bb7d4"), ("classified", 0.5, "#1f5fa8")):
+        for hour, n in enumerate(counts[name]):
+            if n:
+                h = (height - 2 * pad) * n / top
+                bars.append(
+                    f'<rect x="{pad + step * (hour + shift):.1f}" y="{height - pad - h:.1f}" '
+                    f'width="{step * 0.4:.1f}" height="{h:.1f}" fill="{colour}">'
+                    f"<title>{hour:02d}:00 {name} {n}</title></rect>"
+                )
+    ticks = "".join(
+        f'<text x="{pad + step * hour:.1f}" y="{height - 6}" font-size="10">{hour:02d}</text>'
+        for hour in range(0, hours, 3)
+    )
+    now = pad + step * (now_hour + 1)
+    return (
+        f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {width} {height}" '
+        f'width="{width}" height="{height}" role="img" class="hourly" '
+        'aria-label="Series received and classified per hour today">'
+        f'<line x1="{pad}" y1="{height - pad}" x2="{width - pad}" y2="{height - pad}" '
+        'stroke="#bbb"/>'
+        f'<line x1="{now:.1f}" y1="{pad}" x2="{now:.1f}" y2="{height - pad}" stroke="#ddd"/>'
+        f'<text x="{pad}" y="{pad - 6}" font-size="11">{top} (light: received, dark: '
+        "classified)</text>"
+        f"{''.join(bars)}{ticks}</svg>"
+    )
+
+
+def _today_hourly(ctx: WebContext) -> str:
+    now = time.localtime()
+    midnight = time.mktime((now.tm_year, now.tm_mon, now.tm_mday, 0, 0, 0, 0, 0, -1))
+    return hourly_svg(ctx.store.jobs.per_hour(midnight), now.tm_hour)
+
+
 def create_app(
     ctx: WebContext,
     *,
@@ -421,6 +460,7 @@ def create_app(
             ready=all(c.ok for c in checks.values()),
             counts=ctx.store.jobs.counts_by_state(),
             last=ctx.store.jobs.last_times(),
+            hourly=Markup(_today_hourly(ctx)),
             total=total,
             series=[ctx.series_json(r) for r in records],
             failed=[ctx.series_json(r) for r in failed],
