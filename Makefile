@@ -54,14 +54,15 @@ demo: $(DEMO)/model/ctcovid.json $(DEMO)/gate/cov19
 	@echo "  storescu -aec CTCOVID 127.0.0.1 11112 $(DEMO)/data/study_000/ct/*"
 
 # Two workers (pytest-xdist): many tests wait on peers, timeouts and subprocesses, and the
-# suite's one training run overlaps them. Groups: see tests/conftest.py. TEST_WORKERS=0 runs
-# everything in one process.
+# suite's one training run overlaps them. --dist loadfile: a module runs on one worker, so its
+# module-scoped peers and models are built once, and every test of the one training run lives in
+# tests/test_training.py. TEST_WORKERS=0 runs everything in one process.
 TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not slow" -n $(TEST_WORKERS) --dist loadgroup --durations=15
+	$(BIN)/python -m pytest -q -m "not slow" -n $(TEST_WORKERS) --dist loadfile --durations=15
 
 test-all: $(STAMP)
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --durations=15
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -12,18 +12,6 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 TINY_INPUT_SIZE = 32
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Under ``pytest -n 2 --dist loadgroup`` (``make test``), one worker runs each group: the
-    tests of one module together (their module-scoped peers and models are built once), and every
-    test of the suite's one training run together, whatever its module, so that the run is not
-    trained twice. Without xdist the marker does nothing."""
-    for item in items:
-        if item.get_closest_marker("xdist_group") is not None:
-            continue
-        group = "trained_run" if "trained_run" in getattr(item, "fixturenames", ()) else None
-        item.add_marker(pytest.mark.xdist_group(group or item.nodeid.split("::")[0]))
-
-
 @pytest.fixture(scope="session")
 def studies_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Four small fixture studies (two positive, two negative) at 64 px, 12 lung slices each."""

@@ -1,7 +1,8 @@
 """Training and evaluation: layouts, split, slice cache, metrics, one real training run, the CLI.
 
 The one training run of the suite is the session fixture ``trained_run`` (conftest.py); every test
-that needs a trained model reuses it.
+that needs a trained model reuses it and lives in this module: ``make test`` gives each worker
+whole modules (pytest-xdist ``--dist loadfile``), so the run is trained once.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
@@ -25,6 +27,9 @@ from ctcovid.training.data import ScanItem, discover, image_files, load_jpg_slic
 from ctcovid.training.metrics import binary_metrics, scan_scores, tune_threshold
 from ctcovid.training.progress import NullProgress
 from ctcovid.training.split import split_scans
+
+if TYPE_CHECKING:
+    from ctcovid.inference import Classifier
 
 SMALL = IngestConfig(image_size=32, min_slices=4)
 
@@ -504,3 +509,131 @@ def test_train_config_holds_the_ingest_and_model_settings_it_trains_with() -> No
         TrainConfig.create(ingest={"no_such_setting": 1})
     with pytest.raises(ConfigError, match="image_size"):
         TrainConfig.create(input_size=64, ingest={"image_size": 32})
+
+
+# --- where the trained model's heatmap looks -------------------------------------------------
+
+
+def cam_cells_on_fresh_positives(
+    classifier: Classifier, n_positives: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The CAM grid cells of lung on the lesion slices of fresh fixture positives (phantom lesion
+    and lung masks as ground truth): each cell's CAM value, its position in the grid and whether
+    it holds lesion pixels. Cells with less than 10% lung are left out."""
+    from dicom_fixtures import chest_phantom, lung_window_uint8
+
+    size = classifier.ingest_config.image_size
+    grid = size // 32
+    cell = size // grid
+    phantoms = [
+        chest_phantom(
+            6, size, positive=True, rng=np.random.default_rng([2024, n]), consolidation=n % 2 == 1
+        )
+        for n in range(n_positives)
+    ]
+    picked = [(i, k) for i, p in enumerate(phantoms) for k in p.lesion_slices]
+    # One call for every lesion slice: a slice's CAM depends on that slice alone, and full model
+    # batches cost less than one padded batch per phantom.
+    windowed = [lung_window_uint8(p.hu) for p in phantoms]
+    cams = classifier.class_activation_maps(
+        np.stack([windowed[i][k] for i, k in picked])
+    )
+    assert cams.shape[1:] == (grid, grid)
+    values, positions, lesioned = [], [], []
+    for (i, k), cam in zip(picked, cams, strict=True):
+        phantom = phantoms[i]
+        # Pixels of each mask per grid cell.
+        lesion = phantom.lesion_mask[k].reshape(grid, cell, grid, cell).sum(axis=(1, 3))
+        lung = phantom.lung_mask[k].reshape(grid, cell, grid, cell).sum(axis=(1, 3))
+        keep = (lesion > 0) | (lung > 0.1 * cell * cell)
+        values += list(cam[keep])
+        positions += list(np.flatnonzero(keep.ravel()))
+        lesioned += list(lesion[keep] > 0)
+    return np.asarray(values), np.asarray(positions), np.asarray(lesioned)
+
+
+def stratified_permutation_p(
+    values: np.ndarray, strata: np.ndarray, labels: np.ndarray, n_permutations: int, seed: int
+) -> tuple[float, float]:
+    """One-sided permutation test that ``values`` are higher where ``labels`` is true.
+
+    Statistic: the sum over strata of (mean of labelled values - mean of the others). Null: within
+    a stratum, which values carry the label is exchangeable, so the null distribution is that of
+    the statistic under random relabelling within each stratum (Monte Carlo, ``n_permutations``
+    draws; the p-value counts the observed labelling as one draw, so it is never 0).
+    """
+
+    def statistic(lab: np.ndarray) -> np.ndarray:  # lab: (draws, n) booleans
+        total = np.zeros(len(lab))
+        for s in np.unique(strata):
+            member = strata == s
+            x, on = values[member], lab[:, member]
+            n_on = on.sum(axis=1)
+            usable = (n_on > 0) & (n_on < member.sum())
+            mean_on = (on * x).sum(axis=1) / np.maximum(n_on, 1)
+            mean_off = (~on * x).sum(axis=1) / np.maximum(member.sum() - n_on, 1)
+            total += np.where(usable, mean_on - mean_off, 0.0)
+        return total
+
+    observed = float(statistic(labels[None, :])[0])
+    rng = np.random.default_rng(seed)
+    draws = np.repeat(labels[None, :], n_permutations, axis=0)
+    for s in np.unique(strata):
+        member = np.flatnonzero(strata == s)
+        draws[:, member] = rng.permuted(draws[:, member], axis=1)
+    exceed = int((statistic(draws) >= observed).sum())
+    return observed, (1 + exceed) / (1 + n_permutations)
+
+
+def test_cam_of_the_trained_model_is_higher_on_lesions_than_on_lesion_free_lung(
+    trained_run: dict,
+) -> None:
+    """Where the heatmap looks, judged on the CAM grid itself: on 24 fresh fixture positives,
+    grid cells holding lesion pixels score higher than cells of lesion-free lung in the same
+    place of the grid. The trained model is 64 px, so its CAM grid is 2 x 2 (stride 32).
+
+    The suite's short training run lands in a different place on each kind of CPU (oneDNN picks
+    other kernels), so no margin measured on one of them is asked for. The test asks instead
+    whether the map follows the lesions at all, by a permutation test whose null distribution
+    does not depend on the run: if the map ignored the lesions, a cell's CAM would not depend on
+    whether that cell holds a lesion. Strata are the grid positions, so a map that always looks
+    at one corner (where lesions may sit more often) cannot pass. One-sided p below 0.01 (a 1%
+    chance of passing a map that ignores the lesions; 20,000 relabellings). Measured on Intel
+    Xeon with AMX, where the run localises least of the three kinds (cell AUC 0.62 against 0.70
+    on AMD Zen 3): p = 0.00015.
+    """
+    values, positions, lesioned = cam_cells_on_fresh_positives(trained_run["classifier"], 24)
+    assert lesioned.sum() >= 50 and (~lesioned).sum() >= 20
+    observed, p = stratified_permutation_p(values, positions, lesioned, 20_000, seed=0)
+    lesion, clear = values[lesioned], values[~lesioned]
+    auc = (lesion[:, None] > clear[None, :]).mean() + 0.5 * (
+        lesion[:, None] == clear[None, :]
+    ).mean()
+    detail = (
+        f"lesion cells {lesion.mean():.3f} (n={len(lesion)}), clear lung {clear.mean():.3f} "
+        f"(n={len(clear)}), summed per-position difference {observed:.3f}, p={p:.5f}, "
+        f"cell AUC {auc:.3f}"
+    )
+    print(detail)
+    assert p < 0.01, detail
+
+
+def test_the_permutation_test_finds_no_signal_in_noise_and_finds_a_planted_one() -> None:
+    """The test above is only as good as its null: on values unrelated to the labels p is spread
+    over (0, 1) (none of 20 below 0.001, their mean above 0.3), a map biased towards the stratum
+    where labels sit is not taken for a signal, and a planted shift in the labelled values is
+    found."""
+    rng = np.random.default_rng(7)
+    strata = np.repeat(np.arange(4), 40)
+    labels = rng.random(160) < 0.4
+    noise = [
+        stratified_permutation_p(rng.random(160), strata, labels, 2_000, seed=s)[1]
+        for s in range(20)
+    ]
+    assert min(noise) > 0.001 and np.mean(noise) > 0.3
+    # A map that always looks at stratum 3, where labels are set more often, is not a signal.
+    biased_labels = labels | (strata == 3)
+    biased = np.where(strata == 3, 1.0, 0.0) + 0.01 * rng.random(160)
+    assert stratified_permutation_p(biased, strata, biased_labels, 2_000, seed=1)[1] > 0.01
+    planted = rng.random(160) + 0.5 * labels
+    assert stratified_permutation_p(planted, strata, labels, 2_000, seed=2)[1] < 0.001
