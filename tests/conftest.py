@@ -12,6 +12,12 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 TINY_INPUT_SIZE = 32
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The module of the suite's one training run first, the others in their order: it is the
+    longest, and under ``make test``'s two workers the other worker runs the rest meanwhile."""
+    items.sort(key=lambda item: item.path.name != "test_training.py")
+
+
 @pytest.fixture(scope="session")
 def studies_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Four small fixture studies (two positive, two negative) at 64 px, 12 lung slices each."""
