@@ -508,3 +508,35 @@ def release(sock: socket.socket) -> None:
         sock.settimeout(5)
         sock.recv(64)
     sock.close()
+
+
+def _exits_cleanly(heartbeat: Any) -> None:
+    """A worker process that obeys a stop at once (SIGTERM to the group)."""
+
+
+def clean_exit_supervisor(
+    monkeypatch: pytest.MonkeyPatch, on_lost: Callable[[], object]
+) -> tuple[Any, Any]:
+    """A worker supervisor whose worker exits cleanly as soon as it starts, as one does when the
+    node's SIGTERM reaches the process group, and the node's stop flag (a threading.Event) it
+    reads; the supervisor waits 0.5 s for that flag after a clean exit."""
+    import multiprocessing
+    import threading
+
+    from ctcovid.node import service
+
+    monkeypatch.setattr(service, "STOP_GRACE_SECONDS", 0.5)
+    mp = multiprocessing.get_context("spawn")
+    stopping = threading.Event()
+
+    def start(heartbeat: Any) -> Any:
+        process = mp.Process(target=_exits_cleanly, args=(heartbeat,), daemon=True)
+        process.start()
+        process.join(60)  # it has exited before the node's own stop shows
+        return process
+
+    supervisor = service.WorkerSupervisor(
+        start, lambda: mp.Value("d", 0.0, lock=False), stall_seconds=60,
+        on_lost=on_lost, stopping=stopping.is_set,
+    )
+    return supervisor, stopping

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from node_helpers import free_port, wait_for
+from node_helpers import clean_exit_supervisor, free_port, wait_for
 
 from ctcovid.errors import ConfigError
 from ctcovid.node.alerts import (
@@ -330,34 +330,13 @@ def test_a_flapping_condition_is_announced_once_per_cooldown(store: Store):
     assert sink.keys()[4:] == [("disk", "firing")]
 
 
-def _exits_cleanly(heartbeat) -> None:
-    """A worker process that obeys a stop at once (SIGTERM to the group)."""
-
-
 def test_a_clean_node_stop_is_no_alert_but_a_death_is(
     store: Store, monkeypatch: pytest.MonkeyPatch
 ):
     """The supervisor's and the alerts' view of a worker that exits with the node."""
-    import multiprocessing
-
-    from ctcovid.node import service
     from ctcovid.node.alerts import supervisor_state
-    from ctcovid.node.service import WorkerSupervisor
 
-    monkeypatch.setattr(service, "STOP_GRACE_SECONDS", 0.5)
-    mp = multiprocessing.get_context("spawn")
-    stopping = threading.Event()
-
-    def start(heartbeat):
-        process = mp.Process(target=_exits_cleanly, args=(heartbeat,), daemon=True)
-        process.start()
-        process.join(60)  # it has exited before the node's own stop shows
-        return process
-
-    supervisor = WorkerSupervisor(
-        start, lambda: mp.Value("d", 0.0, lock=False), stall_seconds=60,
-        on_lost=lambda: None, stopping=stopping.is_set,
-    )
+    supervisor, stopping = clean_exit_supervisor(monkeypatch, on_lost=lambda: None)
     sink = Recorder()
     monitor = AlertMonitor(
         settings(), sink, store.jobs, check_seconds=0,

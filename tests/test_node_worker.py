@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from node_helpers import free_port, wait_for
+from node_helpers import clean_exit_supervisor, free_port, wait_for
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import Comprehensive3DSRStorage
 
@@ -405,32 +405,12 @@ def test_supervisor_restarts_a_worker_whose_heartbeat_stops() -> None:
     assert started[0].exitcode is not None  # the stalled one was killed, not left running
 
 
-def _exits_cleanly(heartbeat) -> None:
-    """A worker process that obeys a stop at once (SIGTERM to the group)."""
-
-
 def test_a_worker_stopping_with_the_node_is_not_a_death(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    import multiprocessing
-
-    from ctcovid.node import service
-    from ctcovid.node.service import WorkerSupervisor
-
-    monkeypatch.setattr(service, "STOP_GRACE_SECONDS", 0.5)
-    mp = multiprocessing.get_context("spawn")
     lost: list[float] = []
-    stopping = threading.Event()
-
-    def start(heartbeat):
-        process = mp.Process(target=_exits_cleanly, args=(heartbeat,), daemon=True)
-        process.start()
-        process.join(60)  # it has exited before the node's own stop shows
-        return process
-
-    supervisor = WorkerSupervisor(
-        start, lambda: mp.Value("d", 0.0, lock=False), stall_seconds=60,
-        on_lost=lambda: lost.append(time.monotonic()), stopping=stopping.is_set,
+    supervisor, stopping = clean_exit_supervisor(
+        monkeypatch, on_lost=lambda: lost.append(time.monotonic())
     )
     supervisor.start()
     threading.Timer(0.1, stopping.set).start()  # the node's SIGTERM handler, a moment later

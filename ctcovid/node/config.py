@@ -30,6 +30,23 @@ if TYPE_CHECKING:
     from ctcovid.node.alerts import AlertSettings
 
 
+# Settings that name files or folders (besides the store): Path in a NodeConfig, and relative to
+# the TOML file when given in one.
+PATH_SETTINGS = (
+    "model",
+    "tls_cert",
+    "tls_key",
+    "tls_ca",
+    "stow_auth_file",
+    "stow_ca_file",
+    "audit_file",
+    "audit_ca",
+    "http_tls_cert",
+    "http_tls_key",
+    "http_auth_file",
+)
+
+
 @dataclass(frozen=True)
 class NodeConfig:
     """Everything ``ctcovid listen`` needs; see DESIGN.md, "The DICOM node"."""
@@ -114,19 +131,7 @@ class NodeConfig:
         )
         if isinstance(self.peer, str):
             object.__setattr__(self, "peer", Peer.parse(self.peer))
-        for name in (
-            "model",
-            "tls_cert",
-            "tls_key",
-            "tls_ca",
-            "stow_auth_file",
-            "stow_ca_file",
-            "audit_file",
-            "audit_ca",
-            "http_tls_cert",
-            "http_tls_key",
-            "http_auth_file",
-        ):
+        for name in PATH_SETTINGS:
             value = getattr(self, name)
             if value is not None:
                 object.__setattr__(self, name, Path(value))
@@ -382,20 +387,7 @@ def read_toml(path: Path) -> dict[str, Any]:
         data = data["node"]
     # Relative paths in a file mean relative to that file, as a reader of the file expects.
     base = Path(path).resolve().parent
-    for key in (
-        "store",
-        "model",
-        "tls_cert",
-        "tls_key",
-        "tls_ca",
-        "stow_auth_file",
-        "stow_ca_file",
-        "audit_file",
-        "audit_ca",
-        "http_tls_cert",
-        "http_tls_key",
-        "http_auth_file",
-    ):
+    for key in ("store", *PATH_SETTINGS):
         if isinstance(data.get(key), str) and data[key]:
             value = Path(data[key]).expanduser()
             data[key] = str(value if value.is_absolute() else base / value)
