@@ -19,6 +19,7 @@ from ctcovid.cli import (
     listen,
     preprocess,
     queue,
+    rules,
     series,
     train,
 )
@@ -88,6 +89,7 @@ app.command("queue")(queue.queue)
 app.command("http-credentials")(http_credentials.http_credentials)
 app.command("batch")(batch.batch)
 app.command("conformance")(conformance.conformance)
+app.add_typer(rules.app)
 
 
 def main() -> None:

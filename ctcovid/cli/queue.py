@@ -82,7 +82,8 @@ def queue(
     from rich.table import Table
 
     table = Table(title=f"{store}: {n_instances} instances, {len(records)} series")
-    for column in ("series", "state", "inst.", "rev.", "sent", "tries", "P(COVID)", "reason"):
+    columns = ("series", "state", "rule", "inst.", "rev.", "sent", "tries", "P(COVID)", "reason")
+    for column in columns:
         table.add_column(column, overflow="fold")
     for r in records:
         reason = r.reason
@@ -91,6 +92,7 @@ def queue(
         table.add_row(
             r.series_instance_uid,
             r.state,
+            r.rule,
             str(r.n_instances),
             str(r.revision or ""),
             str(r.sent_revision or ""),

@@ -10,6 +10,7 @@ URL or the command line. Command-line flags win over the file.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import ipaddress
 import tomllib
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
+from ctcovid.dicom.rules import Rule, parse_rules
 from ctcovid.errors import ConfigError
 from ctcovid.net.guard import (
     DEFAULT_MAX_ASSOCIATION_SECONDS,
@@ -121,10 +123,18 @@ class NodeConfig:
     alert_from: str | None = None
     alert_after_minutes: float = 15.0
     alert_positive: bool = False
+    # Routing rules ([[rule]] tables, see ctcovid.dicom.rules): which series are classified,
+    # classified in shadow (kept, not sent) or ignored. None: classify every series.
+    rule: tuple[dict[str, Any], ...] = ()
+    # How long the files of an ignored series are kept (0: removed at once).
+    ignore_keep_hours: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "store", Path(self.store))
+        if isinstance(self.rule, dict) or not isinstance(self.rule, list | tuple):
+            raise ConfigError("rule: expected [[rule]] tables (a list of rules)")
+        object.__setattr__(self, "rule", tuple(self.rule))
         object.__setattr__(self, "ae_title", check_ae_title(self.ae_title, "ae_title"))
         object.__setattr__(
             self, "allow_aet", tuple(check_ae_title(a, "allow_aet") for a in self.allow_aet)
@@ -202,6 +212,11 @@ class NodeConfig:
             object.__setattr__(self, "alert_to", (self.alert_to,))
         object.__setattr__(self, "alert_to", tuple(self.alert_to))
         self.alert_settings()
+        if self.ignore_keep_hours < 0:
+            raise ConfigError(
+                f"ignore_keep_hours must be >= 0. Received: {self.ignore_keep_hours}."
+            )
+        _ = self.rules  # a bad rule stops the node at start, naming its key
 
     def _check_http(self) -> None:
         """The HTTP server's settings; ``metrics_port``/``metrics_host`` (deprecated) alias
@@ -265,6 +280,24 @@ class NodeConfig:
     def sends(self) -> bool:
         """Whether SRs leave the node (by C-STORE to ``peer`` or STOW-RS to ``stow``)."""
         return self.peer is not None or self.stow is not None
+
+    @property
+    def destination_names(self) -> tuple[str, ...]:
+        """The names rules may send to: ``default``, the destination ``peer`` or ``stow`` sets
+        (none when the SRs stay in the store)."""
+        return ("default",) if self.sends else ()
+
+    @functools.cached_property
+    def rules(self) -> tuple[Rule, ...]:
+        """The routing rules, checked (:func:`ctcovid.dicom.rules.parse_rules`)."""
+        rules = parse_rules(self.rule, self.destination_names)
+        for i, rule in enumerate(rules):
+            if rule.action == "classify" and rule.destinations == ():
+                raise ConfigError(
+                    f"rule[{i}].destinations: rule {rule.name!r} classifies and sends nowhere; "
+                    'use action = "shadow" to keep results without sending them'
+                )
+        return rules
 
     @property
     def destination(self) -> str:
@@ -384,7 +417,10 @@ def read_toml(path: Path) -> dict[str, Any]:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
     if "node" in data and isinstance(data["node"], dict):
-        data = data["node"]
+        top = data
+        data = dict(data["node"])
+        if "rule" in top and "rule" not in data:  # [[rule]] tables beside a [node] table
+            data["rule"] = top["rule"]
     # Relative paths in a file mean relative to that file, as a reader of the file expects.
     base = Path(path).resolve().parent
     for key in ("store", *PATH_SETTINGS):
@@ -402,3 +438,19 @@ def load_config(path: Path | None, overrides: dict[str, Any]) -> NodeConfig:
             continue
         data[key] = value
     return NodeConfig.from_dict(data)
+
+
+#: The store of settings read to describe or test them (no node runs on them).
+UNCONFIGURED_STORE = "(not configured)"
+
+
+def load_settings(path: Path | None) -> NodeConfig:
+    """The node settings of ``path`` (defaults when None), for describing or testing them.
+
+    A file without ``store`` is fine here: a store is needed to run a node, not to describe its
+    settings or test its rules.
+    """
+    overrides: dict[str, Any] = {}
+    if path is None or not read_toml(path).get("store"):
+        overrides["store"] = UNCONFIGURED_STORE
+    return load_config(path, overrides)

@@ -60,7 +60,7 @@ from ctcovid.net.tls import MINIMUM_TLS_VERSION
 from ctcovid.net.wado import accept_header
 from ctcovid.node.auditing import EVENTS as AUDIT_EVENTS
 from ctcovid.node.auditing import SPOOL_DIR as AUDIT_SPOOL_DIR
-from ctcovid.node.config import NodeConfig, load_config, read_toml
+from ctcovid.node.config import UNCONFIGURED_STORE, NodeConfig, load_settings
 from ctcovid.node.scp import (
     MAX_HEADER_READS,
     REJECT_REASONS,
@@ -76,7 +76,6 @@ from ctcovid.report.sr import SR_SERIES_DESCRIPTION, TRACKING_IDENTIFIER
 
 FORMATS = ("markdown", "html", "json")
 # The store is required to run a node, not to describe one.
-UNCONFIGURED_STORE = "(not configured)"
 
 # Application entities, by the id the JSON names them with.
 LISTENER = "storage-scp"
@@ -146,6 +145,8 @@ _SETTINGS: dict[str, str] = {
     "alert_from": "sender address of alert e-mails",
     "alert_after_minutes": "an SR failing to send this long raises an alert",
     "alert_positive": "also alert on every positive result",
+    "rule": "routing rules ([[rule]]): which series are classified, shadowed or ignored",
+    "ignore_keep_hours": "how long the files of an ignored series are kept (0: removed at once)",
 }
 
 
@@ -189,14 +190,8 @@ class Statement:
 
 
 def statement_config(path: Path | None) -> NodeConfig:
-    """The node settings the statement describes: defaults, with ``path`` (TOML) applied.
-
-    A file without ``store`` is fine here: a store is needed to run a node, not to describe it.
-    """
-    overrides: dict[str, Any] = {}
-    if path is None or not read_toml(path).get("store"):
-        overrides["store"] = UNCONFIGURED_STORE
-    return load_config(path, overrides)
+    """The node settings the statement describes: defaults, with ``path`` (TOML) applied."""
+    return load_settings(path)
 
 
 def _name(uid: str) -> str:
@@ -898,6 +893,10 @@ def _config_section(config: NodeConfig, source: Path | None) -> Section:
             continue
         default = getattr(defaults, f.name)
         value = getattr(config, f.name)
+        if f.name == "rule":  # the rules by name and action; their conditions are site data
+            default, value = (
+                ", ".join(f"{r.name} ({r.action})" for r in c.rules) for c in (defaults, config)
+            )
         rows.append(
             (
                 f.name,

@@ -86,6 +86,10 @@ class JobState(StrEnum):
     """Classification error, or sending gave up (``reason``)."""
     UNUSABLE = "unusable"
     """Not a classifiable CT series (``reason``)."""
+    SHADOW = "shadow"
+    """Classified under a ``shadow`` rule: the SR is kept in the store, nothing is sent."""
+    IGNORED = "ignored"
+    """An ``ignore`` rule matched: not classified (``rule``); its files are removed."""
 
 
 RECEIVED = JobState.RECEIVED
@@ -95,9 +99,11 @@ CLASSIFIED = JobState.CLASSIFIED
 SENT = JobState.SENT
 FAILED = JobState.FAILED
 UNUSABLE = JobState.UNUSABLE
+SHADOW = JobState.SHADOW
+IGNORED = JobState.IGNORED
 STATES = tuple(JobState)
 # States in which the job is done until a new instance arrives or someone retries it.
-FINISHED = (SENT, FAILED, UNUSABLE)
+FINISHED = (SENT, FAILED, UNUSABLE, SHADOW, IGNORED)
 
 # The state table as data: transition -> (states it applies to, states it may lead to).
 TRANSITIONS: dict[str, tuple[frozenset[JobState], frozenset[JobState]]] = {
@@ -106,6 +112,8 @@ TRANSITIONS: dict[str, tuple[frozenset[JobState], frozenset[JobState]]] = {
     "finish_classified": (frozenset({CLASSIFYING}), frozenset({CLASSIFIED, RECEIVED})),
     "finish_unchanged": (frozenset({CLASSIFYING}), frozenset({SENT, RECEIVED})),
     "finish_unusable": (frozenset({CLASSIFYING}), frozenset({UNUSABLE, RECEIVED})),
+    "finish_shadow": (frozenset({CLASSIFYING}), frozenset({SHADOW, RECEIVED})),
+    "finish_ignored": (frozenset({CLASSIFYING}), frozenset({IGNORED, RECEIVED})),
     "finish_failed": (frozenset({CLASSIFYING}), frozenset({FAILED, RECEIVED})),
     "defer_classification": (frozenset({CLASSIFYING}), frozenset({WAITING, RECEIVED})),
     "mark_sent": (frozenset({CLASSIFIED}), frozenset({SENT, WAITING})),
@@ -151,6 +159,7 @@ CREATE TABLE IF NOT EXISTS series (
     sent_probability REAL,
     accession_number TEXT NOT NULL DEFAULT '',
     slice_probabilities TEXT NOT NULL DEFAULT '',
+    rule TEXT NOT NULL DEFAULT '',
     PRIMARY KEY (study_instance_uid, series_instance_uid)
 );
 CREATE INDEX IF NOT EXISTS series_state ON series(state);
@@ -241,6 +250,8 @@ class SeriesRecord:
     accession_number: str = ""
     # The result's per-slice P(COVID), as a JSON list ('' before a result).
     slice_probabilities: str = ""
+    # The routing rule (ctcovid.dicom.rules) the series matched when it was last claimed.
+    rule: str = ""
 
     def __post_init__(self) -> None:
         self.state = JobState(self.state)
@@ -303,6 +314,7 @@ class JobDatabase:
             ("sent_probability", "REAL"),
             ("accession_number", "TEXT NOT NULL DEFAULT ''"),
             ("slice_probabilities", "TEXT NOT NULL DEFAULT ''"),
+            ("rule", "TEXT NOT NULL DEFAULT ''"),
         ):
             if column in present:
                 continue
@@ -640,6 +652,48 @@ class JobDatabase:
                 ),
             )
 
+    def note_rule(self, record: SeriesRecord, rule: str) -> None:
+        """Record the routing rule ``record`` matched (shown by ``ctcovid queue``; not a
+        transition)."""
+        with self._transaction() as db:
+            db.execute(
+                "UPDATE series SET rule = ? "
+                "WHERE study_instance_uid = ? AND series_instance_uid = ?",
+                (rule, *_key(record)),
+            )
+        record.rule = rule
+
+    def calling_aet(self, study_instance_uid: str, series_instance_uid: str) -> str:
+        """The calling AE title that sent the series' first instance ('' if none recorded)."""
+        with self._lock:
+            row = self._conn.execute(
+                "SELECT calling_aet FROM instances WHERE study_instance_uid = ? "
+                "AND series_instance_uid = ? ORDER BY received_at, rowid LIMIT 1",
+                (study_instance_uid, series_instance_uid),
+            ).fetchone()
+        return str(row[0]) if row is not None else ""
+
+    def take_ignored_files(self, ignored_before: float) -> list[str]:
+        """Forget the instances of every ``ignored`` series ignored before ``ignored_before``
+        and return their paths (relative to the store) for the caller to delete.
+
+        The rows go first, in one transaction with the state check: an instance that arrives
+        later re-opens its series as new content, and the series is judged again.
+        """
+        with self._transaction() as db:
+            rows = db.execute(
+                "SELECT i.sop_instance_uid, i.path FROM instances i JOIN series s "
+                "ON s.study_instance_uid = i.study_instance_uid "
+                "AND s.series_instance_uid = i.series_instance_uid "
+                "WHERE s.state = ? AND s.updated_at <= ?",
+                (IGNORED, ignored_before),
+            ).fetchall()
+            db.executemany(
+                "DELETE FROM instances WHERE sop_instance_uid = ?",
+                [(r["sop_instance_uid"],) for r in rows],
+            )
+        return [str(r["path"]) for r in rows]
+
     def due_sends(self, now: float | None = None) -> list[SeriesRecord]:
         """``classified`` series whose next send attempt is due, earliest first."""
         now = time.time() if now is None else now
@@ -803,6 +857,48 @@ class JobDatabase:
         """``classifying`` -> ``unusable`` with the reason; False as :meth:`finish_classified`."""
         return self._finish(
             "finish_unusable", record, "state = ?, reason = ?, sr_path = ''", (UNUSABLE, reason)
+        )
+
+    def finish_shadow(
+        self,
+        record: SeriesRecord,
+        *,
+        revision: int,
+        sr_path: str,
+        sr_sop_instance_uid: str,
+        probability_covid: float,
+        label: str,
+        classify_seconds: float,
+    ) -> bool:
+        """``classifying`` -> ``shadow``: the result of a ``shadow`` rule, its SR kept in the
+        store and never sent. False, or :class:`PredecessorChanged`, as
+        :meth:`finish_classified`."""
+        return self._finish(
+            "finish_shadow",
+            record,
+            "state = ?, reason = ?, revision = ?, sr_path = ?, sr_sop_instance_uid = ?, "
+            "probability_covid = ?, label = ?, classify_seconds = ?, attempts = 0",
+            (
+                SHADOW,
+                f"shadow rule {record.rule!r}: the SR is kept, not sent",
+                revision,
+                sr_path,
+                sr_sop_instance_uid,
+                probability_covid,
+                label,
+                classify_seconds,
+            ),
+            on_predecessor=True,
+        )
+
+    def finish_ignored(self, record: SeriesRecord, rule: str) -> bool:
+        """``classifying`` -> ``ignored`` by the rule named ``rule``; False as
+        :meth:`finish_classified`."""
+        return self._finish(
+            "finish_ignored",
+            record,
+            "state = ?, reason = ?, sr_path = ''",
+            (IGNORED, f"ignored by rule {rule!r}: not classified"),
         )
 
     def finish_failed(self, record: SeriesRecord, reason: str) -> bool:

@@ -247,6 +247,29 @@ class Store:
             classify_seconds=classify_seconds,
         )
 
+    def finish_shadow(
+        self,
+        record: SeriesRecord,
+        *,
+        revision: int,
+        sr_path: Path,
+        sr_sop_instance_uid: str,
+        probability_covid: float,
+        label: str,
+        classify_seconds: float,
+    ) -> bool:
+        """Record the SR of a ``shadow`` rule's result, kept and never sent; False as
+        :meth:`finish_classified`."""
+        return self.jobs.finish_shadow(
+            record,
+            revision=revision,
+            sr_path=self.files.relative(sr_path),
+            sr_sop_instance_uid=sr_sop_instance_uid,
+            probability_covid=probability_covid,
+            label=label,
+            classify_seconds=classify_seconds,
+        )
+
     def retry(
         self, series_instance_uid: str | None = None, study_instance_uid: str | None = None
     ) -> list[str]:

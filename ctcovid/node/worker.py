@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from ctcovid.decoder import Decoders, SeriesFiles
+from ctcovid.dicom.rules import DEFAULT_RULES, Rule, decide
 from ctcovid.dicom.series import load_series
 from ctcovid.errors import InvalidInputError, ReportError
 from ctcovid.node.config import NodeConfig
@@ -45,6 +46,8 @@ LOCK_FILE = "worker.lock"
 MAX_REBUILDS = 5
 # A built SR: its revision, the dataset and where it is stored.
 Built = tuple[int, Any, Path]
+# How often the files of ignored series are looked for (when they are kept for a while).
+IGNORED_SWEEP_SECONDS = 60.0
 
 
 class StopFlag(Protocol):
@@ -80,6 +83,7 @@ class Worker:
         self._decoder: Decoders | None = None
         self._sender: SrSender | None = None
         self._sender_config: NodeConfig | None = None
+        self._next_sweep = 0.0
         # Built now: bad credentials or TLS files fail here, not at the first send.
         _ = self.sender
 
@@ -146,6 +150,9 @@ class Worker:
         if record is not None:
             self.classify(record)
             did_work = True
+        if time.monotonic() >= self._next_sweep:
+            self._next_sweep = time.monotonic() + IGNORED_SWEEP_SECONDS
+            self.remove_ignored_files()
         if send and self.send_due(stop):
             did_work = True
         return did_work
@@ -169,6 +176,18 @@ class Worker:
         uid = record.series_instance_uid
         log_ids = f"study={record.study_instance_uid} series={uid}"
         start = time.perf_counter()
+        try:
+            rule = self.route(record)
+        except Exception as exc:  # the store cannot be read: fail visibly, retryable
+            logger.exception("event=classify_failed %s", log_ids)
+            self.store.jobs.finish_failed(record, f"routing failed: {type(exc).__name__}: {exc}")
+            return
+        if rule.action == "ignore":
+            if self.store.jobs.finish_ignored(record, rule.name):
+                logger.info("event=series_ignored %s rule=%s", log_ids, rule.name)
+                if self.config.ignore_keep_hours == 0:
+                    self.remove_ignored_files()
+            return
         try:
             # Below the floor the SR could not be stored: wait for space before spending the
             # model's time, and do not fail the job for a condition that passes.
@@ -217,7 +236,9 @@ class Worker:
         for _ in range(MAX_REBUILDS):
             seconds = time.perf_counter() - start
             try:
-                current = self._finish(record, result, built, seconds)
+                current = self._finish(
+                    record, result, built, seconds, shadow=rule.action == "shadow"
+                )
                 break
             except PredecessorChanged as changed:
                 record = changed.record
@@ -261,9 +282,11 @@ class Worker:
             return
         revision, sr, _ = built
         logger.info(
-            "event=classified %s revision=%d probability_covid=%s label=%s slices=%d "
-            "seconds=%.2f sr=%s",
+            "event=classified %s rule=%s action=%s revision=%d probability_covid=%s label=%s "
+            "slices=%d seconds=%.2f sr=%s",
             log_ids,
+            rule.name,
+            rule.action,
             revision,
             stated_text(result.probability_covid),
             result.label,
@@ -271,6 +294,52 @@ class Worker:
             seconds,
             sr.SOPInstanceUID,
         )
+
+    def route(self, record: SeriesRecord) -> Rule:
+        """The routing rule ``record`` matches (noted on its job): the first rule whose
+        conditions hold for the header of the series' first recorded instance and the calling
+        AE title that sent it. Without rules, the default (classify) at no cost."""
+        rules = self.config.rules
+        if rules == DEFAULT_RULES:
+            rule = rules[0]
+        else:
+            import pydicom
+
+            header = pydicom.Dataset()  # no readable header: attribute conditions fail
+            study, uid = record.study_instance_uid, record.series_instance_uid
+            for path in sorted(self.store.instance_paths(uid, study)):
+                try:
+                    header = pydicom.dcmread(path, stop_before_pixels=True)
+                    break
+                except Exception:  # unreadable or gone: judged by the next one
+                    continue
+            decision = decide(rules, header, self.store.jobs.calling_aet(study, uid))
+            rule = decision.rule
+            logger.debug(
+                "event=series_routed study=%s series=%s %s",
+                study,
+                uid,
+                decision.to_dict(),
+            )
+        if record.rule != rule.name:
+            self.store.jobs.note_rule(record, rule.name)
+        return rule
+
+    def remove_ignored_files(self) -> int:
+        """Delete the files of series ignored more than ``ignore_keep_hours`` ago; how many."""
+        cutoff = time.time() - self.config.ignore_keep_hours * 3600.0
+        removed = 0
+        for relative in self.store.jobs.take_ignored_files(cutoff):
+            try:
+                self.store.files.remove(self.store.root / relative)
+                removed += 1
+            except FileNotFoundError:
+                continue
+            except OSError:
+                logger.warning("event=ignored_file_not_removed path=%s", relative, exc_info=True)
+        if removed:
+            logger.info("event=ignored_files_removed count=%d", removed)
+        return removed
 
     def _write_heatmaps(self, record: SeriesRecord, slices: Any, result: Any, log_ids: str) -> None:
         """Key-slice class-activation maps over their slices, as PNG for the node's page.
@@ -318,7 +387,13 @@ class Worker:
         return revision, sr, sr_path
 
     def _finish(
-        self, record: SeriesRecord, result: Any, built: Built | None, seconds: float
+        self,
+        record: SeriesRecord,
+        result: Any,
+        built: Built | None,
+        seconds: float,
+        *,
+        shadow: bool = False,
     ) -> bool:
         """Store the outcome of ``record``; raises ``PredecessorChanged`` as the store does."""
         if built is None:
@@ -334,7 +409,8 @@ class Worker:
                 sent_sop_instance_uid=standing,
             )
         revision, sr, sr_path = built
-        return self.store.finish_classified(
+        finish = self.store.finish_shadow if shadow else self.store.finish_classified
+        return finish(
             record,
             revision=revision,
             sr_path=sr_path,
