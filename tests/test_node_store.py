@@ -394,7 +394,7 @@ def test_job_states_are_the_strings_existing_databases_hold(tmp_path: Path):
     from ctcovid.node.jobs import JobState
 
     assert [s.value for s in JobState] == ["received", "waiting", "classifying", "classified",
-                                           "sent", "failed", "unusable"]
+                                           "sent", "failed", "unusable", "shadow", "ignored"]
     store = Store(tmp_path / "store")
     store.record_instance(study_instance_uid="1.2", series_instance_uid="1.2.3",
                           sop_instance_uid="1.2.3.4", sop_class_uid="1.2",

@@ -135,7 +135,7 @@ def test_api_lists_series_newest_first_filters_and_shows_one_with_history(filled
     assert [s["accession_number"] for s in listing["series"]] == ["ACC-NEW", "ACC-FAIL", "ACC-OK"]
     first = listing["series"][2]
     assert set(first) == {"study_instance_uid", "series_instance_uid", "accession_number",
-                          "state", "reason", "received", "updated", "instances",
+                          "state", "reason", "rule", "received", "updated", "instances",
                           "probability_covid", "label", "sr_instance_uid", "attempts"}
     assert (first["state"], first["probability_covid"], first["label"]) == (
         "classified", 0.87, "covid")

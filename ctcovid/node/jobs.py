@@ -12,7 +12,9 @@ state             meaning, and the transitions out of it (method)
                   worker takes it (:meth:`~JobDatabase.claim_next`)
 ``classifying``   the worker has it; ends ``classified``, ``unusable`` or ``failed``
                   (:meth:`~JobDatabase.finish_classified`, :meth:`~JobDatabase.finish_unusable`,
-                  :meth:`~JobDatabase.finish_failed`); back to ``waiting`` if the worker dies
+                  :meth:`~JobDatabase.finish_failed`), or as its routing rule says: ``shadow``
+                  (:meth:`~JobDatabase.finish_shadow`) or ``ignored``
+                  (:meth:`~JobDatabase.finish_ignored`); back to ``waiting`` if the worker dies
                   (:meth:`~JobDatabase.resume`), or when the disk is below the free-space floor
                   (:meth:`~JobDatabase.defer_classification`: retried after ``next_try``, not
                   failed); back to ``received`` when an instance arrived meanwhile (its result
@@ -30,6 +32,11 @@ state             meaning, and the transitions out of it (method)
                   hand (:meth:`~JobDatabase.retry`): ``classified`` when its SR is still there,
                   else ``waiting``
 ``unusable``      not a classifiable CT series; ``reason`` says why
+``shadow``        classified under a ``shadow`` rule (``rule``): the SR is kept in the store and
+                  never sent
+``ignored``       an ``ignore`` rule matched: not classified; its instances are forgotten and
+                  their files removed after ``ignore_keep_hours``
+                  (:meth:`~JobDatabase.take_ignored_files`)
 ================  ================================================================================
 
 A new instance for a series in any later state moves it back to ``received``

@@ -180,6 +180,7 @@ class WebContext:
             "accession_number": record.accession_number,
             "state": record.state.value,
             "reason": record.reason,
+            "rule": record.rule,
             "received": _iso(record.last_received),
             "updated": _iso(record.updated_at),
             "instances": record.n_instances,
