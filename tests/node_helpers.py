@@ -540,3 +540,23 @@ def clean_exit_supervisor(
         on_lost=on_lost, stopping=stopping.is_set,
     )
     return supervisor, stopping
+
+
+def variant_series(source: Path, out: Path, series_number: int, **values: Any) -> Path:
+    """A copy of a fixture series as a new series (UIDs derived from ``source`` and
+    ``series_number``) with some header attributes set to ``values``."""
+    import pydicom
+
+    uid = pydicom.uid.generate_uid(entropy_srcs=[str(source), str(series_number)])
+    out.mkdir(parents=True)
+    for path in sorted(p for p in source.iterdir() if p.is_file()):
+        ds = pydicom.dcmread(path)
+        ds.SeriesInstanceUID = uid
+        ds.SeriesNumber = series_number
+        ds.SOPInstanceUID = pydicom.uid.generate_uid(
+            entropy_srcs=[str(ds.SOPInstanceUID), str(series_number)]
+        )
+        for keyword, value in values.items():
+            setattr(ds, keyword, value)
+        ds.save_as(out / path.name, enforce_file_format=True)
+    return out

@@ -10,6 +10,15 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from node_helpers import (
+    WORKER_READY_SECONDS,
+    NodeProcess,
+    Orthanc,
+    free_port,
+    require_tool,
+    variant_series,
+    wait_for,
+)
 from pydicom.dataset import Dataset
 from test_node_worker import classifier, pacs, run_until_idle  # noqa: F401 (fixtures)
 from typer.testing import CliRunner
@@ -18,7 +27,7 @@ from ctcovid.cli.main import app
 from ctcovid.dicom.rules import DEFAULT_RULES, decide, parse_rules
 from ctcovid.errors import ConfigError
 from ctcovid.node.config import NodeConfig, Peer, load_config
-from ctcovid.node.jobs import IGNORED, SENT, SHADOW
+from ctcovid.node.jobs import FINISHED, IGNORED, SENT, SHADOW
 from ctcovid.node.store import Store
 from ctcovid.node.worker import Worker
 
@@ -191,33 +200,20 @@ def test_a_value_that_looks_like_code_is_a_literal_string() -> None:
 # -- ctcovid rules test, and the node ------------------------------------------------------------
 
 
-def _variant(source: Path, out: Path, series_number: int, **values: object) -> Path:
-    """A copy of a fixture series as a new series with some header attributes changed."""
-    uid = pydicom.uid.generate_uid(entropy_srcs=[str(source), str(series_number)])
-    out.mkdir(parents=True)
-    for path in sorted(p for p in source.iterdir() if p.is_file()):
-        ds = pydicom.dcmread(path)
-        ds.SeriesInstanceUID = uid
-        ds.SeriesNumber = series_number
-        ds.SOPInstanceUID = pydicom.uid.generate_uid(
-            entropy_srcs=[str(ds.SOPInstanceUID), str(series_number)]
-        )
-        for keyword, value in values.items():
-            setattr(ds, keyword, value)
-        ds.save_as(out / path.name, enforce_file_format=True)
-    return out
-
-
 @pytest.fixture(scope="module")
 def routed_series(studies_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     source = studies_root / "study_000" / "ct"
     root = tmp_path_factory.mktemp("routed")
     return {
-        "chest-thin": _variant(source, root / "thin", 101, SeriesDescription="Lung 1.0",
-                               SliceThickness="1.0"),
-        "scouts-and-dose": _variant(source, root / "dose", 102, SeriesDescription="Dose Report"),
-        "everything-else": _variant(source, root / "thick", 103, SeriesDescription="Chest 5mm",
-                                    SliceThickness="5.0"),
+        "chest-thin": variant_series(
+            source, root / "thin", 101, SeriesDescription="Lung 1.0", SliceThickness="1.0"
+        ),
+        "scouts-and-dose": variant_series(
+            source, root / "dose", 102, SeriesDescription="Dose Report"
+        ),
+        "everything-else": variant_series(
+            source, root / "thick", 103, SeriesDescription="Chest 5mm", SliceThickness="5.0"
+        ),
     }
 
 
@@ -341,3 +337,54 @@ def test_ignored_files_are_kept_for_ignore_keep_hours(
     worker.close()
     worker.store.close()
     shutil.rmtree(tmp_path / "store")
+
+
+@pytest.mark.network
+def test_a_node_routes_what_orthanc_sends_by_its_rules(
+    routed_series: dict[str, Path], tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    """`ctcovid listen --config` with rules, Orthanc pushing one study of three series (REST
+    /modalities/{id}/store): the thin chest series' SR arrives, the other two send nothing."""
+    require_tool("Orthanc")
+    orthanc_port = free_port()
+    config = tmp_path / "node.toml"
+    config.write_text(
+        f'peer = "127.0.0.1:{orthanc_port}:ORTHANC"\n'
+        + RULES_TOML.replace('store = "store"', "").replace(
+            'Modality = "CT"', 'Modality = "CT"\nCallingAETitle = "ORTHANC"'
+        )
+    )
+    node = NodeProcess(tmp_path / "store", tiny_model_dir, tmp_path / "node.log", "--port", "0",
+                       "--stable-seconds", "2", "--config", str(config))
+    orthanc = Orthanc(tmp_path / "orthanc", node.port, dicom_port=orthanc_port)
+    try:
+        study_ids = {orthanc.upload(p)["ParentStudy"]
+                     for folder in routed_series.values() for p in sorted(folder.iterdir())}
+        (study_id,) = study_ids
+        orthanc.request("POST", "/modalities/ctcovid/store", study_id.encode())
+
+        def finished() -> dict[str, tuple[str, str]] | None:
+            store = Store(tmp_path / "store")
+            try:
+                states = {r.series_instance_uid: (r.rule, r.state)
+                          for r in store.jobs.list_series()}
+            finally:
+                store.close()
+            done = len(states) == 3 and all(s in FINISHED for _, s in states.values())
+            return states if done else None
+
+        states = wait_for(finished, WORKER_READY_SECONDS + 180, "the node to route all three",
+                          interval=2.0)
+        assert sorted(states.values()) == [
+            ("chest-thin", "sent"), ("everything-else", "shadow"), ("scouts-and-dose", "ignored")
+        ]
+        sr_series = [s for s in orthanc.get(f"/studies/{study_id}/series")
+                     if s["MainDicomTags"].get("Modality") == "SR"]
+        assert len(sr_series) == 1 and len(sr_series[0]["Instances"]) == 1
+        thin_uid = next(uid for uid, (rule, _) in states.items() if rule == "chest-thin")
+        sr = orthanc.get(f"/instances/{sr_series[0]['Instances'][0]}/tags?simplify")
+        evidence = sr["CurrentRequestedProcedureEvidenceSequence"][0]["ReferencedSeriesSequence"]
+        assert [s["SeriesInstanceUID"] for s in evidence] == [thin_uid]
+    finally:
+        orthanc.close()
+        node.close()
