@@ -975,6 +975,9 @@ def conformance_statement(config: NodeConfig, source: Path | None = None) -> Sta
             "Data flow: a modality or PACS sends a CT series to the listener; each instance is "
             "fsynced and recorded before success is answered. A series is complete when no "
             f"instance arrived for stable_seconds ({config.stable_seconds:g} s); the worker "
+            "takes the first routing rule that matches its header (rules: "
+            + ", ".join(f"{r.name} = {r.action}" for r in config.rules)
+            + "; shadow keeps the SR and sends nothing, ignore does not classify), "
             "decodes and classifies it and builds the SR, which the SR sender delivers. In "
             "batch, the PACS client finds and retrieves series, and the SR goes out the same "
             "way.",
