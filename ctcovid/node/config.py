@@ -27,7 +27,9 @@ from ctcovid.net.peers import Peer, check_ae_title
 from ctcovid.net.sender import SendSettings
 
 if TYPE_CHECKING:
+    from ctcovid.net.mllp import MllpSettings
     from ctcovid.node.alerts import AlertSettings
+    from ctcovid.report.oru import OruSettings
 
 
 # Settings that name files or folders (besides the store): Path in a NodeConfig, and relative to
@@ -121,6 +123,15 @@ class NodeConfig:
     alert_from: str | None = None
     alert_after_minutes: float = 15.0
     alert_positive: bool = False
+    # Results to the RIS as HL7 v2.5.1 ORU^R01 over MLLP (ctcovid.report.oru), HOST:PORT.
+    hl7: str | None = None
+    hl7_sending_application: str = "CTCOVID"
+    hl7_sending_facility: str = ""
+    hl7_receiving_application: str = ""
+    hl7_receiving_facility: str = ""
+    # Result label -> HL7 table 0027 priority ("covid=S"), written to hl7_priority_fields.
+    hl7_priority: tuple[str, ...] = ("covid=S",)
+    hl7_priority_fields: tuple[str, ...] = ("ORC-7", "OBR-27")
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
@@ -202,6 +213,20 @@ class NodeConfig:
             object.__setattr__(self, "alert_to", (self.alert_to,))
         object.__setattr__(self, "alert_to", tuple(self.alert_to))
         self.alert_settings()
+        self._check_hl7()
+
+    def _check_hl7(self) -> None:
+        """``hl7`` as HOST:PORT (or unset), the priority mapping and fields as lists."""
+        if self.hl7 in (None, ""):
+            object.__setattr__(self, "hl7", None)
+        for name in ("hl7_priority", "hl7_priority_fields"):
+            value = getattr(self, name)
+            if isinstance(value, dict):
+                value = [f"{k}={v}" for k, v in value.items()]
+            object.__setattr__(self, name, (value,) if isinstance(value, str) else tuple(value))
+        self.oru_settings()
+        if self.hl7 is not None:
+            self.hl7_settings()
 
     def _check_http(self) -> None:
         """The HTTP server's settings; ``metrics_port``/``metrics_host`` (deprecated) alias
@@ -316,6 +341,31 @@ class NodeConfig:
             timeout_seconds=self.network_timeout_seconds,
             deadline_seconds=self.send_deadline,
             max_pdu_bytes=self.max_pdu_bytes,
+        )
+
+    def oru_settings(self) -> OruSettings:
+        """How the ORU^R01 is addressed and how a result maps to the worklist priority."""
+        from ctcovid.report.oru import OruSettings, parse_priority
+
+        return OruSettings(
+            sending_application=self.hl7_sending_application,
+            sending_facility=self.hl7_sending_facility,
+            receiving_application=self.hl7_receiving_application,
+            receiving_facility=self.hl7_receiving_facility,
+            priority=parse_priority(self.hl7_priority),
+            priority_fields=self.hl7_priority_fields,
+        )
+
+    def hl7_settings(self) -> MllpSettings | None:
+        """Where ORUs go by MLLP and the limits of one send; None without ``hl7``."""
+        if self.hl7 is None:
+            return None
+        from ctcovid.net.mllp import Endpoint, MllpSettings
+
+        return MllpSettings(
+            Endpoint.parse(self.hl7),
+            timeout_seconds=self.network_timeout_seconds,
+            deadline_seconds=self.send_deadline,
         )
 
     def alert_settings(self) -> AlertSettings | None:

@@ -29,6 +29,7 @@ from ctcovid.decoder import Decoders, SeriesFiles
 from ctcovid.dicom.series import load_series
 from ctcovid.errors import InvalidInputError, ReportError
 from ctcovid.node.config import NodeConfig
+from ctcovid.node.courier import Hl7Courier
 from ctcovid.node.files import OutOfSpaceError
 from ctcovid.node.jobs import PredecessorChanged, SeriesRecord
 from ctcovid.node.store import Store
@@ -82,6 +83,8 @@ class Worker:
         self._sender_config: NodeConfig | None = None
         # Built now: bad credentials or TLS files fail here, not at the first send.
         _ = self.sender
+        # Results to the RIS (HL7 ORU over MLLP), from a delivery queue of their own.
+        self.courier: Hl7Courier | None = Hl7Courier(config, store) if config.hl7 else None
 
     @property
     def sender(self) -> SrSender | None:
@@ -107,15 +110,29 @@ class Worker:
         sender: threading.Thread | None = None
         if self.sender is not None:
             sender = threading.Thread(
-                target=self._send_loop, args=(stop, keep_going), name="sender", daemon=True
+                target=self._send_loop,
+                args=(stop, keep_going, self.send_due),
+                name="sender",
+                daemon=True,
             )
             sender.start()
+        # Its own thread: a RIS that stalls never holds up the SR, nor a PACS the ORU.
+        courier: threading.Thread | None = None
+        if self.courier is not None:
+            courier = threading.Thread(
+                target=self._send_loop,
+                args=(stop, keep_going, self.courier.send_due),
+                name="hl7-sender",
+                daemon=True,
+            )
+            courier.start()
         while not stop.is_set() and keep_going():
             self.beat()
-            if not self.step(stop, send=sender is None):
+            if not self.step(stop, send=False):
                 stop.wait(self.config.poll_seconds)
-        if sender is not None:
-            sender.join(self.config.poll_seconds + 10.0)
+        for thread in (sender, courier):
+            if thread is not None:
+                thread.join(self.config.poll_seconds + 10.0)
         self.close()
         logger.info("event=worker_stopped")
 
@@ -125,10 +142,15 @@ class Worker:
             self._decoder.close(wait=True)
             self._decoder = None
 
-    def _send_loop(self, stop: StopFlag, keep_going: Callable[[], bool]) -> None:
+    def _send_loop(
+        self,
+        stop: StopFlag,
+        keep_going: Callable[[], bool],
+        send_due: Callable[[StopFlag], bool],
+    ) -> None:
         while not stop.is_set() and keep_going():
             try:
-                did_work = self.send_due(stop)
+                did_work = send_due(stop)
             except Exception:  # a database error: log it and try again, never die silently
                 logger.exception("event=send_loop_error")
                 did_work = False
@@ -147,6 +169,8 @@ class Worker:
             self.classify(record)
             did_work = True
         if send and self.send_due(stop):
+            did_work = True
+        if send and self.courier is not None and self.courier.send_due(stop):
             did_work = True
         return did_work
 
@@ -342,6 +366,7 @@ class Worker:
             probability_covid=result.probability_covid,
             label=result.label,
             classify_seconds=seconds,
+            deliveries=self.courier.destinations if self.courier is not None else (),
         )
 
     def _failed_on_os_error(self, record: SeriesRecord, exc: OSError, log_ids: str) -> None:
