@@ -396,3 +396,49 @@ def test_a_japanese_patient_name_arrives_intact_in_utf8(
         ("山田", "太郎", "I"),
         ("やまだ", "たろう", "P"),
     ]
+
+
+def test_batch_sends_one_oru_per_series_fails_a_refusal_and_resumes(
+    tmp_path: Path, studies_root: Path, tiny_model_dir: Path, classifier, ris: Ris
+):
+    import shutil
+
+    from ctcovid.batch.job import run_batch
+    from ctcovid.batch.options import BatchOptions
+    from ctcovid.net.mllp import Endpoint, Hl7Settings, MllpSettings
+    from ctcovid.report.oru import OruSettings
+
+    archive = tmp_path / "archive"
+    for study in ("study_000", "study_001"):
+        shutil.copytree(studies_root / study / "ct", archive / study)
+    destination = Hl7Settings(
+        MllpSettings(Endpoint.parse(ris.address), timeout_seconds=5), OruSettings()
+    )
+
+    def run(resume: bool) -> dict[str, Any]:
+        options = BatchOptions(
+            archive,
+            tmp_path / "out",
+            tiny_model_dir,
+            workers=0,
+            resume=resume,
+            destinations=(destination,),
+        )
+        return run_batch(options, classifier=classifier)["sent"][str(destination)]
+
+    ris.mode, ris.error_text = "AE", "Unknown patient"
+    refused = run(resume=False)
+    assert (refused["sent"], refused["failed"]) == (0, 2)
+    assert all("Unknown patient" in e for e in refused["errors"])
+    assert len(ris.messages) == 2  # a refusal is not retried within the run
+
+    ris.mode = "AA"
+    resumed = run(resume=True)
+    assert (resumed["sent"], resumed["failed"]) == (2, 0)
+    assert sorted(ris.control_ids()[2:]) == sorted(ris.control_ids()[:2])  # the same messages
+    for text in ris.messages[2:]:
+        order = parse_oru(text).ORU_R01_PATIENT_RESULT.ORU_R01_ORDER_OBSERVATION
+        assert order.obr.obr_25.value == "P"
+
+    run(resume=True)
+    assert len(ris.messages) == 4  # every result delivered: nothing sent again

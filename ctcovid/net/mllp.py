@@ -30,9 +30,12 @@ import logging
 import socket
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from ctcovid.errors import ConfigError, PacsError
+from ctcovid.net.query import HeldInstance
 from ctcovid.net.sender import Cancel, run_with_deadline
+from ctcovid.report.oru import OruSettings
 
 logger = logging.getLogger(__name__)
 
@@ -251,3 +254,43 @@ def _err_text(err: list[str], component_sep: str) -> list[str]:
     if not found and len(err) > 1 and err[1].strip():
         found.append(err[1].replace(component_sep, " ").strip())
     return found
+
+
+@dataclass(frozen=True)
+class Hl7Settings:
+    """A RIS as a destination of SRs (batch): each SR sent becomes its ORU^R01 (``oru``, see
+    :mod:`ctcovid.report.oru`) sent by MLLP (``mllp``)."""
+
+    mllp: MllpSettings
+    oru: OruSettings
+
+    def __str__(self) -> str:
+        return f"hl7 {self.mllp.endpoint}"
+
+
+class Hl7Sender:
+    """An :class:`~ctcovid.net.sender.SrSender` whose destination is a RIS: ``send`` builds the
+    ORU of the SR file (``C`` when the SR is a revision, which a sender plans only over a result
+    it delivered there before) and sends it. The message derives from the file alone, so a
+    resend is the very same message, MSH-10 included.
+
+    A RIS cannot be asked which SRs it holds: :meth:`held` answers nothing, and the sender's
+    own delivery record decides revisions.
+    """
+
+    def __init__(self, settings: Hl7Settings) -> None:
+        self.settings = settings
+
+    def send(self, path: Path, cancel: Cancel | None = None) -> str:
+        import pydicom
+
+        from ctcovid.report.oru import build_oru
+
+        sr = pydicom.dcmread(path)
+        revision = int(sr.get("InstanceNumber") or 1)
+        oru = build_oru(sr, self.settings.oru, corrected=revision > 1)
+        ack = send_message(oru.to_bytes(), oru.control_id, self.settings.mllp, cancel=cancel)
+        return f"ack={ack.code} control_id={oru.control_id} status={oru.result_status}"
+
+    def held(self, study_instance_uid: str, series_instance_uid: str) -> list[HeldInstance]:
+        return []
