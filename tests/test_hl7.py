@@ -3,6 +3,7 @@ from the node's worker (real store, tiny model, real SR peer) and from batch."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -442,3 +443,38 @@ def test_batch_sends_one_oru_per_series_fails_a_refusal_and_resumes(
 
     run(resume=True)
     assert len(ris.messages) == 4  # every result delivered: nothing sent again
+
+
+def test_an_acknowledgement_beyond_the_read_limit_is_an_error():
+    """A receiver that answers without end is cut off at ``max_ack_bytes``, not read into
+    memory without bound."""
+    import socket
+
+    from ctcovid.errors import PacsError
+    from ctcovid.net.mllp import Endpoint, MllpSettings, send_message
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    sent = threading.Event()
+
+    def flood() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            conn.recv(65536)
+            with contextlib.suppress(OSError):  # the client hangs up, as it should
+                conn.sendall(b"\x0bMSH|^~\\&|RIS" + b"x" * 1_000_000)
+            sent.set()
+
+    thread = threading.Thread(target=flood, daemon=True)
+    thread.start()
+    settings = MllpSettings(
+        Endpoint("127.0.0.1", listener.getsockname()[1]), timeout_seconds=10, max_ack_bytes=4096
+    )
+    try:
+        with pytest.raises(PacsError, match="exceeds 4096 bytes"):
+            send_message(b"MSH|^~\\&|CTCOVID\r", "X1", settings)
+    finally:
+        thread.join(15)
+        listener.close()
+    assert sent.is_set()

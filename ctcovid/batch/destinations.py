@@ -283,7 +283,8 @@ class SrForwarder:
                     row.sr_path,
                     name,
                     attempts,
-                    reason,
+                    # The RIS's own text may quote patient data: in sent.sqlite, not the log.
+                    f"refused with {exc.code}" if isinstance(exc, Hl7Refused) else reason,
                 )
                 return
             self._record(row, name, PENDING, attempts, reason)

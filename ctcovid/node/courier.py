@@ -96,7 +96,11 @@ class Hl7Courier:
             logger.info("event=hl7_abandoned %s reason=stopping", log_ids)
             return
         except Hl7Refused as exc:
-            self._failed(record, str(exc), log_ids, permanent=True)
+            # The RIS's own text may quote patient data: in the job database (ctcovid queue),
+            # not in the log.
+            self._failed(
+                record, str(exc), log_ids, permanent=True, logged=f"refused with {exc.code}"
+            )
             return
         except Exception as exc:  # unreachable, silent, broken: may pass
             self._failed(record, str(exc), log_ids, permanent=False)
@@ -133,7 +137,13 @@ class Hl7Courier:
         return _with(record, message_id=oru.control_id, message_path=relative)
 
     def _failed(
-        self, record: DeliveryRecord, reason: str, log_ids: str, *, permanent: bool
+        self,
+        record: DeliveryRecord,
+        reason: str,
+        log_ids: str,
+        *,
+        permanent: bool,
+        logged: str | None = None,
     ) -> None:
         state, next_try = self.store.jobs.mark_delivery_failed(
             record,
@@ -149,7 +159,7 @@ class Hl7Courier:
                 log_ids,
                 self.mllp.endpoint,
                 record.attempts + 1,
-                reason,
+                logged or reason,
             )
         else:
             logger.warning(
@@ -158,7 +168,7 @@ class Hl7Courier:
                 self.mllp.endpoint,
                 record.attempts + 1,
                 (next_try or time.time()) - time.time(),
-                reason,
+                logged or reason,
             )
 
 
