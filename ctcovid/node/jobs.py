@@ -48,6 +48,14 @@ one with a record in another state gets :class:`JobStateError`; a job that moved
 database meanwhile (a new instance arrived while the SR was being sent, say) is left as it is
 and the method says so in its return value.
 
+Deliveries to destinations besides the SR's peer (today the RIS, by HL7) have a table of their
+own, ``deliveries``: one row per (study, series, destination name), with a kind, its own state
+(:class:`DeliveryState`: ``pending`` -> ``sent`` | ``failed``; ``failed`` -> ``pending`` by
+:meth:`~JobDatabase.retry_deliveries`), attempts, next try and reason, the SR it reports and
+the message built for it (:class:`DeliveryRecord`). A row is queued in the transaction that
+records the SR (:meth:`~JobDatabase.finish_classified`) and then moves on its own, so a
+destination that is down delays neither the SR nor any other destination.
+
 The database (SQLite, WAL, ``synchronous=FULL``) also records every stored instance and every
 superseded one, so that a receipt and the job it opens commit together.
 """

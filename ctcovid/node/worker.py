@@ -4,9 +4,11 @@ Each step queues the series that have been quiet for ``stable_seconds`` and clas
 waiting one (scan its folder, judge it with the ingest rules, ``Classifier.classify``,
 ``build_sr``, store the SR and, for the node's page, key-slice heatmaps as PNG). SRs whose send
 is due go out from a thread of their own, each send under a hard deadline, so a slow or stalled
-PACS never holds up classification. The worker beats a heartbeat at every step and phase; the
-node restarts a worker whose heartbeat stops. All state lives in the
-:class:`~ctcovid.node.store.Store`, so the process can be killed at any moment and resumed.
+PACS never holds up classification; with ``hl7`` set, each result's ORU goes to the RIS from
+another (:mod:`ctcovid.node.courier`), so neither destination waits for the other. The worker
+beats a heartbeat at every step and phase; the node restarts a worker whose heartbeat stops.
+All state lives in the :class:`~ctcovid.node.store.Store`, so the process can be killed at any
+moment and resumed.
 """
 
 from __future__ import annotations
