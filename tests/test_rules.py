@@ -388,3 +388,52 @@ def test_a_node_routes_what_orthanc_sends_by_its_rules(
     finally:
         orthanc.close()
         node.close()
+
+
+@pytest.mark.network
+def test_rules_choose_who_hears_of_a_result_the_ris_among_them(
+    routed_series: dict[str, Path], tmp_path: Path, classifier, pacs  # noqa: F811
+) -> None:
+    """With a RIS: a rule listing it sends the ORU, one leaving it out does not, shadow sends
+    neither SR nor ORU."""
+    from test_hl7 import Ris
+
+    peer, received = pacs
+    rules = [
+        {"name": "lung", "when": {"SeriesDescription": {"regex": "Lung"}},
+         "destinations": ["default", "ris"]},
+        {"name": "dose", "when": {"SeriesDescription": {"regex": "Dose"}},
+         "destinations": ["default"]},
+        {"name": "rest", "action": "shadow"},
+    ]
+    ris = Ris()
+    try:
+        config = NodeConfig(store=tmp_path / "store", peer=peer, hl7=ris.address,
+                            stable_seconds=0, retry_seconds=0, min_free_mb=0, rule=tuple(rules))
+        worker = Worker(config, Store(config.store), classifier)
+        for folder in routed_series.values():
+            for path in sorted(folder.iterdir()):
+                ds = pydicom.dcmread(path, stop_before_pixels=True)
+                worker.store.put_instance(
+                    path.read_bytes(), study_instance_uid=ds.StudyInstanceUID,
+                    series_instance_uid=ds.SeriesInstanceUID,
+                    sop_instance_uid=ds.SOPInstanceUID, sop_class_uid=ds.SOPClassUID,
+                )
+        run_until_idle(worker)
+        records = {r.rule: r for r in worker.store.jobs.list_series()}
+        assert {rule: r.state for rule, r in records.items()} == {
+            "lung": SENT, "dose": SENT, "rest": SHADOW
+        }
+        assert sorted(str(ds.SOPInstanceUID) for ds in received) == sorted(
+            records[rule].sr_sop_instance_uid for rule in ("lung", "dose")
+        )
+        (delivery,) = worker.store.jobs.deliveries()
+        assert delivery.series_instance_uid == records["lung"].series_instance_uid
+        assert delivery.state == "sent" and len(ris.messages) == 1
+        worker.close()
+        worker.store.close()
+    finally:
+        ris.close()
+    with pytest.raises(ConfigError, match="leaves out 'default'"):
+        NodeConfig(store=tmp_path / "s2", peer=peer, hl7="127.0.0.1:2575",
+                   rule=({"name": "ris-only", "destinations": ["ris"]},))

@@ -1,4 +1,7 @@
-"""Where the SRs of a batch run go besides ``out/sr``: a PACS by C-STORE, or STOW-RS.
+"""Where the SRs of a batch run go besides ``out/sr``: a PACS by C-STORE, or STOW-RS, and a RIS
+as HL7 v2.5.1 ORU^R01 over MLLP (``--hl7``: :class:`~ctcovid.net.mllp.Hl7Sender`, the node's
+builder and MLLP client; an AE/AR acknowledgement fails at once with its text, silence or a
+broken connection is retried like a failed C-STORE).
 
 Every classified row's SR is sent to every destination by a background thread, so sending never
 slows classification. Sending is the node's: :mod:`ctcovid.net.sender` (C-STORE, with TLS when
@@ -45,8 +48,9 @@ from ctcovid.batch.results import (
 )
 from ctcovid.errors import PacsError
 from ctcovid.fsio import write_atomic
+from ctcovid.net.mllp import Hl7Refused, Hl7Sender, Hl7Settings
 from ctcovid.net.query import HeldInstance
-from ctcovid.net.sender import SendSettings, sr_sender
+from ctcovid.net.sender import SendSettings, SrSender, sr_sender
 from ctcovid.net.stow import StowRefused
 from ctcovid.report.delivery import Delivered, Delivery, plan_delivery
 
@@ -90,7 +94,7 @@ class SrForwarder:
     def __init__(
         self,
         out: Path,
-        destinations: tuple[SendSettings, ...],
+        destinations: tuple[SendSettings | Hl7Settings, ...],
         *,
         max_attempts: int = 5,
         retry_seconds: float = 2.0,
@@ -103,7 +107,7 @@ class SrForwarder:
         self.retry_seconds = retry_seconds
         self.max_retry_seconds = max_retry_seconds
         # Made now: a bad URL, TLS file or missing extra shows before any series is classified.
-        self._senders = {str(d): sr_sender(d) for d in destinations}
+        self._senders = {str(d): _sender(d) for d in destinations}
         self._settings = {str(d): d for d in destinations}
         self.audit = audit  # a ctcovid.batch.auditing.BatchAudit, or None
         self._unqueryable: set[str] = set()
@@ -270,16 +274,17 @@ class SrForwarder:
             reason = str(exc) if isinstance(exc, PacsError) else f"{type(exc).__name__}: {exc}"
             # A refusal that sending again cannot change (STOW-RS 4xx) fails at once, as in the
             # node; everything else is retried with backoff.
-            if attempts >= self.max_attempts or isinstance(exc, StowRefused):
+            if attempts >= self.max_attempts or isinstance(exc, StowRefused | Hl7Refused):
                 self._record(row, name, FAILED, attempts, reason)
-                if self.audit is not None and sr is not None:
+                if self._audited(name) and sr is not None:
                     self.audit.sr_sent(self._settings[name], sr, failure=reason)
                 logger.error(
                     "event=sr_send_failed sr=%s destination=%s attempts=%d error=%r",
                     row.sr_path,
                     name,
                     attempts,
-                    reason,
+                    # The RIS's own text may quote patient data: in sent.sqlite, not the log.
+                    f"refused with {exc.code}" if isinstance(exc, Hl7Refused) else reason,
                 )
                 return
             self._record(row, name, PENDING, attempts, reason)
@@ -295,7 +300,7 @@ class SrForwarder:
             self._push(time.monotonic() + delay, name, row, attempts)
             return
         self._record(row, name, SENT, attempts + 1, "")
-        if self.audit is not None:
+        if self._audited(name):
             self.audit.sr_sent(self._settings[name], sr)
         assert row.label is not None
         delivered = Delivered(
@@ -314,6 +319,11 @@ class SrForwarder:
             plan.revision,
             plan.reason,
         )
+
+    def _audited(self, name: str) -> bool:
+        """Whether sends to ``name`` are audited: DICOM instances transferred (PS3.15 A.5.3.4),
+        which an ORU to the RIS is not."""
+        return self.audit is not None and isinstance(self._settings[name], SendSettings)
 
     def _unchanged(self, name: str, row: ResultRow, plan: Delivery, first: Dataset) -> None:
         """Nothing to send: the destination holds this result already (recorded as sent)."""
@@ -347,3 +357,10 @@ class SrForwarder:
                 out[name] = counts | {"errors": errors[:10]}
             self._db.close()
         return out
+
+
+def _sender(settings: SendSettings | Hl7Settings) -> SrSender:
+    """The sender of one destination: the node's SR sender, or the RIS's ORU sender."""
+    if isinstance(settings, Hl7Settings):
+        return Hl7Sender(settings)
+    return sr_sender(settings)

@@ -12,6 +12,7 @@ from ctcovid.decoder import DEFAULT_DECODER_MEMORY_MB
 
 if TYPE_CHECKING:
     from ctcovid.batch.sources import PacsSource
+    from ctcovid.net.mllp import Hl7Settings
     from ctcovid.net.sender import SendSettings
 
 
@@ -33,8 +34,8 @@ class BatchOptions:
     ray_num_cpus: int | None = None
     # A PACS in place of the archive folder (``sources.py``); ``archive`` is then its cache.
     source: PacsSource | None = None
-    # Where every SR also goes, by C-STORE or STOW-RS (``destinations.py``).
-    destinations: tuple[SendSettings, ...] = ()
+    # Where every SR also goes, by C-STORE or STOW-RS, and to a RIS as ORU (``destinations.py``).
+    destinations: tuple[SendSettings | Hl7Settings, ...] = ()
     # Address-space limit of each decoder process, MiB (0: none).
     decoder_memory_mb: int = DEFAULT_DECODER_MEMORY_MB
     runtime: str = "auto"  # how the model runs (keras | onnx | int8 | auto), not where

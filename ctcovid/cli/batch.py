@@ -199,6 +199,42 @@ def batch(
     audit_file: AuditFileOption = None,
     audit_syslog: AuditSyslogOption = None,
     audit_ca: AuditCaOption = None,
+    hl7: Annotated[
+        str | None,
+        typer.Option(
+            help="Also send each result to the RIS as an HL7 v2.5.1 ORU^R01 over MLLP, HOST:PORT "
+            "(off by default).",
+            rich_help_panel="SR destinations",
+        ),
+    ] = None,
+    hl7_sending_application: Annotated[
+        str, typer.Option(help="MSH-3 of the ORU.", rich_help_panel="SR destinations")
+    ] = "CTCOVID",
+    hl7_sending_facility: Annotated[
+        str, typer.Option(help="MSH-4 of the ORU.", rich_help_panel="SR destinations")
+    ] = "",
+    hl7_receiving_application: Annotated[
+        str, typer.Option(help="MSH-5 of the ORU.", rich_help_panel="SR destinations")
+    ] = "",
+    hl7_receiving_facility: Annotated[
+        str, typer.Option(help="MSH-6 of the ORU.", rich_help_panel="SR destinations")
+    ] = "",
+    hl7_priority: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Worklist priority of a result, LABEL=CODE (HL7 table 0027; repeatable). "
+            "Default covid=S.",
+            rich_help_panel="SR destinations",
+        ),
+    ] = None,
+    hl7_priority_field: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Field the priority goes to: ORC-7, OBR-27, TQ1-9 (repeatable). "
+            "Default ORC-7 and OBR-27.",
+            rich_help_panel="SR destinations",
+        ),
+    ] = None,
 ) -> None:
     """Classify every usable CT series of an archive; one row per series in DIR/results.csv.
 
@@ -218,6 +254,8 @@ def batch(
       ctcovid batch --from-pacs pacs:104:PACS --query StudyDate=20200301-20210630 --out runs/c
 
       ctcovid batch --from-dicomweb https://vna/dicom-web --accessions acc.txt --out runs/a
+
+      ctcovid batch /archive/ct --out runs/b --hl7 ris:2575 --hl7-receiving-application RIS
 
     From a PACS, DIR/pacs.sqlite lists the series found, DIR/cache/ holds retrieved series
     until they are classified (at most --cache-gb), and nothing on the PACS is changed.
@@ -259,7 +297,7 @@ def batch(
             "--tls-cert/--tls-key/--tls-ca secure DICOM associations (--from-pacs, --send-to); "
             "DICOMweb uses --ca-file"
         )
-    sends = destinations(
+    sends: tuple[Any, ...] = destinations(
         send_to=send_to,
         stow=stow,
         stow_auth_file=stow_auth_file,
@@ -269,6 +307,24 @@ def batch(
         tls_key=tls_key,
         tls_ca=tls_ca,
     )
+    if hl7:
+        from ctcovid.net.mllp import Endpoint, Hl7Settings, MllpSettings
+        from ctcovid.report.oru import (
+            DEFAULT_PRIORITY,
+            DEFAULT_PRIORITY_FIELDS,
+            OruSettings,
+            parse_priority,
+        )
+
+        oru = OruSettings(
+            sending_application=hl7_sending_application,
+            sending_facility=hl7_sending_facility,
+            receiving_application=hl7_receiving_application,
+            receiving_facility=hl7_receiving_facility,
+            priority=parse_priority(hl7_priority) if hl7_priority else DEFAULT_PRIORITY,
+            priority_fields=tuple(hl7_priority_field or DEFAULT_PRIORITY_FIELDS),
+        )
+        sends = (*sends, Hl7Settings(MllpSettings(Endpoint.parse(hl7, "--hl7")), oru))
     if audit_syslog:
         from ctcovid.audit import parse_endpoint
 

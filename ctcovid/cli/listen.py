@@ -219,6 +219,32 @@ def listen(
             show_default=False,
         ),
     ] = None,
+    hl7: Annotated[
+        str | None,
+        typer.Option(
+            help="Also send each result to the RIS as an HL7 v2.5.1 ORU^R01 over MLLP, HOST:PORT."
+        ),
+    ] = None,
+    hl7_sending_application: Annotated[
+        str | None, typer.Option(help="MSH-3 of the ORU. Default CTCOVID.")
+    ] = None,
+    hl7_sending_facility: Annotated[str | None, typer.Option(help="MSH-4 of the ORU.")] = None,
+    hl7_receiving_application: Annotated[str | None, typer.Option(help="MSH-5 of the ORU.")] = None,
+    hl7_receiving_facility: Annotated[str | None, typer.Option(help="MSH-6 of the ORU.")] = None,
+    hl7_priority: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Worklist priority of a result, LABEL=CODE (HL7 table 0027; repeatable). "
+            "Default covid=S."
+        ),
+    ] = None,
+    hl7_priority_field: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Field the priority goes to: ORC-7, OBR-27, TQ1-9 (repeatable). "
+            "Default ORC-7 and OBR-27."
+        ),
+    ] = None,
     verbose: Annotated[int, typer.Option("-v", count=True, help="More logging (-vv: debug).")] = 0,
 ) -> None:
     """Run the DICOM node: C-STORE CT in, one SR per complete CT series out to --peer (C-STORE)
@@ -241,6 +267,8 @@ def listen(
       ctcovid listen --store /srv/ctcovid --stow https://vna.example.org/dicom-web
 
       ctcovid listen --config node.toml --alert-smtp mail:587 --alert-to radiology-it@example.org
+
+      ctcovid listen --config node.toml --hl7 ris:2575 --hl7-receiving-application RIS
     """
     # A service logs its activity by default; -v adds debug detail.
     setup_logging(verbose + 1)
@@ -293,6 +321,13 @@ def listen(
             "alert_from": alert_from,
             "alert_after_minutes": alert_after,
             "alert_positive": alert_positive,
+            "hl7": hl7,
+            "hl7_sending_application": hl7_sending_application,
+            "hl7_sending_facility": hl7_sending_facility,
+            "hl7_receiving_application": hl7_receiving_application,
+            "hl7_receiving_facility": hl7_receiving_facility,
+            "hl7_priority": tuple(hl7_priority) if hl7_priority else None,
+            "hl7_priority_fields": tuple(hl7_priority_field) if hl7_priority_field else None,
         },
     )
     level = logging.DEBUG if verbose >= 1 else logging.INFO

@@ -31,10 +31,12 @@ def queue(
     ] = False,
     verbose: Annotated[int, typer.Option("-v", count=True, help="More logging.")] = 0,
 ) -> None:
-    """List the node's series with their job state, revision, attempts and reasons.
+    """List the node's series with their job state, revision, attempts and reasons, and the
+    state of each result's delivery to the RIS (HL7).
 
     A failed send is re-queued for sending (attempts reset); a failed classification is
-    classified again. A running node picks re-queued jobs up by itself.
+    classified again; a failed or refused ORU is sent again, the same message. A running node
+    picks re-queued jobs up by itself.
 
     Examples:
 
@@ -61,6 +63,10 @@ def queue(
         elif retry_all_failed:
             requeued = node_store.retry(None)
         records = node_store.jobs.list_series()
+        deliveries: dict[tuple[str, str], list[Any]] = {}
+        for delivery in node_store.jobs.deliveries():
+            key = (delivery.study_instance_uid, delivery.series_instance_uid)
+            deliveries.setdefault(key, []).append(delivery)
         counts = node_store.jobs.counts_by_state()
         n_instances = node_store.jobs.count_instances()
     finally:
@@ -71,7 +77,16 @@ def queue(
             "store": str(store),
             "instances": n_instances,
             "counts": counts,
-            "series": [r.to_dict() for r in records],
+            "series": [
+                r.to_dict()
+                | {
+                    "deliveries": [
+                        d.to_dict()
+                        for d in deliveries.get((r.study_instance_uid, r.series_instance_uid), [])
+                    ]
+                }
+                for r in records
+            ],
         }
         if requeued is not None:
             out["requeued"] = requeued
@@ -82,13 +97,32 @@ def queue(
     from rich.table import Table
 
     table = Table(title=f"{store}: {n_instances} instances, {len(records)} series")
-    columns = ("series", "state", "rule", "inst.", "rev.", "sent", "tries", "P(COVID)", "reason")
+    columns = (
+        "series",
+        "state",
+        "rule",
+        "inst.",
+        "rev.",
+        "sent",
+        "tries",
+        "P(COVID)",
+        "reason",
+        "HL7",
+    )
     for column in columns:
         table.add_column(column, overflow="fold")
     for r in records:
         reason = r.reason
         if r.state == "classified" and r.next_try:
             reason = (reason + "; " if reason else "") + f"next try {_when(r.next_try)}"
+        others = []
+        for d in deliveries.get((r.study_instance_uid, r.series_instance_uid), []):
+            text = f"{d.destination}: {d.state}"
+            if d.state == "pending" and d.attempts:
+                text += f" (try {d.attempts + 1} at {_when(d.next_try)})"
+            if d.reason:
+                text += f"; {d.reason}"
+            others.append(text)
         table.add_row(
             r.series_instance_uid,
             r.state,
@@ -99,6 +133,7 @@ def queue(
             str(r.attempts or ""),
             f"{r.probability_covid:.3f}" if r.probability_covid is not None else "",
             reason,
+            "\n".join(others),
         )
     stdout.print(table)
     stdout.print(" ".join(f"{state}={count}" for state, count in counts.items()), highlight=False)

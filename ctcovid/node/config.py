@@ -29,8 +29,14 @@ from ctcovid.net.peers import Peer, check_ae_title
 from ctcovid.net.sender import SendSettings
 
 if TYPE_CHECKING:
+    from ctcovid.net.mllp import MllpSettings
     from ctcovid.node.alerts import AlertSettings
+    from ctcovid.report.oru import OruSettings
 
+
+# The names rules give destinations: the SR's (peer or stow), and the RIS (hl7).
+SR_DESTINATION = "default"
+RIS_DESTINATION = "ris"
 
 # Settings that name files or folders (besides the store): Path in a NodeConfig, and relative to
 # the TOML file when given in one.
@@ -128,6 +134,15 @@ class NodeConfig:
     rule: tuple[dict[str, Any], ...] = ()
     # How long the files of an ignored series are kept (0: removed at once).
     ignore_keep_hours: float = 0.0
+    # Results to the RIS as HL7 v2.5.1 ORU^R01 over MLLP (ctcovid.report.oru), HOST:PORT.
+    hl7: str | None = None
+    hl7_sending_application: str = "CTCOVID"
+    hl7_sending_facility: str = ""
+    hl7_receiving_application: str = ""
+    hl7_receiving_facility: str = ""
+    # Result label -> HL7 table 0027 priority ("covid=S"), written to hl7_priority_fields.
+    hl7_priority: tuple[str, ...] = ("covid=S",)
+    hl7_priority_fields: tuple[str, ...] = ("ORC-7", "OBR-27")
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
@@ -212,11 +227,25 @@ class NodeConfig:
             object.__setattr__(self, "alert_to", (self.alert_to,))
         object.__setattr__(self, "alert_to", tuple(self.alert_to))
         self.alert_settings()
+        self._check_hl7()
         if self.ignore_keep_hours < 0:
             raise ConfigError(
                 f"ignore_keep_hours must be >= 0. Received: {self.ignore_keep_hours}."
             )
         _ = self.rules  # a bad rule stops the node at start, naming its key
+
+    def _check_hl7(self) -> None:
+        """``hl7`` as HOST:PORT (or unset), the priority mapping and fields as lists."""
+        if self.hl7 in (None, ""):
+            object.__setattr__(self, "hl7", None)
+        for name in ("hl7_priority", "hl7_priority_fields"):
+            value = getattr(self, name)
+            if isinstance(value, dict):
+                value = [f"{k}={v}" for k, v in value.items()]
+            object.__setattr__(self, name, (value,) if isinstance(value, str) else tuple(value))
+        self.oru_settings()
+        if self.hl7 is not None:
+            self.hl7_settings()
 
     def _check_http(self) -> None:
         """The HTTP server's settings; ``metrics_port``/``metrics_host`` (deprecated) alias
@@ -283,19 +312,27 @@ class NodeConfig:
 
     @property
     def destination_names(self) -> tuple[str, ...]:
-        """The names rules may send to: ``default``, the destination ``peer`` or ``stow`` sets
-        (none when the SRs stay in the store)."""
-        return ("default",) if self.sends else ()
+        """The names rules may send to: ``default``, the SR's destination (``peer`` or
+        ``stow``; none when the SRs stay in the store), and ``ris`` when ``hl7`` is set."""
+        return (SR_DESTINATION,) * self.sends + (RIS_DESTINATION,) * (self.hl7 is not None)
 
     @functools.cached_property
     def rules(self) -> tuple[Rule, ...]:
         """The routing rules, checked (:func:`ctcovid.dicom.rules.parse_rules`)."""
         rules = parse_rules(self.rule, self.destination_names)
         for i, rule in enumerate(rules):
-            if rule.action == "classify" and rule.destinations == ():
+            if rule.action != "classify" or rule.destinations is None:
+                continue
+            if not rule.destinations:
                 raise ConfigError(
                     f"rule[{i}].destinations: rule {rule.name!r} classifies and sends nowhere; "
                     'use action = "shadow" to keep results without sending them'
+                )
+            if self.sends and SR_DESTINATION not in rule.destinations:
+                raise ConfigError(
+                    f"rule[{i}].destinations: rule {rule.name!r} leaves out {SR_DESTINATION!r}, "
+                    "the SR's destination; a classified series' SR always goes there (sending "
+                    "only to other destinations is not supported)"
                 )
         return rules
 
@@ -349,6 +386,31 @@ class NodeConfig:
             timeout_seconds=self.network_timeout_seconds,
             deadline_seconds=self.send_deadline,
             max_pdu_bytes=self.max_pdu_bytes,
+        )
+
+    def oru_settings(self) -> OruSettings:
+        """How the ORU^R01 is addressed and how a result maps to the worklist priority."""
+        from ctcovid.report.oru import OruSettings, parse_priority
+
+        return OruSettings(
+            sending_application=self.hl7_sending_application,
+            sending_facility=self.hl7_sending_facility,
+            receiving_application=self.hl7_receiving_application,
+            receiving_facility=self.hl7_receiving_facility,
+            priority=parse_priority(self.hl7_priority),
+            priority_fields=self.hl7_priority_fields,
+        )
+
+    def hl7_settings(self) -> MllpSettings | None:
+        """Where ORUs go by MLLP and the limits of one send; None without ``hl7``."""
+        if self.hl7 is None:
+            return None
+        from ctcovid.net.mllp import Endpoint, MllpSettings
+
+        return MllpSettings(
+            Endpoint.parse(self.hl7),
+            timeout_seconds=self.network_timeout_seconds,
+            deadline_seconds=self.send_deadline,
         )
 
     def alert_settings(self) -> AlertSettings | None:

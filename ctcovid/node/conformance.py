@@ -147,6 +147,13 @@ _SETTINGS: dict[str, str] = {
     "alert_positive": "also alert on every positive result",
     "rule": "routing rules ([[rule]]): which series are classified, shadowed or ignored",
     "ignore_keep_hours": "how long the files of an ignored series are kept (0: removed at once)",
+    "hl7": "RIS that results go to as HL7 v2.5.1 ORU^R01 over MLLP, HOST:PORT (none: off)",
+    "hl7_sending_application": "MSH-3 of the ORU",
+    "hl7_sending_facility": "MSH-4 of the ORU",
+    "hl7_receiving_application": "MSH-5 of the ORU",
+    "hl7_receiving_facility": "MSH-6 of the ORU",
+    "hl7_priority": "result -> HL7 table 0027 worklist priority, LABEL=CODE (default covid=S)",
+    "hl7_priority_fields": "fields the priority goes to: ORC-7, OBR-27 (TQ.6), TQ1-9",
 }
 
 
@@ -1060,6 +1067,10 @@ def conformance_statement(config: NodeConfig, source: Path | None = None) -> Sta
                     "Alerts (alert_webhook, alert_smtp) are outgoing connections of their own; "
                     "they name study and series UIDs and counts, never patient data or the "
                     "free-text reasons that may quote received values.",
+                    "RIS (hl7): an outgoing MLLP connection per ORU^R01, plain TCP (a site that "
+                    "needs encryption runs it through a TLS tunnel); it carries patient name, ID, "
+                    "birth date and sex, and the result. Connection, acknowledgement and whole "
+                    "send are bounded by network_timeout_seconds and send_deadline_seconds.",
                     _audit_text(config),
                 )
             ),

@@ -55,6 +55,14 @@ one with a record in another state gets :class:`JobStateError`; a job that moved
 database meanwhile (a new instance arrived while the SR was being sent, say) is left as it is
 and the method says so in its return value.
 
+Deliveries to destinations besides the SR's peer (today the RIS, by HL7) have a table of their
+own, ``deliveries``: one row per (study, series, destination name), with a kind, its own state
+(:class:`DeliveryState`: ``pending`` -> ``sent`` | ``failed``; ``failed`` -> ``pending`` by
+:meth:`~JobDatabase.retry_deliveries`), attempts, next try and reason, the SR it reports and
+the message built for it (:class:`DeliveryRecord`). A row is queued in the transaction that
+records the SR (:meth:`~JobDatabase.finish_classified`) and then moves on its own, so a
+destination that is down delays neither the SR nor any other destination.
+
 The database (SQLite, WAL, ``synchronous=FULL``) also records every stored instance and every
 superseded one, so that a receipt and the job it opens commit together.
 """
@@ -67,7 +75,7 @@ import logging
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, fields
 from enum import StrEnum
 from pathlib import Path
@@ -171,6 +179,26 @@ CREATE TABLE IF NOT EXISTS series (
 );
 CREATE INDEX IF NOT EXISTS series_state ON series(state);
 CREATE INDEX IF NOT EXISTS series_updated ON series(updated_at);
+CREATE TABLE IF NOT EXISTS deliveries (
+    study_instance_uid TEXT NOT NULL,
+    series_instance_uid TEXT NOT NULL,
+    destination TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    state TEXT NOT NULL,
+    revision INTEGER NOT NULL DEFAULT 0,
+    sr_path TEXT NOT NULL DEFAULT '',
+    sr_sop_instance_uid TEXT NOT NULL DEFAULT '',
+    message_id TEXT NOT NULL DEFAULT '',
+    message_path TEXT NOT NULL DEFAULT '',
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_try REAL NOT NULL DEFAULT 0,
+    reason TEXT NOT NULL DEFAULT '',
+    sent_count INTEGER NOT NULL DEFAULT 0,
+    sent_sr_sop_instance_uid TEXT NOT NULL DEFAULT '',
+    updated_at REAL NOT NULL,
+    PRIMARY KEY (study_instance_uid, series_instance_uid, destination)
+);
+CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries(state, next_try);
 CREATE TABLE IF NOT EXISTS replaced (
     sop_instance_uid TEXT NOT NULL,
     study_instance_uid TEXT NOT NULL,
@@ -268,6 +296,58 @@ class SeriesRecord:
 
 
 _COLUMNS = ", ".join(f.name for f in fields(SeriesRecord))
+
+
+class DeliveryState(StrEnum):
+    """The state of one result's delivery to one destination (a row of ``deliveries``)."""
+
+    PENDING = "pending"
+    """To be sent (again) at ``next_try``; a message built for it is in ``message_path``."""
+    SENT = "sent"
+    """The destination acknowledged the message (``sent_count`` so far for the series)."""
+    FAILED = "failed"
+    """Refused (the destination's reason), or sending gave up; ``ctcovid queue --retry``."""
+
+
+@dataclass
+class DeliveryRecord:
+    """One row of ``deliveries``: the current result of a series at one named destination.
+
+    Each (study, series, destination) has its own state, attempts and backoff, apart from the
+    series' job and from every other destination: a dead RIS never delays the SR and a dead
+    PACS never delays the RIS. The row carries the SR it reports (``revision``,
+    ``sr_sop_instance_uid``, ``sr_path``) and, once built, the message (``message_id``, the
+    file ``message_path``): a send after a crash sends that very message again.
+    """
+
+    study_instance_uid: str
+    series_instance_uid: str
+    destination: str
+    kind: str  # hl7 (later: c-store, stow-rs)
+    state: DeliveryState
+    revision: int
+    sr_path: str
+    sr_sop_instance_uid: str
+    message_id: str
+    message_path: str
+    attempts: int
+    next_try: float
+    reason: str
+    # Messages the destination acknowledged for this series, and the SR of the last one.
+    sent_count: int
+    sent_sr_sop_instance_uid: str
+    updated_at: float
+
+    def __post_init__(self) -> None:
+        self.state = DeliveryState(self.state)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+_DELIVERY_COLUMNS = ", ".join(f.name for f in fields(DeliveryRecord))
+# A destination that receives every new result of a series: (name, kind).
+Destination = tuple[str, str]
 
 
 def _key(record: SeriesRecord) -> tuple[str, str]:
@@ -754,8 +834,14 @@ class JobDatabase:
         args: tuple[Any, ...],
         *,
         on_predecessor: bool = False,
+        deliveries: Sequence[Destination] = (),
+        sr: tuple[int, str, str] | None = None,
     ) -> bool:
         """Apply a worker result unless a new instance arrived meanwhile (then ``received``).
+
+        ``deliveries`` with ``sr`` (revision, path, SOP Instance UID): the result's delivery to
+        each of these destinations is queued in the same transaction, so a crash can never
+        keep the result and lose its delivery.
 
         ``on_predecessor``: the result names the delivered SR ``record.sent_revision``; if
         another was delivered since, raise :class:`PredecessorChanged` (the job stays
@@ -778,6 +864,9 @@ class JobDatabase:
                 ),
             )
             if cur.rowcount == 1:
+                if sr is not None:
+                    for destination in deliveries:
+                        _queue_delivery(db, record, destination, sr, now)
                 return True
             if on_predecessor:
                 row = db.execute(
@@ -805,9 +894,13 @@ class JobDatabase:
         probability_covid: float,
         label: str,
         classify_seconds: float,
+        deliveries: Sequence[Destination] = (),
     ) -> bool:
         """``classifying`` -> ``classified`` with the built SR (``sr_path`` relative to the
         store); False (and ``received``) if the series changed while classifying.
+
+        The SR's delivery to each of ``deliveries`` (name, kind) is queued with it, unless
+        that destination has this very SR already (see :class:`DeliveryRecord`).
 
         Raises
         ------
@@ -831,6 +924,8 @@ class JobDatabase:
                 time.time(),
             ),
             on_predecessor=True,
+            deliveries=deliveries,
+            sr=(revision, sr_path, sr_sop_instance_uid),
         )
 
     def finish_unchanged(
@@ -1111,3 +1206,190 @@ class JobDatabase:
                         (WAITING, now, study, uid),
                     )
         return [r[1] for r in rows]
+
+    # -- deliveries to named destinations ---------------------------------------------------
+
+    def deliveries(
+        self, study_instance_uid: str | None = None, series_instance_uid: str | None = None
+    ) -> list[DeliveryRecord]:
+        """The delivery rows (of one series, or all), oldest first."""
+        query = f"SELECT {_DELIVERY_COLUMNS} FROM deliveries"
+        where, args = [], []
+        if study_instance_uid is not None:
+            where.append("study_instance_uid = ?")
+            args.append(study_instance_uid)
+        if series_instance_uid is not None:
+            where.append("series_instance_uid = ?")
+            args.append(series_instance_uid)
+        if where:
+            query += " WHERE " + " AND ".join(where)
+        with self._lock:
+            rows = self._conn.execute(query + " ORDER BY rowid", args).fetchall()
+        return [DeliveryRecord(**dict(r)) for r in rows]
+
+    def due_deliveries(self, kind: str, now: float | None = None) -> list[DeliveryRecord]:
+        """``pending`` deliveries of ``kind`` whose next attempt is due, earliest first."""
+        now = time.time() if now is None else now
+        with self._lock:
+            rows = self._conn.execute(
+                f"SELECT {_DELIVERY_COLUMNS} FROM deliveries WHERE kind = ? AND state = ? "
+                "AND next_try <= ? ORDER BY next_try, rowid",
+                (kind, DeliveryState.PENDING, now),
+            ).fetchall()
+        return [DeliveryRecord(**dict(r)) for r in rows]
+
+    def delivery_prepared(self, record: DeliveryRecord, message_id: str, message_path: str) -> bool:
+        """Record the message built for ``record`` (before its first send: every later send,
+        after a crash too, sends this one). False when the row moved on (a newer result)."""
+        with self._transaction() as db:
+            cur = db.execute(
+                "UPDATE deliveries SET message_id = ?, message_path = ?, updated_at = ? "
+                "WHERE study_instance_uid = ? AND series_instance_uid = ? AND destination = ? "
+                "AND state = ? AND sr_sop_instance_uid = ? AND message_path = ''",
+                (
+                    message_id,
+                    message_path,
+                    time.time(),
+                    *_delivery_key(record),
+                    DeliveryState.PENDING,
+                    record.sr_sop_instance_uid,
+                ),
+            )
+            return cur.rowcount == 1
+
+    def mark_delivered(self, record: DeliveryRecord) -> bool:
+        """``pending`` -> ``sent``: the destination acknowledged ``record.message_id``. False
+        when the row carries another message by now (a newer result, to be sent next)."""
+        with self._transaction() as db:
+            cur = db.execute(
+                "UPDATE deliveries SET state = ?, reason = '', attempts = attempts + 1, "
+                "sent_count = sent_count + 1, sent_sr_sop_instance_uid = ?, updated_at = ? "
+                "WHERE study_instance_uid = ? AND series_instance_uid = ? AND destination = ? "
+                "AND state = ? AND message_id = ?",
+                (
+                    DeliveryState.SENT,
+                    record.sr_sop_instance_uid,
+                    time.time(),
+                    *_delivery_key(record),
+                    DeliveryState.PENDING,
+                    record.message_id,
+                ),
+            )
+            if cur.rowcount == 1:
+                return True
+            # A newer result replaced the message in flight; the destination still holds this
+            # one, so the newer one is a correction of it.
+            db.execute(
+                "UPDATE deliveries SET sent_count = sent_count + 1, sent_sr_sop_instance_uid = ?, "
+                "message_id = '', message_path = '' "
+                "WHERE study_instance_uid = ? AND series_instance_uid = ? AND destination = ? "
+                "AND state = ? AND message_id != ?",
+                (
+                    record.sr_sop_instance_uid,
+                    *_delivery_key(record),
+                    DeliveryState.PENDING,
+                    record.message_id,
+                ),
+            )
+            return False
+
+    def mark_delivery_failed(
+        self,
+        record: DeliveryRecord,
+        reason: str,
+        *,
+        retry_seconds: float,
+        max_retry_seconds: float,
+        max_attempts: int,
+        permanent: bool = False,
+    ) -> tuple[DeliveryState, float | None]:
+        """A failed send: ``pending`` again after an exponential backoff, or ``failed`` after
+        ``max_attempts`` or at once when ``permanent`` (the destination refused it).
+
+        Returns the new state and, while retrying, the time of the next attempt.
+        """
+        attempts = record.attempts + 1
+        now = time.time()
+        next_try: float | None
+        if permanent:
+            state, next_try = DeliveryState.FAILED, None
+            reason = f"refused (attempt {attempts}), sending it again cannot help: {reason}"
+        elif attempts >= max_attempts:
+            state, next_try = DeliveryState.FAILED, None
+            reason = f"sending failed {attempts} time(s); last: {reason}"
+        else:
+            state = DeliveryState.PENDING
+            next_try = now + min(max_retry_seconds, retry_seconds * 2 ** (attempts - 1))
+        with self._transaction() as db:
+            db.execute(
+                "UPDATE deliveries SET state = ?, reason = ?, attempts = ?, next_try = ?, "
+                "updated_at = ? WHERE study_instance_uid = ? AND series_instance_uid = ? "
+                "AND destination = ? AND state = ? AND message_id = ?",
+                (
+                    state,
+                    reason,
+                    attempts,
+                    next_try if next_try is not None else 0.0,
+                    now,
+                    *_delivery_key(record),
+                    DeliveryState.PENDING,
+                    record.message_id,
+                ),
+            )
+        return state, next_try
+
+    def retry_deliveries(
+        self, series_instance_uid: str | None = None, study_instance_uid: str | None = None
+    ) -> list[str]:
+        """``failed`` -> ``pending`` (attempts reset, due now) for the deliveries of one series
+        or all; the series UIDs re-queued. The message already built is sent again as it is."""
+        now = time.time()
+        where = ["state = ?"]
+        args: list[Any] = [DeliveryState.FAILED]
+        if series_instance_uid is not None:
+            where.append("series_instance_uid = ?")
+            args.append(series_instance_uid)
+        if study_instance_uid is not None:
+            where.append("study_instance_uid = ?")
+            args.append(study_instance_uid)
+        clause = " AND ".join(where)
+        with self._transaction() as db:
+            rows = db.execute(
+                f"SELECT DISTINCT series_instance_uid FROM deliveries WHERE {clause}", args
+            ).fetchall()
+            db.execute(
+                "UPDATE deliveries SET state = ?, reason = '', attempts = 0, next_try = ?, "
+                f"updated_at = ? WHERE {clause}",
+                (DeliveryState.PENDING, now, now, *args),
+            )
+        return [r[0] for r in rows]
+
+
+def _delivery_key(record: DeliveryRecord) -> tuple[str, str, str]:
+    return (record.study_instance_uid, record.series_instance_uid, record.destination)
+
+
+def _queue_delivery(
+    db: sqlite3.Connection,
+    record: SeriesRecord,
+    destination: Destination,
+    sr: tuple[int, str, str],
+    now: float,
+) -> None:
+    """Queue the SR ``sr`` (revision, path, SOP Instance UID) of ``record`` for
+    ``destination``, replacing a result not sent yet; a destination that has (or is sending)
+    this very SR keeps its row as it is."""
+    name, kind = destination
+    revision, sr_path, sr_uid = sr
+    db.execute(
+        "INSERT INTO deliveries (study_instance_uid, series_instance_uid, destination, kind, "
+        "state, revision, sr_path, sr_sop_instance_uid, next_try, updated_at) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+        "ON CONFLICT (study_instance_uid, series_instance_uid, destination) DO UPDATE SET "
+        "kind = excluded.kind, state = excluded.state, revision = excluded.revision, "
+        "sr_path = excluded.sr_path, sr_sop_instance_uid = excluded.sr_sop_instance_uid, "
+        "message_id = '', message_path = '', attempts = 0, next_try = excluded.next_try, "
+        "reason = '', updated_at = excluded.updated_at "
+        "WHERE deliveries.sr_sop_instance_uid != excluded.sr_sop_instance_uid",
+        (*_key(record), name, kind, DeliveryState.PENDING, revision, sr_path, sr_uid, now, now),
+    )

@@ -18,11 +18,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 
 from ctcovid.node.files import FileStore, same_content
 from ctcovid.node.jobs import (
     FAILED,
+    DeliveryState,
+    Destination,
     JobDatabase,
     SeriesRecord,
 )
@@ -235,8 +238,10 @@ class Store:
         probability_covid: float,
         label: str,
         classify_seconds: float,
+        deliveries: Sequence[Destination] = (),
     ) -> bool:
-        """Record the built SR; False (and re-queued) if the series changed while classifying."""
+        """Record the built SR, and queue it for ``deliveries``; False (and re-queued) if the
+        series changed while classifying."""
         return self.jobs.finish_classified(
             record,
             revision=revision,
@@ -245,6 +250,7 @@ class Store:
             probability_covid=probability_covid,
             label=label,
             classify_seconds=classify_seconds,
+            deliveries=deliveries,
         )
 
     def finish_shadow(
@@ -273,15 +279,18 @@ class Store:
     def retry(
         self, series_instance_uid: str | None = None, study_instance_uid: str | None = None
     ) -> list[str]:
-        """Re-queue failed jobs (one series, or all): resend a built SR, else classify again.
+        """Re-queue failed jobs (one series, or all): resend a built SR, else classify again;
+        and failed deliveries to other destinations (the RIS), which send their message again.
 
         Returns the series UIDs re-queued.
         """
-        return self.jobs.retry(
+        jobs = self.jobs.retry(
             series_instance_uid,
             study_instance_uid,
             sr_exists=lambda sr_path: (self.root / sr_path).exists(),
         )
+        deliveries = self.jobs.retry_deliveries(series_instance_uid, study_instance_uid)
+        return list(dict.fromkeys([*jobs, *deliveries]))
 
     def retry_series(
         self, series_instance_uid: str, study_instance_uid: str | None = None
@@ -294,10 +303,15 @@ class Store:
             raise NotRetryable(
                 f"Series {series_instance_uid}: not in the store {self.root}", missing=True
             )
-        if record.state != FAILED:
+        failed_deliveries = [
+            d
+            for d in self.jobs.deliveries(record.study_instance_uid, series_instance_uid)
+            if d.state == DeliveryState.FAILED
+        ]
+        if record.state != FAILED and not failed_deliveries:
             raise NotRetryable(
-                f"Series {series_instance_uid}: state is {record.state}, only failed jobs can "
-                "be retried"
+                f"Series {series_instance_uid}: state is {record.state} and no delivery of it "
+                "failed; only failed jobs and deliveries can be retried"
             )
         return self.retry(series_instance_uid, record.study_instance_uid)
 

@@ -4,9 +4,11 @@ Each step queues the series that have been quiet for ``stable_seconds`` and clas
 waiting one (scan its folder, judge it with the ingest rules, ``Classifier.classify``,
 ``build_sr``, store the SR and, for the node's page, key-slice heatmaps as PNG). SRs whose send
 is due go out from a thread of their own, each send under a hard deadline, so a slow or stalled
-PACS never holds up classification. The worker beats a heartbeat at every step and phase; the
-node restarts a worker whose heartbeat stops. All state lives in the
-:class:`~ctcovid.node.store.Store`, so the process can be killed at any moment and resumed.
+PACS never holds up classification; with ``hl7`` set, each result's ORU goes to the RIS from
+another (:mod:`ctcovid.node.courier`), so neither destination waits for the other. The worker
+beats a heartbeat at every step and phase; the node restarts a worker whose heartbeat stops.
+All state lives in the :class:`~ctcovid.node.store.Store`, so the process can be killed at any
+moment and resumed.
 """
 
 from __future__ import annotations
@@ -30,8 +32,9 @@ from ctcovid.dicom.rules import DEFAULT_RULES, Rule, decide
 from ctcovid.dicom.series import load_series
 from ctcovid.errors import InvalidInputError, ReportError
 from ctcovid.node.config import NodeConfig
+from ctcovid.node.courier import Hl7Courier
 from ctcovid.node.files import OutOfSpaceError
-from ctcovid.node.jobs import PredecessorChanged, SeriesRecord
+from ctcovid.node.jobs import Destination, PredecessorChanged, SeriesRecord
 from ctcovid.node.store import Store
 from ctcovid.scans import same_finding, stated_text
 
@@ -86,6 +89,8 @@ class Worker:
         self._next_sweep = 0.0
         # Built now: bad credentials or TLS files fail here, not at the first send.
         _ = self.sender
+        # Results to the RIS (HL7 ORU over MLLP), from a delivery queue of their own.
+        self.courier: Hl7Courier | None = Hl7Courier(config, store) if config.hl7 else None
 
     @property
     def sender(self) -> SrSender | None:
@@ -111,15 +116,29 @@ class Worker:
         sender: threading.Thread | None = None
         if self.sender is not None:
             sender = threading.Thread(
-                target=self._send_loop, args=(stop, keep_going), name="sender", daemon=True
+                target=self._send_loop,
+                args=(stop, keep_going, self.send_due),
+                name="sender",
+                daemon=True,
             )
             sender.start()
+        # Its own thread: a RIS that stalls never holds up the SR, nor a PACS the ORU.
+        courier: threading.Thread | None = None
+        if self.courier is not None:
+            courier = threading.Thread(
+                target=self._send_loop,
+                args=(stop, keep_going, self.courier.send_due),
+                name="hl7-sender",
+                daemon=True,
+            )
+            courier.start()
         while not stop.is_set() and keep_going():
             self.beat()
-            if not self.step(stop, send=sender is None):
+            if not self.step(stop, send=False):
                 stop.wait(self.config.poll_seconds)
-        if sender is not None:
-            sender.join(self.config.poll_seconds + 10.0)
+        for thread in (sender, courier):
+            if thread is not None:
+                thread.join(self.config.poll_seconds + 10.0)
         self.close()
         logger.info("event=worker_stopped")
 
@@ -129,10 +148,15 @@ class Worker:
             self._decoder.close(wait=True)
             self._decoder = None
 
-    def _send_loop(self, stop: StopFlag, keep_going: Callable[[], bool]) -> None:
+    def _send_loop(
+        self,
+        stop: StopFlag,
+        keep_going: Callable[[], bool],
+        send_due: Callable[[StopFlag], bool],
+    ) -> None:
         while not stop.is_set() and keep_going():
             try:
-                did_work = self.send_due(stop)
+                did_work = send_due(stop)
             except Exception:  # a database error: log it and try again, never die silently
                 logger.exception("event=send_loop_error")
                 did_work = False
@@ -154,6 +178,8 @@ class Worker:
             self._next_sweep = time.monotonic() + IGNORED_SWEEP_SECONDS
             self.remove_ignored_files()
         if send and self.send_due(stop):
+            did_work = True
+        if send and self.courier is not None and self.courier.send_due(stop):
             did_work = True
         return did_work
 
@@ -236,9 +262,7 @@ class Worker:
         for _ in range(MAX_REBUILDS):
             seconds = time.perf_counter() - start
             try:
-                current = self._finish(
-                    record, result, built, seconds, shadow=rule.action == "shadow"
-                )
+                current = self._finish(record, result, built, seconds, rule)
                 break
             except PredecessorChanged as changed:
                 record = changed.record
@@ -392,8 +416,7 @@ class Worker:
         result: Any,
         built: Built | None,
         seconds: float,
-        *,
-        shadow: bool = False,
+        rule: Rule,
     ) -> bool:
         """Store the outcome of ``record``; raises ``PredecessorChanged`` as the store does."""
         if built is None:
@@ -409,8 +432,17 @@ class Worker:
                 sent_sop_instance_uid=standing,
             )
         revision, sr, sr_path = built
-        finish = self.store.finish_shadow if shadow else self.store.finish_classified
-        return finish(
+        if rule.action == "shadow":
+            return self.store.finish_shadow(
+                record,
+                revision=revision,
+                sr_path=sr_path,
+                sr_sop_instance_uid=str(sr.SOPInstanceUID),
+                probability_covid=result.probability_covid,
+                label=result.label,
+                classify_seconds=seconds,
+            )
+        return self.store.finish_classified(
             record,
             revision=revision,
             sr_path=sr_path,
@@ -418,6 +450,18 @@ class Worker:
             probability_covid=result.probability_covid,
             label=result.label,
             classify_seconds=seconds,
+            deliveries=self._deliveries(rule),
+        )
+
+    def _deliveries(self, rule: Rule) -> tuple[Destination, ...]:
+        """The named destinations (the RIS) a result under ``rule`` is queued for: those the
+        rule lists (all when it lists none); none for a ``shadow`` rule."""
+        if self.courier is None or rule.action == "shadow":
+            return ()
+        return tuple(
+            d
+            for d in self.courier.destinations
+            if rule.destinations is None or d[0] in rule.destinations
         )
 
     def _failed_on_os_error(self, record: SeriesRecord, exc: OSError, log_ids: str) -> None:

@@ -1,0 +1,179 @@
+"""Results to destinations besides the SR's peer, from the job database's ``deliveries`` table:
+today the RIS, as an HL7 v2.5.1 ORU^R01 over MLLP.
+
+A delivery is queued with the SR that states the result, in the transaction that records it
+(:meth:`~ctcovid.node.jobs.JobDatabase.finish_classified`): the ORU needs the SR's UID, not
+its delivery, so a dead PACS never delays it, and it is sent from a thread of its own, so a
+dead RIS never delays the SR. Before its first send the message is built from the stored SR
+(:func:`~ctcovid.report.oru.build_oru`; ``C`` when the RIS already acknowledged an earlier
+result of the series), written to the store (``hl7/SERIES/SR_UID.hl7``) and recorded; every
+later send, after a crash too, sends that file again.
+
+================  =========================================================================
+outcome           the delivery
+================  =========================================================================
+AA (CA)           ``sent``
+AE, AR (CE, CR)   ``failed`` at once, with the ACK's MSA-3 and ERR text; ``ctcovid queue
+                  --retry`` sends the same message again
+no ACK, broken    ``pending`` again after an exponential backoff (``retry_seconds``,
+                  doubling, at most ``max_retry_seconds``); ``failed`` after ``max_attempts``
+================  =========================================================================
+
+So exactly one ORU per result reaches the RIS, except when the process dies between the send
+and the ACK: the message is then sent again, with the same MSH-10, which the RIS can recognise.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+from ctcovid.node.config import RIS_DESTINATION
+from ctcovid.node.jobs import DeliveryRecord, DeliveryState, Destination
+from ctcovid.node.store import Store
+
+if TYPE_CHECKING:
+    from ctcovid.net.sender import Cancel
+    from ctcovid.node.config import NodeConfig
+
+logger = logging.getLogger(__name__)
+
+HL7 = "hl7"
+RIS = RIS_DESTINATION  # the destination's name in the job database, ctcovid queue and rules
+
+
+class Hl7Courier:
+    """Sends the due ORUs of a store to ``config.hl7``; each send under a hard deadline."""
+
+    def __init__(self, config: NodeConfig, store: Store) -> None:
+        settings = config.hl7_settings()
+        if settings is None:
+            raise ValueError("Hl7Courier needs the hl7 setting (HOST:PORT)")
+        self.config = config
+        self.store = store
+        self.mllp = settings
+        self.oru = config.oru_settings()
+
+    @property
+    def destinations(self) -> tuple[Destination, ...]:
+        """The destinations each new result is queued for: (name, kind)."""
+        return ((RIS, HL7),)
+
+    def send_due(self, stop: Cancel | None = None) -> bool:
+        """Send every ORU whose send is due; True if there was one."""
+        did_work = False
+        for due in self.store.jobs.due_deliveries(HL7):
+            if stop is not None and stop.is_set():
+                break
+            self.send(due, stop)
+            did_work = True
+        return did_work
+
+    def send(self, record: DeliveryRecord, cancel: Cancel | None = None) -> None:
+        """Build (once) and send one ORU; record the outcome (never raises)."""
+        from ctcovid.net.mllp import Hl7Refused, send_message
+        from ctcovid.net.sender import SendCancelled
+
+        log_ids = (
+            f"study={record.study_instance_uid} series={record.series_instance_uid} "
+            f"revision={record.revision} sr={record.sr_sop_instance_uid}"
+        )
+        try:
+            if not record.message_path:
+                prepared = self._prepare(record)
+                if prepared is None:
+                    logger.info("event=hl7_superseded %s", log_ids)
+                    return
+                record = prepared
+            message = (self.store.root / record.message_path).read_bytes()
+        except Exception as exc:  # the SR or the message cannot be read or built: for good
+            self._failed(record, f"{type(exc).__name__}: {exc}", log_ids, permanent=True)
+            return
+        start = time.perf_counter()
+        try:
+            ack = send_message(message, record.message_id, self.mllp, cancel=cancel)
+        except SendCancelled:
+            logger.info("event=hl7_abandoned %s reason=stopping", log_ids)
+            return
+        except Hl7Refused as exc:
+            # The RIS's own text may quote patient data: in the job database (ctcovid queue),
+            # not in the log.
+            self._failed(
+                record, str(exc), log_ids, permanent=True, logged=f"refused with {exc.code}"
+            )
+            return
+        except Exception as exc:  # unreachable, silent, broken: may pass
+            self._failed(record, str(exc), log_ids, permanent=False)
+            return
+        delivered = self.store.jobs.mark_delivered(record)
+        logger.info(
+            "event=hl7_sent %s peer=%s control_id=%s ack=%s seconds=%.2f%s",
+            log_ids,
+            self.mllp.endpoint,
+            record.message_id,
+            ack.code,
+            time.perf_counter() - start,
+            "" if delivered else " (a newer result is queued as its correction)",
+        )
+
+    def _prepare(self, record: DeliveryRecord) -> DeliveryRecord | None:
+        """Build the ORU of ``record``'s SR, store it and record it; None if the row moved on."""
+        import pydicom
+
+        from ctcovid.report.oru import build_oru
+
+        sr = pydicom.dcmread(self.store.root / record.sr_path)
+        oru = build_oru(sr, self.oru, corrected=record.sent_count > 0)
+        path = (
+            self.store.root
+            / "hl7"
+            / record.series_instance_uid
+            / f"{record.sr_sop_instance_uid}.hl7"
+        )
+        self.store.files.write_file(path, oru.to_bytes())
+        relative = self.store.files.relative(path)
+        if not self.store.jobs.delivery_prepared(record, oru.control_id, relative):
+            return None
+        return _with(record, message_id=oru.control_id, message_path=relative)
+
+    def _failed(
+        self,
+        record: DeliveryRecord,
+        reason: str,
+        log_ids: str,
+        *,
+        permanent: bool,
+        logged: str | None = None,
+    ) -> None:
+        state, next_try = self.store.jobs.mark_delivery_failed(
+            record,
+            reason,
+            retry_seconds=self.config.retry_seconds,
+            max_retry_seconds=self.config.max_retry_seconds,
+            max_attempts=self.config.max_attempts,
+            permanent=permanent,
+        )
+        if state == DeliveryState.FAILED:
+            logger.error(
+                "event=hl7_failed %s peer=%s attempts=%d error=%r",
+                log_ids,
+                self.mllp.endpoint,
+                record.attempts + 1,
+                logged or reason,
+            )
+        else:
+            logger.warning(
+                "event=hl7_retry %s peer=%s attempt=%d next_try_in=%.1fs error=%r",
+                log_ids,
+                self.mllp.endpoint,
+                record.attempts + 1,
+                (next_try or time.time()) - time.time(),
+                logged or reason,
+            )
+
+
+def _with(record: DeliveryRecord, **changes: Any) -> DeliveryRecord:
+    data = record.to_dict()
+    data.update(changes)
+    return DeliveryRecord(**data)
