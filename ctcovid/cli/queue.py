@@ -31,12 +31,12 @@ def queue(
     ] = False,
     verbose: Annotated[int, typer.Option("-v", count=True, help="More logging.")] = 0,
 ) -> None:
-    """List the node's series with their job state, revision, attempts and reasons, and the
-    state of each result's delivery to the RIS (HL7).
+    """List the node's series with their job state, rule, revision, attempts and reasons, and
+    the state of each result's delivery to every other destination (the RIS, named ones).
 
     A failed send is re-queued for sending (attempts reset); a failed classification is
-    classified again; a failed or refused ORU is sent again, the same message. A running node
-    picks re-queued jobs up by itself.
+    classified again; a failed or refused delivery (ORU or SR) is sent again, the same message.
+    A running node picks re-queued jobs up by itself.
 
     Examples:
 
@@ -107,7 +107,7 @@ def queue(
         "tries",
         "P(COVID)",
         "reason",
-        "HL7",
+        "other destinations",
     )
     for column in columns:
         table.add_column(column, overflow="fold")

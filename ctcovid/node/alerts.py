@@ -774,7 +774,7 @@ def start_alerts(
         settings,
         sink,
         store.jobs,
-        destination=config.destination if config.sends else None,
+        destination=config.sr_destination if config.sends else None,
         disk=lambda: (shutil.disk_usage(store.root).free, store.min_free_bytes),
         worker=lambda: supervisor_state(supervisor),
         refusals=refusals,

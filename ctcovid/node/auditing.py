@@ -16,12 +16,15 @@ import logging
 import threading
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ctcovid import audit
 from ctcovid.audit import AuditTrail, Participant
 from ctcovid.fsio import write_atomic
 from ctcovid.node.config import NodeConfig
+
+if TYPE_CHECKING:
+    from ctcovid.net.sender import SendSettings
 
 logger = logging.getLogger(__name__)
 
@@ -236,8 +239,11 @@ class NodeAudit:
 
     # -- the worker ---------------------------------------------------------------------------
 
-    def sr_sent(self, sr_path: Path, *, failure: str | None = None) -> None:
-        """Instances Transferred: an SR sent to the destination (or given up on)."""
+    def sr_sent(
+        self, sr_path: Path, *, failure: str | None = None, to: SendSettings | None = None
+    ) -> None:
+        """Instances Transferred: an SR sent to the destination (or given up on); ``to``: a
+        named destination's settings (default: the node's ``peer`` or ``stow``)."""
         from pydicom import dcmread
 
         try:
@@ -255,13 +261,16 @@ class NodeAudit:
             )
             return
         config = self.config
-        peer = config.peer if config.stow is None else None
+        if to is not None:
+            peer, url = to.peer, to.stow_url
+        else:
+            peer, url = (config.peer if config.stow is None else None), config.stow
         self.trail.emit(
             audit.sr_sent_message(
                 source=Participant(config.ae_title, True, audit.ROLE_SOURCE, self.me.address),
                 source_id=self.trail.source_id,
                 peer=(peer.ae_title, peer.host) if peer is not None else None,
-                url=config.stow,
+                url=url,
                 study_uid=study_uid,
                 patient_id=patient_id,
                 sop_class_uid=sop_class,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import ipaddress
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -134,6 +135,9 @@ class NodeConfig:
     rule: tuple[dict[str, Any], ...] = ()
     # How long the files of an ignored series are kept (0: removed at once).
     ignore_keep_hours: float = 0.0
+    # Named destinations ([destination.NAME] tables: kind "dicom" or "stow"), each with its own
+    # delivery job per series; rules choose among them.
+    destination: dict[str, dict[str, Any]] = field(default_factory=dict)
     # Results to the RIS as HL7 v2.5.1 ORU^R01 over MLLP (ctcovid.report.oru), HOST:PORT.
     hl7: str | None = None
     hl7_sending_application: str = "CTCOVID"
@@ -232,6 +236,9 @@ class NodeConfig:
             raise ConfigError(
                 f"ignore_keep_hours must be >= 0. Received: {self.ignore_keep_hours}."
             )
+        if not isinstance(self.destination, dict):
+            raise ConfigError("destination: expected [destination.NAME] tables")
+        _ = self.destinations  # a bad destination stops the node at start, naming its key
         _ = self.rules  # a bad rule stops the node at start, naming its key
 
     def _check_hl7(self) -> None:
@@ -292,29 +299,31 @@ class NodeConfig:
                 "give peer (C-STORE) or stow (STOW-RS), not both: each SR goes one way. "
                 f"Received: peer={self.peer}, stow={self.stow!r}."
             )
-        parts = urlsplit(str(self.stow))
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ConfigError(
-                f"stow must be a DICOMweb URL, http(s)://HOST[:PORT]/PATH. Received: {self.stow!r}."
-            )
-        if parts.username is not None or parts.password is not None:
-            # A URL is logged and shown by ps; credentials go in the environment or a file.
-            raise ConfigError(
-                "stow must not carry credentials; put them in $CTCOVID_STOW_AUTH or "
-                "stow_auth_file ('Bearer TOKEN' or 'Basic USER:PASSWORD')."
-            )
-        object.__setattr__(self, "stow", str(self.stow).rstrip("/"))
+        object.__setattr__(self, "stow", check_stow_url(self.stow, "stow"))
 
     @property
     def sends(self) -> bool:
         """Whether SRs leave the node (by C-STORE to ``peer`` or STOW-RS to ``stow``)."""
         return self.peer is not None or self.stow is not None
 
+    @functools.cached_property
+    def destinations(self) -> tuple[NamedDestination, ...]:
+        """The ``[destination.NAME]`` tables, checked, with their send settings (credentials
+        files are read now, so an unreadable one shows at start)."""
+        return tuple(
+            _named_destination(self, str(name), table) for name, table in self.destination.items()
+        )
+
     @property
     def destination_names(self) -> tuple[str, ...]:
         """The names rules may send to: ``default``, the SR's destination (``peer`` or
-        ``stow``; none when the SRs stay in the store), and ``ris`` when ``hl7`` is set."""
-        return (SR_DESTINATION,) * self.sends + (RIS_DESTINATION,) * (self.hl7 is not None)
+        ``stow``; none when the SRs stay in the store), ``ris`` when ``hl7`` is set, and the
+        named destinations."""
+        return (
+            (SR_DESTINATION,) * self.sends
+            + (RIS_DESTINATION,) * (self.hl7 is not None)
+            + tuple(d.name for d in self.destinations)
+        )
 
     @functools.cached_property
     def rules(self) -> tuple[Rule, ...]:
@@ -337,7 +346,7 @@ class NodeConfig:
         return rules
 
     @property
-    def destination(self) -> str:
+    def sr_destination(self) -> str:
         """Where the SRs go, for log lines: ``HOST:PORT:AET``, ``stow-rs URL`` or ``none``."""
         if self.stow is not None:
             return f"stow-rs {self.stow}"
@@ -459,6 +468,116 @@ class NodeConfig:
             raise ConfigError(f"invalid node settings: {exc}") from None
 
 
+def check_stow_url(value: object, key: str) -> str:
+    """A STOW-RS base URL (http(s), a host, no credentials), without its trailing slash."""
+    parts = urlsplit(str(value))
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(
+            f"{key} must be a DICOMweb URL, http(s)://HOST[:PORT]/PATH. Received: {value!r}."
+        )
+    if parts.username is not None or parts.password is not None:
+        # A URL is logged and shown by ps; credentials go in the environment or a file.
+        raise ConfigError(
+            f"{key} must not carry credentials; put them in a credentials file "
+            "('Bearer TOKEN' or 'Basic USER:PASSWORD')."
+        )
+    return str(value).rstrip("/")
+
+
+@dataclass(frozen=True)
+class NamedDestination:
+    """A ``[destination.NAME]`` of the node: where its SRs go besides (or instead of) ``peer``
+    or ``stow``, each with a delivery job of its own per series (:mod:`ctcovid.node.courier`).
+    """
+
+    name: str
+    kind: str  # "dicom" (C-STORE) | "stow" (STOW-RS)
+    settings: SendSettings
+
+    @property
+    def address(self) -> str:
+        """Where it is, for logs and ``ctcovid queue`` (never credentials)."""
+        if self.settings.stow_url is not None:
+            from ctcovid.net.dicomweb import redact
+
+            return redact(self.settings.stow_url)
+        return str(self.settings.peer)
+
+
+#: The keys of a ``[destination.NAME]`` table, by kind.
+DESTINATION_KEYS = {
+    "dicom": frozenset({"kind", "peer", "tls", "tls_cert", "tls_key", "tls_ca"}),
+    "stow": frozenset({"kind", "url", "auth_file", "ca_file"}),
+}
+#: Keys of a destination table that name files (relative to the TOML file when given in one).
+DESTINATION_PATH_KEYS = ("tls_cert", "tls_key", "tls_ca", "auth_file", "ca_file")
+_DESTINATION_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$")
+
+
+def _named_destination(config: NodeConfig, name: str, table: object) -> NamedDestination:
+    key = f"destination.{name}"
+    if not _DESTINATION_NAME.match(name):
+        raise ConfigError(f"{key}: a destination name is 1-32 letters, digits, '.', '_' or '-'")
+    if name in (SR_DESTINATION, RIS_DESTINATION):
+        raise ConfigError(
+            f"{key}: {name!r} is the name of the destination set by "
+            + ("peer or stow" if name == SR_DESTINATION else "hl7")
+            + "; choose another name"
+        )
+    if not isinstance(table, dict):
+        raise ConfigError(f"{key}: expected a table ([destination.{name}])")
+    kind = table.get("kind")
+    if kind not in DESTINATION_KEYS:
+        raise ConfigError(
+            f"{key}.kind: expected one of {', '.join(DESTINATION_KEYS)}; got {kind!r}"
+        )
+    unknown = sorted(set(table) - DESTINATION_KEYS[kind])
+    if unknown:
+        raise ConfigError(
+            f"{key}: unknown key(s) {', '.join(unknown)} for kind {kind!r}; "
+            f"known: {', '.join(sorted(DESTINATION_KEYS[kind]))}"
+        )
+
+    def path(option: str) -> Path | None:
+        value = table.get(option)
+        return Path(value) if value else None
+
+    common: dict[str, Any] = {
+        "calling_ae_title": config.ae_title,
+        "timeout_seconds": config.network_timeout_seconds,
+        "deadline_seconds": config.send_deadline,
+        "max_pdu_bytes": config.max_pdu_bytes,
+    }
+    if kind == "dicom":
+        if not isinstance(table.get("peer"), str):
+            raise ConfigError(f"{key}.peer: required, HOST:PORT:AET")
+        try:
+            peer = Peer.parse(table["peer"])
+        except (ValueError, ConfigError) as exc:
+            raise ConfigError(f"{key}.peer: {exc}") from None
+        tls = table.get("tls", False)
+        if not isinstance(tls, bool):
+            raise ConfigError(f"{key}.tls: expected true or false, got {tls!r}")
+        cert, tls_key = path("tls_cert") or config.tls_cert, path("tls_key") or config.tls_key
+        if (cert is None) != (tls_key is None):
+            raise ConfigError(f"{key}: tls_cert and tls_key go together: give both or neither")
+        settings = SendSettings(
+            peer=peer, tls=tls, tls_cert=cert, tls_key=tls_key, tls_ca=path("tls_ca"), **common
+        )
+    else:
+        from ctcovid.net.dicomweb import HttpAuth
+
+        if not isinstance(table.get("url"), str):
+            raise ConfigError(f"{key}.url: required, the DICOMweb base URL")
+        url = check_stow_url(table["url"], f"{key}.url")
+        auth_file = path("auth_file")
+        auth = HttpAuth.load("", auth_file) if auth_file is not None else None
+        settings = SendSettings(
+            stow_url=url, stow_auth=auth, stow_ca_file=path("ca_file"), **common
+        )
+    return NamedDestination(name=name, kind=kind, settings=settings)
+
+
 def is_loopback(host: str) -> bool:
     """Whether ``host`` (an address or ``localhost``) is reachable from this machine only."""
     if host.strip("[]").lower() == "localhost":
@@ -481,14 +600,20 @@ def read_toml(path: Path) -> dict[str, Any]:
     if "node" in data and isinstance(data["node"], dict):
         top = data
         data = dict(data["node"])
-        if "rule" in top and "rule" not in data:  # [[rule]] tables beside a [node] table
-            data["rule"] = top["rule"]
+        for key in ("rule", "destination"):  # tables beside a [node] table
+            if key in top and key not in data:
+                data[key] = top[key]
     # Relative paths in a file mean relative to that file, as a reader of the file expects.
     base = Path(path).resolve().parent
     for key in ("store", *PATH_SETTINGS):
         if isinstance(data.get(key), str) and data[key]:
             value = Path(data[key]).expanduser()
             data[key] = str(value if value.is_absolute() else base / value)
+    for table in (data.get("destination") or {}).values():
+        for key in DESTINATION_PATH_KEYS if isinstance(table, dict) else ():
+            if isinstance(table.get(key), str) and table[key]:
+                value = Path(table[key]).expanduser()
+                table[key] = str(value if value.is_absolute() else base / value)
     return data
 
 

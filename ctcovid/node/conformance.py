@@ -147,6 +147,8 @@ _SETTINGS: dict[str, str] = {
     "alert_positive": "also alert on every positive result",
     "rule": "routing rules ([[rule]]): which series are classified, shadowed or ignored",
     "ignore_keep_hours": "how long the files of an ignored series are kept (0: removed at once)",
+    "destination": "named destinations ([destination.NAME]: kind dicom or stow), each with its "
+    "own delivery job per series",
     "hl7": "RIS that results go to as HL7 v2.5.1 ORU^R01 over MLLP, HOST:PORT (none: off)",
     "hl7_sending_application": "MSH-3 of the ORU",
     "hl7_sending_facility": "MSH-4 of the ORU",
@@ -705,7 +707,7 @@ def _sr_sender_section(config: NodeConfig) -> Section:
             Table(
                 ("policy", "value"),
                 (
-                    ("destination", config.destination),
+                    ("destination", config.sr_destination),
                     ("calling AE title", config.ae_title),
                     ("maximum PDU length", f"{config.max_pdu_bytes} bytes"),
                     ("TLS", "yes" if config.send_tls else "no"),
@@ -904,6 +906,11 @@ def _config_section(config: NodeConfig, source: Path | None) -> Section:
             default, value = (
                 ", ".join(f"{r.name} ({r.action})" for r in c.rules) for c in (defaults, config)
             )
+        elif f.name == "destination":
+            default, value = (
+                ", ".join(f"{d.name} ({d.kind}: {d.address})" for d in c.destinations)
+                for c in (defaults, config)
+            )
         rows.append(
             (
                 f.name,
@@ -1071,6 +1078,18 @@ def conformance_statement(config: NodeConfig, source: Path | None = None) -> Sta
                     "needs encryption runs it through a TLS tunnel); it carries patient name, ID, "
                     "birth date and sex, and the result. Connection, acknowledgement and whole "
                     "send are bounded by network_timeout_seconds and send_deadline_seconds.",
+                    "Named destinations ([destination.NAME]): outgoing C-STORE (TLS when "
+                    "tls = true) or STOW-RS (TLS always verified) connections of the SR sender, "
+                    "each with its own delivery job, retries and deadline per series"
+                    + (
+                        ": "
+                        + ", ".join(
+                            f"{d.name} ({d.kind}, {d.address})" for d in config.destinations
+                        )
+                        if config.destinations
+                        else " (none configured)"
+                    )
+                    + ".",
                     _audit_text(config),
                 )
             ),

@@ -1,5 +1,7 @@
 """Results to destinations besides the SR's peer, from the job database's ``deliveries`` table:
-today the RIS, as an HL7 v2.5.1 ORU^R01 over MLLP.
+the RIS, as an HL7 v2.5.1 ORU^R01 over MLLP (:class:`Hl7Courier`), and the named DICOM and
+STOW-RS destinations (``[destination.NAME]``), which get the SR itself (:class:`SrCourier`).
+Each destination is served by a courier of its own, on a thread of its own.
 
 A delivery is queued with the SR that states the result, in the transaction that records it
 (:meth:`~ctcovid.node.jobs.JobDatabase.finish_classified`): the ORU needs the SR's UID, not
@@ -27,9 +29,9 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
-from ctcovid.node.config import RIS_DESTINATION
+from ctcovid.node.config import RIS_DESTINATION, NamedDestination
 from ctcovid.node.jobs import DeliveryRecord, DeliveryState, Destination
 from ctcovid.node.store import Store
 
@@ -41,6 +43,125 @@ logger = logging.getLogger(__name__)
 
 HL7 = "hl7"
 RIS = RIS_DESTINATION  # the destination's name in the job database, ctcovid queue and rules
+
+
+class Courier(Protocol):
+    """What the worker asks of a courier: its destinations, and to send what is due."""
+
+    @property
+    def destinations(self) -> tuple[Destination, ...]: ...
+
+    def send_due(self, stop: Cancel | None = None) -> bool: ...
+
+
+def couriers(config: NodeConfig, store: Store, audit: Any = None) -> list[Courier]:
+    """One courier per destination besides the SR's peer: the RIS (``hl7``), then each
+    ``[destination.NAME]``."""
+    found: list[Courier] = [Hl7Courier(config, store)] if config.hl7 else []
+    found.extend(SrCourier(config, store, d, audit) for d in config.destinations)
+    return found
+
+
+class SrCourier:
+    """Sends the due SRs of one named DICOM or STOW-RS destination (the SR file itself, the
+    message ID its SOP Instance UID); each send under the sender's hard deadline.
+
+    The SR's UID derives from what it states, so a send repeated after a crash between the
+    send and its record stores the same instance again: the destination holds one.
+    """
+
+    def __init__(
+        self, config: NodeConfig, store: Store, destination: NamedDestination, audit: Any = None
+    ) -> None:
+        from ctcovid.net.sender import sr_sender
+
+        self.config = config
+        self.store = store
+        self.destination = destination
+        self.audit = audit  # a ctcovid.node.auditing.NodeAudit, or None
+        self.sender = sr_sender(destination.settings)  # bad TLS files fail here, at start
+
+    @property
+    def destinations(self) -> tuple[Destination, ...]:
+        return ((self.destination.name, self.destination.kind),)
+
+    def send_due(self, stop: Cancel | None = None) -> bool:
+        """Send every SR due to this destination; True if there was one."""
+        did_work = False
+        for due in self.store.jobs.due_deliveries(
+            self.destination.kind, destination=self.destination.name
+        ):
+            if stop is not None and stop.is_set():
+                break
+            self.send(due, stop)
+            did_work = True
+        return did_work
+
+    def send(self, record: DeliveryRecord, cancel: Cancel | None = None) -> None:
+        """Send one SR and record the outcome (never raises)."""
+        from ctcovid.net.sender import SendCancelled
+        from ctcovid.net.stow import StowRefused
+
+        name, where = self.destination.name, self.destination.address
+        log_ids = (
+            f"study={record.study_instance_uid} series={record.series_instance_uid} "
+            f"revision={record.revision} sr={record.sr_sop_instance_uid} destination={name}"
+        )
+        if not record.message_id:
+            if not self.store.jobs.delivery_prepared(
+                record, record.sr_sop_instance_uid, record.sr_path
+            ):
+                logger.info("event=sr_superseded %s", log_ids)
+                return
+            record = _with(
+                record, message_id=record.sr_sop_instance_uid, message_path=record.sr_path
+            )
+        path = self.store.root / record.message_path
+        start = time.perf_counter()
+        try:
+            outcome = self.sender.send(path, cancel)
+        except SendCancelled:
+            logger.info("event=send_abandoned %s reason=stopping", log_ids)
+            return
+        except Exception as exc:  # refused, unreachable, failure status: retry or give up
+            state, next_try = self.store.jobs.mark_delivery_failed(
+                record,
+                str(exc),
+                retry_seconds=self.config.retry_seconds,
+                max_retry_seconds=self.config.max_retry_seconds,
+                max_attempts=self.config.max_attempts,
+                permanent=isinstance(exc, StowRefused),
+            )
+            if state == DeliveryState.FAILED:
+                if self.audit is not None:
+                    self.audit.sr_sent(path, failure=str(exc), to=self.destination.settings)
+                logger.error(
+                    "event=send_failed %s peer=%s attempts=%d error=%r",
+                    log_ids,
+                    where,
+                    record.attempts + 1,
+                    str(exc),
+                )
+            else:
+                logger.warning(
+                    "event=send_retry %s peer=%s attempt=%d next_try_in=%.1fs error=%r",
+                    log_ids,
+                    where,
+                    record.attempts + 1,
+                    (next_try or time.time()) - time.time(),
+                    str(exc),
+                )
+            return
+        self.store.jobs.mark_delivered(record)
+        if self.audit is not None:
+            self.audit.sr_sent(path, to=self.destination.settings)
+        logger.info(
+            "event=sr_sent %s peer=%s %s seconds=%.2f",
+            log_ids,
+            where,
+            outcome,
+            time.perf_counter() - start,
+        )
 
 
 class Hl7Courier:

@@ -165,9 +165,9 @@ class DestinationProbe:
             what = "C-ECHO" if config.peer is not None else "HTTP"
             try:
                 ask(config)
-                result = Check(True, f"{config.destination}: answered {what}")
+                result = Check(True, f"{config.sr_destination}: answered {what}")
             except Exception as exc:
-                result = Check(False, f"{config.destination}: {what} failed: {exc}")
+                result = Check(False, f"{config.sr_destination}: {what} failed: {exc}")
             self._last, self._at, self._checked_at = result, time.monotonic(), time.time()
             return result
 

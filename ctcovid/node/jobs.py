@@ -55,8 +55,9 @@ one with a record in another state gets :class:`JobStateError`; a job that moved
 database meanwhile (a new instance arrived while the SR was being sent, say) is left as it is
 and the method says so in its return value.
 
-Deliveries to destinations besides the SR's peer (today the RIS, by HL7) have a table of their
-own, ``deliveries``: one row per (study, series, destination name), with a kind, its own state
+Deliveries to destinations besides the SR's peer (the RIS by HL7, named DICOM and STOW-RS
+destinations) have a table of their own, ``deliveries``: one row per (study, series, destination
+name), with a kind, its own state
 (:class:`DeliveryState`: ``pending`` -> ``sent`` | ``failed``; ``failed`` -> ``pending`` by
 :meth:`~JobDatabase.retry_deliveries`), attempts, next try and reason, the SR it reports and
 the message built for it (:class:`DeliveryRecord`). A row is queued in the transaction that
@@ -1227,15 +1228,22 @@ class JobDatabase:
             rows = self._conn.execute(query + " ORDER BY rowid", args).fetchall()
         return [DeliveryRecord(**dict(r)) for r in rows]
 
-    def due_deliveries(self, kind: str, now: float | None = None) -> list[DeliveryRecord]:
-        """``pending`` deliveries of ``kind`` whose next attempt is due, earliest first."""
+    def due_deliveries(
+        self, kind: str, now: float | None = None, *, destination: str | None = None
+    ) -> list[DeliveryRecord]:
+        """``pending`` deliveries of ``kind`` (to ``destination`` when given) whose next
+        attempt is due, earliest first."""
         now = time.time() if now is None else now
+        query = (
+            f"SELECT {_DELIVERY_COLUMNS} FROM deliveries WHERE kind = ? AND state = ? "
+            "AND next_try <= ?"
+        )
+        args: tuple[Any, ...] = (kind, DeliveryState.PENDING, now)
+        if destination is not None:
+            query += " AND destination = ?"
+            args += (destination,)
         with self._lock:
-            rows = self._conn.execute(
-                f"SELECT {_DELIVERY_COLUMNS} FROM deliveries WHERE kind = ? AND state = ? "
-                "AND next_try <= ? ORDER BY next_try, rowid",
-                (kind, DeliveryState.PENDING, now),
-            ).fetchall()
+            rows = self._conn.execute(query + " ORDER BY next_try, rowid", args).fetchall()
         return [DeliveryRecord(**dict(r)) for r in rows]
 
     def delivery_prepared(self, record: DeliveryRecord, message_id: str, message_path: str) -> bool:

@@ -283,7 +283,7 @@ class Node:
             recovered,
             resumed,
             " ".join(f"{k}={v}" for k, v in counts.items()),
-            config.destination,
+            config.sr_destination,
         )
         if not config.sends:
             logger.warning("event=no_peer SRs are kept in %s/sr and not sent", config.store)

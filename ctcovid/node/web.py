@@ -141,7 +141,7 @@ class WebContext:
             "tls": config.tls,
             "client_certificates": config.tls_ca is not None,
             "allow_aet": list(config.allow_aet),
-            "destination": config.destination,
+            "destination": config.sr_destination,
             "version": __version__,
             "started": _iso(self.started),
         }

@@ -4,8 +4,9 @@ Each step queues the series that have been quiet for ``stable_seconds`` and clas
 waiting one (scan its folder, judge it with the ingest rules, ``Classifier.classify``,
 ``build_sr``, store the SR and, for the node's page, key-slice heatmaps as PNG). SRs whose send
 is due go out from a thread of their own, each send under a hard deadline, so a slow or stalled
-PACS never holds up classification; with ``hl7`` set, each result's ORU goes to the RIS from
-another (:mod:`ctcovid.node.courier`), so neither destination waits for the other. The worker
+PACS never holds up classification; each result's ORU to the RIS (``hl7``) and SR to each
+named destination (``[destination.NAME]``) go from a thread per destination
+(:mod:`ctcovid.node.courier`), so no destination waits for another. The worker
 beats a heartbeat at every step and phase; the node restarts a worker whose heartbeat stops.
 All state lives in the :class:`~ctcovid.node.store.Store`, so the process can be killed at any
 moment and resumed.
@@ -32,7 +33,7 @@ from ctcovid.dicom.rules import DEFAULT_RULES, Rule, decide
 from ctcovid.dicom.series import load_series
 from ctcovid.errors import InvalidInputError, ReportError
 from ctcovid.node.config import NodeConfig
-from ctcovid.node.courier import Hl7Courier
+from ctcovid.node.courier import Courier, couriers
 from ctcovid.node.files import OutOfSpaceError
 from ctcovid.node.jobs import Destination, PredecessorChanged, SeriesRecord
 from ctcovid.node.store import Store
@@ -89,8 +90,9 @@ class Worker:
         self._next_sweep = 0.0
         # Built now: bad credentials or TLS files fail here, not at the first send.
         _ = self.sender
-        # Results to the RIS (HL7 ORU over MLLP), from a delivery queue of their own.
-        self.courier: Hl7Courier | None = Hl7Courier(config, store) if config.hl7 else None
+        # Results to the RIS (HL7 ORU over MLLP) and to the named destinations, each from a
+        # delivery queue of its own.
+        self.couriers: list[Courier] = couriers(config, store, audit)
 
     @property
     def sender(self) -> SrSender | None:
@@ -122,21 +124,22 @@ class Worker:
                 daemon=True,
             )
             sender.start()
-        # Its own thread: a RIS that stalls never holds up the SR, nor a PACS the ORU.
-        courier: threading.Thread | None = None
-        if self.courier is not None:
-            courier = threading.Thread(
+        # A thread per destination: a RIS or PACS that stalls never holds up another.
+        threads: list[threading.Thread | None] = [sender]
+        for courier in self.couriers:
+            started = threading.Thread(
                 target=self._send_loop,
-                args=(stop, keep_going, self.courier.send_due),
-                name="hl7-sender",
+                args=(stop, keep_going, courier.send_due),
+                name="sender-" + "-".join(d[0] for d in courier.destinations),
                 daemon=True,
             )
-            courier.start()
+            started.start()
+            threads.append(started)
         while not stop.is_set() and keep_going():
             self.beat()
             if not self.step(stop, send=False):
                 stop.wait(self.config.poll_seconds)
-        for thread in (sender, courier):
+        for thread in threads:
             if thread is not None:
                 thread.join(self.config.poll_seconds + 10.0)
         self.close()
@@ -179,8 +182,9 @@ class Worker:
             self.remove_ignored_files()
         if send and self.send_due(stop):
             did_work = True
-        if send and self.courier is not None and self.courier.send_due(stop):
-            did_work = True
+        for courier in self.couriers if send else ():
+            if courier.send_due(stop):
+                did_work = True
         return did_work
 
     def send_due(self, stop: StopFlag | None = None) -> bool:
@@ -456,11 +460,12 @@ class Worker:
     def _deliveries(self, rule: Rule) -> tuple[Destination, ...]:
         """The named destinations (the RIS) a result under ``rule`` is queued for: those the
         rule lists (all when it lists none); none for a ``shadow`` rule."""
-        if self.courier is None or rule.action == "shadow":
+        if rule.action == "shadow":
             return ()
         return tuple(
             d
-            for d in self.courier.destinations
+            for courier in self.couriers
+            for d in courier.destinations
             if rule.destinations is None or d[0] in rule.destinations
         )
 
@@ -538,7 +543,7 @@ class Worker:
 
         sender = self.sender
         assert sender is not None
-        destination = self.config.destination
+        destination = self.config.sr_destination
         log_ids = (
             f"study={record.study_instance_uid} series={record.series_instance_uid} "
             f"revision={record.revision} sr={record.sr_sop_instance_uid}"
