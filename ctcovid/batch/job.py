@@ -143,6 +143,13 @@ def _run_locked(
             trail.close()
     if sent is not None:
         summary["sent"] = sent
+    if options.research_key is not None:
+        from ctcovid.batch.research import RESEARCH_DIR, export_run
+
+        # The whole results file, rows of an earlier interrupted run included; still under
+        # this run's lock.
+        summary["research"] = export_run(out, out / RESEARCH_DIR, options.research_key, lock=False)
+    if sent is not None or options.research_key is not None:
         write_json_atomic(summary, out / SUMMARY_FILE)
     return summary
 
