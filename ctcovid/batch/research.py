@@ -143,7 +143,10 @@ def export_run(
                     f"{source}: the SR of series {row.series_instance_uid} cannot be read ({exc})"
                 ) from exc
             accession = key.pseudonym("Accession", str(original.get("AccessionNumber", "") or ""))
-            copy = deidentifier.deidentify(original)
+            try:
+                copy = deidentifier.deidentify(original)
+            except ReportError as exc:  # name the site's file: the remapped UID finds nothing
+                raise ReportError(f"{source}: {exc}") from exc
             relative = Path(SR_DIR) / f"{copy.SOPInstanceUID}.dcm"
             write_atomic(out_dir / relative, encode(copy))
             sr_path = str(relative)

@@ -40,8 +40,8 @@ def pseudonymize(
 
     Patient ID and accession number become keyed pseudonyms (HMAC-SHA256), UIDs become 2.25
     UIDs derived from the key, dates move back by a per-patient number of days, and the SRs are
-    de-identified following PS3.15 Annex E (see the README's "Research export"). The key is
-    never written anywhere; export.json names it by a key id only.
+    de-identified following PS3.15 Annex E (README: "A pseudonymised research export"). The
+    key is never written anywhere; export.json names it by a key id only.
 
     Examples:
 
