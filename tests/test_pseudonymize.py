@@ -658,3 +658,37 @@ def test_an_identifier_left_in_a_kept_attribute_stops_the_object() -> None:
 def test_the_key_is_not_in_its_repr() -> None:
     key = PseudonymKey(KEY_TEXT.encode())
     assert KEY_TEXT not in repr(key) and KEY_TEXT[:16] not in repr(key)
+
+
+def test_clean_structured_content_keeps_ctcovid_text_and_replaces_any_other(
+    batch_run: dict,
+) -> None:
+    (path, *_) = sorted((batch_run["out"] / "sr").glob("*.dcm"))
+    sr = pydicom.dcmread(path)
+    own = sorted(e.value for e in _walk(sr) if e.keyword == "TextValue")
+    foreign = Dataset()
+    foreign.RelationshipType = "CONTAINS"
+    foreign.ValueType = "TEXT"
+    concept = Dataset()
+    concept.CodeValue, concept.CodingSchemeDesignator = "121106", "DCM"
+    concept.CodeMeaning = "Comment"
+    foreign.ConceptNameCodeSequence = [concept]
+    foreign.TextValue = "Seen by Dr SNTLX999 for patient SNTLX998"
+    sr.ContentSequence[-1].ContentSequence.append(foreign)
+    copy = Deidentifier(PseudonymKey(KEY_TEXT.encode())).deidentify(sr)
+    texts = [e.value for e in _walk(copy) if e.keyword == "TextValue"]
+    assert not [t for t in texts if "SNTLX99" in t]
+    # ctcovid's own (algorithm name, version, parameters, tracking identifier) stay as they were
+    assert sorted(t for t in texts if t != "ANONYMIZED") == own
+    assert any(t.startswith("threshold=") for t in own)
+
+
+def test_a_date_time_moves_its_date_and_keeps_its_time_and_offset() -> None:
+    import datetime as dt
+
+    from ctcovid.report.deid import shift_date, shift_datetime
+
+    moved = (dt.date(2011, 8, 19) - dt.timedelta(days=400)).strftime("%Y%m%d")
+    assert shift_datetime("20110819093017.25+0100", -400) == moved + "093017.25+0100"
+    assert shift_date("20000301", -1) == "20000229"
+    assert shift_date("2011", -1) is None and shift_datetime("201108", -1) is None
