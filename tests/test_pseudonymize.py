@@ -211,7 +211,8 @@ def batch_run(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> dict:
     """``ctcovid batch ARCHIVE --out RUN --pseudonymize KEY``, once for the module."""
-    out = tmp_path_factory.mktemp("run") / "run"
+    folder = tmp_path_factory.mktemp("run")
+    out = folder / "run"
     with pytest.MonkeyPatch.context() as mp:
         # caplog is function-scoped: capture the logs with a handler of our own.
         records: list[str] = []
@@ -238,6 +239,8 @@ def batch_run(
                     "--pseudonymize",
                     str(keys["key"]),
                     "--json",
+                    "--audit-file",
+                    str(folder / "audit.log"),
                 ],
             )
         finally:
@@ -245,6 +248,7 @@ def batch_run(
     assert result.exit_code == 0, result.output
     said = result.output + "\n".join(records)
     return {
+        "audit": folder / "audit.log",
         "out": out,
         "research": out / "research",
         "summary": json.loads(result.stdout),
@@ -311,6 +315,14 @@ def test_no_sentinel_or_key_in_what_the_batch_run_said(batch_run: dict, archive:
     found = [what for sentinel, what in archive["sentinels"].items() if sentinel.encode() in said]
     found += [what for secret, what in _secrets(KEY_TEXT).items() if secret in said]
     assert found == []
+
+
+def test_the_site_audit_trail_records_the_research_export(batch_run: dict) -> None:
+    """The site's trail (not the export) says which patients went into the research export."""
+    trail = batch_run["audit"].read_text(encoding="utf-8")
+    research = str((batch_run["research"] / "results.csv").resolve())
+    assert research in trail
+    assert trail.count("110106") >= 2  # Export: the site's results.csv, then the research one
 
 
 def test_research_csv_columns_and_pseudonyms(batch_run: dict) -> None:

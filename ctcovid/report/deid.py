@@ -360,7 +360,10 @@ class Deidentifier:
             # Every date moves, listed or not: one forgotten date would undo the shift.
             self._shift(ds, elem, context)
         elif action == "C":
-            pass  # a time (TM) under Modified Dates: whole-day shifts leave it true
+            # Under Modified Dates: a time (TM) and the time zone (SH) stay true with whole-day
+            # shifts; a binary timestamp (OB) cannot be shifted here, so it goes.
+            if elem.VR not in ("TM", "SH"):
+                del ds[tag]
         elif action == "D":
             self._dummy(ds, elem, context)
 
