@@ -136,6 +136,15 @@ def _run_locked(
             summary = _run(options, progress, classifier, artifact, pool, wall_start)
         if trail is not None:  # results.csv names patients (by ID): an Export
             trail.export(out / RESULTS_FILE, read_results(out / RESULTS_FILE))
+        if options.research_key is not None:
+            from ctcovid.batch.research import RESEARCH_DIR, export_run
+
+            # The whole results file, rows of an earlier interrupted run included; still
+            # under this run's lock.
+            research = out / RESEARCH_DIR
+            summary["research"] = export_run(out, research, options.research_key, lock=False)
+            if trail is not None:  # which patients went into it, de-identified: an Export
+                trail.export(research / RESULTS_FILE, read_results(out / RESULTS_FILE))
     finally:
         sent = forwarder.close() if forwarder is not None else None
         if trail is not None:
@@ -143,6 +152,7 @@ def _run_locked(
             trail.close()
     if sent is not None:
         summary["sent"] = sent
+    if sent is not None or options.research_key is not None:
         write_json_atomic(summary, out / SUMMARY_FILE)
     return summary
 

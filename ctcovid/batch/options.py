@@ -14,6 +14,7 @@ if TYPE_CHECKING:
     from ctcovid.batch.sources import PacsSource
     from ctcovid.net.mllp import Hl7Settings
     from ctcovid.net.sender import SendSettings
+    from ctcovid.report.deid import PseudonymKey
 
 
 def default_workers() -> int:
@@ -43,3 +44,6 @@ class BatchOptions:
     audit_file: Path | None = None
     audit_syslog: str | None = None  # HOST:PORT
     audit_ca: Path | None = None
+    # With a key, the run also writes its pseudonymised research export to out/research
+    # (``research.py``).
+    research_key: PseudonymKey | None = None

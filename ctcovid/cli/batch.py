@@ -235,6 +235,15 @@ def batch(
             rich_help_panel="SR destinations",
         ),
     ] = None,
+    pseudonymize: Annotated[
+        Path | None,
+        typer.Option(
+            "--pseudonymize",
+            metavar="KEYFILE",
+            help="Also write a pseudonymised research export to DIR/research with this secret "
+            "key (see 'ctcovid pseudonymize').",
+        ),
+    ] = None,
 ) -> None:
     """Classify every usable CT series of an archive; one row per series in DIR/results.csv.
 
@@ -256,6 +265,10 @@ def batch(
       ctcovid batch --from-dicomweb https://vna/dicom-web --accessions acc.txt --out runs/a
 
       ctcovid batch /archive/ct --out runs/b --hl7 ris:2575 --hl7-receiving-application RIS
+
+    With --pseudonymize KEYFILE, DIR/research/ gets results.csv with keyed pseudonyms and
+    remapped UIDs and the SRs de-identified (PS3.15 Annex E), for a research team; the rest of
+    DIR stays the site's.
 
     From a PACS, DIR/pacs.sqlite lists the series found, DIR/cache/ holds retrieved series
     until they are classified (at most --cache-gb), and nothing on the PACS is changed.
@@ -331,6 +344,13 @@ def batch(
         parse_endpoint(audit_syslog)
         if audit_ca is None:
             raise ConfigError("--audit-syslog needs --audit-ca (the repository's CA, PEM)")
+    research_key = None
+    if pseudonymize is not None:  # refused now, not after hours of classification
+        from ctcovid.batch.research import RESEARCH_DIR, check_export_folder
+        from ctcovid.report.deid import PseudonymKey
+
+        research_key = PseudonymKey.from_file(pseudonymize)
+        check_export_folder(out / RESEARCH_DIR, research_key)
     model_path = model or default_model_path()
     if not model_path.exists():
         raise ModelError(missing_model_message(model_path))
@@ -351,6 +371,7 @@ def batch(
         audit_file=audit_file,
         audit_syslog=audit_syslog,
         audit_ca=audit_ca,
+        research_key=research_key,
     )
     # Redrawn bars come out as broken lines in a log or a pipe: bars only on a terminal.
     bars, progress = _progress_bars(quiet or json_out or not console.is_terminal)
@@ -380,3 +401,10 @@ def batch(
         f"slices/s, {run['wall_seconds']:.1f} s. Results: {summary['results_csv']}",
         highlight=False,
     )
+    if "research" in summary:
+        research = summary["research"]
+        stdout.print(
+            f"Research export: {research['rows']} rows, {research['srs']} SRs de-identified "
+            f"(key id {research['key_id']}) in {research['out']}",
+            highlight=False,
+        )

@@ -18,6 +18,7 @@ from ctcovid.cli import (
     http_credentials,
     listen,
     preprocess,
+    pseudonymize,
     queue,
     rules,
     series,
@@ -90,6 +91,7 @@ app.command("http-credentials")(http_credentials.http_credentials)
 app.command("batch")(batch.batch)
 app.command("conformance")(conformance.conformance)
 app.add_typer(rules.app)
+app.command("pseudonymize")(pseudonymize.pseudonymize)
 
 
 def main() -> None:
