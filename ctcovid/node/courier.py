@@ -124,33 +124,18 @@ class SrCourier:
             logger.info("event=send_abandoned %s reason=stopping", log_ids)
             return
         except Exception as exc:  # refused, unreachable, failure status: retry or give up
-            state, next_try = self.store.jobs.mark_delivery_failed(
+            state = record_failure(
+                self.store,
+                self.config,
                 record,
                 str(exc),
-                retry_seconds=self.config.retry_seconds,
-                max_retry_seconds=self.config.max_retry_seconds,
-                max_attempts=self.config.max_attempts,
+                log_ids,
+                "send",
+                where,
                 permanent=isinstance(exc, StowRefused),
             )
-            if state == DeliveryState.FAILED:
-                if self.audit is not None:
-                    self.audit.sr_sent(path, failure=str(exc), to=self.destination.settings)
-                logger.error(
-                    "event=send_failed %s peer=%s attempts=%d error=%r",
-                    log_ids,
-                    where,
-                    record.attempts + 1,
-                    str(exc),
-                )
-            else:
-                logger.warning(
-                    "event=send_retry %s peer=%s attempt=%d next_try_in=%.1fs error=%r",
-                    log_ids,
-                    where,
-                    record.attempts + 1,
-                    (next_try or time.time()) - time.time(),
-                    str(exc),
-                )
+            if state == DeliveryState.FAILED and self.audit is not None:
+                self.audit.sr_sent(path, failure=str(exc), to=self.destination.settings)
             return
         self.store.jobs.mark_delivered(record)
         if self.audit is not None:
@@ -267,31 +252,62 @@ class Hl7Courier:
         permanent: bool,
         logged: str | None = None,
     ) -> None:
-        state, next_try = self.store.jobs.mark_delivery_failed(
+        record_failure(
+            self.store,
+            self.config,
             record,
             reason,
-            retry_seconds=self.config.retry_seconds,
-            max_retry_seconds=self.config.max_retry_seconds,
-            max_attempts=self.config.max_attempts,
+            log_ids,
+            "hl7",
+            str(self.mllp.endpoint),
             permanent=permanent,
+            logged=logged,
         )
-        if state == DeliveryState.FAILED:
-            logger.error(
-                "event=hl7_failed %s peer=%s attempts=%d error=%r",
-                log_ids,
-                self.mllp.endpoint,
-                record.attempts + 1,
-                logged or reason,
-            )
-        else:
-            logger.warning(
-                "event=hl7_retry %s peer=%s attempt=%d next_try_in=%.1fs error=%r",
-                log_ids,
-                self.mllp.endpoint,
-                record.attempts + 1,
-                (next_try or time.time()) - time.time(),
-                logged or reason,
-            )
+
+
+def record_failure(
+    store: Store,
+    config: NodeConfig,
+    record: DeliveryRecord,
+    reason: str,
+    log_ids: str,
+    event: str,
+    where: str,
+    *,
+    permanent: bool,
+    logged: str | None = None,
+) -> DeliveryState:
+    """Record a failed send of ``record`` (backoff, or ``failed`` after the last attempt or at
+    once when ``permanent``) and log it as ``event_retry`` or ``event_failed``; ``logged``
+    replaces ``reason`` in the log (a peer's text may quote patient data)."""
+    state, next_try = store.jobs.mark_delivery_failed(
+        record,
+        reason,
+        retry_seconds=config.retry_seconds,
+        max_retry_seconds=config.max_retry_seconds,
+        max_attempts=config.max_attempts,
+        permanent=permanent,
+    )
+    if state == DeliveryState.FAILED:
+        logger.error(
+            "event=%s_failed %s peer=%s attempts=%d error=%r",
+            event,
+            log_ids,
+            where,
+            record.attempts + 1,
+            logged or reason,
+        )
+    else:
+        logger.warning(
+            "event=%s_retry %s peer=%s attempt=%d next_try_in=%.1fs error=%r",
+            event,
+            log_ids,
+            where,
+            record.attempts + 1,
+            (next_try or time.time()) - time.time(),
+            logged or reason,
+        )
+    return state
 
 
 def _with(record: DeliveryRecord, **changes: Any) -> DeliveryRecord:

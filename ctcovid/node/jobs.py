@@ -13,7 +13,7 @@ state             meaning, and the transitions out of it (method)
 ``classifying``   the worker has it; ends ``classified``, ``unusable`` or ``failed``
                   (:meth:`~JobDatabase.finish_classified`, :meth:`~JobDatabase.finish_unusable`,
                   :meth:`~JobDatabase.finish_failed`), or as its routing rule says: ``shadow``
-                  (:meth:`~JobDatabase.finish_shadow`) or ``ignored``
+                  (:meth:`~JobDatabase.finish_classified` with ``shadow``) or ``ignored``
                   (:meth:`~JobDatabase.finish_ignored`); back to ``waiting`` if the worker dies
                   (:meth:`~JobDatabase.resume`), or when the disk is below the free-space floor
                   (:meth:`~JobDatabase.defer_classification`: retried after ``next_try``, not
@@ -125,10 +125,9 @@ FINISHED = (SENT, FAILED, UNUSABLE, SHADOW, IGNORED)
 TRANSITIONS: dict[str, tuple[frozenset[JobState], frozenset[JobState]]] = {
     "promote_stable": (frozenset({RECEIVED}), frozenset({WAITING})),
     "claim_next": (frozenset({WAITING}), frozenset({CLASSIFYING})),
-    "finish_classified": (frozenset({CLASSIFYING}), frozenset({CLASSIFIED, RECEIVED})),
+    "finish_classified": (frozenset({CLASSIFYING}), frozenset({CLASSIFIED, SHADOW, RECEIVED})),
     "finish_unchanged": (frozenset({CLASSIFYING}), frozenset({SENT, RECEIVED})),
     "finish_unusable": (frozenset({CLASSIFYING}), frozenset({UNUSABLE, RECEIVED})),
-    "finish_shadow": (frozenset({CLASSIFYING}), frozenset({SHADOW, RECEIVED})),
     "finish_ignored": (frozenset({CLASSIFYING}), frozenset({IGNORED, RECEIVED})),
     "finish_failed": (frozenset({CLASSIFYING}), frozenset({FAILED, RECEIVED})),
     "defer_classification": (frozenset({CLASSIFYING}), frozenset({WAITING, RECEIVED})),
@@ -896,9 +895,12 @@ class JobDatabase:
         label: str,
         classify_seconds: float,
         deliveries: Sequence[Destination] = (),
+        shadow: str | None = None,
     ) -> bool:
         """``classifying`` -> ``classified`` with the built SR (``sr_path`` relative to the
-        store); False (and ``received``) if the series changed while classifying.
+        store); False (and ``received``) if the series changed while classifying. With
+        ``shadow`` (the name of a ``shadow`` rule): ``shadow`` instead, the SR kept and never
+        sent (give no ``deliveries``).
 
         The SR's delivery to each of ``deliveries`` (name, kind) is queued with it, unless
         that destination has this very SR already (see :class:`DeliveryRecord`).
@@ -912,10 +914,11 @@ class JobDatabase:
         return self._finish(
             "finish_classified",
             record,
-            "state = ?, reason = '', revision = ?, sr_path = ?, sr_sop_instance_uid = ?, "
+            "state = ?, reason = ?, revision = ?, sr_path = ?, sr_sop_instance_uid = ?, "
             "probability_covid = ?, label = ?, classify_seconds = ?, attempts = 0, next_try = ?",
             (
-                CLASSIFIED,
+                CLASSIFIED if shadow is None else SHADOW,
+                "" if shadow is None else f"shadow rule {shadow!r}: the SR is kept, not sent",
                 revision,
                 sr_path,
                 sr_sop_instance_uid,
@@ -960,38 +963,6 @@ class JobDatabase:
         """``classifying`` -> ``unusable`` with the reason; False as :meth:`finish_classified`."""
         return self._finish(
             "finish_unusable", record, "state = ?, reason = ?, sr_path = ''", (UNUSABLE, reason)
-        )
-
-    def finish_shadow(
-        self,
-        record: SeriesRecord,
-        *,
-        revision: int,
-        sr_path: str,
-        sr_sop_instance_uid: str,
-        probability_covid: float,
-        label: str,
-        classify_seconds: float,
-    ) -> bool:
-        """``classifying`` -> ``shadow``: the result of a ``shadow`` rule, its SR kept in the
-        store and never sent. False, or :class:`PredecessorChanged`, as
-        :meth:`finish_classified`."""
-        return self._finish(
-            "finish_shadow",
-            record,
-            "state = ?, reason = ?, revision = ?, sr_path = ?, sr_sop_instance_uid = ?, "
-            "probability_covid = ?, label = ?, classify_seconds = ?, attempts = 0",
-            (
-                SHADOW,
-                f"shadow rule {record.rule!r}: the SR is kept, not sent",
-                revision,
-                sr_path,
-                sr_sop_instance_uid,
-                probability_covid,
-                label,
-                classify_seconds,
-            ),
-            on_predecessor=True,
         )
 
     def finish_ignored(self, record: SeriesRecord, rule: str) -> bool:

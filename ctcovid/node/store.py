@@ -239,9 +239,10 @@ class Store:
         label: str,
         classify_seconds: float,
         deliveries: Sequence[Destination] = (),
+        shadow: str | None = None,
     ) -> bool:
         """Record the built SR, and queue it for ``deliveries``; False (and re-queued) if the
-        series changed while classifying."""
+        series changed while classifying. ``shadow``: the ``shadow`` rule that keeps it."""
         return self.jobs.finish_classified(
             record,
             revision=revision,
@@ -251,29 +252,7 @@ class Store:
             label=label,
             classify_seconds=classify_seconds,
             deliveries=deliveries,
-        )
-
-    def finish_shadow(
-        self,
-        record: SeriesRecord,
-        *,
-        revision: int,
-        sr_path: Path,
-        sr_sop_instance_uid: str,
-        probability_covid: float,
-        label: str,
-        classify_seconds: float,
-    ) -> bool:
-        """Record the SR of a ``shadow`` rule's result, kept and never sent; False as
-        :meth:`finish_classified`."""
-        return self.jobs.finish_shadow(
-            record,
-            revision=revision,
-            sr_path=self.files.relative(sr_path),
-            sr_sop_instance_uid=sr_sop_instance_uid,
-            probability_covid=probability_covid,
-            label=label,
-            classify_seconds=classify_seconds,
+            shadow=shadow,
         )
 
     def retry(

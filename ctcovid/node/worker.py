@@ -436,16 +436,6 @@ class Worker:
                 sent_sop_instance_uid=standing,
             )
         revision, sr, sr_path = built
-        if rule.action == "shadow":
-            return self.store.finish_shadow(
-                record,
-                revision=revision,
-                sr_path=sr_path,
-                sr_sop_instance_uid=str(sr.SOPInstanceUID),
-                probability_covid=result.probability_covid,
-                label=result.label,
-                classify_seconds=seconds,
-            )
         return self.store.finish_classified(
             record,
             revision=revision,
@@ -455,6 +445,7 @@ class Worker:
             label=result.label,
             classify_seconds=seconds,
             deliveries=self._deliveries(rule),
+            shadow=rule.name if rule.action == "shadow" else None,
         )
 
     def _deliveries(self, rule: Rule) -> tuple[Destination, ...]:
