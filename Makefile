@@ -37,9 +37,11 @@ $(DEMO)/model/ctcovid.json: $(DEMO)/data/manifest.json
 demo: $(DEMO)/model/ctcovid.json $(DEMO)/gate/cov19
 	@echo "== Classifying the held-out DICOM studies (never seen in training) =="
 	$(BIN)/ctcovid classify $(DEMO)/data/study_000/ct --model $(DEMO)/model --runtime keras \
-		--sr $(DEMO)/out/study_000_sr.dcm --heatmaps $(DEMO)/out/heatmaps_000
+		--sr $(DEMO)/out/study_000_sr.dcm --card $(DEMO)/out/study_000_card.dcm \
+		--heatmaps $(DEMO)/out/heatmaps_000
 	$(BIN)/ctcovid classify $(DEMO)/data/study_001/ct --model $(DEMO)/model --runtime keras \
-		--sr $(DEMO)/out/study_001_sr.dcm --heatmaps $(DEMO)/out/heatmaps_001
+		--sr $(DEMO)/out/study_001_sr.dcm --card $(DEMO)/out/study_001_card.dcm \
+		--heatmaps $(DEMO)/out/heatmaps_001
 	@echo "== The same studies on ONNX Runtime int8 (ctcovid export --int8, gated against fp32) =="
 	@if $(BIN)/ctcovid export $(DEMO)/model --int8 --calibration $(DEMO)/data/cov19/val \
 		--validation $(DEMO)/gate/cov19; then \
@@ -48,6 +50,7 @@ demo: $(DEMO)/model/ctcovid.json $(DEMO)/gate/cov19
 	else echo "no int8 graph kept (the reason is above): the Keras results stand"; fi
 	@echo "Ground truth: $$(grep -o '"label": "[^"]*"' $(DEMO)/data/manifest.json | tr '\n' ' ')"
 	@echo "Structured Reports and heatmaps are in $(DEMO)/out/. Synthetic data: no clinical value."
+	@echo "Result cards (DICOM Secondary Capture, any viewer shows them): $(DEMO)/out/study_000_card.dcm $(DEMO)/out/study_001_card.dcm"
 	@echo "== To run the DICOM node with its status page (not started here) =="
 	@echo "  $(BIN)/ctcovid listen --store $(DEMO)/node --model $(DEMO)/model --port 11112 --http-port 8080"
 	@echo "  then open http://127.0.0.1:8080/ and send it a study from another shell:"

@@ -799,3 +799,43 @@ def test_send_to_over_tls_delivers_every_sr_to_a_peer_that_requires_it(
     assert result.exit_code == 0, result.output
     srs = {p.stem for p in (tmp_path / "run" / "sr").rglob("*.dcm")}
     assert srs and set(received) == srs
+
+
+def test_result_card_goes_with_every_sr_to_a_real_pacs(
+    archive: dict, tiny_model_dir: Path, classifier: Classifier, tmp_path: Path
+) -> None:
+    """``result_card`` (``--result-card``): a card per SR in out/cards, sent with its SR;
+    dcmtk's storescp gets each SR and the card made for it."""
+    import pydicom
+    from node_helpers import PACS_AET, free_port, storescp
+    from pydicom.uid import SecondaryCaptureImageStorage
+
+    from ctcovid.net.sender import SendSettings
+    from ctcovid.report.uids import card_sop_instance_uid
+
+    port, out = free_port(), tmp_path / "run"
+    pacs = SendSettings.c_store(f"127.0.0.1:{port}:{PACS_AET}")
+    with storescp(tmp_path / "pacs", port):
+        summary = run_batch(BatchOptions(archive["root"], out, tiny_model_dir, workers=1,
+                                         destinations=(pacs,), result_card=True),
+                            classifier=classifier)  # fmt: skip
+    assert summary["card_dir"] == str(out / "cards")
+    assert summary["sent"][str(pacs)]["sent"] == 2
+    srs = {p.stem for p in (out / "sr").glob("*.dcm")}
+    cards = {p.stem for p in (out / "cards").glob("*.dcm")}
+    assert len(srs) == 2 and cards == {card_sop_instance_uid(uid) for uid in srs}
+    received = [pydicom.dcmread(p) for p in (tmp_path / "pacs").iterdir()]
+    assert {str(ds.SOPInstanceUID) for ds in received if ds.Modality == "SR"} == srs
+    assert {str(ds.SOPInstanceUID) for ds in received
+            if ds.SOPClassUID == SecondaryCaptureImageStorage} == cards  # fmt: skip
+
+
+def test_result_card_is_refused_on_the_ray_engine(
+    archive: dict, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    result = CliRunner().invoke(app, [
+        "batch", str(archive["root"]), "--out", str(tmp_path / "run"),
+        "--model", str(tiny_model_dir), "--engine", "ray", "--result-card",
+    ])  # fmt: skip
+    assert result.exit_code == 1
+    assert "--result-card needs --engine local" in result.output

@@ -576,3 +576,57 @@ def test_a_revision_names_the_sent_sr_not_a_later_one_that_never_left(
     assert _predecessor_uids(revised) == (first.SeriesInstanceUID, first.SOPInstanceUID)
     (record,) = worker.store.jobs.list_series()
     assert record.sent_sr_path == record.sr_path
+
+
+def test_the_result_card_goes_with_each_revision_of_the_sr_to_a_real_pacs(
+    tmp_path: Path, studies_root: Path, classifier
+):
+    """With result_card the SR's send carries the card of that revision: dcmtk's storescp
+    receives one card per SR, each the card of that SR (UID, revision), in the study."""
+    from node_helpers import PACS_AET, storescp
+    from pydicom.uid import SecondaryCaptureImageStorage
+
+    from ctcovid.report.uids import card_sop_instance_uid
+
+    port = free_port()
+    with storescp(tmp_path / "pacs", port):
+        worker = make_worker(tmp_path, classifier, Peer("127.0.0.1", port, PACS_AET),
+                             result_card=True)  # fmt: skip
+        files = ct_files(studies_root, "study_001")
+        for path in files[:-1]:
+            put(worker.store, path)
+        run_until_idle(worker)
+        put(worker.store, files[-1])  # a late instance: revision 2, and its own card
+        run_until_idle(worker)
+
+    received = [pydicom.dcmread(p) for p in sorted((tmp_path / "pacs").iterdir())]
+    srs = sorted((ds for ds in received if ds.Modality == "SR"), key=lambda ds: ds.InstanceNumber)
+    cards = {str(ds.SOPInstanceUID): ds for ds in received
+             if ds.SOPClassUID == SecondaryCaptureImageStorage}  # fmt: skip
+    assert [int(sr.InstanceNumber) for sr in srs] == [1, 2]
+    assert set(cards) == {card_sop_instance_uid(str(sr.SOPInstanceUID)) for sr in srs}
+    for sr in srs:
+        card = cards[card_sop_instance_uid(str(sr.SOPInstanceUID))]
+        assert card.InstanceNumber == sr.InstanceNumber
+        assert card.StudyInstanceUID == sr.StudyInstanceUID
+        assert card.BurnedInAnnotation == "YES"
+    (record,) = worker.store.jobs.list_series()
+    assert (record.state, record.sent_revision) == (SENT, 2)
+
+
+def test_a_pacs_that_refuses_secondary_capture_fails_the_send_naming_it(
+    tmp_path: Path, studies_root: Path, classifier, pacs
+):
+    """The card is part of the send: a peer that accepts the SR but not Secondary Capture fails
+    it with that reason, visible in the job, rather than taking the SR alone silently."""
+    peer, received = pacs  # accepts Comprehensive 3D SR only
+    worker = make_worker(tmp_path, classifier, peer, result_card=True, max_attempts=1)
+    for path in ct_files(studies_root, "study_000"):
+        put(worker.store, path)
+
+    run_until_idle(worker)
+
+    (record,) = worker.store.jobs.list_series()
+    assert record.state == FAILED
+    assert "did not accept SOP class 1.2.840.10008.5.1.4.1.1.7 (result card" in record.reason
+    assert received == []  # checked before anything is stored: not the SR alone either

@@ -23,6 +23,10 @@ already holds this report, or one with the same label and probability), or revis
 naming revision n (made from the run's revision-1 file by :func:`~ctcovid.report.revise_sr`
 and kept beside it in ``out/sr``). A destination that cannot answer the query is warned about
 once, and the record alone decides.
+
+With ``result_card`` each SR goes with its result card (``out/cards``, found from the SR's UID),
+in the same association or request: revision n's card is made from revision 1's by
+:func:`~ctcovid.report.card.revise_card` and kept beside it. The send is delivered when both are.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ import pydicom
 from pydicom.dataset import Dataset
 
 from ctcovid.batch.results import (
+    CARD_DIR,
     CLASSIFIED,
     RESULTS_FILE,
     BatchProgress,
@@ -100,8 +105,10 @@ class SrForwarder:
         retry_seconds: float = 2.0,
         max_retry_seconds: float = 60.0,
         audit: Any = None,
+        result_card: bool = False,
     ):
         self.out = Path(out)
+        self.result_card = result_card
         self.destinations = destinations
         self.max_attempts = max_attempts
         self.retry_seconds = retry_seconds
@@ -268,7 +275,9 @@ class SrForwarder:
             if path is None:
                 self._unchanged(name, row, plan, sr)
                 return
-            self._senders[name].send(path)
+            # The card is a DICOM image: it goes to DICOM destinations, not in an ORU.
+            dicom = isinstance(self._settings[name], SendSettings)
+            self._senders[name].send(path, also=self._cards(row, path, sr) if dicom else ())
         except Exception as exc:  # refused, unreachable, TLS, failure status: back off
             attempts += 1
             reason = str(exc) if isinstance(exc, PacsError) else f"{type(exc).__name__}: {exc}"
@@ -324,6 +333,26 @@ class SrForwarder:
         """Whether sends to ``name`` are audited: DICOM instances transferred (PS3.15 A.5.3.4),
         which an ORU to the RIS is not."""
         return self.audit is not None and isinstance(self._settings[name], SendSettings)
+
+    def _cards(self, row: ResultRow, path: Path, sr: Dataset) -> list[Path]:
+        """The result card that goes with the SR file ``path`` (made from the run's revision-1
+        card for a later revision); none without ``result_card`` or when the run made none."""
+        if not self.result_card:
+            return []
+        from ctcovid.report.card import card_path_for, revise_card, write_card
+
+        cards = self.out / CARD_DIR
+        card = card_path_for(path, cards)
+        if card.is_file():
+            return [card]
+        first = card_path_for(self.out / row.sr_path, cards)
+        if not first.is_file():
+            logger.warning(
+                "event=card_missing sr=%s: the SR is sent without its result card", row.sr_path
+            )
+            return []
+        revised = revise_card(pydicom.dcmread(first), sr)
+        return [write_atomic(card, lambda tmp: write_card(revised, tmp))]
 
     def _unchanged(self, name: str, row: ResultRow, plan: Delivery, first: Dataset) -> None:
         """Nothing to send: the destination holds this result already (recorded as sent)."""

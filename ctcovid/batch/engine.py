@@ -14,16 +14,17 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
 from ctcovid.batch.index import SeriesEntry
 from ctcovid.batch.results import (
+    CARD_DIR,
     CLASSIFIED,
     FAILED,
     SKIPPED,
@@ -37,6 +38,7 @@ from ctcovid.errors import CtCovidError
 from ctcovid.fsio import write_atomic
 from ctcovid.inference import Classifier, scan_result_of
 from ctcovid.model.artifact import ModelArtifact
+from ctcovid.results import ScanResult
 from ctcovid.scans import PreparedScan
 
 logger = logging.getLogger(__name__)
@@ -46,7 +48,12 @@ logger = logging.getLogger(__name__)
 
 
 class BatchSink:
-    """Writes each finished series: SR first (atomically), then its row in ``results.csv``."""
+    """Writes each finished series: SR first (atomically), then its row in ``results.csv``.
+
+    With ``card_maps`` (the classifier's class-activation maps, set when ``--result-card`` is
+    on) each SR gets its result card in ``out/cards``, written before the SR, so that an SR on
+    disk has its card.
+    """
 
     def __init__(
         self, out: Path, artifact: ModelArtifact, writer: ResultsWriter, progress: BatchProgress
@@ -58,6 +65,7 @@ class BatchSink:
         self.writer = writer
         self.progress = progress
         self.n_slices_classified = 0
+        self.card_maps: Callable[[np.ndarray], np.ndarray] | None = None
 
     def _append(self, row: ResultRow, n_slices: int = 0) -> None:
         self.writer.append(row)
@@ -96,6 +104,8 @@ class BatchSink:
         try:
             result = scan_result_of(self.artifact, prepared, probs, seconds)
             ds = build_sr(result, prepared.series)
+            if self.card_maps is not None:
+                self._write_card(prepared, result, ds)
             # SR UIDs are derived from the series and the model: a series redone after a crash
             # rewrites the very same SR, never a second one.
             final = write_atomic(
@@ -124,6 +134,32 @@ class BatchSink:
             ),
             entry.n_slices,
         )
+
+    def _write_card(self, prepared: PreparedScan, result: ScanResult, sr: Any) -> None:
+        """The result card of ``sr``, in ``out/cards`` (its heatmap left out if the map fails)."""
+        from ctcovid.report.card import (
+            build_result_card,
+            card_key_slice,
+            card_path_for,
+            write_card,
+        )
+
+        assert self.card_maps is not None
+        index = card_key_slice(result)
+        key_slice = prepared.used.slices[index]
+        try:
+            cam = self.card_maps(key_slice[np.newaxis])[0]
+        except Exception:  # the card states the result without it
+            logger.warning(
+                "series %s: no class-activation map for the result card",
+                result.series_instance_uid,
+                exc_info=True,
+            )
+            cam = None
+        card = build_result_card(result, prepared.series, sr, key_slice=key_slice, cam=cam)
+        path = card_path_for(Path(f"{sr.SOPInstanceUID}.dcm"), self.out / CARD_DIR)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, lambda tmp: write_card(card, tmp))
 
 
 # -- the shared batches --------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from ctcovid.batch.index import (
 from ctcovid.batch.options import BatchOptions
 from ctcovid.batch.ray_engine import run_ray
 from ctcovid.batch.results import (
+    CARD_DIR,
     INDEX_FILE,
     RESULTS_FILE,
     SR_DIR,
@@ -123,7 +124,9 @@ def _run_locked(
         if options.destinations:
             from ctcovid.batch.destinations import SrForwarder
 
-            forwarder = SrForwarder(out, options.destinations, audit=trail)
+            forwarder = SrForwarder(
+                out, options.destinations, audit=trail, result_card=options.result_card
+            )
             progress = forwarder.watch(progress)
         with (
             decoder_pool(options.workers, options.decoder_memory_mb)
@@ -201,6 +204,8 @@ def _run(
             classifier = Classifier.from_file(
                 options.model_path, batch_size=options.batch_size, runtime=artifact.runtime
             )
+        if options.result_card and classifier is not None:
+            sink.card_maps = classifier.class_activation_maps
         if options.engine == "ray":
             run_ray(usable, options, artifact, sink)
         elif options.source is not None:
@@ -250,6 +255,8 @@ def _run(
         "results_csv": str(out / RESULTS_FILE),
         "sr_dir": str(out / SR_DIR),
     }
+    if options.result_card:
+        summary["card_dir"] = str(out / CARD_DIR)
     if options.source is not None:
         summary["source"] = options.source.summary()
     write_json_atomic(summary, out / SUMMARY_FILE)

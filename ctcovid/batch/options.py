@@ -47,3 +47,5 @@ class BatchOptions:
     # With a key, the run also writes its pseudonymised research export to out/research
     # (``research.py``).
     research_key: PseudonymKey | None = None
+    # A result card (ctcovid.report.card) beside each SR in out/cards, sent with it.
+    result_card: bool = False

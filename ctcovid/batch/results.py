@@ -37,6 +37,7 @@ RUN_FILE = "run.json"
 SUMMARY_FILE = "summary.json"
 INDEX_FILE = "index.sqlite"
 SR_DIR = "sr"
+CARD_DIR = "cards"  # result cards (``--result-card``), each found from its SR by UID
 LOCK_FILE = ".lock"
 
 CLASSIFIED = "classified"

@@ -170,6 +170,14 @@ def batch(
             "then keras), keras, onnx (fp32 graph) or int8; see 'ctcovid export'."
         ),
     ] = Runtime.auto,
+    result_card: Annotated[
+        bool,
+        typer.Option(
+            "--result-card",
+            help="Also write a result card (a DICOM Secondary Capture stating the result, for "
+            "viewers that show no SR) per SR in DIR/cards, sent with the SR (--engine local).",
+        ),
+    ] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
     verbose: Annotated[int, typer.Option("-v", count=True, help="More logging.")] = 0,
@@ -257,6 +265,8 @@ def batch(
       ctcovid batch /archive/ct --out runs/2024-06 --model models/v1
 
       ctcovid batch /archive/ct --out runs/2024-06 --model models/v1 --resume
+
+      ctcovid batch /archive/ct --out runs/c --send-to pacs:104:PACS --result-card
 
       ctcovid batch /shared/archive --out /shared/runs/a --engine ray --ray-address auto
 
@@ -351,6 +361,11 @@ def batch(
 
         research_key = PseudonymKey.from_file(pseudonymize)
         check_export_folder(out / RESEARCH_DIR, research_key)
+    if result_card and engine == Engine.ray:
+        raise ConfigError(
+            "--result-card needs --engine local: the Ray engine keeps the slices on its workers, "
+            "and the card shows the key slice"
+        )
     model_path = model or default_model_path()
     if not model_path.exists():
         raise ModelError(missing_model_message(model_path))
@@ -372,6 +387,7 @@ def batch(
         audit_syslog=audit_syslog,
         audit_ca=audit_ca,
         research_key=research_key,
+        result_card=result_card,
     )
     # Redrawn bars come out as broken lines in a log or a pipe: bars only on a terminal.
     bars, progress = _progress_bars(quiet or json_out or not console.is_terminal)
@@ -398,7 +414,8 @@ def batch(
         + (f", {counts['incomplete']} incomplete" if counts.get("incomplete") else "")
         + f"; {summary['index']['bad_files']} file(s) not usable. "
         f"This run: {run['slices_classified']} slices, {run['slices_per_second'] or 0:.1f} "
-        f"slices/s, {run['wall_seconds']:.1f} s. Results: {summary['results_csv']}",
+        f"slices/s, {run['wall_seconds']:.1f} s. Results: {summary['results_csv']}"
+        + (f"; result cards: {summary['card_dir']}" if "card_dir" in summary else ""),
         highlight=False,
     )
     if "research" in summary:

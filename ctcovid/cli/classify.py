@@ -29,6 +29,14 @@ def classify(
     sr: Annotated[
         Path | None, typer.Option("--sr", help="Write the DICOM Structured Report here.")
     ] = None,
+    card: Annotated[
+        Path | None,
+        typer.Option(
+            "--card",
+            help="Write the result card here: a DICOM Secondary Capture that states the result "
+            "in large type, with the key slice and its heatmap, for viewers that show no SR.",
+        ),
+    ] = None,
     heatmaps: Annotated[
         Path | None,
         typer.Option(help="Write class-activation overlays (PNG) of the key slices here."),
@@ -58,6 +66,8 @@ def classify(
 
       ctcovid classify study/ct --json --sr result.dcm --heatmaps heatmaps/
 
+      ctcovid classify study/ct --sr result.dcm --card card.dcm
+
       ctcovid classify study/ct --runtime int8
     """
     setup_logging(verbose)
@@ -74,11 +84,16 @@ def classify(
     series = load_series(series_dir, classifier.ingest_config)
     prepared, result = classifier.run(series)
     out: dict[str, Any] = result.to_json_dict()
-    if sr is not None:
+    if sr is not None or card is not None:
         from ctcovid.report import build_sr, write_sr
 
-        write_sr(build_sr(result, series), sr)
-        out["sr_path"] = str(sr)
+        report = build_sr(result, series)
+        if sr is not None:
+            write_sr(report, sr)
+            out["sr_path"] = str(sr)
+        if card is not None:
+            write_result_card(classifier, prepared, result, report, card)
+            out["card_path"] = str(card)
     if heatmaps is not None:
         out["heatmaps"] = write_heatmaps(classifier, prepared, result, heatmaps, heatmaps_dicom)
     if json_out:
@@ -100,6 +115,8 @@ def classify(
     )
     if sr is not None:
         stdout.print(f"SR written to {sr}", highlight=False)
+    if card is not None:
+        stdout.print(f"Result card written to {card}", highlight=False)
     for w in result.warnings:
         stdout.print(f"warning: {w}", highlight=False)
 
@@ -128,3 +145,15 @@ def write_heatmaps(
             ds.save_as(path, enforce_file_format=True)
             paths.append(str(path))
     return paths
+
+
+def write_result_card(classifier: Any, prepared: Any, result: Any, report: Any, path: Path) -> None:
+    """The result card of ``report`` (the SR of ``result``), with the key slice's heatmap."""
+    from ctcovid.report.card import build_result_card, card_key_slice, write_card
+
+    index = card_key_slice(result)
+    key_slice = prepared.used.slices[index]
+    (cam,) = classifier.class_activation_maps(key_slice[None])
+    write_card(
+        build_result_card(result, prepared.series, report, key_slice=key_slice, cam=cam), path
+    )

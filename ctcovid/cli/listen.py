@@ -245,6 +245,15 @@ def listen(
             "Default ORC-7 and OBR-27."
         ),
     ] = None,
+    result_card: Annotated[
+        bool | None,
+        typer.Option(
+            "--result-card/--no-result-card",
+            help="Send a result card (a Secondary Capture stating the result, for viewers that "
+            "show no SR) with each SR. Default off (TOML result_card).",
+            show_default=False,
+        ),
+    ] = None,
     verbose: Annotated[int, typer.Option("-v", count=True, help="More logging (-vv: debug).")] = 0,
 ) -> None:
     """Run the DICOM node: C-STORE CT in, one SR per complete CT series out to --peer (C-STORE)
@@ -328,6 +337,7 @@ def listen(
             "hl7_receiving_facility": hl7_receiving_facility,
             "hl7_priority": tuple(hl7_priority) if hl7_priority else None,
             "hl7_priority_fields": tuple(hl7_priority_field) if hl7_priority_field else None,
+            "result_card": result_card,
         },
     )
     level = logging.DEBUG if verbose >= 1 else logging.INFO

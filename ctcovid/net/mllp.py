@@ -29,6 +29,7 @@ import contextlib
 import logging
 import socket
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -281,7 +282,9 @@ class Hl7Sender:
     def __init__(self, settings: Hl7Settings) -> None:
         self.settings = settings
 
-    def send(self, path: Path, cancel: Cancel | None = None) -> str:
+    def send(self, path: Path, cancel: Cancel | None = None, also: Sequence[Path] = ()) -> str:
+        """The ORU of the SR at ``path``; ``also`` (its result card, a DICOM image for the PACS)
+        has no place in an ORU and is not sent."""
         import pydicom
 
         from ctcovid.report.oru import build_oru

@@ -1,6 +1,12 @@
 """The one SR sender of the node and of batch: C-STORE to a peer (optionally over TLS), or
 STOW-RS to a DICOMweb service, built from plain :class:`SendSettings`.
 
+An SR may travel with companions of the same revision (its result card, a Secondary Capture):
+they go in the same association or STOW-RS request, after the SR, and the send is delivered
+only when every one of them is (a C-STORE peer that does not accept one's SOP class gets none
+of them); a resend sends them all again (their UIDs are derived, so a PACS keeps one copy of
+each).
+
 Success and the warning statuses 0xB000 (coercion of data elements), 0xB006 (elements
 discarded) and 0xB007 (data set does not match SOP class) count as delivered by C-STORE: the
 peer has stored the object (PS3.4 B.2.3). Anything else raises :class:`~ctcovid.errors.PacsError`
@@ -24,7 +30,7 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
@@ -146,8 +152,13 @@ def send_file(
     max_pdu_bytes: int = 262_144,
     deadline_seconds: float | None = None,
     cancel: Cancel | None = None,
+    also: Sequence[Path] = (),
 ) -> int:
-    """C-STORE the DICOM file at ``path`` to ``peer``; returns the (delivered) status.
+    """C-STORE the DICOM file at ``path`` to ``peer``, then the files ``also`` in the same
+    association; returns the SR's (delivered) status.
+
+    Each file's SOP class is proposed with its own transfer syntax first, then Explicit and
+    Implicit VR Little Endian.
 
     ``timeout_seconds`` bounds each network wait; ``deadline_seconds`` (default: three times
     that) bounds the whole send, connection to release. ``cancel``, when set, aborts the send.
@@ -155,23 +166,31 @@ def send_file(
     Raises
     ------
     PacsError
-        When the association is refused or lost, the peer answers with a failure status, or
-        the deadline passes (the association is then aborted).
+        When the association is refused or lost, the peer does not accept a file's SOP class
+        or answers any file with a failure status, or the deadline passes (the association is
+        then aborted).
     SendCancelled
         When ``cancel`` was set before the send finished.
     """
-    ds = pydicom.dcmread(path)
+    datasets = [pydicom.dcmread(p) for p in (path, *also)]
+    ds = datasets[0]
     deadline = deadline_seconds if deadline_seconds is not None else 3 * timeout_seconds
     ae = AE(ae_title=calling_ae_title)
     ae.acse_timeout = timeout_seconds
     ae.dimse_timeout = timeout_seconds
     ae.network_timeout = timeout_seconds
     ae.connection_timeout = timeout_seconds
-    transfer_syntax = str(ds.file_meta.TransferSyntaxUID)
-    syntaxes = [transfer_syntax, *[t for t in SR_TRANSFER_SYNTAXES if t != transfer_syntax]]
-    ae.add_requested_context(Comprehensive3DSRStorage, syntaxes)
+    proposed: set[tuple[str, str]] = set()
+    for each in datasets:
+        sop_class = str(each.get("SOPClassUID", Comprehensive3DSRStorage))
+        transfer_syntax = str(each.file_meta.TransferSyntaxUID)
+        key = (sop_class, transfer_syntax)
+        if key not in proposed:
+            proposed.add(key)
+            syntaxes = [transfer_syntax, *[t for t in SR_TRANSFER_SYNTAXES if t != transfer_syntax]]
+            ae.add_requested_context(sop_class, syntaxes)
     return run_with_deadline(
-        lambda: _associate_and_store(ae, ds, peer, ssl_context, max_pdu_bytes),
+        lambda: _associate_and_store(ae, datasets, peer, ssl_context, max_pdu_bytes),
         deadline_seconds=deadline,
         cancel=cancel,
         abort=lambda: _abort_all(ae),
@@ -247,7 +266,7 @@ def _abort_all(ae: AE) -> None:
 
 def _associate_and_store(
     ae: AE,
-    ds: pydicom.Dataset,
+    datasets: Sequence[pydicom.Dataset],
     peer: Peer,
     ssl_context: ssl.SSLContext | None,
     max_pdu_bytes: int,
@@ -264,20 +283,39 @@ def _associate_and_store(
         why = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "failed"
         raise PacsError(f"association with {peer} {why}")
     try:
-        status = assoc.send_c_store(ds)
+        # Every file's SOP class first: a peer that takes the SR but not its card gets neither.
+        accepted = {str(c.abstract_syntax) for c in assoc.accepted_contexts}
+        for ds in datasets:
+            if str(ds.SOPClassUID) not in accepted:
+                raise PacsError(
+                    f"{peer} did not accept SOP class {ds.SOPClassUID} ({_what(ds)} "
+                    f"{ds.SOPInstanceUID}) in the association; nothing was sent"
+                )
+        codes = [_store_one(assoc, ds, peer) for ds in datasets]
     finally:
         if assoc.is_established:
             assoc.release()
+    return codes[0]
+
+
+def _what(ds: pydicom.Dataset) -> str:
+    """'SR', or 'result card' for a companion Secondary Capture, in messages."""
+    return "SR" if str(ds.get("Modality", "")) == "SR" else "result card"
+
+
+def _store_one(assoc: Any, ds: pydicom.Dataset, peer: Peer) -> int:
+    """C-STORE ``ds`` over ``assoc``: its delivered status, or PacsError."""
+    status = assoc.send_c_store(ds)
     if not status or "Status" not in status:
         raise PacsError(
-            f"{peer}: no C-STORE response for SR {ds.SOPInstanceUID} (timeout or abort)"
+            f"{peer}: no C-STORE response for {_what(ds)} {ds.SOPInstanceUID} (timeout or abort)"
         )
     code = int(status.Status)
     if code not in DELIVERED_STATUSES:
         comment = str(status.get("ErrorComment", "")).strip()
         raise PacsError(
-            f"{peer} answered C-STORE of SR {ds.SOPInstanceUID} with status 0x{code:04X}"
-            + (f" ({comment})" if comment else "")
+            f"{peer} answered C-STORE of {_what(ds)} {ds.SOPInstanceUID} with status "
+            f"0x{code:04X}" + (f" ({comment})" if comment else "")
         )
     if code != 0:
         logger.warning(
@@ -299,8 +337,10 @@ def stow_file(
     timeout_seconds: float = 60.0,
     deadline_seconds: float | None = None,
     cancel: Cancel | None = None,
+    also: Sequence[Path] = (),
 ) -> None:
-    """STOW-RS the DICOM file at ``path`` to the DICOMweb service at ``url``.
+    """STOW-RS the DICOM file at ``path`` (and the files ``also``, in the same request) to the
+    DICOMweb service at ``url``.
 
     ``client`` is a ``DICOMwebClient`` from :func:`ctcovid.net.dicomweb.make_client`; without
     one, a client is made with ``auth`` (a :class:`~ctcovid.net.dicomweb.HttpAuth` or None),
@@ -325,7 +365,7 @@ def stow_file(
         client = make_client(url, auth, ca_file=ca_file, timeout_seconds=timeout_seconds)
     sop = path.stem  # SR files are named by their SOPInstanceUID
     run_with_deadline(
-        lambda: stow(client, url, [path]),
+        lambda: stow(client, url, [path, *also]),
         deadline_seconds=deadline,
         cancel=cancel,
         abort=lambda: None,  # the thread ends within one network timeout; nothing waits for it
@@ -344,7 +384,9 @@ class SrSender(Protocol):
     destination cannot answer.
     """
 
-    def send(self, path: Path, cancel: Cancel | None = None) -> str: ...
+    def send(self, path: Path, cancel: Cancel | None = None, also: Sequence[Path] = ()) -> str:
+        """Deliver the SR at ``path`` and the files ``also`` (its result card) with it."""
+        ...
 
     def held(self, study_instance_uid: str, series_instance_uid: str) -> list[HeldInstance]: ...
 
@@ -362,10 +404,11 @@ class CStoreSender:
             else None
         )
 
-    def send(self, path: Path, cancel: Cancel | None = None) -> str:
+    def send(self, path: Path, cancel: Cancel | None = None, also: Sequence[Path] = ()) -> str:
         status = send_file(
             path,
             self.peer,
+            also=also,
             calling_ae_title=self.settings.calling_ae_title,
             ssl_context=self.ssl_context,
             timeout_seconds=self.settings.timeout_seconds,
@@ -416,13 +459,14 @@ class StowSender:
         # Made now: a bad URL or a missing DICOMweb extra shows at start, not at the first send.
         self._client: Any = self._make_client()
 
-    def send(self, path: Path, cancel: Cancel | None = None) -> str:
+    def send(self, path: Path, cancel: Cancel | None = None, also: Sequence[Path] = ()) -> str:
         if self._client is None:
             self._client = self._make_client()
         try:
             stow_file(
                 path,
                 self.url,
+                also=also,
                 client=self._client,
                 timeout_seconds=self.settings.timeout_seconds,
                 deadline_seconds=self.settings.deadline,

@@ -147,6 +147,9 @@ class NodeConfig:
     # Result label -> HL7 table 0027 priority ("covid=S"), written to hl7_priority_fields.
     hl7_priority: tuple[str, ...] = ("covid=S",)
     hl7_priority_fields: tuple[str, ...] = ("ORC-7", "OBR-27")
+    # A result card (ctcovid.report.card, a Secondary Capture any viewer shows) with each SR,
+    # built with it and sent with it to the same destination.
+    result_card: bool = False
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:

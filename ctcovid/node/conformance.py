@@ -69,8 +69,14 @@ from ctcovid.node.scp import (
 )
 from ctcovid.node.service import LISTENER_DRAIN_SECONDS
 from ctcovid.report import codes
+from ctcovid.report.card import CARD_SERIES_DESCRIPTION, PRELIMINARY
 from ctcovid.report.equipment import MANUFACTURER, MANUFACTURER_MODEL_NAME
-from ctcovid.report.header import HEATMAP_SERIES_NUMBER, SERIES_NUMBER_SPAN, SR_SERIES_NUMBER
+from ctcovid.report.header import (
+    CARD_SERIES_NUMBER,
+    HEATMAP_SERIES_NUMBER,
+    SERIES_NUMBER_SPAN,
+    SR_SERIES_NUMBER,
+)
 from ctcovid.report.heatmap import HEATMAP_SERIES_DESCRIPTION
 from ctcovid.report.sr import SR_SERIES_DESCRIPTION, TRACKING_IDENTIFIER
 
@@ -156,6 +162,7 @@ _SETTINGS: dict[str, str] = {
     "hl7_receiving_facility": "MSH-6 of the ORU",
     "hl7_priority": "result -> HL7 table 0027 worklist priority, LABEL=CODE (default covid=S)",
     "hl7_priority_fields": "fields the priority goes to: ORC-7, OBR-27 (TQ.6), TQ1-9",
+    "result_card": "send a result card (Secondary Capture) with each SR, to the same destination",
 }
 
 
@@ -234,6 +241,8 @@ def _sop_classes(listener: Any) -> list[dict[str, str]]:
         service = "Verification" if uid == VERIFICATION else "Storage"
         out.append(_sop(uid, "SCP", service, LISTENER))
     out.append(_sop(Comprehensive3DSRStorage, "SCU", "Storage", SR_SENDER))
+    # The result card, sent with each SR when result_card is set.
+    out.append(_sop(SecondaryCaptureImageStorage, "SCU", "Storage", SR_SENDER))
     out.append(_sop(VERIFICATION, "SCU", "Verification", PACS_CLIENT))
     for uid in QUERY_RETRIEVE_CLASSES:
         out.append(_sop(uid, "SCU", "Query/Retrieve", PACS_CLIENT))
@@ -250,6 +259,7 @@ def _transfer_syntaxes(listener: Any) -> dict[str, list[str]]:
     for context in listener.supported_contexts:
         out[str(context.abstract_syntax)] = [str(uid) for uid in context.transfer_syntax]
     out[str(Comprehensive3DSRStorage)] = list(SR_TRANSFER_SYNTAXES)
+    out[str(SecondaryCaptureImageStorage)] = list(SR_TRANSFER_SYNTAXES)
     for uid in QUERY_RETRIEVE_CLASSES:
         out[str(uid)] = list(QUERY_TRANSFER_SYNTAXES)
     return out
@@ -559,6 +569,31 @@ def _sc_attributes() -> tuple[tuple[str, ...], ...]:
     )
 
 
+def _card_attributes() -> tuple[tuple[str, ...], ...]:
+    return (
+        ("SOPClassUID", CONSTANT, f"{SecondaryCaptureImageStorage} (Secondary Capture Image)"),
+        ("Patient, study modules", COPIED, "as for the SR (when the source has them)"),
+        ("SpecificCharacterSet, TimezoneOffsetFromUTC", COPIED, "as for the SR"),
+        ("SeriesInstanceUID", GENERATED, "2.25 UID from study, series and model name"),
+        (
+            "SeriesNumber",
+            GENERATED,
+            f"{CARD_SERIES_NUMBER} + the source's SeriesNumber (0-{SERIES_NUMBER_SPAN - 1})",
+        ),
+        ("SeriesDescription", GENERATED, f"'{CARD_SERIES_DESCRIPTION} of series N ...'"),
+        ("SOPInstanceUID", GENERATED, "2.25 UID from the SOP Instance UID of its SR"),
+        ("InstanceNumber", GENERATED, "the revision of its SR"),
+        ("Manufacturer / ManufacturerModelName", CONSTANT, MANUFACTURER),
+        ("ContributingEquipmentSequence", GENERATED, "the algorithm, as for the SR"),
+        ("SourceImageSequence", GENERATED, "the key slice (and frame)"),
+        ("ContentDate, ContentTime", GENERATED, "when the card was made; the date drawn on it"),
+        ("ImageComments", CONSTANT, PRELIMINARY),
+        ("PhotometricInterpretation", CONSTANT, "RGB, 8 bits, Explicit VR Little Endian"),
+        ("BurnedInAnnotation", CONSTANT, "YES"),
+        ("BodyPartExamined", CONSTANT, "CHEST"),
+    )
+
+
 def _policies_table(config: NodeConfig, ae: Any) -> Table:
     allowed = ", ".join(ae.require_calling_aet) if ae.require_calling_aet else "any"
     return Table(
@@ -691,7 +726,9 @@ def _sr_sender_section(config: NodeConfig) -> Section:
         (
             "Sends each SR to the configured destination: C-STORE to `peer` as calling AE "
             f"title {config.ae_title} (the node; batch uses its --ae-title), or STOW-RS to "
-            "`stow` (see the DICOMweb user agent). One association per SR, released after it.",
+            "`stow` (see the DICOMweb user agent). One association per SR, released after it; with "
+            "`result_card` the SR's result card goes in the same association (or STOW-RS "
+            "request), and the send counts as delivered only when both are stored.",
             Table(
                 ("SOP class", "SOP class UID", "role", "transfer syntaxes proposed"),
                 (
@@ -700,6 +737,14 @@ def _sr_sender_section(config: NodeConfig) -> Section:
                         str(Comprehensive3DSRStorage),
                         "SCU",
                         "the SR file's own syntax first, then "
+                        + ", ".join(f"{_name(ts)} ({ts})" for ts in SR_TRANSFER_SYNTAXES),
+                    ),
+                    (
+                        _name(SecondaryCaptureImageStorage),
+                        str(SecondaryCaptureImageStorage),
+                        "SCU",
+                        "the result card, in the SR's association, with result_card only; "
+                        "the card file's own syntax first, then "
                         + ", ".join(f"{_name(ts)} ({ts})" for ts in SR_TRANSFER_SYNTAXES),
                     ),
                 ),
@@ -879,6 +924,18 @@ def _sr_iod_section() -> Section:
                 ),
             ),
             Section(
+                f"Secondary Capture Image ({SecondaryCaptureImageStorage}): result card",
+                (
+                    "With `result_card` (node) or `--result-card` (batch), and by `ctcovid "
+                    "classify --card FILE`: one RGB image per SR that states in its pixels the "
+                    "finding and probability the SR states, the threshold, the model, its "
+                    "runtime, the date and '" + PRELIMINARY + "', with the key slice and its "
+                    "heatmap; sent with the SR of the same revision, to the same destination. "
+                    "Its own series, one card per SR revision.",
+                    Table(("attribute", "origin", "value"), _card_attributes()),
+                ),
+            ),
+            Section(
                 f"Secondary Capture Image ({SecondaryCaptureImageStorage}): heatmaps",
                 (
                     "Heatmaps (class-activation maps over key slices) are written as Secondary "
@@ -948,6 +1005,12 @@ def conformance_statement(config: NodeConfig, source: Path | None = None) -> Sta
             ("Verification", "Verification", f"yes ({PACS_CLIENT})", f"yes ({LISTENER})"),
             ("Storage", "Comprehensive 3D SR", f"yes ({SR_SENDER})", "no"),
             (
+                "Storage",
+                "Secondary Capture Image (result card)",
+                f"yes ({SR_SENDER}, with result_card)",
+                "no",
+            ),
+            (
                 "Query/Retrieve",
                 "Study Root FIND, GET, MOVE",
                 f"yes ({PACS_CLIENT})",
@@ -966,7 +1029,9 @@ def conformance_statement(config: NodeConfig, source: Path | None = None) -> Sta
             "`ctcovid conformance` from the constants the code uses, for the configuration "
             "shown below.",
             overview,
-            "Secondary Capture heatmaps are created as files (`ctcovid classify`), not sent.",
+            "Secondary Capture heatmaps are created as files (`ctcovid classify`), not sent; "
+            "the Secondary Capture result card is sent with each SR when `result_card` is set "
+            f"(here: {'yes' if config.result_card else 'no'}).",
         ),
     )
     model = Section(

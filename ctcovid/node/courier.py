@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from ctcovid.node.config import RIS_DESTINATION, NamedDestination
@@ -60,6 +61,24 @@ def couriers(config: NodeConfig, store: Store, audit: Any = None) -> list[Courie
     found: list[Courier] = [Hl7Courier(config, store)] if config.hl7 else []
     found.extend(SrCourier(config, store, d, audit) for d in config.destinations)
     return found
+
+
+def result_cards(config: NodeConfig, store: Store, record: Any) -> list[Path]:
+    """The result card that goes with the SR of ``record`` (a job or a delivery: its series and
+    ``sr_path``), when ``result_card`` is on and the card was built; sent with the SR to every
+    DICOM or STOW-RS destination it goes to."""
+    if not config.result_card:
+        return []
+    path = store.files.card_path(record.series_instance_uid, record.sr_path)
+    if not path.is_file():
+        logger.warning(
+            "event=card_missing study=%s series=%s sr=%s: the SR is sent without its card",
+            record.study_instance_uid,
+            record.series_instance_uid,
+            record.sr_sop_instance_uid,
+        )
+        return []
+    return [path]
 
 
 class SrCourier:
@@ -119,7 +138,7 @@ class SrCourier:
         path = self.store.root / record.message_path
         start = time.perf_counter()
         try:
-            outcome = self.sender.send(path, cancel)
+            outcome = self.sender.send(path, cancel, result_cards(self.config, self.store, record))
         except SendCancelled:
             logger.info("event=send_abandoned %s reason=stopping", log_ids)
             return

@@ -4,17 +4,18 @@ Layout under the store folder::
 
     instances/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm   received, as sent
     sr/<SeriesInstanceUID>/<SR SOPInstanceUID>.dcm                          reports built
+    cards/<SeriesInstanceUID>/<card SOPInstanceUID>.dcm                     result cards built
     heatmaps/<StudyInstanceUID>/<SeriesInstanceUID>/key<N>.png              for the node's page
     replaced/<StudyInstanceUID>/<SeriesInstanceUID>/<SOP>.<ns>.dcm          superseded content
     tmp/                                                                    half-written files
 
 Every file is written to ``tmp/``, fsynced and renamed into place, so a path under
-``instances/`` or ``sr/`` always holds a complete file. Paths are built only from UIDs that match
-``^[0-9]+(\\.[0-9]+)*$`` and have at most 64 characters, so no received value can name a file
-outside the store. A folder created for a new study or series is fsynced in its parent, so the
-first instance of a series survives a power loss once it was answered with success. The files
-are the ground truth: :meth:`FileStore.instance_files` lists what is on disk for the job
-database to reconcile with.
+``instances/``, ``sr/`` or ``cards/`` always holds a complete file. Paths are built only from
+UIDs that match ``^[0-9]+(\\.[0-9]+)*$`` and have at most 64 characters, so no received value
+can name a file outside the store. A folder created for a new study or series is fsynced in its
+parent, so the first instance of a series survives a power loss once it was answered with
+success. The files are the ground truth: :meth:`FileStore.instance_files` lists what is on disk
+for the job database to reconcile with.
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ class FileStore:
         self.min_free_bytes = int(min_free_mb * 1024 * 1024)
         self.instances_dir = self.root / "instances"
         self.sr_dir = self.root / "sr"
+        self.cards_dir = self.root / "cards"
         self.heatmaps_dir = self.root / "heatmaps"
         self.replaced_dir = self.root / "replaced"
         self.tmp_dir = self.root / "tmp"
@@ -78,6 +80,15 @@ class FileStore:
         series = check_uid(series_instance_uid, "SeriesInstanceUID (0020,000E)")
         sop = check_uid(sr_sop_instance_uid, "SR SOPInstanceUID")
         return self.sr_dir / series / f"{sop}.dcm"
+
+    def card_path(self, series_instance_uid: str, sr_path: str | Path) -> Path:
+        """The result card of the SR file ``sr_path`` (named by the SR's SOP Instance UID): its
+        own UID derives from the SR's (:func:`~ctcovid.report.uids.card_sop_instance_uid`)."""
+        from ctcovid.report.uids import card_sop_instance_uid
+
+        series = check_uid(series_instance_uid, "SeriesInstanceUID (0020,000E)")
+        sr_uid = check_uid(Path(sr_path).stem, "SR SOPInstanceUID")
+        return self.cards_dir / series / f"{card_sop_instance_uid(sr_uid)}.dcm"
 
     def heatmap_path(self, study: str, series: str, number: int) -> Path:
         """The ``number``-th key slice's heatmap (1 = the most suspicious slice)."""

@@ -2,7 +2,8 @@
 
 Each step queues the series that have been quiet for ``stable_seconds`` and classifies the oldest
 waiting one (scan its folder, judge it with the ingest rules, ``Classifier.classify``,
-``build_sr``, store the SR and, for the node's page, key-slice heatmaps as PNG). SRs whose send
+``build_sr``, store the SR, with ``result_card`` its result card, and, for the node's page,
+key-slice heatmaps as PNG). SRs (with their cards) whose send
 is due go out from a thread of their own, each send under a hard deadline, so a slow or stalled
 PACS never holds up classification; each result's ORU to the RIS (``hl7``) and SR to each
 named destination (``[destination.NAME]``) go from a thread per destination
@@ -33,7 +34,7 @@ from ctcovid.dicom.rules import DEFAULT_RULES, Rule, decide
 from ctcovid.dicom.series import load_series
 from ctcovid.errors import InvalidInputError, ReportError
 from ctcovid.node.config import NodeConfig
-from ctcovid.node.courier import Courier, couriers
+from ctcovid.node.courier import Courier, couriers, result_cards
 from ctcovid.node.files import OutOfSpaceError
 from ctcovid.node.jobs import Destination, PredecessorChanged, SeriesRecord
 from ctcovid.node.store import Store
@@ -52,6 +53,8 @@ MAX_REBUILDS = 5
 Built = tuple[int, Any, Path]
 # How often the files of ignored series are looked for (when they are kept for a while).
 IGNORED_SWEEP_SECONDS = 60.0
+# What a result card shows: the key slice as the model saw it, and its heatmap (None: none).
+CardPicture = tuple[Any, Any]
 
 
 class StopFlag(Protocol):
@@ -241,7 +244,10 @@ class Worker:
                     raise InvalidInputError(series.reason)
                 prepared, result = self.classifier.run(series)
             self.beat()
-            built = self._build_sr(record, result, series)
+            slices = prepared.used.slices
+            cams = self._key_slice_maps(slices, result, log_ids)
+            picture = self._card_picture(slices, result, cams)
+            built = self._build_sr(record, result, series, picture)
         except InvalidInputError as exc:
             self.store.jobs.finish_unusable(record, str(exc))
             logger.warning("event=series_unusable %s reason=%r", log_ids, str(exc))
@@ -259,7 +265,7 @@ class Worker:
                 record, f"classification failed: {type(exc).__name__}: {exc}"
             )
             return
-        self._write_heatmaps(record, prepared.used.slices, result, log_ids)
+        self._write_heatmaps(record, result, cams, slices, log_ids)
         self.beat()
         # An SR may be delivered meanwhile (the previous result's send was in flight): the
         # store refuses a result built on the older predecessor, and the next revision is built.
@@ -276,7 +282,7 @@ class Worker:
                     record.sent_revision,
                 )
                 try:
-                    built = self._build_sr(record, result, series)
+                    built = self._build_sr(record, result, series, picture)
                 except Exception as exc:
                     logger.exception("event=classify_failed %s", log_ids)
                     self.store.jobs.finish_failed(
@@ -369,7 +375,30 @@ class Worker:
             logger.info("event=ignored_files_removed count=%d", removed)
         return removed
 
-    def _write_heatmaps(self, record: SeriesRecord, slices: Any, result: Any, log_ids: str) -> None:
+    def _key_slice_maps(self, slices: Any, result: Any, log_ids: str) -> list[Any] | None:
+        """Class-activation maps of ``result.key_slice_indices``, in that order; None (logged)
+        when they cannot be computed: neither the SR nor the card depends on them."""
+        keys = list(result.key_slice_indices)
+        try:
+            return list(self.classifier.class_activation_maps(slices[keys])) if keys else []
+        except Exception:
+            logger.warning("event=heatmaps_failed %s", log_ids, exc_info=True)
+            return None
+
+    def _card_picture(self, slices: Any, result: Any, cams: list[Any] | None) -> CardPicture | None:
+        """The key slice and its heatmap for the result card; None without ``result_card``."""
+        if not self.config.result_card:
+            return None
+        from ctcovid.report.card import card_key_slice
+
+        index = card_key_slice(result)
+        keys = list(result.key_slice_indices)
+        cam = cams[keys.index(index)] if cams is not None else None
+        return slices[index], cam
+
+    def _write_heatmaps(
+        self, record: SeriesRecord, result: Any, cams: list[Any] | None, slices: Any, log_ids: str
+    ) -> None:
         """Key-slice class-activation maps over their slices, as PNG for the node's page.
 
         Written before the result is recorded, so a classified series shows its heatmaps; a
@@ -377,9 +406,10 @@ class Worker:
         """
         from ctcovid.report import overlay_rgb, png_bytes
 
+        if cams is None:
+            return
         keys = list(result.key_slice_indices)
         try:
-            cams = self.classifier.class_activation_maps(slices[keys]) if keys else []
             pngs = [
                 png_bytes(overlay_rgb(slices[i], cam)) for i, cam in zip(keys, cams, strict=True)
             ]
@@ -389,9 +419,12 @@ class Worker:
         except Exception:
             logger.warning("event=heatmaps_failed %s", log_ids, exc_info=True)
 
-    def _build_sr(self, record: SeriesRecord, result: Any, series: Any) -> Built | None:
+    def _build_sr(
+        self, record: SeriesRecord, result: Any, series: Any, picture: CardPicture | None = None
+    ) -> Built | None:
         """The SR that states ``result`` as the revision after the delivered one, written to
-        the store; None when the delivered SR already states it (same label and probability).
+        the store (with ``picture``, its result card first, so that a stored SR has its card);
+        None when the delivered SR already states it (same label and probability).
         """
         if record.sent_revision >= 1 and same_finding(
             record.sent_label, record.sent_probability, result.label, result.probability_covid
@@ -408,10 +441,15 @@ class Worker:
             predecessor_sop_instance_uid=predecessor_sop,
             predecessor_series_instance_uid=predecessor_series,
         )
-        buffer = io.BytesIO()
-        sr.save_as(buffer, enforce_file_format=True)
         sr_path = self.store.files.sr_path(record.series_instance_uid, str(sr.SOPInstanceUID))
-        self.store.files.write_file(sr_path, buffer.getvalue())
+        if picture is not None:
+            from ctcovid.report.card import build_result_card
+
+            card = build_result_card(result, series, sr, key_slice=picture[0], cam=picture[1])
+            self.store.files.write_file(
+                self.store.files.card_path(record.series_instance_uid, sr_path), _encoded(card)
+            )
+        self.store.files.write_file(sr_path, _encoded(sr))
         return revision, sr, sr_path
 
     def _finish(
@@ -541,7 +579,11 @@ class Worker:
         )
         start = time.perf_counter()
         try:
-            outcome = sender.send(self.store.root / record.sr_path, cancel)
+            outcome = sender.send(
+                self.store.root / record.sr_path,
+                cancel,
+                result_cards(self.config, self.store, record),
+            )
         except SendCancelled:
             logger.info("event=send_abandoned %s reason=stopping", log_ids)
             return
@@ -583,6 +625,13 @@ class Worker:
         logger.info(
             "event=sr_sent %s peer=%s %s seconds=%.2f", log_ids, destination, outcome, seconds
         )
+
+
+def _encoded(ds: Any) -> bytes:
+    """``ds`` as a DICOM Part 10 file, in memory."""
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
 
 
 class SignalStop:

@@ -25,11 +25,13 @@ from ctcovid.results import ScanResult
 
 logger = logging.getLogger(__name__)
 
-#: SeriesNumber of the SR reporting source series n is SR_SERIES_NUMBER + n, and of its
-#: heatmaps HEATMAP_SERIES_NUMBER + n, for 0 <= n < SERIES_NUMBER_SPAN. A source without a
+#: SeriesNumber of the SR reporting source series n is SR_SERIES_NUMBER + n, of its
+#: heatmaps HEATMAP_SERIES_NUMBER + n and of its result cards CARD_SERIES_NUMBER + n, for
+#: 0 <= n < SERIES_NUMBER_SPAN. A source without a
 #: SeriesNumber in that range gets n from a hash of its SeriesInstanceUID instead.
 SR_SERIES_NUMBER = 900000
 HEATMAP_SERIES_NUMBER = 950000
+CARD_SERIES_NUMBER = 850000
 SERIES_NUMBER_SPAN = 50000
 
 _LO_MAX_CHARS = 64
@@ -111,6 +113,11 @@ def sr_series_number(source: Dataset) -> int:
 def heatmap_series_number(source: Dataset) -> int:
     """SeriesNumber of the heatmap Secondary Captures: ``HEATMAP_SERIES_NUMBER`` + n."""
     return HEATMAP_SERIES_NUMBER + series_number_offset(source)
+
+
+def card_series_number(source: Dataset) -> int:
+    """SeriesNumber of the result cards: ``CARD_SERIES_NUMBER`` + n."""
+    return CARD_SERIES_NUMBER + series_number_offset(source)
 
 
 def stack_text(result: ScanResult) -> str:

@@ -117,7 +117,8 @@ def _axis_letter(direction: Sequence[float]) -> str:
     return positive if direction[axis] > 0 else negative
 
 
-def _patient_orientation(instance: Instance) -> tuple[str, str]:
+def patient_orientation_of(instance: Instance) -> tuple[str, str]:
+    """PatientOrientation (row, column) of an image drawn in the plane of ``instance``."""
     if instance.image_orientation is None:
         # The series reached the classifier as axial CT; say so rather than guess silently.
         logger.warning(
@@ -129,7 +130,8 @@ def _patient_orientation(instance: Instance) -> tuple[str, str]:
     return _axis_letter(row), _axis_letter(column)
 
 
-def _source_image_item(instance: Instance, frame_number: int) -> Dataset:
+def source_image_item(instance: Instance, frame_number: int) -> Dataset:
+    """A SourceImageSequence item naming ``instance`` (and its frame, when multi-frame)."""
     item = Dataset()
     item.ReferencedSOPClassUID = instance.sop_class_uid
     item.ReferencedSOPInstanceUID = instance.sop_instance_uid
@@ -222,7 +224,7 @@ def build_heatmap_secondary_captures(
             sop_instance_uid=sop_uid,
             instance_number=number,
             manufacturer=MANUFACTURER,
-            patient_orientation=_patient_orientation(instance),
+            patient_orientation=patient_orientation_of(instance),
             transfer_syntax_uid=ExplicitVRLittleEndian,
             series_description=description,
             manufacturer_model_name=MANUFACTURER_MODEL_NAME,
@@ -235,7 +237,7 @@ def build_heatmap_secondary_captures(
         copy_source_modules(image, source)
         apply_time_zone(image, source)
         add_algorithm_equipment(image, result.model)
-        image.SourceImageSequence = [_source_image_item(instance, result.frame_numbers[index])]
+        image.SourceImageSequence = [source_image_item(instance, result.frame_numbers[index])]
         image.DerivationDescription = (
             f"Class activation map of {result.model.name} {result.model.version} over the "
             f"lung-windowed slice; slice probability {result.slice_probabilities[index]:.3f}"

@@ -18,7 +18,12 @@ derived, never drawn at random:
 - a **Series Instance UID** from the source study and series and the model's *name* only, so
   that every revision of one result sits in one series, whichever version, weights or runtime
   (int8 after fp32, say) computed it;
-- the **Tracking UID** of the finding from the same three, the same across revisions.
+- the **Tracking UID** of the finding from the same three, the same across revisions;
+- a **result card** (``ctcovid.report.card``) from the SR it accompanies: its SOP Instance UID
+  from the SR's (which already digests the result, the revision and the source header) and
+  :data:`CARD_LAYOUT_VERSION`, its series like the SR's series from study, series and model
+  name, so each revision of the SR has its own card and every card of one result shares a
+  series.
 """
 
 from __future__ import annotations
@@ -41,6 +46,9 @@ _SEPARATOR = "\x1f"  # cannot occur in a UID or a version string, so parts never
 #: The layout of what the report states. Bump it when the same result comes to be stated
 #: differently (a new content item, another precision), never for a release that does not.
 REPORT_SCHEMA_VERSION = "1"
+
+#: The layout of the result card: bump it when the card comes to show the same result otherwise.
+CARD_LAYOUT_VERSION = "1"
 
 #: Result keys that the report does not state: how long it took, free-text notes for people
 #: (they name files, whose names differ between the node, batch and classify), and the raw
@@ -230,3 +238,18 @@ def heatmap_uids(
         for index, digest in zip(slice_indices, pixel_digests, strict=True)
     ]
     return series_uid, sop_uids
+
+
+def card_series_uid(study_instance_uid: str, series_instance_uid: str, model_name: str) -> str:
+    """The result card series of one source series and model name: the same for every revision."""
+    return derive_uid("ctcovid-card-series", study_instance_uid, series_instance_uid, model_name)
+
+
+def card_sop_instance_uid(sr_sop_instance_uid: str) -> str:
+    """The SOP Instance UID of the result card that goes with the SR ``sr_sop_instance_uid``.
+
+    One card per SR: the SR's UID digests what the result states, the revision and the source
+    header, so a revised or corrected result gets a new card, and whoever holds the SR (the node,
+    batch from its revision-1 file) finds or rebuilds its card by this UID.
+    """
+    return derive_uid("ctcovid-card", CARD_LAYOUT_VERSION, sr_sop_instance_uid)
