@@ -125,7 +125,10 @@ FINISHED = (SENT, FAILED, UNUSABLE, SHADOW, IGNORED)
 TRANSITIONS: dict[str, tuple[frozenset[JobState], frozenset[JobState]]] = {
     "promote_stable": (frozenset({RECEIVED}), frozenset({WAITING})),
     "claim_next": (frozenset({WAITING}), frozenset({CLASSIFYING})),
-    "finish_classified": (frozenset({CLASSIFYING}), frozenset({CLASSIFIED, SHADOW, RECEIVED})),
+    "finish_classified": (
+        frozenset({CLASSIFYING}),
+        frozenset({CLASSIFIED, SHADOW, SENT, RECEIVED}),
+    ),
     "finish_unchanged": (frozenset({CLASSIFYING}), frozenset({SENT, RECEIVED})),
     "finish_unusable": (frozenset({CLASSIFYING}), frozenset({UNUSABLE, RECEIVED})),
     "finish_ignored": (frozenset({CLASSIFYING}), frozenset({IGNORED, RECEIVED})),
@@ -896,11 +899,14 @@ class JobDatabase:
         classify_seconds: float,
         deliveries: Sequence[Destination] = (),
         shadow: str | None = None,
+        handed_over: bool = False,
     ) -> bool:
         """``classifying`` -> ``classified`` with the built SR (``sr_path`` relative to the
         store); False (and ``received``) if the series changed while classifying. With
         ``shadow`` (the name of a ``shadow`` rule): ``shadow`` instead, the SR kept and never
-        sent (give no ``deliveries``).
+        sent (give no ``deliveries``). With ``handed_over`` (the node has no SR peer of its
+        own, only ``deliveries``): ``sent`` at once, this SR recorded as the delivered
+        revision, so that the next result is its revision (or not sent when the same).
 
         The SR's delivery to each of ``deliveries`` (name, kind) is queued with it, unless
         that destination has this very SR already (see :class:`DeliveryRecord`).
@@ -911,14 +917,25 @@ class JobDatabase:
             If an SR was delivered after ``record`` was read: the SR names the wrong
             predecessor (revision ``record.sent_revision``) and must be built again.
         """
+        state, reason = CLASSIFIED, ""
+        if shadow is not None:
+            state, reason = SHADOW, f"shadow rule {shadow!r}: the SR is kept, not sent"
+        elif handed_over:
+            names = ", ".join(name for name, _ in deliveries)
+            state, reason = SENT, f"revision {revision} queued for delivery to {names}"
+        handed = handed_over and shadow is None
         return self._finish(
             "finish_classified",
             record,
             "state = ?, reason = ?, revision = ?, sr_path = ?, sr_sop_instance_uid = ?, "
-            "probability_covid = ?, label = ?, classify_seconds = ?, attempts = 0, next_try = ?",
+            "probability_covid = ?, label = ?, classify_seconds = ?, attempts = 0, next_try = ?, "
+            "sent_revision = CASE WHEN ? THEN ? ELSE sent_revision END, "
+            "sent_sr_path = CASE WHEN ? THEN ? ELSE sent_sr_path END, "
+            "sent_label = CASE WHEN ? THEN ? ELSE sent_label END, "
+            "sent_probability = CASE WHEN ? THEN ? ELSE sent_probability END",
             (
-                CLASSIFIED if shadow is None else SHADOW,
-                "" if shadow is None else f"shadow rule {shadow!r}: the SR is kept, not sent",
+                state,
+                reason,
                 revision,
                 sr_path,
                 sr_sop_instance_uid,
@@ -926,6 +943,14 @@ class JobDatabase:
                 label,
                 classify_seconds,
                 time.time(),
+                handed,
+                revision,
+                handed,
+                sr_path,
+                handed,
+                label,
+                handed,
+                probability_covid,
             ),
             on_predecessor=True,
             deliveries=deliveries,

@@ -240,9 +240,11 @@ class Store:
         classify_seconds: float,
         deliveries: Sequence[Destination] = (),
         shadow: str | None = None,
+        handed_over: bool = False,
     ) -> bool:
         """Record the built SR, and queue it for ``deliveries``; False (and re-queued) if the
-        series changed while classifying. ``shadow``: the ``shadow`` rule that keeps it."""
+        series changed while classifying. ``shadow``: the ``shadow`` rule that keeps it;
+        ``handed_over``: the deliveries are all it has (see the job database's method)."""
         return self.jobs.finish_classified(
             record,
             revision=revision,
@@ -253,6 +255,7 @@ class Store:
             classify_seconds=classify_seconds,
             deliveries=deliveries,
             shadow=shadow,
+            handed_over=handed_over,
         )
 
     def retry(

@@ -474,6 +474,7 @@ class Worker:
                 sent_sop_instance_uid=standing,
             )
         revision, sr, sr_path = built
+        deliveries = self._deliveries(rule)
         return self.store.finish_classified(
             record,
             revision=revision,
@@ -482,8 +483,11 @@ class Worker:
             probability_covid=result.probability_covid,
             label=result.label,
             classify_seconds=seconds,
-            deliveries=self._deliveries(rule),
+            deliveries=deliveries,
             shadow=rule.name if rule.action == "shadow" else None,
+            # Without an SR peer of its own the node hands each result to its deliveries: it
+            # is the delivered revision the next result revises.
+            handed_over=self.sender is None and any(kind != "hl7" for _, kind in deliveries),
         )
 
     def _deliveries(self, rule: Rule) -> tuple[Destination, ...]:
