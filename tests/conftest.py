@@ -77,6 +77,37 @@ def tiny_classifier(tiny_model_dir: Path):
     return Classifier.from_file(tiny_model_dir)
 
 
+@pytest.fixture(scope="module")
+def classifier(tiny_classifier):
+    """A Classifier over the session's tiny model, for one module to configure as it likes."""
+    from ctcovid.inference import Classifier
+
+    return Classifier(tiny_classifier.model, tiny_classifier.artifact)
+
+
+@pytest.fixture
+def pacs():
+    """An SR storage SCP on loopback that keeps what it receives: ``(Peer, datasets)``."""
+    from pynetdicom import AE, evt
+    from pynetdicom.sop_class import Comprehensive3DSRStorage
+
+    from ctcovid.net.peers import Peer
+
+    received: list = []
+
+    def handle(event: evt.Event) -> int:
+        received.append(event.dataset)
+        return 0x0000
+
+    ae = AE(ae_title="PACS")
+    ae.add_supported_context(Comprehensive3DSRStorage)
+    server = ae.start_server(
+        ("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, handle)]
+    )
+    yield Peer("127.0.0.1", int(server.server_address[1]), "PACS"), received
+    server.shutdown()
+
+
 @pytest.fixture(scope="session")
 def unbounded_model_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
     """The tiny model with its ingest's size limits (rows, columns) raised far enough that a

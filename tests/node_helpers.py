@@ -560,3 +560,33 @@ def variant_series(source: Path, out: Path, series_number: int, **values: Any) -
             setattr(ds, keyword, value)
         ds.save_as(out / path.name, enforce_file_format=True)
     return out
+
+
+def put(store: Any, path: Path, *, calling_aet: str = "") -> bool:
+    """Store the DICOM file ``path`` in a node ``Store`` as the listener would; True if new."""
+    import pydicom
+
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    return bool(
+        store.put_instance(
+            path.read_bytes(),
+            study_instance_uid=ds.StudyInstanceUID,
+            series_instance_uid=ds.SeriesInstanceUID,
+            sop_instance_uid=ds.SOPInstanceUID,
+            sop_class_uid=ds.SOPClassUID,
+            calling_aet=calling_aet,
+        )
+    )
+
+
+def ct_files(studies_root: Path, study: str) -> list[Path]:
+    """The CT files of a fixture study (some studies use names without an extension)."""
+    return sorted(p for p in (studies_root / study / "ct").iterdir() if p.is_file())
+
+
+def run_until_idle(worker: Any, max_steps: int = 10) -> None:
+    """Step a node ``Worker`` until it has no work left (at most ``max_steps`` steps)."""
+    for _ in range(max_steps):
+        if not worker.step():
+            return
+    pytest.fail(f"the worker still had work after {max_steps} steps")

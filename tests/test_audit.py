@@ -28,6 +28,7 @@ from node_helpers import (
     Orthanc,
     free_port,
     make_test_ca,
+    put,
     storescu,
     study_of_instance_in_orthanc,
     wait_for,
@@ -378,14 +379,7 @@ def _classified_series_with_sr(store: Store, folder: Path) -> pydicom.Dataset:
     folder.mkdir()
     series = _write_series(folder, [_ct_dataset(i) for i in range(4)])
     for path in sorted(folder.glob("*.dcm")):
-        ds = pydicom.dcmread(path, stop_before_pixels=True)
-        store.put_instance(
-            path.read_bytes(),
-            study_instance_uid=ds.StudyInstanceUID,
-            series_instance_uid=ds.SeriesInstanceUID,
-            sop_instance_uid=ds.SOPInstanceUID,
-            sop_class_uid=ds.SOPClassUID,
-        )
+        put(store, path)
     store.jobs.promote_stable(0.0)
     record = store.jobs.claim_next()
     sr = build_sr(_result_for(series), series)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from node_helpers import LOOPBACK, Orthanc, orthanc_with_dicomweb
+from node_helpers import LOOPBACK, Orthanc, orthanc_with_dicomweb, put
 
 from ctcovid.batch import BatchOptions, run_batch
 from ctcovid.batch.results import CLASSIFIED as ROW_CLASSIFIED
@@ -84,14 +84,7 @@ def test_the_record_tells_a_clinically_unchanged_result() -> None:
 def _store_with_series(tmp_path: Path, files: list[Path]) -> Store:
     store = Store(tmp_path / "store")
     for path in files:
-        ds = pydicom.dcmread(path, stop_before_pixels=True)
-        store.put_instance(
-            path.read_bytes(),
-            study_instance_uid=ds.StudyInstanceUID,
-            series_instance_uid=ds.SeriesInstanceUID,
-            sop_instance_uid=ds.SOPInstanceUID,
-            sop_class_uid=ds.SOPClassUID,
-        )
+        put(store, path)
     return store
 
 

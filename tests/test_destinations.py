@@ -14,10 +14,9 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from node_helpers import free_port, wait_for
+from node_helpers import ct_files, free_port, put, run_until_idle, wait_for
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import Comprehensive3DSRStorage
-from test_node_worker import classifier, ct_files, put, run_until_idle  # noqa: F401
 from typer.testing import CliRunner
 
 from ctcovid.cli.main import app
@@ -116,7 +115,7 @@ def test_destination_tables_are_read_and_bad_ones_refused_naming_the_key(tmp_pat
 
 
 def test_a_dead_destination_delays_no_other_and_gets_its_sr_when_back(
-    tmp_path: Path, studies_root: Path, classifier, peers: list[SrPeer]  # noqa: F811
+    tmp_path: Path, studies_root: Path, classifier, peers: list[SrPeer]
 ):
     pacs_port, research_port = free_port(), free_port()
     peers.append(SrPeer(pacs_port))
@@ -164,7 +163,7 @@ for courier in couriers(config, Store(config.store)):
 
 
 def test_kill_9_mid_send_leaves_one_sr_per_destination(
-    tmp_path: Path, studies_root: Path, classifier, peers: list[SrPeer]  # noqa: F811
+    tmp_path: Path, studies_root: Path, classifier, peers: list[SrPeer]
 ):
     pacs_port, research_port = free_port(), free_port()
     config = _config(tmp_path, pacs_port, research_port,

@@ -16,9 +16,7 @@ from typing import Any
 
 import pydicom
 import pytest
-from node_helpers import wait_for
-from pynetdicom import AE, evt
-from pynetdicom.sop_class import Comprehensive3DSRStorage
+from node_helpers import ct_files, put, run_until_idle, wait_for
 from typer.testing import CliRunner
 
 from ctcovid.node.config import NodeConfig, Peer
@@ -100,46 +98,6 @@ def ris() -> Iterator[Ris]:
     server.close()
 
 
-@pytest.fixture(scope="module")
-def classifier(tiny_classifier):
-    from ctcovid.inference import Classifier
-
-    return Classifier(tiny_classifier.model, tiny_classifier.artifact)
-
-
-@pytest.fixture
-def pacs() -> Iterator[tuple[Peer, list[pydicom.Dataset]]]:
-    """An SR storage SCP that keeps what it receives."""
-    received: list[pydicom.Dataset] = []
-
-    def handle(event: evt.Event) -> int:
-        received.append(event.dataset)
-        return 0x0000
-
-    ae = AE(ae_title="PACS")
-    ae.add_supported_context(Comprehensive3DSRStorage)
-    server = ae.start_server(
-        ("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, handle)]
-    )
-    yield Peer("127.0.0.1", int(server.server_address[1]), "PACS"), received
-    server.shutdown()
-
-
-def ct_files(studies_root: Path, study: str) -> list[Path]:
-    return sorted(p for p in (studies_root / study / "ct").iterdir() if p.is_file())
-
-
-def put(store: Store, path: Path) -> None:
-    ds = pydicom.dcmread(path, stop_before_pixels=True)
-    store.put_instance(
-        path.read_bytes(),
-        study_instance_uid=ds.StudyInstanceUID,
-        series_instance_uid=ds.SeriesInstanceUID,
-        sop_instance_uid=ds.SOPInstanceUID,
-        sop_class_uid=ds.SOPClassUID,
-    )
-
-
 def make_worker(
     tmp_path: Path, classifier, ris: Ris, peer: Peer | None = None, **settings: Any
 ) -> Worker:
@@ -155,13 +113,6 @@ def make_worker(
         **settings,
     )
     return Worker(config, Store(config.store), classifier)
-
-
-def run_until_idle(worker: Worker, max_steps: int = 10) -> None:
-    for _ in range(max_steps):
-        if not worker.step():
-            return
-    pytest.fail(f"the worker still had work after {max_steps} steps")
 
 
 def the_delivery(worker: Worker):

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from node_helpers import put
 from typer.testing import CliRunner
 
 from ctcovid.cli.main import app
@@ -21,17 +22,6 @@ from ctcovid.node.store import Store
 
 def _ct_files(studies_root: Path) -> list[Path]:
     return sorted((studies_root / "study_000" / "ct").glob("*.dcm"))
-
-
-def _put(store: Store, path: Path) -> bool:
-    ds = pydicom.dcmread(path, stop_before_pixels=True)
-    return store.put_instance(
-        path.read_bytes(),
-        study_instance_uid=ds.StudyInstanceUID,
-        series_instance_uid=ds.SeriesInstanceUID,
-        sop_instance_uid=ds.SOPInstanceUID,
-        sop_class_uid=ds.SOPClassUID,
-    )
 
 
 def _classified(store: Store, series_uid: str, revision: int = 1) -> None:
@@ -69,8 +59,8 @@ def test_instance_is_stored_under_its_uids_and_recorded(tmp_path: Path, studies_
     src = _ct_files(studies_root)[0]
     ds = pydicom.dcmread(src, stop_before_pixels=True)
 
-    assert _put(store, src) is True
-    assert _put(store, src) is False  # the same instance again is not new
+    assert put(store, src) is True
+    assert put(store, src) is False  # the same instance again is not new
 
     path = store.root / "instances" / ds.StudyInstanceUID / ds.SeriesInstanceUID
     assert (path / f"{ds.SOPInstanceUID}.dcm").read_bytes() == src.read_bytes()
@@ -108,7 +98,7 @@ def test_free_space_floor_refuses_to_write(tmp_path: Path):
 
 def test_series_is_queued_only_after_stable_seconds_of_quiet(tmp_path: Path, studies_root: Path):
     store = Store(tmp_path / "store")
-    _put(store, _ct_files(studies_root)[0])
+    put(store, _ct_files(studies_root)[0])
     assert store.jobs.promote_stable(60.0) == 0
     assert store.jobs.promote_stable(60.0, now=time.time() + 61) == 1
     assert store.jobs.list_series()[0].state == WAITING
@@ -118,8 +108,8 @@ def test_jobs_are_claimed_in_arrival_order(tmp_path: Path, studies_root: Path):
     store = Store(tmp_path / "store")
     first = _ct_files(studies_root)[0]
     second = sorted((studies_root / "study_001" / "ct").glob("*.dcm"))[0]
-    _put(store, first)
-    _put(store, second)
+    put(store, first)
+    put(store, second)
     store.jobs.promote_stable(0.0)
     claimed = store.jobs.claim_next()
     assert claimed is not None
@@ -133,12 +123,12 @@ def test_late_instance_reopens_a_sent_series_for_the_next_revision(
     store = Store(tmp_path / "store")
     files = _ct_files(studies_root)
     series_uid = pydicom.dcmread(files[0]).SeriesInstanceUID
-    _put(store, files[0])
+    put(store, files[0])
     _classified(store, series_uid)
     store.jobs.mark_sent(store.jobs.due_sends()[0])
     assert store.jobs.get(series_uid).state == SENT  # type: ignore[union-attr]
 
-    _put(store, files[1])
+    put(store, files[1])
 
     record = store.jobs.get(series_uid)
     assert record is not None
@@ -151,11 +141,11 @@ def test_result_of_a_series_that_changed_while_classifying_is_discarded(
     store = Store(tmp_path / "store")
     files = _ct_files(studies_root)
     series_uid = pydicom.dcmread(files[0]).SeriesInstanceUID
-    _put(store, files[0])
+    put(store, files[0])
     store.jobs.promote_stable(0.0)
     record = store.jobs.claim_next()
     assert record is not None
-    _put(store, files[1])  # arrives while the worker classifies
+    put(store, files[1])  # arrives while the worker classifies
 
     kept = store.finish_classified(
         record, revision=1, sr_path=store.files.sr_path(series_uid, "2.25.1"),
@@ -170,7 +160,7 @@ def test_send_failures_back_off_exponentially_then_fail(tmp_path: Path, studies_
     store = Store(tmp_path / "store")
     files = _ct_files(studies_root)
     series_uid = pydicom.dcmread(files[0]).SeriesInstanceUID
-    _put(store, files[0])
+    put(store, files[0])
     _classified(store, series_uid)
     waits = []
     for _ in range(2):
@@ -195,7 +185,7 @@ def test_send_failures_back_off_exponentially_then_fail(tmp_path: Path, studies_
 
 def test_resume_puts_interrupted_jobs_back_in_the_queue(tmp_path: Path, studies_root: Path):
     store = Store(tmp_path / "store")
-    _put(store, _ct_files(studies_root)[0])
+    put(store, _ct_files(studies_root)[0])
     store.jobs.promote_stable(0.0)
     assert store.jobs.claim_next() is not None
     store.close()
@@ -248,7 +238,7 @@ def _put_bytes(store: Store, data: bytes) -> bool:
 def _sent_series(store: Store, files: list[Path]) -> str:
     series_uid = str(pydicom.dcmread(files[0]).SeriesInstanceUID)
     for path in files:
-        _put(store, path)
+        put(store, path)
     _classified(store, series_uid)
     store.jobs.mark_sent(store.jobs.due_sends()[0])
     return series_uid
@@ -260,7 +250,7 @@ def test_identical_resend_of_an_instance_changes_nothing(tmp_path: Path, studies
     series_uid = _sent_series(store, files)
     before = store.jobs.get(series_uid)
 
-    again = _put(store, files[1])
+    again = put(store, files[1])
 
     assert again is False
     assert store.jobs.get(series_uid) == before  # still sent, same generation, same counts
@@ -299,7 +289,7 @@ def test_same_series_uid_in_two_studies_is_two_series(tmp_path: Path, studies_ro
     store = Store(tmp_path / "store")
     files = _ct_files(studies_root)[:2]
     for path in files:
-        _put(store, path)
+        put(store, path)
     other_study = "2.25.4242"
     for i, path in enumerate(files):
         _put_bytes(store, _modified(path, StudyInstanceUID=other_study,
@@ -318,7 +308,7 @@ def test_same_series_uid_in_two_studies_is_two_series(tmp_path: Path, studies_ro
 def test_series_uid_shared_by_two_studies_is_classified_twice(tmp_path: Path, studies_root: Path):
     store = Store(tmp_path / "store")
     path = _ct_files(studies_root)[0]
-    _put(store, path)
+    put(store, path)
     _put_bytes(store, _modified(path, StudyInstanceUID="2.25.77", SOPInstanceUID="2.25.77.1"))
     store.jobs.promote_stable(0.0)
 
@@ -344,7 +334,7 @@ def test_new_study_and_series_folders_are_fsynced_in_their_parents(
     path = _ct_files(studies_root)[0]
     ds = pydicom.dcmread(path, stop_before_pixels=True)
 
-    _put(store, path)
+    put(store, path)
 
     study_dir = store.files.instances_dir / ds.StudyInstanceUID
     # The new study folder's entry lives in instances/, the new series folder's in the study's.
@@ -432,7 +422,7 @@ def test_a_transition_the_state_table_does_not_allow_is_refused(
     store = Store(tmp_path / "store")
     files = _ct_files(studies_root)
     series_uid = pydicom.dcmread(files[0]).SeriesInstanceUID
-    _put(store, files[0])
+    put(store, files[0])
     store.jobs.promote_stable(0.0)
     waiting = store.jobs.get(series_uid)
     assert waiting is not None and waiting.state == WAITING
@@ -460,10 +450,10 @@ def test_a_send_that_ends_after_the_series_changed_leaves_it_in_its_new_state(
     store = Store(tmp_path / "store")
     files = _ct_files(studies_root)
     series_uid = pydicom.dcmread(files[0]).SeriesInstanceUID
-    _put(store, files[0])
+    put(store, files[0])
     _classified(store, series_uid)
     (sending,) = store.jobs.due_sends()
-    _put(store, files[1])  # arrives while the SR is on its way
+    put(store, files[1])  # arrives while the SR is on its way
 
     moved = store.jobs.mark_sent(sending)
 
@@ -510,7 +500,7 @@ def test_queue_lists_jobs_and_retries_failed_sends(tmp_path: Path, studies_root:
     store = Store(tmp_path / "store")
     files = _ct_files(studies_root)
     series_uid = pydicom.dcmread(files[0]).SeriesInstanceUID
-    _put(store, files[0])
+    put(store, files[0])
     _classified(store, series_uid)
     store.jobs.mark_send_failed(
         store.jobs.due_sends()[0], "association rejected", retry_seconds=1, max_retry_seconds=1,

@@ -14,8 +14,11 @@ import pydicom
 import pytest
 from node_helpers import (
     Orthanc,
+    ct_files,
     free_port,
     orthanc_with_dicomweb,
+    put,
+    run_until_idle,
     study_of_instance_in_orthanc,
 )
 from pynetdicom import AE
@@ -41,13 +44,6 @@ def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Orthanc]:
     server.close()
 
 
-@pytest.fixture(scope="module")
-def classifier(tiny_classifier):
-    from ctcovid.inference import Classifier
-
-    return Classifier(tiny_classifier.model, tiny_classifier.artifact)
-
-
 @pytest.fixture
 def auth_file(tmp_path: Path) -> Path:
     path = tmp_path / "stow-auth"
@@ -56,31 +52,11 @@ def auth_file(tmp_path: Path) -> Path:
     return path
 
 
-def ct_files(studies_root: Path, study: str) -> list[Path]:
-    return sorted(p for p in (studies_root / study / "ct").iterdir() if p.is_file())
-
-
-def put(store: Store, path: Path) -> None:
-    ds = pydicom.dcmread(path, stop_before_pixels=True)
-    store.put_instance(
-        path.read_bytes(), study_instance_uid=ds.StudyInstanceUID,
-        series_instance_uid=ds.SeriesInstanceUID, sop_instance_uid=ds.SOPInstanceUID,
-        sop_class_uid=ds.SOPClassUID,
-    )
-
-
 def make_worker(store: Path, classifier, **settings) -> Worker:
     defaults = {"stable_seconds": 0, "retry_seconds": 0, "min_free_mb": 0,
                 "network_timeout_seconds": 10}
     config = NodeConfig(store=store, **(defaults | settings))
     return Worker(config, Store(config.store), classifier)
-
-
-def run_until_idle(worker: Worker, max_steps: int = 10) -> None:
-    for _ in range(max_steps):
-        if not worker.step():
-            return
-    pytest.fail(f"the worker still had work after {max_steps} steps")
 
 
 def c_store(port: int, files: list[Path]) -> list[int]:
@@ -301,7 +277,7 @@ def test_stow_is_read_from_toml_and_the_flag_wins(tmp_path: Path):
 
     assert from_file.stow == "https://vna.example/dicom-web"
     assert from_file.stow_auth_file == tmp_path / "secret" / "stow"  # relative to the file
-    assert from_file.destination == "stow-rs https://vna.example/dicom-web"
+    assert from_file.sr_destination == "stow-rs https://vna.example/dicom-web"
     assert flagged.stow == "https://other.example/dicomweb"
 
 

@@ -14,7 +14,14 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from node_helpers import clean_exit_supervisor, free_port, wait_for
+from node_helpers import (
+    clean_exit_supervisor,
+    ct_files,
+    free_port,
+    put,
+    run_until_idle,
+    wait_for,
+)
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import Comprehensive3DSRStorage
 
@@ -25,31 +32,6 @@ from ctcovid.node.store import Store
 from ctcovid.node.worker import Worker
 
 pytestmark = pytest.mark.network
-
-
-@pytest.fixture(scope="module")
-def classifier(tiny_classifier):
-    from ctcovid.inference import Classifier
-
-    return Classifier(tiny_classifier.model, tiny_classifier.artifact)
-
-
-@pytest.fixture
-def pacs() -> Iterator[tuple[Peer, list[pydicom.Dataset]]]:
-    """An SR storage SCP that keeps what it receives."""
-    received: list[pydicom.Dataset] = []
-
-    def handle(event: evt.Event) -> int:
-        received.append(event.dataset)
-        return 0x0000
-
-    ae = AE(ae_title="PACS")
-    ae.add_supported_context(Comprehensive3DSRStorage)
-    server = ae.start_server(
-        ("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, handle)]
-    )
-    yield Peer("127.0.0.1", int(server.server_address[1]), "PACS"), received
-    server.shutdown()
 
 
 @pytest.fixture
@@ -97,33 +79,12 @@ def silent_peer() -> Iterator[Peer]:
     listener.close()
 
 
-def put(store: Store, path: Path) -> None:
-    ds = pydicom.dcmread(path, stop_before_pixels=True)
-    store.put_instance(
-        path.read_bytes(), study_instance_uid=ds.StudyInstanceUID,
-        series_instance_uid=ds.SeriesInstanceUID, sop_instance_uid=ds.SOPInstanceUID,
-        sop_class_uid=ds.SOPClassUID,
-    )
-
-
-def ct_files(studies_root: Path, study: str) -> list[Path]:
-    """The CT files of a fixture study (some studies use names without an extension)."""
-    return sorted(p for p in (studies_root / study / "ct").iterdir() if p.is_file())
-
-
 def make_worker(tmp_path: Path, classifier, peer: Peer | None, **settings) -> Worker:
     config = NodeConfig(
         store=tmp_path / "store", peer=peer, stable_seconds=0, retry_seconds=0,
         min_free_mb=0, **settings,
     )
     return Worker(config, Store(config.store), classifier)
-
-
-def run_until_idle(worker: Worker, max_steps: int = 10) -> None:
-    for _ in range(max_steps):
-        if not worker.step():
-            return
-    pytest.fail(f"the worker still had work after {max_steps} steps")
 
 
 def test_complete_series_is_classified_and_its_sr_sent(

@@ -8,19 +8,19 @@ import re
 import shutil
 from pathlib import Path
 
-import pydicom
 import pytest
 from node_helpers import (
     WORKER_READY_SECONDS,
     NodeProcess,
     Orthanc,
     free_port,
+    put,
     require_tool,
+    run_until_idle,
     variant_series,
     wait_for,
 )
 from pydicom.dataset import Dataset
-from test_node_worker import classifier, pacs, run_until_idle  # noqa: F401 (fixtures)
 from typer.testing import CliRunner
 
 from ctcovid.cli.main import app
@@ -241,7 +241,7 @@ def test_rules_test_names_the_rule_and_each_condition(
 
 
 def test_the_node_classifies_shadows_and_ignores_as_its_rules_say(
-    routed_series: dict[str, Path], tmp_path: Path, classifier, pacs  # noqa: F811
+    routed_series: dict[str, Path], tmp_path: Path, classifier, pacs
 ) -> None:
     peer, received = pacs
     config = NodeConfig(
@@ -251,12 +251,7 @@ def test_the_node_classifies_shadows_and_ignores_as_its_rules_say(
     worker = Worker(config, Store(config.store), classifier)
     for folder in routed_series.values():
         for path in sorted(folder.iterdir()):
-            ds = pydicom.dcmread(path, stop_before_pixels=True)
-            worker.store.put_instance(
-                path.read_bytes(), study_instance_uid=ds.StudyInstanceUID,
-                series_instance_uid=ds.SeriesInstanceUID, sop_instance_uid=ds.SOPInstanceUID,
-                sop_class_uid=ds.SOPClassUID, calling_aet="MODALITY",
-            )
+            put(worker.store, path, calling_aet="MODALITY")
 
     run_until_idle(worker)
 
@@ -301,7 +296,7 @@ def test_the_node_classifies_shadows_and_ignores_as_its_rules_say(
 
 
 def test_ignored_files_are_kept_for_ignore_keep_hours(
-    routed_series: dict[str, Path], tmp_path: Path, classifier  # noqa: F811
+    routed_series: dict[str, Path], tmp_path: Path, classifier
 ) -> None:
     config = NodeConfig(
         store=tmp_path / "store", stable_seconds=0, min_free_mb=0, ignore_keep_hours=1.0,
@@ -310,12 +305,7 @@ def test_ignored_files_are_kept_for_ignore_keep_hours(
     worker = Worker(config, Store(config.store), classifier)
     folder = routed_series["scouts-and-dose"]
     for path in sorted(folder.iterdir()):
-        ds = pydicom.dcmread(path, stop_before_pixels=True)
-        worker.store.put_instance(
-            path.read_bytes(), study_instance_uid=ds.StudyInstanceUID,
-            series_instance_uid=ds.SeriesInstanceUID, sop_instance_uid=ds.SOPInstanceUID,
-            sop_class_uid=ds.SOPClassUID,
-        )
+        put(worker.store, path)
     run_until_idle(worker)
     (record,) = worker.store.jobs.list_series()
     assert (record.state, record.rule) == (IGNORED, "nothing")
@@ -326,13 +316,7 @@ def test_ignored_files_are_kept_for_ignore_keep_hours(
     assert worker.remove_ignored_files() == len(kept)
     assert not any(p.exists() for p in kept)
     # The same series sent again is new content: received, judged again.
-    for path in sorted(folder.iterdir())[:1]:
-        ds = pydicom.dcmread(path, stop_before_pixels=True)
-        worker.store.put_instance(
-            path.read_bytes(), study_instance_uid=ds.StudyInstanceUID,
-            series_instance_uid=ds.SeriesInstanceUID, sop_instance_uid=ds.SOPInstanceUID,
-            sop_class_uid=ds.SOPClassUID,
-        )
+    put(worker.store, sorted(folder.iterdir())[0])
     assert worker.store.jobs.list_series()[0].state == "received"
     worker.close()
     worker.store.close()
@@ -392,7 +376,7 @@ def test_a_node_routes_what_orthanc_sends_by_its_rules(
 
 @pytest.mark.network
 def test_rules_choose_who_hears_of_a_result_the_ris_among_them(
-    routed_series: dict[str, Path], tmp_path: Path, classifier, pacs  # noqa: F811
+    routed_series: dict[str, Path], tmp_path: Path, classifier, pacs
 ) -> None:
     """With a RIS: a rule listing it sends the ORU, one leaving it out does not, shadow sends
     neither SR nor ORU."""
@@ -413,12 +397,7 @@ def test_rules_choose_who_hears_of_a_result_the_ris_among_them(
         worker = Worker(config, Store(config.store), classifier)
         for folder in routed_series.values():
             for path in sorted(folder.iterdir()):
-                ds = pydicom.dcmread(path, stop_before_pixels=True)
-                worker.store.put_instance(
-                    path.read_bytes(), study_instance_uid=ds.StudyInstanceUID,
-                    series_instance_uid=ds.SeriesInstanceUID,
-                    sop_instance_uid=ds.SOPInstanceUID, sop_class_uid=ds.SOPClassUID,
-                )
+                put(worker.store, path)
         run_until_idle(worker)
         records = {r.rule: r for r in worker.store.jobs.list_series()}
         assert {rule: r.state for rule, r in records.items()} == {

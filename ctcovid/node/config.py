@@ -302,7 +302,9 @@ class NodeConfig:
                 "give peer (C-STORE) or stow (STOW-RS), not both: each SR goes one way. "
                 f"Received: peer={self.peer}, stow={self.stow!r}."
             )
-        object.__setattr__(self, "stow", check_stow_url(self.stow, "stow"))
+        object.__setattr__(
+            self, "stow", check_stow_url(self.stow, "stow", "$CTCOVID_STOW_AUTH or stow_auth_file")
+        )
 
     @property
     def sends(self) -> bool:
@@ -471,8 +473,9 @@ class NodeConfig:
             raise ConfigError(f"invalid node settings: {exc}") from None
 
 
-def check_stow_url(value: object, key: str) -> str:
-    """A STOW-RS base URL (http(s), a host, no credentials), without its trailing slash."""
+def check_stow_url(value: object, key: str, credentials: str) -> str:
+    """A STOW-RS base URL (http(s), a host, no credentials), without its trailing slash;
+    ``credentials`` says where credentials go instead."""
     parts = urlsplit(str(value))
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ConfigError(
@@ -481,7 +484,7 @@ def check_stow_url(value: object, key: str) -> str:
     if parts.username is not None or parts.password is not None:
         # A URL is logged and shown by ps; credentials go in the environment or a file.
         raise ConfigError(
-            f"{key} must not carry credentials; put them in a credentials file "
+            f"{key} must not carry credentials; put them in {credentials} "
             "('Bearer TOKEN' or 'Basic USER:PASSWORD')."
         )
     return str(value).rstrip("/")
@@ -572,7 +575,7 @@ def _named_destination(config: NodeConfig, name: str, table: object) -> NamedDes
 
         if not isinstance(table.get("url"), str):
             raise ConfigError(f"{key}.url: required, the DICOMweb base URL")
-        url = check_stow_url(table["url"], f"{key}.url")
+        url = check_stow_url(table["url"], f"{key}.url", f"{key}.auth_file")
         auth_file = path("auth_file")
         auth = HttpAuth.load("", auth_file) if auth_file is not None else None
         settings = SendSettings(
