@@ -3,11 +3,13 @@ them (classify and send, shadow: keep and send nothing, ignore: no model, files 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import shutil
 from pathlib import Path
 
+import pydicom
 import pytest
 from node_helpers import (
     WORKER_READY_SECONDS,
@@ -17,6 +19,7 @@ from node_helpers import (
     put,
     require_tool,
     run_until_idle,
+    storescp,
     variant_series,
     wait_for,
 )
@@ -327,17 +330,21 @@ def test_ignored_files_are_kept_for_ignore_keep_hours(
 def test_a_node_routes_what_orthanc_sends_by_its_rules(
     routed_series: dict[str, Path], tmp_path: Path, tiny_model_dir: Path
 ) -> None:
-    """`ctcovid listen --config` with rules, Orthanc pushing one study of three series (REST
-    /modalities/{id}/store): the thin chest series' SR arrives, the other two send nothing."""
+    """`ctcovid listen --config` with rules and two destinations, Orthanc pushing one study of
+    three series (REST /modalities/{id}/store): the thin chest series' SR arrives in Orthanc and
+    in dcmtk's storescp (a named destination), the other two send nothing anywhere."""
     require_tool("Orthanc")
-    orthanc_port = free_port()
+    orthanc_port, research_port = free_port(), free_port()
     config = tmp_path / "node.toml"
     config.write_text(
         f'peer = "127.0.0.1:{orthanc_port}:ORTHANC"\n'
-        + RULES_TOML.replace('store = "store"', "").replace(
-            'Modality = "CT"', 'Modality = "CT"\nCallingAETitle = "ORTHANC"'
-        )
+        + RULES_TOML.replace('store = "store"', "")
+        .replace('Modality = "CT"', 'Modality = "CT"\nCallingAETitle = "ORTHANC"')
+        .replace('destinations = ["default"]', 'destinations = ["default", "research"]')
+        + f'\n[destination.research]\nkind = "dicom"\npeer = "127.0.0.1:{research_port}:PACS"\n'
     )
+    research = contextlib.ExitStack()
+    research.enter_context(storescp(tmp_path / "research", research_port))
     node = NodeProcess(tmp_path / "store", tiny_model_dir, tmp_path / "node.log", "--port", "0",
                        "--stable-seconds", "2", "--config", str(config))
     orthanc = Orthanc(tmp_path / "orthanc", node.port, dicom_port=orthanc_port)
@@ -369,9 +376,14 @@ def test_a_node_routes_what_orthanc_sends_by_its_rules(
         sr = orthanc.get(f"/instances/{sr_series[0]['Instances'][0]}/tags?simplify")
         evidence = sr["CurrentRequestedProcedureEvidenceSequence"][0]["ReferencedSeriesSequence"]
         assert [s["SeriesInstanceUID"] for s in evidence] == [thin_uid]
+        # The named destination: the same SR, and nothing else.
+        stored = wait_for(lambda: list((tmp_path / "research").iterdir()), 60,
+                          "the SR to reach the research destination", interval=1.0)
+        assert [str(pydicom.dcmread(p).SOPInstanceUID) for p in stored] == [sr["SOPInstanceUID"]]
     finally:
         orthanc.close()
         node.close()
+        research.close()
 
 
 @pytest.mark.network
