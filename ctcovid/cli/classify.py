@@ -44,8 +44,10 @@ def classify(
     runtime: Annotated[
         Runtime,
         typer.Option(
-            help="How the model runs: auto (fastest graph the model folder holds: int8, onnx, "
-            "then keras), keras, onnx (fp32 graph) or int8; see 'ctcovid export'."
+            help="How the model runs: auto (the fastest graph the model folder holds that is "
+            "verified on this CPU: bf16, int8, onnx, then keras), keras, onnx (fp32 graph), "
+            "int8, openvino (fp32 graph on OpenVINO) or bf16 (fp32 graph on OpenVINO at bf16, "
+            "CPUs with BF16 only); see 'ctcovid export'."
         ),
     ] = Runtime.auto,
     verbose: Annotated[int, typer.Option("-v", count=True, help="More logging.")] = 0,

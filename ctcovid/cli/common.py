@@ -64,6 +64,8 @@ class Runtime(StrEnum):
     keras = "keras"
     onnx = "onnx"
     int8 = "int8"
+    openvino = "openvino"
+    bf16 = "bf16"
 
 
 # Markup off: what we print carries paths, values from files and hints such as

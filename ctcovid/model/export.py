@@ -196,7 +196,10 @@ class Scored:
 
 @dataclass
 class GateResult:
-    """int8 against fp32 on one set of scans (selection or confirmation)."""
+    """A gated graph (int8, bf16) against fp32 on one set of scans (selection or confirmation).
+
+    Each row of ``scans`` holds the scan's fp32 probability under ``fp32`` and the gated graph's
+    under its runtime's name (``candidate``)."""
 
     recipe: str
     passed: bool
@@ -206,6 +209,7 @@ class GateResult:
     max_slice_probability_difference: float = 0.0
     max_slice_logit_difference: float = 0.0
     n_slices: int = 0
+    candidate: str = "int8"
 
     def summary(self, max_named: int = 5) -> str:
         """One line; names at most ``max_named`` flipped scans (all are in ``label_flips``)."""
@@ -217,7 +221,8 @@ class GateResult:
                 f" and {more} more" if more > 0 else ""
             )
         return (
-            f"{self.recipe}: max |int8 - fp32| = {self.max_probability_difference:.4f} per scan "
+            f"{self.recipe}: max |{self.candidate} - fp32| = "
+            f"{self.max_probability_difference:.4f} per scan "
             f"(limit {INT8_TOLERANCE}), {self.max_slice_probability_difference:.4f} per slice "
             f"(limit {INT8_SLICE_TOLERANCE}), logit {self.max_slice_logit_difference:.3f} per "
             f"slice (limit {INT8_LOGIT_TOLERANCE}) on {len(self.scans)} scan(s){flips}"
@@ -497,10 +502,12 @@ def gate(
     recipe: Recipe | str,
     scans: Sequence[ScanSlices],
     fp32: dict[str, Scored],
-    int8: OnnxRuntime | dict[str, Scored],
+    int8: Any,
     threshold: float,
+    candidate: str = "int8",
 ) -> GateResult:
-    """int8 against fp32 (by scan id) on ``scans``: :func:`judge` on measured outputs."""
+    """A gated graph (``candidate``: int8, bf16; its runtime or its outputs by scan id) against
+    fp32 on ``scans``: :func:`judge` on measured outputs."""
     name = recipe if isinstance(recipe, str) else recipe.name
     measured = int8 if isinstance(int8, dict) else score(int8, scans)
     rows = []
@@ -510,22 +517,25 @@ def gate(
             {
                 "scan": scan.scan_id,
                 "fp32": a.scan_probability,
-                "int8": b.scan_probability,
+                candidate: b.scan_probability,
                 "n_slices": len(scan.slices),
                 "max_slice_dp": float(np.abs(a.p.astype(np.float64) - b.p).max(initial=0.0)),
                 "max_slice_dz": float(np.abs(a.z.astype(np.float64) - b.z).max(initial=0.0)),
             }
         )
-    return judge(name, rows, threshold)
+    return judge(name, rows, threshold, candidate)
 
 
-def judge(recipe: str, rows: list[dict[str, Any]], threshold: float) -> GateResult:
-    """The accuracy gate on measured outputs: per scan |int8 - fp32| and labels, and per slice
-    the largest probability (``max_slice_dp``) and logit (``max_slice_dz``) differences."""
-    worst = max((abs(r["int8"] - r["fp32"]) for r in rows), default=0.0)
+def judge(
+    recipe: str, rows: list[dict[str, Any]], threshold: float, candidate: str = "int8"
+) -> GateResult:
+    """The accuracy gate on measured outputs: per scan |``candidate`` - fp32| and labels, and per
+    slice the largest probability (``max_slice_dp``) and logit (``max_slice_dz``) differences.
+    bf16 is held to the int8 tolerances: both are what the serving runtime may cost."""
+    worst = max((abs(r[candidate] - r["fp32"]) for r in rows), default=0.0)
     slice_dp = max((r.get("max_slice_dp", 0.0) for r in rows), default=0.0)
     slice_dz = max((r.get("max_slice_dz", 0.0) for r in rows), default=0.0)
-    flips = [r["scan"] for r in rows if (r["int8"] >= threshold) != (r["fp32"] >= threshold)]
+    flips = [r["scan"] for r in rows if (r[candidate] >= threshold) != (r["fp32"] >= threshold)]
     passed = (
         bool(rows)
         and worst <= INT8_TOLERANCE
@@ -542,6 +552,7 @@ def judge(recipe: str, rows: list[dict[str, Any]], threshold: float) -> GateResu
         max_slice_probability_difference=round(slice_dp, 6),
         max_slice_logit_difference=round(slice_dz, 6),
         n_slices=sum(int(r.get("n_slices", 0)) for r in rows),
+        candidate=candidate,
     )
 
 
@@ -598,26 +609,27 @@ def check_slices(
 
 
 def write_check(
-    path: Path, slices: np.ndarray, fp32: OnnxRuntime, int8: OnnxRuntime
+    path: Path, slices: np.ndarray, fp32: OnnxRuntime, int8: Any, name: str = "int8"
 ) -> dict[str, Any]:
-    """Write the int8 load check (``slices`` with their fp32 and int8 outputs, each graph run
-    on them in one batch, as the load check runs them); returns its record."""
+    """Write the load check of a gated graph (runtime ``name``: ``slices`` with their fp32 and
+    gated outputs, each graph run on them in one batch, as the load check runs them); returns
+    its record."""
     x = slices[..., None].astype(np.float32)
     p32, z32 = fp32.predict_with_logits(x)
     p8, z8 = int8.predict_with_logits(x)
+    arrays = {
+        "slices": slices.astype(np.uint8),
+        "fp32_logit": z32,
+        f"{name}_logit": z8,
+        "fp32_probability": p32,
+        f"{name}_probability": p8,
+    }
     with open(path, "wb") as fh:
-        np.savez(
-            fh,
-            slices=slices.astype(np.uint8),
-            fp32_logit=z32,
-            int8_logit=z8,
-            fp32_probability=p32,
-            int8_probability=p8,
-        )
+        np.savez(fh, **arrays)  # type: ignore[arg-type]
     return {
         "n_slices": len(slices),
         "logit_tolerance": CHECK_LOGIT_TOLERANCE,
-        "max_logit_difference_int8_vs_fp32": float(np.abs(z8.astype(np.float64) - z32).max()),
+        f"max_logit_difference_{name}_vs_fp32": float(np.abs(z8.astype(np.float64) - z32).max()),
     }
 
 
