@@ -811,6 +811,52 @@ def test_bf16_is_refused_on_a_cpu_without_bf16(
     assert "bf16 graph not used" in warning and "no BF16 instructions" in warning
 
 
+# -- a cheap start: a graph's runtime imports neither TensorFlow nor Keras ------------------------
+
+FRESH_CLASSIFY = """
+import json, sys
+from ctcovid.cli.main import app
+try:
+    app(sys.argv[1:], standalone_mode=False)
+finally:
+    heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("tensorflow", "keras", "tf2onnx"))
+    print(json.dumps(heavy))
+"""
+
+
+@pytest.mark.parametrize("runtime", ["onnx", "openvino"])
+def test_classify_on_a_graph_imports_neither_tensorflow_nor_keras(
+    gate_data, studies_root, study_infos, tmp_path, runtime
+):
+    """A fresh process, as a user starts it: classify with heatmaps on a graph whose export
+    added the class-activation output; its modules are read from inside when it ends."""
+    import subprocess
+    import sys
+
+    from ctcovid.model.export import add_cam_output
+
+    folder = gate_copy(gate_data, tmp_path)
+    graph = folder / GRAPH_FILES["onnx"]
+    add_cam_output(graph)
+    record = read_artifact(folder).graphs["onnx"]
+    record_graph(folder, "onnx", graph.read_bytes(), outputs={**record["outputs"], "cam": "cam"})
+    ct = studies_root / study_infos[0]["study_dir"] / "ct"
+    args = ["classify", ct, "--model", folder, "--runtime", runtime, "--json"]
+    args += ["--heatmaps", tmp_path / "heatmaps"]
+    done = subprocess.run(
+        [sys.executable, "-c", FRESH_CLASSIFY, *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    *result, modules = done.stdout.strip().splitlines()
+    assert json.loads(modules) == []
+    data = json.loads("\n".join(result))
+    assert data["runtime"] == runtime and len(data["slice_probabilities"]) == 12
+    assert data["heatmaps"] and all(Path(p).is_file() for p in data["heatmaps"])
+
+
 # -- real exports (tf2onnx and ONNX Runtime on the tiny 32 px model) -----------------------------
 
 

@@ -37,6 +37,7 @@ import numpy as np
 
 from ctcovid.errors import ModelError
 from ctcovid.model.runtimes import (
+    CAM_OUTPUT,
     CHECK_LOGIT_TOLERANCE,
     OnnxRuntime,
     import_onnxruntime,
@@ -329,6 +330,53 @@ def add_logit_output(path: Path) -> str:
         graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
         onnx.save(model, str(path))
     return name
+
+
+def add_cam_output(path: Path) -> str:
+    """Add the class-activation map to the graph in ``path`` as an output named ``cam``.
+
+    The head is GlobalAveragePool -> (Squeeze | Flatten | Reshape) -> MatMul (the Dense kernel):
+    the map is the pooled feature map, channels last, times that kernel (Zhou et al., 2016), as
+    ``Classifier.class_activation_maps`` computes it from the Keras model. With it a heatmap
+    needs neither Keras nor TensorFlow. Returns the feature map's tensor name.
+    """
+    import onnx
+    from onnx import helper
+
+    model = onnx.load(str(path))
+    graph = model.graph
+    if CAM_OUTPUT in [o.name for o in graph.output]:
+        return CAM_OUTPUT
+    producer = {t: n for n in graph.node for t in n.output}
+    sigmoid = producer.get(graph.output[0].name)
+    node = producer.get(sigmoid.input[0]) if sigmoid is not None else None
+    if node is not None and node.op_type == "Add":  # a bias after the MatMul
+        node = next(
+            (producer[t] for t in node.input if t in producer and producer[t].op_type == "MatMul"),
+            None,
+        )
+    if node is None or node.op_type != "MatMul":
+        raise ModelError(f"{path}: cannot find the head's Dense (MatMul) before the sigmoid")
+    kernel = node.input[1]
+    pooled = producer.get(node.input[0])
+    while pooled is not None and pooled.op_type in ("Squeeze", "Flatten", "Reshape"):
+        pooled = producer.get(pooled.input[0])
+    if pooled is None or pooled.op_type != "GlobalAveragePool":
+        raise ModelError(f"{path}: the head's Dense does not follow a global average pooling")
+    features = pooled.input[0]  # NCHW, as ONNX pools
+    graph.node.extend(
+        [
+            helper.make_node(
+                "Transpose", [features], ["cam_nhwc"], perm=[0, 2, 3, 1], name="cam_nhwc"
+            ),
+            helper.make_node("MatMul", ["cam_nhwc", kernel], [CAM_OUTPUT], name="cam"),
+        ]
+    )
+    graph.output.append(
+        onnx.helper.make_tensor_value_info(CAM_OUTPUT, onnx.TensorProto.FLOAT, None)
+    )
+    onnx.save(model, str(path))
+    return features
 
 
 def keras_outputs(model: Any, slices: np.ndarray, batch_size: int = 32) -> Scored:

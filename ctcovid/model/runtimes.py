@@ -88,6 +88,8 @@ _NUMPY_FLAGS = {
     "avx512bw": "AVX512BW",
     "avx512_vnni": "AVX512VNNI",
 }
+#: The exported graphs' class-activation output (``ctcovid.model.export.add_cam_output``).
+CAM_OUTPUT = "cam"
 INSTALL_HINT = "install the ONNX extra: pip install 'ctcovid[onnx]'"
 OPENVINO_INSTALL_HINT = "install the ONNX extra, which brings OpenVINO: pip install 'ctcovid[onnx]'"
 
@@ -170,6 +172,8 @@ class OnnxRuntime:
         except Exception as exc:
             raise ModelError(f"{path}: ONNX Runtime cannot load the graph ({exc})") from exc
         self.input_name = self.session.get_inputs()[0].name
+        outputs = [o.name for o in self.session.get_outputs()]
+        self.cam_index = outputs.index(CAM_OUTPUT) if CAM_OUTPUT in outputs else None
         self.name = name
         self.graph_sha256 = graph_sha256
         self.path = path
@@ -190,6 +194,20 @@ class OnnxRuntime:
         if len(out) > 1:
             return p, np.asarray(out[1], np.float32).reshape(-1)
         return p, logit(p)
+
+    def class_activation(self, x: np.ndarray) -> np.ndarray:
+        """The graph's class-activation map per slice, (N, h, w), unnormalised; graphs exported
+        with it only (:attr:`cam_index` not ``None``)."""
+        out = self.session.run(None, {self.input_name: np.ascontiguousarray(x, np.float32)})
+        return cam_of(out, self.cam_index)
+
+
+def cam_of(outputs: list[Any], index: int | None) -> np.ndarray:
+    """The class-activation output (N, h, w, 1) among a graph's outputs, as (N, h, w)."""
+    if index is None:
+        raise ModelError("this graph has no class-activation output; re-run 'ctcovid export'")
+    cam = np.asarray(outputs[index], np.float32)
+    return cam.reshape(cam.shape[:3])
 
 
 class OpenVinoRuntime:
@@ -223,6 +241,8 @@ class OpenVinoRuntime:
             raise ModelError(f"{path}: OpenVINO cannot load the graph ({exc})") from exc
         self._request = self.compiled.create_infer_request()
         self._lock = threading.Lock()
+        names = [o.get_names() for o in self.compiled.outputs]
+        self.cam_index = next((i for i, n in enumerate(names) if CAM_OUTPUT in n), None)
         self.name = name
         self.graph_sha256 = graph_sha256
         self.path = path
@@ -244,6 +264,10 @@ class OpenVinoRuntime:
         if len(out) > 1:
             return p, out[1].reshape(-1)
         return p, logit(p)
+
+    def class_activation(self, x: np.ndarray) -> np.ndarray:
+        """As :meth:`OnnxRuntime.class_activation`."""
+        return cam_of(self._run(x), self.cam_index)
 
 
 def import_openvino(why: str = "openvino") -> Any:

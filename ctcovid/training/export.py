@@ -40,6 +40,7 @@ from ctcovid.model.artifact import (
     write_metadata,
 )
 from ctcovid.model.export import (
+    CAM_OUTPUT,
     CHECK_SLICES,
     CONFIDENCE,
     DEFAULT_CALIBRATION_SLICES,
@@ -56,6 +57,7 @@ from ctcovid.model.export import (
     Recipe,
     ScanSlices,
     Scored,
+    add_cam_output,
     add_logit_output,
     check_slices,
     convert_to_onnx,
@@ -161,6 +163,7 @@ def _fp32_graph(
     logger.info("converting %s to ONNX", folder)
     convert_to_onnx(model, out, size)
     logit_name = add_logit_output(out)
+    add_cam_output(out)
     if scans:
         check = sample_slices(scans, FP32_CHECK_SLICES)
     else:
@@ -191,7 +194,7 @@ def _fp32_graph(
         "created": utc_now(),
         "exporter": package_versions("tf2onnx", "onnx"),
         "opset": OPSET,
-        "outputs": {"probability": 0, "logit": logit_name},
+        "outputs": {"probability": 0, "logit": logit_name, "cam": CAM_OUTPUT},
         "check": {
             "n_slices": len(check),
             "source": source,
