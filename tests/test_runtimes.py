@@ -857,6 +857,29 @@ def test_classify_on_a_graph_imports_neither_tensorflow_nor_keras(
     assert data["heatmaps"] and all(Path(p).is_file() for p in data["heatmaps"])
 
 
+def test_overlapped_classify_gives_the_bytes_of_the_sequential_one(
+    gate_data, studies_root, study_infos
+):
+    """Decoding ahead of the model (a bounded look-ahead, fixed-size batches) against decoding
+    the whole series first and scoring it after: the same probability bytes, on a graph."""
+    from ctcovid.dicom import load_series
+    from ctcovid.inference import Classifier
+    from ctcovid.scans import prepare_scan
+
+    folder = gate_data["folder"]
+    ct = studies_root / study_infos[2]["study_dir"] / "ct"
+    for runtime in ("onnx", "openvino"):
+        overlapped = Classifier.from_file(folder, runtime=runtime, batch_size=3)
+        series = load_series(ct, overlapped.ingest_config)
+        _, streamed = overlapped.run(series)
+        prepared = prepare_scan(series, overlapped.ingest_config)
+        sequential = overlapped.predict_slices(prepared.used.slices)
+        assert len(streamed.slice_probabilities) == len(sequential) == series.n_slices
+        assert np.asarray(streamed.slice_probabilities, np.float32).tobytes() == (
+            sequential.astype(np.float32).tobytes()
+        )
+
+
 # -- real exports (tf2onnx and ONNX Runtime on the tiny 32 px model) -----------------------------
 
 
