@@ -36,6 +36,7 @@ from ctcovid.cli.batch_pacs import (
     pacs_source,
 )
 from ctcovid.cli.common import (
+    RUNTIME_HELP,
     AuditCaOption,
     AuditFileOption,
     AuditSyslogOption,
@@ -165,10 +166,7 @@ def batch(
     ] = 4096,
     runtime: Annotated[
         Runtime,
-        typer.Option(
-            help="How the model runs: auto (fastest graph the model folder holds: int8, onnx, "
-            "then keras), keras, onnx (fp32 graph) or int8; see 'ctcovid export'."
-        ),
+        typer.Option(help=RUNTIME_HELP),
     ] = Runtime.auto,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,

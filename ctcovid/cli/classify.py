@@ -9,6 +9,7 @@ import typer
 from rich.text import Text
 
 from ctcovid.cli.common import (
+    RUNTIME_HELP,
     ModelOption,
     Runtime,
     handle_errors,
@@ -43,12 +44,7 @@ def classify(
     ] = 32,
     runtime: Annotated[
         Runtime,
-        typer.Option(
-            help="How the model runs: auto (the fastest graph the model folder holds that is "
-            "verified on this CPU: bf16, int8, onnx, then keras), keras, onnx (fp32 graph), "
-            "int8, openvino (fp32 graph on OpenVINO) or bf16 (fp32 graph on OpenVINO at bf16, "
-            "CPUs with BF16 only); see 'ctcovid export'."
-        ),
+        typer.Option(help=RUNTIME_HELP),
     ] = Runtime.auto,
     verbose: Annotated[int, typer.Option("-v", count=True, help="More logging.")] = 0,
 ) -> None:

@@ -68,6 +68,14 @@ class Runtime(StrEnum):
     bf16 = "bf16"
 
 
+RUNTIME_HELP = (
+    "How the model runs: auto (the fastest graph the model folder holds that is verified on this "
+    "CPU: bf16, int8, onnx, then keras), keras, onnx (fp32 graph), int8, openvino (fp32 graph on "
+    "OpenVINO) or bf16 (fp32 graph on OpenVINO at bf16, CPUs with BF16 only); see "
+    "'ctcovid export'."
+)
+
+
 # Markup off: what we print carries paths, values from files and hints such as
 # "pip install 'ctcovid[dicomweb]'", "[::1]" or "(0028,0010)", which markup would eat or restyle.
 # Styles are given as Text objects where we want them.

@@ -40,12 +40,16 @@ from ctcovid.model.runtimes import (
     CAM_OUTPUT,
     CHECK_LOGIT_TOLERANCE,
     OnnxRuntime,
+    OpenVinoRuntime,
     import_onnxruntime,
     int8_arithmetic,
 )
 from ctcovid.model.runtimes import cpu_description as cpu_description  # re-exported (bench)
 
 logger = logging.getLogger(__name__)
+
+#: An exported graph on its engine: what the gate scores.
+GraphRuntime = OnnxRuntime | OpenVinoRuntime
 
 FP32_TOLERANCE = 1e-4  # per slice probability, ONNX fp32 vs Keras
 FP32_LOGIT_TOLERANCE = 1e-3  # per slice logit, ONNX fp32 vs Keras, times max(1, |logit|)
@@ -399,7 +403,7 @@ def keras_outputs(model: Any, slices: np.ndarray, batch_size: int = 32) -> Score
 
 
 def runtime_probabilities(
-    runtime: OnnxRuntime, slices: np.ndarray, batch_size: int = 32
+    runtime: GraphRuntime, slices: np.ndarray, batch_size: int = 32
 ) -> np.ndarray:
     out = [
         runtime.predict(slices[i : i + batch_size, ..., None].astype(np.float32))
@@ -408,7 +412,7 @@ def runtime_probabilities(
     return np.concatenate(out) if out else np.empty(0, np.float32)
 
 
-def runtime_outputs(runtime: OnnxRuntime, slices: np.ndarray, batch_size: int = 32) -> Scored:
+def runtime_outputs(runtime: GraphRuntime, slices: np.ndarray, batch_size: int = 32) -> Scored:
     """Probabilities and logits of ``runtime`` per slice."""
     p, z = [], []
     for i in range(0, len(slices), batch_size):
@@ -541,7 +545,7 @@ def quantize(fp32_path: Path, out: Path, calibration: np.ndarray, recipe: Recipe
             logger.debug("quantizer: %s", " | ".join(printed.getvalue().split("\n")))
 
 
-def score(runtime: OnnxRuntime, scans: Sequence[ScanSlices]) -> dict[str, Scored]:
+def score(runtime: GraphRuntime, scans: Sequence[ScanSlices]) -> dict[str, Scored]:
     """Outputs of ``runtime`` on every slice of every scan, by scan id."""
     return {scan.scan_id: runtime_outputs(runtime, scan.slices) for scan in scans}
 

@@ -262,6 +262,7 @@ def _bf16_graph(
     cal_source, cal_scans = calibration
     threshold = artifact.threshold
     runtime = OpenVinoRuntime(fp32_path, "bf16", fp32_sha256, precision="bf16")
+    source: Path | None
     if val_source is not None:
         scans, fp32, source = val_scans, fp32_val, val_source
     else:
@@ -387,9 +388,9 @@ def export_model(
         )
     cpu = cpu_description()
     if bf16:
-        missing = bf16_missing(cpu)
-        if missing:
-            raise ModelError(f"{folder}: bf16 refused: {missing}; nothing written")
+        no_bf16 = bf16_missing(cpu)
+        if no_bf16:
+            raise ModelError(f"{folder}: bf16 refused: {no_bf16}; nothing written")
         import_openvino("bf16")
     gated = " and ".join(name for name, on in (("int8", int8), ("bf16", bf16)) if on)
     artifact = read_artifact(folder)
