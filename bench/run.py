@@ -528,9 +528,8 @@ def openvino_classifiers(folder: Path, artifact: Any) -> tuple[dict[str, Any], d
 def bench_runtimes(repeats: int) -> list[dict[str, Any]]:
     from ctcovid.inference import Classifier
     from ctcovid.model.artifact import load_model
-    from ctcovid.model.export import cpu_description
+    from ctcovid.model.export import cpu_description, runtime_probabilities
     from ctcovid.model.runtimes import openvino_available
-    from ctcovid.training import export as ex
     from ctcovid.training.export import read_scans
 
     size = int_setting("BENCH_INPUT_SIZE")
@@ -558,7 +557,7 @@ def bench_runtimes(repeats: int) -> list[dict[str, Any]]:
     # The int8 recipe that quantises only the convolutions (what a trained model may need to
     # pass the gate), timed beside the graph the gate kept.
     convs = convolutions_only_graph(folder, calib, artifact)
-    fns[CONVS_ONLY] = lambda: ex.runtime_probabilities(convs, slices)
+    fns[CONVS_ONLY] = lambda: runtime_probabilities(convs, slices)
     reference = plain().reshape(-1)
     outputs = {name: np.asarray(fn()).reshape(-1) for name, fn in fns.items()}  # warm-up
     times = round_robin(fns, repeats)

@@ -431,7 +431,8 @@ def export_model(
             if "bf16" in graphs and not bf16:  # it ran the previous model.onnx
                 logger.info("dropping the bf16 record: it gated the previous model.onnx")
                 del graphs["bf16"]
-        fp32_runtime = OnnxRuntime(fp32_path, "onnx", graphs["onnx"]["sha256"])
+        if int8 or bf16:  # the reference of both gates
+            fp32_runtime = OnnxRuntime(fp32_path, "onnx", graphs["onnx"]["sha256"])
         counts: dict[str, int] = {}
         fp32_val: dict[str, Scored] = {}
         if (int8 or bf16) and validation is not None:
