@@ -15,10 +15,14 @@ Sections (``--sections``, default all but ``gpu``):
   same slices, per Keras backend (each in its own process: the backend is fixed at import);
 - ``e2e``: ``ctcovid classify`` of a 300-slice series, slice policy ``all`` (default) and
   ``lung``, wall seconds of the command;
-- ``runtimes``: ``ctcovid export`` (fp32 ONNX and gated int8) of an untrained model, then plain
-  Keras ``model.predict`` vs ``predict_slices`` on each runtime (keras, onnx, int8) on the same
-  phantom slices, and ``ctcovid classify --runtime auto`` of the 300-slice 512x512 series (whole
-  process, model load included); the CPU's VNNI/AMX/BF16 flags are recorded with the rows;
+- ``runtimes``: ``ctcovid export`` (fp32 ONNX, gated int8, and gated bf16 where the CPU has
+  BF16) of an untrained model, then plain Keras ``model.predict`` vs ``predict_slices`` on each
+  runtime (keras, onnx, int8, openvino f32, OpenVINO on the int8 graph, bf16) on the same
+  phantom slices, with OpenVINO's compile seconds; and ``ctcovid classify`` of the 300-slice
+  512x512 series per runtime (``BENCH_RUNTIME_E2E``, keras first: the baseline in the same run;
+  whole process, model load included, peak RSS of the command itself), with the runtime ``auto``
+  chose and the log line that says why; the CPU's VNNI/AMX/BF16 flags are recorded with the
+  rows;
 - ``memory``: peak RSS of ``ctcovid classify`` on a 700-slice series (small model input);
 - ``hooks``: ``bench/node_bench.py``, ``bench/batch_bench.py`` and ``bench/pacs_bench.py`` when
   present (JSON on stdout);
@@ -65,7 +69,8 @@ SETTINGS: dict[str, tuple[str, str]] = {
     "BENCH_MEMORY_SLICES": ("700", "slices of the memory series"),
     "BENCH_MEMORY_INPUT_SIZE": ("64", "model input size for the memory measurement"),
     "BENCH_RUNTIME_SLICES": ("32", "slices per runtime measurement (phantom slices)"),
-    "BENCH_RUNTIME_E2E": ("auto", "--runtime values timed end to end by the runtimes section"),
+    "BENCH_RUNTIME_E2E": ("keras,onnx,int8,openvino,bf16,auto",
+                          "--runtime values timed end to end by the runtimes section"),
     "BENCH_GPU_BATCH": ("256", "GPU batch size"),
     "BENCH_GPU_SLICES": ("4096", "slices per GPU throughput measurement"),
     "BENCH_HOOK_TIMEOUT_S": ("600", "limit for each of node_bench.py and batch_bench.py"),
@@ -450,6 +455,7 @@ def exported_model(size: int) -> tuple[Path, Path, dict[str, Any]]:
         shutil.rmtree(folder)
     shutil.copytree(fixture_model(size), folder)
     start = time.perf_counter()
+    bf16 = not ex.bf16_missing(ex.cpu_description())
     try:
         report = ex.export_model(folder, int8=True, calibration=calib).to_json()
     except ModelError as exc:
@@ -468,6 +474,15 @@ def exported_model(size: int) -> tuple[Path, Path, dict[str, Any]]:
         write_metadata(replace(artifact, graphs=graphs), folder)
         report = {"graphs": graphs, "refused": str(exc)}
     report["export_seconds"] = round(time.perf_counter() - start, 1)
+    if bf16:  # gated on the calibration scans (no validation scans here): unverified
+        start = time.perf_counter()
+        try:
+            bf16_report = ex.export_model(folder, bf16=True, calibration=calib).to_json()
+            report["graphs"]["bf16"] = bf16_report["graphs"]["bf16"]
+        except ModelError as exc:
+            logger.warning("bf16 gate refused the untrained model: %s", exc)
+            report["bf16_refused"] = str(exc)
+        report["bf16_export_seconds"] = round(time.perf_counter() - start, 1)
     report_file.write_text(json.dumps(report, indent=2, default=str) + "\n")
     return folder, calib, report
 
@@ -489,11 +504,32 @@ def convolutions_only_graph(folder: Path, calib: Path, artifact: Any) -> Any:
     return OnnxRuntime(path, "int8", "")
 
 
+OPENVINO_INT8 = "openvino on the int8 graph"
+
+
+def openvino_classifiers(folder: Path, artifact: Any) -> tuple[dict[str, Any], dict[str, float]]:
+    """OpenVINO f32 and bf16 on model.onnx, and OpenVINO on the int8 QDQ graph, behind the same
+    Classifier (whatever their gates said: timing only), and each one's compile seconds."""
+    from ctcovid.inference import Classifier
+    from ctcovid.model.runtimes import OpenVinoRuntime, bf16_missing, current_cpu
+
+    graphs = {"openvino": ("model.onnx", "f32"), OPENVINO_INT8: ("model.int8.onnx", "f32")}
+    if not bf16_missing(current_cpu()):
+        graphs["bf16"] = ("model.onnx", "bf16")
+    classifiers, compile_s = {}, {}
+    for name, (file, precision) in graphs.items():
+        start = time.perf_counter()
+        runtime = OpenVinoRuntime(folder / file, name, "", precision=precision)
+        compile_s[name] = round(time.perf_counter() - start, 2)
+        classifiers[name] = Classifier(None, artifact, runtime=runtime)
+    return classifiers, compile_s
+
+
 def bench_runtimes(repeats: int) -> list[dict[str, Any]]:
     from ctcovid.inference import Classifier
     from ctcovid.model.artifact import load_model
-    from ctcovid.model.export import cpu_description
-    from ctcovid.training import export as ex
+    from ctcovid.model.export import cpu_description, runtime_probabilities
+    from ctcovid.model.runtimes import openvino_available
     from ctcovid.training.export import read_scans
 
     size = int_setting("BENCH_INPUT_SIZE")
@@ -507,6 +543,10 @@ def bench_runtimes(repeats: int) -> list[dict[str, Any]]:
     classifiers = {
         name: Classifier.from_file(folder, runtime=name) for name in ("keras", "onnx", "int8")
     }
+    compile_s: dict[str, float] = {}
+    if openvino_available():
+        more, compile_s = openvino_classifiers(folder, artifact)
+        classifiers.update(more)
 
     def plain() -> np.ndarray:
         return model.predict(slices[..., None].astype(np.float32), batch_size=32, verbose=0)
@@ -517,7 +557,7 @@ def bench_runtimes(repeats: int) -> list[dict[str, Any]]:
     # The int8 recipe that quantises only the convolutions (what a trained model may need to
     # pass the gate), timed beside the graph the gate kept.
     convs = convolutions_only_graph(folder, calib, artifact)
-    fns[CONVS_ONLY] = lambda: ex.runtime_probabilities(convs, slices)
+    fns[CONVS_ONLY] = lambda: runtime_probabilities(convs, slices)
     reference = plain().reshape(-1)
     outputs = {name: np.asarray(fn()).reshape(-1) for name, fn in fns.items()}  # warm-up
     times = round_robin(fns, repeats)
@@ -542,6 +582,7 @@ def bench_runtimes(repeats: int) -> list[dict[str, Any]]:
             "baseline_runs_s": [round(t, 3) for t in times["model.predict"]],
             "candidate_runs_s": [round(t, 3) for t in times[name]],
             "max_probability_difference": float(np.abs(outputs[name] - reference).max()),
+            **({"compile_seconds": compile_s[name]} if name in compile_s else {}),
             "cpu": cpu,
             **({"int8_gate": {k: gate.get(k) for k in ("max_probability_difference",
                                                       "labels_agree", "status", "refused")
@@ -552,22 +593,67 @@ def bench_runtimes(repeats: int) -> list[dict[str, Any]]:
     classifiers.clear()  # free the sessions before the end-to-end process runs
     ct = fixture_series("e2e", int_setting("BENCH_E2E_SLICES"), pixels=int_setting("BENCH_PIXELS"),
                         margin=int(int_setting("BENCH_E2E_SLICES") * 0.15))
+    keras_s = None
     for runtime in setting("BENCH_RUNTIME_E2E").split(","):
-        # No peak RSS here: this process holds several models, and the child's peak RSS counts
-        # the forked copy of it before the exec (sampled separately: about 1 GB for int8).
-        seconds, out, _ = run_classify(ct, folder, "--runtime", runtime)
+        try:
+            seconds, out, peak_mib, log = run_classify_peak(ct, folder, "--runtime", runtime)
+        except RuntimeError as exc:  # bf16 on a CPU without BF16, a graph the export refused
+            rows.append({"figure": f"e2e classify --runtime {runtime}, {size}px",
+                         "skipped": str(exc)[-300:], "cpu": cpu})
+            continue
+        keras_s = seconds if runtime == "keras" else keras_s
         rows.append({
             "figure": f"e2e classify --runtime {runtime} ({out.get('runtime')}), {size}px",
             "unit": "s",
             "seconds": round(seconds, 1),
+            **({"vs_keras": round(keras_s / seconds, 2)} if keras_s else {}),
             "classify_seconds": out["seconds"],
             "n_slices_used": out["n_slices_used"],
             "slices_per_s": round(out["n_slices_used"] / out["seconds"], 2),
+            "probability_covid": out["probability_covid"],
+            "label": out["label"],
+            "peak_rss_mib": peak_mib,
             "runtime": out.get("runtime"),
+            **({"why": [line for line in log if "auto" in line][-3:]} if runtime == "auto" else {}),
             "export_seconds": report.get("export_seconds"),
             "cpu": cpu,
         })
     return rows
+
+
+PEAK_CLASSIFY = """
+import sys
+from ctcovid.cli.main import app
+try:
+    app(sys.argv[1:], prog_name="ctcovid")
+finally:
+    # The peak resident set of this process since its exec (not the forked parent's pages).
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            print("PEAK_KIB", line.split()[1], file=sys.stderr)
+"""
+
+
+def run_classify_peak(
+    ct: Path, model: Path, *extra: str
+) -> tuple[float, dict[str, Any], int | None, list[str]]:
+    """Wall seconds of ``ctcovid classify --json -v`` in a fresh interpreter, its JSON, its own
+    peak RSS in MiB (VmHWM, Linux) and its log lines."""
+    import tempfile
+
+    cmd = [sys.executable, "-c", PEAK_CLASSIFY, "classify", str(ct), "--model", str(model),
+           "--json", "-v", *extra]
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        start = time.perf_counter()
+        code = subprocess.run(cmd, stdout=out, stderr=err, env=quiet_env()).returncode
+        seconds = time.perf_counter() - start
+        out.seek(0)
+        err.seek(0)
+        log = err.read().splitlines()
+        if code != 0:
+            raise RuntimeError(f"classify {' '.join(extra)} failed ({code}): {log[-3:]}")
+        peak = next((int(x.split()[1]) // 1024 for x in log if x.startswith("PEAK_KIB")), None)
+        return seconds, json.loads(out.read()), peak, log
 
 
 # -- end to end and memory ----------------------------------------------------------------------

@@ -106,6 +106,7 @@ class Classifier:
     def model(self) -> Any:
         """The Keras model (loaded on first use when another runtime scores the slices)."""
         if self._model is None and self._model_path is not None:
+            pin_keras_threads()
             self._model, _ = load_model(self._model_path)
         return self._model
 
@@ -113,15 +114,18 @@ class Classifier:
     def from_file(
         cls, path: Path | str | None = None, *, runtime: str = "auto", **kwargs: Any
     ) -> Classifier:
-        """Load a model folder for ``runtime`` (auto | keras | onnx | int8, see runtimes.py)."""
+        """Load a model folder for ``runtime`` (auto | keras | onnx | int8 | openvino | bf16,
+        see runtimes.py). An exported graph's runtime imports neither Keras nor TensorFlow: a
+        cheap start, heatmaps included when the graph carries its class-activation output."""
         path = Path(path) if path else default_model_path()
-        pin_keras_threads()  # before Keras loads the model and TensorFlow starts its pools
         if runtime == "keras":  # the common case: one read of the metadata
+            pin_keras_threads()  # before Keras loads the model and TensorFlow starts its pools
             model, artifact = load_model(path)
             return cls(model, artifact, **kwargs)
         artifact = read_artifact(path)
         choice = resolve_runtime(path, artifact, runtime)
         if choice.name == "keras":
+            pin_keras_threads()
             model, artifact = load_model(path)
             return cls(model, artifact, **kwargs)
         return cls(None, artifact, runtime=load_runtime(choice), model_path=path, **kwargs)
@@ -163,20 +167,28 @@ class Classifier:
         """CAM of the positive class per slice, (N, h, w) in [0, 1] on the feature grid.
 
         The head is GAP -> Dense, so the CAM is the fused feature map weighted by the Dense
-        kernel (Zhou et al., 2016); ReLU then per-slice max normalisation.
+        kernel (Zhou et al., 2016); ReLU then per-slice max normalisation. An exported graph
+        computes the same product as its ``cam`` output (``ctcovid export``), so a graph's
+        runtime needs no Keras for it; older graphs fall back to the Keras model.
         """
-        from ctcovid.model.build import cam_model
-
-        if self._cam_model is None:
-            self._cam_model = cam_model(self.model)
-        kernel = np.asarray(self.model.get_layer("p_covid").kernel, np.float32)[:, 0]
+        graph = self.runtime if getattr(self.runtime, "cam_index", None) is not None else None
         maps = []
-        for chunk, n in fixed_batches(np.asarray(slices)):  # heatmap pixels: same rule as scores
-            features, _ = self._cam_model(
-                [chunk[..., np.newaxis].astype(np.float32)], training=False
-            )
-            cam = np.tensordot(np.asarray(features, np.float32), kernel, axes=([-1], [0]))
-            maps.append(cam[:n])
+        if graph is not None:
+            for chunk, n in fixed_batches(np.asarray(slices)):  # same batches as the scores
+                x = chunk[..., np.newaxis].astype(np.float32)
+                maps.append(graph.class_activation(x)[:n])  # type: ignore[attr-defined]
+        else:
+            from ctcovid.model.build import cam_model
+
+            if self._cam_model is None:
+                self._cam_model = cam_model(self.model)
+            kernel = np.asarray(self.model.get_layer("p_covid").kernel, np.float32)[:, 0]
+            for chunk, n in fixed_batches(np.asarray(slices)):
+                features, _ = self._cam_model(
+                    [chunk[..., np.newaxis].astype(np.float32)], training=False
+                )
+                cam = np.tensordot(np.asarray(features, np.float32), kernel, axes=([-1], [0]))
+                maps.append(cam[:n])
         cams = np.maximum(np.concatenate(maps), 0.0)
         peak = cams.reshape(len(cams), -1).max(axis=1)
         return cams / np.where(peak > 0, peak, 1.0)[:, None, None]

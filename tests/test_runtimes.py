@@ -1,13 +1,15 @@
 """Runtimes behind the Classifier: choosing a graph, refusing a tampered one, the int8 gate (what
-it selects and confirms on which scans, and when it refuses), the int8 load check, and the
-runtime's place in the result's identity (JSON, SR parameters, device and SR UIDs).
+it selects and confirms on which scans, and when it refuses), the int8 load check, the bf16 run
+on OpenVINO (its gate, its load check, its refusal on a CPU without BF16), and the runtime's
+place in the result's identity (JSON, SR parameters, device and SR UIDs).
 
 The gate and load-check tests run on a small hand-built ONNX graph with the exported graphs'
 interface (slices in, probability and logit out), recorded as the folder's fp32 graph: export
 then quantises it without converting the Keras model, in well under a second. Nothing here
 asserts speed, or int8 numbers that depend on the CPU's int8 kernels (AVX2, VNNI, AMX): the
 int8 graph is checked on the machine that quantised it, and where another CPU is the point the
-CPU's description is substituted.
+CPU's description is substituted. bf16 is gated where this CPU has BF16 (Zen 4, Intel with AMX);
+on one without (Zen 3) those tests skip, saying so, and its refusal is tested on every CPU.
 """
 
 from __future__ import annotations
@@ -46,8 +48,11 @@ from ctcovid.model.export import (
 )
 from ctcovid.model.runtimes import (
     AUTO_ORDER,
+    BF16_FLAGS,
     CHECK_FILE,
+    CHECK_FILES,
     GRAPH_FILES,
+    bf16_missing,
     cpu_description,
     load_runtime,
     resolve_runtime,
@@ -67,7 +72,7 @@ def model_copy(source: Path, dest: Path) -> Path:
     dest.mkdir(parents=True)
     shutil.copy(source / "ctcovid.json", dest / "ctcovid.json")
     (dest / WEIGHTS_FILE).symlink_to(source / WEIGHTS_FILE)
-    for name in [*GRAPH_FILES.values(), CHECK_FILE]:
+    for name in {*GRAPH_FILES.values(), *CHECK_FILES.values()}:
         if (source / name).exists():
             (dest / name).symlink_to(source / name)
     return dest
@@ -101,7 +106,7 @@ def record_graph(
 
 def test_auto_picks_int8_then_onnx_then_keras(tiny_model_dir, verified_dir, tmp_path, caplog):
     folder = model_copy(tiny_model_dir, tmp_path / "m")
-    assert AUTO_ORDER == ("int8", "onnx", "keras")
+    assert AUTO_ORDER == ("bf16", "int8", "onnx", "keras")
     assert resolve_runtime(folder, read_artifact(folder), "auto").name == "keras"
     onnx_sha = record_graph(folder, "onnx", b"fp32 graph")
     choice = resolve_runtime(folder, read_artifact(folder), "auto")
@@ -306,6 +311,8 @@ def test_cpu_description_names_the_int8_flags():
         "avx512_vnni",
         "avx_vnni",
         "amx_int8",
+        "avx512_bf16",
+        "amx_bf16",
     }
 
 
@@ -643,6 +650,234 @@ def test_other_int8_arithmetic_falls_back_with_one_warning(
     # The same flags: taken.
     monkeypatch.setattr(runtimes, "current_cpu", lambda: dict(gated))
     assert resolve_runtime(verified_dir, read_artifact(verified_dir), "auto").name == "int8"
+
+
+# -- bf16 on OpenVINO: gated like int8, refused without BF16 -------------------------------------
+
+NO_BF16 = bf16_missing(cpu_description())
+needs_bf16 = pytest.mark.skipif(
+    bool(NO_BF16), reason=f"bf16 is gated only on a CPU with BF16: {NO_BF16}"
+)
+
+
+def without_bf16(cpu: dict) -> dict:
+    """``cpu`` as a CPU without BF16 (AMD Zen 3: AVX2 only) would describe itself."""
+    flags = [f for f in cpu["flags"] if f not in BF16_FLAGS]
+    return {**cpu, "source": "/proc/cpuinfo", "flags": flags, "model": "AMD EPYC 7B13"}
+
+
+@pytest.fixture(scope="module")
+def bf16_dir(verified_dir, tmp_path_factory) -> Path:
+    """The verified int8 folder with bf16 gated on the 16 validation scans too."""
+    from ctcovid.training.export import export_model
+
+    if NO_BF16:
+        pytest.skip(f"bf16 is gated only on a CPU with BF16: {NO_BF16}")
+    folder = tmp_path_factory.mktemp("bf16") / "model"
+    shutil.copytree(verified_dir, folder)
+    data = read_artifact(verified_dir).graphs["int8"]["verification"]["confirmation"]["source"]
+    export_model(folder, bf16=True, validation=Path(data), requirements=SMALL)
+    return folder
+
+
+def test_openvino_f32_runs_the_fp32_graph_as_onnx_runtime_does(verified_dir, tmp_path):
+    """OpenVINO at f32 on model.onnx: the fp32 graph's numbers (within the fp32 export check's
+    tolerances), under its own name and identity; on any CPU."""
+    from ctcovid.model.export import FP32_LOGIT_TOLERANCE, FP32_TOLERANCE
+
+    artifact = read_artifact(verified_dir)
+    ov = load_runtime(resolve_runtime(verified_dir, artifact, "openvino"))
+    onnx = load_runtime(resolve_runtime(verified_dir, artifact, "onnx"))
+    assert (ov.name, ov.graph_sha256) == ("openvino", artifact.graphs["onnx"]["sha256"])
+    x = np.random.default_rng(2).integers(0, 256, (16, GATE_SIZE, GATE_SIZE, 1)).astype(np.float32)
+    p_ov, z_ov = ov.predict_with_logits(x)  # type: ignore[attr-defined]
+    p_ort, z_ort = onnx.predict_with_logits(x)  # type: ignore[attr-defined]
+    assert np.abs(p_ov - p_ort).max() <= FP32_TOLERANCE
+    assert (np.abs(z_ov - z_ort) / np.maximum(1, np.abs(z_ort))).max() <= FP32_LOGIT_TOLERANCE
+    onnx_uid = artifact.with_runtime("onnx", onnx.graph_sha256).device_uid
+    assert artifact.with_runtime("openvino", ov.graph_sha256).device_uid != onnx_uid
+
+
+@needs_bf16
+def test_verified_bf16_records_its_gate_and_auto_takes_it_first(bf16_dir, gate_data, caplog):
+    artifact = read_artifact(bf16_dir)
+    record = artifact.graphs["bf16"]
+    assert record["file"] == GRAPH_FILES["onnx"]
+    assert (
+        record["sha256"]
+        == artifact.graphs["onnx"]["sha256"]
+        == sha256_file(bf16_dir / "model.onnx")
+    )
+    assert record["cpu"] == cpu_description() and set(record["cpu"]["flags"]) & set(BF16_FLAGS)
+    confirmation = record["verification"]["confirmation"]
+    assert record["verification"]["status"] == "verified"
+    assert confirmation["source"] == str(gate_data["validation"]) and confirmation["n_scans"] == 16
+    assert confirmation["label_flips"] == []
+    assert confirmation["max_probability_difference"] <= INT8_TOLERANCE
+    assert record["load_check"]["sha256"] == sha256_file(bf16_dir / CHECK_FILES["bf16"])
+    with np.load(bf16_dir / CHECK_FILES["bf16"]) as data:
+        assert data["bf16_logit"].shape == data["fp32_logit"].shape == (4,)
+    # The int8 record is kept; auto takes bf16 first, opened once by its load check.
+    assert artifact.graphs["int8"]["verification"]["status"] == "verified"
+    caplog.clear()
+    choice = resolve_runtime(bf16_dir, artifact, "auto")
+    assert choice.name == "bf16" and choice.loaded is not None
+    assert warnings_of(caplog) == []
+    # Its numbers: within the gate of fp32 on the gate's own slices, under its own identity.
+    fp32 = load_runtime(resolve_runtime(bf16_dir, artifact, "onnx"))
+    x = np.random.default_rng(3).integers(0, 256, (16, GATE_SIZE, GATE_SIZE, 1)).astype(np.float32)
+    assert np.abs(choice.loaded.predict(x) - fp32.predict(x)).max() <= INT8_SLICE_TOLERANCE
+    bf16_uid = artifact.with_runtime("bf16", choice.graph_sha256).device_uid
+    assert bf16_uid != artifact.with_runtime("onnx", choice.graph_sha256).device_uid
+
+
+@needs_bf16
+def test_bf16_whose_check_slices_disagree_falls_back_to_int8(bf16_dir, tmp_path, caplog):
+    """A simulated mismatch: the recorded bf16 logits moved (as another OpenVINO's kernels
+    would move them); auto says why and takes the next verified runtime."""
+    folder = model_copy(bf16_dir, tmp_path / "m")
+    check = folder / CHECK_FILES["bf16"]
+    check.unlink()
+    with np.load(bf16_dir / CHECK_FILES["bf16"]) as data:
+        arrays = dict(data)
+    arrays["bf16_logit"] = arrays["bf16_logit"] + 0.5
+    np.savez(check, **arrays)
+    artifact = read_artifact(folder)
+    artifact.graphs["bf16"]["load_check"]["sha256"] = sha256_file(check)
+    write_metadata(artifact, folder)
+    caplog.clear()
+    assert resolve_runtime(folder, read_artifact(folder), "auto").name == "int8"
+    (warning,) = warnings_of(caplog)
+    assert "bf16 graph not used" in warning and "differ from those measured" in warning
+    assert "falls back to int8" in warning
+    # Asked for by name it runs, with one warning.
+    caplog.clear()
+    assert load_runtime(resolve_runtime(folder, read_artifact(folder), "bf16")).name == "bf16"
+    (warning,) = warnings_of(caplog)
+    assert "running the bf16 graph as asked" in warning
+
+
+@needs_bf16
+def test_other_bf16_arithmetic_falls_back(bf16_dir, caplog, monkeypatch):
+    """Gated with AMX-BF16, loaded where only AVX512-BF16 is (or the other way round)."""
+    import ctcovid.model.runtimes as runtimes
+
+    gated = read_artifact(bf16_dir).graphs["bf16"]["cpu"]
+    flags = set(gated["flags"])
+    flags = flags - {"amx_bf16"} | {"avx512_bf16"} if "amx_bf16" in flags else flags | {"amx_bf16"}
+    monkeypatch.setattr(runtimes, "current_cpu", lambda: {**gated, "flags": sorted(flags)})
+    caplog.clear()
+    assert resolve_runtime(bf16_dir, read_artifact(bf16_dir), "auto").name == "int8"
+    (warning,) = warnings_of(caplog)
+    assert "AMX_BF16" in warning and "bf16 arithmetic differs" in warning
+
+
+def test_bf16_is_refused_on_a_cpu_without_bf16(
+    verified_dir, gate_data, tmp_path, caplog, monkeypatch
+):
+    """Zen 3 (AVX2 only): export refuses bf16 and writes nothing; --runtime bf16 is refused
+    with the reason; auto passes over a bf16 record gated elsewhere and says why."""
+    import ctcovid.model.runtimes as runtimes
+    import ctcovid.training.export as training_export
+
+    zen3 = without_bf16(cpu_description())
+    monkeypatch.setattr(runtimes, "current_cpu", lambda: zen3)
+    monkeypatch.setattr(training_export, "cpu_description", lambda: zen3)
+    folder = model_copy(verified_dir, tmp_path / "m")
+    before = (folder / "ctcovid.json").read_text()
+    result = invoke("export", folder, "--bf16", "--validation", gate_data["validation"])
+    assert result.exit_code == 1
+    assert "bf16 refused" in result.output and "has no BF16 instructions" in result.output
+    assert (folder / "ctcovid.json").read_text() == before
+    assert not (folder / CHECK_FILES["bf16"]).exists()
+    # A folder whose bf16 was gated on an AMX machine, copied here.
+    artifact = read_artifact(folder)
+    amx = {**zen3, "flags": [*zen3["flags"], "amx_bf16"], "model": "Intel(R) Xeon(R)"}
+    onnx = artifact.graphs["onnx"]
+    bf16 = {
+        "file": onnx["file"],
+        "sha256": onnx["sha256"],
+        "weights_sha256": artifact.weights_sha256,
+        "verification": {"status": "verified"},
+        "cpu": amx,
+        "load_check": {"file": CHECK_FILES["bf16"], "sha256": "0" * 64},
+    }
+    write_metadata(dataclasses.replace(artifact, graphs={**artifact.graphs, "bf16": bf16}), folder)
+    with pytest.raises(ModelError, match=r"runtime 'bf16' refused: .* has no BF16 instructions"):
+        resolve_runtime(folder, read_artifact(folder), "bf16")
+    caplog.clear()
+    assert resolve_runtime(folder, read_artifact(folder), "auto").name == "int8"
+    (warning,) = warnings_of(caplog)
+    assert "bf16 graph not used" in warning and "no BF16 instructions" in warning
+
+
+# -- a cheap start: a graph's runtime imports neither TensorFlow nor Keras ------------------------
+
+FRESH_CLASSIFY = """
+import json, sys
+from ctcovid.cli.main import app
+try:
+    app(sys.argv[1:], standalone_mode=False)
+finally:
+    heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("tensorflow", "keras", "tf2onnx"))
+    print(json.dumps(heavy))
+"""
+
+
+@pytest.mark.parametrize("runtime", ["onnx", "openvino"])
+def test_classify_on_a_graph_imports_neither_tensorflow_nor_keras(
+    gate_data, studies_root, study_infos, tmp_path, runtime
+):
+    """A fresh process, as a user starts it: classify with heatmaps on a graph whose export
+    added the class-activation output; its modules are read from inside when it ends."""
+    import subprocess
+    import sys
+
+    from ctcovid.model.export import add_cam_output
+
+    folder = gate_copy(gate_data, tmp_path)
+    graph = folder / GRAPH_FILES["onnx"]
+    add_cam_output(graph)
+    record = read_artifact(folder).graphs["onnx"]
+    record_graph(folder, "onnx", graph.read_bytes(), outputs={**record["outputs"], "cam": "cam"})
+    ct = studies_root / study_infos[0]["study_dir"] / "ct"
+    args = ["classify", ct, "--model", folder, "--runtime", runtime, "--json"]
+    args += ["--heatmaps", tmp_path / "heatmaps"]
+    done = subprocess.run(
+        [sys.executable, "-c", FRESH_CLASSIFY, *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    *result, modules = done.stdout.strip().splitlines()
+    assert json.loads(modules) == []
+    data = json.loads("\n".join(result))
+    assert data["runtime"] == runtime and len(data["slice_probabilities"]) == 12
+    assert data["heatmaps"] and all(Path(p).is_file() for p in data["heatmaps"])
+
+
+def test_overlapped_classify_gives_the_bytes_of_the_sequential_one(
+    gate_data, studies_root, study_infos
+):
+    """Decoding ahead of the model (a bounded look-ahead, fixed-size batches) against decoding
+    the whole series first and scoring it after: the same probability bytes, on a graph."""
+    from ctcovid.dicom import load_series
+    from ctcovid.inference import Classifier
+    from ctcovid.scans import prepare_scan
+
+    folder = gate_data["folder"]
+    ct = studies_root / study_infos[2]["study_dir"] / "ct"
+    for runtime in ("onnx", "openvino"):
+        overlapped = Classifier.from_file(folder, runtime=runtime, batch_size=3)
+        series = load_series(ct, overlapped.ingest_config)
+        _, streamed = overlapped.run(series)
+        prepared = prepare_scan(series, overlapped.ingest_config)
+        sequential = overlapped.predict_slices(prepared.used.slices)
+        assert len(streamed.slice_probabilities) == len(sequential) == series.n_slices
+        assert np.asarray(streamed.slice_probabilities, np.float32).tobytes() == (
+            sequential.astype(np.float32).tobytes()
+        )
 
 
 # -- real exports (tf2onnx and ONNX Runtime on the tiny 32 px model) -----------------------------

@@ -637,3 +637,93 @@ def test_the_permutation_test_finds_no_signal_in_noise_and_finds_a_planted_one()
     assert stratified_permutation_p(biased, strata, biased_labels, 2_000, seed=1)[1] > 0.01
     planted = rng.random(160) + 0.5 * labels
     assert stratified_permutation_p(planted, strata, labels, 2_000, seed=2)[1] < 0.001
+
+
+# --- the trained model's exported graphs: every runtime against Keras -------------------------
+
+
+@pytest.fixture(scope="module")
+def trained_exported(trained_run: dict, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The trained model with ``model.onnx`` (and its class-activation output) and, where this
+    CPU has BF16, the bf16 run gated on the run's 32 validation scans (bounds scaled down).
+
+    The short training run lands elsewhere on each kind of CPU: should a validation scan sit so
+    close to the threshold that bf16 flips it, the gate refuses, as it must; the fp32 graph is
+    exported alone then, and the refusal is what the bf16 test checks."""
+    import shutil
+
+    from ctcovid.errors import ModelError
+    from ctcovid.model.export import GateRequirements
+    from ctcovid.model.runtimes import bf16_missing, cpu_description
+    from ctcovid.training.export import export_model
+
+    folder = tmp_path_factory.mktemp("trained-export") / "model"
+    shutil.copytree(trained_run["model_dir"], folder)
+    args = {
+        "validation": trained_run["data_dir"] / "val",
+        "requirements": GateRequirements(min_scans=16, min_per_class=1, min_near_threshold=0),
+    }
+    try:
+        export_model(folder, bf16=not bf16_missing(cpu_description()), **args)
+    except ModelError as exc:
+        assert "bf16 refused on the scans of" in str(exc) and "max |bf16 - fp32|" in str(exc)
+        export_model(folder, **args)
+    return folder
+
+
+def test_every_runtime_of_the_trained_model_equals_keras_within_its_gate(
+    trained_run: dict, trained_exported: Path
+) -> None:
+    """fp32 graphs (ONNX Runtime, OpenVINO f32) within the export's fp32 check of Keras on every
+    validation slice; bf16 (where the CPU has it) within the gate's tolerances, labels kept."""
+    from ctcovid.inference import Classifier
+    from ctcovid.model import export as ex
+    from ctcovid.model.artifact import read_artifact
+    from ctcovid.model.runtimes import bf16_missing, cpu_description
+    from ctcovid.training.export import read_scans
+
+    keras = trained_run["classifier"]
+    scans, _ = read_scans(trained_run["data_dir"] / "val", keras.ingest_config)
+    slices = np.concatenate([s.slices for s in scans])
+    reference = keras.predict_slices(slices)
+    # Gated where this CPU has BF16, unless the gate refused (the fixture checks the refusal).
+    gated_bf16 = "bf16" in read_artifact(trained_exported).graphs
+    assert not gated_bf16 or not bf16_missing(cpu_description())
+    runtimes = ["onnx", "openvino"] + (["bf16"] if gated_bf16 else [])
+    for runtime in runtimes:
+        clf = Classifier.from_file(trained_exported, runtime=runtime)
+        assert clf.artifact.runtime == runtime
+        p = clf.predict_slices(slices)
+        if runtime == "bf16":
+            assert np.abs(p - reference).max() <= ex.INT8_SLICE_TOLERANCE
+            start = 0
+            for scan in scans:  # scan probabilities and labels
+                end = start + len(scan.slices)
+                a, b = reference[start:end].mean(), p[start:end].mean()
+                assert abs(a - b) <= ex.INT8_TOLERANCE
+                assert (a >= keras.threshold) == (b >= keras.threshold)
+                start = end
+        else:
+            assert np.abs(p - reference).max() <= ex.FP32_TOLERANCE, runtime
+    # auto: the fastest runtime verified here (bf16 on a CPU with BF16, else the fp32 graph).
+    auto = Classifier.from_file(trained_exported, runtime="auto")
+    assert auto.artifact.runtime == ("bf16" if gated_bf16 else "onnx")
+
+
+def test_heatmap_from_the_exported_graph_equals_the_keras_cam(
+    trained_run: dict, trained_exported: Path
+) -> None:
+    """The graph's ``cam`` output (fused feature map times the Dense kernel, exported with the
+    graph) gives the class-activation maps of the Keras model, without Keras."""
+    from ctcovid.inference import Classifier
+    from dicom_fixtures import chest_phantom, lung_window_uint8
+
+    size = trained_run["classifier"].ingest_config.image_size
+    phantom = chest_phantom(6, size, positive=True, rng=np.random.default_rng(5))
+    slices = lung_window_uint8(phantom.hu)
+    graph = Classifier.from_file(trained_exported, runtime="onnx")
+    cams = graph.class_activation_maps(slices)
+    assert graph._model is None  # the Keras model was never loaded
+    expected = trained_run["classifier"].class_activation_maps(slices)
+    assert cams.shape == expected.shape == (len(slices), size // 32, size // 32)
+    np.testing.assert_allclose(cams, expected, atol=1e-3, rtol=0)

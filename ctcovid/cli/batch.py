@@ -36,6 +36,7 @@ from ctcovid.cli.batch_pacs import (
     pacs_source,
 )
 from ctcovid.cli.common import (
+    RUNTIME_HELP,
     AuditCaOption,
     AuditFileOption,
     AuditSyslogOption,
@@ -165,10 +166,7 @@ def batch(
     ] = 4096,
     runtime: Annotated[
         Runtime,
-        typer.Option(
-            help="How the model runs: auto (fastest graph the model folder holds: int8, onnx, "
-            "then keras), keras, onnx (fp32 graph) or int8; see 'ctcovid export'."
-        ),
+        typer.Option(help=RUNTIME_HELP),
     ] = Runtime.auto,
     result_card: Annotated[
         bool,

@@ -9,6 +9,7 @@ import typer
 from rich.text import Text
 
 from ctcovid.cli.common import (
+    RUNTIME_HELP,
     ModelOption,
     Runtime,
     handle_errors,
@@ -51,10 +52,7 @@ def classify(
     ] = 32,
     runtime: Annotated[
         Runtime,
-        typer.Option(
-            help="How the model runs: auto (fastest graph the model folder holds: int8, onnx, "
-            "then keras), keras, onnx (fp32 graph) or int8; see 'ctcovid export'."
-        ),
+        typer.Option(help=RUNTIME_HELP),
     ] = Runtime.auto,
     verbose: Annotated[int, typer.Option("-v", count=True, help="More logging.")] = 0,
 ) -> None:

@@ -64,6 +64,16 @@ class Runtime(StrEnum):
     keras = "keras"
     onnx = "onnx"
     int8 = "int8"
+    openvino = "openvino"
+    bf16 = "bf16"
+
+
+RUNTIME_HELP = (
+    "How the model runs: auto (the fastest graph the model folder holds that is verified on this "
+    "CPU: bf16, int8, onnx, then keras), keras, onnx (fp32 graph), int8, openvino (fp32 graph on "
+    "OpenVINO) or bf16 (fp32 graph on OpenVINO at bf16, CPUs with BF16 only); see "
+    "'ctcovid export'."
+)
 
 
 # Markup off: what we print carries paths, values from files and hints such as

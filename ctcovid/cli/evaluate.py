@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from ctcovid.cli.common import (
+    RUNTIME_HELP,
     ModelOption,
     Runtime,
     console,
@@ -64,10 +65,7 @@ def evaluate(
     batch_size: Annotated[int, typer.Option(help="Slices per model batch.")] = 32,
     runtime: Annotated[
         Runtime,
-        typer.Option(
-            help="How the model runs: auto (fastest graph the model folder holds: int8, onnx, "
-            "then keras), keras, onnx (fp32 graph) or int8; see 'ctcovid export'."
-        ),
+        typer.Option(help=RUNTIME_HELP),
     ] = Runtime.auto,
     json_out: Annotated[bool, typer.Option("--json", help="Print a JSON summary only.")] = False,
     verbose: Annotated[int, typer.Option("-v", count=True, help="More logging.")] = 0,

@@ -20,6 +20,14 @@ def export(
         bool,
         typer.Option("--int8", help="Also write a calibrated int8 graph (needs --calibration)."),
     ] = False,
+    bf16: Annotated[
+        bool,
+        typer.Option(
+            "--bf16",
+            help="Also gate model.onnx on OpenVINO at bf16 (CPUs with AMX-BF16 or AVX512-BF16; "
+            "verified on --validation, else unverified on --calibration).",
+        ),
+    ] = False,
     calibration: Annotated[
         Path | None,
         typer.Option(
@@ -71,11 +79,17 @@ def export(
     scans that selected and confirmed it, the measured differences, the 95% upper bound on the
     flip rate, the CPU flags, and a few check slices that each load re-runs.
 
+    With --bf16, OpenVINO's bf16 run of model.onnx (no calibration) is gated against fp32 by
+    the same criteria on the --validation scans, and recorded with this CPU's BF16 flags; it is
+    refused on a CPU without BF16 instructions.
+
     Examples:
 
       ctcovid export models/site-v3
 
       ctcovid export models/site-v3 --int8 --calibration data/calib --validation data/val
+
+      ctcovid export models/site-v3 --bf16 --validation data/val
     """
     setup_logging(verbose if verbose else 1)  # progress: conversion and calibration take minutes
     quiet_keras()
@@ -87,6 +101,7 @@ def export(
     report = export_model(
         model,
         int8=int8,
+        bf16=bf16,
         calibration=calibration,
         validation=validation,
         calibration_slices=calibration_slices,
@@ -105,6 +120,27 @@ def export(
     if "int8" in report.graphs and report.attempts:
         for line in int8_summary(report.graphs["int8"]):
             stdout.print(line, highlight=False, soft_wrap=True)
+    if bf16:
+        stdout.print(bf16_summary(report.graphs["bf16"]), highlight=False, soft_wrap=True)
+
+
+def bf16_summary(record: dict[str, Any]) -> str:
+    """What gated the bf16 run and what was measured, as printed by ``ctcovid export``."""
+    verification = record["verification"]
+    cpu = record["cpu"]
+    on = f"{cpu.get('model') or 'an unknown CPU'} ({' '.join(cpu.get('flags', []))})"
+    if verification["status"] != "verified":
+        gate = verification["gate"]
+        return (
+            f"bf16 UNVERIFIED (no --validation), gated on {gate['n_scans']} scan(s) of "
+            f"{gate['source']} on {on}: {_measured(gate, 'bf16')}; --runtime auto does not use it"
+        )
+    c = verification["confirmation"]
+    return (
+        f"bf16 VERIFIED on {c['n_scans']} validation scan(s) of {c['source']} on {on}: "
+        f"{_measured(c, 'bf16')}; 0 labels flipped; each load re-checks "
+        f"{record['load_check']['n_slices']} slices ({record['load_check']['file']})"
+    )
 
 
 def int8_summary(record: dict[str, Any]) -> list[str]:
@@ -140,9 +176,9 @@ def int8_summary(record: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _measured(gate: dict[str, Any]) -> str:
+def _measured(gate: dict[str, Any], name: str = "int8") -> str:
     return (
-        f"max |int8 - fp32| {gate['max_probability_difference']:.4f} per scan, "
+        f"max |{name} - fp32| {gate['max_probability_difference']:.4f} per scan, "
         f"{gate['max_slice_probability_difference']:.4f} per slice, logit "
         f"{gate['max_slice_logit_difference']:.3f} per slice"
     )

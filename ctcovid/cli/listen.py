@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from ctcovid.cli.common import (
+    RUNTIME_HELP,
     AuditCaOption,
     AuditFileOption,
     AuditSyslogOption,
@@ -60,10 +61,7 @@ def listen(
     model: ModelOption = None,
     runtime: Annotated[
         Runtime | None,
-        typer.Option(
-            help="How the model runs: auto (fastest graph the model folder holds: int8, onnx, "
-            "then keras), keras, onnx or int8. Default auto."
-        ),
+        typer.Option(help=RUNTIME_HELP + " Default auto."),
     ] = None,
     allow_aet: Annotated[
         list[str] | None,

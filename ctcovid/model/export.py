@@ -37,14 +37,19 @@ import numpy as np
 
 from ctcovid.errors import ModelError
 from ctcovid.model.runtimes import (
+    CAM_OUTPUT,
     CHECK_LOGIT_TOLERANCE,
     OnnxRuntime,
+    OpenVinoRuntime,
     import_onnxruntime,
     int8_arithmetic,
 )
 from ctcovid.model.runtimes import cpu_description as cpu_description  # re-exported (bench)
 
 logger = logging.getLogger(__name__)
+
+#: An exported graph on its engine: what the gate scores.
+GraphRuntime = OnnxRuntime | OpenVinoRuntime
 
 FP32_TOLERANCE = 1e-4  # per slice probability, ONNX fp32 vs Keras
 FP32_LOGIT_TOLERANCE = 1e-3  # per slice logit, ONNX fp32 vs Keras, times max(1, |logit|)
@@ -196,7 +201,10 @@ class Scored:
 
 @dataclass
 class GateResult:
-    """int8 against fp32 on one set of scans (selection or confirmation)."""
+    """A gated graph (int8, bf16) against fp32 on one set of scans (selection or confirmation).
+
+    Each row of ``scans`` holds the scan's fp32 probability under ``fp32`` and the gated graph's
+    under its runtime's name (``candidate``)."""
 
     recipe: str
     passed: bool
@@ -206,6 +214,7 @@ class GateResult:
     max_slice_probability_difference: float = 0.0
     max_slice_logit_difference: float = 0.0
     n_slices: int = 0
+    candidate: str = "int8"
 
     def summary(self, max_named: int = 5) -> str:
         """One line; names at most ``max_named`` flipped scans (all are in ``label_flips``)."""
@@ -217,7 +226,8 @@ class GateResult:
                 f" and {more} more" if more > 0 else ""
             )
         return (
-            f"{self.recipe}: max |int8 - fp32| = {self.max_probability_difference:.4f} per scan "
+            f"{self.recipe}: max |{self.candidate} - fp32| = "
+            f"{self.max_probability_difference:.4f} per scan "
             f"(limit {INT8_TOLERANCE}), {self.max_slice_probability_difference:.4f} per slice "
             f"(limit {INT8_SLICE_TOLERANCE}), logit {self.max_slice_logit_difference:.3f} per "
             f"slice (limit {INT8_LOGIT_TOLERANCE}) on {len(self.scans)} scan(s){flips}"
@@ -326,6 +336,53 @@ def add_logit_output(path: Path) -> str:
     return name
 
 
+def add_cam_output(path: Path) -> str:
+    """Add the class-activation map to the graph in ``path`` as an output named ``cam``.
+
+    The head is GlobalAveragePool -> (Squeeze | Flatten | Reshape) -> MatMul (the Dense kernel):
+    the map is the pooled feature map, channels last, times that kernel (Zhou et al., 2016), as
+    ``Classifier.class_activation_maps`` computes it from the Keras model. With it a heatmap
+    needs neither Keras nor TensorFlow. Returns the feature map's tensor name.
+    """
+    import onnx
+    from onnx import helper
+
+    model = onnx.load(str(path))
+    graph = model.graph
+    if CAM_OUTPUT in [o.name for o in graph.output]:
+        return CAM_OUTPUT
+    producer = {t: n for n in graph.node for t in n.output}
+    sigmoid = producer.get(graph.output[0].name)
+    node = producer.get(sigmoid.input[0]) if sigmoid is not None else None
+    if node is not None and node.op_type == "Add":  # a bias after the MatMul
+        node = next(
+            (producer[t] for t in node.input if t in producer and producer[t].op_type == "MatMul"),
+            None,
+        )
+    if node is None or node.op_type != "MatMul":
+        raise ModelError(f"{path}: cannot find the head's Dense (MatMul) before the sigmoid")
+    kernel = node.input[1]
+    pooled = producer.get(node.input[0])
+    while pooled is not None and pooled.op_type in ("Squeeze", "Flatten", "Reshape"):
+        pooled = producer.get(pooled.input[0])
+    if pooled is None or pooled.op_type != "GlobalAveragePool":
+        raise ModelError(f"{path}: the head's Dense does not follow a global average pooling")
+    features = pooled.input[0]  # NCHW, as ONNX pools
+    graph.node.extend(
+        [
+            helper.make_node(
+                "Transpose", [features], ["cam_nhwc"], perm=[0, 2, 3, 1], name="cam_nhwc"
+            ),
+            helper.make_node("MatMul", ["cam_nhwc", kernel], [CAM_OUTPUT], name="cam"),
+        ]
+    )
+    graph.output.append(
+        onnx.helper.make_tensor_value_info(CAM_OUTPUT, onnx.TensorProto.FLOAT, None)
+    )
+    onnx.save(model, str(path))
+    return features
+
+
 def keras_outputs(model: Any, slices: np.ndarray, batch_size: int = 32) -> Scored:
     """Keras probabilities and logits (the head's Dense before its sigmoid) per slice."""
     import keras
@@ -346,7 +403,7 @@ def keras_outputs(model: Any, slices: np.ndarray, batch_size: int = 32) -> Score
 
 
 def runtime_probabilities(
-    runtime: OnnxRuntime, slices: np.ndarray, batch_size: int = 32
+    runtime: GraphRuntime, slices: np.ndarray, batch_size: int = 32
 ) -> np.ndarray:
     out = [
         runtime.predict(slices[i : i + batch_size, ..., None].astype(np.float32))
@@ -355,7 +412,7 @@ def runtime_probabilities(
     return np.concatenate(out) if out else np.empty(0, np.float32)
 
 
-def runtime_outputs(runtime: OnnxRuntime, slices: np.ndarray, batch_size: int = 32) -> Scored:
+def runtime_outputs(runtime: GraphRuntime, slices: np.ndarray, batch_size: int = 32) -> Scored:
     """Probabilities and logits of ``runtime`` per slice."""
     p, z = [], []
     for i in range(0, len(slices), batch_size):
@@ -488,7 +545,7 @@ def quantize(fp32_path: Path, out: Path, calibration: np.ndarray, recipe: Recipe
             logger.debug("quantizer: %s", " | ".join(printed.getvalue().split("\n")))
 
 
-def score(runtime: OnnxRuntime, scans: Sequence[ScanSlices]) -> dict[str, Scored]:
+def score(runtime: GraphRuntime, scans: Sequence[ScanSlices]) -> dict[str, Scored]:
     """Outputs of ``runtime`` on every slice of every scan, by scan id."""
     return {scan.scan_id: runtime_outputs(runtime, scan.slices) for scan in scans}
 
@@ -497,10 +554,12 @@ def gate(
     recipe: Recipe | str,
     scans: Sequence[ScanSlices],
     fp32: dict[str, Scored],
-    int8: OnnxRuntime | dict[str, Scored],
+    int8: Any,
     threshold: float,
+    candidate: str = "int8",
 ) -> GateResult:
-    """int8 against fp32 (by scan id) on ``scans``: :func:`judge` on measured outputs."""
+    """A gated graph (``candidate``: int8, bf16; its runtime or its outputs by scan id) against
+    fp32 on ``scans``: :func:`judge` on measured outputs."""
     name = recipe if isinstance(recipe, str) else recipe.name
     measured = int8 if isinstance(int8, dict) else score(int8, scans)
     rows = []
@@ -510,22 +569,25 @@ def gate(
             {
                 "scan": scan.scan_id,
                 "fp32": a.scan_probability,
-                "int8": b.scan_probability,
+                candidate: b.scan_probability,
                 "n_slices": len(scan.slices),
                 "max_slice_dp": float(np.abs(a.p.astype(np.float64) - b.p).max(initial=0.0)),
                 "max_slice_dz": float(np.abs(a.z.astype(np.float64) - b.z).max(initial=0.0)),
             }
         )
-    return judge(name, rows, threshold)
+    return judge(name, rows, threshold, candidate)
 
 
-def judge(recipe: str, rows: list[dict[str, Any]], threshold: float) -> GateResult:
-    """The accuracy gate on measured outputs: per scan |int8 - fp32| and labels, and per slice
-    the largest probability (``max_slice_dp``) and logit (``max_slice_dz``) differences."""
-    worst = max((abs(r["int8"] - r["fp32"]) for r in rows), default=0.0)
+def judge(
+    recipe: str, rows: list[dict[str, Any]], threshold: float, candidate: str = "int8"
+) -> GateResult:
+    """The accuracy gate on measured outputs: per scan |``candidate`` - fp32| and labels, and per
+    slice the largest probability (``max_slice_dp``) and logit (``max_slice_dz``) differences.
+    bf16 is held to the int8 tolerances: both are what the serving runtime may cost."""
+    worst = max((abs(r[candidate] - r["fp32"]) for r in rows), default=0.0)
     slice_dp = max((r.get("max_slice_dp", 0.0) for r in rows), default=0.0)
     slice_dz = max((r.get("max_slice_dz", 0.0) for r in rows), default=0.0)
-    flips = [r["scan"] for r in rows if (r["int8"] >= threshold) != (r["fp32"] >= threshold)]
+    flips = [r["scan"] for r in rows if (r[candidate] >= threshold) != (r["fp32"] >= threshold)]
     passed = (
         bool(rows)
         and worst <= INT8_TOLERANCE
@@ -542,6 +604,7 @@ def judge(recipe: str, rows: list[dict[str, Any]], threshold: float) -> GateResu
         max_slice_probability_difference=round(slice_dp, 6),
         max_slice_logit_difference=round(slice_dz, 6),
         n_slices=sum(int(r.get("n_slices", 0)) for r in rows),
+        candidate=candidate,
     )
 
 
@@ -598,26 +661,27 @@ def check_slices(
 
 
 def write_check(
-    path: Path, slices: np.ndarray, fp32: OnnxRuntime, int8: OnnxRuntime
+    path: Path, slices: np.ndarray, fp32: OnnxRuntime, int8: Any, name: str = "int8"
 ) -> dict[str, Any]:
-    """Write the int8 load check (``slices`` with their fp32 and int8 outputs, each graph run
-    on them in one batch, as the load check runs them); returns its record."""
+    """Write the load check of a gated graph (runtime ``name``: ``slices`` with their fp32 and
+    gated outputs, each graph run on them in one batch, as the load check runs them); returns
+    its record."""
     x = slices[..., None].astype(np.float32)
     p32, z32 = fp32.predict_with_logits(x)
     p8, z8 = int8.predict_with_logits(x)
+    arrays = {
+        "slices": slices.astype(np.uint8),
+        "fp32_logit": z32,
+        f"{name}_logit": z8,
+        "fp32_probability": p32,
+        f"{name}_probability": p8,
+    }
     with open(path, "wb") as fh:
-        np.savez(
-            fh,
-            slices=slices.astype(np.uint8),
-            fp32_logit=z32,
-            int8_logit=z8,
-            fp32_probability=p32,
-            int8_probability=p8,
-        )
+        np.savez(fh, **arrays)  # type: ignore[arg-type]
     return {
         "n_slices": len(slices),
         "logit_tolerance": CHECK_LOGIT_TOLERANCE,
-        "max_logit_difference_int8_vs_fp32": float(np.abs(z8.astype(np.float64) - z32).max()),
+        f"max_logit_difference_{name}_vs_fp32": float(np.abs(z8.astype(np.float64) - z32).max()),
     }
 
 

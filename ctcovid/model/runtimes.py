@@ -1,18 +1,28 @@
-"""How a model folder is run: Keras, or an exported graph on ONNX Runtime (fp32 or int8).
+"""How a model folder is run: Keras, or an exported graph on ONNX Runtime or OpenVINO.
 
 The runtime is a detail behind ``Classifier.predict_slices``: each one maps a float32 batch of
 slices (N, S, S, 1) in [0, 255] to P(COVID) per slice. Keras is the reference (and the training
 engine); ``ctcovid export`` adds graphs to the folder, recorded in ``ctcovid.json`` with their
 sha256 and the weights they came from.
 
-``auto`` picks, among the runtimes whose graph the folder holds, the first of :data:`AUTO_ORDER`:
-``int8``, then ``onnx`` (fp32), then ``keras``. Without ONNX Runtime installed ``auto`` falls back
-to Keras and says so in the log. ``auto`` takes the int8 graph only when it is ``verified`` (its
-gate was confirmed on validation scans disjoint from the calibration scans) and it passes the
-load check (:func:`check_int8`): the CPU's int8 arithmetic (VNNI, AMX) is the one the gate ran on,
-and the graph reproduces the logits recorded for a few slices (``model.int8.check.npz``). Else it
-takes the fp32 graph and logs one warning naming the reason. An explicit ``int8`` runs the graph
-in any case, with one warning when it is unverified or fails the load check.
+- ``keras``: the Keras model (``predict_on_batch``);
+- ``onnx``: ``model.onnx`` (fp32) on ONNX Runtime;
+- ``int8``: ``model.int8.onnx`` (QDQ, calibrated) on ONNX Runtime, gated against fp32;
+- ``openvino``: ``model.onnx`` on OpenVINO's CPU plugin, ``INFERENCE_PRECISION_HINT`` f32;
+- ``bf16``: ``model.onnx`` on OpenVINO with ``INFERENCE_PRECISION_HINT`` bf16 (AMX-BF16 or
+  AVX512-BF16 products, no calibration), gated against fp32 like int8. Only on a CPU with BF16
+  instructions: elsewhere OpenVINO would quietly compute in f32.
+
+``auto`` picks, among the runtimes whose graph the folder holds, the first of :data:`AUTO_ORDER`
+(fastest first where the CPU has them, measured in ``make bench``): ``bf16``, ``int8``, ``onnx``,
+``keras``. Without ONNX Runtime installed ``auto`` falls back to Keras and says so in the log.
+``auto`` takes a gated graph (:data:`GATED`: int8, bf16) only when it is ``verified`` (its gate
+was confirmed on validation scans) and it passes the load check (:func:`check_graph`): the CPU's
+arithmetic for it (int8: VNNI, AMX; bf16: AMX-BF16, AVX512-BF16) is the one the gate ran on, and
+the graph reproduces the logits recorded for a few slices (``model.int8.check.npz``,
+``model.bf16.check.npz``). Else it takes the next one and logs one warning naming the reason. An
+explicit ``int8`` or ``bf16`` runs the graph in any case, with one warning when it is unverified
+or fails the load check; ``bf16`` on a CPU without BF16 is refused.
 
 Threads are pinned (:func:`scoring_threads`): a runtime that splits a reduction among another
 number of threads may sum in another order, and the last bits of a probability would follow the
@@ -24,6 +34,7 @@ from __future__ import annotations
 import logging
 import os
 import platform
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -35,27 +46,52 @@ from ctcovid.model.artifact import METADATA_FILE, ModelArtifact, sha256_file
 
 logger = logging.getLogger(__name__)
 
-RUNTIMES = ("auto", "keras", "onnx", "int8")
-# Fastest first; measured in bench/run.py ("runtimes" section) and the README's table.
-AUTO_ORDER = ("int8", "onnx", "keras")
-GRAPH_FILES = {"onnx": "model.onnx", "int8": "model.int8.onnx"}
-#: A few slices with the fp32 and int8 logits the gate measured: the int8 load check.
-CHECK_FILE = "model.int8.check.npz"
+RUNTIMES = ("auto", "keras", "onnx", "int8", "openvino", "bf16")
+# Fastest first; measured in bench/run.py ("runtimes" section) and the README's table. OpenVINO
+# f32 is asked for by name only: it gains little over ONNX Runtime fp32 where it was measured.
+AUTO_ORDER = ("bf16", "int8", "onnx", "keras")
+GRAPH_FILES = {
+    "onnx": "model.onnx",
+    "int8": "model.int8.onnx",
+    "openvino": "model.onnx",
+    "bf16": "model.onnx",
+}
+#: Runtimes that run another runtime's recorded graph: ``openvino`` runs the fp32 graph as it is.
+GRAPH_OF = {"openvino": "onnx"}
+#: Runtimes whose numbers are gated against fp32 at export and verified per CPU at load.
+GATED = ("int8", "bf16")
+#: A few slices with the fp32 and gated logits the gate measured: the load check of each.
+CHECK_FILES = {"int8": "model.int8.check.npz", "bf16": "model.bf16.check.npz"}
+CHECK_FILE = CHECK_FILES["int8"]
 #: |int8 logit now - int8 logit at export| allowed on the check slices, times max(1, |logit|):
 #: the same kernels give the same logits to rounding; other kernels (VNNI against AVX2's
 #: saturating U8S8 products) give other ones.
 CHECK_LOGIT_TOLERANCE = 0.05
 VERIFIED = "verified"
 UNVERIFIED = "unverified"
-#: The CPU flags that select ONNX Runtime's int8 kernels, and so the int8 arithmetic.
-CPU_FLAGS = ("avx2", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8")
+#: The CPU flags that select ONNX Runtime's int8 kernels (the int8 arithmetic) and OpenVINO's
+#: bf16 kernels (AVX512-BF16 dot products, AMX-BF16 tiles).
+CPU_FLAGS = (
+    "avx2",
+    "avx512f",
+    "avx512bw",
+    "avx512_vnni",
+    "avx_vnni",
+    "amx_int8",
+    "avx512_bf16",
+    "amx_bf16",
+)
+BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 _NUMPY_FLAGS = {
     "avx2": "AVX2",
     "avx512f": "AVX512F",
     "avx512bw": "AVX512BW",
     "avx512_vnni": "AVX512VNNI",
 }
+#: The exported graphs' class-activation output (``ctcovid.model.export.add_cam_output``).
+CAM_OUTPUT = "cam"
 INSTALL_HINT = "install the ONNX extra: pip install 'ctcovid[onnx]'"
+OPENVINO_INSTALL_HINT = "install the ONNX extra, which brings OpenVINO: pip install 'ctcovid[onnx]'"
 
 
 def scoring_threads() -> int:
@@ -136,6 +172,8 @@ class OnnxRuntime:
         except Exception as exc:
             raise ModelError(f"{path}: ONNX Runtime cannot load the graph ({exc})") from exc
         self.input_name = self.session.get_inputs()[0].name
+        outputs = [o.name for o in self.session.get_outputs()]
+        self.cam_index = outputs.index(CAM_OUTPUT) if CAM_OUTPUT in outputs else None
         self.name = name
         self.graph_sha256 = graph_sha256
         self.path = path
@@ -156,6 +194,98 @@ class OnnxRuntime:
         if len(out) > 1:
             return p, np.asarray(out[1], np.float32).reshape(-1)
         return p, logit(p)
+
+    def class_activation(self, x: np.ndarray) -> np.ndarray:
+        """The graph's class-activation map per slice, (N, h, w), unnormalised; graphs exported
+        with it only (:attr:`cam_index` not ``None``)."""
+        out = self.session.run(None, {self.input_name: np.ascontiguousarray(x, np.float32)})
+        return cam_of(out, self.cam_index)
+
+
+def cam_of(outputs: list[Any], index: int | None) -> np.ndarray:
+    """The class-activation output (N, h, w, 1) among a graph's outputs, as (N, h, w)."""
+    if index is None:
+        raise ModelError("this graph has no class-activation output; re-run 'ctcovid export'")
+    cam = np.asarray(outputs[index], np.float32)
+    return cam.reshape(cam.shape[:3])
+
+
+class OpenVinoRuntime:
+    """An exported ONNX graph on OpenVINO's CPU plugin at a precision hint, on pinned threads.
+
+    ``precision`` is OpenVINO's ``INFERENCE_PRECISION_HINT``: ``f32`` is stated even for the
+    fp32 runtime, because on a CPU with AMX OpenVINO's default is bf16. One stream and a fixed
+    thread count: the same reduction order whatever the load. One inference request, used under
+    a lock (a request is not thread-safe; the cores are all in use by one call anyway).
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        name: str,
+        graph_sha256: str,
+        precision: str = "f32",
+        threads: int | None = None,
+    ):
+        ov = import_openvino(name)
+        config = {
+            "INFERENCE_PRECISION_HINT": precision,
+            "INFERENCE_NUM_THREADS": threads or scoring_threads(),
+            "NUM_STREAMS": 1,
+            "PERFORMANCE_HINT": "LATENCY",
+        }
+        try:
+            core = ov.Core()
+            self.compiled = core.compile_model(core.read_model(str(path)), "CPU", config)
+        except Exception as exc:
+            raise ModelError(f"{path}: OpenVINO cannot load the graph ({exc})") from exc
+        self._request = self.compiled.create_infer_request()
+        self._lock = threading.Lock()
+        names = [o.get_names() for o in self.compiled.outputs]
+        self.cam_index = next((i for i, n in enumerate(names) if CAM_OUTPUT in n), None)
+        self.name = name
+        self.graph_sha256 = graph_sha256
+        self.path = path
+        self.precision = precision
+
+    def _run(self, x: np.ndarray) -> list[np.ndarray]:
+        with self._lock:
+            out = self._request.infer({0: np.ascontiguousarray(x, np.float32)})
+            # Copies: the request's output tensors are overwritten by its next call.
+            return [np.array(out[o], np.float32) for o in self.compiled.outputs]
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        return self._run(x)[0].reshape(-1)
+
+    def predict_with_logits(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """P(COVID) and the logit per slice, from one run (as :class:`OnnxRuntime`)."""
+        out = self._run(x)
+        p = out[0].reshape(-1)
+        if len(out) > 1:
+            return p, out[1].reshape(-1)
+        return p, logit(p)
+
+    def class_activation(self, x: np.ndarray) -> np.ndarray:
+        """As :meth:`OnnxRuntime.class_activation`."""
+        return cam_of(self._run(x), self.cam_index)
+
+
+def import_openvino(why: str = "openvino") -> Any:
+    try:
+        import openvino
+    except ImportError as exc:
+        raise ModelError(
+            f"runtime {why!r} needs OpenVINO, which is not installed; {OPENVINO_INSTALL_HINT}"
+        ) from exc
+    return openvino
+
+
+def openvino_available() -> bool:
+    try:
+        import openvino  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def import_onnxruntime(why: str = "onnx") -> Any:
@@ -199,12 +329,16 @@ def graph_path(folder: Path, artifact: ModelArtifact, runtime: str, *, verify: b
     Raises :class:`ModelError` when the graph is not recorded, missing, exported from other
     weights, or its sha256 differs from ``ctcovid.json``.
     """
+    runtime = GRAPH_OF.get(runtime, runtime)
     record = artifact.graphs.get(runtime)
     if record is None:
+        how = {
+            "int8": " --int8 --calibration DATA --validation DATA'",
+            "bf16": " --bf16 --validation DATA'",
+        }.get(runtime, "'")
         raise ModelError(
             f"{folder}: no {runtime!r} graph recorded in {METADATA_FILE}; create it with "
-            f"'ctcovid export {folder}"
-            + (" --int8 --calibration DATA'" if runtime == "int8" else "'")
+            f"'ctcovid export {folder}{how}"
         )
     path = folder / str(record.get("file", GRAPH_FILES[runtime]))
     if not path.is_file():
@@ -224,13 +358,20 @@ def graph_path(folder: Path, artifact: ModelArtifact, runtime: str, *, verify: b
     return path
 
 
+def _fallback_words(name: str) -> str:
+    if name in ("keras", "int8", "bf16"):
+        return name
+    return f"the fp32 graph {GRAPH_FILES[name]}"
+
+
 def resolve_runtime(
     folder: Path, artifact: ModelArtifact, requested: str = "auto"
 ) -> RuntimeChoice:
     """Which runtime ``requested`` means for this model folder (graphs verified).
 
-    For ``int8`` (asked, or the first choice of ``auto``) the graph is opened and checked on a few
-    slices (:func:`check_int8`); the session comes back in the choice for :func:`load_runtime`.
+    For a gated graph (``int8``, ``bf16``; asked for, or a choice of ``auto``) the graph is
+    opened and checked on a few slices (:func:`check_graph`); the session comes back in the
+    choice for :func:`load_runtime`.
     """
     check_runtime_name(requested)
     folder = Path(folder)
@@ -244,46 +385,64 @@ def resolve_runtime(
                 INSTALL_HINT,
             )
             present = ["keras"]
-        if present[0] == "int8":
-            path = graph_path(folder, artifact, "int8")
-            reason = unverified_reason(artifact.graphs["int8"])
+        while present[0] in GATED:
+            name = present[0]
+            path = graph_path(folder, artifact, name)
+            reason = unverified_reason(artifact.graphs[name])
             if reason:
                 logger.info(
-                    "model %s: the int8 graph is %s (%s); auto uses %s",
+                    "model %s: the %s graph is %s (%s); auto uses %s",
                     folder,
+                    name,
                     UNVERIFIED,
                     reason,
                     present[1],
                 )
             else:
-                runtime, reason = check_int8(folder, artifact, path)
+                runtime, reason = check_graph(folder, artifact, name, path)
                 if not reason and runtime is not None:
-                    return RuntimeChoice("int8", path, runtime.graph_sha256, loaded=runtime)
+                    return RuntimeChoice(name, path, runtime.graph_sha256, loaded=runtime)
                 logger.warning(
-                    "model %s: int8 graph not used, %s; auto falls back to %s",
+                    "model %s: %s graph not used, %s; auto falls back to %s",
                     folder,
+                    name,
                     reason,
-                    present[1]
-                    if present[1] == "keras"
-                    else f"the fp32 graph {GRAPH_FILES[present[1]]}",
+                    _fallback_words(present[1]),
                 )
             present = present[1:]
         requested = present[0]
     if requested == "keras":
         return RuntimeChoice("keras")
+    if requested == "bf16":
+        missing = bf16_missing(current_cpu())
+        if missing:
+            raise ModelError(f"runtime 'bf16' refused: {missing}; use --runtime auto")
     path = graph_path(folder, artifact, requested)
-    sha = str(artifact.graphs[requested]["sha256"])
-    if requested != "int8":
+    sha = str(artifact.graphs[GRAPH_OF.get(requested, requested)]["sha256"])
+    if requested not in GATED:
         return RuntimeChoice(requested, path, sha)
-    runtime, reason = check_int8(folder, artifact, path)
-    reasons = [r for r in (unverified_reason(artifact.graphs["int8"]), reason) if r]
+    runtime, reason = check_graph(folder, artifact, requested, path)
+    reasons = [r for r in (unverified_reason(artifact.graphs[requested]), reason) if r]
     if reasons:
         logger.warning(
-            "model %s: running the int8 graph as asked (--runtime int8), but %s",
+            "model %s: running the %s graph as asked (--runtime %s), but %s",
             folder,
+            requested,
+            requested,
             "; and ".join(reasons),
         )
-    return RuntimeChoice("int8", path, sha, loaded=runtime)
+    if runtime is None:
+        runtime = open_graph(requested, path, sha)
+    return RuntimeChoice(requested, path, sha, loaded=runtime)
+
+
+def open_graph(name: str, path: Path, graph_sha256: str) -> OnnxRuntime | OpenVinoRuntime:
+    """The engine of runtime ``name`` on the graph at ``path``."""
+    if name == "openvino":
+        return OpenVinoRuntime(path, name, graph_sha256, precision="f32")
+    if name == "bf16":
+        return OpenVinoRuntime(path, name, graph_sha256, precision="bf16")
+    return OnnxRuntime(path, name, graph_sha256)
 
 
 def load_runtime(choice: RuntimeChoice, model: Any = None) -> Runtime:
@@ -295,10 +454,10 @@ def load_runtime(choice: RuntimeChoice, model: Any = None) -> Runtime:
             raise ModelError("the keras runtime needs the Keras model")
         return KerasRuntime(model)
     assert choice.path is not None
-    return OnnxRuntime(choice.path, choice.name, choice.graph_sha256)
+    return open_graph(choice.name, choice.path, choice.graph_sha256)
 
 
-# -- the int8 graph: verified at export, checked at load ------------------------------------------
+# -- gated graphs (int8, bf16): verified at export, checked at load -----------------------------
 
 
 def logit(p: np.ndarray) -> np.ndarray:
@@ -309,7 +468,7 @@ def logit(p: np.ndarray) -> np.ndarray:
 
 
 def unverified_reason(record: dict[str, Any]) -> str:
-    """Why an int8 graph's record does not count as verified ('' when it does)."""
+    """Why a gated graph's record does not count as verified ('' when it does)."""
     verification = record.get("verification")
     if not isinstance(verification, dict):
         return "exported by an older ctcovid, whose gate was not confirmed on separate scans"
@@ -367,9 +526,44 @@ def int8_arithmetic(cpu: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def arithmetic_difference(recorded: dict[str, Any], current: dict[str, Any]) -> str:
-    """A phrase naming how two CPUs' int8 arithmetic differs ('' when it does not, or unknown)."""
-    a, b = int8_arithmetic(recorded), int8_arithmetic(current)
+def bf16_arithmetic(cpu: dict[str, Any]) -> dict[str, Any]:
+    """What sets OpenVINO's bf16 arithmetic on a CPU: AMX-BF16 tiles or AVX512-BF16 dot products
+    (other kernels, other accumulation). ``None`` where ``cpu``'s flags cannot tell (only
+    ``/proc/cpuinfo`` names them)."""
+    flags = set(cpu.get("flags", []))
+    known = cpu.get("source", "/proc/cpuinfo") == "/proc/cpuinfo"
+    return {
+        "machine": cpu.get("machine") or None,
+        **{flag: (flag in flags) if known else None for flag in BF16_FLAGS},
+    }
+
+
+def bf16_missing(cpu: dict[str, Any]) -> str:
+    """Why ``cpu`` cannot run bf16 ('' when it can): no BF16 instructions, or flags unknown."""
+    arithmetic = bf16_arithmetic(cpu)
+    if any(arithmetic[f] for f in BF16_FLAGS):
+        return ""
+    name = cpu.get("model") or "this CPU"
+    if arithmetic[BF16_FLAGS[0]] is None:
+        return (
+            f"the BF16 instructions of {name} cannot be read (no /proc/cpuinfo); without them "
+            "OpenVINO would compute in f32"
+        )
+    return (
+        f"{name} has no BF16 instructions ({' or '.join(BF16_FLAGS)}); OpenVINO would compute in "
+        "f32 without saying so"
+    )
+
+
+ARITHMETIC = {"int8": int8_arithmetic, "bf16": bf16_arithmetic}
+
+
+def arithmetic_difference(
+    recorded: dict[str, Any], current: dict[str, Any], runtime: str = "int8"
+) -> str:
+    """A phrase naming how two CPUs' arithmetic for ``runtime`` (int8, bf16) differs ('' when it
+    does not, or unknown)."""
+    a, b = ARITHMETIC[runtime](recorded), ARITHMETIC[runtime](current)
     differ = [k for k in a if a[k] is not None and b[k] is not None and a[k] != b[k]]
     if not differ:
         return ""
@@ -393,31 +587,42 @@ def current_cpu() -> dict[str, Any]:
     return _CURRENT_CPU
 
 
-def check_int8(folder: Path, artifact: ModelArtifact, path: Path) -> tuple[OnnxRuntime | None, str]:
-    """The int8 load check: this CPU's int8 arithmetic and the recorded check slices.
+def check_graph(
+    folder: Path, artifact: ModelArtifact, name: str, path: Path
+) -> tuple[OnnxRuntime | OpenVinoRuntime | None, str]:
+    """The load check of a gated graph (``int8``, ``bf16``): this CPU's arithmetic for it and
+    the recorded check slices.
 
     Returns the opened graph (``None`` when the check stopped before opening it) and the reason
-    it failed, ``''`` when it passed. Cheap: a few slices in one batch. A graph ONNX Runtime
+    it failed, ``''`` when it passed. Cheap: a few slices in one batch. A graph the engine
     cannot open raises :class:`ModelError`.
     """
-    record = artifact.graphs["int8"]
+    record = artifact.graphs[name]
     check = record.get("load_check")
+    if name == "bf16":
+        missing = bf16_missing(current_cpu())
+        if missing:
+            return None, missing
+        if not openvino_available():
+            return None, f"OpenVINO is not installed ({OPENVINO_INSTALL_HINT})"
     if not isinstance(check, dict):
-        return None, f"no load check recorded for it ({CHECK_FILE}; re-run 'ctcovid export')"
-    difference = arithmetic_difference(dict(record.get("cpu") or {}), current_cpu())
+        return None, (
+            f"no load check recorded for it ({CHECK_FILES[name]}; re-run 'ctcovid export')"
+        )
+    difference = arithmetic_difference(dict(record.get("cpu") or {}), current_cpu(), name)
     if difference:
-        return None, f"{difference} (int8 arithmetic differs; re-run 'ctcovid export' here)"
-    fixture = folder / str(check.get("file", CHECK_FILE))
+        return None, f"{difference} ({name} arithmetic differs; re-run 'ctcovid export' here)"
+    fixture = folder / str(check.get("file", CHECK_FILES[name]))
     if not fixture.is_file():
         return None, f"its check slices {fixture} are missing"
     if sha256_file(fixture) != check.get("sha256"):
         return None, f"{fixture} does not match {METADATA_FILE} (sha256 differs)"
     try:
         with np.load(fixture) as data:
-            slices, recorded = data["slices"], data["int8_logit"]
+            slices, recorded = data["slices"], data[f"{name}_logit"]
     except (OSError, KeyError, ValueError) as exc:
         return None, f"{fixture}: unreadable ({exc})"
-    runtime = OnnxRuntime(path, "int8", str(record["sha256"]))
+    runtime = open_graph(name, path, str(record["sha256"]))
     _, now = runtime.predict_with_logits(slices[..., None].astype(np.float32))
     tolerance = float(check.get("logit_tolerance", CHECK_LOGIT_TOLERANCE))
     scaled = np.abs(now.astype(np.float64) - recorded) / np.maximum(1.0, np.abs(recorded))
@@ -429,3 +634,8 @@ def check_int8(folder: Path, artifact: ModelArtifact, path: Path) -> tuple[OnnxR
             "times max(1, |logit|))"
         )
     return runtime, ""
+
+
+def check_int8(folder: Path, artifact: ModelArtifact, path: Path) -> tuple[Any, str]:
+    """:func:`check_graph` of the int8 graph."""
+    return check_graph(folder, artifact, "int8", path)

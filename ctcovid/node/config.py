@@ -209,9 +209,10 @@ class NodeConfig:
                 f"max_retry_seconds ({self.max_retry_seconds}) must be >= retry_seconds "
                 f"({self.retry_seconds})."
             )
-        if self.runtime not in ("auto", "keras", "onnx", "int8"):
+        runtimes = ("auto", "keras", "onnx", "int8", "openvino", "bf16")  # model.runtimes
+        if self.runtime not in runtimes:
             raise ConfigError(
-                f"runtime must be one of auto, keras, onnx, int8. Received: {self.runtime!r}."
+                f"runtime must be one of {', '.join(runtimes)}. Received: {self.runtime!r}."
             )
         for name in (
             "max_attempts",

@@ -1,4 +1,5 @@
-"""``ctcovid export``: add ``model.onnx`` and a gated ``model.int8.onnx`` to a model folder.
+"""``ctcovid export``: add ``model.onnx``, a gated ``model.int8.onnx`` and a gated bf16 run of
+``model.onnx`` on OpenVINO to a model folder.
 
 The graphs and their gate are :mod:`ctcovid.model.export`; this module reads the calibration and
 validation scans through the model's own ingest and slice policy (the training data readers) and
@@ -9,6 +10,12 @@ validation scans, which must be disjoint from the calibration scans (no shared i
 SeriesInstanceUID or identical slices) and enough to state a bound (:class:`GateRequirements`).
 Without validation scans the int8 graph is written but recorded ``unverified``: ``--runtime auto``
 does not use it. A refusal writes nothing and reports the measured numbers.
+
+bf16 needs no calibration: OpenVINO runs ``model.onnx`` with ``INFERENCE_PRECISION_HINT`` bf16,
+and that run is gated against fp32 by the int8 gate's criteria, once, on the validation scans
+(verified), or on the calibration scans when no validation scans are given (``unverified``). It
+is refused on a CPU without BF16 instructions, where OpenVINO would compute in f32: the record
+names the CPU its gate ran on, and each load checks it again.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ from ctcovid.model.artifact import (
     write_metadata,
 )
 from ctcovid.model.export import (
+    CAM_OUTPUT,
     CHECK_SLICES,
     CONFIDENCE,
     DEFAULT_CALIBRATION_SLICES,
@@ -49,6 +57,7 @@ from ctcovid.model.export import (
     Recipe,
     ScanSlices,
     Scored,
+    add_cam_output,
     add_logit_output,
     check_slices,
     convert_to_onnx,
@@ -68,11 +77,15 @@ from ctcovid.model.export import (
 )
 from ctcovid.model.runtimes import (
     CHECK_FILE,
+    CHECK_FILES,
     GRAPH_FILES,
     UNVERIFIED,
     VERIFIED,
     OnnxRuntime,
+    OpenVinoRuntime,
+    bf16_missing,
     graph_path,
+    import_openvino,
 )
 from ctcovid.training.data import discover, load_scan
 
@@ -150,6 +163,7 @@ def _fp32_graph(
     logger.info("converting %s to ONNX", folder)
     convert_to_onnx(model, out, size)
     logit_name = add_logit_output(out)
+    add_cam_output(out)
     if scans:
         check = sample_slices(scans, FP32_CHECK_SLICES)
     else:
@@ -180,7 +194,7 @@ def _fp32_graph(
         "created": utc_now(),
         "exporter": package_versions("tf2onnx", "onnx"),
         "opset": OPSET,
-        "outputs": {"probability": 0, "logit": logit_name},
+        "outputs": {"probability": 0, "logit": logit_name, "cam": CAM_OUTPUT},
         "check": {
             "n_slices": len(check),
             "source": source,
@@ -203,6 +217,114 @@ def _gate_record(result: GateResult) -> dict[str, Any]:
     }
 
 
+def _confirmation(
+    source: Path,
+    skipped: list[str],
+    counts: dict[str, int],
+    requirements: GateRequirements,
+    result: GateResult,
+    n_near: int,
+) -> dict[str, Any]:
+    """The record of a gate confirmed on validation scans, with the bound on the flip rate."""
+    return {
+        "source": str(source),
+        "skipped": skipped,
+        **counts,
+        "requirements": asdict(requirements),
+        **_gate_record(result),
+        "flip_rate_upper_bound": {
+            "confidence": CONFIDENCE,
+            "method": "Clopper-Pearson, one-sided",
+            "all_scans": flip_rate_upper_bound(0, len(result.scans)),
+            "near_threshold": flip_rate_upper_bound(0, n_near),
+        },
+    }
+
+
+def _bf16_graph(
+    folder: Path,
+    artifact: ModelArtifact,
+    tmp: Path,
+    fp32_path: Path,
+    fp32_sha256: str,
+    fp32_runtime: OnnxRuntime,
+    validation: tuple[Path | None, list[ScanSlices], list[str], dict[str, Scored], dict[str, int]],
+    calibration: tuple[Path | None, list[ScanSlices]],
+    requirements: GateRequirements,
+    cpu: dict[str, Any],
+) -> tuple[dict[str, Any], Path]:
+    """Gate ``model.onnx`` at bf16 on OpenVINO against fp32; its record and staged check file.
+
+    On the validation scans when there are some (verified), else on the calibration scans
+    (unverified). Raises :class:`ModelError` when the gate refuses.
+    """
+    val_source, val_scans, val_skipped, fp32_val, counts = validation
+    cal_source, cal_scans = calibration
+    threshold = artifact.threshold
+    runtime = OpenVinoRuntime(fp32_path, "bf16", fp32_sha256, precision="bf16")
+    source: Path | None
+    if val_source is not None:
+        scans, fp32, source = val_scans, fp32_val, val_source
+    else:
+        scans, fp32, source = cal_scans, score(fp32_runtime, cal_scans), cal_source
+    measured = score(runtime, scans)
+    result = gate("bf16", scans, fp32, measured, threshold, candidate="bf16")
+    logger.info("bf16 against fp32 on %s: %s", source, result.summary())
+    if not result.passed:
+        raise ModelError(
+            f"{folder}: bf16 refused on the scans of {source}: {result.summary()}; nothing written"
+        )
+    verification: dict[str, Any]
+    if val_source is not None:
+        near = [
+            s
+            for s in val_scans
+            if abs(fp32_val[s.scan_id].scan_probability - threshold) <= requirements.near
+        ]
+        verification = {
+            "status": VERIFIED,
+            "confirmed_on": "validation scans",
+            "confirmation": _confirmation(
+                val_source, val_skipped, counts, requirements, result, len(near)
+            ),
+        }
+    else:
+        verification = {
+            "status": UNVERIFIED,
+            "reason": "no validation scans at export (--validation); gated on the calibration "
+            "scans only",
+            "confirmed_on": None,
+            "gate": {"source": str(cal_source), **_gate_record(result)},
+        }
+    check_path = tmp / CHECK_FILES["bf16"]
+    slices, origins = check_slices(scans, fp32, measured, CHECK_SLICES)
+    check = write_check(check_path, slices, fp32_runtime, runtime, "bf16")
+    record = {
+        "file": GRAPH_FILES["bf16"],
+        "sha256": fp32_sha256,
+        "weights_sha256": artifact.weights_sha256,
+        "created": utc_now(),
+        "engine": package_versions("openvino"),
+        "precision": "bf16 (OpenVINO INFERENCE_PRECISION_HINT)",
+        "verification": verification,
+        "threshold": threshold,
+        "tolerances": {
+            "scan_probability": INT8_TOLERANCE,
+            "slice_probability": INT8_SLICE_TOLERANCE,
+            "slice_logit": INT8_LOGIT_TOLERANCE,
+        },
+        "cpu": cpu,
+        "load_check": {
+            "file": CHECK_FILES["bf16"],
+            "sha256": sha256_file(check_path),
+            "from": "validation scans" if val_source is not None else "calibration scans",
+            "slices": origins,
+            **check,
+        },
+    }
+    return record, check_path
+
+
 def export_model(
     folder: Path,
     *,
@@ -213,6 +335,7 @@ def export_model(
     force: bool = False,
     recipes: Sequence[Recipe] = RECIPES,
     requirements: GateRequirements | None = None,
+    bf16: bool = False,
 ) -> ExportReport:
     """Add ``model.onnx`` (and with ``int8`` a gated ``model.int8.onnx``) to a model folder.
 
@@ -239,6 +362,9 @@ def export_model(
         The quantisation recipes to try, in order.
     requirements
         What the validation scans must hold (default :class:`GateRequirements`).
+    bf16
+        Also gate ``model.onnx`` on OpenVINO at bf16 (needs a CPU with BF16, and scans:
+        ``validation`` to verify it, else ``calibration``, recorded unverified).
 
     Returns
     -------
@@ -256,6 +382,17 @@ def export_model(
     requirements = requirements or GateRequirements()
     if int8 and calibration is None:
         raise InvalidInputError("--int8 needs --calibration DATA (COV19-CT-DB or DICOM folder)")
+    if bf16 and calibration is None and validation is None:
+        raise InvalidInputError(
+            "--bf16 needs scans to gate it: --validation DATA (COV19-CT-DB or DICOM folder)"
+        )
+    cpu = cpu_description()
+    if bf16:
+        no_bf16 = bf16_missing(cpu)
+        if no_bf16:
+            raise ModelError(f"{folder}: bf16 refused: {no_bf16}; nothing written")
+        import_openvino("bf16")
+    gated = " and ".join(name for name, on in (("int8", int8), ("bf16", bf16)) if on)
     artifact = read_artifact(folder)
     ingest = artifact.ingest_config
     threshold = artifact.threshold
@@ -291,24 +428,41 @@ def export_model(
                 folder, artifact, fp32_path, val_scans + calib_scans, " and ".join(sources)
             )
             staged[GRAPH_FILES["onnx"]] = fp32_path
-        if int8:
-            cpu = cpu_description()
+            if "bf16" in graphs and not bf16:  # it ran the previous model.onnx
+                logger.info("dropping the bf16 record: it gated the previous model.onnx")
+                del graphs["bf16"]
+        if int8 or bf16:  # the reference of both gates
             fp32_runtime = OnnxRuntime(fp32_path, "onnx", graphs["onnx"]["sha256"])
-            counts: dict[str, int] = {}
-            fp32_val: dict[str, Scored] = {}
-            if validation is not None:
-                # Before any quantising: can these scans state a bound at all?
-                fp32_val = score(fp32_runtime, val_scans)
-                counts = requirements.counts(
-                    [fp32_val[s.scan_id].scan_probability for s in val_scans], threshold
+        counts: dict[str, int] = {}
+        fp32_val: dict[str, Scored] = {}
+        if (int8 or bf16) and validation is not None:
+            # Before any quantising: can these scans state a bound at all?
+            fp32_val = score(fp32_runtime, val_scans)
+            counts = requirements.counts(
+                [fp32_val[s.scan_id].scan_probability for s in val_scans], threshold
+            )
+            missing = requirements.shortfall(counts, threshold)
+            if missing:
+                raise ModelError(
+                    f"{folder}: {gated} refused: the validation scans of {validation} cannot "
+                    f"state a bound on the label flip rate: {'; '.join(missing)} (set by "
+                    "--min-scans, --min-per-class, --min-near-threshold); nothing written"
                 )
-                missing = requirements.shortfall(counts, threshold)
-                if missing:
-                    raise ModelError(
-                        f"{folder}: int8 refused: the validation scans of {validation} cannot "
-                        f"state a bound on the label flip rate: {'; '.join(missing)} (set by "
-                        "--min-scans, --min-per-class, --min-near-threshold); nothing written"
-                    )
+        if bf16:
+            graphs["bf16"], check_file = _bf16_graph(
+                folder,
+                artifact,
+                tmp,
+                fp32_path,
+                graphs["onnx"]["sha256"],
+                fp32_runtime,
+                (validation, val_scans, val_skipped, fp32_val, counts),
+                (calibration, calib_scans),
+                requirements,
+                cpu,
+            )
+            staged[CHECK_FILES["bf16"]] = check_file
+        if int8:
             fp32_cal = score(fp32_runtime, calib_scans)
             calib = sample_slices(calib_scans, calibration_slices)
             int8_path = tmp / GRAPH_FILES["int8"]
@@ -361,19 +515,9 @@ def export_model(
                     "status": VERIFIED,
                     "selected_on": "calibration scans",
                     "confirmed_on": "validation scans",
-                    "confirmation": {
-                        "source": str(validation),
-                        "skipped": val_skipped,
-                        **counts,
-                        "requirements": asdict(requirements),
-                        **_gate_record(confirmation),
-                        "flip_rate_upper_bound": {
-                            "confidence": CONFIDENCE,
-                            "method": "Clopper-Pearson, one-sided",
-                            "all_scans": flip_rate_upper_bound(0, len(val_scans)),
-                            "near_threshold": flip_rate_upper_bound(0, len(near)),
-                        },
-                    },
+                    "confirmation": _confirmation(
+                        validation, val_skipped, counts, requirements, confirmation, len(near)
+                    ),
                 }
             else:
                 verification = {
