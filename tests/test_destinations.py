@@ -208,3 +208,43 @@ def test_kill_9_mid_send_leaves_one_sr_per_destination(
     assert pydicom.dcmread(worker.store.root / record.sr_path).SOPInstanceUID == (
         record.sr_sop_instance_uid
     )
+
+
+def test_an_hl7_destination_gets_the_oru_of_the_results_its_rule_sends_it(
+    tmp_path: Path, studies_root: Path, classifier, peers: list[SrPeer]
+):
+    """`[destination.NAME] kind = "hl7"`: an ORU per result to that RIS, beside the SR."""
+    from test_hl7 import Ris
+
+    from ctcovid.report.oru import parse_oru
+
+    pacs_port = free_port()
+    peers.append(SrPeer(pacs_port))
+    ris = Ris()
+    try:
+        config = NodeConfig(
+            store=tmp_path / "store", stable_seconds=0, retry_seconds=0.5, min_free_mb=0,
+            destination={"pacs": {"kind": "dicom", "peer": f"127.0.0.1:{pacs_port}:PEER"},
+                         "radiology-ris": {"kind": "hl7", "address": ris.address}},
+        )
+        assert [(d.name, d.kind, d.address) for d in config.destinations][1] == (
+            "radiology-ris", "hl7", ris.address
+        )
+        worker = Worker(config, Store(config.store), classifier)
+        for path in ct_files(studies_root, "study_000"):
+            put(worker.store, path)
+        run_until_idle(worker)
+        (record,) = worker.store.jobs.list_series()
+        deliveries = _by_destination(worker)
+        assert {d: r.state for d, r in deliveries.items()} == {
+            "pacs": "sent", "radiology-ris": "sent"
+        }
+        assert peers[0].received == [record.sr_sop_instance_uid]
+        (message,) = ris.messages
+        assert parse_oru(message).msh.msh_10.value == deliveries["radiology-ris"].message_id
+        worker.close()
+        worker.store.close()
+    finally:
+        ris.close()
+    with pytest.raises(ConfigError, match=r"destination\.r\.address: required"):
+        NodeConfig(store=tmp_path, destination={"r": {"kind": "hl7"}})

@@ -498,12 +498,14 @@ class NamedDestination:
     """
 
     name: str
-    kind: str  # "dicom" (C-STORE) | "stow" (STOW-RS)
-    settings: SendSettings
+    kind: str  # "dicom" (C-STORE) | "stow" (STOW-RS) | "hl7" (ORU^R01 over MLLP)
+    settings: SendSettings | MllpSettings
 
     @property
     def address(self) -> str:
         """Where it is, for logs and ``ctcovid queue`` (never credentials)."""
+        if not isinstance(self.settings, SendSettings):
+            return str(self.settings.endpoint)
         if self.settings.stow_url is not None:
             from ctcovid.net.dicomweb import redact
 
@@ -515,6 +517,7 @@ class NamedDestination:
 DESTINATION_KEYS = {
     "dicom": frozenset({"kind", "peer", "tls", "tls_cert", "tls_key", "tls_ca"}),
     "stow": frozenset({"kind", "url", "auth_file", "ca_file"}),
+    "hl7": frozenset({"kind", "address"}),
 }
 #: Keys of a destination table that name files (relative to the TOML file when given in one).
 DESTINATION_PATH_KEYS = ("tls_cert", "tls_key", "tls_ca", "auth_file", "ca_file")
@@ -570,6 +573,20 @@ def _named_destination(config: NodeConfig, name: str, table: object) -> NamedDes
             raise ConfigError(f"{key}: tls_cert and tls_key go together: give both or neither")
         settings = SendSettings(
             peer=peer, tls=tls, tls_cert=cert, tls_key=tls_key, tls_ca=path("tls_ca"), **common
+        )
+    elif kind == "hl7":
+        from ctcovid.net.mllp import Endpoint, MllpSettings
+
+        if not isinstance(table.get("address"), str):
+            raise ConfigError(f"{key}.address: required, HOST:PORT of the RIS's MLLP listener")
+        return NamedDestination(
+            name=name,
+            kind=kind,
+            settings=MllpSettings(
+                Endpoint.parse(table["address"], f"{key}.address"),
+                timeout_seconds=config.network_timeout_seconds,
+                deadline_seconds=config.send_deadline,
+            ),
         )
     else:
         from ctcovid.net.dicomweb import HttpAuth

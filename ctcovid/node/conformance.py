@@ -153,8 +153,8 @@ _SETTINGS: dict[str, str] = {
     "alert_positive": "also alert on every positive result",
     "rule": "routing rules ([[rule]]): which series are classified, shadowed or ignored",
     "ignore_keep_hours": "how long the files of an ignored series are kept (0: removed at once)",
-    "destination": "named destinations ([destination.NAME]: kind dicom or stow), each with its "
-    "own delivery job per series",
+    "destination": "named destinations ([destination.NAME]: kind dicom, stow or hl7), each "
+    "with its own delivery job per series",
     "hl7": "RIS that results go to as HL7 v2.5.1 ORU^R01 over MLLP, HOST:PORT (none: off)",
     "hl7_sending_application": "MSH-3 of the ORU",
     "hl7_sending_facility": "MSH-4 of the ORU",
@@ -1145,7 +1145,8 @@ def conformance_statement(config: NodeConfig, source: Path | None = None) -> Sta
                     "send are bounded by network_timeout_seconds and send_deadline_seconds.",
                     "Named destinations ([destination.NAME]): outgoing C-STORE (TLS when "
                     "tls = true) or STOW-RS (TLS always verified) connections of the SR sender, "
-                    "each with its own delivery job, retries and deadline per series"
+                    "or MLLP connections to a RIS (kind hl7, as for hl7), each with its own "
+                    "delivery job, retries and deadline per series"
                     + (
                         ": "
                         + ", ".join(

@@ -32,6 +32,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from ctcovid.net.mllp import MllpSettings
+from ctcovid.net.sender import SendSettings
 from ctcovid.node.config import RIS_DESTINATION, NamedDestination
 from ctcovid.node.jobs import DeliveryRecord, DeliveryState, Destination
 from ctcovid.node.store import Store
@@ -59,7 +61,11 @@ def couriers(config: NodeConfig, store: Store, audit: Any = None) -> list[Courie
     """One courier per destination besides the SR's peer: the RIS (``hl7``), then each
     ``[destination.NAME]``."""
     found: list[Courier] = [Hl7Courier(config, store)] if config.hl7 else []
-    found.extend(SrCourier(config, store, d, audit) for d in config.destinations)
+    for d in config.destinations:
+        if d.kind == HL7:
+            found.append(Hl7Courier(config, store, d))
+        else:
+            found.append(SrCourier(config, store, d, audit))
     return found
 
 
@@ -98,7 +104,9 @@ class SrCourier:
         self.store = store
         self.destination = destination
         self.audit = audit  # a ctcovid.node.auditing.NodeAudit, or None
-        self.sender = sr_sender(destination.settings)  # bad TLS files fail here, at start
+        assert isinstance(destination.settings, SendSettings)
+        self.settings = destination.settings
+        self.sender = sr_sender(self.settings)  # bad TLS files fail here, at start
 
     @property
     def destinations(self) -> tuple[Destination, ...]:
@@ -154,11 +162,11 @@ class SrCourier:
                 permanent=isinstance(exc, StowRefused),
             )
             if state == DeliveryState.FAILED and self.audit is not None:
-                self.audit.sr_sent(path, failure=str(exc), to=self.destination.settings)
+                self.audit.sr_sent(path, failure=str(exc), to=self.settings)
             return
         self.store.jobs.mark_delivered(record)
         if self.audit is not None:
-            self.audit.sr_sent(path, to=self.destination.settings)
+            self.audit.sr_sent(path, to=self.settings)
         logger.info(
             "event=sr_sent %s peer=%s %s seconds=%.2f",
             log_ids,
@@ -171,24 +179,28 @@ class SrCourier:
 class Hl7Courier:
     """Sends the due ORUs of a store to ``config.hl7``; each send under a hard deadline."""
 
-    def __init__(self, config: NodeConfig, store: Store) -> None:
-        settings = config.hl7_settings()
-        if settings is None:
-            raise ValueError("Hl7Courier needs the hl7 setting (HOST:PORT)")
+    def __init__(
+        self, config: NodeConfig, store: Store, destination: NamedDestination | None = None
+    ) -> None:
+        """The RIS of ``config.hl7`` (named ``ris``), or the ``hl7`` kind ``destination``."""
+        settings = config.hl7_settings() if destination is None else destination.settings
+        if not isinstance(settings, MllpSettings):
+            raise ValueError("Hl7Courier needs the hl7 setting (HOST:PORT) or an hl7 destination")
         self.config = config
         self.store = store
+        self.name = RIS if destination is None else destination.name
         self.mllp = settings
         self.oru = config.oru_settings()
 
     @property
     def destinations(self) -> tuple[Destination, ...]:
         """The destinations each new result is queued for: (name, kind)."""
-        return ((RIS, HL7),)
+        return ((self.name, HL7),)
 
     def send_due(self, stop: Cancel | None = None) -> bool:
         """Send every ORU whose send is due; True if there was one."""
         did_work = False
-        for due in self.store.jobs.due_deliveries(HL7):
+        for due in self.store.jobs.due_deliveries(HL7, destination=self.name):
             if stop is not None and stop.is_set():
                 break
             self.send(due, stop)
@@ -254,7 +266,11 @@ class Hl7Courier:
             self.store.root
             / "hl7"
             / record.series_instance_uid
-            / f"{record.sr_sop_instance_uid}.hl7"
+            / (
+                f"{record.sr_sop_instance_uid}.hl7"
+                if self.name == RIS
+                else f"{record.sr_sop_instance_uid}.{self.name}.hl7"
+            )
         )
         self.store.files.write_file(path, oru.to_bytes())
         relative = self.store.files.relative(path)
