@@ -14,6 +14,7 @@ app = typer.Typer(
     help="The node's routing rules ([[rule]] in its TOML).",
     no_args_is_help=True,
     add_completion=False,
+    rich_markup_mode=None,
 )
 
 
