@@ -591,6 +591,7 @@ def bench_runtimes(repeats: int) -> list[dict[str, Any]]:
                if name == "int8" else {}),
         })
     classifiers.clear()  # free the sessions before the end-to-end process runs
+    rows += bench_start(folder, repeats)
     ct = fixture_series("e2e", int_setting("BENCH_E2E_SLICES"), pixels=int_setting("BENCH_PIXELS"),
                         margin=int(int_setting("BENCH_E2E_SLICES") * 0.15))
     keras_s = None
@@ -616,6 +617,74 @@ def bench_runtimes(repeats: int) -> list[dict[str, Any]]:
             "runtime": out.get("runtime"),
             **({"why": [line for line in log if "auto" in line][-3:]} if runtime == "auto" else {}),
             "export_seconds": report.get("export_seconds"),
+            "cpu": cpu,
+        })
+    return rows
+
+
+MODEL_LOAD = """
+import json, sys, time
+start = time.perf_counter()
+from ctcovid.inference import Classifier
+imported = time.perf_counter()
+classifier = Classifier.from_file(sys.argv[1], runtime=sys.argv[2])
+loaded = time.perf_counter()
+print(json.dumps({"import_s": imported - start, "load_s": loaded - imported,
+                  "runtime": classifier.artifact.runtime,
+                  "tensorflow": "tensorflow" in sys.modules}))
+"""
+
+
+def bench_start(folder: Path, repeats: int) -> list[dict[str, Any]]:
+    """Start-up and model load as their own rows, each in a fresh interpreter (median of
+    ``repeats``): ``ctcovid classify --help`` against the bare interpreter, and per runtime the
+    import of ``ctcovid.inference`` and ``Classifier.from_file`` (graph verified by sha256, read,
+    compiled, and for a gated graph its load check), with Keras as the baseline."""
+    cpu = machine_description()["cpu"]
+    runs = max(3, repeats)
+
+    def wall(cmd: list[str]) -> float:
+        start = time.perf_counter()
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                       env=quiet_env())
+        return time.perf_counter() - start
+
+    bare = [wall([sys.executable, "-c", "pass"]) for _ in range(runs)]
+    helps = [wall([sys.executable, "-m", "ctcovid.cli.main", "classify", "--help"])
+             for _ in range(runs)]
+    rows: list[dict[str, Any]] = [{
+        "figure": "start-up: ctcovid classify --help",
+        "baseline": "python -c pass",
+        "unit": "s",
+        "baseline_s": round(statistics.median(bare), 3),
+        "seconds": round(statistics.median(helps), 3),
+        "runs_s": [round(t, 3) for t in helps],
+        "cpu": cpu,
+    }]
+    keras_load = None
+    for runtime in ("keras", "onnx", "int8", "openvino", "bf16"):
+        loads = []
+        for _ in range(runs):
+            done = subprocess.run([sys.executable, "-c", MODEL_LOAD, str(folder), runtime],
+                                  capture_output=True, text=True, env=quiet_env())
+            if done.returncode != 0:
+                loads = []
+                rows.append({"figure": f"model load --runtime {runtime}",
+                             "skipped": done.stderr.strip()[-300:], "cpu": cpu})
+                break
+            loads.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        if not loads:
+            continue
+        load_s = statistics.median(x["load_s"] for x in loads)
+        keras_load = load_s if runtime == "keras" else keras_load
+        rows.append({
+            "figure": f"model load --runtime {runtime} ({loads[0]['runtime']})",
+            "unit": "s",
+            "import_s": round(statistics.median(x["import_s"] for x in loads), 3),
+            "seconds": round(load_s, 3),
+            **({"vs_keras": round(keras_load / load_s, 2)} if keras_load else {}),
+            "tensorflow_imported": loads[0]["tensorflow"],
+            "runs_s": [round(x["load_s"], 3) for x in loads],
             "cpu": cpu,
         })
     return rows

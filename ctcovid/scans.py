@@ -77,6 +77,9 @@ class PreparedScan:
     all_slices: PreprocessedSeries
     used: PreprocessedSeries
     warnings: list[str]
+    #: The class-activation map of each used slice (N, h, w), unnormalised, when the model's
+    #: scoring run computed it (an exported graph): heatmaps then need no second model run.
+    cams: np.ndarray | None = None
 
 
 def slice_minimum(ingest: IngestConfig) -> int:

@@ -123,10 +123,13 @@ def test_lung_policy_classifies_from_the_whole_series(
     from ctcovid.inference import Classifier
     from ctcovid.preprocess import select_slices
 
-    classifier = Classifier(tiny_classifier.model, tiny_classifier.artifact)
-    classifier.artifact = replace(
-        classifier.artifact,
-        ingest_config=replace(classifier.ingest_config, slice_policy="lung", max_slices=6),
+    artifact = tiny_classifier.artifact
+    classifier = Classifier(
+        tiny_classifier.model,
+        replace(
+            artifact,
+            ingest_config=replace(artifact.ingest_config, slice_policy="lung", max_slices=6),
+        ),
     )
     ct_dir = studies_root / study_infos[1]["study_dir"] / "ct"
     series = load_series(ct_dir, classifier.ingest_config)

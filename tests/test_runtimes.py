@@ -417,6 +417,18 @@ def gate_copy(gate_data: dict, dest: Path) -> Path:
     return folder
 
 
+def gate_copy_with_cam(gate_data: dict, dest: Path) -> Path:
+    """:func:`gate_copy` whose fp32 graph has the class-activation output of an export."""
+    from ctcovid.model.export import add_cam_output
+
+    folder = gate_copy(gate_data, dest)
+    graph = folder / GRAPH_FILES["onnx"]
+    add_cam_output(graph)
+    record = read_artifact(folder).graphs["onnx"]
+    record_graph(folder, "onnx", graph.read_bytes(), outputs={**record["outputs"], "cam": "cam"})
+    return folder
+
+
 @pytest.fixture(scope="module")
 def verified_dir(gate_data, tmp_path_factory) -> Path:
     from ctcovid.training.export import export_model
@@ -833,13 +845,7 @@ def test_classify_on_a_graph_imports_neither_tensorflow_nor_keras(
     import subprocess
     import sys
 
-    from ctcovid.model.export import add_cam_output
-
-    folder = gate_copy(gate_data, tmp_path)
-    graph = folder / GRAPH_FILES["onnx"]
-    add_cam_output(graph)
-    record = read_artifact(folder).graphs["onnx"]
-    record_graph(folder, "onnx", graph.read_bytes(), outputs={**record["outputs"], "cam": "cam"})
+    folder = gate_copy_with_cam(gate_data, tmp_path)
     ct = studies_root / study_infos[0]["study_dir"] / "ct"
     args = ["classify", ct, "--model", folder, "--runtime", runtime, "--json"]
     args += ["--heatmaps", tmp_path / "heatmaps"]
@@ -878,6 +884,59 @@ def test_overlapped_classify_gives_the_bytes_of_the_sequential_one(
         assert np.asarray(streamed.slice_probabilities, np.float32).tobytes() == (
             sequential.astype(np.float32).tobytes()
         )
+
+
+def test_model_loaded_in_the_background_gives_the_same_result(
+    gate_data, studies_root, study_infos, tmp_path
+):
+    """``classify`` loads the model while the series is read and decoded: the same runtime,
+    device UID and probability bytes as a load in the foreground; a graph that fails its
+    verification is refused when the model is first used, naming the file."""
+    from ctcovid.dicom import load_series
+    from ctcovid.errors import ModelError
+    from ctcovid.inference import Classifier
+    from ctcovid.model.artifact import read_artifact
+
+    folder = gate_data["folder"]
+    ct = studies_root / study_infos[2]["study_dir"] / "ct"
+    results = {}
+    for background in (False, True):
+        classifier = Classifier.from_file(folder, runtime="onnx", background=background)
+        series = load_series(ct, classifier.ingest_config)
+        _, results[background] = classifier.run(series)
+    assert results[True].model == results[False].model
+    assert results[True].model.runtime == "onnx"
+    assert np.asarray(results[True].slice_probabilities, np.float32).tobytes() == (
+        np.asarray(results[False].slice_probabilities, np.float32).tobytes()
+    )
+    broken = gate_copy(gate_data, tmp_path / "broken")
+    graph = broken / "model.onnx"
+    graph.write_bytes(graph.read_bytes() + b"tampered")
+    classifier = Classifier.from_file(broken, runtime="onnx", background=True)
+    assert classifier.ingest_config == read_artifact(folder).ingest_config  # before the load
+    with pytest.raises(ModelError, match=r"model\.onnx: graph does not match"):
+        classifier.run(load_series(ct, classifier.ingest_config))
+
+
+def test_heatmaps_come_from_the_scoring_run(gate_data, studies_root, study_infos, tmp_path):
+    """A graph computes the class-activation map in the run that scores a slice: the scoring
+    run keeps it, and the key slices' heatmaps equal those of a second run on them alone."""
+    from ctcovid.dicom import load_series
+    from ctcovid.inference import Classifier
+
+    folder = gate_copy_with_cam(gate_data, tmp_path)
+    ct = studies_root / study_infos[2]["study_dir"] / "ct"
+    classifier = Classifier.from_file(folder, runtime="onnx")
+    prepared, result = classifier.run(load_series(ct, classifier.ingest_config))
+    assert prepared.cams is not None and len(prepared.cams) == len(prepared.used)
+    keys = list(result.key_slice_indices)
+    kept = classifier.key_slice_maps(prepared, keys)
+    again = classifier.class_activation_maps(prepared.used.slices[keys])
+    assert kept.shape == again.shape and kept.max() == pytest.approx(1.0)
+    np.testing.assert_allclose(kept, again, atol=1e-4)
+    probabilities, cams = classifier.score(prepared.used.slices)
+    assert probabilities.tobytes() == np.asarray(result.slice_probabilities, np.float32).tobytes()
+    assert cams is not None and cams.tobytes() == prepared.cams.tobytes()
 
 
 # -- real exports (tf2onnx and ONNX Runtime on the tiny 32 px model) -----------------------------

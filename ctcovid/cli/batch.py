@@ -40,6 +40,13 @@ from ctcovid.cli.common import (
     AuditCaOption,
     AuditFileOption,
     AuditSyslogOption,
+    Hl7Option,
+    Hl7PriorityFieldOption,
+    Hl7PriorityOption,
+    Hl7ReceivingApplicationOption,
+    Hl7ReceivingFacilityOption,
+    Hl7SendingApplicationOption,
+    Hl7SendingFacilityOption,
     ModelOption,
     Runtime,
     console,
@@ -205,42 +212,13 @@ def batch(
     audit_file: AuditFileOption = None,
     audit_syslog: AuditSyslogOption = None,
     audit_ca: AuditCaOption = None,
-    hl7: Annotated[
-        str | None,
-        typer.Option(
-            help="Also send each result to the RIS as an HL7 v2.5.1 ORU^R01 over MLLP, HOST:PORT "
-            "(off by default).",
-            rich_help_panel="SR destinations",
-        ),
-    ] = None,
-    hl7_sending_application: Annotated[
-        str, typer.Option(help="MSH-3 of the ORU.", rich_help_panel="SR destinations")
-    ] = "CTCOVID",
-    hl7_sending_facility: Annotated[
-        str, typer.Option(help="MSH-4 of the ORU.", rich_help_panel="SR destinations")
-    ] = "",
-    hl7_receiving_application: Annotated[
-        str, typer.Option(help="MSH-5 of the ORU.", rich_help_panel="SR destinations")
-    ] = "",
-    hl7_receiving_facility: Annotated[
-        str, typer.Option(help="MSH-6 of the ORU.", rich_help_panel="SR destinations")
-    ] = "",
-    hl7_priority: Annotated[
-        list[str] | None,
-        typer.Option(
-            help="Worklist priority of a result, LABEL=CODE (HL7 table 0027; repeatable). "
-            "Default covid=S.",
-            rich_help_panel="SR destinations",
-        ),
-    ] = None,
-    hl7_priority_field: Annotated[
-        list[str] | None,
-        typer.Option(
-            help="Field the priority goes to: ORC-7, OBR-27, TQ1-9 (repeatable). "
-            "Default ORC-7 and OBR-27.",
-            rich_help_panel="SR destinations",
-        ),
-    ] = None,
+    hl7: Hl7Option = None,
+    hl7_sending_application: Hl7SendingApplicationOption = None,
+    hl7_sending_facility: Hl7SendingFacilityOption = None,
+    hl7_receiving_application: Hl7ReceivingApplicationOption = None,
+    hl7_receiving_facility: Hl7ReceivingFacilityOption = None,
+    hl7_priority: Hl7PriorityOption = None,
+    hl7_priority_field: Hl7PriorityFieldOption = None,
     pseudonymize: Annotated[
         Path | None,
         typer.Option(
@@ -337,11 +315,14 @@ def batch(
             parse_priority,
         )
 
+        named = {
+            "sending_application": hl7_sending_application,
+            "sending_facility": hl7_sending_facility,
+            "receiving_application": hl7_receiving_application,
+            "receiving_facility": hl7_receiving_facility,
+        }
         oru = OruSettings(
-            sending_application=hl7_sending_application,
-            sending_facility=hl7_sending_facility,
-            receiving_application=hl7_receiving_application,
-            receiving_facility=hl7_receiving_facility,
+            **{k: v for k, v in named.items() if v is not None},
             priority=parse_priority(hl7_priority) if hl7_priority else DEFAULT_PRIORITY,
             priority_fields=tuple(hl7_priority_field or DEFAULT_PRIORITY_FIELDS),
         )

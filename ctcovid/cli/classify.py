@@ -78,8 +78,15 @@ def classify(
     model_path = model or default_model_path()
     if not model_path.exists():
         raise ModelError(missing_model_message(model_path))
-    classifier = Classifier.from_file(model_path, batch_size=batch_size, runtime=runtime.value)
-    series = load_series(series_dir, classifier.ingest_config)
+    # The model loads in the background while the series is read and decoded.
+    classifier = Classifier.from_file(
+        model_path, batch_size=batch_size, runtime=runtime.value, background=True
+    )
+    try:
+        series = load_series(series_dir, classifier.ingest_config)
+    except Exception:
+        classifier.wait_loaded()  # a model that cannot load is said first: it fails every series
+        raise
     prepared, result = classifier.run(series)
     out: dict[str, Any] = result.to_json_dict()
     if sr is not None or card is not None:
@@ -128,7 +135,7 @@ def write_heatmaps(
     folder.mkdir(parents=True, exist_ok=True)
     keys = result.key_slice_indices
     slices = prepared.used.slices[keys]
-    cams = classifier.class_activation_maps(slices)
+    cams = classifier.key_slice_maps(prepared, keys)
     overlays = [overlay_rgb(s, c) for s, c in zip(slices, cams, strict=True)]
     paths = []
     for rank, (idx, rgb) in enumerate(zip(keys, overlays, strict=True), start=1):
@@ -151,7 +158,7 @@ def write_result_card(classifier: Any, prepared: Any, result: Any, report: Any, 
 
     index = card_key_slice(result)
     key_slice = prepared.used.slices[index]
-    (cam,) = classifier.class_activation_maps(key_slice[None])
+    (cam,) = classifier.key_slice_maps(prepared, [index])
     write_card(
         build_result_card(result, prepared.series, report, key_slice=key_slice, cam=cam), path
     )

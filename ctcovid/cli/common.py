@@ -47,6 +47,59 @@ AuditCaOption = Annotated[
     ),
 ]
 
+# Results to the RIS (HL7 v2.5.1 ORU^R01 over MLLP) from ``listen`` and ``batch``; unset options
+# fall back to the node's settings file, then to ``OruSettings``' defaults.
+HL7_PANEL = "Results to the RIS"
+Hl7Option = Annotated[
+    str | None,
+    typer.Option(
+        "--hl7",
+        help="Also send each result to the RIS as an HL7 v2.5.1 ORU^R01 over MLLP, HOST:PORT "
+        "(off by default).",
+        rich_help_panel=HL7_PANEL,
+    ),
+]
+Hl7SendingApplicationOption = Annotated[
+    str | None,
+    typer.Option(
+        "--hl7-sending-application",
+        help="MSH-3 of the ORU. Default CTCOVID.",
+        rich_help_panel=HL7_PANEL,
+    ),
+]
+Hl7SendingFacilityOption = Annotated[
+    str | None,
+    typer.Option("--hl7-sending-facility", help="MSH-4 of the ORU.", rich_help_panel=HL7_PANEL),
+]
+Hl7ReceivingApplicationOption = Annotated[
+    str | None,
+    typer.Option(
+        "--hl7-receiving-application", help="MSH-5 of the ORU.", rich_help_panel=HL7_PANEL
+    ),
+]
+Hl7ReceivingFacilityOption = Annotated[
+    str | None,
+    typer.Option("--hl7-receiving-facility", help="MSH-6 of the ORU.", rich_help_panel=HL7_PANEL),
+]
+Hl7PriorityOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--hl7-priority",
+        help="Worklist priority of a result, LABEL=CODE (HL7 table 0027; repeatable). "
+        "Default covid=S.",
+        rich_help_panel=HL7_PANEL,
+    ),
+]
+Hl7PriorityFieldOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--hl7-priority-field",
+        help="Field the priority goes to: ORC-7, OBR-27, TQ1-9 (repeatable). "
+        "Default ORC-7 and OBR-27.",
+        rich_help_panel=HL7_PANEL,
+    ),
+]
+
 # The --model option of every command that runs a model.
 ModelOption = Annotated[
     Path | None,

@@ -13,6 +13,13 @@ from ctcovid.cli.common import (
     AuditCaOption,
     AuditFileOption,
     AuditSyslogOption,
+    Hl7Option,
+    Hl7PriorityFieldOption,
+    Hl7PriorityOption,
+    Hl7ReceivingApplicationOption,
+    Hl7ReceivingFacilityOption,
+    Hl7SendingApplicationOption,
+    Hl7SendingFacilityOption,
     ModelOption,
     Runtime,
     handle_errors,
@@ -217,32 +224,13 @@ def listen(
             show_default=False,
         ),
     ] = None,
-    hl7: Annotated[
-        str | None,
-        typer.Option(
-            help="Also send each result to the RIS as an HL7 v2.5.1 ORU^R01 over MLLP, HOST:PORT."
-        ),
-    ] = None,
-    hl7_sending_application: Annotated[
-        str | None, typer.Option(help="MSH-3 of the ORU. Default CTCOVID.")
-    ] = None,
-    hl7_sending_facility: Annotated[str | None, typer.Option(help="MSH-4 of the ORU.")] = None,
-    hl7_receiving_application: Annotated[str | None, typer.Option(help="MSH-5 of the ORU.")] = None,
-    hl7_receiving_facility: Annotated[str | None, typer.Option(help="MSH-6 of the ORU.")] = None,
-    hl7_priority: Annotated[
-        list[str] | None,
-        typer.Option(
-            help="Worklist priority of a result, LABEL=CODE (HL7 table 0027; repeatable). "
-            "Default covid=S."
-        ),
-    ] = None,
-    hl7_priority_field: Annotated[
-        list[str] | None,
-        typer.Option(
-            help="Field the priority goes to: ORC-7, OBR-27, TQ1-9 (repeatable). "
-            "Default ORC-7 and OBR-27."
-        ),
-    ] = None,
+    hl7: Hl7Option = None,
+    hl7_sending_application: Hl7SendingApplicationOption = None,
+    hl7_sending_facility: Hl7SendingFacilityOption = None,
+    hl7_receiving_application: Hl7ReceivingApplicationOption = None,
+    hl7_receiving_facility: Hl7ReceivingFacilityOption = None,
+    hl7_priority: Hl7PriorityOption = None,
+    hl7_priority_field: Hl7PriorityFieldOption = None,
     result_card: Annotated[
         bool | None,
         typer.Option(

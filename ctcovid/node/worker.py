@@ -229,7 +229,7 @@ class Worker:
                 prepared = self._prepare(record)
                 self.beat()
                 series = prepared.series
-                probabilities = self.classifier.predict_slices(prepared.used.slices)
+                probabilities, prepared.cams = self.classifier.score(prepared.used.slices)
                 result = self.classifier.result(
                     prepared, probabilities, time.perf_counter() - start
                 )
@@ -245,7 +245,7 @@ class Worker:
                 prepared, result = self.classifier.run(series)
             self.beat()
             slices = prepared.used.slices
-            cams = self._key_slice_maps(slices, result, log_ids)
+            cams = self._key_slice_maps(prepared, result, log_ids)
             picture = self._card_picture(slices, result, cams)
             built = self._build_sr(record, result, series, picture)
         except InvalidInputError as exc:
@@ -375,12 +375,13 @@ class Worker:
             logger.info("event=ignored_files_removed count=%d", removed)
         return removed
 
-    def _key_slice_maps(self, slices: Any, result: Any, log_ids: str) -> list[Any] | None:
-        """Class-activation maps of ``result.key_slice_indices``, in that order; None (logged)
-        when they cannot be computed: neither the SR nor the card depends on them."""
+    def _key_slice_maps(self, prepared: Any, result: Any, log_ids: str) -> list[Any] | None:
+        """Class-activation maps of ``result.key_slice_indices``, in that order (from the
+        scoring run when the graph kept them); None (logged) when they cannot be computed:
+        neither the SR nor the card depends on them."""
         keys = list(result.key_slice_indices)
         try:
-            return list(self.classifier.class_activation_maps(slices[keys])) if keys else []
+            return list(self.classifier.key_slice_maps(prepared, keys)) if keys else []
         except Exception:
             logger.warning("event=heatmaps_failed %s", log_ids, exc_info=True)
             return None
