@@ -172,6 +172,52 @@ def test_page_shows_node_model_counts_results_failures_and_a_series(filled) -> N
     assert "default-src 'none'" in web.get("/").headers["content-security-policy"]
 
 
+def test_status_and_series_show_every_destination_and_its_delivery(tmp_path: Path) -> None:
+    """The RIS and the named destinations are on the status page and in /api/status; a
+    series shows its delivery to each, with its own state and attempts."""
+    store = Store(tmp_path / "store")
+    try:
+        study, series = receive(store, "ACC-DEST")
+        store.jobs.promote_stable(0)
+        record = store.jobs.claim_next()
+        sr_uid = generate_uid()
+        sr_path = store.files.sr_path(record.series_instance_uid, sr_uid)
+        store.files.write_file(sr_path, b"not really an SR")
+        assert store.finish_classified(
+            record, revision=1, sr_path=sr_path, sr_sop_instance_uid=sr_uid,
+            probability_covid=0.9, label="covid", classify_seconds=1.0,
+            deliveries=(("ris", "hl7"), ("research", "dicom")))
+        (ris,) = [d for d in store.jobs.deliveries() if d.destination == "ris"]
+        store.jobs.mark_delivery_failed(ris, "AR: unknown patient", retry_seconds=1,
+                                        max_retry_seconds=1, max_attempts=1, permanent=True)
+        config = NodeConfig(store=tmp_path / "store", http_port=0, min_free_mb=0,
+                            hl7="127.0.0.1:2575",
+                            destination={"research": {"kind": "dicom",
+                                                      "peer": "127.0.0.1:11112:RESEARCH"}})
+        web = client(WebContext(config=config, store=store, model=MODEL,
+                                heartbeat=time.monotonic,
+                                destination=DestinationProbe(config, interval_seconds=0)))
+        status = web.get("/api/status").json()
+        assert status["node"]["destinations"] == [
+            {"name": "ris", "kind": "hl7", "address": "127.0.0.1:2575"},
+            {"name": "research", "kind": "dicom", "address": "127.0.0.1:11112:RESEARCH"},
+        ]
+        page = web.get("/").text
+        assert "Also to:" in page and "research</code> (dicom, 127.0.0.1:11112:RESEARCH)" in page
+        one = web.get(f"/api/series/{study}/{series}").json()
+        shown = {d["destination"]: d for d in one["deliveries"]}
+        assert set(shown) == {"ris", "research"}
+        assert (shown["ris"]["kind"], shown["ris"]["state"], shown["ris"]["attempts"]) == (
+            "hl7", "failed", 1)
+        assert "unknown patient" in shown["ris"]["reason"]
+        assert (shown["research"]["kind"], shown["research"]["state"]) == ("dicom", "pending")
+        assert all(d["revision"] == 1 for d in shown.values())
+        detail = web.get(f"/series/{study}/{series}").text
+        assert 'id="deliveries"' in detail and "unknown patient" in detail
+    finally:
+        store.close()
+
+
 def test_page_draws_series_received_and_classified_per_hour_today(filled) -> None:
     jobs = filled["store"].jobs
     # The fixture's three series arrived within the last minute; two were classified.

@@ -44,7 +44,7 @@ from urllib.parse import parse_qs, quote
 from ctcovid import __version__
 from ctcovid.dicom.uids import valid_uid
 from ctcovid.errors import ConfigError
-from ctcovid.node.config import NodeConfig, is_loopback
+from ctcovid.node.config import RIS_DESTINATION, NodeConfig, is_loopback
 from ctcovid.node.files import MAX_HEATMAPS
 from ctcovid.node.health import (
     Check,
@@ -142,9 +142,20 @@ class WebContext:
             "client_certificates": config.tls_ca is not None,
             "allow_aet": list(config.allow_aet),
             "destination": config.sr_destination,
+            "destinations": self.destinations(),
             "version": __version__,
             "started": _iso(self.started),
         }
+
+    def destinations(self) -> list[dict[str, str]]:
+        """Where results go besides the SR's destination: the RIS (``hl7``) and the named
+        destinations, each with its kind and address (never credentials)."""
+        config = self.config
+        out = []
+        if config.hl7 is not None:
+            out.append({"name": RIS_DESTINATION, "kind": "hl7", "address": str(config.hl7)})
+        out += [{"name": d.name, "kind": d.kind, "address": d.address} for d in config.destinations]
+        return out
 
     def patient(self, record: SeriesRecord) -> dict[str, str]:
         """Name, ID and birth date from the series' first stored instance (cached)."""
@@ -205,6 +216,20 @@ class WebContext:
             out["heatmaps"] = [
                 f"/series/{record.study_instance_uid}/{record.series_instance_uid}/heatmap/{n}.png"
                 for n in range(1, count + 1)
+            ]
+            out["deliveries"] = [
+                {
+                    "destination": d.destination,
+                    "kind": d.kind,
+                    "state": d.state.value,
+                    "revision": d.revision,
+                    "attempts": d.attempts,
+                    "next_try": _iso(d.next_try) if d.state == "pending" and d.next_try else "",
+                    "reason": d.reason,
+                }
+                for d in self.store.jobs.deliveries(
+                    record.study_instance_uid, record.series_instance_uid
+                )
             ]
             out["history"] = [
                 {**h, "at": _iso(h["at"])}
