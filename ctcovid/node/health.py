@@ -76,15 +76,18 @@ def check_worker(
     return Check(True, f"heartbeat {age:.0f} s ago")
 
 
-def model_summary(config: NodeConfig) -> dict[str, Any]:
-    """Name, version, weights sha256 and runtime of the node's model (``error`` if unreadable)."""
+def model_summary(config: NodeConfig, runtime: str | None = None) -> dict[str, Any]:
+    """Name, version, weights sha256 and runtime of the node's model (``error`` if unreadable).
+
+    ``runtime`` is the runtime the node already resolved at start: resolving again would open
+    and check a gated graph once more, in the process that serves the page."""
     from ctcovid.model.artifact import default_model_path, read_artifact
     from ctcovid.model.runtimes import resolve_runtime
 
     path = config.model or default_model_path()
     try:
         artifact = read_artifact(path)
-        runtime = resolve_runtime(path, artifact, config.runtime).name
+        runtime = runtime or resolve_runtime(path, artifact, config.runtime).name
     except Exception as exc:  # shown as the failing check, with the reason
         return {"error": f"{path}: {exc}"}
     return {

@@ -156,6 +156,7 @@ class Node:
         self._events: Any = None
         self.listener: Listener | None = None
         self.metrics: Any = None
+        self._runtime_name: str | None = None  # resolved once, at start (_check_model)
 
     def request_stop(self, *_: Any) -> None:
         self._stop_requested = True
@@ -177,6 +178,7 @@ class Node:
         path = self.config.model or default_model_path()
         artifact = read_artifact(path)
         choice = resolve_runtime(path, artifact, self.config.runtime)
+        self._runtime_name = choice.name  # for the page; the graph's session is let go here
         artifact = artifact.with_runtime(choice.name, choice.graph_sha256)
         logger.info(
             "event=model model=%s version=%s runtime=%s device_uid=%s",
@@ -216,7 +218,7 @@ class Node:
                 WebContext(
                     config=config,
                     store=web_store,
-                    model=model_summary(config),
+                    model=model_summary(config, self._runtime_name),
                     heartbeat=heartbeat,
                     metrics=self.metrics,
                     dicom_port=(lambda: listener.port) if listener is not None else None,
