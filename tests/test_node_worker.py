@@ -603,7 +603,7 @@ def test_a_pacs_that_refuses_secondary_capture_fails_the_send_naming_it(
 
 
 @pytest.mark.parametrize("decoder_memory_mb", [4096, 0])
-def test_the_classified_log_line_splits_decode_from_model_seconds(
+def test_the_classified_log_line_splits_decode_model_and_heatmap_seconds(
     tmp_path: Path,
     studies_root: Path,
     classifier,
@@ -611,7 +611,8 @@ def test_the_classified_log_line_splits_decode_from_model_seconds(
     decoder_memory_mb: int,
 ):
     # What a profile of the node reads; without a decoder process decode overlaps the model,
-    # so the line gives one figure for both and none for decode alone.
+    # so the line gives one figure for both and none for decode alone. The heatmaps of the key
+    # slices run the graph again (one padded batch).
     import re
 
     worker = make_worker(tmp_path, classifier, None, decoder_memory_mb=decoder_memory_mb)
@@ -623,9 +624,10 @@ def test_the_classified_log_line_splits_decode_from_model_seconds(
     (line,) = [r.getMessage() for r in caplog.records if "event=classified" in r.getMessage()]
     fields = dict(re.findall(r"(\w+)=(\S+)", line))
     total, model = float(fields["seconds"]), float(fields["model_seconds"])
+    heatmap = float(fields["heatmap_seconds"])
     if decoder_memory_mb:
         decode = float(fields["decode_seconds"])
-        assert decode > 0 and model > 0 and decode + model <= total
+        assert decode > 0 and model > 0 and heatmap > 0 and decode + model + heatmap <= total
     else:
         assert fields["decode_seconds"] == "-"
-        assert 0 < model <= total
+        assert model > 0 and heatmap > 0 and model + heatmap <= total

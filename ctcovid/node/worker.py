@@ -253,7 +253,9 @@ class Worker:
                 model_seconds = time.perf_counter() - model_start
             self.beat()
             slices = prepared.used.slices
+            cams_start = time.perf_counter()
             cams = self._key_slice_maps(prepared, result, log_ids)
+            cams_seconds = time.perf_counter() - cams_start
             picture = self._card_picture(slices, result, cams)
             built = self._build_sr(record, result, series, picture)
         except InvalidInputError as exc:
@@ -325,7 +327,8 @@ class Worker:
         revision, sr, _ = built
         logger.info(
             "event=classified %s rule=%s action=%s revision=%d probability_covid=%s label=%s "
-            "slices=%d seconds=%.2f sr=%s decode_seconds=%s model_seconds=%.2f",
+            "slices=%d seconds=%.2f sr=%s decode_seconds=%s model_seconds=%.2f "
+            "heatmap_seconds=%.2f",
             log_ids,
             rule.name,
             rule.action,
@@ -337,6 +340,7 @@ class Worker:
             sr.SOPInstanceUID,
             "-" if decode_seconds is None else f"{decode_seconds:.2f}",
             model_seconds,
+            cams_seconds,
         )
 
     def route(self, record: SeriesRecord) -> Rule:
