@@ -470,7 +470,7 @@ def measure_stream(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         for key in profile[0] if key.endswith("_seconds") and all(key in r for r in profile)
     }
     shutil.rmtree(work / "stream-copies", ignore_errors=True)  # several GB at full size
-    shutil.rmtree(store / "studies", ignore_errors=True)
+    shutil.rmtree(store / "instances", ignore_errors=True)  # the received series
     return {
         "series": n,
         "slices_per_series": args.stream_slices,
