@@ -611,8 +611,8 @@ def test_the_classified_log_line_splits_decode_model_and_heatmap_seconds(
     decoder_memory_mb: int,
 ):
     # What a profile of the node reads; without a decoder process decode overlaps the model,
-    # so the line gives one figure for both and none for decode alone. The heatmaps of the key
-    # slices run the graph again (one padded batch).
+    # so the line gives one figure for both and none for decode alone. The key slices' heatmaps
+    # come from the scoring run where the graph keeps its maps, so theirs may round to 0.
     import re
 
     worker = make_worker(tmp_path, classifier, None, decoder_memory_mb=decoder_memory_mb)
@@ -627,7 +627,7 @@ def test_the_classified_log_line_splits_decode_model_and_heatmap_seconds(
     heatmap = float(fields["heatmap_seconds"])
     if decoder_memory_mb:
         decode = float(fields["decode_seconds"])
-        assert decode > 0 and model > 0 and heatmap > 0 and decode + model + heatmap <= total
+        assert decode > 0 and model > 0 and heatmap >= 0 and decode + model + heatmap <= total
     else:
         assert fields["decode_seconds"] == "-"
-        assert model > 0 and heatmap > 0 and model + heatmap <= total
+        assert model > 0 and heatmap >= 0 and model + heatmap <= total
