@@ -625,9 +625,11 @@ def test_the_classified_log_line_splits_decode_model_and_heatmap_seconds(
     fields = dict(re.findall(r"(\w+)=(\S+)", line))
     total, model = float(fields["seconds"]), float(fields["model_seconds"])
     heatmap = float(fields["heatmap_seconds"])
+    rounding = 0.02  # each figure is stated to 0.01 s; a fast CPU may state 0.00
     if decoder_memory_mb:
         decode = float(fields["decode_seconds"])
-        assert decode > 0 and model > 0 and heatmap >= 0 and decode + model + heatmap <= total
+        assert min(decode, model, heatmap) >= 0
+        assert decode + model + heatmap <= total + rounding
     else:
         assert fields["decode_seconds"] == "-"
-        assert model > 0 and heatmap >= 0 and model + heatmap <= total
+        assert min(model, heatmap) >= 0 and model + heatmap <= total + rounding
