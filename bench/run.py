@@ -25,7 +25,10 @@ Sections (``--sections``, default all but ``gpu``):
   rows;
 - ``memory``: peak RSS of ``ctcovid classify`` on a 700-slice series (small model input);
 - ``hooks``: ``bench/node_bench.py``, ``bench/batch_bench.py`` and ``bench/pacs_bench.py`` when
-  present (JSON on stdout);
+  present (JSON on stdout); the node's receive rate and latency, then, on its own and under its
+  own limit, its stream: ``BENCH_NODE_STREAM_SERIES`` series of ``BENCH_NODE_STREAM_SLICES``
+  slices through ``storescu`` to ``ctcovid listen`` with the exported model loaded (series per
+  hour, peak RSS, where a series' time goes);
 - ``gpu``: the GPU path (bf16 policy, jit, large fixed batches) vs fp32 ``model.predict``, and
   DICOM folder to result; run by ``bench/gpu.sh``.
 
@@ -74,6 +77,10 @@ SETTINGS: dict[str, tuple[str, str]] = {
     "BENCH_GPU_BATCH": ("256", "GPU batch size"),
     "BENCH_GPU_SLICES": ("4096", "slices per GPU throughput measurement"),
     "BENCH_HOOK_TIMEOUT_S": ("600", "limit for each of node_bench.py and batch_bench.py"),
+    "BENCH_NODE_STREAM_SERIES": ("20", "series sent back to back by node_bench.py's stream"),
+    "BENCH_NODE_STREAM_SLICES": ("300", "slices per series of the stream (BENCH_PIXELS square)"),
+    "BENCH_NODE_STREAM_RUNTIME": ("auto", "--runtime of the node in the stream"),
+    "BENCH_NODE_STREAM_TIMEOUT_S": ("3600", "limit for node_bench.py's stream"),
     "BENCH_DATA": ("", "where fixture series and models are cached (default bench/.data)"),
 }
 
@@ -787,26 +794,38 @@ def bench_memory() -> list[dict[str, Any]]:
 # -- hooks for the node and batch benchmarks ----------------------------------------------------
 
 
+# (script, arguments, the setting that bounds it): the node's stream of series with the model
+# loaded takes far longer than its receive rate, so it runs on its own, under its own limit.
+HOOKS = (
+    ("node_bench.py", ("--measure", "rate,latency"), "BENCH_HOOK_TIMEOUT_S"),
+    ("node_bench.py", ("--measure", "stream"), "BENCH_NODE_STREAM_TIMEOUT_S"),
+    ("batch_bench.py", (), "BENCH_HOOK_TIMEOUT_S"),
+    ("pacs_bench.py", (), "BENCH_HOOK_TIMEOUT_S"),
+)
+
+
 def bench_hooks() -> list[dict[str, Any]]:
     rows = []
-    for script in ("node_bench.py", "batch_bench.py", "pacs_bench.py"):
+    for script, arguments, limit in HOOKS:
         path = BENCH_DIR / script
         if not path.exists():
             continue
+        figure = " ".join((script, *arguments))
         try:
-            proc = subprocess.run([sys.executable, str(path)], capture_output=True, text=True,
-                                  env=quiet_env(), timeout=int_setting("BENCH_HOOK_TIMEOUT_S"))
+            # the stream's own limit bounds its wait for the SRs; this one adds room to set up
+            timeout = int_setting(limit) + (600 if limit != "BENCH_HOOK_TIMEOUT_S" else 0)
+            proc = subprocess.run([sys.executable, str(path), *arguments], capture_output=True,
+                                  text=True, env=quiet_env(), timeout=timeout)
         except subprocess.TimeoutExpired:
-            rows.append({"figure": script,
-                         "skipped": f"timed out after {setting('BENCH_HOOK_TIMEOUT_S')} s"})
+            rows.append({"figure": figure, "skipped": f"timed out after {timeout} s"})
             continue
         if proc.returncode != 0:
-            rows.append({"figure": script, "skipped": proc.stderr.strip()[-300:]})
+            rows.append({"figure": figure, "skipped": proc.stderr.strip()[-300:]})
             continue
         try:
-            rows.append({"figure": script, "result": json.loads(proc.stdout)})
+            rows.append({"figure": figure, "result": json.loads(proc.stdout)})
         except json.JSONDecodeError as exc:
-            rows.append({"figure": script, "skipped": f"output is not JSON: {exc}"})
+            rows.append({"figure": figure, "skipped": f"output is not JSON: {exc}"})
     return rows
 
 
@@ -894,6 +913,13 @@ def table(rows: list[dict[str, Any]]) -> str:
         elif "seconds" in r:
             extra = f", {r['n_slices_used']} slices used" if "n_slices_used" in r else ""
             lines.append(f"{r['figure']:58s} {r['seconds']} s{extra}")
+        elif "stream" in r.get("result", {}):
+            st = r["result"]["stream"]
+            lines.append(
+                f"{r['figure']:58s} {st['series_per_hour']} series/h, {st['seconds_per_series']} "
+                f"s/series ({st['series']}x{st['slices_per_series']} slices, "
+                f"{st['runtime_chosen']}, worker {st['peak_rss_mib'].get('worker')} MiB)"
+            )
         else:
             lines.append(f"{r['figure']:58s} {json.dumps(r.get('result'))[:80]}")
     return "\n".join(lines)

@@ -600,3 +600,36 @@ def test_a_pacs_that_refuses_secondary_capture_fails_the_send_naming_it(
     assert record.state == FAILED
     assert "did not accept SOP class 1.2.840.10008.5.1.4.1.1.7 (result card" in record.reason
     assert received == []  # checked before anything is stored: not the SR alone either
+
+
+@pytest.mark.parametrize("decoder_memory_mb", [4096, 0])
+def test_the_classified_log_line_splits_decode_model_and_heatmap_seconds(
+    tmp_path: Path,
+    studies_root: Path,
+    classifier,
+    caplog: pytest.LogCaptureFixture,
+    decoder_memory_mb: int,
+):
+    # What a profile of the node reads; without a decoder process decode overlaps the model,
+    # so the line gives one figure for both and none for decode alone. The key slices' heatmaps
+    # come from the scoring run where the graph keeps its maps, so theirs may round to 0.
+    import re
+
+    worker = make_worker(tmp_path, classifier, None, decoder_memory_mb=decoder_memory_mb)
+    for path in ct_files(studies_root, "study_000"):
+        put(worker.store, path)
+    with caplog.at_level("INFO", logger="ctcovid.node.worker"):
+        run_until_idle(worker)
+
+    (line,) = [r.getMessage() for r in caplog.records if "event=classified" in r.getMessage()]
+    fields = dict(re.findall(r"(\w+)=(\S+)", line))
+    total, model = float(fields["seconds"]), float(fields["model_seconds"])
+    heatmap = float(fields["heatmap_seconds"])
+    rounding = 0.02  # each figure is stated to 0.01 s; a fast CPU may state 0.00
+    if decoder_memory_mb:
+        decode = float(fields["decode_seconds"])
+        assert min(decode, model, heatmap) >= 0
+        assert decode + model + heatmap <= total + rounding
+    else:
+        assert fields["decode_seconds"] == "-"
+        assert min(model, heatmap) >= 0 and model + heatmap <= total + rounding

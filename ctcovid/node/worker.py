@@ -221,15 +221,20 @@ class Worker:
                 if self.config.ignore_keep_hours == 0:
                     self.remove_ignored_files()
             return
+        decode_seconds: float | None = None  # timings for the log line (profiling)
         try:
             # Below the floor the SR could not be stored: wait for space before spending the
             # model's time, and do not fail the job for a condition that passes.
             self.store.files.check_free_space()
             if self.config.decoder_memory_mb > 0:
+                decode_start = time.perf_counter()
                 prepared = self._prepare(record)
+                decode_seconds = time.perf_counter() - decode_start
                 self.beat()
                 series = prepared.series
+                model_start = time.perf_counter()
                 probabilities, prepared.cams = self.classifier.score(prepared.used.slices)
+                model_seconds = time.perf_counter() - model_start
                 result = self.classifier.result(
                     prepared, probabilities, time.perf_counter() - start
                 )
@@ -242,10 +247,15 @@ class Worker:
                 )
                 if not series.usable:
                     raise InvalidInputError(series.reason)
+                model_start = time.perf_counter()
                 prepared, result = self.classifier.run(series)
+                # decode overlaps the model here: one figure for both, none for decode alone
+                model_seconds = time.perf_counter() - model_start
             self.beat()
             slices = prepared.used.slices
+            cams_start = time.perf_counter()
             cams = self._key_slice_maps(prepared, result, log_ids)
+            cams_seconds = time.perf_counter() - cams_start
             picture = self._card_picture(slices, result, cams)
             built = self._build_sr(record, result, series, picture)
         except InvalidInputError as exc:
@@ -317,7 +327,8 @@ class Worker:
         revision, sr, _ = built
         logger.info(
             "event=classified %s rule=%s action=%s revision=%d probability_covid=%s label=%s "
-            "slices=%d seconds=%.2f sr=%s",
+            "slices=%d seconds=%.2f sr=%s decode_seconds=%s model_seconds=%.2f "
+            "heatmap_seconds=%.2f",
             log_ids,
             rule.name,
             rule.action,
@@ -327,6 +338,9 @@ class Worker:
             result.n_slices_used,
             seconds,
             sr.SOPInstanceUID,
+            "-" if decode_seconds is None else f"{decode_seconds:.2f}",
+            model_seconds,
+            cams_seconds,
         )
 
     def route(self, record: SeriesRecord) -> Rule:
