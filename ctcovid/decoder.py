@@ -206,6 +206,14 @@ class Decoders:
         else:
             self._queued.append((job, where))
 
+    def start(self) -> None:
+        """Hand the series submitted to the decoder processes now, without waiting for any
+        (``submit`` only queues them; ``collect`` starts them too): for a caller that does
+        other work before it collects."""
+        broken = self._dispatch()
+        if broken:
+            self._recover(broken)
+
     def decode(self, job: Any, where: SeriesFiles) -> Decoded:
         """Decode one series and wait for it (for a caller with nothing else in flight)."""
         assert not self.busy, "decode() waits for one series; use submit() and collect()"
@@ -283,6 +291,12 @@ class Decoders:
         self._executor = self._new_pool()
         self._alone = False
 
-    def close(self, wait: bool = False) -> None:
+    def close(self, wait: bool = False, *, abandon: bool = False) -> None:
+        """Shut the pools made here down; with ``abandon``, first end their processes, so
+        that a series being decoded whose result nobody will collect does not hold the
+        caller up (a pool waits for the series in flight otherwise)."""
         for own in self._own:
+            if abandon:
+                for process in list((own._processes or {}).values()):
+                    process.kill()
             own.shutdown(wait=wait, cancel_futures=True)
