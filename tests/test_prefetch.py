@@ -102,10 +102,12 @@ def test_stopping_with_a_series_decoded_ahead_leaves_it_waiting_for_the_next_wor
     put_all(worker, ct_files(studies_root, "study_001"))
     steps: list[int] = []
     decoders: list[int] = []
+    niceness: list[int] = []
 
     def one_step() -> bool:  # the stop comes while the first series is being finished
         if steps and worker._decoder is not None and worker._decoder._executor is not None:
             decoders.extend(worker._decoder._executor._processes)
+            niceness.extend(os.getpriority(os.PRIO_PROCESS, pid) for pid in decoders)
         steps.append(1)
         return len(steps) == 1
 
@@ -118,6 +120,9 @@ def test_stopping_with_a_series_decoded_ahead_leaves_it_waiting_for_the_next_wor
     assert "classifying" not in [h["state"] for h in history]  # never claimed
     assert events(caplog, "event=prefetch_abandoned")
     assert decoders
+    # Decoding ahead yields the CPU to the model's scoring.
+    ours = os.getpriority(os.PRIO_PROCESS, 0)
+    assert niceness and all(n >= min(ours + 1, 19) for n in niceness)  # 19: the lowest there is
     for pid in decoders:  # the decode in flight was ended, not waited for
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)

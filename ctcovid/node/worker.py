@@ -57,6 +57,10 @@ Built = tuple[int, Any, Path]
 IGNORED_SWEEP_SECONDS = 60.0
 # What a result card shows: the key slice as the model saw it, and its heatmap (None: none).
 CardPicture = tuple[Any, Any]
+# With ``prefetch`` the decoder runs below the model's CPU priority: a series decoded ahead
+# takes the cycles the model leaves idle, and never slows the scoring it overlaps (on two cores
+# both are CPU-bound, and at equal priority the decode ahead only moved time into the scoring).
+PREFETCH_NICENESS = 10
 
 
 class StopFlag(Protocol):
@@ -580,7 +584,10 @@ class Worker:
         or take it as decoded ahead when that is still its content."""
         if self._decoder is None:
             self._decoder = Decoders(
-                self.classifier.ingest_config, workers=1, memory_mb=self.config.decoder_memory_mb
+                self.classifier.ingest_config,
+                workers=1,
+                memory_mb=self.config.decoder_memory_mb,
+                niceness=PREFETCH_NICENESS if self.config.prefetch else 0,
             )
         decoded = self._take_ahead(record)
         if decoded is None:
