@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import multiprocessing
+import os
 import resource
 from collections import deque
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -52,8 +53,18 @@ def limit_memory(memory_mb: int) -> None:
     resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
 
 
-def decoder_pool(workers: int, memory_mb: int = DEFAULT_DECODER_MEMORY_MB) -> ProcessPoolExecutor:
-    """A pool of fresh interpreters, each under :func:`limit_memory`.
+def start_decoder(memory_mb: int, niceness: int = 0) -> None:
+    """Initializer of a decoder process: :func:`limit_memory`, then lower its CPU priority by
+    ``niceness`` (0: as its parent's)."""
+    limit_memory(memory_mb)
+    if niceness > 0:
+        os.nice(niceness)
+
+
+def decoder_pool(
+    workers: int, memory_mb: int = DEFAULT_DECODER_MEMORY_MB, niceness: int = 0
+) -> ProcessPoolExecutor:
+    """A pool of fresh interpreters, each under :func:`limit_memory` (and ``niceness``).
 
     Workers are spawned, not forked: forking a process that may already run a deep-learning
     runtime's threads is unsafe.
@@ -61,8 +72,8 @@ def decoder_pool(workers: int, memory_mb: int = DEFAULT_DECODER_MEMORY_MB) -> Pr
     return ProcessPoolExecutor(
         max_workers=workers,
         mp_context=multiprocessing.get_context("spawn"),
-        initializer=limit_memory,
-        initargs=(memory_mb,),
+        initializer=start_decoder,
+        initargs=(memory_mb, niceness),
     )
 
 
@@ -159,10 +170,12 @@ class Decoders:
         workers: int,
         memory_mb: int = DEFAULT_DECODER_MEMORY_MB,
         pool: ProcessPoolExecutor | None = None,
+        niceness: int = 0,
     ):
         self.ingest = ingest
         self.workers = workers
         self.memory_mb = memory_mb
+        self.niceness = niceness
         # Enough series in flight that the decoders never wait for the classifier, few enough
         # that decoded slices do not pile up in memory.
         self.max_in_flight = 2 * max(workers, 0) + 1
@@ -183,7 +196,7 @@ class Decoders:
         self.close()
 
     def _new_pool(self) -> ProcessPoolExecutor:
-        executor = decoder_pool(self.workers, self.memory_mb)
+        executor = decoder_pool(self.workers, self.memory_mb, self.niceness)
         self._own.append(executor)
         return executor
 
@@ -205,6 +218,14 @@ class Decoders:
             self._done.append(decode_series(job, where, self.ingest))
         else:
             self._queued.append((job, where))
+
+    def start(self) -> None:
+        """Hand the series submitted to the decoder processes now, without waiting for any
+        (``submit`` only queues them; ``collect`` starts them too): for a caller that does
+        other work before it collects."""
+        broken = self._dispatch()
+        if broken:
+            self._recover(broken)
 
     def decode(self, job: Any, where: SeriesFiles) -> Decoded:
         """Decode one series and wait for it (for a caller with nothing else in flight)."""
@@ -283,6 +304,12 @@ class Decoders:
         self._executor = self._new_pool()
         self._alone = False
 
-    def close(self, wait: bool = False) -> None:
+    def close(self, wait: bool = False, *, abandon: bool = False) -> None:
+        """Shut the pools made here down; with ``abandon``, first end their processes, so
+        that a series being decoded whose result nobody will collect does not hold the
+        caller up (a pool waits for the series in flight otherwise)."""
         for own in self._own:
+            if abandon:
+                for process in list((own._processes or {}).values()):
+                    process.kill()
             own.shutdown(wait=wait, cancel_futures=True)

@@ -98,6 +98,8 @@ class NodeConfig:
     worker_stall_seconds: float = 1800.0
     # Address-space limit of the decoder process (RLIMIT_AS); 0: no limit.
     decoder_memory_mb: int = 4096
+    # With a decoder process: decode the next waiting series while the model scores this one.
+    prefetch: bool = True
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_ca: Path | None = None

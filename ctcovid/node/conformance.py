@@ -126,6 +126,7 @@ _SETTINGS: dict[str, str] = {
     "send_deadline_seconds": "whole send of one SR (default: three network timeouts)",
     "worker_stall_seconds": "a worker silent this long is killed and restarted",
     "decoder_memory_mb": "address-space limit of the decoder process (0: none)",
+    "prefetch": "decode the next waiting series while the model scores this one (one ahead)",
     "tls_cert": "the node's TLS certificate (TLS on when given)",
     "tls_key": "the key of tls_cert",
     "tls_ca": "CA callers' certificates must be signed by (client certificates required)",

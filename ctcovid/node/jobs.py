@@ -808,15 +808,29 @@ class JobDatabase:
             )
             return cur.rowcount
 
+    # The job claim_next takes: the oldest due waiting series, by first arrival.
+    _NEXT_WAITING = (
+        f"SELECT {_COLUMNS} FROM series WHERE state = ? AND next_try <= ? "
+        "ORDER BY first_received, rowid LIMIT 1"
+    )
+
+    def next_waiting(self) -> SeriesRecord | None:
+        """The series :meth:`claim_next` would take now, left ``waiting`` (not a transition).
+
+        For a worker that decodes it ahead: every change to a series' files is followed by a
+        new ``generation`` (:meth:`record_instance`), so files read after this call are those a
+        claim with this same generation finds; a claim with another generation must read them
+        again.
+        """
+        with self._lock:
+            row = self._conn.execute(self._NEXT_WAITING, (WAITING, time.time())).fetchone()
+        return SeriesRecord(**dict(row)) if row is not None else None
+
     def claim_next(self) -> SeriesRecord | None:
         """``waiting`` -> ``classifying`` for the oldest due series (by first arrival)."""
         now = time.time()
         with self._transaction() as db:
-            row = db.execute(
-                f"SELECT {_COLUMNS} FROM series WHERE state = ? AND next_try <= ? "
-                "ORDER BY first_received, rowid LIMIT 1",
-                (WAITING, now),
-            ).fetchone()
+            row = db.execute(self._NEXT_WAITING, (WAITING, now)).fetchone()
             if row is None:
                 return None
             db.execute(

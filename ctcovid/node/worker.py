@@ -3,7 +3,9 @@
 Each step queues the series that have been quiet for ``stable_seconds`` and classifies the oldest
 waiting one (scan its folder, judge it with the ingest rules, ``Classifier.classify``,
 ``build_sr``, store the SR, with ``result_card`` its result card, and, for the node's page,
-key-slice heatmaps as PNG). SRs (with their cards) whose send
+key-slice heatmaps as PNG). While the model scores a series, the decoder process decodes the
+next waiting one (``prefetch``) without claiming it: its claim uses that decode only when the
+series is still of the generation decoded. SRs (with their cards) whose send
 is due go out from a thread of their own, each send under a hard deadline, so a slow or stalled
 PACS never holds up classification; each result's ORU to the RIS (``hl7``) and SR to each
 named destination (``[destination.NAME]``) go from a thread per destination
@@ -29,7 +31,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from ctcovid.decoder import Decoders, SeriesFiles
+from ctcovid.decoder import Decoded, Decoders, SeriesFiles
 from ctcovid.dicom.rules import DEFAULT_RULES, Rule, decide
 from ctcovid.dicom.series import load_series
 from ctcovid.errors import InvalidInputError, ReportError
@@ -55,6 +57,10 @@ Built = tuple[int, Any, Path]
 IGNORED_SWEEP_SECONDS = 60.0
 # What a result card shows: the key slice as the model saw it, and its heatmap (None: none).
 CardPicture = tuple[Any, Any]
+# With ``prefetch`` the decoder runs below the model's CPU priority: a series decoded ahead
+# takes the cycles the model leaves idle, and never slows the scoring it overlaps (on two cores
+# both are CPU-bound, and at equal priority the decode ahead only moved time into the scoring).
+PREFETCH_NICENESS = 10
 
 
 class StopFlag(Protocol):
@@ -88,6 +94,11 @@ class Worker:
         # Pixels are decoded in a process of their own under a memory limit: a file that
         # crashes or exhausts the decoder fails its series, not the worker.
         self._decoder: Decoders | None = None
+        # The series the next claim is expected to take, submitted to the decoder while the
+        # model scores the current one (``prefetch``); at most one, so that the decoder's
+        # memory limit still applies to one series.
+        self._ahead: SeriesRecord | None = None
+        self._stop: StopFlag | None = None
         self._sender: SrSender | None = None
         self._sender_config: NodeConfig | None = None
         self._next_sweep = 0.0
@@ -118,6 +129,7 @@ class Worker:
         next worker), so stopping never waits for a peer.
         """
         logger.info("event=worker_ready model=%s", self.classifier.artifact.info.name)
+        self._stop = stop
         sender: threading.Thread | None = None
         if self.sender is not None:
             sender = threading.Thread(
@@ -149,10 +161,19 @@ class Worker:
         logger.info("event=worker_stopped")
 
     def close(self) -> None:
-        """End the decoder process (idle between series, so it exits at once)."""
+        """End the decoder process. A series it decodes ahead is abandoned (the process is
+        ended, not waited for): it was never claimed, so it stays ``waiting`` for the next
+        worker."""
         if self._decoder is not None:
-            self._decoder.close(wait=True)
+            if self._ahead is not None:
+                logger.info(
+                    "event=prefetch_abandoned study=%s series=%s reason=stopping",
+                    self._ahead.study_instance_uid,
+                    self._ahead.series_instance_uid,
+                )
+            self._decoder.close(wait=True, abandon=self._ahead is not None)
             self._decoder = None
+            self._ahead = None
 
     def _send_loop(
         self,
@@ -231,6 +252,9 @@ class Worker:
                 prepared = self._prepare(record)
                 decode_seconds = time.perf_counter() - decode_start
                 self.beat()
+                # The decoder process is idle now: it decodes the next series while the
+                # model's threads score this one.
+                self._prefetch()
                 series = prepared.series
                 model_start = time.perf_counter()
                 probabilities, prepared.cams = self.classifier.score(prepared.used.slices)
@@ -347,6 +371,13 @@ class Worker:
         """The routing rule ``record`` matches (noted on its job): the first rule whose
         conditions hold for the header of the series' first recorded instance and the calling
         AE title that sent it. Without rules, the default (classify) at no cost."""
+        rule = self._rule(record)
+        if record.rule != rule.name:
+            self.store.jobs.note_rule(record, rule.name)
+        return rule
+
+    def _rule(self, record: SeriesRecord) -> Rule:
+        """The routing rule ``record`` matches, as :meth:`route` decides it (noted nowhere)."""
         rules = self.config.rules
         if rules == DEFAULT_RULES:
             rule = rules[0]
@@ -369,8 +400,6 @@ class Worker:
                 uid,
                 decision.to_dict(),
             )
-        if record.rule != rule.name:
-            self.store.jobs.note_rule(record, rule.name)
         return rule
 
     def remove_ignored_files(self) -> int:
@@ -566,17 +595,84 @@ class Worker:
             ) from exc
 
     def _prepare(self, record: SeriesRecord) -> Any:
-        """Decode the series in the decoder process (started on first use, renewed if it died)."""
+        """Decode the series in the decoder process (started on first use, renewed if it died),
+        or take it as decoded ahead when that is still its content."""
         if self._decoder is None:
             self._decoder = Decoders(
-                self.classifier.ingest_config, workers=1, memory_mb=self.config.decoder_memory_mb
+                self.classifier.ingest_config,
+                workers=1,
+                memory_mb=self.config.decoder_memory_mb,
+                niceness=PREFETCH_NICENESS if self.config.prefetch else 0,
             )
-        study, uid = record.study_instance_uid, record.series_instance_uid
-        where = SeriesFiles(self.store.files.series_dir(study, uid), study, uid)
-        decoded = self._decoder.decode(record, where)
+        decoded = self._take_ahead(record)
+        if decoded is None:
+            decoded = self._decoder.decode(record, self._series_files(record))
         if decoded.prepared is None:
             raise (InvalidInputError if decoded.unusable else DecodeFailed)(decoded.error)
         return decoded.prepared
+
+    def _series_files(self, record: SeriesRecord) -> SeriesFiles:
+        study, uid = record.study_instance_uid, record.series_instance_uid
+        return SeriesFiles(self.store.files.series_dir(study, uid), study, uid)
+
+    def _prefetch(self) -> None:
+        """Submit the series the next claim would take to the (idle) decoder, unclaimed.
+
+        The job stays ``waiting``: a stop or a crash leaves nothing to give back, and a series
+        that changes meanwhile shows a new generation when it is claimed (:meth:`_take_ahead`
+        then decodes it again). A series its rule ignores is not decoded.
+        """
+        if not self.config.prefetch or self._decoder is None or self._ahead is not None:
+            return
+        if self._stop is not None and self._stop.is_set():
+            return
+        try:
+            # A series that went quiet while this one was decoded is queued now, not at the
+            # next step, so that it can be the one decoded ahead.
+            self.store.jobs.promote_stable(self.config.stable_seconds)
+            ahead = self.store.jobs.next_waiting()
+            if ahead is None or self._rule(ahead).action == "ignore":
+                return
+        except Exception:  # only an optimisation: the series is decoded when claimed
+            logger.warning("event=prefetch_skipped", exc_info=True)
+            return
+        self._decoder.submit(ahead, self._series_files(ahead))
+        self._decoder.start()
+        self._ahead = ahead
+        logger.debug(
+            "event=prefetch_started study=%s series=%s generation=%d",
+            ahead.study_instance_uid,
+            ahead.series_instance_uid,
+            ahead.generation,
+        )
+
+    def _take_ahead(self, record: SeriesRecord) -> Decoded | None:
+        """The series decoded ahead (waited for), when it is ``record`` as claimed: the same
+        series at the same generation, so the same files. None otherwise (what was decoded
+        is dropped)."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is None or self._decoder is None:
+            return None
+        while not (collected := self._decoder.collect(timeout=None)):
+            pass  # a decoder died: the series runs again alone
+        decoded = collected[0]
+        ids = f"study={ahead.study_instance_uid} series={ahead.series_instance_uid}"
+        if (ahead.study_instance_uid, ahead.series_instance_uid) != (
+            record.study_instance_uid,
+            record.series_instance_uid,
+        ):
+            logger.info("event=prefetch_dropped %s reason=another_series_claimed", ids)
+            return None
+        if ahead.generation != record.generation:
+            logger.info(
+                "event=prefetch_dropped %s reason=series_changed generation=%d claimed=%d",
+                ids,
+                ahead.generation,
+                record.generation,
+            )
+            return None
+        logger.debug("event=prefetch_used %s", ids)
+        return decoded
 
     # -- send -------------------------------------------------------------------------------
 
