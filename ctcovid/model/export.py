@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import gc
 import hashlib
 import io
 import logging
@@ -300,6 +301,11 @@ def convert_to_onnx(model: Any, out: Path, input_size: int) -> None:
             os.environ.pop("TF2ONNX_CATCH_ERRORS", None)
         else:
             os.environ["TF2ONNX_CATCH_ERRORS"] = previous
+        # The conversion's frozen TensorFlow graphs and tf2onnx's graph are reference cycles that
+        # outlive it until a full collection: 7.2 of the 8.4 GB resident after converting the
+        # 256 px Res-Dense Net, under the Keras check and the int8 calibration that follow.
+        del function
+        gc.collect()
     import onnx
 
     inputs = [i.name for i in onnx.load(str(out), load_external_data=False).graph.input]
