@@ -23,6 +23,11 @@ Sections (``--sections``, default all but ``gpu``):
   whole process, model load included, peak RSS of the command itself), with the runtime ``auto``
   chose and the log line that says why; the CPU's VNNI/AMX/BF16 flags are recorded with the
   rows;
+- ``export``: peak RSS of ``ctcovid export`` of the untrained ``BENCH_INPUT_SIZE`` model, each in
+  a fresh interpreter (its own VmHWM): the fp32 graph alone, ``--int8`` with the fp32 graph
+  already exported and from the Keras model, each beside the baseline of ONNX Runtime's
+  ``quantize_static`` calibrating on its own session (and whether both wrote the same int8
+  bytes), and ``--bf16``; the CPU is recorded with the rows;
 - ``memory``: peak RSS of ``ctcovid classify`` on a 700-slice series (small model input);
 - ``hooks``: ``bench/node_bench.py``, ``bench/batch_bench.py`` and ``bench/pacs_bench.py`` when
   present (JSON on stdout); the node's receive rate and latency, then, on its own and under its
@@ -435,6 +440,17 @@ def round_robin(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, li
     return times
 
 
+def calibration_data(size: int) -> Path:
+    """Cached calibration scans: 4 phantom scans of 8 slices, COV19-CT-DB layout."""
+    calib = data_dir() / f"calibration-{size}"
+    if not (calib / ".done").exists():
+        from dicom_fixtures import write_cov19_layout
+
+        write_cov19_layout(calib, n_per_class=2, n_slices=8, size=size, seed=5)
+        (calib / ".done").write_text("")
+    return calib
+
+
 def exported_model(size: int) -> tuple[Path, Path, dict[str, Any]]:
     """The untrained fixture model with ONNX graphs, its calibration data, and the export report.
 
@@ -448,12 +464,7 @@ def exported_model(size: int) -> tuple[Path, Path, dict[str, Any]]:
     from ctcovid.model.artifact import read_artifact, write_metadata
     from ctcovid.training import export as ex
 
-    calib = data_dir() / f"calibration-{size}"
-    if not (calib / ".done").exists():
-        from dicom_fixtures import write_cov19_layout
-
-        write_cov19_layout(calib, n_per_class=2, n_slices=8, size=size, seed=5)
-        (calib / ".done").write_text("")
+    calib = calibration_data(size)
     folder = data_dir() / f"model-{size}-runtimes"
     report_file = folder / "export-report.json"
     if report_file.exists():
@@ -732,6 +743,106 @@ def run_classify_peak(
         return seconds, json.loads(out.read()), peak, log
 
 
+PEAK_EXPORT = """
+import functools, os, sys
+from ctcovid.cli.main import app
+if os.environ.get("BENCH_CALIBRATION") == "quantize_static":
+    # The baseline: ONNX Runtime's quantize_static calibrating on its own session, as before.
+    import ctcovid.training.export as export
+    export.quantize = functools.partial(export.quantize, bounded=False)
+try:
+    app(sys.argv[1:], prog_name="ctcovid")
+finally:
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            print("PEAK_KIB", line.split()[1], file=sys.stderr)
+"""
+
+
+def run_export_peak(folder: Path, *args: str, calibration: str = "bounded"
+                    ) -> tuple[float, dict[str, Any], int | None]:
+    """Wall seconds of ``ctcovid export FOLDER --json ARGS`` in a fresh interpreter, its JSON and
+    its own peak RSS in MiB (VmHWM, Linux); ``calibration="quantize_static"``: the baseline."""
+    import tempfile
+
+    cmd = [sys.executable, "-c", PEAK_EXPORT, "export", str(folder), "--json", *args]
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        start = time.perf_counter()
+        code = subprocess.run(cmd, stdout=out, stderr=err,
+                              env=quiet_env(BENCH_CALIBRATION=calibration)).returncode
+        seconds = time.perf_counter() - start
+        out.seek(0)
+        err.seek(0)
+        log = err.read().splitlines()
+        if code != 0:
+            raise RuntimeError(f"export {' '.join(args)} failed ({code}): {log[-3:]}")
+        peak = next((int(x.split()[1]) // 1024 for x in log if x.startswith("PEAK_KIB")), None)
+        return seconds, json.loads(out.read()), peak
+
+
+def bench_export() -> list[dict[str, Any]]:
+    """Peak RSS of ``ctcovid export`` (each in a fresh interpreter, its own VmHWM) of the untrained
+    BENCH_INPUT_SIZE model: the fp32 graph alone (the tf2onnx conversion), --int8 on a folder
+    whose fp32 graph is already exported (the calibration and the gate alone) and from the Keras
+    model (conversion included), each beside the baseline of quantize_static calibrating on its
+    own session (the same int8 bytes: the row says whether they were), and --bf16."""
+    import shutil
+
+    from ctcovid.model.export import cpu_description
+
+    size = int_setting("BENCH_INPUT_SIZE")
+    calib = calibration_data(size)
+    cpu = cpu_description()
+    work = data_dir() / f"export-{size}"
+    if work.exists():
+        shutil.rmtree(work)
+    fp32 = work / "fp32"
+    shutil.copytree(fixture_model(size), fp32)
+    int8 = ("--int8", "--calibration", str(calib))
+    runs: list[tuple[str, str, str, tuple[str, ...], str]] = [
+        # (figure, model folder copied from, how, arguments, calibration)
+        ("fp32 (tf2onnx conversion)", "", "", (), "bounded"),
+        ("--int8, fp32 graph exported", "fp32", "int8", int8, "bounded"),
+        ("--int8, fp32 graph exported", "fp32", "int8 baseline", int8, "quantize_static"),
+        ("--int8 from the Keras model", "", "int8 keras", int8, "bounded"),
+        ("--int8 from the Keras model", "", "int8 keras baseline", int8, "quantize_static"),
+        ("--bf16, fp32 graph exported", "fp32", "bf16", ("--bf16", "--calibration", str(calib)),
+         "bounded"),
+    ]
+    rows: list[dict[str, Any]] = []
+    graphs: dict[str, str] = {}
+    for figure, source, name, args, calibration in runs:
+        folder = fp32 if not name else work / name.replace(" ", "-")
+        if name:
+            shutil.copytree(fp32 if source else fixture_model(size), folder)
+        try:
+            seconds, out, peak = run_export_peak(folder, *args, calibration=calibration)
+        except RuntimeError as exc:  # bf16 on a CPU without BF16; a gate that refused
+            rows.append({"figure": f"export {figure}, {size}px", "skipped": str(exc)[-300:],
+                         "cpu": cpu})
+            continue
+        sha = out["graphs"].get("int8", {}).get("sha256") if "--int8" in args else None
+        if sha:
+            graphs[name] = sha
+        rows.append({
+            "figure": f"export {figure}, {size}px"
+            + (", baseline quantize_static calibration" if calibration != "bounded" else ""),
+            "unit": "MiB",
+            "peak_rss_mib": peak,
+            "seconds": round(seconds, 1),
+            "written": out["written"],
+            # Only beside the same model.onnx: tf2onnx's conversions differ in their bytes.
+            **({"int8_sha256": sha, "same_int8_graph_as_bounded":
+                sha == graphs.get(name.removesuffix(" baseline"))}
+               if sha and calibration != "bounded" and source else {}),
+            "cpu": cpu,
+        })
+        if name:
+            shutil.rmtree(folder)
+    shutil.rmtree(work)
+    return rows
+
+
 # -- end to end and memory ----------------------------------------------------------------------
 
 
@@ -925,7 +1036,7 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-SECTIONS = ("ingest", "inference", "e2e", "runtimes", "memory", "hooks")
+SECTIONS = ("ingest", "inference", "e2e", "runtimes", "export", "memory", "hooks")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -948,6 +1059,7 @@ def main(argv: list[str] | None = None) -> int:
         "inference": lambda: bench_inference(repeats),
         "e2e": bench_e2e,
         "runtimes": lambda: bench_runtimes(repeats),
+        "export": bench_export,
         "memory": bench_memory,
         "hooks": bench_hooks,
         "gpu": lambda: bench_gpu(repeats),

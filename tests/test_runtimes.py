@@ -580,6 +580,45 @@ def test_too_few_scans_near_the_threshold_refuses(gate_data, tmp_path):
     assert not (folder / GRAPH_FILES["int8"]).exists() and not (folder / CHECK_FILE).exists()
 
 
+@pytest.mark.parametrize("method", ["minmax", "minmax, convolutions only", "percentile", "entropy"])
+def test_bounded_calibration_writes_the_graph_of_quantize_statics_own(gate_data, tmp_path, method):
+    """The export's calibration on its own lean session (the default) and ONNX Runtime's
+    quantize_static calibrating on its own session write the same bytes, for every calibration
+    method, over 20 slices (two batches and a partial third): the ranges are the same to the bit.
+    Other slices give another graph, so the equality is the ranges', not an empty calibration's.
+    """
+    from ctcovid.model.export import quantize, sample_slices
+    from ctcovid.training.export import read_scans
+
+    recipe = {
+        "minmax": RECIPES[0],
+        "minmax, convolutions only": CONVOLUTION,
+        # The small graph's ends are all of it: these quantise them.
+        "percentile": Recipe("percentile", "Percentile", keep_ends_float=False, percentile=99.9),
+        "entropy": Recipe("entropy", "Entropy", keep_ends_float=False),
+    }[method].resolved(cpu_description())
+    ingest = read_artifact(gate_data["folder"]).ingest_config
+    scans, _ = read_scans(gate_data["calibration"], ingest)
+    slices = sample_slices(scans, 20)
+    assert len(slices) == 20
+    fp32 = gate_data["folder"] / GRAPH_FILES["onnx"]
+    written = {}
+    for name, calibration, bounded in (
+        ("bounded", slices, True),
+        ("quantize_static", slices, False),
+        ("other slices", slices // 2, True),
+    ):
+        quantize(fp32, tmp_path / f"{name}.onnx", calibration, recipe, bounded=bounded)
+        written[name] = sha256_file(tmp_path / f"{name}.onnx")
+    assert written["bounded"] == written["quantize_static"]
+    assert written["other slices"] != written["bounded"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [  # no temporary file left behind
+        "bounded.onnx",
+        "other slices.onnx",
+        "quantize_static.onnx",
+    ]
+
+
 def damage_int8_graph(folder: Path) -> None:
     """Scale the int8 graph's first weight scale by 1.5 and record the new file's sha256, as if
     the graph had changed after its gate (another quantiser, another ONNX Runtime)."""

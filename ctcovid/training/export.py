@@ -217,26 +217,63 @@ def _gate_record(result: GateResult) -> dict[str, Any]:
     }
 
 
-def _confirmation(
-    source: Path,
-    skipped: list[str],
-    counts: dict[str, int],
-    requirements: GateRequirements,
+@dataclass(frozen=True)
+class ValidationScans:
+    """The scans that confirm a gate (``--validation``), their fp32 outputs and what they hold."""
+
+    source: Path
+    scans: list[ScanSlices]
+    skipped: list[str]
+    fp32: dict[str, Scored]
+    counts: dict[str, int]
+
+
+def _verification(
     result: GateResult,
-    n_near: int,
+    validation: ValidationScans | None,
+    requirements: GateRequirements,
+    threshold: float,
+    *,
+    unverified: str,
+    selected: bool = False,
+    gate: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The record of a gate confirmed on validation scans, with the bound on the flip rate."""
+    """The ``verification`` record of a gated graph (int8, bf16).
+
+    ``result`` is its gate on the validation scans when there are some: verified, with the bound
+    on the label flip rate. Without them the record is unverified, says why (``unverified``) and
+    holds ``gate``, the gate it passed instead, if any. ``selected``: a recipe was selected on
+    the calibration scans (int8).
+    """
+    selection = {"selected_on": "calibration scans"} if selected else {}
+    if validation is None:
+        return {
+            "status": UNVERIFIED,
+            "reason": unverified,
+            **selection,
+            "confirmed_on": None,
+            **({"gate": gate} if gate is not None else {}),
+        }
+    n_near = sum(
+        abs(validation.fp32[s.scan_id].scan_probability - threshold) <= requirements.near
+        for s in validation.scans
+    )
     return {
-        "source": str(source),
-        "skipped": skipped,
-        **counts,
-        "requirements": asdict(requirements),
-        **_gate_record(result),
-        "flip_rate_upper_bound": {
-            "confidence": CONFIDENCE,
-            "method": "Clopper-Pearson, one-sided",
-            "all_scans": flip_rate_upper_bound(0, len(result.scans)),
-            "near_threshold": flip_rate_upper_bound(0, n_near),
+        "status": VERIFIED,
+        **selection,
+        "confirmed_on": "validation scans",
+        "confirmation": {
+            "source": str(validation.source),
+            "skipped": validation.skipped,
+            **validation.counts,
+            "requirements": asdict(requirements),
+            **_gate_record(result),
+            "flip_rate_upper_bound": {
+                "confidence": CONFIDENCE,
+                "method": "Clopper-Pearson, one-sided",
+                "all_scans": flip_rate_upper_bound(0, len(result.scans)),
+                "near_threshold": flip_rate_upper_bound(0, n_near),
+            },
         },
     }
 
@@ -248,7 +285,7 @@ def _bf16_graph(
     fp32_path: Path,
     fp32_sha256: str,
     fp32_runtime: OnnxRuntime,
-    validation: tuple[Path | None, list[ScanSlices], list[str], dict[str, Scored], dict[str, int]],
+    validation: ValidationScans | None,
     calibration: tuple[Path | None, list[ScanSlices]],
     requirements: GateRequirements,
     cpu: dict[str, Any],
@@ -258,13 +295,12 @@ def _bf16_graph(
     On the validation scans when there are some (verified), else on the calibration scans
     (unverified). Raises :class:`ModelError` when the gate refuses.
     """
-    val_source, val_scans, val_skipped, fp32_val, counts = validation
     cal_source, cal_scans = calibration
     threshold = artifact.threshold
     runtime = OpenVinoRuntime(fp32_path, "bf16", fp32_sha256, precision="bf16")
     source: Path | None
-    if val_source is not None:
-        scans, fp32, source = val_scans, fp32_val, val_source
+    if validation is not None:
+        scans, fp32, source = validation.scans, validation.fp32, validation.source
     else:
         scans, fp32, source = cal_scans, score(fp32_runtime, cal_scans), cal_source
     measured = score(runtime, scans)
@@ -274,28 +310,15 @@ def _bf16_graph(
         raise ModelError(
             f"{folder}: bf16 refused on the scans of {source}: {result.summary()}; nothing written"
         )
-    verification: dict[str, Any]
-    if val_source is not None:
-        near = [
-            s
-            for s in val_scans
-            if abs(fp32_val[s.scan_id].scan_probability - threshold) <= requirements.near
-        ]
-        verification = {
-            "status": VERIFIED,
-            "confirmed_on": "validation scans",
-            "confirmation": _confirmation(
-                val_source, val_skipped, counts, requirements, result, len(near)
-            ),
-        }
-    else:
-        verification = {
-            "status": UNVERIFIED,
-            "reason": "no validation scans at export (--validation); gated on the calibration "
-            "scans only",
-            "confirmed_on": None,
-            "gate": {"source": str(cal_source), **_gate_record(result)},
-        }
+    verification = _verification(
+        result,
+        validation,
+        requirements,
+        threshold,
+        unverified="no validation scans at export (--validation); gated on the calibration "
+        "scans only",
+        gate={"source": str(cal_source), **_gate_record(result)},
+    )
     check_path = tmp / CHECK_FILES["bf16"]
     slices, origins = check_slices(scans, fp32, measured, CHECK_SLICES)
     check = write_check(check_path, slices, fp32_runtime, runtime, "bf16")
@@ -317,7 +340,7 @@ def _bf16_graph(
         "load_check": {
             "file": CHECK_FILES["bf16"],
             "sha256": sha256_file(check_path),
-            "from": "validation scans" if val_source is not None else "calibration scans",
+            "from": "validation scans" if validation is not None else "calibration scans",
             "slices": origins,
             **check,
         },
@@ -433,14 +456,14 @@ def export_model(
                 del graphs["bf16"]
         if int8 or bf16:  # the reference of both gates
             fp32_runtime = OnnxRuntime(fp32_path, "onnx", graphs["onnx"]["sha256"])
-        counts: dict[str, int] = {}
-        fp32_val: dict[str, Scored] = {}
+        confirming: ValidationScans | None = None
         if (int8 or bf16) and validation is not None:
             # Before any quantising: can these scans state a bound at all?
             fp32_val = score(fp32_runtime, val_scans)
             counts = requirements.counts(
                 [fp32_val[s.scan_id].scan_probability for s in val_scans], threshold
             )
+            confirming = ValidationScans(validation, val_scans, val_skipped, fp32_val, counts)
             missing = requirements.shortfall(counts, threshold)
             if missing:
                 raise ModelError(
@@ -456,7 +479,7 @@ def export_model(
                 fp32_path,
                 graphs["onnx"]["sha256"],
                 fp32_runtime,
-                (validation, val_scans, val_skipped, fp32_val, counts),
+                confirming,
                 (calibration, calib_scans),
                 requirements,
                 cpu,
@@ -483,6 +506,9 @@ def export_model(
                 if result.passed:
                     chosen = (recipe, int8_runtime, int8_cal)
                     break
+                # A refused recipe's session (its memory arena holds a scoring batch's
+                # activations) goes before the next recipe calibrates.
+                del int8_runtime
             if chosen is None:
                 raise ModelError(
                     f"{folder}: int8 refused, no recipe kept the {len(calib_scans)} calibration "
@@ -492,10 +518,9 @@ def export_model(
                 )
             recipe, int8_runtime, int8_cal = chosen
             check_from, check_fp32, check_int8 = calib_scans, fp32_cal, int8_cal
-            verification: dict[str, Any]
-            if validation is not None:
+            if confirming is not None:
                 int8_val = score(int8_runtime, val_scans)
-                confirmation = gate(recipe, val_scans, fp32_val, int8_val, threshold)
+                confirmation = gate(recipe, val_scans, confirming.fp32, int8_val, threshold)
                 logger.info("confirmation on the validation scans: %s", confirmation.summary())
                 if not confirmation.passed:
                     raise ModelError(
@@ -505,28 +530,16 @@ def export_model(
                         "recipes are not tried on these scans: that would make them selection "
                         "scans"
                     )
-                check_from, check_fp32, check_int8 = val_scans, fp32_val, int8_val
-                near = [
-                    s.scan_id
-                    for s in val_scans
-                    if abs(fp32_val[s.scan_id].scan_probability - threshold) <= requirements.near
-                ]
-                verification = {
-                    "status": VERIFIED,
-                    "selected_on": "calibration scans",
-                    "confirmed_on": "validation scans",
-                    "confirmation": _confirmation(
-                        validation, val_skipped, counts, requirements, confirmation, len(near)
-                    ),
-                }
-            else:
-                verification = {
-                    "status": UNVERIFIED,
-                    "reason": "no validation scans at export (--validation); its recipe was "
-                    "selected on the calibration scans and never confirmed on other scans",
-                    "selected_on": "calibration scans",
-                    "confirmed_on": None,
-                }
+                check_from, check_fp32, check_int8 = val_scans, confirming.fp32, int8_val
+            verification = _verification(
+                confirmation or attempts[-1],
+                confirming,
+                requirements,
+                threshold,
+                unverified="no validation scans at export (--validation); its recipe was "
+                "selected on the calibration scans and never confirmed on other scans",
+                selected=True,
+            )
             staged[GRAPH_FILES["int8"]] = int8_path
             check_path = tmp / CHECK_FILE
             slices, origins = check_slices(check_from, check_fp32, check_int8, CHECK_SLICES)
