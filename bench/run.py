@@ -21,7 +21,8 @@ Sections (``--sections``, default all but ``gpu``):
   phantom slices, with OpenVINO's compile seconds; and ``ctcovid classify`` of the 300-slice
   512x512 series per runtime (``BENCH_RUNTIME_E2E``, keras first: the baseline in the same run;
   whole process, model load included, peak RSS of the command itself), with the runtime ``auto``
-  chose and the log line that says why; the CPU's VNNI/AMX/BF16 flags are recorded with the
+  chose and the log line that says why; start-up (``classify --help``) and model load per
+  runtime, each in fresh interpreters; the CPU's VNNI/AMX/BF16 flags are recorded with the
   rows;
 - ``export``: peak RSS of ``ctcovid export`` of the untrained ``BENCH_INPUT_SIZE`` model, each in
   a fresh interpreter (its own VmHWM): the fp32 graph alone, ``--int8`` with the fp32 graph
