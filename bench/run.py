@@ -722,26 +722,34 @@ finally:
 """
 
 
-def run_classify_peak(
-    ct: Path, model: Path, *extra: str
-) -> tuple[float, dict[str, Any], int | None, list[str]]:
-    """Wall seconds of ``ctcovid classify --json -v`` in a fresh interpreter, its JSON, its own
-    peak RSS in MiB (VmHWM, Linux) and its log lines."""
+def run_peak(script: str, *args: str, what: str, **env: str
+             ) -> tuple[float, dict[str, Any], int | None, list[str]]:
+    """Wall seconds of ``python -c script ARGS`` (a ctcovid command that prints JSON and, on
+    stderr, its ``PEAK_KIB``), its JSON, its own peak RSS in MiB (VmHWM, Linux) and its log
+    lines; ``what`` names it in the error."""
     import tempfile
 
-    cmd = [sys.executable, "-c", PEAK_CLASSIFY, "classify", str(ct), "--model", str(model),
-           "--json", "-v", *extra]
+    cmd = [sys.executable, "-c", script, *args]
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         start = time.perf_counter()
-        code = subprocess.run(cmd, stdout=out, stderr=err, env=quiet_env()).returncode
+        code = subprocess.run(cmd, stdout=out, stderr=err, env=quiet_env(**env)).returncode
         seconds = time.perf_counter() - start
         out.seek(0)
         err.seek(0)
         log = err.read().splitlines()
         if code != 0:
-            raise RuntimeError(f"classify {' '.join(extra)} failed ({code}): {log[-3:]}")
+            raise RuntimeError(f"{what} failed ({code}): {log[-3:]}")
         peak = next((int(x.split()[1]) // 1024 for x in log if x.startswith("PEAK_KIB")), None)
         return seconds, json.loads(out.read()), peak, log
+
+
+def run_classify_peak(
+    ct: Path, model: Path, *extra: str
+) -> tuple[float, dict[str, Any], int | None, list[str]]:
+    """Wall seconds of ``ctcovid classify --json -v`` in a fresh interpreter, its JSON, its own
+    peak RSS in MiB (VmHWM, Linux) and its log lines."""
+    return run_peak(PEAK_CLASSIFY, "classify", str(ct), "--model", str(model), "--json", "-v",
+                    *extra, what=f"classify {' '.join(extra)}")
 
 
 PEAK_EXPORT = """
@@ -764,21 +772,10 @@ def run_export_peak(folder: Path, *args: str, calibration: str = "bounded"
                     ) -> tuple[float, dict[str, Any], int | None]:
     """Wall seconds of ``ctcovid export FOLDER --json ARGS`` in a fresh interpreter, its JSON and
     its own peak RSS in MiB (VmHWM, Linux); ``calibration="quantize_static"``: the baseline."""
-    import tempfile
-
-    cmd = [sys.executable, "-c", PEAK_EXPORT, "export", str(folder), "--json", *args]
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        start = time.perf_counter()
-        code = subprocess.run(cmd, stdout=out, stderr=err,
-                              env=quiet_env(BENCH_CALIBRATION=calibration)).returncode
-        seconds = time.perf_counter() - start
-        out.seek(0)
-        err.seek(0)
-        log = err.read().splitlines()
-        if code != 0:
-            raise RuntimeError(f"export {' '.join(args)} failed ({code}): {log[-3:]}")
-        peak = next((int(x.split()[1]) // 1024 for x in log if x.startswith("PEAK_KIB")), None)
-        return seconds, json.loads(out.read()), peak
+    seconds, out, peak, _ = run_peak(PEAK_EXPORT, "export", str(folder), "--json", *args,
+                                     what=f"export {' '.join(args)}",
+                                     BENCH_CALIBRATION=calibration)
+    return seconds, out, peak
 
 
 def bench_export() -> list[dict[str, Any]]:
