@@ -752,20 +752,14 @@ def run_classify_peak(
                     *extra, what=f"classify {' '.join(extra)}")
 
 
+# The baseline of the export rows: ONNX Runtime's quantize_static calibrating on its own
+# session, as before; then the command, as PEAK_CLASSIFY runs it.
 PEAK_EXPORT = """
-import functools, os, sys
-from ctcovid.cli.main import app
+import functools, os
 if os.environ.get("BENCH_CALIBRATION") == "quantize_static":
-    # The baseline: ONNX Runtime's quantize_static calibrating on its own session, as before.
     import ctcovid.training.export as export
     export.quantize = functools.partial(export.quantize, bounded=False)
-try:
-    app(sys.argv[1:], prog_name="ctcovid")
-finally:
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM:"):
-            print("PEAK_KIB", line.split()[1], file=sys.stderr)
-"""
+""" + PEAK_CLASSIFY
 
 
 def run_export_peak(folder: Path, *args: str, calibration: str = "bounded"
