@@ -624,8 +624,8 @@ def test_a_series_whose_decoder_dies_when_run_alone_fails_with_the_reason(
     usable = [e for e in iter_series(out / "index.sqlite") if e.usable]
     pools = [decoder_pool(1)]
 
-    def recorded_pool(workers: int, memory_mb: int):  # the real pool, remembered for the killer
-        pools.append(decoder_pool(workers, memory_mb))
+    def recorded_pool(workers: int, memory_mb: int, niceness: int = 0):  # the real pool, kept
+        pools.append(decoder_pool(workers, memory_mb, niceness))
         return pools[-1]
 
     monkeypatch.setattr(decoder, "decoder_pool", recorded_pool)

@@ -605,8 +605,8 @@ def test_a_series_that_kills_its_decoder_fails_alone_and_resume_does_not_retry_i
     target = studies["b"].ct_series_instance_uid
     pools: list = []
 
-    def recorded_pool(workers: int, memory_mb: int):  # the real pool, remembered for the killer
-        pools.append(decoder_pool(workers, memory_mb))
+    def recorded_pool(workers: int, memory_mb: int, niceness: int = 0):  # the real pool, kept
+        pools.append(decoder_pool(workers, memory_mb, niceness))
         return pools[-1]
 
     monkeypatch.setattr(job, "decoder_pool", recorded_pool)
