@@ -64,8 +64,8 @@ def build_model(model_dir: Path, input_size: int) -> None:
 
 
 def export_graphs(model_dir: Path, work: Path, input_size: int, kind: str) -> dict[str, Any]:
-    """``ctcovid export`` of the model folder (fp32 ONNX, and int8 through its gate); what was
-    written and, when the gate refused int8, the measured reason."""
+    """``ctcovid export`` of the model folder (fp32 ONNX, and int8 or bf16 through its gate);
+    what was written and, when the gate refused, the measured reason."""
     from ctcovid.errors import ModelError
     from ctcovid.model.artifact import read_artifact
     from ctcovid.training.export import export_model
@@ -73,13 +73,13 @@ def export_graphs(model_dir: Path, work: Path, input_size: int, kind: str) -> di
     if kind == "none":
         return {"export": "none"}
     graphs = read_artifact(model_dir).graphs
-    if kind in graphs or (kind == "int8" and (work / "int8-refused.txt").exists()):
-        refused = work / "int8-refused.txt"
+    refused = work / f"{kind}-refused.txt"
+    if kind in graphs or refused.exists():
         return {"export": kind, "graphs": sorted(graphs), "reused": True,
-                **({"int8_refused": refused.read_text()} if refused.exists() else {})}
+                **({f"{kind}_refused": refused.read_text()} if refused.exists() else {})}
     start = time.perf_counter()
     out: dict[str, Any] = {"export": kind}
-    if kind == "int8":
+    if kind in ("int8", "bf16"):
         calib = work / "calibration"
         if not (calib / ".done").exists():
             from dicom_fixtures import write_cov19_layout
@@ -87,13 +87,14 @@ def export_graphs(model_dir: Path, work: Path, input_size: int, kind: str) -> di
             write_cov19_layout(calib, n_per_class=2, n_slices=8, size=input_size, seed=5)
             (calib / ".done").write_text("")
         try:
-            report = export_model(model_dir, int8=True, calibration=calib)
-            # Selected on the calibration scans only: unverified, so --runtime auto runs fp32;
-            # time int8 with --runtime int8.
-            out["int8_selection"] = report.graphs.get("int8", {}).get("selection")
+            report = export_model(model_dir, calibration=calib, **{kind: True})
+            # Gated on the calibration scans only: unverified, so --runtime auto runs fp32;
+            # time it with --runtime int8 or bf16.
+            out[f"{kind}_gate"] = report.graphs.get(kind, {}).get(
+                "selection", report.graphs.get(kind, {}).get("verification"))
         except ModelError as exc:  # the gate refused: keep the fp32 graph, say so
-            (work / "int8-refused.txt").write_text(str(exc))
-            out["int8_refused"] = str(exc)
+            refused.write_text(str(exc))
+            out[f"{kind}_refused"] = str(exc)
             export_model(model_dir)
     else:
         export_model(model_dir)
@@ -111,12 +112,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1))
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument(
-        "--runtime", default="auto", choices=("auto", "keras", "onnx", "int8"),
+        "--runtime", default="auto", choices=("auto", "keras", "onnx", "int8", "bf16"),
         help="how the model runs (auto: the fastest graph the model folder holds)",
     )
     parser.add_argument(
-        "--export", default="none", choices=("none", "onnx", "int8"),
-        help="add ONNX graphs to the model folder first (ctcovid export; int8 is gated)",
+        "--export", default="none", choices=("none", "onnx", "int8", "bf16"),
+        help="add ONNX graphs to the model folder first (ctcovid export; int8 and bf16 gated)",
     )
     parser.add_argument(
         "--repeats", type=int, default=2,
