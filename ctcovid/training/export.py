@@ -278,6 +278,35 @@ def _verification(
     }
 
 
+def _gate_terms(
+    threshold: float,
+    cpu: dict[str, Any],
+    runtime: str,
+    check_path: Path,
+    validated: bool,
+    origins: Any,
+    check: dict[str, Any],
+) -> dict[str, Any]:
+    """The end of a gated graph's record (int8, bf16): the threshold and tolerances its gate
+    used, the CPU it ran on, and its load check (the check slices' file, where they came from)."""
+    return {
+        "threshold": threshold,
+        "tolerances": {
+            "scan_probability": INT8_TOLERANCE,
+            "slice_probability": INT8_SLICE_TOLERANCE,
+            "slice_logit": INT8_LOGIT_TOLERANCE,
+        },
+        "cpu": cpu,
+        "load_check": {
+            "file": CHECK_FILES[runtime],
+            "sha256": sha256_file(check_path),
+            "from": "validation scans" if validated else "calibration scans",
+            "slices": origins,
+            **check,
+        },
+    }
+
+
 def _bf16_graph(
     folder: Path,
     artifact: ModelArtifact,
@@ -330,20 +359,7 @@ def _bf16_graph(
         "engine": package_versions("openvino"),
         "precision": "bf16 (OpenVINO INFERENCE_PRECISION_HINT)",
         "verification": verification,
-        "threshold": threshold,
-        "tolerances": {
-            "scan_probability": INT8_TOLERANCE,
-            "slice_probability": INT8_SLICE_TOLERANCE,
-            "slice_logit": INT8_LOGIT_TOLERANCE,
-        },
-        "cpu": cpu,
-        "load_check": {
-            "file": CHECK_FILES["bf16"],
-            "sha256": sha256_file(check_path),
-            "from": "validation scans" if validation is not None else "calibration scans",
-            "slices": origins,
-            **check,
-        },
+        **_gate_terms(threshold, cpu, "bf16", check_path, validation is not None, origins, check),
     }
     return record, check_path
 
@@ -561,20 +577,9 @@ def export_model(
                     "skipped": skipped,
                 },
                 "selection": {"source": str(calibration), **_gate_record(selection)},
-                "threshold": threshold,
-                "tolerances": {
-                    "scan_probability": INT8_TOLERANCE,
-                    "slice_probability": INT8_SLICE_TOLERANCE,
-                    "slice_logit": INT8_LOGIT_TOLERANCE,
-                },
-                "cpu": cpu,
-                "load_check": {
-                    "file": CHECK_FILE,
-                    "sha256": sha256_file(check_path),
-                    "from": "validation scans" if validation is not None else "calibration scans",
-                    "slices": origins,
-                    **check,
-                },
+                **_gate_terms(
+                    threshold, cpu, "int8", check_path, validation is not None, origins, check
+                ),
             }
         for name, path in staged.items():
             os.replace(path, folder / name)
