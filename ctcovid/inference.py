@@ -26,6 +26,7 @@ from ctcovid.dicom.types import Series, SliceRef
 from ctcovid.errors import InvalidInputError
 from ctcovid.model.artifact import ModelArtifact, default_model_path, load_model, read_artifact
 from ctcovid.model.runtimes import (
+    SCORING_BATCH_SIZE,
     KerasRuntime,
     Runtime,
     check_runtime_name,
@@ -43,9 +44,6 @@ from ctcovid.scans import PreparedScan, prepare_scan, scan_result
 logger = logging.getLogger(__name__)
 
 DEFAULT_BATCH_SIZE = 32
-#: Slices per model call, fixed: a batch's shape and its other slices can change a slice's
-#: output in the last bits (other kernels, other blocking), so neither may depend on a setting.
-SCORING_BATCH_SIZE = 16
 
 
 def fixed_batches(slices: np.ndarray) -> Iterator[tuple[np.ndarray, int]]:

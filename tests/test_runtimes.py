@@ -749,6 +749,34 @@ def test_openvino_f32_runs_the_fp32_graph_as_onnx_runtime_does(verified_dir, tmp
     assert artifact.with_runtime("openvino", ov.graph_sha256).device_uid != onnx_uid
 
 
+def test_openvino_runs_any_number_of_slices_on_its_static_batch(gate_data, tmp_path):
+    """OpenVINO compiles for the scoring batch (16); 0, 5, 16 and 21 slices are run in chunks of
+    16 and give, per slice, the numbers of the same graph compiled with a dynamic batch."""
+    from ctcovid.model.export import FP32_LOGIT_TOLERANCE, FP32_TOLERANCE
+    from ctcovid.model.runtimes import SCORING_BATCH_SIZE, OpenVinoRuntime
+
+    path = gate_copy_with_cam(gate_data, tmp_path) / GRAPH_FILES["onnx"]
+    static = OpenVinoRuntime(path, "openvino", "", precision="f32")
+    dynamic = OpenVinoRuntime(path, "openvino", "", precision="f32", batch=None)
+    assert static.batch == SCORING_BATCH_SIZE and dynamic.batch is None
+    assert static.compiled.inputs[0].get_partial_shape()[0].get_length() == SCORING_BATCH_SIZE
+    x = np.random.default_rng(3).integers(0, 256, (21, GATE_SIZE, GATE_SIZE, 1)).astype(np.float32)
+    for n in (0, 5, 16, 21):
+        (p_s, z_s), (p_d, z_d) = (
+            static.predict_with_logits(x[:n]),
+            dynamic.predict_with_logits(x[:n]),
+        )
+        assert p_s.shape == p_d.shape == (n,)
+        assert np.abs(p_s - p_d).max(initial=0) <= FP32_TOLERANCE
+        assert (np.abs(z_s - z_d) / np.maximum(1, np.abs(z_d))).max(
+            initial=0
+        ) <= FP32_LOGIT_TOLERANCE
+    maps = static.class_activation(x[:5])
+    assert maps.shape[0] == 5 and np.allclose(maps, dynamic.class_activation(x[:5]), atol=1e-4)
+    # A slice's chunk is the same whatever follows it: the first 16 of 21 are the 16 alone.
+    assert np.array_equal(static.predict(x)[:16], static.predict(x[:16]))
+
+
 @needs_bf16
 def test_verified_bf16_records_its_gate_and_auto_takes_it_first(bf16_dir, gate_data, caplog):
     artifact = read_artifact(bf16_dir)
