@@ -16,7 +16,7 @@ from typing import Any
 
 import pydicom
 import pytest
-from node_helpers import ct_files, put, run_until_idle, wait_for
+from node_helpers import ct_files, make_test_ca, put, run_until_idle, wait_for
 from typer.testing import CliRunner
 
 from ctcovid.node.config import NodeConfig, Peer
@@ -36,7 +36,9 @@ class Ris:
     """hl7apy's MLLPServer as the RIS: records every message, answers as ``mode`` says
     (``AA``, ``AE`` with ``error_text``, or ``silent``: no answer until ``released``)."""
 
-    def __init__(self) -> None:
+    def __init__(self, tls: dict[str, Path] | None = None) -> None:
+        """``tls`` (``make_test_ca``'s files): MLLP over TLS only, and the sender must show a
+        certificate signed by the same CA."""
         from hl7apy.mllp import AbstractHandler, MLLPServer
 
         ris = self
@@ -52,6 +54,11 @@ class Ris:
         self.server = MLLPServer("127.0.0.1", 0, {ORU_TYPE: (Handler,)}, timeout=30)
         self.server.daemon_threads = True
         self.port = int(self.server.server_address[1])
+        if tls is not None:
+            from ctcovid.net.tls import server_ssl_context
+
+            context = server_ssl_context(cert=tls["cert"], key=tls["key"], ca=tls["ca"])
+            self.server.socket = context.wrap_socket(self.server.socket, server_side=True)
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
 
@@ -429,3 +436,80 @@ def test_an_acknowledgement_beyond_the_read_limit_is_an_error():
         thread.join(15)
         listener.close()
     assert sent.is_set()
+
+
+def test_an_oru_over_tls_reaches_a_ris_that_requires_it(
+    tmp_path: Path, studies_root: Path, classifier
+):
+    """hl7_tls: the ORU goes over TLS, the RIS's certificate verified against tls_ca and the
+    node's certificate shown (this RIS refuses a sender without one)."""
+    ca = make_test_ca(tmp_path / "ca")
+    ris = Ris(tls=ca)
+    try:
+        worker = make_worker(
+            tmp_path,
+            classifier,
+            ris,
+            hl7_tls=True,
+            tls_cert=ca["cert"],
+            tls_key=ca["key"],
+            tls_ca=ca["ca"],
+        )
+        assert str(worker.config.hl7_settings()).startswith("mllp+tls ")
+        for path in ct_files(studies_root, "study_000"):
+            put(worker.store, path)
+        run_until_idle(worker)
+        (record,) = worker.store.jobs.list_series()
+        assert the_delivery(worker).state == DeliveryState.SENT
+        assert ris.control_ids() == [message_control_id(record.sr_sop_instance_uid)]
+    finally:
+        ris.close()
+
+
+def test_mllp_tls_refuses_a_ris_it_cannot_verify_and_plain_tcp_gets_no_ack(tmp_path: Path):
+    """Against a TLS RIS: without its CA the handshake fails and says why (a send that may pass,
+    retried); a plain-TCP sender gets no acknowledgement. Neither delivers anything."""
+    from ctcovid.errors import PacsError
+    from ctcovid.net.mllp import Endpoint, Hl7Refused, MllpSettings, send_message
+
+    ca = make_test_ca(tmp_path / "ca")
+    ris = Ris(tls=ca)
+    try:
+        endpoint = Endpoint("127.0.0.1", ris.port)
+        unknown_ca = MllpSettings(endpoint, timeout_seconds=10, tls=True)  # the system's CAs
+        with pytest.raises(PacsError, match=r"TLS handshake failed.*CERTIFICATE_VERIFY_FAILED"):
+            send_message(b"MSH|^~\\&|CTCOVID\r", "X1", unknown_ca)
+        plain = MllpSettings(endpoint, timeout_seconds=10)
+        with pytest.raises(PacsError) as raised:
+            send_message(b"MSH|^~\\&|CTCOVID\r", "X2", plain)
+        assert not isinstance(raised.value, Hl7Refused)
+        assert ris.messages == []
+    finally:
+        ris.close()
+
+
+def test_hl7_tls_settings_are_checked_at_start(tmp_path: Path):
+    from ctcovid.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="hl7_tls needs hl7"):
+        NodeConfig(store=tmp_path / "store", hl7_tls=True)
+    config = NodeConfig(
+        store=tmp_path / "store",
+        destination={
+            "ris2": {
+                "kind": "hl7",
+                "address": "127.0.0.1:2575",
+                "tls": True,
+                "tls_ca": str(tmp_path / "ca.pem"),
+            }
+        },
+    )
+    (named,) = config.destinations
+    assert (named.settings.tls, named.settings.tls_ca) == (True, tmp_path / "ca.pem")
+    with pytest.raises(ConfigError, match=r"ca\.pem"):  # a CA that cannot be read stops the start
+        named.settings.ssl_context()
+    result = CliRunner().invoke(
+        __import__("ctcovid.cli.main", fromlist=["app"]).app,
+        ["batch", str(tmp_path), "--out", str(tmp_path / "out"), "--hl7-tls"],
+    )
+    assert result.exit_code != 0 and "--hl7-tls needs --hl7" in result.output

@@ -47,6 +47,7 @@ from ctcovid.cli.common import (
     Hl7ReceivingFacilityOption,
     Hl7SendingApplicationOption,
     Hl7SendingFacilityOption,
+    Hl7TlsOption,
     ModelOption,
     Runtime,
     console,
@@ -213,6 +214,7 @@ def batch(
     audit_syslog: AuditSyslogOption = None,
     audit_ca: AuditCaOption = None,
     hl7: Hl7Option = None,
+    hl7_tls: Hl7TlsOption = None,
     hl7_sending_application: Hl7SendingApplicationOption = None,
     hl7_sending_facility: Hl7SendingFacilityOption = None,
     hl7_receiving_application: Hl7ReceivingApplicationOption = None,
@@ -291,11 +293,15 @@ def batch(
     )
     if (archive is None) == (source is None):
         raise ConfigError("give an ARCHIVE folder, or --from-pacs / --from-dicomweb (one of them)")
-    if any(p is not None for p in (tls_cert, tls_key, tls_ca)) and not (from_pacs or send_to):
+    if any(p is not None for p in (tls_cert, tls_key, tls_ca)) and not (
+        from_pacs or send_to or hl7_tls
+    ):
         raise ConfigError(
-            "--tls-cert/--tls-key/--tls-ca secure DICOM associations (--from-pacs, --send-to); "
-            "DICOMweb uses --ca-file"
+            "--tls-cert/--tls-key/--tls-ca secure DICOM associations (--from-pacs, --send-to) "
+            "and MLLP to the RIS (--hl7-tls); DICOMweb uses --ca-file"
         )
+    if hl7_tls and not hl7:
+        raise ConfigError("--hl7-tls needs --hl7 HOST:PORT (the RIS's MLLP listener)")
     sends: tuple[Any, ...] = destinations(
         send_to=send_to,
         stow=stow,
@@ -326,7 +332,15 @@ def batch(
             priority=parse_priority(hl7_priority) if hl7_priority else DEFAULT_PRIORITY,
             priority_fields=tuple(hl7_priority_field or DEFAULT_PRIORITY_FIELDS),
         )
-        sends = (*sends, Hl7Settings(MllpSettings(Endpoint.parse(hl7, "--hl7")), oru))
+        mllp = MllpSettings(
+            Endpoint.parse(hl7, "--hl7"),
+            tls=bool(hl7_tls),
+            tls_cert=tls_cert,
+            tls_key=tls_key,
+            tls_ca=tls_ca,
+        )
+        mllp.ssl_context()  # an unreadable certificate or CA stops the batch now
+        sends = (*sends, Hl7Settings(mllp, oru))
     if audit_syslog:
         from ctcovid.audit import parse_endpoint
 

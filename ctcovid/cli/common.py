@@ -59,6 +59,17 @@ Hl7Option = Annotated[
         rich_help_panel=HL7_PANEL,
     ),
 ]
+Hl7TlsOption = Annotated[
+    bool | None,
+    typer.Option(
+        "--hl7-tls/--no-hl7-tls",
+        help="Send the ORUs over TLS (1.2 or later): the RIS's certificate is verified against "
+        "--tls-ca (default: the system's CAs) and --tls-cert/--tls-key are shown as ours. "
+        "Default off.",
+        show_default=False,
+        rich_help_panel=HL7_PANEL,
+    ),
+]
 Hl7SendingApplicationOption = Annotated[
     str | None,
     typer.Option(

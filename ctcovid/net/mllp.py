@@ -21,6 +21,13 @@ node end it at once whatever the peer does.
 
 ACKs are read with a small tolerant reader, not validated against a version: a RIS answers in
 the version it speaks (2.3, 2.5, ...), and only MSA and ERR matter here.
+
+With ``tls`` the connection is TLS 1.2 or later (the same client context as a DICOM TLS
+association, :func:`~ctcovid.net.tls.client_ssl_context`): the RIS's certificate is verified
+against ``tls_ca`` (default: the system's CAs) and its host name, and ``tls_cert``/``tls_key``
+are shown to a RIS that asks for a client certificate. A failed handshake may pass (a RIS whose
+certificate is being renewed): it is retried like a refused connection, and its reason names the
+TLS error.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import socket
+import ssl
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -96,6 +104,19 @@ class MllpSettings:
     timeout_seconds: float = 30.0
     deadline_seconds: float | None = None
     max_ack_bytes: int = DEFAULT_MAX_ACK_BYTES
+    tls: bool = False
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_ca: Path | None = None
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """The TLS context of a send (None without ``tls``); :class:`ConfigError` when a file
+        cannot be loaded, so a front can check it at start."""
+        if not self.tls:
+            return None
+        from ctcovid.net.tls import client_ssl_context
+
+        return client_ssl_context(cert=self.tls_cert, key=self.tls_key, ca=self.tls_ca)
 
     @property
     def deadline(self) -> float:
@@ -104,7 +125,7 @@ class MllpSettings:
         return 3 * self.timeout_seconds
 
     def __str__(self) -> str:
-        return f"mllp {self.endpoint}"
+        return f"mllp{'+tls' if self.tls else ''} {self.endpoint}"
 
 
 def send_message(
@@ -127,6 +148,7 @@ def send_message(
         ``cancel`` was set before the ACK came.
     """
     endpoint = settings.endpoint
+    context = settings.ssl_context()
     holder: dict[str, socket.socket] = {}
 
     def abort() -> None:
@@ -149,6 +171,16 @@ def send_message(
         holder["socket"] = sock
         try:
             sock.settimeout(settings.timeout_seconds)
+            if context is not None:
+                try:
+                    sock = context.wrap_socket(sock, server_hostname=endpoint.host)
+                except ssl.SSLError as exc:
+                    detail = getattr(exc, "verify_message", "") or ""
+                    raise PacsError(
+                        f"{endpoint}: TLS handshake failed for HL7 message {control_id}: "
+                        f"{exc.reason or exc}{': ' + detail if detail else ''}"
+                    ) from None
+                holder["socket"] = sock
             sock.sendall(START_BLOCK + message + END_BLOCK)
             return _read_frame(sock, settings.max_ack_bytes, endpoint, control_id)
         except TimeoutError:

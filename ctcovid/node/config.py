@@ -142,6 +142,9 @@ class NodeConfig:
     destination: dict[str, dict[str, Any]] = field(default_factory=dict)
     # Results to the RIS as HL7 v2.5.1 ORU^R01 over MLLP (ctcovid.report.oru), HOST:PORT.
     hl7: str | None = None
+    # MLLP over TLS to the RIS: verified against tls_ca (else the system's CAs), tls_cert/tls_key
+    # shown as the client certificate when set.
+    hl7_tls: bool = False
     hl7_sending_application: str = "CTCOVID"
     hl7_sending_facility: str = ""
     hl7_receiving_application: str = ""
@@ -257,6 +260,10 @@ class NodeConfig:
                 value = [f"{k}={v}" for k, v in value.items()]
             object.__setattr__(self, name, (value,) if isinstance(value, str) else tuple(value))
         self.oru_settings()
+        if not isinstance(self.hl7_tls, bool):
+            raise ConfigError(f"hl7_tls: expected true or false. Received: {self.hl7_tls!r}.")
+        if self.hl7_tls and self.hl7 is None:
+            raise ConfigError("hl7_tls needs hl7 (HOST:PORT of the RIS's MLLP listener)")
         if self.hl7 is not None:
             self.hl7_settings()
 
@@ -428,6 +435,7 @@ class NodeConfig:
             Endpoint.parse(self.hl7),
             timeout_seconds=self.network_timeout_seconds,
             deadline_seconds=self.send_deadline,
+            **_mllp_tls(self.hl7_tls, self.tls_cert, self.tls_key, self.tls_ca),
         )
 
     def alert_settings(self) -> AlertSettings | None:
@@ -519,11 +527,16 @@ class NamedDestination:
 DESTINATION_KEYS = {
     "dicom": frozenset({"kind", "peer", "tls", "tls_cert", "tls_key", "tls_ca"}),
     "stow": frozenset({"kind", "url", "auth_file", "ca_file"}),
-    "hl7": frozenset({"kind", "address"}),
+    "hl7": frozenset({"kind", "address", "tls", "tls_cert", "tls_key", "tls_ca"}),
 }
 #: Keys of a destination table that name files (relative to the TOML file when given in one).
 DESTINATION_PATH_KEYS = ("tls_cert", "tls_key", "tls_ca", "auth_file", "ca_file")
 _DESTINATION_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$")
+
+
+def _mllp_tls(tls: bool, cert: Path | None, key: Path | None, ca: Path | None) -> dict[str, Any]:
+    """The TLS part of an MLLP destination's settings (nothing without ``tls``)."""
+    return {"tls": True, "tls_cert": cert, "tls_key": key, "tls_ca": ca} if tls else {}
 
 
 def _named_destination(config: NodeConfig, name: str, table: object) -> NamedDestination:
@@ -560,6 +573,12 @@ def _named_destination(config: NodeConfig, name: str, table: object) -> NamedDes
         "deadline_seconds": config.send_deadline,
         "max_pdu_bytes": config.max_pdu_bytes,
     }
+    tls = table.get("tls", False)
+    if not isinstance(tls, bool):
+        raise ConfigError(f"{key}.tls: expected true or false, got {tls!r}")
+    cert, tls_key = path("tls_cert") or config.tls_cert, path("tls_key") or config.tls_key
+    if (cert is None) != (tls_key is None):
+        raise ConfigError(f"{key}: tls_cert and tls_key go together: give both or neither")
     if kind == "dicom":
         if not isinstance(table.get("peer"), str):
             raise ConfigError(f"{key}.peer: required, HOST:PORT:AET")
@@ -567,12 +586,6 @@ def _named_destination(config: NodeConfig, name: str, table: object) -> NamedDes
             peer = Peer.parse(table["peer"])
         except (ValueError, ConfigError) as exc:
             raise ConfigError(f"{key}.peer: {exc}") from None
-        tls = table.get("tls", False)
-        if not isinstance(tls, bool):
-            raise ConfigError(f"{key}.tls: expected true or false, got {tls!r}")
-        cert, tls_key = path("tls_cert") or config.tls_cert, path("tls_key") or config.tls_key
-        if (cert is None) != (tls_key is None):
-            raise ConfigError(f"{key}: tls_cert and tls_key go together: give both or neither")
         settings = SendSettings(
             peer=peer, tls=tls, tls_cert=cert, tls_key=tls_key, tls_ca=path("tls_ca"), **common
         )
@@ -588,6 +601,7 @@ def _named_destination(config: NodeConfig, name: str, table: object) -> NamedDes
                 Endpoint.parse(table["address"], f"{key}.address"),
                 timeout_seconds=config.network_timeout_seconds,
                 deadline_seconds=config.send_deadline,
+                **_mllp_tls(tls, cert, tls_key, path("tls_ca")),
             ),
         )
     else:

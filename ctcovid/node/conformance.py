@@ -157,6 +157,8 @@ _SETTINGS: dict[str, str] = {
     "destination": "named destinations ([destination.NAME]: kind dicom, stow or hl7), each "
     "with its own delivery job per series",
     "hl7": "RIS that results go to as HL7 v2.5.1 ORU^R01 over MLLP, HOST:PORT (none: off)",
+    "hl7_tls": "MLLP over TLS to the RIS: verified against tls_ca (else the system's CAs), "
+    "tls_cert/tls_key as the client certificate",
     "hl7_sending_application": "MSH-3 of the ORU",
     "hl7_sending_facility": "MSH-4 of the ORU",
     "hl7_receiving_application": "MSH-5 of the ORU",
@@ -1140,8 +1142,9 @@ def conformance_statement(config: NodeConfig, source: Path | None = None) -> Sta
                     "Alerts (alert_webhook, alert_smtp) are outgoing connections of their own; "
                     "they name study and series UIDs and counts, never patient data or the "
                     "free-text reasons that may quote received values.",
-                    "RIS (hl7): an outgoing MLLP connection per ORU^R01, plain TCP (a site that "
-                    "needs encryption runs it through a TLS tunnel); it carries patient name, ID, "
+                    "RIS (hl7): an outgoing MLLP connection per ORU^R01, plain TCP, or TLS 1.2 "
+                    "or later with hl7_tls (the RIS's certificate verified against tls_ca or the "
+                    "system's CAs, tls_cert/tls_key shown when set); it carries patient name, ID, "
                     "birth date and sex, and the result. Connection, acknowledgement and whole "
                     "send are bounded by network_timeout_seconds and send_deadline_seconds.",
                     "Named destinations ([destination.NAME]): outgoing C-STORE (TLS when "

@@ -190,6 +190,7 @@ class Hl7Courier:
         self.store = store
         self.name = RIS if destination is None else destination.name
         self.mllp = settings
+        settings.ssl_context()  # an unreadable certificate or CA stops the node at start
         self.oru = config.oru_settings()
 
     @property
