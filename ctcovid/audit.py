@@ -328,6 +328,34 @@ def sr_sent_message(
     )
 
 
+def oru_sent_message(
+    *,
+    me: Participant,
+    ris: str,
+    source_id: str,
+    study_uid: str,
+    patient_id: str,
+    sop_class_uid: str,
+    failure: str | None = None,
+) -> str:
+    """Export: a result sent to the RIS as an HL7 ORU^R01 (``ris``: its ``mllp://`` or
+    ``mllp+tls://`` address), or given up on (``failure``: why).
+
+    Not Instances Transferred: no DICOM instance moves, but the message carries the patient's
+    name, ID, birth date and result out of the node, which is what Export records (PS3.15
+    A.5.3.6). The study's object lists the SR the ORU reports.
+    """
+    return build_message(
+        EXPORT,
+        action="R",
+        outcome=SERIOUS_FAILURE if failure else SUCCESS,
+        outcome_description=failure,
+        participants=[me, Participant(ris, False, ROLE_DESTINATION_MEDIA, ris)],
+        source_id=source_id,
+        objects=[study(study_uid, {sop_class_uid: 1}), patient(patient_id)],
+    )
+
+
 def query_message(
     me: Participant,
     archive: Participant,

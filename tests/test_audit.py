@@ -220,6 +220,18 @@ def test_every_kind_of_message_is_valid_against_the_schema(schema, tmp_path: Pat
             object_id="https://vna/dicom-web/studies",
             id_type=audit.ID_URI,
         ),
+        *(
+            audit.oru_sent_message(
+                me=me,
+                ris="mllp+tls://ris.example.org:2575",
+                source_id="x",
+                study_uid="1.2.3",
+                patient_id="P1",
+                sop_class_uid="1.2.840.10008.5.1.4.1.1.88.22",
+                failure=failure,
+            )
+            for failure in (None, "AE: No order for accession")
+        ),
         audit.export_message(
             me,
             Participant("/srv/out/results.csv", role=audit.ROLE_DESTINATION_MEDIA),

@@ -119,7 +119,12 @@ def make_worker(
         hl7_receiving_application="RIS",
         **settings,
     )
-    return Worker(config, Store(config.store), classifier)
+    audit = None
+    if config.audit_file is not None:
+        from ctcovid.node.auditing import NodeAudit
+
+        audit = NodeAudit(config, deliver=False)
+    return Worker(config, Store(config.store), classifier, audit=audit)
 
 
 def the_delivery(worker: Worker):
@@ -204,7 +209,7 @@ def test_a_refused_oru_fails_with_the_ris_text_until_queue_retry(
     tmp_path: Path, studies_root: Path, classifier, ris: Ris
 ):
     ris.mode, ris.error_text = "AE", "No order for accession ACC-42"
-    worker = make_worker(tmp_path, classifier, ris)
+    worker = make_worker(tmp_path, classifier, ris, audit_file=tmp_path / "audit.log")
     for path in ct_files(studies_root, "study_001"):
         put(worker.store, path)
 
@@ -225,6 +230,14 @@ def test_a_refused_oru_fails_with_the_ris_text_until_queue_retry(
 
     assert the_delivery(worker).state == DeliveryState.SENT
     assert ris.control_ids() == [delivery.message_id] * 2  # the same message, sent again
+    # Audited as Export (the ORU carries patient data out): the refusal, then the delivery.
+    worker.audit.close()
+    refused, sent = (tmp_path / "audit.log").read_text().splitlines()
+    for line, outcome in ((refused, "8"), (sent, "0")):
+        assert 'csd-code="110106"' in line and f'EventOutcomeIndicator="{outcome}"' in line
+        assert f'UserID="mllp://{ris.address}"' in line
+        assert delivery.study_instance_uid in line
+    assert "No order for accession ACC-42" in refused
 
 
 def test_a_silent_ris_is_retried_and_never_holds_up_the_sr(
@@ -382,6 +395,7 @@ def test_batch_sends_one_oru_per_series_fails_a_refusal_and_resumes(
             workers=0,
             resume=resume,
             destinations=(destination,),
+            audit_file=tmp_path / "audit.log",
         )
         return run_batch(options, classifier=classifier)["sent"][str(destination)]
 
@@ -395,6 +409,14 @@ def test_batch_sends_one_oru_per_series_fails_a_refusal_and_resumes(
     resumed = run(resume=True)
     assert (resumed["sent"], resumed["failed"]) == (2, 0)
     assert sorted(ris.control_ids()[2:]) == sorted(ris.control_ids()[:2])  # the same messages
+    # Each ORU audited as an Export naming the RIS: two refused, then two delivered.
+    exports = [
+        line
+        for line in (tmp_path / "audit.log").read_text().splitlines()
+        if 'csd-code="110106"' in line and f'UserID="mllp://{ris.address}"' in line
+    ]
+    outcomes = [line.split('EventOutcomeIndicator="')[1][0] for line in exports]
+    assert outcomes == ["8", "8", "0", "0"]
     for text in ris.messages[2:]:
         order = parse_oru(text).ORU_R01_PATIENT_RESULT.ORU_R01_ORDER_OBSERVATION
         assert order.obr.obr_25.value == "P"

@@ -18,6 +18,7 @@ from urllib.parse import urlencode
 
 from ctcovid import audit
 from ctcovid.audit import AuditTrail, Participant
+from ctcovid.net.mllp import Hl7Settings
 from ctcovid.net.query import SERIES_RETURN_KEYS, STUDY_RETURN_KEYS, SeriesMatch
 from ctcovid.net.sender import SendSettings
 
@@ -152,9 +153,25 @@ class BatchAudit:
             failure=error is not None,
         )
 
-    def sr_sent(self, settings: SendSettings, sr: Any, *, failure: str | None = None) -> None:
+    def sr_sent(
+        self, settings: SendSettings | Hl7Settings, sr: Any, *, failure: str | None = None
+    ) -> None:
         """Instances Transferred: an SR sent to a ``--send-to`` or ``--stow`` destination (or
-        given up on)."""
+        given up on); Export for the ORU of an SR sent to the RIS (``--hl7``)."""
+        if isinstance(settings, Hl7Settings):
+            self.trail.emit(
+                audit.oru_sent_message(
+                    me=Participant(self.me.user_id, True, audit.ROLE_SOURCE, self.me.address),
+                    ris=settings.mllp.uri,
+                    source_id=self.trail.source_id,
+                    study_uid=str(sr.get("StudyInstanceUID", "")),
+                    patient_id=str(sr.get("PatientID", "")),
+                    sop_class_uid=str(sr.get("SOPClassUID", "")),
+                    failure=failure,
+                ),
+                failure=failure is not None,
+            )
+            return
         peer = settings.peer
         self.trail.emit(
             audit.sr_sent_message(

@@ -330,9 +330,9 @@ class SrForwarder:
         )
 
     def _audited(self, name: str) -> bool:
-        """Whether sends to ``name`` are audited: DICOM instances transferred (PS3.15 A.5.3.4),
-        which an ORU to the RIS is not."""
-        return self.audit is not None and isinstance(self._settings[name], SendSettings)
+        """Whether sends to ``name`` are audited: DICOM Instances Transferred for an SR (PS3.15
+        A.5.3.4), Export for an ORU to the RIS (A.5.3.6); with an audit trail, all are."""
+        return self.audit is not None
 
     def _cards(self, row: ResultRow, path: Path, sr: Dataset) -> list[Path]:
         """The result card that goes with the SR file ``path`` (made from the run's revision-1

@@ -127,6 +127,12 @@ class MllpSettings:
     def __str__(self) -> str:
         return f"mllp{'+tls' if self.tls else ''} {self.endpoint}"
 
+    @property
+    def uri(self) -> str:
+        """``mllp://HOST:PORT`` (``mllp+tls://`` with TLS), as audit messages name the RIS."""
+        host = f"[{self.endpoint.host}]" if ":" in self.endpoint.host else self.endpoint.host
+        return f"mllp{'+tls' if self.tls else ''}://{host}:{self.endpoint.port}"
+
 
 def send_message(
     message: bytes,

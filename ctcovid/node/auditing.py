@@ -24,6 +24,7 @@ from ctcovid.fsio import write_atomic
 from ctcovid.node.config import NodeConfig
 
 if TYPE_CHECKING:
+    from ctcovid.net.mllp import MllpSettings
     from ctcovid.net.sender import SendSettings
 
 logger = logging.getLogger(__name__)
@@ -244,22 +245,10 @@ class NodeAudit:
     ) -> None:
         """Instances Transferred: an SR sent to the destination (or given up on); ``to``: a
         named destination's settings (default: the node's ``peer`` or ``stow``)."""
-        from pydicom import dcmread
-
-        try:
-            ds = dcmread(
-                sr_path,
-                stop_before_pixels=True,
-                specific_tags=["PatientID", "StudyInstanceUID", "SOPClassUID"],
-            )
-            study_uid = str(ds.get("StudyInstanceUID", ""))
-            patient_id = str(ds.get("PatientID", ""))
-            sop_class = str(ds.get("SOPClassUID", ""))
-        except Exception as exc:
-            logger.warning(
-                "event=audit_sr_unreadable path=%s error=%s", sr_path, type(exc).__name__
-            )
+        identity = _sr_identity(sr_path)
+        if identity is None:
             return
+        study_uid, patient_id, sop_class = identity
         config = self.config
         if to is not None:
             peer, url = to.peer, to.stow_url
@@ -278,6 +267,48 @@ class NodeAudit:
             ),
             failure=failure is not None,
         )
+
+    def oru_sent(self, sr_path: Path, ris: MllpSettings, *, failure: str | None = None) -> None:
+        """Export: the ORU of the SR at ``sr_path`` acknowledged by the RIS ``ris`` (or given
+        up on: ``failure``)."""
+        identity = _sr_identity(sr_path)
+        if identity is None:
+            return
+        study_uid, patient_id, sop_class = identity
+        config = self.config
+        self.trail.emit(
+            audit.oru_sent_message(
+                me=Participant(config.ae_title, True, audit.ROLE_SOURCE, self.me.address),
+                ris=ris.uri,
+                source_id=self.trail.source_id,
+                study_uid=study_uid,
+                patient_id=patient_id,
+                sop_class_uid=sop_class,
+                failure=failure,
+            ),
+            failure=failure is not None,
+        )
+
+
+def _sr_identity(sr_path: Path) -> tuple[str, str, str] | None:
+    """Study Instance UID, Patient ID and SOP Class UID of an SR file (None, and a warning
+    naming the path only, when it cannot be read)."""
+    from pydicom import dcmread
+
+    try:
+        ds = dcmread(
+            sr_path,
+            stop_before_pixels=True,
+            specific_tags=["PatientID", "StudyInstanceUID", "SOPClassUID"],
+        )
+    except Exception as exc:
+        logger.warning("event=audit_sr_unreadable path=%s error=%s", sr_path, type(exc).__name__)
+        return None
+    return (
+        str(ds.get("StudyInstanceUID", "")),
+        str(ds.get("PatientID", "")),
+        str(ds.get("SOPClassUID", "")),
+    )
 
 
 def note_received(assoc: Any, study_uid: str, patient_id: str, sop_class_uid: str) -> None:

@@ -60,10 +60,10 @@ class Courier(Protocol):
 def couriers(config: NodeConfig, store: Store, audit: Any = None) -> list[Courier]:
     """One courier per destination besides the SR's peer: the RIS (``hl7``), then each
     ``[destination.NAME]``."""
-    found: list[Courier] = [Hl7Courier(config, store)] if config.hl7 else []
+    found: list[Courier] = [Hl7Courier(config, store, audit=audit)] if config.hl7 else []
     for d in config.destinations:
         if d.kind == HL7:
-            found.append(Hl7Courier(config, store, d))
+            found.append(Hl7Courier(config, store, d, audit))
         else:
             found.append(SrCourier(config, store, d, audit))
     return found
@@ -180,9 +180,15 @@ class Hl7Courier:
     """Sends the due ORUs of a store to ``config.hl7``; each send under a hard deadline."""
 
     def __init__(
-        self, config: NodeConfig, store: Store, destination: NamedDestination | None = None
+        self,
+        config: NodeConfig,
+        store: Store,
+        destination: NamedDestination | None = None,
+        audit: Any = None,
     ) -> None:
-        """The RIS of ``config.hl7`` (named ``ris``), or the ``hl7`` kind ``destination``."""
+        """The RIS of ``config.hl7`` (named ``ris``), or the ``hl7`` kind ``destination``;
+        ``audit`` (a :class:`~ctcovid.node.auditing.NodeAudit`) records each ORU delivered or
+        given up on."""
         settings = config.hl7_settings() if destination is None else destination.settings
         if not isinstance(settings, MllpSettings):
             raise ValueError("Hl7Courier needs the hl7 setting (HOST:PORT) or an hl7 destination")
@@ -192,6 +198,7 @@ class Hl7Courier:
         self.mllp = settings
         settings.ssl_context()  # an unreadable certificate or CA stops the node at start
         self.oru = config.oru_settings()
+        self.audit = audit
 
     @property
     def destinations(self) -> tuple[Destination, ...]:
@@ -245,6 +252,8 @@ class Hl7Courier:
             self._failed(record, str(exc), log_ids, permanent=False)
             return
         delivered = self.store.jobs.mark_delivered(record)
+        if self.audit is not None:
+            self.audit.oru_sent(self.store.root / record.sr_path, self.mllp)
         logger.info(
             "event=hl7_sent %s peer=%s control_id=%s ack=%s seconds=%.2f%s",
             log_ids,
@@ -288,7 +297,7 @@ class Hl7Courier:
         permanent: bool,
         logged: str | None = None,
     ) -> None:
-        record_failure(
+        state = record_failure(
             self.store,
             self.config,
             record,
@@ -299,6 +308,8 @@ class Hl7Courier:
             permanent=permanent,
             logged=logged,
         )
+        if state == DeliveryState.FAILED and self.audit is not None:
+            self.audit.oru_sent(self.store.root / record.sr_path, self.mllp, failure=reason)
 
 
 def record_failure(
