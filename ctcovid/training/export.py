@@ -440,7 +440,9 @@ def export_model(
     folder
         The model folder.
     int8
-        Also quantise; needs ``calibration``.
+        Also quantise; needs ``calibration``. Where OpenVINO is installed the int8 graph kept is
+        gated on OpenVINO too (``openvino-int8``; a refusal there keeps the int8 graph and is
+        reported in :attr:`ExportReport.not_recorded`).
     calibration
         Scans (COV19-CT-DB or DICOM folder) whose slices calibrate int8 and select the recipe.
     validation
@@ -649,7 +651,9 @@ def export_model(
                 ),
             }
             # The same graph on OpenVINO's own int8 kernels: its own gate, on the same scans
-            # (validation, else calibration). A refusal keeps ONNX Runtime's int8 graph.
+            # (validation, else calibration). A refusal keeps ONNX Runtime's int8 graph. ONNX
+            # Runtime's session goes first (its arena holds a scoring batch's activations).
+            del chosen, int8_runtime
             if openvino_available():
                 try:
                     graphs["openvino-int8"], ov_check = _openvino_graph(
