@@ -1264,6 +1264,23 @@ def test_export_records_both_graphs_with_sha256_and_agreement(exported_dir, cali
 
 
 @pytest.mark.slow
+def test_a_new_model_onnx_drops_the_openvino_int8_record(exported_dir, tmp_path):
+    """openvino-int8 was gated against the previous model.onnx: a re-export that converts it
+    again (and gates no int8) drops that record; ONNX Runtime's int8 record stays."""
+    folder = model_copy(exported_dir, tmp_path / "m")
+    artifact = read_artifact(folder)
+    if OV_INT8 not in artifact.graphs:  # OpenVINO's gate refused the untrained model's graph
+        record = {**artifact.graphs["int8"], "verification": {"status": "unverified"}}
+        graphs = {**artifact.graphs, OV_INT8: record}
+        write_metadata(dataclasses.replace(artifact, graphs=graphs), folder)
+    result = invoke("export", folder, "--force", "--json")
+    assert result.exit_code == 0, result.output
+    graphs = read_artifact(folder).graphs
+    assert OV_INT8 not in graphs and "int8" in graphs
+    assert "model.onnx" in json.loads(result.stdout)["written"]
+
+
+@pytest.mark.slow
 def test_onnx_matches_keras_per_slice(exported_dir):
     from ctcovid.inference import Classifier
 
