@@ -43,7 +43,8 @@ demo: $(DEMO)/model/ctcovid.json $(DEMO)/gate/cov19
 		--sr $(DEMO)/out/study_001_sr.dcm --card $(DEMO)/out/study_001_card.dcm \
 		--heatmaps $(DEMO)/out/heatmaps_001
 	@echo "== The same studies on the fastest runtime verified on this CPU (ctcovid export: ONNX"
-	@echo "   Runtime int8, and OpenVINO bf16 where the CPU has BF16; each gated against fp32) =="
+	@echo "   Runtime int8, the same int8 graph on OpenVINO, and OpenVINO bf16 where the CPU has"
+	@echo "   BF16; each gated against fp32) =="
 	@$(BIN)/ctcovid export $(DEMO)/model --validation $(DEMO)/gate/cov19 \
 		|| echo "no fp32 graph kept (the reason is above)"
 	@$(BIN)/ctcovid export $(DEMO)/model --int8 --calibration $(DEMO)/data/cov19/val \

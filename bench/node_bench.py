@@ -12,8 +12,9 @@
    ``--stream-slices`` uncompressed slices (``--stream-pixels`` square) sent back to back by
    ``storescu``, one association per series (each its own study, as from a modality), to
    ``ctcovid listen --runtime auto`` with the exported model of ``bench/run.py`` (fp32 ONNX,
-   int8, and bf16 where the CPU has BF16; ``--stream-input-size``); timed from the first send
-   to the last SR accepted by a ``storescp`` peer. ``--stream-stable-seconds`` is kept small (1)
+   int8 on ONNX Runtime and OpenVINO, and bf16 where the CPU has BF16;
+   ``--stream-input-size``); timed from the first send to the last SR accepted by a ``storescp``
+   peer. ``--stream-stable-seconds`` is kept small (1)
    so that the stream measures the worker, not the quiet time. Reported: series per hour,
    seconds per series (median of the worker's ``event=classified ... seconds=``), the runtime
    the node chose (its log), the peak RSS (VmHWM) of each of the node's processes (listener,

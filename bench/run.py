@@ -15,9 +15,9 @@ Sections (``--sections``, default all but ``gpu``):
   same slices, per Keras backend (each in its own process: the backend is fixed at import);
 - ``e2e``: ``ctcovid classify`` of a 300-slice series, slice policy ``all`` (default) and
   ``lung``, wall seconds of the command;
-- ``runtimes``: ``ctcovid export`` (fp32 ONNX, gated int8, and gated bf16 where the CPU has
-  BF16) of an untrained model, then plain Keras ``model.predict`` vs ``predict_slices`` on each
-  runtime (keras, onnx, int8, openvino f32, OpenVINO on the int8 graph, bf16) on the same
+- ``runtimes``: ``ctcovid export`` (fp32 ONNX, gated int8 on ONNX Runtime and on OpenVINO, and
+  gated bf16 where the CPU has BF16) of an untrained model, then plain Keras ``model.predict`` vs
+  ``predict_slices`` on each runtime (keras, onnx, int8, openvino, openvino-int8, bf16) on the same
   phantom slices, with OpenVINO's compile seconds; and ``ctcovid classify`` of the 300-slice
   512x512 series per runtime (``BENCH_RUNTIME_E2E``, keras first: the baseline in the same run;
   whole process, model load included, peak RSS of the command itself), with the runtime ``auto``
@@ -78,7 +78,7 @@ SETTINGS: dict[str, tuple[str, str]] = {
     "BENCH_MEMORY_SLICES": ("700", "slices of the memory series"),
     "BENCH_MEMORY_INPUT_SIZE": ("64", "model input size for the memory measurement"),
     "BENCH_RUNTIME_SLICES": ("32", "slices per runtime measurement (phantom slices)"),
-    "BENCH_RUNTIME_E2E": ("keras,onnx,int8,openvino,bf16,auto",
+    "BENCH_RUNTIME_E2E": ("keras,onnx,int8,openvino,openvino-int8,bf16,auto",
                           "--runtime values timed end to end by the runtimes section"),
     "BENCH_GPU_BATCH": ("256", "GPU batch size"),
     "BENCH_GPU_SLICES": ("4096", "slices per GPU throughput measurement"),
@@ -523,22 +523,20 @@ def convolutions_only_graph(folder: Path, calib: Path, artifact: Any) -> Any:
     return OnnxRuntime(path, "int8", "")
 
 
-OPENVINO_INT8 = "openvino on the int8 graph"
-
-
 def openvino_classifiers(folder: Path, artifact: Any) -> tuple[dict[str, Any], dict[str, float]]:
-    """OpenVINO f32 and bf16 on model.onnx, and OpenVINO on the int8 QDQ graph, behind the same
-    Classifier (whatever their gates said: timing only), and each one's compile seconds."""
+    """The OpenVINO runtimes by name (openvino and bf16 on model.onnx, openvino-int8 on the int8
+    QDQ graph), each opened as the runtime opens it, behind the same Classifier (whatever their
+    gates said: timing only), and each one's compile seconds."""
     from ctcovid.inference import Classifier
-    from ctcovid.model.runtimes import OpenVinoRuntime, bf16_missing, current_cpu
+    from ctcovid.model.runtimes import GRAPH_FILES, bf16_missing, current_cpu, open_graph
 
-    graphs = {"openvino": ("model.onnx", "f32"), OPENVINO_INT8: ("model.int8.onnx", "f32")}
+    names = ["openvino", "openvino-int8"]
     if not bf16_missing(current_cpu()):
-        graphs["bf16"] = ("model.onnx", "bf16")
+        names.append("bf16")
     classifiers, compile_s = {}, {}
-    for name, (file, precision) in graphs.items():
+    for name in names:
         start = time.perf_counter()
-        runtime = OpenVinoRuntime(folder / file, name, "", precision=precision)
+        runtime = open_graph(name, folder / GRAPH_FILES[name], "")
         compile_s[name] = round(time.perf_counter() - start, 2)
         classifiers[name] = Classifier(None, artifact, runtime=runtime)
     return classifiers, compile_s
@@ -586,6 +584,13 @@ def bench_runtimes(repeats: int) -> list[dict[str, Any]]:
              "labels_agree": not int8_record["selection"]["label_flips"],
              "status": int8_record["verification"]["status"]}
             if "selection" in int8_record else {"refused": report.get("refused", "")})
+    ov_int8 = report.get("graphs", {}).get("openvino-int8", {})
+    ov_int8_gate = ({"status": ov_int8["verification"]["status"],
+                     **{k: v for k, v in (ov_int8["verification"].get("gate") or {}).items()
+                        if k.startswith("max_") or k == "label_flips"}}
+                    if "verification" in ov_int8
+                    else {"not_recorded": report.get("not_recorded", {}).get("openvino-int8",
+                                                                               "no int8 export")})
     rows: list[dict[str, Any]] = []
     for name in [*classifiers, CONVS_ONLY]:
         med = statistics.median(times[name])
@@ -608,6 +613,7 @@ def bench_runtimes(repeats: int) -> list[dict[str, Any]]:
                               if k in gate},
                 "int8_recipe": report.get("graphs", {}).get("int8", {}).get("recipe", {})}
                if name == "int8" else {}),
+            **({"openvino_int8_gate": ov_int8_gate} if name == "openvino-int8" else {}),
         })
     classifiers.clear()  # free the sessions before the end-to-end process runs
     rows += bench_start(folder, repeats)
@@ -681,7 +687,7 @@ def bench_start(folder: Path, repeats: int) -> list[dict[str, Any]]:
         "cpu": cpu,
     }]
     keras_load = None
-    for runtime in ("keras", "onnx", "int8", "openvino", "bf16"):
+    for runtime in ("keras", "onnx", "int8", "openvino", "openvino-int8", "bf16"):
         loads = []
         for _ in range(runs):
             done = subprocess.run([sys.executable, "-c", MODEL_LOAD, str(folder), runtime],

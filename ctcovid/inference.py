@@ -163,9 +163,10 @@ class Classifier:
         background: bool = False,
         **kwargs: Any,
     ) -> Classifier:
-        """Load a model folder for ``runtime`` (auto | keras | onnx | int8 | openvino | bf16,
-        see runtimes.py). An exported graph's runtime imports neither Keras nor TensorFlow: a
-        cheap start, heatmaps included when the graph carries its class-activation output.
+        """Load a model folder for ``runtime`` (auto | keras | onnx | int8 | openvino | bf16 |
+        openvino-int8, see runtimes.py). An exported graph's runtime imports neither Keras nor
+        TensorFlow: a cheap start, heatmaps included when the graph carries its class-activation
+        output.
 
         With ``background`` only the metadata is read now (a folder that is no model fails
         here); the graph is verified, compiled and checked in a thread while the caller reads

@@ -101,12 +101,22 @@ def record_graph(
     return digest
 
 
+def drop_record(folder: Path, runtime: str) -> None:
+    """Remove ``runtime``'s record from ctcovid.json (its files stay), as an export that never
+    gated it would have left the folder."""
+    artifact = read_artifact(folder)
+    graphs = {k: v for k, v in artifact.graphs.items() if k != runtime}
+    write_metadata(dataclasses.replace(artifact, graphs=graphs), folder)
+
+
 # -- choosing a runtime (metadata and files only: nothing is loaded) ---------------------------
 
 
-def test_auto_picks_int8_then_onnx_then_keras(tiny_model_dir, verified_dir, tmp_path, caplog):
+def test_auto_picks_openvino_int8_then_int8_then_onnx_then_keras(
+    tiny_model_dir, verified_dir, tmp_path, caplog
+):
     folder = model_copy(tiny_model_dir, tmp_path / "m")
-    assert AUTO_ORDER == ("bf16", "int8", "onnx", "keras")
+    assert AUTO_ORDER == ("bf16", "openvino-int8", "int8", "onnx", "keras")
     assert resolve_runtime(folder, read_artifact(folder), "auto").name == "keras"
     onnx_sha = record_graph(folder, "onnx", b"fp32 graph")
     choice = resolve_runtime(folder, read_artifact(folder), "auto")
@@ -117,10 +127,14 @@ def test_auto_picks_int8_then_onnx_then_keras(tiny_model_dir, verified_dir, tmp_
         assert resolve_runtime(folder, read_artifact(folder), "auto").name == "onnx"
     assert "older ctcovid" in caplog.text
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
-    # A verified one that passes its load check is taken.
+    # A verified one that passes its load check is taken: the int8 graph on OpenVINO first,
+    # then on ONNX Runtime.
     copy = model_copy(verified_dir, tmp_path / "verified")
     choice = resolve_runtime(copy, read_artifact(copy), "auto")
-    assert choice.name == "int8" and choice.loaded is not None  # opened once, reused
+    assert choice.name == "openvino-int8" and choice.loaded is not None  # opened once, reused
+    drop_record(copy, "openvino-int8")
+    choice = resolve_runtime(copy, read_artifact(copy), "auto")
+    assert choice.name == "int8" and choice.loaded is not None
     # An explicit choice wins over auto.
     assert resolve_runtime(copy, read_artifact(copy), "onnx").name == "onnx"
     assert resolve_runtime(folder, read_artifact(folder), "keras").name == "keras"
@@ -497,9 +511,12 @@ def test_verified_int8_records_what_gated_it(verified_dir, gate_data, caplog):
         assert data["slices"].shape == (4, GATE_SIZE, GATE_SIZE)
         assert data["slices"].dtype == np.uint8
         assert data["fp32_logit"].shape == data["int8_logit"].shape == (4,)
-    # What Classifier.from_file does (without starting TensorFlow, which it pins first).
+    # What Classifier.from_file does (without starting TensorFlow, which it pins first). auto
+    # takes the same graph on OpenVINO (its own gate passed too); asked for, int8 is int8.
     caplog.clear()
     choice = resolve_runtime(verified_dir, read_artifact(verified_dir), "auto")
+    assert (choice.name, load_runtime(choice).name) == ("openvino-int8", "openvino-int8")
+    choice = resolve_runtime(verified_dir, read_artifact(verified_dir), "int8")
     assert (choice.name, load_runtime(choice).name) == ("int8", "int8")
     assert warnings_of(caplog) == []
 
@@ -631,9 +648,13 @@ def damage_int8_graph(folder: Path) -> None:
     scale = next(i for i in model.graph.initializer if i.name == dq.input[1])
     scale.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(scale) * 1.5, scale.name))
     record = read_artifact(folder).graphs["int8"]
-    record_graph(folder, "int8", model.SerializeToString(), **{
+    digest = record_graph(folder, "int8", model.SerializeToString(), **{
         k: v for k, v in record.items() if k not in ("file", "sha256", "weights_sha256")
     })  # fmt: skip
+    artifact = read_artifact(folder)
+    if "openvino-int8" in artifact.graphs:  # the same file, gated on OpenVINO as well
+        artifact.graphs["openvino-int8"]["sha256"] = digest
+        write_metadata(artifact, folder)
 
 
 def test_int8_graph_that_fails_its_load_check_falls_back_with_one_warning(
@@ -644,7 +665,10 @@ def test_int8_graph_that_fails_its_load_check_falls_back_with_one_warning(
     caplog.clear()
     choice = resolve_runtime(folder, read_artifact(folder), "auto")
     assert (choice.name, load_runtime(choice).name) == ("onnx", "onnx")
-    (warning,) = warnings_of(caplog)
+    # The file fails both engines' load checks: one warning for each graph passed over.
+    on_openvino, warning = warnings_of(caplog)
+    assert "openvino-int8 graph not used" in on_openvino and "falls back to int8" in on_openvino
+    assert CHECK_FILES["openvino-int8"] in on_openvino
     assert "int8 graph not used" in warning and CHECK_FILE in warning
     assert "the fp32 graph model.onnx" in warning
     # Asked for explicitly: it runs, with one warning.
@@ -657,6 +681,7 @@ def test_int8_graph_that_fails_its_load_check_falls_back_with_one_warning(
 
 def test_check_slices_that_disagree_fall_back_with_one_warning(verified_dir, tmp_path, caplog):
     folder = model_copy(verified_dir, tmp_path / "m")
+    drop_record(folder, "openvino-int8")  # ONNX Runtime's int8 alone (its own test below)
     (folder / CHECK_FILE).unlink()
     with np.load(verified_dir / CHECK_FILE) as data:
         arrays = dict(data)
@@ -693,14 +718,16 @@ def test_other_int8_arithmetic_falls_back_with_one_warning(
     toggled = {"vnni": {"avx512_vnni", "avx_vnni"}, "amx": {"amx_int8"}}[change]
     flags = flags - toggled if flags & toggled else flags | {min(toggled)}
     other = {**gated, "source": "/proc/cpuinfo", "flags": sorted(flags)}
+    folder = model_copy(verified_dir, tmp_path / "m")
+    drop_record(folder, "openvino-int8")  # ONNX Runtime's int8 alone (its own test below)
     monkeypatch.setattr(runtimes, "current_cpu", lambda: other)
     caplog.clear()
-    assert resolve_runtime(verified_dir, read_artifact(verified_dir), "auto").name == "onnx"
+    assert resolve_runtime(folder, read_artifact(folder), "auto").name == "onnx"
     (warning,) = warnings_of(caplog)
     assert change.upper() in warning and "int8 arithmetic differs" in warning
     # The same flags: taken.
     monkeypatch.setattr(runtimes, "current_cpu", lambda: dict(gated))
-    assert resolve_runtime(verified_dir, read_artifact(verified_dir), "auto").name == "int8"
+    assert resolve_runtime(folder, read_artifact(folder), "auto").name == "int8"
 
 
 # -- bf16 on OpenVINO: gated like int8, refused without BF16 -------------------------------------
@@ -796,8 +823,9 @@ def test_verified_bf16_records_its_gate_and_auto_takes_it_first(bf16_dir, gate_d
     assert record["load_check"]["sha256"] == sha256_file(bf16_dir / CHECK_FILES["bf16"])
     with np.load(bf16_dir / CHECK_FILES["bf16"]) as data:
         assert data["bf16_logit"].shape == data["fp32_logit"].shape == (4,)
-    # The int8 record is kept; auto takes bf16 first, opened once by its load check.
+    # The int8 records are kept; auto takes bf16 first, opened once by its load check.
     assert artifact.graphs["int8"]["verification"]["status"] == "verified"
+    assert artifact.graphs["openvino-int8"]["verification"]["status"] == "verified"
     caplog.clear()
     choice = resolve_runtime(bf16_dir, artifact, "auto")
     assert choice.name == "bf16" and choice.loaded is not None
@@ -811,7 +839,9 @@ def test_verified_bf16_records_its_gate_and_auto_takes_it_first(bf16_dir, gate_d
 
 
 @needs_bf16
-def test_bf16_whose_check_slices_disagree_falls_back_to_int8(bf16_dir, tmp_path, caplog):
+def test_bf16_whose_check_slices_disagree_falls_back_to_openvino_int8(
+    bf16_dir, tmp_path, caplog
+):
     """A simulated mismatch: the recorded bf16 logits moved (as another OpenVINO's kernels
     would move them); auto says why and takes the next verified runtime."""
     folder = model_copy(bf16_dir, tmp_path / "m")
@@ -825,10 +855,10 @@ def test_bf16_whose_check_slices_disagree_falls_back_to_int8(bf16_dir, tmp_path,
     artifact.graphs["bf16"]["load_check"]["sha256"] = sha256_file(check)
     write_metadata(artifact, folder)
     caplog.clear()
-    assert resolve_runtime(folder, read_artifact(folder), "auto").name == "int8"
+    assert resolve_runtime(folder, read_artifact(folder), "auto").name == "openvino-int8"
     (warning,) = warnings_of(caplog)
     assert "bf16 graph not used" in warning and "differ from those measured" in warning
-    assert "falls back to int8" in warning
+    assert "falls back to openvino-int8" in warning
     # Asked for by name it runs, with one warning.
     caplog.clear()
     assert load_runtime(resolve_runtime(folder, read_artifact(folder), "bf16")).name == "bf16"
@@ -846,7 +876,7 @@ def test_other_bf16_arithmetic_falls_back(bf16_dir, caplog, monkeypatch):
     flags = flags - {"amx_bf16"} | {"avx512_bf16"} if "amx_bf16" in flags else flags | {"amx_bf16"}
     monkeypatch.setattr(runtimes, "current_cpu", lambda: {**gated, "flags": sorted(flags)})
     caplog.clear()
-    assert resolve_runtime(bf16_dir, read_artifact(bf16_dir), "auto").name == "int8"
+    assert resolve_runtime(bf16_dir, read_artifact(bf16_dir), "auto").name == "openvino-int8"
     (warning,) = warnings_of(caplog)
     assert "AMX_BF16" in warning and "bf16 arithmetic differs" in warning
 
@@ -885,9 +915,184 @@ def test_bf16_is_refused_on_a_cpu_without_bf16(
     with pytest.raises(ModelError, match=r"runtime 'bf16' refused: .* has no BF16 instructions"):
         resolve_runtime(folder, read_artifact(folder), "bf16")
     caplog.clear()
-    assert resolve_runtime(folder, read_artifact(folder), "auto").name == "int8"
+    assert resolve_runtime(folder, read_artifact(folder), "auto").name == "openvino-int8"
     (warning,) = warnings_of(caplog)
     assert "bf16 graph not used" in warning and "no BF16 instructions" in warning
+
+
+# -- the int8 graph on OpenVINO: its own gate and load check --------------------------------------
+
+OV_INT8 = "openvino-int8"
+
+
+def test_verified_openvino_int8_records_its_own_gate(verified_dir, gate_data, caplog):
+    """``export --int8`` also gated the int8 graph on OpenVINO, on the same validation scans by
+    the same tolerances; its numbers are re-computable from the record's files."""
+    from ctcovid.model.export import gate, score
+    from ctcovid.model.runtimes import OnnxRuntime, OpenVinoRuntime
+    from ctcovid.training.export import read_scans
+
+    artifact = read_artifact(verified_dir)
+    record, int8 = artifact.graphs[OV_INT8], artifact.graphs["int8"]
+    assert record["file"] == int8["file"] == GRAPH_FILES[OV_INT8] == "model.int8.onnx"
+    assert record["sha256"] == int8["sha256"] == sha256_file(verified_dir / "model.int8.onnx")
+    assert record["weights_sha256"] == artifact.weights_sha256
+    assert record["engine"].startswith("openvino ") and "f32" in record["precision"]
+    assert record["cpu"] == cpu_description()
+    assert record["tolerances"] == int8["tolerances"] and record["threshold"] == int8["threshold"]
+    verification = record["verification"]
+    assert verification["status"] == "verified"
+    confirmation = verification["confirmation"]
+    assert confirmation["source"] == str(gate_data["validation"]) and confirmation["n_scans"] == 16
+    assert confirmation["label_flips"] == []
+    # Its own load check, its sha256 recorded, its logits under its own name.
+    check = record["load_check"]
+    assert check["file"] == CHECK_FILES[OV_INT8] != CHECK_FILES["int8"]
+    assert check["sha256"] == sha256_file(verified_dir / CHECK_FILES[OV_INT8])
+    with np.load(verified_dir / CHECK_FILES[OV_INT8]) as data:
+        assert data[f"{OV_INT8}_logit"].shape == data["fp32_logit"].shape == (4,)
+    # The recorded gate, again: OpenVINO on the int8 graph against fp32 on the same scans.
+    scans, _ = read_scans(gate_data["validation"], artifact.ingest_config)
+    fp32 = score(OnnxRuntime(verified_dir / GRAPH_FILES["onnx"], "onnx", ""), scans)
+    ov = OpenVinoRuntime(verified_dir / GRAPH_FILES[OV_INT8], OV_INT8, "", precision="f32")
+    again = gate(OV_INT8, scans, fp32, ov, artifact.threshold, candidate=OV_INT8)
+    assert again.passed and again.label_flips == []
+    assert again.max_probability_difference <= INT8_TOLERANCE
+    assert again.max_slice_probability_difference <= INT8_SLICE_TOLERANCE
+    assert again.max_slice_logit_difference <= INT8_LOGIT_TOLERANCE
+    for key in ("max_probability_difference", "max_slice_logit_difference"):
+        assert getattr(again, key) == pytest.approx(confirmation[key], abs=1e-5)
+    # Without a bf16 graph auto takes it, opened once by its load check; no warning.
+    caplog.clear()
+    choice = resolve_runtime(verified_dir, artifact, "auto")
+    assert choice.name == OV_INT8 and choice.loaded is not None
+    assert choice.graph_sha256 == record["sha256"]
+    assert warnings_of(caplog) == []
+
+
+def test_openvino_int8_whose_check_slices_disagree_falls_back_to_int8(
+    verified_dir, tmp_path, caplog
+):
+    """A simulated mismatch: the recorded OpenVINO logits moved (as other kernels would move
+    them); auto says why, once, and takes ONNX Runtime's int8 run of the same file."""
+    folder = model_copy(verified_dir, tmp_path / "m")
+    check = folder / CHECK_FILES[OV_INT8]
+    check.unlink()
+    with np.load(verified_dir / CHECK_FILES[OV_INT8]) as data:
+        arrays = dict(data)
+    arrays[f"{OV_INT8}_logit"] = arrays[f"{OV_INT8}_logit"] + 0.5
+    np.savez(check, **arrays)
+    artifact = read_artifact(folder)
+    artifact.graphs[OV_INT8]["load_check"]["sha256"] = sha256_file(check)
+    write_metadata(artifact, folder)
+    caplog.clear()
+    assert resolve_runtime(folder, read_artifact(folder), "auto").name == "int8"
+    (warning,) = warnings_of(caplog)
+    assert f"{OV_INT8} graph not used" in warning and "differ from those measured" in warning
+    assert "falls back to int8" in warning
+    # Asked for by name it runs, with one warning.
+    caplog.clear()
+    assert load_runtime(resolve_runtime(folder, read_artifact(folder), OV_INT8)).name == OV_INT8
+    (warning,) = warnings_of(caplog)
+    assert f"running the {OV_INT8} graph as asked" in warning
+
+
+@pytest.mark.parametrize("change", ["amx_int8", "vnni", "avx512f"])
+def test_other_openvino_int8_arithmetic_falls_back(
+    verified_dir, tmp_path, caplog, monkeypatch, change
+):
+    """The gate's CPU and this one differ in AMX-INT8, VNNI or AVX-512 (whichever way this
+    machine has it): OpenVINO would pick other int8 kernels, so auto passes over it. AVX-512
+    alone leaves ONNX Runtime's int8 arithmetic as it was (int8 is taken); AMX and VNNI change
+    that too (the fp32 graph is)."""
+    import ctcovid.model.runtimes as runtimes
+
+    gated = read_artifact(verified_dir).graphs[OV_INT8]["cpu"]
+    if gated["source"] != "/proc/cpuinfo":
+        pytest.skip("AMX and AVX-VNNI are known from /proc/cpuinfo only")
+    flags = set(gated["flags"])
+    toggled = {"amx_int8": {"amx_int8"}, "vnni": {"avx512_vnni", "avx_vnni"}}.get(
+        change, {change}
+    )
+    flags = flags - toggled if flags & toggled else flags | {min(toggled)}
+    other = {**gated, "flags": sorted(flags)}
+    monkeypatch.setattr(runtimes, "current_cpu", lambda: other)
+    caplog.clear()
+    taken = resolve_runtime(verified_dir, read_artifact(verified_dir), "auto").name
+    assert taken == ("int8" if change == "avx512f" else "onnx")
+    first, *rest = warnings_of(caplog)
+    assert f"{OV_INT8} graph not used" in first and f"{OV_INT8} arithmetic differs" in first
+    assert change.upper() in first
+    assert len(rest) == (0 if change == "avx512f" else 1)
+    # The same flags: taken.
+    monkeypatch.setattr(runtimes, "current_cpu", lambda: dict(gated))
+    assert resolve_runtime(verified_dir, read_artifact(verified_dir), "auto").name == OV_INT8
+
+
+def test_classify_on_openvino_int8_has_its_own_device_uid(
+    verified_dir, studies_root, study_infos
+):
+    """The same int8 file on two engines: two runtimes, two device UIDs, scores within the
+    int8 tolerance of each other."""
+    ct = studies_root / study_infos[0]["study_dir"] / "ct"
+    results = {}
+    for runtime in ("int8", OV_INT8):
+        result = invoke("classify", ct, "--model", verified_dir, "--runtime", runtime, "--json")
+        assert result.exit_code == 0, result.output
+        results[runtime] = json.loads(result.stdout)
+        assert results[runtime]["runtime"] == results[runtime]["model"]["runtime"] == runtime
+    ort, ov = results["int8"], results[OV_INT8]
+    assert ov["model"]["device_uid"] != ort["model"]["device_uid"]
+    assert abs(ov["probability_covid"] - ort["probability_covid"]) <= 2 * INT8_TOLERANCE
+
+
+def test_openvino_int8_refused_keeps_int8_and_a_re_export_drops_a_stale_record(
+    gate_data, verified_dir, tmp_path, monkeypatch
+):
+    """OpenVINO's gate refusing (here on a graph whose weight scale moved, as other kernels
+    could move it) keeps ONNX Runtime's int8 graph and says why in the report and --json; the
+    refused export also drops the record that gated the previous model.int8.onnx."""
+    import onnx
+    from onnx import numpy_helper
+
+    import ctcovid.training.export as training_export
+
+    folder = gate_copy(gate_data, tmp_path)
+    for name in (GRAPH_FILES["int8"], CHECK_FILES[OV_INT8], "ctcovid.json"):
+        shutil.copy(verified_dir / name, folder / name)
+    assert OV_INT8 in read_artifact(folder).graphs
+    moved = tmp_path / "moved.int8.onnx"
+    real_run = training_export._openvino_int8_run
+
+    def moved_run(path: Path, sha256: str):
+        model = onnx.load(str(path))
+        dq = next(
+            n for n in model.graph.node if n.op_type == "DequantizeLinear" and "w" in n.input[0]
+        )
+        scale = next(i for i in model.graph.initializer if i.name == dq.input[1])
+        scale.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(scale) * 3, scale.name))
+        onnx.save(model, str(moved))
+        return real_run(moved, sha256)
+
+    monkeypatch.setattr(training_export, "_openvino_int8_run", moved_run)
+    args = ["--calibration", gate_data["calibration"], "--validation", gate_data["validation"]]
+    args += ["--min-scans", 12, "--min-per-class", 3, "--min-near-threshold", 3]
+    result = invoke("export", folder, "--int8", *args, "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    reason = data["not_recorded"][OV_INT8]
+    assert f"{OV_INT8} refused on the scans of {gate_data['validation']}" in reason
+    assert "kept for ONNX Runtime" in reason and "\n" not in reason
+    graphs = read_artifact(folder).graphs
+    assert OV_INT8 not in graphs and OV_INT8 not in data["graphs"]
+    assert graphs["int8"]["verification"]["status"] == "verified"
+    assert graphs["int8"]["sha256"] == sha256_file(folder / GRAPH_FILES["int8"])
+    assert resolve_runtime(folder, read_artifact(folder), "auto").name == "int8"
+    # Without --json the reason is one printed line.
+    result = invoke("export", folder, "--int8", *args)
+    assert result.exit_code == 0, result.output
+    (line,) = [x for x in result.output.splitlines() if x.startswith(f"{OV_INT8} not recorded")]
+    assert "kept for ONNX Runtime" in line
 
 
 # -- a cheap start: a graph's runtime imports neither TensorFlow nor Keras ------------------------
@@ -1056,6 +1261,23 @@ def test_export_records_both_graphs_with_sha256_and_agreement(exported_dir, cali
     for scan in selection["scans"]:
         assert abs(scan["int8"] - scan["fp32"]) <= INT8_TOLERANCE
     assert int8["load_check"]["sha256"] == sha256_file(exported_dir / CHECK_FILE)
+
+
+@pytest.mark.slow
+def test_a_new_model_onnx_drops_the_openvino_int8_record(exported_dir, tmp_path):
+    """openvino-int8 was gated against the previous model.onnx: a re-export that converts it
+    again (and gates no int8) drops that record; ONNX Runtime's int8 record stays."""
+    folder = model_copy(exported_dir, tmp_path / "m")
+    artifact = read_artifact(folder)
+    if OV_INT8 not in artifact.graphs:  # OpenVINO's gate refused the untrained model's graph
+        record = {**artifact.graphs["int8"], "verification": {"status": "unverified"}}
+        graphs = {**artifact.graphs, OV_INT8: record}
+        write_metadata(dataclasses.replace(artifact, graphs=graphs), folder)
+    result = invoke("export", folder, "--force", "--json")
+    assert result.exit_code == 0, result.output
+    graphs = read_artifact(folder).graphs
+    assert OV_INT8 not in graphs and "int8" in graphs
+    assert "model.onnx" in json.loads(result.stdout)["written"]
 
 
 @pytest.mark.slow

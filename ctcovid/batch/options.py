@@ -39,7 +39,7 @@ class BatchOptions:
     destinations: tuple[SendSettings | Hl7Settings, ...] = ()
     # Address-space limit of each decoder process, MiB (0: none).
     decoder_memory_mb: int = DEFAULT_DECODER_MEMORY_MB
-    runtime: str = "auto"  # how the model runs (keras | onnx | int8 | auto), not where
+    runtime: str = "auto"  # how the model runs (ctcovid.model.runtimes.RUNTIMES), not where
     # The audit trail (ctcovid.batch.auditing): a file, and/or a syslog repository over TLS.
     audit_file: Path | None = None
     audit_syslog: str | None = None  # HOST:PORT

@@ -130,13 +130,14 @@ class Runtime(StrEnum):
     int8 = "int8"
     openvino = "openvino"
     bf16 = "bf16"
+    openvino_int8 = "openvino-int8"
 
 
 RUNTIME_HELP = (
     "How the model runs: auto (the fastest graph the model folder holds that is verified on this "
-    "CPU: bf16, int8, onnx, then keras), keras, onnx (fp32 graph), int8, openvino (fp32 graph on "
-    "OpenVINO) or bf16 (fp32 graph on OpenVINO at bf16, CPUs with BF16 only); see "
-    "'ctcovid export'."
+    "CPU: bf16, openvino-int8, int8, onnx, then keras), keras, onnx (fp32 graph), int8, openvino "
+    "(fp32 graph on OpenVINO), bf16 (fp32 graph on OpenVINO at bf16, CPUs with BF16 only) or "
+    "openvino-int8 (int8 graph on OpenVINO); see 'ctcovid export'."
 )
 
 

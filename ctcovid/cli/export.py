@@ -1,4 +1,5 @@
-"""``ctcovid export MODEL``: add ONNX inference graphs (fp32, gated int8) to a model folder."""
+"""``ctcovid export MODEL``: add ONNX inference graphs (fp32, gated int8) to a model folder, and
+gate runs of them on OpenVINO (bf16, openvino-int8)."""
 
 from __future__ import annotations
 
@@ -83,6 +84,11 @@ def export(
     the same criteria on the --validation scans, and recorded with this CPU's BF16 flags; it is
     refused on a CPU without BF16 instructions.
 
+    Where OpenVINO is installed, --int8 also gates the int8 graph on OpenVINO's own int8
+    kernels (runtime openvino-int8) on the same scans by the same criteria, recorded with this
+    CPU's AMX-INT8, VNNI and AVX-512 flags; if it refuses, the int8 graph is kept for ONNX
+    Runtime and the reason is printed.
+
     Examples:
 
       ctcovid export models/site-v3
@@ -120,25 +126,39 @@ def export(
     if "int8" in report.graphs and report.attempts:
         for line in int8_summary(report.graphs["int8"]):
             stdout.print(line, highlight=False, soft_wrap=True)
+    if int8 and "openvino-int8" in report.graphs:
+        stdout.print(
+            openvino_summary(report.graphs["openvino-int8"], "openvino-int8"),
+            highlight=False,
+            soft_wrap=True,
+        )
+    for name, reason in report.not_recorded.items():
+        stdout.print(f"{name} not recorded: {reason}", highlight=False, soft_wrap=True)
     if bf16:
         stdout.print(bf16_summary(report.graphs["bf16"]), highlight=False, soft_wrap=True)
 
 
 def bf16_summary(record: dict[str, Any]) -> str:
     """What gated the bf16 run and what was measured, as printed by ``ctcovid export``."""
+    return openvino_summary(record, "bf16")
+
+
+def openvino_summary(record: dict[str, Any], name: str) -> str:
+    """What gated an OpenVINO run (``bf16``, ``openvino-int8``) and what was measured, as
+    printed by ``ctcovid export``."""
     verification = record["verification"]
     cpu = record["cpu"]
     on = f"{cpu.get('model') or 'an unknown CPU'} ({' '.join(cpu.get('flags', []))})"
     if verification["status"] != "verified":
         gate = verification["gate"]
         return (
-            f"bf16 UNVERIFIED (no --validation), gated on {gate['n_scans']} scan(s) of "
-            f"{gate['source']} on {on}: {_measured(gate, 'bf16')}; --runtime auto does not use it"
+            f"{name} UNVERIFIED (no --validation), gated on {gate['n_scans']} scan(s) of "
+            f"{gate['source']} on {on}: {_measured(gate, name)}; --runtime auto does not use it"
         )
     c = verification["confirmation"]
     return (
-        f"bf16 VERIFIED on {c['n_scans']} validation scan(s) of {c['source']} on {on}: "
-        f"{_measured(c, 'bf16')}; 0 labels flipped; each load re-checks "
+        f"{name} VERIFIED on {c['n_scans']} validation scan(s) of {c['source']} on {on}: "
+        f"{_measured(c, name)}; 0 labels flipped; each load re-checks "
         f"{record['load_check']['n_slices']} slices ({record['load_check']['file']})"
     )
 

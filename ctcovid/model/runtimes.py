@@ -12,17 +12,25 @@ sha256 and the weights they came from.
 - ``bf16``: ``model.onnx`` on OpenVINO with ``INFERENCE_PRECISION_HINT`` bf16 (AMX-BF16 or
   AVX512-BF16 products, no calibration), gated against fp32 like int8. Only on a CPU with BF16
   instructions: elsewhere OpenVINO would quietly compute in f32.
+- ``openvino-int8``: ``model.int8.onnx`` on OpenVINO, its other operators at
+  ``INFERENCE_PRECISION_HINT`` f32 (so it runs on CPUs without BF16). OpenVINO does the int8
+  arithmetic with its own kernels (oneDNN: AMX-INT8, AVX512-VNNI, AVX-VNNI, AVX2), not ONNX
+  Runtime's, so the int8 gate does not cover it: it has its own gate (``ctcovid export --int8``
+  runs it where OpenVINO is installed) and its own load check, under its own record.
 
 ``auto`` picks, among the runtimes whose graph the folder holds, the first of :data:`AUTO_ORDER`
-(fastest first where the CPU has them, measured in ``make bench``): ``bf16``, ``int8``, ``onnx``,
-``keras``. Without ONNX Runtime installed ``auto`` falls back to Keras and says so in the log.
-``auto`` takes a gated graph (:data:`GATED`: int8, bf16) only when it is ``verified`` (its gate
-was confirmed on validation scans) and it passes the load check (:func:`check_graph`): the CPU's
-arithmetic for it (int8: VNNI, AMX; bf16: AMX-BF16, AVX512-BF16) is the one the gate ran on, and
-the graph reproduces the logits recorded for a few slices (``model.int8.check.npz``,
-``model.bf16.check.npz``). Else it takes the next one and logs one warning naming the reason. An
-explicit ``int8`` or ``bf16`` runs the graph in any case, with one warning when it is unverified
-or fails the load check; ``bf16`` on a CPU without BF16 is refused.
+(fastest first where the CPU has them, measured in ``make bench``): ``bf16`` (no calibration,
+as fast as int8 where AMX does both), ``openvino-int8`` (twice ONNX Runtime's speed on the same
+int8 graph where it was measured), ``int8``, ``onnx``, ``keras``. Without ONNX Runtime installed
+``auto`` falls back to Keras and says so in the log. ``auto`` takes a gated graph
+(:data:`GATED`: bf16, openvino-int8, int8) only when it is ``verified`` (its gate was confirmed
+on validation scans) and it passes the load check (:func:`check_graph`): the CPU's arithmetic
+for it (:data:`ARITHMETIC`; int8: VNNI, AMX; bf16: AMX-BF16, AVX512-BF16; openvino-int8:
+AMX-INT8, VNNI, AVX-512) is the one the gate ran on, and the graph reproduces the logits
+recorded for a few slices (:data:`CHECK_FILES`). Else it takes the next one and logs one
+warning naming the reason. An explicit gated runtime runs its graph in any case, with one
+warning when it is unverified or fails the load check; ``bf16`` on a CPU without BF16 is
+refused.
 
 Threads are pinned (:func:`scoring_threads`): a runtime that splits a reduction among another
 number of threads may sum in another order, and the last bits of a probability would follow the
@@ -46,22 +54,31 @@ from ctcovid.model.artifact import METADATA_FILE, ModelArtifact, sha256_file
 
 logger = logging.getLogger(__name__)
 
-RUNTIMES = ("auto", "keras", "onnx", "int8", "openvino", "bf16")
+RUNTIMES = ("auto", "keras", "onnx", "int8", "openvino", "bf16", "openvino-int8")
 # Fastest first; measured in bench/run.py ("runtimes" section) and the README's table. OpenVINO
 # f32 is asked for by name only: it gains little over ONNX Runtime fp32 where it was measured.
-AUTO_ORDER = ("bf16", "int8", "onnx", "keras")
+AUTO_ORDER = ("bf16", "openvino-int8", "int8", "onnx", "keras")
 GRAPH_FILES = {
     "onnx": "model.onnx",
     "int8": "model.int8.onnx",
     "openvino": "model.onnx",
     "bf16": "model.onnx",
+    "openvino-int8": "model.int8.onnx",
 }
 #: Runtimes that run another runtime's recorded graph: ``openvino`` runs the fp32 graph as it is.
 GRAPH_OF = {"openvino": "onnx"}
-#: Runtimes whose numbers are gated against fp32 at export and verified per CPU at load.
-GATED = ("int8", "bf16")
+#: Runtimes whose numbers are gated against fp32 at export and verified per CPU at load. Each
+#: has its own record in ``ctcovid.json`` (``openvino-int8`` too: another engine's arithmetic
+#: on the int8 graph file).
+GATED = ("int8", "bf16", "openvino-int8")
+#: Runtimes that need OpenVINO (the others need ONNX Runtime, or Keras).
+OPENVINO_RUNTIMES = ("openvino", "bf16", "openvino-int8")
 #: A few slices with the fp32 and gated logits the gate measured: the load check of each.
-CHECK_FILES = {"int8": "model.int8.check.npz", "bf16": "model.bf16.check.npz"}
+CHECK_FILES = {
+    "int8": "model.int8.check.npz",
+    "bf16": "model.bf16.check.npz",
+    "openvino-int8": "model.openvino-int8.check.npz",
+}
 CHECK_FILE = CHECK_FILES["int8"]
 #: |int8 logit now - int8 logit at export| allowed on the check slices, times max(1, |logit|):
 #: the same kernels give the same logits to rounding; other kernels (VNNI against AVX2's
@@ -70,7 +87,7 @@ CHECK_LOGIT_TOLERANCE = 0.05
 VERIFIED = "verified"
 UNVERIFIED = "unverified"
 #: The CPU flags that select ONNX Runtime's int8 kernels (the int8 arithmetic) and OpenVINO's
-#: bf16 kernels (AVX512-BF16 dot products, AMX-BF16 tiles).
+#: bf16 and int8 kernels (AVX512-BF16 dot products, AMX-BF16 and AMX-INT8 tiles, VNNI).
 CPU_FLAGS = (
     "avx2",
     "avx512f",
@@ -381,6 +398,8 @@ def graph_path(folder: Path, artifact: ModelArtifact, runtime: str, *, verify: b
         how = {
             "int8": " --int8 --calibration DATA --validation DATA'",
             "bf16": " --bf16 --validation DATA'",
+            "openvino-int8": " --int8 --calibration DATA --validation DATA' with OpenVINO "
+            "installed",
         }.get(runtime, "'")
         raise ModelError(
             f"{folder}: no {runtime!r} graph recorded in {METADATA_FILE}; create it with "
@@ -405,7 +424,7 @@ def graph_path(folder: Path, artifact: ModelArtifact, runtime: str, *, verify: b
 
 
 def _fallback_words(name: str) -> str:
-    if name in ("keras", "int8", "bf16"):
+    if name in ("keras", *GATED):
         return name
     return f"the fp32 graph {GRAPH_FILES[name]}"
 
@@ -415,7 +434,7 @@ def resolve_runtime(
 ) -> RuntimeChoice:
     """Which runtime ``requested`` means for this model folder (graphs verified).
 
-    For a gated graph (``int8``, ``bf16``; asked for, or a choice of ``auto``) the graph is
+    For a gated graph (:data:`GATED`; asked for, or a choice of ``auto``) the graph is
     opened and checked on a few slices (:func:`check_graph`); the session comes back in the
     choice for :func:`load_runtime`.
     """
@@ -447,6 +466,12 @@ def resolve_runtime(
             else:
                 runtime, reason = check_graph(folder, artifact, name, path)
                 if not reason and runtime is not None:
+                    logger.info(
+                        "model %s: auto uses the %s graph (verified; its load check passed on "
+                        "this CPU)",
+                        folder,
+                        name,
+                    )
                     return RuntimeChoice(name, path, runtime.graph_sha256, loaded=runtime)
                 logger.warning(
                     "model %s: %s graph not used, %s; auto falls back to %s",
@@ -488,6 +513,8 @@ def open_graph(name: str, path: Path, graph_sha256: str) -> OnnxRuntime | OpenVi
         return OpenVinoRuntime(path, name, graph_sha256, precision="f32")
     if name == "bf16":
         return OpenVinoRuntime(path, name, graph_sha256, precision="bf16")
+    if name == "openvino-int8":  # the quantised ops in int8, the others in f32 (no BF16 needed)
+        return OpenVinoRuntime(path, name, graph_sha256, precision="f32")
     return OnnxRuntime(path, name, graph_sha256)
 
 
@@ -503,7 +530,7 @@ def load_runtime(choice: RuntimeChoice, model: Any = None) -> Runtime:
     return open_graph(choice.name, choice.path, choice.graph_sha256)
 
 
-# -- gated graphs (int8, bf16): verified at export, checked at load -----------------------------
+# -- gated graphs (int8, bf16, openvino-int8): verified at export, checked at load ---------------
 
 
 def logit(p: np.ndarray) -> np.ndarray:
@@ -601,14 +628,34 @@ def bf16_missing(cpu: dict[str, Any]) -> str:
     )
 
 
-ARITHMETIC = {"int8": int8_arithmetic, "bf16": bf16_arithmetic}
+def openvino_int8_arithmetic(cpu: dict[str, Any]) -> dict[str, Any]:
+    """What sets OpenVINO's int8 arithmetic on a CPU: its oneDNN kernels are AMX-INT8 tiles,
+    else AVX512-VNNI, else AVX-VNNI, else AVX2 (saturating 16-bit sums), each with its own
+    accumulation; VNNI with AVX-512 against VNNI without tells the middle two apart. ``None``
+    where ``cpu``'s flags cannot tell (AMX and AVX-VNNI from numpy's table; no flags at all)."""
+    source = cpu.get("source", "/proc/cpuinfo")
+    flags = set(cpu.get("flags", []))
+    known = source != "none"
+    return {
+        "machine": cpu.get("machine") or None,
+        "amx_int8": ("amx_int8" in flags) if source == "/proc/cpuinfo" else None,
+        "vnni": bool(flags & {"avx512_vnni", "avx_vnni"}) if known else None,
+        "avx512f": ("avx512f" in flags) if known else None,
+    }
+
+
+ARITHMETIC = {
+    "int8": int8_arithmetic,
+    "bf16": bf16_arithmetic,
+    "openvino-int8": openvino_int8_arithmetic,
+}
 
 
 def arithmetic_difference(
     recorded: dict[str, Any], current: dict[str, Any], runtime: str = "int8"
 ) -> str:
-    """A phrase naming how two CPUs' arithmetic for ``runtime`` (int8, bf16) differs ('' when it
-    does not, or unknown)."""
+    """A phrase naming how two CPUs' arithmetic for ``runtime`` (:data:`ARITHMETIC`) differs
+    ('' when it does not, or unknown)."""
     a, b = ARITHMETIC[runtime](recorded), ARITHMETIC[runtime](current)
     differ = [k for k in a if a[k] is not None and b[k] is not None and a[k] != b[k]]
     if not differ:
@@ -636,8 +683,8 @@ def current_cpu() -> dict[str, Any]:
 def check_graph(
     folder: Path, artifact: ModelArtifact, name: str, path: Path
 ) -> tuple[OnnxRuntime | OpenVinoRuntime | None, str]:
-    """The load check of a gated graph (``int8``, ``bf16``): this CPU's arithmetic for it and
-    the recorded check slices.
+    """The load check of a gated graph (:data:`GATED`): this CPU's arithmetic for it and the
+    recorded check slices.
 
     Returns the opened graph (``None`` when the check stopped before opening it) and the reason
     it failed, ``''`` when it passed. Cheap: a few slices in one batch. A graph the engine
@@ -649,8 +696,8 @@ def check_graph(
         missing = bf16_missing(current_cpu())
         if missing:
             return None, missing
-        if not openvino_available():
-            return None, f"OpenVINO is not installed ({OPENVINO_INSTALL_HINT})"
+    if name in OPENVINO_RUNTIMES and not openvino_available():
+        return None, f"OpenVINO is not installed ({OPENVINO_INSTALL_HINT})"
     if not isinstance(check, dict):
         return None, (
             f"no load check recorded for it ({CHECK_FILES[name]}; re-run 'ctcovid export')"

@@ -214,7 +214,8 @@ class NodeConfig:
                 f"max_retry_seconds ({self.max_retry_seconds}) must be >= retry_seconds "
                 f"({self.retry_seconds})."
             )
-        runtimes = ("auto", "keras", "onnx", "int8", "openvino", "bf16")  # model.runtimes
+        # as ctcovid.model.runtimes.RUNTIMES
+        runtimes = ("auto", "keras", "onnx", "int8", "openvino", "bf16", "openvino-int8")
         if self.runtime not in runtimes:
             raise ConfigError(
                 f"runtime must be one of {', '.join(runtimes)}. Received: {self.runtime!r}."

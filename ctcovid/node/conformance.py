@@ -142,7 +142,7 @@ _SETTINGS: dict[str, str] = {
     "metrics_host": "deprecated alias of http_host",
     "poll_seconds": "how often the worker looks for work",
     "batch_size": "slices decoded ahead of the model",
-    "runtime": "how the model runs: auto, keras, onnx or int8",
+    "runtime": "how the model runs: auto, keras, onnx, int8, openvino, bf16 or openvino-int8",
     "audit_file": "DICOM audit messages (PS3.15 A.5), one a line, appended to this file",
     "audit_syslog": "Audit Record Repository, HOST:PORT: syslog over TLS (RFC 5425), spooled",
     "audit_ca": "CA (PEM) the audit repository's certificate must be signed by",

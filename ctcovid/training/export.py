@@ -1,5 +1,5 @@
-"""``ctcovid export``: add ``model.onnx``, a gated ``model.int8.onnx`` and a gated bf16 run of
-``model.onnx`` on OpenVINO to a model folder.
+"""``ctcovid export``: add ``model.onnx``, a gated ``model.int8.onnx`` (on ONNX Runtime and on
+OpenVINO) and a gated bf16 run of ``model.onnx`` on OpenVINO to a model folder.
 
 The graphs and their gate are :mod:`ctcovid.model.export`; this module reads the calibration and
 validation scans through the model's own ingest and slice policy (the training data readers) and
@@ -16,6 +16,13 @@ and that run is gated against fp32 by the int8 gate's criteria, once, on the val
 (verified), or on the calibration scans when no validation scans are given (``unverified``). It
 is refused on a CPU without BF16 instructions, where OpenVINO would compute in f32: the record
 names the CPU its gate ran on, and each load checks it again.
+
+Where OpenVINO is installed, ``--int8`` also gates the int8 graph it keeps on OpenVINO
+(``openvino-int8``: OpenVINO's own int8 kernels, not ONNX Runtime's) on the same scans and by
+the same criteria, with its own record and load check. A refusal there keeps ONNX Runtime's
+int8 graph and says why (:attr:`ExportReport.not_recorded`). A re-export that replaces
+``model.onnx`` or ``model.int8.onnx`` drops the records that gated the previous file (bf16,
+openvino-int8) unless it gates them again.
 """
 
 from __future__ import annotations
@@ -79,6 +86,7 @@ from ctcovid.model.runtimes import (
     CHECK_FILE,
     CHECK_FILES,
     GRAPH_FILES,
+    OPENVINO_INSTALL_HINT,
     UNVERIFIED,
     VERIFIED,
     OnnxRuntime,
@@ -86,6 +94,7 @@ from ctcovid.model.runtimes import (
     bf16_missing,
     graph_path,
     import_openvino,
+    openvino_available,
 )
 from ctcovid.training.data import discover, load_scan
 
@@ -102,6 +111,9 @@ class ExportReport:
     written: list[str]
     attempts: list[GateResult] = field(default_factory=list)
     confirmation: GateResult | None = None
+    #: Gated runtimes this export did not record, and why (openvino-int8: its gate refused, or
+    #: OpenVINO is not installed).
+    not_recorded: dict[str, str] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -110,6 +122,7 @@ class ExportReport:
             "graphs": self.graphs,
             "attempts": [asdict(a) for a in self.attempts],
             "confirmation": asdict(self.confirmation) if self.confirmation else None,
+            "not_recorded": self.not_recorded,
         }
 
 
@@ -307,61 +320,101 @@ def _gate_terms(
     }
 
 
-def _bf16_graph(
+@dataclass(frozen=True)
+class OpenVinoGate:
+    """An OpenVINO run of a recorded graph file to gate against fp32 (bf16, openvino-int8)."""
+
+    name: str  # the runtime, and the key of its record
+    path: Path  # the graph file as staged (or kept)
+    sha256: str  # of that file
+    precision: str  # OpenVINO's INFERENCE_PRECISION_HINT
+    precision_words: str  # the record's "precision"
+    unverified: str  # the record's reason when there are no validation scans
+
+
+def _openvino_graph(
     folder: Path,
     artifact: ModelArtifact,
     tmp: Path,
-    fp32_path: Path,
-    fp32_sha256: str,
+    run: OpenVinoGate,
     fp32_runtime: OnnxRuntime,
     validation: ValidationScans | None,
-    calibration: tuple[Path | None, list[ScanSlices]],
+    calibration: tuple[Path | None, list[ScanSlices], dict[str, Scored] | None],
     requirements: GateRequirements,
     cpu: dict[str, Any],
 ) -> tuple[dict[str, Any], Path]:
-    """Gate ``model.onnx`` at bf16 on OpenVINO against fp32; its record and staged check file.
+    """Gate ``run`` (a graph on OpenVINO at a precision hint) against fp32; its record and
+    staged check file.
 
     On the validation scans when there are some (verified), else on the calibration scans
-    (unverified). Raises :class:`ModelError` when the gate refuses.
+    (unverified; their fp32 outputs are scored here unless given). Raises :class:`ModelError`
+    when the gate refuses, or OpenVINO cannot load the graph.
     """
-    cal_source, cal_scans = calibration
+    cal_source, cal_scans, cal_fp32 = calibration
     threshold = artifact.threshold
-    runtime = OpenVinoRuntime(fp32_path, "bf16", fp32_sha256, precision="bf16")
+    runtime = OpenVinoRuntime(run.path, run.name, run.sha256, precision=run.precision)
     source: Path | None
     if validation is not None:
         scans, fp32, source = validation.scans, validation.fp32, validation.source
     else:
-        scans, fp32, source = cal_scans, score(fp32_runtime, cal_scans), cal_source
+        scans, source = cal_scans, cal_source
+        fp32 = cal_fp32 if cal_fp32 is not None else score(fp32_runtime, cal_scans)
     measured = score(runtime, scans)
-    result = gate("bf16", scans, fp32, measured, threshold, candidate="bf16")
-    logger.info("bf16 against fp32 on %s: %s", source, result.summary())
+    result = gate(run.name, scans, fp32, measured, threshold, candidate=run.name)
+    logger.info("%s against fp32 on %s: %s", run.name, source, result.summary())
     if not result.passed:
         raise ModelError(
-            f"{folder}: bf16 refused on the scans of {source}: {result.summary()}; nothing written"
+            f"{folder}: {run.name} refused on the scans of {source}: {result.summary()}"
         )
     verification = _verification(
         result,
         validation,
         requirements,
         threshold,
-        unverified="no validation scans at export (--validation); gated on the calibration "
-        "scans only",
+        unverified=run.unverified,
         gate={"source": str(cal_source), **_gate_record(result)},
     )
-    check_path = tmp / CHECK_FILES["bf16"]
+    check_path = tmp / CHECK_FILES[run.name]
     slices, origins = check_slices(scans, fp32, measured, CHECK_SLICES)
-    check = write_check(check_path, slices, fp32_runtime, runtime, "bf16")
+    check = write_check(check_path, slices, fp32_runtime, runtime, run.name)
     record = {
-        "file": GRAPH_FILES["bf16"],
-        "sha256": fp32_sha256,
+        "file": GRAPH_FILES[run.name],
+        "sha256": run.sha256,
         "weights_sha256": artifact.weights_sha256,
         "created": utc_now(),
         "engine": package_versions("openvino"),
-        "precision": "bf16 (OpenVINO INFERENCE_PRECISION_HINT)",
+        "precision": run.precision_words,
         "verification": verification,
-        **_gate_terms(threshold, cpu, "bf16", check_path, validation is not None, origins, check),
+        **_gate_terms(threshold, cpu, run.name, check_path, validation is not None, origins, check),
     }
     return record, check_path
+
+
+def _bf16_run(fp32_path: Path, fp32_sha256: str) -> OpenVinoGate:
+    """``model.onnx`` on OpenVINO at bf16 (no calibration)."""
+    return OpenVinoGate(
+        "bf16",
+        fp32_path,
+        fp32_sha256,
+        "bf16",
+        "bf16 (OpenVINO INFERENCE_PRECISION_HINT)",
+        "no validation scans at export (--validation); gated on the calibration scans only",
+    )
+
+
+def _openvino_int8_run(int8_path: Path, int8_sha256: str) -> OpenVinoGate:
+    """The int8 graph ONNX Runtime's gate kept, on OpenVINO's own int8 kernels (its other
+    operators in f32: no BF16 needed)."""
+    return OpenVinoGate(
+        "openvino-int8",
+        int8_path,
+        int8_sha256,
+        "f32",
+        "int8 QDQ graph on OpenVINO's int8 kernels, other operators f32 (OpenVINO "
+        "INFERENCE_PRECISION_HINT f32)",
+        "no validation scans at export (--validation); gated on the calibration scans that "
+        "selected its recipe only",
+    )
 
 
 def export_model(
@@ -387,7 +440,9 @@ def export_model(
     folder
         The model folder.
     int8
-        Also quantise; needs ``calibration``.
+        Also quantise; needs ``calibration``. Where OpenVINO is installed the int8 graph kept is
+        gated on OpenVINO too (``openvino-int8``; a refusal there keeps the int8 graph and is
+        reported in :attr:`ExportReport.not_recorded`).
     calibration
         Scans (COV19-CT-DB or DICOM folder) whose slices calibrate int8 and select the recipe.
     validation
@@ -457,6 +512,7 @@ def export_model(
     staged: dict[str, Path] = {}  # final file name -> staged file
     attempts: list[GateResult] = []
     confirmation: GateResult | None = None
+    not_recorded: dict[str, str] = {}  # gated runtime -> why it was not recorded
     with tempfile.TemporaryDirectory(dir=folder, prefix=".export-") as tmp_dir:
         tmp = Path(tmp_dir)
         fp32_path = None if force else _valid_graph(folder, artifact, "onnx")
@@ -470,6 +526,12 @@ def export_model(
             if "bf16" in graphs and not bf16:  # it ran the previous model.onnx
                 logger.info("dropping the bf16 record: it gated the previous model.onnx")
                 del graphs["bf16"]
+            if "openvino-int8" in graphs and not int8:  # gated against the previous model.onnx
+                logger.info(
+                    "dropping the openvino-int8 record: its gate's fp32 reference was "
+                    "the previous model.onnx"
+                )
+                del graphs["openvino-int8"]
         if int8 or bf16:  # the reference of both gates
             fp32_runtime = OnnxRuntime(fp32_path, "onnx", graphs["onnx"]["sha256"])
         confirming: ValidationScans | None = None
@@ -488,20 +550,27 @@ def export_model(
                     "--min-scans, --min-per-class, --min-near-threshold); nothing written"
                 )
         if bf16:
-            graphs["bf16"], check_file = _bf16_graph(
-                folder,
-                artifact,
-                tmp,
-                fp32_path,
-                graphs["onnx"]["sha256"],
-                fp32_runtime,
-                confirming,
-                (calibration, calib_scans),
-                requirements,
-                cpu,
-            )
+            try:
+                graphs["bf16"], check_file = _openvino_graph(
+                    folder,
+                    artifact,
+                    tmp,
+                    _bf16_run(fp32_path, graphs["onnx"]["sha256"]),
+                    fp32_runtime,
+                    confirming,
+                    (calibration, calib_scans, None),
+                    requirements,
+                    cpu,
+                )
+            except ModelError as exc:
+                raise ModelError(f"{exc}; nothing written") from exc
             staged[CHECK_FILES["bf16"]] = check_file
         if int8:
+            if graphs.pop("openvino-int8", None) is not None:  # gated the previous int8 graph
+                logger.info(
+                    "dropping the openvino-int8 record: it gated the previous "
+                    "model.int8.onnx (gated again below where OpenVINO is installed)"
+                )
             fp32_cal = score(fp32_runtime, calib_scans)
             calib = sample_slices(calib_scans, calibration_slices)
             int8_path = tmp / GRAPH_FILES["int8"]
@@ -581,7 +650,35 @@ def export_model(
                     threshold, cpu, "int8", check_path, validation is not None, origins, check
                 ),
             }
+            # The same graph on OpenVINO's own int8 kernels: its own gate, on the same scans
+            # (validation, else calibration). A refusal keeps ONNX Runtime's int8 graph. ONNX
+            # Runtime's session goes first (its arena holds a scoring batch's activations).
+            del chosen, int8_runtime
+            if openvino_available():
+                try:
+                    graphs["openvino-int8"], ov_check = _openvino_graph(
+                        folder,
+                        artifact,
+                        tmp,
+                        _openvino_int8_run(int8_path, graphs["int8"]["sha256"]),
+                        fp32_runtime,
+                        confirming,
+                        (calibration, calib_scans, fp32_cal),
+                        requirements,
+                        cpu,
+                    )
+                    staged[CHECK_FILES["openvino-int8"]] = ov_check
+                except ModelError as exc:
+                    not_recorded["openvino-int8"] = (
+                        f"{exc}; the int8 graph is kept for ONNX Runtime"
+                    )
+                    logger.warning("openvino-int8 not recorded: %s", not_recorded["openvino-int8"])
+            else:
+                not_recorded["openvino-int8"] = (
+                    f"OpenVINO is not installed ({OPENVINO_INSTALL_HINT})"
+                )
+                logger.info("openvino-int8 not gated: %s", not_recorded["openvino-int8"])
         for name, path in staged.items():
             os.replace(path, folder / name)
     write_metadata(replace(artifact, graphs=graphs), folder)
-    return ExportReport(folder, graphs, sorted(staged), attempts, confirmation)
+    return ExportReport(folder, graphs, sorted(staged), attempts, confirmation, not_recorded)
