@@ -690,6 +690,12 @@ def test_every_runtime_of_the_trained_model_equals_keras_within_its_gate(
     gated_bf16 = "bf16" in read_artifact(trained_exported).graphs
     assert not gated_bf16 or not bf16_missing(cpu_description())
     runtimes = ["onnx", "openvino"] + (["bf16"] if gated_bf16 else [])
+    # Each branch's preprocessing broadcasts the grey slice: the graph repeats nothing (Tile)
+    # and flips nothing (ReverseSequence) at its input (tests/test_gray_input.py).
+    import onnx
+
+    ops = {node.op_type for node in onnx.load(str(trained_exported / "model.onnx")).graph.node}
+    assert "Conv" in ops and not ops & {"Tile", "ReverseSequence"}
     for runtime in runtimes:
         clf = Classifier.from_file(trained_exported, runtime=runtime)
         assert clf.artifact.runtime == runtime

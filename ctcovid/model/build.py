@@ -14,7 +14,7 @@ import keras
 
 from ctcovid.config import ModelConfig
 from ctcovid.errors import ModelError
-from ctcovid.model.layers import GrayToRGB, ImageNetPreprocess
+from ctcovid.model.layers import ImageNetPreprocess
 
 logger = logging.getLogger(__name__)
 
@@ -155,8 +155,11 @@ def _backbone(backbone: Backbone, config: ModelConfig) -> keras.Model:
 def build_res_dense(config: ModelConfig | None = None) -> keras.Model:
     """Build the Res-Dense Net of ``config``.
 
-    Input: a slice of shape (S, S, 1) or (S, S, 3) in the uint8 range [0, 255]. Each branch applies
-    its own ImageNet preprocessing exactly once. The first branch's features are projected by a
+    Input: a grey slice of shape (S, S, 1) in the uint8 range [0, 255]. Each branch applies its
+    own ImageNet preprocessing exactly once, straight on the grey slice: the preprocessing
+    broadcasts it to the three channels its backbone expects, with the arithmetic of the grey
+    slice repeated into RGB (the ``GrayToRGB`` layer of earlier models, which held no weights,
+    so their weight files load into this network). The first branch's features are projected by a
     1x1 Conv2D to the second branch's channel count, the two are added, globally average-pooled,
     dropped out and fed to Dense(1, sigmoid) = P(COVID).
     """
@@ -164,10 +167,9 @@ def build_res_dense(config: ModelConfig | None = None) -> keras.Model:
     first, second = (BACKBONES[n] for n in parse_backbones(config.backbones))
     size = config.input_size
     inputs = keras.Input((size, size, 1), name="slice")
-    rgb = GrayToRGB(name="gray_to_rgb")(inputs)
     branches = []
     for backbone in (first, second):
-        x = ImageNetPreprocess(backbone.preprocess_mode, name=f"{backbone.name}_preprocess")(rgb)
+        x = ImageNetPreprocess(backbone.preprocess_mode, name=f"{backbone.name}_preprocess")(inputs)
         branches.append(_backbone(backbone, config)(x))
     a, b = branches
     if a.shape[1:3] != b.shape[1:3]:
