@@ -32,6 +32,10 @@ warning naming the reason. An explicit gated runtime runs its graph in any case,
 warning when it is unverified or fails the load check; ``bf16`` on a CPU without BF16 is
 refused.
 
+``ctcovid export`` saves OpenVINO's compiled model of bf16 and openvino-int8 next to their graph
+(:data:`COMPILED_FILES`); a load on the same OpenVINO, CPU and thread count imports it instead
+of compiling the graph (:func:`compiled_blob`), and the load check runs on it all the same.
+
 Threads are pinned (:func:`scoring_threads`): a runtime that splits a reduction among another
 number of threads may sum in another order, and the last bits of a probability would follow the
 load of the machine or a setting instead of the slice.

@@ -23,6 +23,10 @@ the same criteria, with its own record and load check. A refusal there keeps ONN
 int8 graph and says why (:attr:`ExportReport.not_recorded`). A re-export that replaces
 ``model.onnx`` or ``model.int8.onnx`` drops the records that gated the previous file (bf16,
 openvino-int8) unless it gates them again.
+
+Each OpenVINO run that passed its gate also leaves the model OpenVINO compiled for it
+(``model.bf16.blob``, ``model.openvino-int8.blob``), recorded under ``compiled``, for a load on
+the same OpenVINO and CPU to import; a dropped record's blob is removed.
 """
 
 from __future__ import annotations
