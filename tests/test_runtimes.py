@@ -1426,7 +1426,8 @@ def test_export_records_both_graphs_with_sha256_and_agreement(exported_dir, cali
 @pytest.mark.slow
 def test_a_new_model_onnx_drops_the_openvino_int8_record(exported_dir, tmp_path):
     """openvino-int8 was gated against the previous model.onnx: a re-export that converts it
-    again (and gates no int8) drops that record; ONNX Runtime's int8 record stays."""
+    again (and gates no int8) drops that record and its compiled model; ONNX Runtime's int8
+    record stays."""
     folder = model_copy(exported_dir, tmp_path / "m")
     artifact = read_artifact(folder)
     if OV_INT8 not in artifact.graphs:  # OpenVINO's gate refused the untrained model's graph
@@ -1438,6 +1439,7 @@ def test_a_new_model_onnx_drops_the_openvino_int8_record(exported_dir, tmp_path)
     graphs = read_artifact(folder).graphs
     assert OV_INT8 not in graphs and "int8" in graphs
     assert "model.onnx" in json.loads(result.stdout)["written"]
+    assert not (folder / COMPILED_FILES[OV_INT8]).exists()
 
 
 @pytest.mark.slow
