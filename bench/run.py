@@ -656,6 +656,7 @@ classifier = Classifier.from_file(sys.argv[1], runtime=sys.argv[2])
 loaded = time.perf_counter()
 print(json.dumps({"import_s": imported - start, "load_s": loaded - imported,
                   "runtime": classifier.artifact.runtime,
+                  "opened": getattr(classifier.runtime, "opened", None),
                   "tensorflow": "tensorflow" in sys.modules}))
 """
 
@@ -664,7 +665,9 @@ def bench_start(folder: Path, repeats: int) -> list[dict[str, Any]]:
     """Start-up and model load as their own rows, each in a fresh interpreter (median of
     ``repeats``): ``ctcovid classify --help`` against the bare interpreter, and per runtime the
     import of ``ctcovid.inference`` and ``Classifier.from_file`` (graph verified by sha256, read,
-    compiled, and for a gated graph its load check), with Keras as the baseline."""
+    compiled, and for a gated graph its load check), with Keras as the baseline. An OpenVINO
+    runtime whose compiled model the export saved imports it instead of compiling: ``opened``
+    says which."""
     cpu = machine_description()["cpu"]
     runs = max(3, repeats)
 
@@ -709,6 +712,7 @@ def bench_start(folder: Path, repeats: int) -> list[dict[str, Any]]:
             "seconds": round(load_s, 3),
             **({"vs_keras": round(keras_load / load_s, 2)} if keras_load else {}),
             "tensorflow_imported": loads[0]["tensorflow"],
+            **({"opened": loads[0]["opened"]} if loads[0].get("opened") else {}),
             "runs_s": [round(x["load_s"], 3) for x in loads],
             "cpu": cpu,
         })

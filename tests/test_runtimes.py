@@ -51,6 +51,7 @@ from ctcovid.model.runtimes import (
     BF16_FLAGS,
     CHECK_FILE,
     CHECK_FILES,
+    COMPILED_FILES,
     GRAPH_FILES,
     bf16_missing,
     cpu_description,
@@ -72,7 +73,7 @@ def model_copy(source: Path, dest: Path) -> Path:
     dest.mkdir(parents=True)
     shutil.copy(source / "ctcovid.json", dest / "ctcovid.json")
     (dest / WEIGHTS_FILE).symlink_to(source / WEIGHTS_FILE)
-    for name in {*GRAPH_FILES.values(), *CHECK_FILES.values()}:
+    for name in {*GRAPH_FILES.values(), *CHECK_FILES.values(), *COMPILED_FILES.values()}:
         if (source / name).exists():
             (dest / name).symlink_to(source / name)
     return dest
@@ -636,9 +637,11 @@ def test_bounded_calibration_writes_the_graph_of_quantize_statics_own(gate_data,
     ]
 
 
-def damage_int8_graph(folder: Path) -> None:
+def damage_int8_graph(folder: Path, keep_blob: bool = False) -> None:
     """Scale the int8 graph's first weight scale by 1.5 and record the new file's sha256, as if
-    the graph had changed after its gate (another quantiser, another ONNX Runtime)."""
+    the graph had changed after its gate (another quantiser, another ONNX Runtime). The
+    openvino-int8 record's compiled model goes too unless ``keep_blob`` (it was compiled from
+    the previous file)."""
     import onnx
     from onnx import numpy_helper
 
@@ -654,6 +657,8 @@ def damage_int8_graph(folder: Path) -> None:
     artifact = read_artifact(folder)
     if "openvino-int8" in artifact.graphs:  # the same file, gated on OpenVINO as well
         artifact.graphs["openvino-int8"]["sha256"] = digest
+        if not keep_blob:
+            del artifact.graphs["openvino-int8"]["compiled"]
         write_metadata(artifact, folder)
 
 
@@ -1095,6 +1100,161 @@ def test_openvino_int8_refused_keeps_int8_and_a_re_export_drops_a_stale_record(
     assert "kept for ONNX Runtime" in line
 
 
+# -- OpenVINO's compiled model: saved at export, imported at load --------------------------------
+
+
+def ov_folder(request, runtime: str) -> Path:
+    """The exported folder holding ``runtime``'s record (bf16's skips on a CPU without BF16)."""
+    return request.getfixturevalue("bf16_dir" if runtime == "bf16" else "verified_dir")
+
+
+def compiled_from_graph(folder: Path, runtime: str):
+    """``runtime``'s graph read and compiled as a load without a saved model does."""
+    from ctcovid.model.runtimes import open_graph
+
+    return open_graph(runtime, folder / GRAPH_FILES[runtime], "")
+
+
+def assert_same_outputs(a, b, folder: Path, runtime: str) -> None:
+    """``a`` and ``b`` give the same bytes (probability and logit) on the check slices and on
+    0, 5, 16 and 21 random slices (the static batch of 16 padded, whole, chunked)."""
+    with np.load(folder / CHECK_FILES[runtime]) as data:
+        check = data["slices"][..., None].astype(np.float32)
+    x = np.random.default_rng(5).integers(0, 256, (21, GATE_SIZE, GATE_SIZE, 1)).astype(np.float32)
+    for slices in (check, *(x[:n] for n in (0, 5, 16, 21))):
+        (p_a, z_a), (p_b, z_b) = a.predict_with_logits(slices), b.predict_with_logits(slices)
+        assert p_a.shape == (len(slices),)
+        assert p_a.tobytes() == p_b.tobytes() and z_a.tobytes() == z_b.tobytes()
+
+
+def infos_of(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
+
+
+@pytest.mark.parametrize("runtime", [OV_INT8, pytest.param("bf16", marks=needs_bf16)])
+def test_export_saves_the_compiled_model_and_a_load_imports_it(request, runtime, caplog):
+    """The export records the compiled model with what it is tied to; a load here imports it
+    (no warning), and it computes the bytes of the graph compiled at load."""
+    import openvino as ov
+
+    from ctcovid.model.runtimes import SCORING_BATCH_SIZE, openvino_config, scoring_threads
+
+    folder = ov_folder(request, runtime)
+    record = read_artifact(folder).graphs[runtime]["compiled"]
+    blob = folder / COMPILED_FILES[runtime]
+    assert record["file"] == blob.name == f"model.{runtime}.blob"
+    assert record["sha256"] == sha256_file(blob)
+    assert record["openvino"] == ov.get_version() and record["cpu"] == cpu_description()
+    assert record["threads"] == scoring_threads() and record["batch"] == SCORING_BATCH_SIZE
+    assert record["config"] == openvino_config("bf16" if runtime == "bf16" else "f32")
+    caplog.set_level(logging.INFO, logger="ctcovid.model.runtimes")
+    caplog.clear()
+    imported = load_runtime(resolve_runtime(folder, read_artifact(folder), runtime))
+    assert imported.opened == "imported"  # type: ignore[attr-defined]
+    (line,) = [m for m in infos_of(caplog) if "compiled model" in m]
+    assert "imported its compiled model" in line
+    assert warnings_of(caplog) == []
+    compiled = compiled_from_graph(folder, runtime)
+    assert compiled.opened == "compiled"  # type: ignore[union-attr]
+    assert_same_outputs(imported, compiled, folder, runtime)
+
+
+@pytest.mark.parametrize("damage", ["changed", "missing"])
+def test_a_changed_or_missing_blob_is_compiled_from_the_graph_with_one_warning(
+    verified_dir, tmp_path, caplog, damage
+):
+    """One byte of the blob rewritten (its record kept), or the file gone: the graph is compiled
+    instead, one warning names the file, and the numbers are those of the imported blob."""
+    folder = model_copy(verified_dir, tmp_path / "m")
+    blob = folder / COMPILED_FILES[OV_INT8]
+    blob.unlink()
+    if damage == "changed":
+        data = bytearray((verified_dir / blob.name).read_bytes())
+        data[len(data) // 2] ^= 0x01
+        blob.write_bytes(bytes(data))
+    caplog.clear()
+    runtime = load_runtime(resolve_runtime(folder, read_artifact(folder), OV_INT8))
+    assert runtime.opened == "compiled"  # type: ignore[attr-defined]
+    (warning,) = warnings_of(caplog)
+    assert str(blob) in warning and "compiling the graph instead" in warning
+    assert ("sha256 differs" if damage == "changed" else "is missing") in warning
+    imported = load_runtime(resolve_runtime(verified_dir, read_artifact(verified_dir), OV_INT8))
+    assert imported.opened == "imported"  # type: ignore[attr-defined]
+    assert_same_outputs(runtime, imported, folder, OV_INT8)
+
+
+def test_a_blob_compiled_from_another_graph_is_not_imported(verified_dir, tmp_path, caplog):
+    """The int8 graph changed and its record follows it, the blob stayed: it computes the old
+    graph, so it is not imported (one warning); the new graph is compiled and fails its check."""
+    folder = model_copy(verified_dir, tmp_path / "m")
+    damage_int8_graph(folder, keep_blob=True)
+    caplog.clear()
+    runtime = load_runtime(resolve_runtime(folder, read_artifact(folder), OV_INT8))
+    assert runtime.opened == "compiled"  # type: ignore[attr-defined]
+    blob_warning, check_warning = warnings_of(caplog)
+    assert str(folder / COMPILED_FILES[OV_INT8]) in blob_warning
+    assert "compiled from another graph" in blob_warning
+    assert "differ from those measured" in check_warning
+
+
+@pytest.mark.parametrize("other", ["OpenVINO version", "CPU", "thread count"])
+def test_a_blob_compiled_elsewhere_is_compiled_from_the_graph_with_an_info_line(
+    verified_dir, tmp_path, caplog, other
+):
+    """A record saying another OpenVINO, CPU model or thread count: the blob does not apply
+    here (not an error: the folder was copied); the graph is compiled, one info line says why."""
+    folder = model_copy(verified_dir, tmp_path / "m")
+    artifact = read_artifact(folder)
+    compiled = artifact.graphs[OV_INT8]["compiled"]
+    if other == "OpenVINO version":
+        compiled["openvino"] = "2025.0.0-17942-1f68be9f594-releases/2025/0"
+    elif other == "CPU":
+        compiled["cpu"] = {**compiled["cpu"], "model": "AMD EPYC 9B14 96-Core Processor"}
+    else:
+        compiled["threads"] += 1
+        compiled["config"]["INFERENCE_NUM_THREADS"] += 1
+    write_metadata(artifact, folder)
+    caplog.set_level(logging.INFO, logger="ctcovid.model.runtimes")
+    caplog.clear()
+    runtime = load_runtime(resolve_runtime(folder, read_artifact(folder), OV_INT8))
+    assert runtime.opened == "compiled"  # type: ignore[attr-defined]
+    assert warnings_of(caplog) == []
+    (line,) = [m for m in infos_of(caplog) if COMPILED_FILES[OV_INT8] in m]
+    assert f"compiled for another {other}" in line and "compiling the graph instead" in line
+
+
+def test_export_names_the_blob_and_a_re_export_drops_a_stale_one(
+    gate_data, verified_dir, tmp_path, monkeypatch
+):
+    """``export --json`` lists the blob it wrote and its record; a plain export prints it as
+    kept; a re-export whose new model.int8.onnx is not gated on OpenVINO (not installed there)
+    drops the openvino-int8 record and removes its blob."""
+    import ctcovid.training.export as training_export
+
+    folder = tmp_path / "model"
+    shutil.copytree(verified_dir, folder)
+    blob = folder / COMPILED_FILES[OV_INT8]
+    args = ["--calibration", gate_data["calibration"], "--validation", gate_data["validation"]]
+    args += ["--min-scans", 12, "--min-per-class", 3, "--min-near-threshold", 3]
+    result = invoke("export", folder, "--int8", *args, "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert blob.name in data["written"]
+    record = data["graphs"][OV_INT8]["compiled"]
+    assert record["file"] == blob.name and record["sha256"] == sha256_file(blob)
+    result = invoke("export", folder)
+    assert result.exit_code == 0, result.output
+    (line,) = [x for x in result.output.splitlines() if x.startswith(f"{OV_INT8}: compiled")]
+    assert f"{blob} (kept, " in line and record["sha256"][:12] in line
+    monkeypatch.setattr(training_export, "openvino_available", lambda: False)
+    result = invoke("export", folder, "--int8", *args, "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert OV_INT8 not in data["graphs"] and "not installed" in data["not_recorded"][OV_INT8]
+    assert not blob.exists() and OV_INT8 not in read_artifact(folder).graphs
+    assert "int8" in data["graphs"] and (folder / GRAPH_FILES["int8"]).is_file()
+
+
 # -- a cheap start: a graph's runtime imports neither TensorFlow nor Keras ------------------------
 
 FRESH_CLASSIFY = """
@@ -1266,7 +1426,8 @@ def test_export_records_both_graphs_with_sha256_and_agreement(exported_dir, cali
 @pytest.mark.slow
 def test_a_new_model_onnx_drops_the_openvino_int8_record(exported_dir, tmp_path):
     """openvino-int8 was gated against the previous model.onnx: a re-export that converts it
-    again (and gates no int8) drops that record; ONNX Runtime's int8 record stays."""
+    again (and gates no int8) drops that record and its compiled model; ONNX Runtime's int8
+    record stays."""
     folder = model_copy(exported_dir, tmp_path / "m")
     artifact = read_artifact(folder)
     if OV_INT8 not in artifact.graphs:  # OpenVINO's gate refused the untrained model's graph
@@ -1278,6 +1439,7 @@ def test_a_new_model_onnx_drops_the_openvino_int8_record(exported_dir, tmp_path)
     graphs = read_artifact(folder).graphs
     assert OV_INT8 not in graphs and "int8" in graphs
     assert "model.onnx" in json.loads(result.stdout)["written"]
+    assert not (folder / COMPILED_FILES[OV_INT8]).exists()
 
 
 @pytest.mark.slow

@@ -89,6 +89,10 @@ def export(
     CPU's AMX-INT8, VNNI and AVX-512 flags; if it refuses, the int8 graph is kept for ONNX
     Runtime and the reason is printed.
 
+    Each OpenVINO run gated (bf16, openvino-int8) also saves OpenVINO's compiled model
+    (model.bf16.blob, model.openvino-int8.blob, 100-200 MB at 256 px, sha256 recorded): a load
+    on the same OpenVINO version, CPU and thread count imports it instead of compiling.
+
     Examples:
 
       ctcovid export models/site-v3
@@ -123,6 +127,19 @@ def export(
             f"{name}: {model / record['file']} ({state}, sha256 {record['sha256'][:12]})",
             highlight=False,
         )
+        compiled = record.get("compiled")
+        if isinstance(compiled, dict):  # OpenVINO's compiled model, imported at load
+            blob = model / compiled["file"]
+            size = f", {blob.stat().st_size / 2**20:.0f} MiB" if blob.is_file() else ""
+            state = "written" if compiled["file"] in report.written else "kept"
+            cpu = compiled["cpu"].get("model") or "this CPU"
+            stdout.print(
+                f"{name}: compiled model {blob} ({state}{size}, sha256 "
+                f"{compiled['sha256'][:12]}; imported at load on OpenVINO "
+                f"{compiled['openvino'].split('-')[0]}, {cpu}, {compiled['threads']} threads)",
+                highlight=False,
+                soft_wrap=True,
+            )
     if "int8" in report.graphs and report.attempts:
         for line in int8_summary(report.graphs["int8"]):
             stdout.print(line, highlight=False, soft_wrap=True)

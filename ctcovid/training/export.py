@@ -23,6 +23,10 @@ the same criteria, with its own record and load check. A refusal there keeps ONN
 int8 graph and says why (:attr:`ExportReport.not_recorded`). A re-export that replaces
 ``model.onnx`` or ``model.int8.onnx`` drops the records that gated the previous file (bf16,
 openvino-int8) unless it gates them again.
+
+Each OpenVINO run that passed its gate also leaves the model OpenVINO compiled for it
+(``model.bf16.blob``, ``model.openvino-int8.blob``), recorded under ``compiled``, for a load on
+the same OpenVINO and CPU to import; a dropped record's blob is removed.
 """
 
 from __future__ import annotations
@@ -85,6 +89,7 @@ from ctcovid.model.export import (
 from ctcovid.model.runtimes import (
     CHECK_FILE,
     CHECK_FILES,
+    COMPILED_FILES,
     GRAPH_FILES,
     OPENVINO_INSTALL_HINT,
     UNVERIFIED,
@@ -342,13 +347,16 @@ def _openvino_graph(
     calibration: tuple[Path | None, list[ScanSlices], dict[str, Scored] | None],
     requirements: GateRequirements,
     cpu: dict[str, Any],
-) -> tuple[dict[str, Any], Path]:
+) -> tuple[dict[str, Any], dict[str, Path]]:
     """Gate ``run`` (a graph on OpenVINO at a precision hint) against fp32; its record and
-    staged check file.
+    staged files (final name -> staged file): its check slices and OpenVINO's compiled model.
 
     On the validation scans when there are some (verified), else on the calibration scans
     (unverified; their fp32 outputs are scored here unless given). Raises :class:`ModelError`
     when the gate refuses, or OpenVINO cannot load the graph.
+
+    The model the gate ran is the one a load compiles (same settings, static batch, threads),
+    so it is saved (:data:`COMPILED_FILES`) for a load on this OpenVINO and CPU to import.
     """
     cal_source, cal_scans, cal_fp32 = calibration
     threshold = artifact.threshold
@@ -377,6 +385,8 @@ def _openvino_graph(
     check_path = tmp / CHECK_FILES[run.name]
     slices, origins = check_slices(scans, fp32, measured, CHECK_SLICES)
     check = write_check(check_path, slices, fp32_runtime, runtime, run.name)
+    blob_path = tmp / COMPILED_FILES[run.name]
+    compiled = runtime.export_compiled(blob_path)
     record = {
         "file": GRAPH_FILES[run.name],
         "sha256": run.sha256,
@@ -386,8 +396,27 @@ def _openvino_graph(
         "precision": run.precision_words,
         "verification": verification,
         **_gate_terms(threshold, cpu, run.name, check_path, validation is not None, origins, check),
+        "compiled": compiled,
     }
-    return record, check_path
+    return record, {CHECK_FILES[run.name]: check_path, COMPILED_FILES[run.name]: blob_path}
+
+
+def _compiled_files(graphs: dict[str, dict[str, Any]]) -> set[str]:
+    return {
+        str(r["compiled"]["file"]) for r in graphs.values() if isinstance(r.get("compiled"), dict)
+    }
+
+
+def _drop_stale_blobs(
+    folder: Path, before: dict[str, dict[str, Any]], after: dict[str, dict[str, Any]]
+) -> None:
+    """Remove the compiled models (100-200 MB each) of records this export dropped or replaced
+    with one that has none; a replaced one with a blob was overwritten by its rename."""
+    for name in sorted(_compiled_files(before) - _compiled_files(after)):
+        path = folder / name
+        if path.is_file():
+            logger.info("removing %s: the record that named it is gone", path)
+            path.unlink()
 
 
 def _bf16_run(fp32_path: Path, fp32_sha256: str) -> OpenVinoGate:
@@ -551,7 +580,7 @@ def export_model(
                 )
         if bf16:
             try:
-                graphs["bf16"], check_file = _openvino_graph(
+                graphs["bf16"], bf16_files = _openvino_graph(
                     folder,
                     artifact,
                     tmp,
@@ -564,7 +593,7 @@ def export_model(
                 )
             except ModelError as exc:
                 raise ModelError(f"{exc}; nothing written") from exc
-            staged[CHECK_FILES["bf16"]] = check_file
+            staged.update(bf16_files)
         if int8:
             if graphs.pop("openvino-int8", None) is not None:  # gated the previous int8 graph
                 logger.info(
@@ -656,7 +685,7 @@ def export_model(
             del chosen, int8_runtime
             if openvino_available():
                 try:
-                    graphs["openvino-int8"], ov_check = _openvino_graph(
+                    graphs["openvino-int8"], ov_files = _openvino_graph(
                         folder,
                         artifact,
                         tmp,
@@ -667,7 +696,7 @@ def export_model(
                         requirements,
                         cpu,
                     )
-                    staged[CHECK_FILES["openvino-int8"]] = ov_check
+                    staged.update(ov_files)
                 except ModelError as exc:
                     not_recorded["openvino-int8"] = (
                         f"{exc}; the int8 graph is kept for ONNX Runtime"
@@ -681,4 +710,5 @@ def export_model(
         for name, path in staged.items():
             os.replace(path, folder / name)
     write_metadata(replace(artifact, graphs=graphs), folder)
+    _drop_stale_blobs(folder, artifact.graphs, graphs)
     return ExportReport(folder, graphs, sorted(staged), attempts, confirmation, not_recorded)
