@@ -1080,9 +1080,10 @@ def canonical_graph(path: Path) -> tuple[list[bytes], list[tuple[str, bytes, tup
 
 def test_bounded_conversion_writes_tf2onnxs_own_graph(tmp_path):
     """convert_to_onnx rebuilds tf2onnx's node protobufs so that its optimisers do not pile up
-    copies of the weights (memory only): the graph, and its outputs to the bit, are those of
-    tf2onnx converting alone. A small network stands in for the Res-Dense Net: convolutions,
-    BatchNormalization (folded into constants), pooling and the sigmoid head."""
+    copies of the weights, and lets the frozen function go before grappler (memory only): the
+    graph, and its outputs to the bit, are those of tf2onnx converting alone. A small network
+    stands in for the Res-Dense Net: convolutions, BatchNormalization (folded into constants),
+    pooling and the sigmoid head."""
     import keras
     from tf2onnx.graph import Node
 
