@@ -25,7 +25,8 @@ Sections (``--sections``, default all but ``gpu``):
   runtime, each in fresh interpreters; the CPU's VNNI/AMX/BF16 flags are recorded with the
   rows;
 - ``export``: peak RSS of ``ctcovid export`` of the untrained ``BENCH_INPUT_SIZE`` model, each in
-  a fresh interpreter (its own VmHWM): the fp32 graph alone, ``--int8`` with the fp32 graph
+  a fresh interpreter (its own VmHWM): the fp32 graph alone, beside tf2onnx converting alone
+  (without the export's fresh node protobufs); ``--int8`` with the fp32 graph
   already exported and from the Keras model, each beside the baseline of ONNX Runtime's
   ``quantize_static`` calibrating on its own session (and whether both wrote the same int8
   bytes), and ``--bf16``; the CPU is recorded with the rows;
@@ -762,32 +763,41 @@ def run_classify_peak(
                     *extra, what=f"classify {' '.join(extra)}")
 
 
-# The baseline of the export rows: ONNX Runtime's quantize_static calibrating on its own
-# session, as before; then the command, as PEAK_CLASSIFY runs it.
+# The baselines of the export rows, as before: ONNX Runtime's quantize_static calibrating on its
+# own session (BENCH_BASELINE=quantize_static), tf2onnx converting alone (=tf2onnx); then the
+# command, as PEAK_CLASSIFY runs it.
 PEAK_EXPORT = """
 import functools, os
-if os.environ.get("BENCH_CALIBRATION") == "quantize_static":
-    import ctcovid.training.export as export
+import ctcovid.training.export as export
+if os.environ.get("BENCH_BASELINE") == "quantize_static":
     export.quantize = functools.partial(export.quantize, bounded=False)
+if os.environ.get("BENCH_BASELINE") == "tf2onnx":
+    export.convert_to_onnx = functools.partial(export.convert_to_onnx, bounded=False)
 """ + PEAK_CLASSIFY
 
+EXPORT_BASELINES = {
+    "": "",
+    "quantize_static": ", baseline quantize_static calibration",
+    "tf2onnx": ", baseline tf2onnx converting alone",
+}
 
-def run_export_peak(folder: Path, *args: str, calibration: str = "bounded"
+
+def run_export_peak(folder: Path, *args: str, baseline: str = ""
                     ) -> tuple[float, dict[str, Any], int | None]:
     """Wall seconds of ``ctcovid export FOLDER --json ARGS`` in a fresh interpreter, its JSON and
-    its own peak RSS in MiB (VmHWM, Linux); ``calibration="quantize_static"``: the baseline."""
+    its own peak RSS in MiB (VmHWM, Linux); ``baseline``: one of :data:`EXPORT_BASELINES`."""
     seconds, out, peak, _ = run_peak(PEAK_EXPORT, "export", str(folder), "--json", *args,
-                                     what=f"export {' '.join(args)}",
-                                     BENCH_CALIBRATION=calibration)
+                                     what=f"export {' '.join(args)}", BENCH_BASELINE=baseline)
     return seconds, out, peak
 
 
 def bench_export() -> list[dict[str, Any]]:
     """Peak RSS of ``ctcovid export`` (each in a fresh interpreter, its own VmHWM) of the untrained
-    BENCH_INPUT_SIZE model: the fp32 graph alone (the tf2onnx conversion), --int8 on a folder
-    whose fp32 graph is already exported (the calibration and the gate alone) and from the Keras
-    model (conversion included), each beside the baseline of quantize_static calibrating on its
-    own session (the same int8 bytes: the row says whether they were), and --bf16."""
+    BENCH_INPUT_SIZE model: the fp32 graph alone (the tf2onnx conversion), beside tf2onnx
+    converting alone; --int8 on a folder whose fp32 graph is already exported (the calibration
+    and the gate alone) and from the Keras model (conversion included), each beside the baseline
+    of quantize_static calibrating on its own session (the same int8 bytes: the row says whether
+    they were), and --bf16."""
     import shutil
 
     from ctcovid.model.export import cpu_description
@@ -802,23 +812,24 @@ def bench_export() -> list[dict[str, Any]]:
     shutil.copytree(fixture_model(size), fp32)
     int8 = ("--int8", "--calibration", str(calib))
     runs: list[tuple[str, str, str, tuple[str, ...], str]] = [
-        # (figure, model folder copied from, how, arguments, calibration)
-        ("fp32 (tf2onnx conversion)", "", "", (), "bounded"),
-        ("--int8, fp32 graph exported", "fp32", "int8", int8, "bounded"),
+        # (figure, model folder copied from, how, arguments, baseline)
+        ("fp32 (tf2onnx conversion)", "", "", (), ""),
+        ("fp32 (tf2onnx conversion)", "", "fp32 baseline", (), "tf2onnx"),
+        ("--int8, fp32 graph exported", "fp32", "int8", int8, ""),
         ("--int8, fp32 graph exported", "fp32", "int8 baseline", int8, "quantize_static"),
-        ("--int8 from the Keras model", "", "int8 keras", int8, "bounded"),
+        ("--int8 from the Keras model", "", "int8 keras", int8, ""),
         ("--int8 from the Keras model", "", "int8 keras baseline", int8, "quantize_static"),
         ("--bf16, fp32 graph exported", "fp32", "bf16", ("--bf16", "--calibration", str(calib)),
-         "bounded"),
+         ""),
     ]
     rows: list[dict[str, Any]] = []
     graphs: dict[str, str] = {}
-    for figure, source, name, args, calibration in runs:
+    for figure, source, name, args, baseline in runs:
         folder = fp32 if not name else work / name.replace(" ", "-")
         if name:
             shutil.copytree(fp32 if source else fixture_model(size), folder)
         try:
-            seconds, out, peak = run_export_peak(folder, *args, calibration=calibration)
+            seconds, out, peak = run_export_peak(folder, *args, baseline=baseline)
         except RuntimeError as exc:  # bf16 on a CPU without BF16; a gate that refused
             rows.append({"figure": f"export {figure}, {size}px", "skipped": str(exc)[-300:],
                          "cpu": cpu})
@@ -827,8 +838,7 @@ def bench_export() -> list[dict[str, Any]]:
         if sha:
             graphs[name] = sha
         rows.append({
-            "figure": f"export {figure}, {size}px"
-            + (", baseline quantize_static calibration" if calibration != "bounded" else ""),
+            "figure": f"export {figure}, {size}px" + EXPORT_BASELINES[baseline],
             "unit": "MiB",
             "peak_rss_mib": peak,
             "seconds": round(seconds, 1),
@@ -836,7 +846,7 @@ def bench_export() -> list[dict[str, Any]]:
             # Only beside the same model.onnx: tf2onnx's conversions differ in their bytes.
             **({"int8_sha256": sha, "same_int8_graph_as_bounded":
                 sha == graphs.get(name.removesuffix(" baseline"))}
-               if sha and calibration != "bounded" and source else {}),
+               if sha and baseline and source else {}),
             "cpu": cpu,
         })
         if name:

@@ -1458,6 +1458,80 @@ def test_onnx_matches_keras_per_slice(exported_dir):
     assert np.abs(int8.predict_slices(slices) - keras_probs).max() < 0.1
 
 
+def canonical_graph(path: Path) -> tuple[list[bytes], list[tuple[str, bytes, tuple, int]]]:
+    """The graph in ``path`` with its tensors renamed in order of first use and its node names
+    dropped: tf2onnx names the constants it merges differently from one conversion to the next
+    (which of two equal constants survives), so two conversions of one model differ in names.
+    Returns each node's bytes in order, and each initializer's new name, values and type."""
+    import onnx
+
+    graph = onnx.load(str(path)).graph
+    names: dict[str, str] = {}
+
+    def rename(tensor: str) -> str:
+        return names.setdefault(tensor, f"t{len(names)}") if tensor else tensor
+
+    for value in graph.input:
+        rename(value.name)
+    nodes = []
+    for node in graph.node:
+        copy = onnx.NodeProto()
+        copy.CopyFrom(node)
+        copy.name = ""
+        del copy.input[:], copy.output[:]
+        copy.input.extend(rename(t) for t in node.input)
+        copy.output.extend(rename(t) for t in node.output)
+        nodes.append(copy.SerializeToString(deterministic=True))
+    initializers = sorted(
+        (names.get(i.name, f"unused {i.name}"), onnx.numpy_helper.to_array(i).tobytes(),
+         tuple(i.dims), i.data_type)
+        for i in graph.initializer
+    )
+    return nodes, initializers
+
+
+def test_bounded_conversion_writes_tf2onnxs_own_graph(tmp_path):
+    """convert_to_onnx rebuilds tf2onnx's node protobufs so that its optimisers do not pile up
+    copies of the weights, and lets the frozen function go before grappler (memory only): the
+    graph, and its outputs to the bit, are those of tf2onnx converting alone. A small network
+    stands in for the Res-Dense Net: convolutions, BatchNormalization (folded into constants),
+    pooling and the sigmoid head."""
+    import keras
+    from tf2onnx.graph import Node
+
+    from ctcovid.model.export import FP32_TOLERANCE, add_logit_output, convert_to_onnx
+    from ctcovid.model.runtimes import OnnxRuntime
+
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((32, 32, 1), name="slice")
+    x = keras.layers.Rescaling(1 / 255, name="scale")(inputs)  # probabilities off 0 and 1
+    x = keras.layers.Conv2D(8, 3, name="conv1")(x)
+    x = keras.layers.BatchNormalization(name="bn1")(x)
+    x = keras.layers.ReLU(name="relu1")(x)
+    x = keras.layers.Conv2D(16, 3, strides=2, name="conv2")(x)
+    x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
+    outputs = keras.layers.Dense(1, activation="sigmoid", name="p_covid")(x)
+    model = keras.Model(inputs, outputs)
+    bn = model.get_layer("bn1")  # statistics that are not the identity, as after training
+    rng = np.random.default_rng(2)
+    bn.moving_mean.assign(rng.normal(size=8).astype(np.float32))
+    bn.moving_variance.assign(rng.uniform(0.5, 2.0, size=8).astype(np.float32))
+    update_proto = Node.update_proto
+    bounded, alone = tmp_path / "bounded.onnx", tmp_path / "tf2onnx.onnx"
+    convert_to_onnx(model, bounded, 32)
+    assert Node.update_proto is update_proto  # tf2onnx is left as it was
+    convert_to_onnx(model, alone, 32, bounded=False)
+    assert canonical_graph(bounded) == canonical_graph(alone)
+    for path in (bounded, alone):
+        add_logit_output(path)  # the logit: a saturated sigmoid would hide a difference
+    slices = rng.integers(0, 256, (6, 32, 32, 1)).astype(np.float32)
+    ours = OnnxRuntime(bounded, "onnx", sha256_file(bounded)).predict_with_logits(slices)
+    theirs = OnnxRuntime(alone, "onnx", sha256_file(alone)).predict_with_logits(slices)
+    assert ours[1].tobytes() == theirs[1].tobytes() and ours[0].tobytes() == theirs[0].tobytes()
+    np.testing.assert_allclose(ours[0], np.asarray(model.predict_on_batch(slices)).reshape(-1),
+                               atol=FP32_TOLERANCE, rtol=0)
+
+
 @pytest.mark.slow
 def test_classify_json_and_sr_name_the_runtime(exported_dir, studies_root, study_infos, tmp_path):
     ct = studies_root / study_infos[0]["study_dir"] / "ct"
