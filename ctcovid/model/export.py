@@ -344,8 +344,7 @@ def _from_function(function: Any, spec: tuple[Any, ...], out: Path) -> None:
             tf.import_graph_def(graph_def, name="")
             inputs = tf_loader.inputs_without_resource(sess, inputs)
             graph_def = tf_loader.tf_optimize(inputs, outputs, graph_def)
-        convert._convert_common(
-            graph_def,
+        common = dict(
             name=concrete.name,
             continue_on_error=True,
             target=None,
@@ -364,6 +363,13 @@ def _from_function(function: Any, spec: tuple[Any, ...], out: Path) -> None:
             initialized_tables=None,
             output_path=str(out),
         )
+        try:
+            convert._convert_common(graph_def, **common)
+            return
+        except TypeError as exc:  # another tf2onnx whose private step takes other arguments
+            logger.info("tf2onnx's conversion steps differ (%s): converting as tf2onnx does", exc)
+            del graph_def
+    convert.from_function(function, spec, opset=OPSET, output_path=str(out))
 
 
 def convert_to_onnx(model: Any, out: Path, input_size: int, *, bounded: bool = True) -> None:
