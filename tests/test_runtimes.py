@@ -53,8 +53,11 @@ from ctcovid.model.runtimes import (
     CHECK_FILES,
     COMPILED_FILES,
     GRAPH_FILES,
+    auto_order,
     bf16_missing,
+    bf16_passed_over,
     cpu_description,
+    current_cpu,
     load_runtime,
     resolve_runtime,
 )
@@ -832,9 +835,15 @@ def test_verified_bf16_records_its_gate_and_auto_takes_it_first(bf16_dir, gate_d
     assert artifact.graphs["int8"]["verification"]["status"] == "verified"
     assert artifact.graphs["openvino-int8"]["verification"]["status"] == "verified"
     caplog.clear()
-    choice = resolve_runtime(bf16_dir, artifact, "auto")
-    assert choice.name == "bf16" and choice.loaded is not None
+    with caplog.at_level(logging.INFO, logger="ctcovid.model.runtimes"):
+        auto = resolve_runtime(bf16_dir, artifact, "auto")
     assert warnings_of(caplog) == []
+    if auto_order(current_cpu())[0] == "bf16":  # AMX-BF16: bf16 first, opened once
+        assert auto.name == "bf16" and auto.loaded is not None
+    else:  # AVX512-BF16 alone (Zen 4): passed over, said once
+        assert auto.name == "openvino-int8" and "auto passes over the bf16 graph" in caplog.text
+    choice = resolve_runtime(bf16_dir, artifact, "bf16")
+    assert choice.loaded is not None
     # Its numbers: within the gate of fp32 on the gate's own slices, under its own identity.
     fp32 = load_runtime(resolve_runtime(bf16_dir, artifact, "onnx"))
     x = np.random.default_rng(3).integers(0, 256, (16, GATE_SIZE, GATE_SIZE, 1)).astype(np.float32)
@@ -844,9 +853,7 @@ def test_verified_bf16_records_its_gate_and_auto_takes_it_first(bf16_dir, gate_d
 
 
 @needs_bf16
-def test_bf16_whose_check_slices_disagree_falls_back_to_openvino_int8(
-    bf16_dir, tmp_path, caplog
-):
+def test_bf16_whose_check_slices_disagree_falls_back_to_openvino_int8(bf16_dir, tmp_path, caplog):
     """A simulated mismatch: the recorded bf16 logits moved (as another OpenVINO's kernels
     would move them); auto says why and takes the next verified runtime."""
     folder = model_copy(bf16_dir, tmp_path / "m")
@@ -861,9 +868,10 @@ def test_bf16_whose_check_slices_disagree_falls_back_to_openvino_int8(
     write_metadata(artifact, folder)
     caplog.clear()
     assert resolve_runtime(folder, read_artifact(folder), "auto").name == "openvino-int8"
-    (warning,) = warnings_of(caplog)
-    assert "bf16 graph not used" in warning and "differ from those measured" in warning
-    assert "falls back to openvino-int8" in warning
+    if auto_order(current_cpu())[0] == "bf16":  # where auto tries bf16 (AMX-BF16)
+        (warning,) = warnings_of(caplog)
+        assert "bf16 graph not used" in warning and "differ from those measured" in warning
+        assert "falls back to openvino-int8" in warning
     # Asked for by name it runs, with one warning.
     caplog.clear()
     assert load_runtime(resolve_runtime(folder, read_artifact(folder), "bf16")).name == "bf16"
@@ -872,18 +880,40 @@ def test_bf16_whose_check_slices_disagree_falls_back_to_openvino_int8(
 
 
 @needs_bf16
-def test_other_bf16_arithmetic_falls_back(bf16_dir, caplog, monkeypatch):
-    """Gated with AMX-BF16, loaded where only AVX512-BF16 is (or the other way round)."""
+def test_other_bf16_arithmetic_falls_back(bf16_dir, tmp_path, caplog, monkeypatch):
+    """Gated where only AVX512-BF16 is, loaded on a CPU with AMX-BF16 (which auto tries bf16
+    on): other kernels, other arithmetic; auto says so and takes the next runtime."""
     import ctcovid.model.runtimes as runtimes
 
-    gated = read_artifact(bf16_dir).graphs["bf16"]["cpu"]
-    flags = set(gated["flags"])
-    flags = flags - {"amx_bf16"} | {"avx512_bf16"} if "amx_bf16" in flags else flags | {"amx_bf16"}
-    monkeypatch.setattr(runtimes, "current_cpu", lambda: {**gated, "flags": sorted(flags)})
+    folder = model_copy(bf16_dir, tmp_path / "m")
+    artifact = read_artifact(folder)
+    gated = artifact.graphs["bf16"]["cpu"]
+    flags = set(gated["flags"]) | {"avx512_bf16"}
+    artifact.graphs["bf16"]["cpu"] = {**gated, "flags": sorted(flags - {"amx_bf16"})}
+    write_metadata(artifact, folder)
+    amx = {**gated, "flags": sorted(flags | {"amx_bf16"})}
+    monkeypatch.setattr(runtimes, "current_cpu", lambda: amx)
+    assert auto_order(amx)[0] == "bf16"
     caplog.clear()
-    assert resolve_runtime(bf16_dir, read_artifact(bf16_dir), "auto").name == "openvino-int8"
+    assert resolve_runtime(folder, read_artifact(folder), "auto").name == "openvino-int8"
     (warning,) = warnings_of(caplog)
     assert "AMX_BF16" in warning and "bf16 arithmetic differs" in warning
+
+
+def test_auto_takes_bf16_first_only_where_amx_bf16_runs_it():
+    """AMX-BF16 (Intel Xeon since Sapphire Rapids): bf16 first. AVX512-BF16 alone (AMD Zen 4),
+    no BF16 (Zen 3) or flags that cannot be read: bf16 left out, with the reason."""
+    base = {"model": "x", "machine": "x86_64", "source": "/proc/cpuinfo"}
+    amx = {**base, "flags": ["avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16"]}
+    zen4 = {**base, "flags": ["avx2", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16"]}
+    zen3 = {**base, "flags": ["avx2"]}
+    unknown = {**base, "flags": [], "source": "none"}
+    assert auto_order(amx) == AUTO_ORDER and bf16_passed_over(amx) == ""
+    for cpu in (zen4, zen3, unknown):
+        assert auto_order(cpu) == ("openvino-int8", "int8", "onnx", "keras")
+    assert "no AMX-BF16" in bf16_passed_over(zen4)
+    assert "no BF16 instructions" in bf16_passed_over(zen3)
+    assert "cannot be read" in bf16_passed_over(unknown)
 
 
 def test_bf16_is_refused_on_a_cpu_without_bf16(
@@ -920,9 +950,11 @@ def test_bf16_is_refused_on_a_cpu_without_bf16(
     with pytest.raises(ModelError, match=r"runtime 'bf16' refused: .* has no BF16 instructions"):
         resolve_runtime(folder, read_artifact(folder), "bf16")
     caplog.clear()
-    assert resolve_runtime(folder, read_artifact(folder), "auto").name == "openvino-int8"
-    (warning,) = warnings_of(caplog)
-    assert "bf16 graph not used" in warning and "no BF16 instructions" in warning
+    with caplog.at_level(logging.INFO, logger="ctcovid.model.runtimes"):
+        assert resolve_runtime(folder, read_artifact(folder), "auto").name == "openvino-int8"
+    assert warnings_of(caplog) == []
+    assert "auto passes over the bf16 graph" in caplog.text
+    assert "no BF16 instructions" in caplog.text
 
 
 # -- the int8 graph on OpenVINO: its own gate and load check --------------------------------------
@@ -1016,9 +1048,7 @@ def test_other_openvino_int8_arithmetic_falls_back(
     if gated["source"] != "/proc/cpuinfo":
         pytest.skip("AMX and AVX-VNNI are known from /proc/cpuinfo only")
     flags = set(gated["flags"])
-    toggled = {"amx_int8": {"amx_int8"}, "vnni": {"avx512_vnni", "avx_vnni"}}.get(
-        change, {change}
-    )
+    toggled = {"amx_int8": {"amx_int8"}, "vnni": {"avx512_vnni", "avx_vnni"}}.get(change, {change})
     flags = flags - toggled if flags & toggled else flags | {min(toggled)}
     other = {**gated, "flags": sorted(flags)}
     monkeypatch.setattr(runtimes, "current_cpu", lambda: other)
@@ -1034,9 +1064,7 @@ def test_other_openvino_int8_arithmetic_falls_back(
     assert resolve_runtime(verified_dir, read_artifact(verified_dir), "auto").name == OV_INT8
 
 
-def test_classify_on_openvino_int8_has_its_own_device_uid(
-    verified_dir, studies_root, study_infos
-):
+def test_classify_on_openvino_int8_has_its_own_device_uid(verified_dir, studies_root, study_infos):
     """The same int8 file on two engines: two runtimes, two device UIDs, scores within the
     int8 tolerance of each other."""
     ct = studies_root / study_infos[0]["study_dir"] / "ct"
@@ -1483,8 +1511,12 @@ def canonical_graph(path: Path) -> tuple[list[bytes], list[tuple[str, bytes, tup
         copy.output.extend(rename(t) for t in node.output)
         nodes.append(copy.SerializeToString(deterministic=True))
     initializers = sorted(
-        (names.get(i.name, f"unused {i.name}"), onnx.numpy_helper.to_array(i).tobytes(),
-         tuple(i.dims), i.data_type)
+        (
+            names.get(i.name, f"unused {i.name}"),
+            onnx.numpy_helper.to_array(i).tobytes(),
+            tuple(i.dims),
+            i.data_type,
+        )
         for i in graph.initializer
     )
     return nodes, initializers
@@ -1528,8 +1560,9 @@ def test_bounded_conversion_writes_tf2onnxs_own_graph(tmp_path):
     ours = OnnxRuntime(bounded, "onnx", sha256_file(bounded)).predict_with_logits(slices)
     theirs = OnnxRuntime(alone, "onnx", sha256_file(alone)).predict_with_logits(slices)
     assert ours[1].tobytes() == theirs[1].tobytes() and ours[0].tobytes() == theirs[0].tobytes()
-    np.testing.assert_allclose(ours[0], np.asarray(model.predict_on_batch(slices)).reshape(-1),
-                               atol=FP32_TOLERANCE, rtol=0)
+    np.testing.assert_allclose(
+        ours[0], np.asarray(model.predict_on_batch(slices)).reshape(-1), atol=FP32_TOLERANCE, rtol=0
+    )
 
 
 @pytest.mark.slow

@@ -135,7 +135,8 @@ class Runtime(StrEnum):
 
 RUNTIME_HELP = (
     "How the model runs: auto (the fastest graph the model folder holds that is verified on this "
-    "CPU: bf16, openvino-int8, int8, onnx, then keras), keras, onnx (fp32 graph), int8, openvino "
+    "CPU: bf16 where it has AMX-BF16, openvino-int8, int8, onnx, then keras), keras, onnx (fp32 "
+    "graph), int8, openvino "
     "(fp32 graph on OpenVINO), bf16 (fp32 graph on OpenVINO at bf16, CPUs with BF16 only) or "
     "openvino-int8 (int8 graph on OpenVINO); see 'ctcovid export'."
 )

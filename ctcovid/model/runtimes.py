@@ -21,8 +21,11 @@ sha256 and the weights they came from.
 ``auto`` picks, among the runtimes whose graph the folder holds, the first of :data:`AUTO_ORDER`
 (fastest first where the CPU has them, measured in ``make bench``): ``bf16`` (no calibration,
 as fast as int8 where AMX does both), ``openvino-int8`` (twice ONNX Runtime's speed on the same
-int8 graph where it was measured), ``int8``, ``onnx``, ``keras``. Without ONNX Runtime installed
-``auto`` falls back to Keras and says so in the log. ``auto`` takes a gated graph
+int8 graph where it was measured), ``int8``, ``onnx``, ``keras``. ``bf16`` comes first only on a
+CPU with AMX-BF16 tiles (:func:`auto_order`): with AVX512-BF16 dot products alone (AMD Zen 4,
+Intel Cooper Lake) OpenVINO's bf16 kernels ran slower than its f32 ones, so there ``auto``
+passes over a bf16 graph with one info line and ``--runtime bf16`` still runs it. Without ONNX
+Runtime installed ``auto`` falls back to Keras and says so in the log. ``auto`` takes a gated graph
 (:data:`GATED`: bf16, openvino-int8, int8) only when it is ``verified`` (its gate was confirmed
 on validation scans) and it passes the load check (:func:`check_graph`): the CPU's arithmetic
 for it (:data:`ARITHMETIC`; int8: VNNI, AMX; bf16: AMX-BF16, AVX512-BF16; openvino-int8:
@@ -64,6 +67,14 @@ RUNTIMES = ("auto", "keras", "onnx", "int8", "openvino", "bf16", "openvino-int8"
 # Fastest first; measured in bench/run.py ("runtimes" section) and the README's table. OpenVINO
 # f32 is asked for by name only: it gains little over ONNX Runtime fp32 where it was measured.
 AUTO_ORDER = ("bf16", "openvino-int8", "int8", "onnx", "keras")
+#: Why bf16 needs AMX-BF16 to be worth taking: with OpenVINO's kernels held to AVX512-BF16
+#: (``ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16``, the dot products of AMD Zen 4 and Intel Cooper
+#: Lake) on the AMX machine, the 256 px graphs ran bf16 6.8 slices/s, f32 8.9 and the int8 graph
+#: 27.7; with AMX tiles bf16 ran 55.
+NO_AMX_BF16 = (
+    "this CPU has no AMX-BF16 tiles, and without them OpenVINO's bf16 kernels ran slower than "
+    "its f32 ones; --runtime bf16 still runs it"
+)
 GRAPH_FILES = {
     "onnx": "model.onnx",
     "int8": "model.int8.onnx",
@@ -573,6 +584,23 @@ def _fallback_words(name: str) -> str:
     return f"the fp32 graph {GRAPH_FILES[name]}"
 
 
+def bf16_passed_over(cpu: dict[str, Any]) -> str:
+    """Why ``auto`` leaves bf16 out on ``cpu`` ('' where it takes it first): no BF16
+    instructions (or none readable), or BF16 dot products without AMX-BF16 tiles."""
+    missing = bf16_missing(cpu)
+    if missing:
+        return missing
+    return NO_AMX_BF16 if bf16_arithmetic(cpu)["amx_bf16"] is False else ""
+
+
+def auto_order(cpu: dict[str, Any]) -> tuple[str, ...]:
+    """``auto``'s order on ``cpu``: :data:`AUTO_ORDER`, without bf16 where
+    :func:`bf16_passed_over` gives a reason."""
+    if bf16_passed_over(cpu):
+        return tuple(r for r in AUTO_ORDER if r != "bf16")
+    return AUTO_ORDER
+
+
 def resolve_runtime(
     folder: Path, artifact: ModelArtifact, requested: str = "auto"
 ) -> RuntimeChoice:
@@ -586,6 +614,15 @@ def resolve_runtime(
     folder = Path(folder)
     if requested == "auto":
         present = [r for r in AUTO_ORDER if r == "keras" or r in artifact.graphs]
+        passed_over = bf16_passed_over(current_cpu()) if "bf16" in present else ""
+        if passed_over:
+            present.remove("bf16")
+            logger.info(
+                "model %s: auto passes over the bf16 graph (%s); it goes on with %s",
+                folder,
+                passed_over,
+                _fallback_words(present[0]),
+            )
         if present[0] != "keras" and not onnxruntime_available():
             logger.warning(
                 "model %s holds %s graph(s) but ONNX Runtime is not installed: using Keras (%s)",
