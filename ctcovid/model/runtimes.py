@@ -333,10 +333,11 @@ class OpenVinoRuntime:
 
         stream = io.BytesIO()
         self.compiled.export_model(stream)
-        out.write_bytes(stream.getbuffer())
+        data = stream.getbuffer()
+        out.write_bytes(data)
         return {
             "file": out.name,
-            "sha256": sha256_file(out),
+            "sha256": hashlib.sha256(data).hexdigest(),  # of the bytes written, not read back
             "graph_sha256": self.graph_sha256,
             "openvino": ov.get_version(),
             "cpu": current_cpu(),
